@@ -1,0 +1,117 @@
+"""`folio bench throughput`: folio's engine against naive transformers generate().
+
+Both sides run the same fixed-seed chat-like workload on the same model, each
+in its own process (so each peak RSS is its own), greedy, with every request
+producing exactly its target number of tokens. The baseline is the naive way:
+static batches in arrival order, left-padded, each batch running until its
+longest member is done. Throughput counts only requested tokens on both sides.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import time
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
+
+from cluster.workload import SyntheticRequest, chat_like
+
+
+def _peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def run_folio(model: str | None, reqs: list[SyntheticRequest], max_num_seqs: int,
+              max_num_batched_tokens: int) -> dict:
+    from cluster.llm import LLM
+    from protos.messages import SamplingParams
+    llm = LLM(model, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
+              tokenizer=False)
+    llm.generate([reqs[0].prompt_token_ids[:8]], SamplingParams(max_tokens=4, temperature=0))  # warm-up
+    params = [SamplingParams(max_tokens=r.output_len, temperature=0, ignore_eos=True) for r in reqs]
+    t0 = time.perf_counter()
+    results = llm.generate([r.prompt_token_ids for r in reqs], params)
+    elapsed = time.perf_counter() - t0
+    tokens = sum(len(res.outputs[0].token_ids) for res in results)
+    assert tokens == sum(r.output_len for r in reqs), "folio produced the wrong number of tokens"
+    return {"name": "folio", "output_tokens": tokens, "seconds": elapsed,
+            "tokens_per_s": tokens / elapsed, "peak_rss_mib": _peak_rss_mib(),
+            "preemptions": llm.scheduler.num_preemptions}
+
+
+def run_hf(model: str | None, reqs: list[SyntheticRequest], batch_size: int) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM
+    from worker.loader import default_model_path, resolve_model_path
+    directory, gguf = resolve_model_path(model or default_model_path())
+    kw = {"gguf_file": gguf} if gguf else {}
+    m = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32, **kw).eval()
+    pad = m.config.eos_token_id if isinstance(m.config.eos_token_id, int) else 0
+
+    def batch_generate(batch: list[SyntheticRequest]) -> None:
+        width = max(len(r.prompt_token_ids) for r in batch)
+        ids = torch.full((len(batch), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for i, r in enumerate(batch):       # left padding, as decoder-only generation needs
+            ids[i, width - len(r.prompt_token_ids):] = torch.tensor(r.prompt_token_ids)
+            mask[i, width - len(r.prompt_token_ids):] = 1
+        longest = max(r.output_len for r in batch)
+        with torch.inference_mode():
+            m.generate(input_ids=ids, attention_mask=mask, max_new_tokens=longest,
+                       min_new_tokens=longest, do_sample=False, pad_token_id=pad)
+
+    batch_generate(reqs[:1])   # warm-up
+    t0 = time.perf_counter()
+    for i in range(0, len(reqs), batch_size):
+        batch_generate(reqs[i: i + batch_size])
+    elapsed = time.perf_counter() - t0
+    tokens = sum(r.output_len for r in reqs)
+    return {"name": f"transformers generate (static batches of {batch_size})", "output_tokens": tokens,
+            "seconds": elapsed, "tokens_per_s": tokens / elapsed, "peak_rss_mib": _peak_rss_mib()}
+
+
+def _in_subprocess(fn, *args) -> dict:
+    with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn")) as pool:
+        return pool.submit(fn, *args).result()
+
+
+def build_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("throughput", help="offline throughput: folio vs naive transformers generate()")
+    p.add_argument("--model", default=None, help="model dir or .gguf (default: bundled SmolLM2)")
+    p.add_argument("--num-requests", type=int, default=200)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--prompt-median", type=int, default=96)
+    p.add_argument("--output-median", type=int, default=64)
+    p.add_argument("--max-num-seqs", type=int, default=64)
+    p.add_argument("--max-num-batched-tokens", type=int, default=512)
+    p.add_argument("--baseline-batch-size", type=int, default=16)
+    p.add_argument("--skip-baseline", action="store_true")
+    p.add_argument("--json", default=None, help="also write the results here")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> dict:
+    from worker.loader import default_model_path, load_model_config
+    cfg = load_model_config(args.model or default_model_path())
+    reqs = chat_like(args.num_requests, cfg.vocab_size, args.seed, args.prompt_median, args.output_median)
+    print(f"workload: {len(reqs)} requests, seed {args.seed}, "
+          f"prompt tokens {sum(len(r.prompt_token_ids) for r in reqs)}, "
+          f"output tokens {sum(r.output_len for r in reqs)}")
+    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, {platform.platform()}")
+    rows = [_in_subprocess(run_folio, args.model, reqs, args.max_num_seqs, args.max_num_batched_tokens)]
+    if not args.skip_baseline:
+        rows.append(_in_subprocess(run_hf, args.model, reqs, args.baseline_batch_size))
+    print(f"{'engine':52s} {'out tok/s':>10s} {'seconds':>9s} {'peak RSS MiB':>13s}")
+    for r in rows:
+        print(f"{r['name']:52s} {r['tokens_per_s']:10.1f} {r['seconds']:9.1f} {r['peak_rss_mib']:13.0f}")
+    result = {"rows": rows}
+    if len(rows) == 2:
+        result["ratio"] = rows[0]["tokens_per_s"] / rows[1]["tokens_per_s"]
+        print(f"folio / baseline throughput: {result['ratio']:.2f}x")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+    return result

@@ -1,0 +1,177 @@
+"""Offline generation in one process, on the same scheduler and worker as serving.
+
+    llm = LLM()                                   # the bundled SmolLM2
+    [res] = llm.generate(["Hello"], SamplingParams(max_tokens=8, temperature=0))
+    print(res.outputs[0].text)
+
+The worker is called in-process (InProcessExecutor); the step messages are the
+ones that travel over gRPC when serving.
+"""
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass, field, replace
+from typing import Iterable, Optional, Sequence, Union
+
+import torch
+
+from cluster.config import SchedulerConfig
+from cluster.engine import EngineCore, InProcessExecutor
+from cluster.scheduler import Scheduler
+from protos.messages import EngineRequest, RequestOutput, SamplingParams, TokenLogprob
+from router.detokenizer import Detokenizer
+from worker.loader import load_tokenizer
+from worker.worker import Worker
+
+Prompt = Union[str, Sequence[int]]
+
+
+@dataclass
+class CompletionOutput:
+    index: int
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    logprobs: Optional[list[TokenLogprob]] = None
+    finish_reason: Optional[str] = None
+    stop_reason: Union[int, str, None] = None
+
+
+@dataclass
+class GenerationResult:
+    request_id: str
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput]
+    prompt_logprobs: Optional[list[Optional[TokenLogprob]]] = None
+    num_cached_tokens: int = 0
+    arrival_time: float = 0.0
+    first_token_time: Optional[float] = None
+    finish_time: Optional[float] = None
+
+    @property
+    def finished(self) -> bool:
+        return all(o.finish_reason is not None for o in self.outputs)
+
+
+class LLM:
+    def __init__(self, model: Optional[str] = None, *, block_size: int = 16,
+                 num_blocks: Optional[int] = None, kv_cache_bytes: Optional[int] = None,
+                 max_num_seqs: int = 64, max_num_batched_tokens: int = 512,
+                 max_model_len: Optional[int] = None, enable_prefix_caching: bool = True,
+                 dtype: torch.dtype = torch.float32, tokenizer: bool = True):
+        self.worker = Worker(model, block_size=block_size, num_blocks=num_blocks,
+                             kv_cache_bytes=kv_cache_bytes, dtype=dtype)
+        cfg = self.worker.model_config
+        self.tokenizer = load_tokenizer(self.worker.model_path) if tokenizer else None
+        self.config = SchedulerConfig(
+            block_size=block_size, max_num_seqs=max_num_seqs,
+            max_num_batched_tokens=max_num_batched_tokens,
+            max_model_len=max_model_len or cfg.max_position_embeddings,
+            enable_prefix_caching=enable_prefix_caching, eos_token_ids=tuple(cfg.eos_token_ids))
+        self.engine = EngineCore(Scheduler(self.config, self.worker.num_blocks),
+                                 InProcessExecutor(self.worker))
+        self._ids = itertools.count()
+        self._results: dict[str, GenerationResult] = {}
+        self._children: dict[str, tuple[GenerationResult, CompletionOutput, Optional[Detokenizer]]] = {}
+
+    @property
+    def scheduler(self) -> Scheduler:
+        return self.engine.scheduler
+
+    def encode(self, prompt: Prompt) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("this LLM has no tokenizer: pass token ids")
+            return self.tokenizer.encode(prompt)
+        return list(prompt)
+
+    # ---------------------------------------------------------------- step-level API
+    def add_request(self, prompt: Prompt, params: Optional[SamplingParams] = None, *,
+                    request_id: Optional[str] = None, priority: int = 0) -> str:
+        """Queue one prompt (n > 1 makes n sequences); returns its request id."""
+        params = params or SamplingParams()
+        rid = request_id or f"req-{next(self._ids)}"
+        ids = self.encode(prompt)
+        res = GenerationResult(rid, ids, [], arrival_time=time.monotonic())
+        for i in range(params.n):
+            child_params = replace(params, n=1, seed=None if params.seed is None else params.seed + i)
+            cid = rid if params.n == 1 else f"{rid}#{i}"
+            self.engine.add_request(EngineRequest(cid, ids, child_params, priority, res.arrival_time))
+            out = CompletionOutput(index=i, logprobs=[] if params.logprobs is not None else None)
+            detok = None
+            if self.tokenizer is not None:
+                detok = Detokenizer(self.tokenizer, ids, params.stop, params.include_stop_str_in_output,
+                                    params.skip_special_tokens, params.min_tokens)
+            res.outputs.append(out)
+            self._children[cid] = (res, out, detok)
+        self._results[rid] = res
+        return rid
+
+    def abort(self, request_id: str) -> None:
+        res = self._results.get(request_id)
+        ids = [request_id] if res is None or len(res.outputs) == 1 else \
+            [f"{request_id}#{i}" for i in range(len(res.outputs))]
+        self._apply(self.engine.abort(ids))
+
+    def step(self) -> list[GenerationResult]:
+        """Run one engine step; return the requests that finished in it."""
+        return self._apply(self.engine.step())
+
+    def has_unfinished(self) -> bool:
+        return self.engine.has_unfinished_requests()
+
+    def _apply(self, outputs: Iterable[RequestOutput]) -> list[GenerationResult]:
+        done = []
+        stopped = []
+        for o in outputs:
+            entry = self._children.get(o.request_id)
+            if entry is None:
+                continue
+            res, out, detok = entry
+            if res.first_token_time is None and o.new_token_ids:
+                res.first_token_time = time.monotonic()
+            out.token_ids.extend(o.new_token_ids)
+            if o.logprobs and out.logprobs is not None:
+                out.logprobs.extend(o.logprobs)
+            if o.prompt_logprobs is not None:
+                res.prompt_logprobs = o.prompt_logprobs
+            res.num_cached_tokens = max(res.num_cached_tokens, o.num_cached_tokens)
+            finish, reason = o.finish_reason, o.stop_reason
+            if detok is not None:
+                if detok.add(o.new_token_ids):
+                    if finish is None:
+                        stopped.append(o.request_id)
+                    finish, reason = "stop", detok.stopped_by
+                    out.token_ids = out.token_ids[: len(detok.tokens)]
+                out.text = detok.text
+            if finish is not None:
+                out.finish_reason, out.stop_reason = finish, reason
+                del self._children[o.request_id]
+                if res.finished:
+                    res.finish_time = time.monotonic()
+                    del self._results[res.request_id]
+                    done.append(res)
+        if stopped:
+            self.engine.abort(stopped)     # a stop string ended them; free their blocks now
+        return done
+
+    # ---------------------------------------------------------------- batch API
+    def generate(self, prompts: Sequence[Prompt],
+                 params: Union[SamplingParams, Sequence[SamplingParams], None] = None,
+                 use_tqdm: bool = False) -> list[GenerationResult]:
+        """Generate for every prompt; results in prompt order."""
+        plist = params if isinstance(params, (list, tuple)) else [params] * len(prompts)
+        ids = [self.add_request(p, sp) for p, sp in zip(prompts, plist)]
+        bar = None
+        if use_tqdm:
+            from tqdm import tqdm
+            bar = tqdm(total=len(ids), unit="req", dynamic_ncols=True)
+        by_id = {}
+        while self.has_unfinished():
+            for res in self.step():
+                by_id[res.request_id] = res
+                if bar is not None:
+                    bar.update(1)
+        if bar is not None:
+            bar.close()
+        return [by_id[i] for i in ids]

@@ -1,0 +1,330 @@
+"""Continuous batching for one replica: who computes how many tokens next step.
+
+There is no prefill phase and no decode phase. Each request has
+num_computed_tokens and num_tokens; every step hands out a token budget so
+computed catches up: a new prompt gets a chunk (chunked prefill), a running
+request gets one token (decode), a prefix-cache hit starts with tokens already
+computed, and a preempted request starts over at zero and is recomputed.
+
+Interface (vLLM v1 style): schedule() returns the StepRequest for the workers,
+update_from_output() consumes their StepResult. Up to two steps may be in
+flight: schedule() may run again before the previous result arrives, because
+tokens that in-flight steps will sample are counted in Request.num_pending.
+
+Blocks are published to the prefix cache when the step that computes them is
+scheduled, not when it returns. That is safe because a worker runs steps in
+order and, within a layer, writes all of a step's new K/V before any attention
+reads the pool; so even a request admitted in the same step (an n > 1 sibling)
+can read a block its sibling writes.
+"""
+from __future__ import annotations
+
+import bisect
+import heapq
+import itertools
+import time
+from dataclasses import dataclass
+from typing import Iterable, Optional
+
+from cluster.block_manager import BlockManager
+from cluster.config import SchedulerConfig
+from cluster.request import Request, Status
+from protos.messages import (CachedRequest, EngineRequest, NewRequest, RequestOutput,
+                             SampledRequest, StepRequest, StepResult)
+
+
+@dataclass
+class _Scheduled:
+    """What a step promised for one request, to match its result against."""
+    request: Request
+    epoch: int
+    samples: bool
+
+
+@dataclass(frozen=True)
+class SchedulerStats:
+    num_running: int
+    num_waiting: int
+    kv_usage: float
+    num_free_blocks: int
+    prefix_hit_tokens: int
+    prefix_query_tokens: int
+    num_preemptions: int
+
+    @property
+    def prefix_hit_rate(self) -> float:
+        return self.prefix_hit_tokens / self.prefix_query_tokens if self.prefix_query_tokens else 0.0
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, num_blocks: int):
+        self.config = config
+        self.bs = config.block_size
+        self.blocks = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.requests: dict[str, Request] = {}
+        self.running: list[Request] = []                      # sorted by (priority, seq)
+        self._waiting: list[tuple[int, int, Request]] = []    # heap; finished entries skipped
+        self._seq = itertools.count()
+        self._step_ids = itertools.count()
+        self._finished_for_worker: list[str] = []
+        self._inflight: dict[int, list[_Scheduled]] = {}
+        self.prefix_hit_tokens = 0
+        self.prefix_query_tokens = 0
+        self.num_preemptions = 0
+        self.computed_tokens_total = 0      # tokens sent for compute, over the lifetime
+
+    # ---------------------------------------------------------------- intake
+    def add_request(self, req: EngineRequest) -> None:
+        """Queue a request. Raises ValueError when it can never run here."""
+        if req.request_id in self.requests:
+            raise ValueError(f"request id {req.request_id!r} is already in use")
+        n = len(req.prompt_token_ids)
+        if n == 0:
+            raise ValueError("the prompt must contain at least one token")
+        if n >= self.config.max_model_len:
+            raise ValueError(f"the prompt has {n} tokens, which leaves no room for output "
+                             f"under the maximum context length of {self.config.max_model_len}")
+        most = min(self.config.max_model_len, n + req.sampling_params.max_tokens)
+        if -(-most // self.bs) > self.blocks.num_blocks:
+            raise ValueError(f"prompt plus max_tokens ({most} tokens) exceeds the KV cache of "
+                             f"{self.blocks.num_blocks * self.bs} tokens")
+        r = Request.from_engine_request(req, next(self._seq))
+        r.arrival_time = req.arrival_time or time.monotonic()
+        if r.params.prompt_logprobs is not None:
+            r.prompt_logprobs = [None]
+        r.update_block_keys(self.bs)
+        self.requests[r.request_id] = r
+        self._push_waiting(r)
+
+    def abort_requests(self, request_ids: Iterable[str]) -> list[RequestOutput]:
+        """Finish requests at once and free what they hold."""
+        outs = []
+        for rid in request_ids:
+            r = self.requests.get(rid)
+            if r is not None:
+                self._finish(r, Status.FINISHED_ABORTED)
+                outs.append(self._output(r, [], None))
+        return outs
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    # ---------------------------------------------------------------- schedule
+    def schedule(self) -> StepRequest:
+        scheduled: dict[Request, int] = {}
+        preempted = False
+
+        # Running requests first, best priority first; the worst give way when blocks run out.
+        for r in list(self.running):
+            budget = self._budget(scheduled)
+            if budget == 0:
+                break
+            if r.status is not Status.RUNNING:
+                continue                  # preempted earlier in this loop
+            n = min(r.num_tokens - r.num_computed_tokens, budget)
+            if n <= 0:
+                continue
+            need = -(-(r.num_computed_tokens + n) // self.bs) - len(r.block_ids)
+            while not self.blocks.can_allocate(need):
+                victim = self.running[-1]
+                self._preempt(victim, scheduled)
+                preempted = True
+                if victim is r:
+                    break
+            else:
+                r.block_ids.extend(self.blocks.allocate(need))
+                scheduled[r] = n
+
+        # Then waiting requests in (priority, arrival) order, unless someone was just preempted.
+        while not preempted and self._budget(scheduled) > 0:
+            r = self._peek_waiting()
+            if r is None:
+                break
+            if len(self.running) >= self.config.max_num_seqs:
+                if self._preempt_worse_than(r, scheduled):
+                    continue
+                break
+            hit = self._lookup_prefix(r)
+            computed = len(hit) * self.bs
+            n = min(r.num_tokens - computed, self._budget(scheduled))
+            need = -(-(computed + n) // self.bs) - len(hit)
+            if not self.blocks.can_allocate(need, reuse=hit):
+                if self._preempt_worse_than(r, scheduled):
+                    continue
+                break
+            heapq.heappop(self._waiting)
+            self._admit(r, hit, need)
+            scheduled[r] = n
+
+        return self._build_step(scheduled)
+
+    def _budget(self, scheduled: dict[Request, int]) -> int:
+        return self.config.max_num_batched_tokens - sum(scheduled.values())
+
+    def _admit(self, r: Request, hit: list[int], need: int) -> None:
+        self.blocks.take(hit)
+        r.block_ids = hit + self.blocks.allocate(need)
+        r.num_computed_tokens = len(hit) * self.bs
+        r.num_published_blocks = len(hit)
+        if r.first_scheduled_time is None:
+            r.first_scheduled_time = time.monotonic()
+            r.num_cached_tokens = r.num_computed_tokens
+        if r.params.prompt_logprobs is None:
+            self.prefix_hit_tokens += r.num_computed_tokens
+            self.prefix_query_tokens += r.num_tokens
+        r.status = Status.RUNNING
+        bisect.insort(self.running, r, key=lambda x: x.sort_key)
+
+    def _lookup_prefix(self, r: Request) -> list[int]:
+        """Cached leading blocks, leaving at least one token to compute (for its logits)."""
+        if r.params.prompt_logprobs is not None:
+            return []           # every prompt position must produce logits
+        hit = self.blocks.cached_prefix(r.block_keys)
+        return hit[: (r.num_tokens - 1) // self.bs]
+
+    def _build_step(self, scheduled: dict[Request, int]) -> StepRequest:
+        step = StepRequest(step_id=next(self._step_ids), finished_ids=self._finished_for_worker)
+        self._finished_for_worker = []
+        record = []
+        for r, n in scheduled.items():
+            if r.on_worker:
+                step.cached_requests.append(CachedRequest(
+                    request_id=r.request_id, new_block_ids=r.block_ids[r.num_sent_blocks:],
+                    num_computed_tokens=r.num_computed_tokens, num_scheduled_tokens=n))
+            else:
+                step.new_requests.append(NewRequest(
+                    request_id=r.request_id, token_ids=list(r.token_ids),
+                    num_prompt_tokens=r.num_prompt_tokens, sampling_params=r.params,
+                    block_ids=list(r.block_ids), num_computed_tokens=r.num_computed_tokens,
+                    num_scheduled_tokens=n, num_output_tokens=r.num_output_tokens))
+                r.on_worker = True
+            r.num_sent_blocks = len(r.block_ids)
+            r.num_computed_tokens += n
+            self.computed_tokens_total += n
+            samples = r.num_computed_tokens == r.num_tokens
+            r.num_pending += samples
+            record.append(_Scheduled(r, r.epoch, samples))
+            self._publish_blocks(r)
+        self._inflight[step.step_id] = record
+        return step
+
+    def _publish_blocks(self, r: Request) -> None:
+        """Offer every full block whose tokens are known and scheduled to the prefix cache."""
+        upto = min(r.num_computed_tokens, len(r.token_ids)) // self.bs
+        for b in range(r.num_published_blocks, upto):
+            self.blocks.cache(r.block_ids[b], r.block_keys[b])
+        r.num_published_blocks = max(upto, r.num_published_blocks)
+
+    # ---------------------------------------------------------------- preemption
+    def _preempt(self, r: Request, scheduled: dict[Request, int]) -> None:
+        """Give up r's blocks; it waits again and will be recomputed from its tokens."""
+        scheduled.pop(r, None)
+        self.running.remove(r)
+        self.blocks.free(r.block_ids)
+        r.block_ids = []
+        r.num_computed_tokens = r.num_pending = r.num_published_blocks = r.num_sent_blocks = 0
+        r.epoch += 1
+        r.num_preemptions += 1
+        self.num_preemptions += 1
+        if r.params.prompt_logprobs is not None:
+            r.prompt_logprobs = [None]
+        if r.on_worker:
+            self._finished_for_worker.append(r.request_id)
+            r.on_worker = False
+        r.status = Status.WAITING
+        self._push_waiting(r)
+
+    def _preempt_worse_than(self, r: Request, scheduled: dict[Request, int]) -> bool:
+        """Priority scheduling: a strictly better waiting request displaces the worst running one."""
+        if self.running and self.running[-1].priority > r.priority:
+            self._preempt(self.running[-1], scheduled)
+            return True
+        return False
+
+    # ---------------------------------------------------------------- results
+    def update_from_output(self, step: StepRequest, result: StepResult) -> list[RequestOutput]:
+        """Apply a step's sampled tokens; return what each request produced."""
+        record = {s.request.request_id: s for s in self._inflight.pop(result.step_id)}
+        outs = []
+        for o in result.outputs:
+            s = record.get(o.request_id)
+            if s is None:
+                continue
+            r = s.request
+            if r.status is not Status.RUNNING or r.epoch != s.epoch:
+                continue        # finished, aborted or preempted since: stale
+            if o.prompt_logprobs and len(r.prompt_logprobs) < r.num_prompt_tokens:
+                r.prompt_logprobs.extend(o.prompt_logprobs)
+            if not s.samples:
+                continue
+            r.num_pending -= 1
+            r.token_ids.append(o.token_id)
+            if o.logprob is not None:
+                r.output_logprobs.append(o.logprob)
+            r.update_block_keys(self.bs)
+            status = self._stop_status(r, o.token_id)
+            if status is not None:
+                self._finish(r, status)
+            outs.append(self._output(r, [o.token_id], o))
+        return outs
+
+    def _stop_status(self, r: Request, token: int) -> Optional[Status]:
+        p = r.params
+        if r.num_output_tokens > p.min_tokens:
+            if not p.ignore_eos and token in self.config.eos_token_ids:
+                return Status.FINISHED_STOPPED
+            if token in p.stop_token_ids:
+                r.stop_reason = token
+                return Status.FINISHED_STOPPED
+        if r.num_output_tokens >= p.max_tokens or len(r.token_ids) >= self.config.max_model_len:
+            return Status.FINISHED_LENGTH
+        return None
+
+    def _finish(self, r: Request, status: Status) -> None:
+        if r.status is Status.RUNNING:
+            self.running.remove(r)
+        self.blocks.free(r.block_ids)
+        r.block_ids = []
+        r.status = status
+        del self.requests[r.request_id]
+        if r.on_worker:
+            self._finished_for_worker.append(r.request_id)
+            r.on_worker = False
+
+    def _output(self, r: Request, new_tokens: list[int], o: Optional[SampledRequest]) -> RequestOutput:
+        first = r.num_output_tokens == len(new_tokens)
+        return RequestOutput(
+            request_id=r.request_id, new_token_ids=new_tokens,
+            logprobs=[o.logprob] if o is not None and o.logprob is not None else None,
+            prompt_logprobs=list(r.prompt_logprobs) if first and r.params.prompt_logprobs is not None else None,
+            finish_reason=r.status.value if r.status.finished else None,
+            stop_reason=r.stop_reason, num_prompt_tokens=r.num_prompt_tokens,
+            num_cached_tokens=r.num_cached_tokens)
+
+    # ---------------------------------------------------------------- queue, stats, checks
+    def _push_waiting(self, r: Request) -> None:
+        heapq.heappush(self._waiting, (r.priority, r.seq, r))
+
+    def _peek_waiting(self) -> Optional[Request]:
+        while self._waiting:
+            r = self._waiting[0][2]
+            if r.status is Status.WAITING:
+                return r
+            heapq.heappop(self._waiting)   # finished while waiting
+        return None
+
+    def stats(self) -> SchedulerStats:
+        return SchedulerStats(
+            num_running=len(self.running), num_waiting=len(self.requests) - len(self.running),
+            kv_usage=self.blocks.usage, num_free_blocks=self.blocks.num_free,
+            prefix_hit_tokens=self.prefix_hit_tokens, prefix_query_tokens=self.prefix_query_tokens,
+            num_preemptions=self.num_preemptions)
+
+    def check_integrity(self) -> None:
+        """Assert the block bookkeeping; with no live request, every block is free."""
+        for r in self.requests.values():
+            assert r.status is Status.RUNNING or not r.block_ids, f"{r.request_id} waits holding blocks"
+        self.blocks.check_integrity(r.block_ids for r in self.requests.values())
+        if not self.requests:
+            assert self.blocks.num_free == self.blocks.num_blocks, "blocks leaked while idle"
+

@@ -1,0 +1,1 @@
+"""Attention and hot-path kernels: Triton on CUDA, PyTorch references elsewhere."""

@@ -1,0 +1,77 @@
+"""The one explicit description of a step's attention work, shared by all layers.
+
+The batch is ragged and flattened: the step's tokens of all sequences are laid
+end to end (T tokens in all). Sequence i owns query rows
+query_start_loc[i] : query_start_loc[i+1]; those tokens sit at positions
+seq_lens[i] - query_len_i ... seq_lens[i] - 1 of that sequence, so the rows
+before them (context_lens[i] = seq_lens[i] - query_len_i) are already in the
+paged KV pool. A decode is simply a sequence with query_len 1; a chunk of
+prefill or a prefix-cache hit is one with context_lens > 0.
+
+KV pool layout per layer: k_cache, v_cache of shape
+[num_blocks, block_size, num_kv_heads, head_dim]. Token j of sequence i lives in
+block block_tables[i, j // block_size] at offset j % block_size; its flat slot
+is block_id * block_size + offset (slot_mapping gives it for the new tokens).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class AttentionMetadata:
+    query_start_loc: torch.Tensor   # [num_seqs + 1] int32, cumulative query lengths
+    seq_lens: torch.Tensor          # [num_seqs] int32, context + new tokens
+    context_lens: torch.Tensor      # [num_seqs] int32, tokens already in the pool
+    block_tables: torch.Tensor      # [num_seqs, max_blocks_per_seq] int32, padded with 0
+    slot_mapping: torch.Tensor      # [T] int64, pool slot of each new token
+    max_query_len: int
+    max_seq_len: int
+    # Host-side copies, so CPU code never has to sync on a device tensor.
+    query_lens_list: tuple[int, ...] = ()
+    seq_lens_list: tuple[int, ...] = ()
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.seq_lens_list)
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.slot_mapping.shape[0])
+
+    @property
+    def is_pure_decode(self) -> bool:
+        return self.max_query_len == 1
+
+    @staticmethod
+    def build(query_lens: list[int], context_lens: list[int], block_tables: list[list[int]],
+              block_size: int, device: torch.device | str = "cpu") -> "AttentionMetadata":
+        """Build metadata from host lists (the model runner's inputs)."""
+        n = len(query_lens)
+        seq_lens = [c + q for c, q in zip(context_lens, query_lens)]
+        qsl = [0]
+        for q in query_lens:
+            qsl.append(qsl[-1] + q)
+        width = max((len(b) for b in block_tables), default=1) or 1
+        bt = torch.zeros((n, width), dtype=torch.int32)
+        for i, blocks in enumerate(block_tables):
+            if blocks:
+                bt[i, : len(blocks)] = torch.tensor(blocks, dtype=torch.int32)
+        slots: list[int] = []
+        for i in range(n):
+            blocks = block_tables[i]
+            for pos in range(context_lens[i], seq_lens[i]):
+                slots.append(blocks[pos // block_size] * block_size + pos % block_size)
+        return AttentionMetadata(
+            query_start_loc=torch.tensor(qsl, dtype=torch.int32, device=device),
+            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=device),
+            context_lens=torch.tensor(context_lens, dtype=torch.int32, device=device),
+            block_tables=bt.to(device),
+            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=device),
+            max_query_len=max(query_lens, default=0),
+            max_seq_len=max(seq_lens, default=0),
+            query_lens_list=tuple(query_lens),
+            seq_lens_list=tuple(seq_lens),
+        )

@@ -1,0 +1,20 @@
+"""Shared fixtures: models are built once per test session."""
+import pytest
+
+from tests.model_fixtures import make_tiny_model, smollm2_path
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("models")
+
+
+@pytest.fixture(scope="session")
+def tiny_model(model_dir):
+    """tiny_model("llama" | "llama3" | "mistral" | "qwen2") -> checkpoint dir."""
+    return lambda family: make_tiny_model(family, model_dir)
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    return smollm2_path()
