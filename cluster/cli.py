@@ -21,9 +21,7 @@ def _generate(args: argparse.Namespace) -> None:
                 continue
             row = json.loads(line)
             if "messages" in row:
-                prompt = llm.tokenizer.apply_chat_template(row["messages"], add_generation_prompt=True,
-                                                           tokenize=False)
-                prompts.append(llm.tokenizer.encode(prompt, add_special_tokens=False))
+                prompts.append(llm.chat_token_ids(row["messages"]))
             else:
                 prompts.append(row["prompt"])
             ids.append(row.get("id", n))

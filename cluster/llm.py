@@ -85,6 +85,11 @@ class LLM:
             return self.tokenizer.encode(prompt)
         return list(prompt)
 
+    def chat_token_ids(self, messages: list[dict]) -> list[int]:
+        """A conversation through the model's chat template, ready to generate the reply."""
+        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
     # ---------------------------------------------------------------- step-level API
     def add_request(self, prompt: Prompt, params: Optional[SamplingParams] = None, *,
                     request_id: Optional[str] = None, priority: int = 0) -> str:

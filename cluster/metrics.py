@@ -64,15 +64,54 @@ class RequestMetrics:
         return (self.ttft, self.itl, self.e2e, self.queue_time)
 
 
-def counter(name: str, help: str, value: float, labels: str = "") -> Iterable[str]:
-    yield f"# HELP {name} {help}"
-    yield f"# TYPE {name} counter"
-    yield f"{name}{labels} {value}"
+@dataclass(frozen=True)
+class ReplicaGauges:
+    """What /metrics shows per replica, read from its scheduler at scrape time."""
+    index: int
+    alive: bool
+    num_running: int
+    num_waiting: int
+    kv_usage: float
+    num_free_blocks: int
+    prefix_hit_rate: float
+    num_preemptions: int
 
 
-def gauge(name: str, help: str, samples: Iterable[tuple[str, float]]) -> Iterable[str]:
-    """One gauge with a sample per label set (e.g. one per replica)."""
+def render(metrics: RequestMetrics, replicas: list[ReplicaGauges], num_queued: int) -> str:
+    """The Prometheus text exposition of everything above."""
+    lines: list[str] = []
+    for h in metrics.histograms():
+        lines.extend(h.render())
+    lines.extend(_family("folio_prompt_tokens_total", "counter", "Prompt tokens processed.",
+                         [("", metrics.prompt_tokens)]))
+    lines.extend(_family("folio_generation_tokens_total", "counter", "Output tokens generated.",
+                         [("", metrics.generation_tokens)]))
+    lines.extend(_family("folio_request_success_total", "counter", "Finished requests by reason.",
+                         [(f'{{finished_reason="{k}"}}', v) for k, v in sorted(metrics.finished.items())]))
+    lines.extend(_family("folio_request_rejected_total", "counter",
+                         "Requests refused because the admission queue was full.",
+                         [("", metrics.rejected)]))
+    lines.extend(_family("folio_num_requests_queued", "gauge",
+                         "Requests in the head's admission queue, not yet bound to a replica.",
+                         [("", num_queued)]))
+    per_replica = [
+        ("folio_replica_up", "1 while the replica serves, 0 once it has failed.", lambda g: int(g.alive)),
+        ("folio_num_requests_running", "Requests in the replica's running batch.", lambda g: g.num_running),
+        ("folio_num_requests_waiting", "Requests waiting in the replica's scheduler.", lambda g: g.num_waiting),
+        ("folio_kv_cache_usage_perc", "Fraction of KV blocks in use (0 to 1).", lambda g: g.kv_usage),
+        ("folio_kv_cache_free_blocks", "KV blocks not held by any request.", lambda g: g.num_free_blocks),
+        ("folio_prefix_cache_hit_rate", "Prompt tokens served from the prefix cache / prompt tokens.",
+         lambda g: g.prefix_hit_rate),
+        ("folio_num_preemptions_total", "Requests preempted for lack of KV blocks.", lambda g: g.num_preemptions),
+    ]
+    for name, help, value in per_replica:
+        kind = "counter" if name.endswith("_total") else "gauge"
+        lines.extend(_family(name, kind, help, [(f'{{replica="{g.index}"}}', value(g)) for g in replicas]))
+    return "\n".join(lines) + "\n"
+
+
+def _family(name: str, kind: str, help: str, samples: Iterable[tuple[str, float]]) -> Iterable[str]:
     yield f"# HELP {name} {help}"
-    yield f"# TYPE {name} gauge"
+    yield f"# TYPE {name} {kind}"
     for labels, value in samples:
         yield f"{name}{labels} {value}"

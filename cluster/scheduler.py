@@ -155,6 +155,8 @@ class Scheduler:
             heapq.heappop(self._waiting)
             self._admit(r, hit, need)
             scheduled[r] = n
+            # Published now, so a sibling admitted later in this same step already hits.
+            self._publish_blocks(r, r.num_computed_tokens + n)
 
         return self._build_step(scheduled)
 
@@ -204,13 +206,13 @@ class Scheduler:
             samples = r.num_computed_tokens == r.num_tokens
             r.num_pending += samples
             record.append(_Scheduled(r, r.epoch, samples))
-            self._publish_blocks(r)
+            self._publish_blocks(r, r.num_computed_tokens)
         self._inflight[step.step_id] = record
         return step
 
-    def _publish_blocks(self, r: Request) -> None:
+    def _publish_blocks(self, r: Request, num_scheduled_through: int) -> None:
         """Offer every full block whose tokens are known and scheduled to the prefix cache."""
-        upto = min(r.num_computed_tokens, len(r.token_ids)) // self.bs
+        upto = min(num_scheduled_through, len(r.token_ids)) // self.bs
         for b in range(r.num_published_blocks, upto):
             self.blocks.cache(r.block_ids[b], r.block_keys[b])
         r.num_published_blocks = max(upto, r.num_published_blocks)

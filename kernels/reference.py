@@ -79,26 +79,28 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
 
 
 def _decode_batch(q, k_cache, v_cache, meta, scale, sliding_window, rows, out) -> None:
-    """All single-token sequences at once: one gather, one masked matmul."""
+    """All single-token sequences at once: one padded gather, one masked SDPA.
+
+    SDPA reads the gathered K/V through a transposed view; an einsum here
+    would copy them once more, and on CPU that copy was half the step.
+    """
     hq, d = q.shape[1], q.shape[2]
     hkv, bs = k_cache.shape[2], k_cache.shape[1]
     idx = torch.tensor(rows, dtype=torch.long)
-    seq_lens = meta.seq_lens.index_select(0, idx).long()          # [B]
+    seq_lens = meta.seq_lens.index_select(0, idx).long()              # [B]
     nblocks = (int(seq_lens.max()) + bs - 1) // bs
-    bt = meta.block_tables.index_select(0, idx)[:, :nblocks].long()  # [B, nb]
-    B = len(rows)
-    k = k_cache[bt].reshape(B, nblocks * bs, hkv, d).float()      # [B, S, hkv, d]
-    v = v_cache[bt].reshape(B, nblocks * bs, hkv, d).float()
+    bt = meta.block_tables.index_select(0, idx)[:, :nblocks].long()   # [B, nb]
+    B, S = len(rows), nblocks * bs
+    k = k_cache[bt].reshape(B, S, hkv, d).transpose(1, 2).float()     # [B, hkv, S, d]
+    v = v_cache[bt].reshape(B, S, hkv, d).transpose(1, 2).float()
     tok = meta.query_start_loc.index_select(0, idx).long()
-    qd = q.index_select(0, tok).float().view(B, hkv, hq // hkv, d)  # [B, hkv, g, d]
-    scores = torch.einsum("bhgd,bshd->bhgs", qd, k) * scale
-    k_pos = torch.arange(nblocks * bs).unsqueeze(0)                 # [1, S]
-    q_pos = (seq_lens - 1).unsqueeze(1)                             # [B, 1]
+    qd = q.index_select(0, tok).float().view(B, hq, 1, d)
+    k_pos = torch.arange(S).unsqueeze(0)                              # [1, S]
+    q_pos = (seq_lens - 1).unsqueeze(1)                               # [B, 1]
     mask = _allowed(q_pos, k_pos, seq_lens.unsqueeze(1), sliding_window)  # [B, S]
-    scores = scores.masked_fill(~mask[:, None, None, :], float("-inf"))
-    probs = torch.softmax(scores, dim=-1)
-    o = torch.einsum("bhgs,bshd->bhgd", probs, v).reshape(B, hq, d)
-    out.index_copy_(0, tok, o.to(out.dtype))
+    o = F.scaled_dot_product_attention(qd, k, v, attn_mask=mask[:, None, None, :], scale=scale,
+                                       enable_gqa=hq != hkv)
+    out.index_copy_(0, tok, o.view(B, hq, d).to(out.dtype))
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,

@@ -1,5 +1,13 @@
 """Shared fixtures: models are built once per test session."""
+import os
+
 import pytest
+import torch
+
+# Without a GPU, Triton kernels run in the interpreter. The switch must be set
+# before any @triton.jit decorator runs, so here, before any test imports kernels.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from tests.model_fixtures import make_tiny_model, smollm2_path
 

@@ -1,0 +1,213 @@
+"""The global scheduler on the head: admission, replica choice, output streams.
+
+A request is admitted at once when some live replica has room (fewer than
+`replica_capacity` unfinished requests); it is then bound to the replica the
+routing policy picks. Otherwise it waits in a bounded admission queue, ordered
+by (priority, arrival), and is bound only when a replica makes room: binding
+late means the choice is made with the freshest load (and, later, cache)
+information. When the queue is full the request is refused with QueueFull,
+which the router turns into 429 with Retry-After.
+
+Replica choice is one function, `RoutingPolicy(replicas, request) -> replica`;
+least-loaded is the default, and a prefix-affinity policy can replace it
+without touching anything else here.
+"""
+from __future__ import annotations
+
+import asyncio
+import heapq
+import itertools
+import time
+from typing import Callable, Optional, Sequence, Union
+
+from cluster.metrics import ReplicaGauges, RequestMetrics, render
+from cluster.replica import Replica, RequestFailed
+from protos.messages import EngineRequest, RequestOutput
+
+
+class QueueFull(RuntimeError):
+    """The admission queue is full; retry after `retry_after` seconds."""
+
+    def __init__(self, retry_after: int):
+        super().__init__("the server is at capacity; retry later")
+        self.retry_after = retry_after
+
+
+class NotReady(RuntimeError):
+    """No live replica can take requests."""
+
+
+RoutingPolicy = Callable[[Sequence[Replica], EngineRequest], Replica]
+
+
+def least_loaded(replicas: Sequence[Replica], request: EngineRequest) -> Replica:
+    """The replica with the fewest unfinished requests (first one on ties)."""
+    return min(replicas, key=lambda r: r.num_unfinished)
+
+
+class RequestStream:
+    """Async iterator over one request's outputs; ends after the finished output.
+
+    Raises RequestFailed if the replica serving it dies. cancel() (idempotent)
+    aborts the request wherever it is; call it when the consumer goes away.
+    """
+
+    def __init__(self, frontend: "Frontend", request: EngineRequest):
+        self.request = request
+        self.replica: Optional[Replica] = None
+        self.finished = False
+        self._frontend = frontend
+        self._queue: asyncio.Queue[Union[RequestOutput, RequestFailed]] = asyncio.Queue()
+
+    def put(self, item: Union[RequestOutput, RequestFailed]) -> None:
+        if isinstance(item, RequestFailed) or item.finished:
+            self.finished = True
+        self._queue.put_nowait(item)
+
+    def __aiter__(self) -> "RequestStream":
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        if self.finished and self._queue.empty():
+            raise StopAsyncIteration
+        item = await self._queue.get()
+        if isinstance(item, RequestFailed):
+            raise item
+        return item
+
+    def cancel(self) -> None:
+        if not self.finished:
+            self._frontend.abort(self.request.request_id)
+
+
+class Frontend:
+    """Routes EngineRequests to replicas. Every method runs on the head's event loop."""
+
+    def __init__(self, replicas: Sequence[Replica], metrics: RequestMetrics, *,
+                 max_queued: int = 1024, replica_capacity: Optional[int] = None,
+                 policy: RoutingPolicy = least_loaded):
+        self.replicas = list(replicas)
+        self.metrics = metrics
+        self.max_queued = max_queued
+        # Enough to keep a scheduler's batch full with a waiting line behind it.
+        self.replica_capacity = replica_capacity or 2 * max(r.config.max_num_seqs for r in replicas)
+        self.policy = policy
+        self._queued: list[tuple[int, int, RequestStream]] = []    # heap by (priority, seq)
+        self._seq = itertools.count()
+        self._streams: dict[str, RequestStream] = {}
+        for r in self.replicas:
+            r.on_finished = self._on_replica_room
+
+    # ---------------------------------------------------------------- state
+    @property
+    def live_replicas(self) -> list[Replica]:
+        return [r for r in self.replicas if r.alive]
+
+    @property
+    def ready(self) -> bool:
+        """Some replica can take requests."""
+        return bool(self.live_replicas)
+
+    @property
+    def healthy(self) -> bool:
+        """Every replica is alive."""
+        return all(r.alive for r in self.replicas)
+
+    @property
+    def max_model_len(self) -> int:
+        return min(r.config.max_model_len for r in self.replicas)
+
+    @property
+    def num_queued(self) -> int:
+        return len(self._queued)
+
+    def metrics_text(self) -> str:
+        """Prometheus exposition: request histograms plus each replica's scheduler gauges."""
+        gauges = []
+        for r in self.replicas:
+            s = r.stats()
+            if s is not None:
+                gauges.append(ReplicaGauges(
+                    index=r.index, alive=r.alive, num_running=s.num_running,
+                    num_waiting=s.num_waiting, kv_usage=s.kv_usage,
+                    num_free_blocks=s.num_free_blocks, prefix_hit_rate=s.prefix_hit_rate,
+                    num_preemptions=s.num_preemptions))
+        return render(self.metrics, gauges, self.num_queued)
+
+    # ---------------------------------------------------------------- requests
+    def generate(self, request: EngineRequest) -> RequestStream:
+        """Admit a request and return the stream of its outputs.
+
+        Raises at once, before anything is streamed: NotReady (no live replica),
+        QueueFull (admission queue full), ValueError (it can never fit a replica).
+        """
+        if not self.ready:
+            raise NotReady("no replica is ready")
+        if request.request_id in self._streams:
+            raise ValueError(f"request id {request.request_id!r} is already in use")
+        request.arrival_time = request.arrival_time or time.monotonic()
+        stream = RequestStream(self, request)
+        room = self._replicas_with_room()
+        # Queued requests came first: while any wait, there is no room (see _on_replica_room).
+        if room and not self._queued:
+            self._bind(stream, self.policy(room, request))
+        elif len(self._queued) >= self.max_queued:
+            self.metrics.rejected += 1
+            raise QueueFull(retry_after=self._retry_after())
+        else:
+            heapq.heappush(self._queued, (request.priority, next(self._seq), stream))
+        self._streams[request.request_id] = stream
+        return stream
+
+    def abort(self, request_id: str) -> None:
+        """Finish a request wherever it is; a no-op for unknown or finished ids."""
+        stream = self._streams.get(request_id)
+        if stream is None:
+            return
+        if stream.replica is not None:
+            stream.replica.abort(request_id)       # its sink receives the abort output
+        else:
+            del self._streams[request_id]
+            self._queued = [e for e in self._queued if e[2] is not stream]
+            heapq.heapify(self._queued)
+            stream.put(RequestOutput(request_id, [], finish_reason="abort",
+                                     num_prompt_tokens=len(stream.request.prompt_token_ids)))
+
+    def _bind(self, stream: RequestStream, replica: Replica) -> None:
+        rid = stream.request.request_id
+
+        def sink(item: Union[RequestOutput, RequestFailed]) -> None:
+            stream.put(item)
+            if stream.finished:
+                self._streams.pop(rid, None)
+
+        replica.add_request(stream.request, sink)   # ValueError propagates to generate()
+        stream.replica = replica
+
+    def _on_replica_room(self, replica: Replica) -> None:
+        """A request finished (or a replica died): bind queued requests while there is room."""
+        while self._queued:
+            room = self._replicas_with_room()
+            if not room:
+                if not self.live_replicas:
+                    self._fail_queued()
+                return
+            _, _, stream = heapq.heappop(self._queued)
+            try:
+                self._bind(stream, self.policy(room, stream.request))
+            except ValueError as e:
+                self._streams.pop(stream.request.request_id, None)
+                stream.put(RequestFailed(str(e)))
+
+    def _replicas_with_room(self) -> list[Replica]:
+        return [r for r in self.live_replicas if r.num_unfinished < self.replica_capacity]
+
+    def _fail_queued(self) -> None:
+        while self._queued:
+            _, _, stream = heapq.heappop(self._queued)
+            del self._streams[stream.request.request_id]
+            stream.put(RequestFailed("no replica is left to serve this request"))
+
+    def _retry_after(self) -> int:
+        """Seconds until the queue has likely drained enough; coarse on purpose."""
+        return max(1, min(60, len(self._queued) // max(1, self.replica_capacity)))

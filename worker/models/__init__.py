@@ -1,0 +1,39 @@
+"""Model implementations and the CausalLM protocol the model runner calls.
+
+Every model runs one step over a flattened ragged batch (kernels/metadata.py)
+and reads/writes its KV through the paged pool; the runner never sees layers.
+"""
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+
+from kernels.metadata import AttentionMetadata
+from worker.models.llama import LlamaForCausalLM
+
+
+class CausalLM(Protocol):
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
+                kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        """input_ids, positions: [T] long -> [T, hidden] final-normed hidden states."""
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[N, hidden] -> [N, vocab] fp32."""
+
+    def load_weight(self, name: str, tensor: torch.Tensor) -> None:
+        """Place one checkpoint tensor, named as in Hugging Face."""
+
+    def expected_weight_names(self) -> set[str]:
+        """Hugging Face names of every tensor a complete checkpoint provides."""
+
+    def is_ignored_weight(self, name: str) -> bool:
+        """A checkpoint tensor that is fine to skip."""
+
+
+# ModelConfig.architecture -> implementation.
+MODEL_CLASSES: dict[str, type] = {
+    "llama": LlamaForCausalLM,
+    "mistral": LlamaForCausalLM,
+    "qwen2": LlamaForCausalLM,
+}

@@ -1,0 +1,159 @@
+"""The gRPC face of one worker (protos/worker.proto, service Worker).
+
+Steps run on one dedicated thread, in the order they arrive on the
+ExecuteSteps stream, so the event loop stays free: Health answers while a long
+step computes, and the next step is received and decoded while the current one
+runs. Results are encoded on the step thread as well.
+
+Run standalone (tests, debugging) with:
+    python -m worker.server --address 127.0.0.1:50051
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from typing import AsyncIterator, Optional
+
+import grpc
+import torch
+
+from protos import worker_pb2 as pb
+from protos import worker_pb2_grpc
+from protos.codec import decode_step_request, encode_step_result
+from protos.messages import StepRequest
+
+log = logging.getLogger(__name__)
+
+# Steps carry whole prompts; a large batch of long ones exceeds gRPC's 4 MiB default.
+MAX_MESSAGE_BYTES = 1 << 30
+SERVER_OPTIONS = [
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    # The head pings an idle stream so a vanished worker is noticed; allow it.
+    ("grpc.http2.min_recv_ping_interval_without_data_ms", 5_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+]
+
+
+class WorkerServicer(worker_pb2_grpc.WorkerServicer):
+    """Holds at most one Worker, built by LoadModel."""
+
+    def __init__(self) -> None:
+        self.worker = None
+        self.steps_executed = 0
+        self.stopped = asyncio.Event()       # set by Shutdown; the server's owner stops it
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="folio-step")
+
+    async def LoadModel(self, request: pb.LoadModelRequest, context) -> pb.LoadModelResponse:
+        if self.worker is not None:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "a model is already loaded")
+        try:
+            self.worker = await asyncio.get_running_loop().run_in_executor(
+                self._thread, _build_worker, request)
+        except (ValueError, FileNotFoundError, OSError) as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"cannot load the model: {e}")
+        cfg = self.worker.model_config
+        return pb.LoadModelResponse(
+            num_blocks=self.worker.num_blocks, block_size=self.worker.block_size,
+            max_position_embeddings=cfg.max_position_embeddings, vocab_size=cfg.vocab_size,
+            eos_token_ids=cfg.eos_token_ids, device=str(self.worker.device))
+
+    async def ExecuteSteps(self, request_iterator, context) -> AsyncIterator[pb.StepResult]:
+        if self.worker is None:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "LoadModel first")
+        steps: asyncio.Queue[Optional[StepRequest] | BaseException] = asyncio.Queue()
+
+        async def receive() -> None:
+            try:
+                async for m in request_iterator:
+                    steps.put_nowait(decode_step_request(m))
+                steps.put_nowait(None)
+            except Exception as e:           # noqa: BLE001 - handed to the step loop below
+                steps.put_nowait(e)
+
+        receiver = asyncio.create_task(receive())
+        loop = asyncio.get_running_loop()
+        try:
+            while True:
+                step = await steps.get()
+                if step is None:
+                    return
+                if isinstance(step, BaseException):
+                    raise step
+                try:
+                    result = await loop.run_in_executor(self._thread, self._run_step, step)
+                except Exception as e:
+                    log.exception("step %d failed", step.step_id)
+                    await context.abort(grpc.StatusCode.INTERNAL,
+                                        f"step {step.step_id} failed: {type(e).__name__}: {e}")
+                yield result
+        finally:
+            receiver.cancel()
+
+    def _run_step(self, step: StepRequest) -> pb.StepResult:
+        result = encode_step_result(self.worker.execute_step(step))
+        self.steps_executed += 1
+        return result
+
+    async def Health(self, request, context) -> pb.HealthResponse:
+        return pb.HealthResponse(model_loaded=self.worker is not None,
+                                 steps_executed=self.steps_executed)
+
+    async def Shutdown(self, request, context) -> pb.ShutdownResponse:
+        self.stopped.set()
+        return pb.ShutdownResponse()
+
+
+def _build_worker(request: pb.LoadModelRequest):
+    from worker.worker import Worker      # torch model code loads only when asked to
+
+    device = request.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = _dtype(request.dtype or ("bfloat16" if device.startswith("cuda") else "float32"))
+    return Worker(request.model_path or None, block_size=request.block_size or 16,
+                  num_blocks=request.num_blocks or None,
+                  kv_cache_bytes=request.kv_cache_bytes or None, dtype=dtype, device=device)
+
+
+def _dtype(name: str) -> torch.dtype:
+    dtype = getattr(torch, name, None)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"unknown dtype {name!r}")
+    return dtype
+
+
+async def start_server(address: str) -> tuple[grpc.aio.Server, WorkerServicer, str]:
+    """Serve a fresh WorkerServicer on address ("host:0" picks a free port).
+
+    Returns the server, its servicer and the "host:port" it listens on.
+    """
+    servicer = WorkerServicer()
+    server = grpc.aio.server(options=SERVER_OPTIONS)
+    worker_pb2_grpc.add_WorkerServicer_to_server(servicer, server)
+    host = address.rsplit(":", 1)[0]
+    port = server.add_insecure_port(address)
+    if port == 0:
+        raise OSError(f"cannot listen on {address}")
+    await server.start()
+    log.info("worker gRPC server on %s:%d", host, port)
+    return server, servicer, f"{host}:{port}"
+
+
+async def serve_until_shutdown(address: str) -> None:
+    server, servicer, bound = await start_server(address)
+    print(f"listening on {bound}", flush=True)
+    await servicer.stopped.wait()
+    await server.stop(grace=1.0)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Run one folio worker behind gRPC.")
+    parser.add_argument("--address", default="127.0.0.1:0", help="host:port to listen on")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO)
+    asyncio.run(serve_until_shutdown(args.address))
+
+
+if __name__ == "__main__":
+    main()
