@@ -41,6 +41,21 @@ class _Scheduled:
     samples: bool
 
 
+class _Plan:
+    """The step being built: tokens per request and what is left of the budget."""
+
+    def __init__(self, budget: int):
+        self.tokens: dict[Request, int] = {}
+        self.left = budget
+
+    def add(self, r: Request, n: int) -> None:
+        self.tokens[r] = n
+        self.left -= n
+
+    def drop(self, r: Request) -> None:
+        self.left += self.tokens.pop(r, 0)
+
+
 @dataclass(frozen=True)
 class SchedulerStats:
     num_running: int
@@ -111,57 +126,53 @@ class Scheduler:
 
     # ---------------------------------------------------------------- schedule
     def schedule(self) -> StepRequest:
-        scheduled: dict[Request, int] = {}
+        plan = _Plan(self.config.max_num_batched_tokens)
         preempted = False
 
         # Running requests first, best priority first; the worst give way when blocks run out.
         for r in list(self.running):
-            budget = self._budget(scheduled)
-            if budget == 0:
+            if plan.left == 0:
                 break
             if r.status is not Status.RUNNING:
                 continue                  # preempted earlier in this loop
-            n = min(r.num_tokens - r.num_computed_tokens, budget)
+            n = min(r.num_tokens - r.num_computed_tokens, plan.left)
             if n <= 0:
                 continue
             need = -(-(r.num_computed_tokens + n) // self.bs) - len(r.block_ids)
             while not self.blocks.can_allocate(need):
                 victim = self.running[-1]
-                self._preempt(victim, scheduled)
+                self._preempt(victim, plan)
                 preempted = True
                 if victim is r:
                     break
             else:
                 r.block_ids.extend(self.blocks.allocate(need))
-                scheduled[r] = n
+                plan.add(r, n)
 
         # Then waiting requests in (priority, arrival) order, unless someone was just preempted.
-        while not preempted and self._budget(scheduled) > 0:
+        while not preempted and plan.left > 0:
             r = self._peek_waiting()
             if r is None:
                 break
             if len(self.running) >= self.config.max_num_seqs:
-                if self._preempt_worse_than(r, scheduled):
+                if self._preempt_worse_than(r, plan):
                     continue
                 break
             hit = self._lookup_prefix(r)
             computed = len(hit) * self.bs
-            n = min(r.num_tokens - computed, self._budget(scheduled))
+            n = min(r.num_tokens - computed, plan.left)
             need = -(-(computed + n) // self.bs) - len(hit)
             if not self.blocks.can_allocate(need, reuse=hit):
-                if self._preempt_worse_than(r, scheduled):
+                if self._preempt_worse_than(r, plan):
                     continue
                 break
             heapq.heappop(self._waiting)
             self._admit(r, hit, need)
-            scheduled[r] = n
+            plan.add(r, n)
             # Published now, so a sibling admitted later in this same step already hits.
             self._publish_blocks(r, r.num_computed_tokens + n)
 
-        return self._build_step(scheduled)
-
-    def _budget(self, scheduled: dict[Request, int]) -> int:
-        return self.config.max_num_batched_tokens - sum(scheduled.values())
+        return self._build_step(plan.tokens)
 
     def _admit(self, r: Request, hit: list[int], need: int) -> None:
         self.blocks.take(hit)
@@ -218,9 +229,9 @@ class Scheduler:
         r.num_published_blocks = max(upto, r.num_published_blocks)
 
     # ---------------------------------------------------------------- preemption
-    def _preempt(self, r: Request, scheduled: dict[Request, int]) -> None:
+    def _preempt(self, r: Request, plan: _Plan) -> None:
         """Give up r's blocks; it waits again and will be recomputed from its tokens."""
-        scheduled.pop(r, None)
+        plan.drop(r)
         self.running.remove(r)
         self.blocks.free(r.block_ids)
         r.block_ids = []
@@ -236,10 +247,10 @@ class Scheduler:
         r.status = Status.WAITING
         self._push_waiting(r)
 
-    def _preempt_worse_than(self, r: Request, scheduled: dict[Request, int]) -> bool:
+    def _preempt_worse_than(self, r: Request, plan: _Plan) -> bool:
         """Priority scheduling: a strictly better waiting request displaces the worst running one."""
         if self.running and self.running[-1].priority > r.priority:
-            self._preempt(self.running[-1], scheduled)
+            self._preempt(self.running[-1], plan)
             return True
         return False
 

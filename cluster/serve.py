@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import re
@@ -24,17 +25,17 @@ from typing import Callable, Optional
 
 import ray
 import uvicorn
-from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
-from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from cluster.autoscaler import AutoscalerConfig, ReplicaAutoscaler
 from cluster.config import SchedulerConfig
 from cluster.frontend import Frontend
 from cluster.metrics import RequestMetrics
-from cluster.replica import Replica, WorkerLoadError
+from cluster.placement import ReplicaHandle, ReplicaSpec, launch_replicas, release_replica
+from cluster.replica import WorkerLoadError
+from cluster.routing import ROUTING_POLICIES, make_router
 from protos import worker_pb2 as pb
 from router.app import build_app
 from router.openai_serving import OpenAIServing
-from worker.actor import WorkerActor
 from worker.loader import default_model_path, load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -47,6 +48,8 @@ class ServeConfig:
     host: str = "127.0.0.1"
     port: int = 8000                         # 0: any free port (see Deployment.port)
     replicas: int = 1
+    tensor_parallel_size: int = 1            # workers (devices) per replica
+    routing: str = "affinity"                # see cluster/routing.py ROUTING_POLICIES
     device: str = "auto"                     # auto | cpu | cuda
     dtype: str = ""                          # "": float32 on CPU, bfloat16 on GPU
     max_model_len: Optional[int] = None      # None: the model's own limit
@@ -58,6 +61,14 @@ class ServeConfig:
     max_queued_requests: int = 1024
     enable_prefix_caching: bool = True
     ray_address: Optional[str] = None        # None: start Ray here on 127.0.0.1
+    cpus_per_worker: int = 0                 # CPU workers: 0 = this node's cores / replicas
+    worker_host: Optional[str] = None        # workers' gRPC host; None: 127.0.0.1 on a Ray we
+                                             # started, the node's IP on a joined cluster
+    worker_resources: dict = field(default_factory=dict)   # extra Ray resources per worker
+    min_replicas: Optional[int] = None       # autoscaling bounds; None: --replicas (fixed size)
+    max_replicas: Optional[int] = None
+    upscale_delay_s: float = 10.0
+    downscale_delay_s: float = 60.0
 
     @property
     def model_path(self) -> str:
@@ -75,68 +86,56 @@ class Deployment:
     config: ServeConfig
     frontend: Frontend
     serving: OpenAIServing
-    actors: list = field(default_factory=list)
-    placement_groups: list[PlacementGroup] = field(default_factory=list)
+    spec: ReplicaSpec
+    handles: list[ReplicaHandle] = field(default_factory=list)
     server: Optional[uvicorn.Server] = None
     port: int = 0
 
     async def shutdown(self) -> None:
-        for r in self.frontend.replicas:
-            await r.close()
-        for a in self.actors:
-            ray.kill(a)
-        for pg in self.placement_groups:
-            remove_placement_group(pg)
+        await asyncio.gather(*(release_replica(h) for h in self.handles))
+        self.handles = []
 
 
 async def deploy(cfg: ServeConfig) -> Deployment:
     """Start the workers and the head's replicas and frontend; no HTTP yet."""
     _connect_ray(cfg.ray_address)
-    use_gpu = cfg.device == "cuda" or (cfg.device == "auto" and ray.cluster_resources().get("GPU", 0) >= 1)
-    bundle = {"CPU": 1, "GPU": 1} if use_gpu else {"CPU": 1}
-    load = pb.LoadModelRequest(
-        model_path=cfg.model_path, block_size=cfg.block_size, num_blocks=cfg.num_kv_blocks or 0,
-        kv_cache_bytes=cfg.kv_cache_memory or 0, dtype=cfg.dtype, device="cuda" if use_gpu else "cpu")
-    # Ray reports a node's routable IP even when started on 127.0.0.1; on a Ray we started
-    # (one node) the workers listen on loopback, on a joined cluster on their node's IP.
-    worker_host = None if cfg.ray_address else "127.0.0.1"
+    resources = ray.cluster_resources()
+    use_gpu = cfg.device == "cuda" or (cfg.device == "auto" and resources.get("GPU", 0) >= 1)
+    # A CPU replica takes its share of this node's cores (torch threads), not Ray's default 1.
+    cpus = cfg.cpus_per_worker or max(1, int(resources.get("CPU", 1)) // (cfg.replicas * cfg.tensor_parallel_size))
+    spec = ReplicaSpec(
+        load=pb.LoadModelRequest(
+            model_path=cfg.model_path, block_size=cfg.block_size, num_blocks=cfg.num_kv_blocks or 0,
+            kv_cache_bytes=cfg.kv_cache_memory or 0, dtype=cfg.dtype,
+            device="cuda" if use_gpu else "cpu"),
+        scheduler=SchedulerConfig(block_size=cfg.block_size, max_num_seqs=cfg.max_num_seqs,
+                                  max_num_batched_tokens=cfg.max_num_batched_tokens,
+                                  max_model_len=cfg.max_model_len or 0,
+                                  enable_prefix_caching=cfg.enable_prefix_caching),
+        use_gpu=use_gpu, cpus_per_worker=cpus,
+        # Ray reports a node's routable IP even when started on 127.0.0.1; on a Ray we started
+        # (one node) the workers listen on loopback, on a joined cluster on their node's IP.
+        worker_host=cfg.worker_host or (None if cfg.ray_address else "127.0.0.1"),
+        resources=dict(cfg.worker_resources), tensor_parallel_size=cfg.tensor_parallel_size)
     metrics = RequestMetrics()
-    sched = SchedulerConfig(block_size=cfg.block_size, max_num_seqs=cfg.max_num_seqs,
-                            max_num_batched_tokens=cfg.max_num_batched_tokens,
-                            max_model_len=cfg.max_model_len or 0,
-                            enable_prefix_caching=cfg.enable_prefix_caching)
-    actors, pgs, replicas = [], [], []
+    log.info("loading %s on %d replica(s) (%s)", cfg.model_path, cfg.replicas,
+             "GPU" if use_gpu else f"CPU, {cpus} threads each")
+    handles = await launch_replicas(cfg.replicas, spec, metrics)
     try:
-        for i in range(cfg.replicas):
-            # One bundle per device of the replica (tensor-parallel ranks go here), kept together.
-            pg = placement_group([bundle], strategy="STRICT_PACK", name=f"folio-replica-{i}")
-            pgs.append(pg)
-            await pg.ready()
-            actor = WorkerActor.options(
-                num_cpus=bundle["CPU"], num_gpus=bundle.get("GPU", 0),
-                scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=0),
-            ).remote()
-            actors.append(actor)
-            replicas.append(Replica(i, [await actor.start.remote(worker_host)], sched, metrics))
-        log.info("loading %s on %d replica(s) (%s)", cfg.model_path, cfg.replicas, "GPU" if use_gpu else "CPU")
-        await asyncio.gather(*(r.start(load) for r in replicas))
         tokenizer = await asyncio.to_thread(load_tokenizer, cfg.model_path)
     except BaseException:
-        for r in replicas:
-            await r.close()
-        for a in actors:
-            ray.kill(a)
-        for pg in pgs:
-            remove_placement_group(pg)
+        await asyncio.gather(*(release_replica(h) for h in handles))
         raise
-    frontend = Frontend(replicas, metrics, max_queued=cfg.max_queued_requests)
-    serving = OpenAIServing(frontend, tokenizer, cfg.model_name, replicas[0].vocab_size)
-    return Deployment(cfg, frontend, serving, actors, pgs)
+    frontend = Frontend([h.replica for h in handles], metrics, max_queued=cfg.max_queued_requests,
+                        policy=make_router(cfg.routing, cfg.block_size))
+    serving = OpenAIServing(frontend, tokenizer, cfg.model_name, handles[0].replica.vocab_size)
+    return Deployment(cfg, frontend, serving, spec, handles)
 
 
 async def serve(cfg: ServeConfig, on_ready: Optional[Callable[[Deployment], None]] = None) -> None:
     """Deploy, then serve HTTP until the server is told to exit (signal or should_exit)."""
     dep = await deploy(cfg)
+    scaler = _start_autoscaler(cfg, dep)
     try:
         app = build_app(dep.serving, dep.frontend)
         dep.server = _Server(uvicorn.Config(app, host=cfg.host, port=cfg.port,
@@ -156,7 +155,23 @@ async def serve(cfg: ServeConfig, on_ready: Optional[Callable[[Deployment], None
                 on_ready(dep)
         await task
     finally:
+        if scaler is not None:
+            await scaler.stop()
         await dep.shutdown()
+
+
+def _start_autoscaler(cfg: ServeConfig, dep: Deployment) -> Optional[ReplicaAutoscaler]:
+    low = cfg.min_replicas or cfg.replicas
+    high = max(low, cfg.max_replicas or low)
+    if low == high == cfg.replicas:
+        return None
+    scaler = ReplicaAutoscaler(
+        AutoscalerConfig(min_replicas=low, max_replicas=high, upscale_delay_s=cfg.upscale_delay_s,
+                         downscale_delay_s=cfg.downscale_delay_s),
+        dep.frontend, dep.handles, dep.spec, dep.frontend.metrics)
+    scaler.start()
+    log.info("autoscaling between %d and %d replicas", low, high)
+    return scaler
 
 
 class _Server(uvicorn.Server):
@@ -195,6 +210,11 @@ def build_serve_parser(subparsers: argparse._SubParsersAction) -> argparse.Argum
     p.add_argument("--host", default=d.host)
     p.add_argument("--port", type=int, default=d.port)
     p.add_argument("--replicas", type=int, default=d.replicas)
+    p.add_argument("--tensor-parallel-size", type=int, default=d.tensor_parallel_size,
+                   help="devices per replica; each holds a 1/N shard of every layer")
+    p.add_argument("--routing", choices=ROUTING_POLICIES, default=d.routing,
+                   help="replica choice: prefix-cache affinity balanced with load (default), "
+                        "round-robin, or least-loaded")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default=d.device)
     p.add_argument("--dtype", default=d.dtype, help="float32, bfloat16, float16 (default: by device)")
     p.add_argument("--max-model-len", type=int, default=None)
@@ -206,7 +226,21 @@ def build_serve_parser(subparsers: argparse._SubParsersAction) -> argparse.Argum
     p.add_argument("--max-queued-requests", type=int, default=d.max_queued_requests,
                    help="admission queue bound; beyond it requests get 429")
     p.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action="store_false")
+    p.add_argument("--cpus-per-worker", type=int, default=0,
+                   help="CPU workers: cores (torch threads) each; default: this node's cores / replicas")
     p.add_argument("--ray-address", default=None, help="'auto' or host:port (default: start Ray locally)")
+    p.add_argument("--worker-host", default=None,
+                   help="address workers' gRPC servers bind (default: the node's IP on a joined cluster)")
+    p.add_argument("--worker-resources", type=json.loads, default={},
+                   help='extra Ray resources per worker, JSON, e.g. \'{"fake_gpu": 1}\'')
+    p.add_argument("--min-replicas", type=int, default=None,
+                   help="autoscale: never fewer replicas (default: --replicas)")
+    p.add_argument("--max-replicas", type=int, default=None,
+                   help="autoscale: never more replicas; more than --min-replicas turns autoscaling on")
+    p.add_argument("--upscale-delay", dest="upscale_delay_s", type=float, default=d.upscale_delay_s,
+                   help="seconds more replicas must be wanted before one is added")
+    p.add_argument("--downscale-delay", dest="downscale_delay_s", type=float, default=d.downscale_delay_s,
+                   help="seconds fewer replicas must be wanted before one is drained")
     p.set_defaults(func=run_serve)
     return p
 

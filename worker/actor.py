@@ -12,6 +12,7 @@ from typing import Optional
 
 import ray
 
+from worker.parallel import free_port
 from worker.server import start_server
 
 
@@ -23,17 +24,26 @@ class WorkerActor:
         self._address: Optional[str] = None
         self._stopper: Optional[asyncio.Task] = None
 
-    async def start(self, host: Optional[str] = None) -> str:
+    async def start(self, host: Optional[str] = None, num_threads: int = 0) -> str:
         """Start the gRPC server (once) and return its "host:port".
 
         host defaults to this node's IP as Ray reports it (reachable from other
-        nodes); a single-node deployment passes "127.0.0.1".
+        nodes); a single-node deployment passes "127.0.0.1". num_threads sets
+        torch's intra-op threads (CPU workers use every core they reserved).
         """
+        if num_threads:
+            import torch
+            torch.set_num_threads(num_threads)
         if self._address is None:
             host = host or ray.util.get_node_ip_address()
             server, servicer, self._address = await start_server(f"{host}:0")
             self._stopper = asyncio.create_task(_stop_on_shutdown(server, servicer))
         return self._address
+
+
+    async def free_port(self, host: str) -> int:
+        """A port free on this node: the rendezvous of a tensor-parallel replica whose rank 0 this is."""
+        return free_port(host)
 
 
 async def _stop_on_shutdown(server, servicer) -> None:

@@ -1,0 +1,111 @@
+"""Starting and releasing one replica on the Ray cluster.
+
+A replica is a placement group (one bundle per device of the replica, packed
+together) with one WorkerActor per bundle. Ray only places the processes; the
+head then reaches each worker over gRPC. Autoscaling and tensor parallelism
+both go through launch_replica / release_replica.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+
+import ray
+from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from cluster.config import SchedulerConfig
+from cluster.metrics import RequestMetrics
+from cluster.replica import Replica
+from protos import worker_pb2 as pb
+from worker.actor import WorkerActor
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ReplicaSpec:
+    """What every replica of a deployment is made of."""
+    load: pb.LoadModelRequest            # what each worker loads
+    scheduler: SchedulerConfig
+    use_gpu: bool
+    cpus_per_worker: int                 # torch threads on CPU workers
+    worker_host: str | None              # None: the node's IP (multi-node); else e.g. 127.0.0.1
+    # Extra Ray resources per worker (e.g. {"accelerator_type:A100": 0.001} or a custom
+    # label a node type advertises), so replicas land only on nodes that have them.
+    resources: dict[str, float] = field(default_factory=dict)
+    tensor_parallel_size: int = 1        # workers (devices) per replica, one TP rank each
+
+
+@dataclass
+class ReplicaHandle:
+    replica: Replica
+    placement_group: PlacementGroup
+    actors: list = field(default_factory=list)
+
+
+async def launch_replica(index: int, spec: ReplicaSpec, metrics: RequestMetrics) -> ReplicaHandle:
+    """Reserve devices, start the workers, load the model; returns when it can serve.
+
+    Waiting on the placement group is what asks Ray's autoscaler for a node
+    when the cluster has no free device.
+    """
+    bundle = {"CPU": 1, "GPU": 1} if spec.use_gpu else {"CPU": spec.cpus_per_worker}
+    bundle.update(spec.resources)
+    tp = spec.tensor_parallel_size
+    pg = placement_group([bundle] * tp, strategy=_pack_strategy(bundle, tp), name=f"folio-replica-{index}")
+    handle = ReplicaHandle(replica=None, placement_group=pg)   # type: ignore[arg-type]
+    try:
+        await pg.ready()
+        handle.actors = [WorkerActor.options(
+            num_cpus=bundle["CPU"], num_gpus=bundle.get("GPU", 0), resources=spec.resources,
+            scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=rank),
+        ).remote() for rank in range(tp)]
+        addresses = await asyncio.gather(*(a.start.remote(spec.worker_host, bundle["CPU"])
+                                           for a in handle.actors))
+        load = pb.LoadModelRequest()
+        load.CopyFrom(spec.load)
+        if tp > 1:
+            # The ranks meet on rank 0's node, at a port free there.
+            host = addresses[0].rsplit(":", 1)[0]
+            load.rendezvous = f"tcp://{host}:{await handle.actors[0].free_port.remote(host)}"
+        handle.replica = Replica(index, addresses, spec.scheduler, metrics)
+        await handle.replica.start(load)
+    except BaseException:
+        await release_replica(handle)
+        raise
+    return handle
+
+
+def _pack_strategy(bundle: dict[str, float], count: int) -> str:
+    """STRICT_PACK (one node: NCCL over NVLink, no network hop) when some node can hold
+    every bundle; otherwise PACK, which spreads over as few nodes as it can."""
+    if count == 1:
+        return "STRICT_PACK"
+    for node in ray.nodes():
+        have = node.get("Resources", {}) if node.get("Alive") else {}
+        if all(have.get(k, 0) >= v * count for k, v in bundle.items()):
+            return "STRICT_PACK"
+    return "PACK"
+
+
+async def release_replica(handle: ReplicaHandle) -> None:
+    """Stop the workers and give the devices back to Ray (and so to its autoscaler)."""
+    if handle.replica is not None:
+        await handle.replica.close()
+    for a in handle.actors:
+        ray.kill(a)
+    remove_placement_group(handle.placement_group)
+
+
+async def launch_replicas(count: int, spec: ReplicaSpec, metrics: RequestMetrics,
+                          first_index: int = 0) -> list[ReplicaHandle]:
+    """Several replicas at once; if any fails, none is left running."""
+    results = await asyncio.gather(*(launch_replica(first_index + i, spec, metrics) for i in range(count)),
+                                   return_exceptions=True)
+    failed = [r for r in results if isinstance(r, BaseException)]
+    if failed:
+        await asyncio.gather(*(release_replica(r) for r in results if isinstance(r, ReplicaHandle)))
+        raise failed[0]
+    return list(results)

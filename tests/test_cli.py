@@ -1,0 +1,39 @@
+"""The `folio` command as a user runs it: offline generation and the throughput benchmark."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+
+def _folio(*args, timeout=600):
+    return subprocess.run([sys.executable, "-m", "cluster.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, check=True)
+
+
+@pytest.mark.slow
+def test_generate_writes_one_completion_per_line(tmp_path):
+    src, dst = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    rows = [{"id": "chat", "messages": [{"role": "user", "content": "What is the capital of France?"}],
+             "max_tokens": 12},
+            {"id": "plain", "prompt": "One, two, three,", "max_tokens": 5},
+            {"id": "stop", "prompt": "One, two, three,", "max_tokens": 12, "stop": [","]}]
+    src.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    _folio("generate", "--input", str(src), "--output", str(dst))
+    out = {r["id"]: r for r in map(json.loads, dst.read_text().splitlines())}
+    assert set(out) == {"chat", "plain", "stop"}
+    assert out["chat"]["text"].startswith("The capital of France is Paris")
+    assert len(out["plain"]["token_ids"]) == 5 and out["plain"]["finish_reason"] == "length"
+    assert "," not in out["stop"]["text"] and out["stop"]["finish_reason"] == "stop"
+
+
+@pytest.mark.slow
+def test_bench_throughput_prints_both_sides_and_their_ratio(tmp_path):
+    report = tmp_path / "bench.json"
+    res = _folio("bench", "throughput", "--num-requests", "4", "--prompt-median", "16",
+                 "--output-median", "8", "--json", str(report))
+    assert "folio / baseline throughput" in res.stdout
+    rows = json.loads(report.read_text())["rows"]
+    assert [r["name"].split()[0] for r in rows] == ["folio", "transformers"]
+    assert rows[0]["output_tokens"] == rows[1]["output_tokens"] > 0
+    assert all(r["tokens_per_s"] > 0 and r["peak_rss_mib"] > 0 for r in rows)
