@@ -101,12 +101,16 @@ def run(args: argparse.Namespace) -> dict:
           f"prompt tokens {sum(len(r.prompt_token_ids) for r in reqs)}, "
           f"output tokens {sum(r.output_len for r in reqs)}")
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, {platform.platform()}")
-    rows = [_in_subprocess(run_folio, args.model, reqs, args.max_num_seqs, args.max_num_batched_tokens)]
-    if not args.skip_baseline:
-        rows.append(_in_subprocess(run_hf, args.model, reqs, args.baseline_batch_size))
     print(f"{'engine':52s} {'out tok/s':>10s} {'seconds':>9s} {'peak RSS MiB':>13s}")
-    for r in rows:
-        print(f"{r['name']:52s} {r['tokens_per_s']:10.1f} {r['seconds']:9.1f} {r['peak_rss_mib']:13.0f}")
+    sides = [(run_folio, args.max_num_seqs, args.max_num_batched_tokens)]
+    if not args.skip_baseline:
+        sides.append((run_hf, args.baseline_batch_size))
+    rows = []
+    for fn, *limits in sides:
+        r = _in_subprocess(fn, args.model, reqs, *limits)
+        print(f"{r['name']:52s} {r['tokens_per_s']:10.1f} {r['seconds']:9.1f} {r['peak_rss_mib']:13.0f}",
+              flush=True)
+        rows.append(r)
     result = {"rows": rows}
     if len(rows) == 2:
         result["ratio"] = rows[0]["tokens_per_s"] / rows[1]["tokens_per_s"]

@@ -1,4 +1,4 @@
-"""The `folio` command: serve, generate, bench."""
+"""The `folio` command: serve, batch, generate, bench."""
 from __future__ import annotations
 
 import argparse
@@ -49,6 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     except ImportError:        # the serving path is optional for offline use
         pass
 
+    from cluster.batch import build_batch_parser
+    build_batch_parser(sub)
+
     g = sub.add_parser("generate", help="offline batch generation in one process")
     g.add_argument("--model", default=None, help="model dir or .gguf (default: bundled SmolLM2)")
     g.add_argument("--input", required=True, help="JSONL: {prompt | messages, max_tokens?, ...}")
@@ -67,6 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     try:
         from cluster.bench_serve import build_bench_serve_parser
         build_bench_serve_parser(bsub)
+        from cluster import bench_replicas
+        bench_replicas.build_parser(bsub)
     except ImportError:
         pass
     k = bsub.add_parser("kernels", help="Triton kernels against SDPA (needs a GPU)")

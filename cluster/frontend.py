@@ -9,8 +9,8 @@ information. When the queue is full the request is refused with QueueFull,
 which the router turns into 429 with Retry-After.
 
 Replica choice is one function, `RoutingPolicy(replicas, request) -> replica`;
-least-loaded is the default, and a prefix-affinity policy can replace it
-without touching anything else here.
+least-loaded is the default here, and cluster/routing.py holds the policies
+`folio serve --routing` picks from (prefix-cache affinity by default).
 """
 from __future__ import annotations
 
@@ -95,6 +95,7 @@ class Frontend:
         self._queued: list[tuple[int, int, RequestStream]] = []    # heap by (priority, seq)
         self._seq = itertools.count()
         self._streams: dict[str, RequestStream] = {}
+        self._draining: list[Replica] = []      # take no new requests; removed once idle
         for r in self.replicas:
             r.on_finished = self._on_replica_room
 
@@ -132,7 +133,39 @@ class Frontend:
                     num_waiting=s.num_waiting, kv_usage=s.kv_usage,
                     num_free_blocks=s.num_free_blocks, prefix_hit_rate=s.prefix_hit_rate,
                     num_preemptions=s.num_preemptions))
-        return render(self.metrics, gauges, self.num_queued)
+        # Policies from cluster/routing.py count their decisions; a bare function has none.
+        return render(self.metrics, gauges, self.num_queued, getattr(self.policy, "decisions", {}))
+
+    @property
+    def oldest_queued_age(self) -> float:
+        """Seconds the longest-waiting request has been in the admission queue (0 if none)."""
+        if not self._queued:
+            return 0.0
+        return time.monotonic() - min(s.request.arrival_time for _, _, s in self._queued)
+
+    # ---------------------------------------------------------------- membership
+    def add_replica(self, replica: Replica) -> None:
+        """Route to a started replica from now on; queued requests may bind to it at once."""
+        replica.on_finished = self._on_replica_room
+        self.replicas.append(replica)
+        self._on_replica_room(replica)
+
+    def drain(self, replica: Replica) -> None:
+        """Stop binding new requests to the replica; those it holds run to the end."""
+        if replica not in self._draining:
+            self._draining.append(replica)
+
+    def is_drained(self, replica: Replica) -> bool:
+        """Draining (or dead) and holding no request: safe to remove."""
+        return (replica in self._draining or not replica.alive) and replica.num_unfinished == 0
+
+    def remove_replica(self, replica: Replica) -> None:
+        """Forget a drained or dead replica (the caller releases its workers)."""
+        if not self.is_drained(replica):
+            raise ValueError(f"replica {replica.index} still holds requests; drain it first")
+        self.replicas.remove(replica)
+        if replica in self._draining:
+            self._draining.remove(replica)
 
     # ---------------------------------------------------------------- requests
     def generate(self, request: EngineRequest) -> RequestStream:
@@ -200,7 +233,8 @@ class Frontend:
                 stream.put(RequestFailed(str(e)))
 
     def _replicas_with_room(self) -> list[Replica]:
-        return [r for r in self.live_replicas if r.num_unfinished < self.replica_capacity]
+        return [r for r in self.live_replicas
+                if r.num_unfinished < self.replica_capacity and r not in self._draining]
 
     def _fail_queued(self) -> None:
         while self._queued:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import bisect
 from dataclasses import dataclass, field
-from typing import Iterable
+from typing import Iterable, Optional
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5,
                     0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0, 160.0)
@@ -77,8 +77,12 @@ class ReplicaGauges:
     num_preemptions: int
 
 
-def render(metrics: RequestMetrics, replicas: list[ReplicaGauges], num_queued: int) -> str:
-    """The Prometheus text exposition of everything above."""
+def render(metrics: RequestMetrics, replicas: list[ReplicaGauges], num_queued: int,
+           routing: Optional[dict[tuple[int, str], int]] = None) -> str:
+    """The Prometheus text exposition of everything above.
+
+    routing: requests routed per (replica index, reason), from cluster/routing.py.
+    """
     lines: list[str] = []
     for h in metrics.histograms():
         lines.extend(h.render())
@@ -107,6 +111,11 @@ def render(metrics: RequestMetrics, replicas: list[ReplicaGauges], num_queued: i
     for name, help, value in per_replica:
         kind = "counter" if name.endswith("_total") else "gauge"
         lines.extend(_family(name, kind, help, [(f'{{replica="{g.index}"}}', value(g)) for g in replicas]))
+    lines.extend(_family("folio_routing_decisions_total", "counter",
+                         "Requests routed to each replica, by why: affinity (it held part of the "
+                         "prompt's prefix) or load.",
+                         [(f'{{replica="{i}",reason="{reason}"}}', n)
+                          for (i, reason), n in sorted((routing or {}).items())]))
     return "\n".join(lines) + "\n"
 
 

@@ -90,12 +90,23 @@ class Replica:
 
     # ---------------------------------------------------------------- lifecycle
     async def start(self, load: pb.LoadModelRequest) -> None:
-        """Load the model on every rank, build the scheduler, start the step loop."""
+        """Load the model on every rank, build the scheduler, start the step loop.
+
+        addresses[i] is rank i: with several addresses each worker gets `load`
+        with its rank and world_size set (load.rendezvous must be set then).
+        All ranks load concurrently; they meet in their process group.
+        """
         self._channels = [grpc.aio.insecure_channel(a, options=CHANNEL_OPTIONS)
                           for a in self.addresses]
         stubs = [worker_pb2_grpc.WorkerStub(c) for c in self._channels]
+        loads = []
+        for rank in range(len(stubs)):
+            m = pb.LoadModelRequest()
+            m.CopyFrom(load)
+            m.rank, m.world_size = rank, len(stubs)
+            loads.append(m)
         try:
-            infos = await asyncio.gather(*(s.LoadModel(load) for s in stubs))
+            infos = await asyncio.gather(*(s.LoadModel(m) for s, m in zip(stubs, loads)))
         except grpc.aio.AioRpcError as e:
             raise WorkerLoadError(f"replica {self.index}: a worker could not load the model: "
                                   f"{e.details()}") from None

@@ -27,6 +27,7 @@ import triton
 import triton.language as tl
 
 from kernels.metadata import AttentionMetadata
+from kernels.paged_tile import paged_kv_tile
 
 LOG2E = 1.4426950408889634
 NO_WINDOW = 1 << 30          # sliding window used when there is none: larger than any context
@@ -108,10 +109,7 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_acc_ptr, part_
     for start in range(lo, hi, BLOCK_N):
         pos = start + tl.arange(0, BLOCK_N)
         ok = pos < hi
-        block = tl.load(table + pos // BLOCK_SIZE, mask=ok, other=0).to(tl.int64)
-        rows = block * stride_cb + (pos % BLOCK_SIZE) * stride_cs + head_off
-        kv_off = rows[:, None] + d[None, :]
-        kv_mask = ok[:, None] & d_ok[None, :]
+        kv_off, kv_mask = paged_kv_tile(table, pos, ok, d, d_ok, head_off, stride_cb, stride_cs, BLOCK_SIZE)
         k = tl.load(k_cache_ptr + kv_off, mask=kv_mask, other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale    # [BLOCK_G, BLOCK_N]
         s = tl.where(ok[None, :], s, float("-inf"))

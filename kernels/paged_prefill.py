@@ -25,6 +25,7 @@ import triton
 import triton.language as tl
 
 from kernels.metadata import AttentionMetadata
+from kernels.paged_tile import paged_kv_tile
 from kernels.paged_decode import LOG2E, NO_WINDOW, dot_precision
 
 
@@ -99,9 +100,7 @@ def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr,
     for start in range(lo, hi, BLOCK_N):
         pos = start + tl.arange(0, BLOCK_N)
         ok = pos < hi
-        block = tl.load(table + pos // BLOCK_SIZE, mask=ok, other=0).to(tl.int64)
-        kv_off = (block * stride_cb + (pos % BLOCK_SIZE) * stride_cs + head_off)[:, None] + d[None, :]
-        kv_mask = ok[:, None] & d_ok[None, :]
+        kv_off, kv_mask = paged_kv_tile(table, pos, ok, d, d_ok, head_off, stride_cb, stride_cs, BLOCK_SIZE)
         k = tl.load(k_cache_ptr + kv_off, mask=kv_mask, other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale       # [BLOCK_M, BLOCK_N]
         dist = q_pos[:, None] - pos[None, :]

@@ -3,7 +3,8 @@
 Two formats: a Hugging Face directory (config.json + *.safetensors, single or
 sharded) and a llama.cpp GGUF file. Both are read as a stream of
 (Hugging Face name, tensor) pairs, one tensor at a time, that the model places
-itself (load_weight); peak memory stays about one model plus one tensor.
+itself (load_weight); peak memory stays about one model (one rank's shard
+under tensor parallelism) plus one checkpoint tensor.
 transformers is used for tokenizers only, never for folio's weights.
 """
 from __future__ import annotations
@@ -22,6 +23,7 @@ from kernels.ops import KernelOps
 from worker.config import ModelConfig
 from worker.gguf_loader import gguf_config, gguf_tensors
 from worker.models import MODEL_CLASSES, CausalLM
+from worker.parallel import TPGroup
 
 
 def resolve_model_path(path: str) -> tuple[str, Optional[str]]:
@@ -58,8 +60,11 @@ def default_model_path() -> str:
 
 
 def load_model(path: str, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
-               ops: Optional[KernelOps] = None) -> tuple[CausalLM, ModelConfig]:
-    """Build the model for `path` (see resolve_model_path) with all weights in place."""
+               ops: Optional[KernelOps] = None, tp: Optional[TPGroup] = None) -> tuple[CausalLM, ModelConfig]:
+    """Build the model for `path` (see resolve_model_path) with all weights in place.
+
+    With a tensor-parallel group, this rank's shard only.
+    """
     directory, gguf_file = resolve_model_path(path)
     if gguf_file is not None:
         reader = gguf.GGUFReader(os.path.join(directory, gguf_file))
@@ -68,7 +73,7 @@ def load_model(path: str, dtype: torch.dtype = torch.float32, device: torch.devi
     else:
         config = _read_hf_config(directory)
         tensors = _safetensors_tensors(directory)
-    model = MODEL_CLASSES[config.architecture](config, dtype=dtype, device=device, ops=ops)
+    model = MODEL_CLASSES[config.architecture](config, dtype=dtype, device=device, ops=ops, tp=tp)
     _fill(model, tensors)
     return model.eval(), config
 

@@ -4,6 +4,11 @@ The runner caches each request's state (its token ids and block table), so a
 step only carries diffs. Block tables live in one persistent tensor with a row
 per live request: a step writes only the new block ids and gathers the rows it
 needs, so host work per step follows the tokens scheduled, not the tokens held.
+
+Under tensor parallelism every rank runs the same steps; only rank 0 samples
+and it broadcasts the sampled ids, so every rank appends the same token even
+for unseeded random sampling (per-process random state would otherwise
+diverge). Rank 0's StepResult is the one the head reads.
 """
 from __future__ import annotations
 
@@ -16,6 +21,7 @@ from kernels.metadata import AttentionMetadata
 from protos.messages import (CachedRequest, NewRequest, SampledRequest, SamplingParams,
                              StepRequest, StepResult)
 from worker.kv_pool import KVPool
+from worker.parallel import TPGroup
 from worker.sampler import Sampler
 
 
@@ -32,8 +38,10 @@ class _State:
 
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, pool: KVPool, sampler: Sampler,
-                 device: torch.device | str = "cpu", max_blocks_per_seq: int = 128):
+                 device: torch.device | str = "cpu", max_blocks_per_seq: int = 128,
+                 tp: TPGroup | None = None):
         self.model = model
+        self.tp = tp or TPGroup()
         self.pool = pool
         self.sampler = sampler
         self.device = torch.device(device)
@@ -123,12 +131,12 @@ class ModelRunner:
         outputs = {rid: SampledRequest(request_id=rid) for rid, _ in order}
         if sample_idx:
             logits = self.model.compute_logits(hidden[torch.tensor(sample_idx, device=hidden.device)])
-            for rid, (tok, lp) in zip(sample_ids, self.sampler.sample(logits, sample_ids)):
-                outputs[rid].token_id = tok
-                outputs[rid].logprob = lp
+            self._sample(logits, sample_ids, outputs)
         for rid, start, count, c in prompt_jobs:
             st = self.states[rid]
-            logits = self.model.compute_logits(hidden[start: start + count])
+            logits = self.model.compute_logits(hidden[start: start + count])   # a collective: every rank
+            if self.tp.rank != 0:
+                continue
             targets = torch.tensor(st.token_ids[c + 1: c + 1 + count], device=logits.device)
             outputs[rid].prompt_logprobs = self.sampler.prompt_logprobs(
                 logits, targets, st.params.prompt_logprobs)
@@ -139,6 +147,18 @@ class ModelRunner:
                 st.token_ids.append(outputs[rid].token_id)
         return StepResult(step_id=step.step_id, outputs=[outputs[rid] for rid, _ in order],
                           execute_ms=(time.perf_counter() - t0) * 1e3)
+
+    def _sample(self, logits: torch.Tensor, request_ids: list[str],
+                outputs: dict[str, SampledRequest]) -> None:
+        """Rank 0 samples; every rank ends with its token ids in outputs."""
+        if self.tp.rank == 0:
+            for rid, (tok, lp) in zip(request_ids, self.sampler.sample(logits, request_ids)):
+                outputs[rid].token_id = tok
+                outputs[rid].logprob = lp
+        if self.tp.world_size > 1:
+            ids = torch.tensor([outputs[rid].token_id for rid in request_ids], device=logits.device)
+            for rid, tok in zip(request_ids, self.tp.broadcast_from_first(ids).tolist()):
+                outputs[rid].token_id = tok
 
     def _prepare(self, order: list[tuple[str, int]]):
         """Flatten the step's tokens and describe them for attention."""

@@ -32,7 +32,8 @@ SERVER_OPTIONS = [
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     # The head pings an idle stream so a vanished worker is noticed; allow it.
-    ("grpc.http2.min_recv_ping_interval_without_data_ms", 5_000),
+    # (The key gRPC core reads; a "min_recv_ping_interval..." spelling is silently ignored.)
+    ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
     ("grpc.keepalive_permit_without_calls", 1),
 ]
 
@@ -109,11 +110,19 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
 def _build_worker(request: pb.LoadModelRequest):
     from worker.worker import Worker      # torch model code loads only when asked to
 
+    from worker.parallel import TPGroup
+
     device = request.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = _dtype(request.dtype or ("bfloat16" if device.startswith("cuda") else "float32"))
+    world = max(1, request.world_size)
+    if world > 1 and not request.rendezvous:
+        raise ValueError("a tensor-parallel load (world_size > 1) needs a rendezvous address")
+    if not 0 <= request.rank < world:
+        raise ValueError(f"rank {request.rank} is outside world_size {world}")
+    tp = TPGroup.init(request.rank, world, request.rendezvous, torch.device(device))
     return Worker(request.model_path or None, block_size=request.block_size or 16,
                   num_blocks=request.num_blocks or None,
-                  kv_cache_bytes=request.kv_cache_bytes or None, dtype=dtype, device=device)
+                  kv_cache_bytes=request.kv_cache_bytes or None, dtype=dtype, device=device, tp=tp)
 
 
 def _dtype(name: str) -> torch.dtype:

@@ -16,6 +16,7 @@ from protos.messages import StepRequest, StepResult
 from worker.kv_pool import KVPool
 from worker.loader import default_model_path, load_model
 from worker.model_runner import ModelRunner
+from worker.parallel import TPGroup
 from worker.sampler import Sampler
 
 log = logging.getLogger(__name__)
@@ -24,22 +25,31 @@ DEFAULT_KV_CACHE_BYTES = 1 << 30
 
 
 class Worker:
+    """One device's worker; with a TPGroup of several ranks, one rank of a replica.
+
+    Every rank of a replica must get the same steps in the same order: the
+    model's forward is a collective over the group.
+    """
+
     def __init__(self, model_path: Optional[str] = None, *, block_size: int = 16,
                  num_blocks: Optional[int] = None, kv_cache_bytes: Optional[int] = None,
-                 dtype: torch.dtype = torch.float32, device: str = "cpu"):
+                 dtype: torch.dtype = torch.float32, device: str = "cpu",
+                 tp: Optional[TPGroup] = None):
         self.model_path = model_path or default_model_path()
         self.device = torch.device(device)
+        self.tp = tp or TPGroup()
         self.model, self.model_config = load_model(self.model_path, dtype=dtype, device=self.device,
-                                                   ops=select_ops(self.device))
+                                                   ops=select_ops(self.device), tp=self.tp)
         cfg = self.model_config
+        kv_heads = self.model.num_kv_heads          # this rank's share
         if num_blocks is None:
             num_blocks = KVPool.blocks_for_budget(kv_cache_bytes or DEFAULT_KV_CACHE_BYTES,
-                                                  cfg.num_layers, cfg.num_kv_heads, cfg.head_dim,
+                                                  cfg.num_layers, kv_heads, cfg.head_dim,
                                                   block_size, dtype)
-        self.pool = KVPool.allocate(cfg.num_layers, num_blocks, block_size, cfg.num_kv_heads,
+        self.pool = KVPool.allocate(cfg.num_layers, num_blocks, block_size, kv_heads,
                                     cfg.head_dim, dtype, self.device)
         self.sampler = Sampler(cfg.vocab_size, cfg.eos_token_ids, device=self.device)
-        self.runner = ModelRunner(self.model, self.pool, self.sampler, self.device)
+        self.runner = ModelRunner(self.model, self.pool, self.sampler, self.device, tp=self.tp)
         log.info("worker ready: %s, %d KV blocks of %d tokens (%.1f MiB)", self.model_path,
                  num_blocks, block_size, self.pool.nbytes / 2**20)
 

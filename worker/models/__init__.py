@@ -21,6 +21,10 @@ class CausalLM(Protocol):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[N, hidden] -> [N, vocab] fp32."""
 
+    @property
+    def num_kv_heads(self) -> int:
+        """KV heads this (tensor-parallel) rank holds: the width of its KV pool."""
+
     def load_weight(self, name: str, tensor: torch.Tensor) -> None:
         """Place one checkpoint tensor, named as in Hugging Face."""
 

@@ -8,19 +8,25 @@ q/k/v live in one fused matrix and gate/up in another: one GEMM instead of
 three (two) per layer. Parameter names otherwise mirror Hugging Face's, and
 load_weight accepts Hugging Face tensor names, so every loader (safetensors,
 GGUF) speaks one naming and the fused layout is known in this file only.
+
+Under tensor parallelism (worker/parallel.py) each rank builds only its shard:
+its heads, its slice of the MLP and of the vocabulary; load_weight hands each
+full checkpoint tensor to the layer that keeps its slice.
 """
 from __future__ import annotations
 
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from kernels.metadata import AttentionMetadata
 from kernels.ops import KernelOps, select_ops
 from worker.config import ModelConfig
 from worker.models.rope import build_cos_sin_cache
+from worker.parallel import (ColumnParallelLinear, RowParallelLinear, TPGroup,
+                             VocabParallelEmbedding, empty_parameter, head_partition,
+                             split_range)
 
 # Hugging Face projection -> (folio's fused projection, index of its row block).
 _FUSED = {
@@ -39,35 +45,25 @@ def _split_name(name: str) -> tuple[str, str, str]:
     return parent, proj, kind
 
 
-def _empty(*shape: int, dtype: torch.dtype, device) -> nn.Parameter:
-    # Uninitialised: every parameter is overwritten by the loader.
-    return nn.Parameter(torch.empty(shape, dtype=dtype, device=device), requires_grad=False)
-
-
-class _Linear(nn.Module):
-    def __init__(self, out_features: int, in_features: int, bias: bool, dtype, device):
-        super().__init__()
-        self.weight = _empty(out_features, in_features, dtype=dtype, device=device)
-        self.bias = _empty(out_features, dtype=dtype, device=device) if bias else None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
-
-
 class _RMSNorm(nn.Module):
     def __init__(self, size: int, dtype, device):
         super().__init__()
-        self.weight = _empty(size, dtype=dtype, device=device)
+        self.weight = empty_parameter(size, dtype=dtype, device=device)
 
 
 class _Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, ops: KernelOps, dtype, device):
+    def __init__(self, cfg: ModelConfig, ops: KernelOps, tp: TPGroup, dtype, device):
         super().__init__()
         self.ops = ops
-        self.hq, self.hkv, self.d = cfg.num_q_heads, cfg.num_kv_heads, cfg.head_dim
+        heads = head_partition(cfg.num_q_heads, cfg.num_kv_heads, tp)
+        self.hq, self.hkv, self.d = heads.num_q, heads.num_kv, cfg.head_dim   # this rank's heads
         self.qkv_sizes = (self.hq * self.d, self.hkv * self.d, self.hkv * self.d)
-        self.qkv_proj = _Linear(sum(self.qkv_sizes), cfg.hidden_size, cfg.qkv_bias, dtype, device)
-        self.o_proj = _Linear(cfg.hidden_size, self.hq * self.d, False, dtype, device)
+        d, q_rows, kv_rows = self.d, cfg.num_q_heads * self.d, cfg.num_kv_heads * self.d
+        kv_part = (kv_rows, heads.kv_start * d, self.hkv * d)
+        self.qkv_proj = ColumnParallelLinear([(q_rows, heads.q_start * d, self.hq * d), kv_part, kv_part],
+                                             cfg.hidden_size, cfg.qkv_bias, dtype, device)
+        self.o_proj = RowParallelLinear(cfg.hidden_size, (q_rows, heads.q_start * d, self.hq * d),
+                                        tp, dtype, device)
         self.scale = self.d ** -0.5
         self.sliding_window = cfg.sliding_window
 
@@ -86,24 +82,25 @@ class _Attention(nn.Module):
 
 
 class _MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig, ops: KernelOps, dtype, device):
+    def __init__(self, cfg: ModelConfig, ops: KernelOps, tp: TPGroup, dtype, device):
         super().__init__()
         self.ops = ops
-        self.gate_up_proj = _Linear(2 * cfg.intermediate_size, cfg.hidden_size, False, dtype, device)
-        self.down_proj = _Linear(cfg.hidden_size, cfg.intermediate_size, False, dtype, device)
+        inter = (cfg.intermediate_size, *split_range(cfg.intermediate_size, tp.world_size, tp.rank))
+        self.gate_up_proj = ColumnParallelLinear([inter, inter], cfg.hidden_size, False, dtype, device)
+        self.down_proj = RowParallelLinear(cfg.hidden_size, inter, tp, dtype, device)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.ops.silu_and_mul(self.gate_up_proj(h)))   # [T, 2I] -> [T, hidden]
 
 
 class _DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, ops: KernelOps, dtype, device):
+    def __init__(self, cfg: ModelConfig, ops: KernelOps, tp: TPGroup, dtype, device):
         super().__init__()
         self.ops, self.eps = ops, cfg.rms_norm_eps
         self.input_layernorm = _RMSNorm(cfg.hidden_size, dtype, device)
-        self.self_attn = _Attention(cfg, ops, dtype, device)
+        self.self_attn = _Attention(cfg, ops, tp, dtype, device)
         self.post_attention_layernorm = _RMSNorm(cfg.hidden_size, dtype, device)
-        self.mlp = _MLP(cfg, ops, dtype, device)
+        self.mlp = _MLP(cfg, ops, tp, dtype, device)
 
     def forward(self, positions, h, residual, meta, k_cache, v_cache, cos_sin_cache):
         # The residual stream is carried separately so each norm fuses its add.
@@ -114,11 +111,10 @@ class _DecoderLayer(nn.Module):
 
 
 class _LlamaModel(nn.Module):
-    def __init__(self, cfg: ModelConfig, ops: KernelOps, dtype, device):
+    def __init__(self, cfg: ModelConfig, ops: KernelOps, tp: TPGroup, dtype, device):
         super().__init__()
-        self.embed_tokens = nn.Module()
-        self.embed_tokens.weight = _empty(cfg.vocab_size, cfg.hidden_size, dtype=dtype, device=device)
-        self.layers = nn.ModuleList(_DecoderLayer(cfg, ops, dtype, device) for _ in range(cfg.num_layers))
+        self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, tp, dtype, device)
+        self.layers = nn.ModuleList(_DecoderLayer(cfg, ops, tp, dtype, device) for _ in range(cfg.num_layers))
         self.norm = _RMSNorm(cfg.hidden_size, dtype, device)
 
 
@@ -126,20 +122,22 @@ class LlamaForCausalLM(nn.Module):
     """A CausalLM (see worker/models/__init__.py) for llama, mistral and qwen2.
 
     Parameters are created uninitialised on `device` in `dtype`; fill them with
-    load_weight (worker/loader.py does) before calling forward.
+    load_weight (worker/loader.py does) before calling forward. With a `tp`
+    group of several ranks this is one rank's shard, and forward and
+    compute_logits are collectives: every rank calls them with the same input.
     """
 
     def __init__(self, config: ModelConfig, dtype: torch.dtype = torch.float32,
-                 device: torch.device | str = "cpu", ops: Optional[KernelOps] = None):
+                 device: torch.device | str = "cpu", ops: Optional[KernelOps] = None,
+                 tp: Optional[TPGroup] = None):
         super().__init__()
         self.config = config
         self.ops = ops or select_ops(device)
-        self.model = _LlamaModel(config, self.ops, dtype, device)
-        kv_rows = config.num_kv_heads * config.head_dim
-        self._fused_rows = {"qkv_proj": (config.num_q_heads * config.head_dim, kv_rows, kv_rows),
-                            "gate_up_proj": (config.intermediate_size,) * 2}
+        self.tp = tp or TPGroup()
+        self.model = _LlamaModel(config, self.ops, self.tp, dtype, device)
         if not config.tie_word_embeddings:
-            self.lm_head = _Linear(config.vocab_size, config.hidden_size, False, dtype, device)
+            self.lm_head = VocabParallelEmbedding(config.vocab_size, config.hidden_size, self.tp,
+                                                  dtype, device)
         # Shared by all layers; fp32 whatever the model dtype (the kernel rotates in fp32).
         self.register_buffer("cos_sin_cache", build_cos_sin_cache(
             config.head_dim, config.max_position_embeddings, config.rope_theta,
@@ -153,7 +151,7 @@ class LlamaForCausalLM(nn.Module):
         [num_blocks, block_size, num_kv_heads, head_dim]; the step's new K/V
         are written into them at meta.slot_mapping.
         """
-        h = F.embedding(input_ids, self.model.embed_tokens.weight)        # [T, hidden]
+        h = self.model.embed_tokens(input_ids)                             # [T, hidden]
         residual = None
         for layer, (k_cache, v_cache) in zip(self.model.layers, kv_caches, strict=True):
             h, residual = layer(positions, h, residual, meta, k_cache, v_cache, self.cos_sin_cache)
@@ -161,13 +159,14 @@ class LlamaForCausalLM(nn.Module):
         return h
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """[N, hidden] -> [N, vocab] fp32."""
-        return F.linear(hidden, self._lm_head_weight()).float()
+        """[N, hidden] -> [N, vocab] fp32 (on every rank)."""
+        head = self.model.embed_tokens if self.config.tie_word_embeddings else self.lm_head
+        return head.logits(hidden)
 
-    def _lm_head_weight(self) -> torch.Tensor:
-        if self.config.tie_word_embeddings:
-            return self.model.embed_tokens.weight
-        return self.lm_head.weight
+    @property
+    def num_kv_heads(self) -> int:
+        """KV heads this rank holds (its KV pool's width)."""
+        return self.model.layers[0].self_attn.hkv
 
     # ------------------------------------------------------------- loading
 
@@ -186,25 +185,26 @@ class LlamaForCausalLM(nn.Module):
             name == "lm_head.weight" and self.config.tie_word_embeddings)
 
     def load_weight(self, name: str, tensor: torch.Tensor) -> None:
-        """Copy one checkpoint tensor, named as in Hugging Face, into its place.
+        """Copy one full checkpoint tensor, named as in Hugging Face, into its place.
 
-        Tensor parallelism slots in here: narrow `tensor` to this rank's rows
-        (or columns) before the copy.
+        Sharded layers keep only this rank's slice of it (their load method);
+        norms are replicated and copied whole.
         """
+        parent, proj, kind = _split_name(name)
+        fused, part = _FUSED.get(proj, (proj, 0))
         try:
-            dst = self._destination(name)
+            module = self.get_submodule(f"{parent}.{fused}" if parent else fused)
+            if not isinstance(getattr(module, kind), nn.Parameter):
+                raise AttributeError(kind)
         except AttributeError:
             raise KeyError(f"checkpoint tensor {name!r} has no place in {type(self).__name__}") from None
-        if dst.shape != tensor.shape:
-            raise ValueError(f"{name}: checkpoint shape {tuple(tensor.shape)}, model expects {tuple(dst.shape)}")
-        dst.copy_(tensor)
-
-    def _destination(self, name: str) -> torch.Tensor:
-        """The parameter, or for q/k/v and gate/up the row block of the fused one."""
-        parent, proj, kind = _split_name(name)
-        if proj not in _FUSED:
-            return self.get_parameter(name).data
-        fused, index = _FUSED[proj]
-        rows = self._fused_rows[fused]
-        param = self.get_parameter(f"{parent}.{fused}.{kind}")
-        return param.data.narrow(0, sum(rows[:index]), rows[index])
+        try:
+            if hasattr(module, "load"):
+                module.load(part, kind, tensor)
+            else:
+                dst = getattr(module, kind).data
+                if dst.shape != tensor.shape:
+                    raise ValueError(f"checkpoint shape {tuple(tensor.shape)}, model expects {tuple(dst.shape)}")
+                dst.copy_(tensor)
+        except ValueError as e:
+            raise ValueError(f"{name}: {e}") from None
