@@ -25,11 +25,10 @@ import json
 import logging
 import os
 import random
-import threading
 from dataclasses import replace
 
 from cluster.bench_serve import run_load, summarize
-from cluster.serve import ServeConfig, serve
+from cluster.serve import ServeConfig, serve_in_background
 from cluster.workload import SyntheticRequest, chat_like
 
 
@@ -44,32 +43,10 @@ def shared_prefix(num_requests: int, vocab_size: int, num_prefixes: int, prefix_
 
 def _deploy_and_load(cfg: ServeConfig, reqs: list[SyntheticRequest], concurrency: int) -> dict:
     """Serve cfg on a free port, run the load, read the head's counters, stop."""
-    ready, box = threading.Event(), {}
-
-    def on_ready(dep) -> None:
-        box["dep"], box["loop"] = dep, asyncio.get_running_loop()
-        ready.set()
-
-    def run() -> None:
-        try:
-            asyncio.run(serve(cfg, on_ready))
-        except BaseException as e:      # noqa: BLE001 - re-raised below
-            box["error"] = e
-            ready.set()
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    ready.wait()
-    if "error" in box:
-        raise box["error"]
-    dep, loop = box["dep"], box["loop"]
-    try:
-        records, seconds = asyncio.run(run_load(f"http://127.0.0.1:{dep.port}/v1", None, reqs,
+    with serve_in_background(cfg) as server:
+        records, seconds = asyncio.run(run_load(server.base_url + "/v1", None, reqs,
                                                 float("inf"), concurrency, seed=0))
-        stats = asyncio.run_coroutine_threadsafe(_head_stats(dep), loop).result(30)
-    finally:
-        loop.call_soon_threadsafe(setattr, dep.server, "should_exit", True)
-        thread.join(120)
+        stats = server.call(_head_stats(server.deployment))
     s = summarize(records, seconds)
     return {"output_tokens_per_s": s["output_tokens_per_s"], "failed": s["failed"],
             "seconds": seconds, "ttft_p50_s": s["ttft_s"].get("p50"), **stats}

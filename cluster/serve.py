@@ -174,6 +174,51 @@ def _start_autoscaler(cfg: ServeConfig, dep: Deployment) -> Optional[ReplicaAuto
     return scaler
 
 
+@dataclass
+class BackgroundServer:
+    """A deployment serving on its own thread and event loop (benchmarks, tests)."""
+    deployment: Deployment
+    loop: asyncio.AbstractEventLoop
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.deployment.port}"
+
+    def call(self, coro, timeout: float = 30):
+        """Run a coroutine on the server's loop (where the head's state lives)."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+
+@contextlib.contextmanager
+def serve_in_background(cfg: ServeConfig, start_timeout: float = 300):
+    """Serve cfg on a thread until the block ends; yields once the API answers."""
+    ready, box = threading.Event(), {}
+
+    def on_ready(dep: Deployment) -> None:
+        box["server"] = BackgroundServer(dep, asyncio.get_running_loop())
+        ready.set()
+
+    def run() -> None:
+        try:
+            asyncio.run(serve(cfg, on_ready))
+        except BaseException as e:      # noqa: BLE001 - re-raised in the caller's thread
+            box["error"] = e
+            ready.set()
+
+    thread = threading.Thread(target=run, name="folio-serve", daemon=True)
+    thread.start()
+    if not ready.wait(start_timeout):
+        raise TimeoutError(f"folio serve did not start within {start_timeout:.0f} s")
+    if "error" in box:
+        raise box["error"]
+    server = box["server"]
+    try:
+        yield server
+    finally:
+        server.loop.call_soon_threadsafe(setattr, server.deployment.server, "should_exit", True)
+        thread.join(120)
+
+
 class _Server(uvicorn.Server):
     """uvicorn minus its signal capture, which re-raises SIGINT after serving and so
     would cut the workers' shutdown short; serve() handles the signals instead."""

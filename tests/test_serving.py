@@ -8,7 +8,6 @@ import re
 import signal
 import subprocess
 import sys
-import threading
 import time
 from dataclasses import dataclass
 
@@ -48,35 +47,14 @@ class Server:
 @pytest.fixture(scope="module")
 def server():
     import ray
-    from cluster.serve import ServeConfig, serve
+    from cluster.serve import ServeConfig, serve_in_background
 
     if not ray.is_initialized():
         ray.init(_node_ip_address="127.0.0.1", include_dashboard=False)
     cfg = ServeConfig(port=0, max_model_len=MAX_MODEL_LEN, num_kv_blocks=NUM_KV_BLOCKS,
                       max_num_seqs=64, max_num_batched_tokens=512)
-    ready = threading.Event()
-    box: dict = {}
-
-    def on_ready(dep) -> None:
-        box["dep"], box["loop"] = dep, asyncio.get_running_loop()
-        ready.set()
-
-    def run() -> None:
-        try:
-            asyncio.run(serve(cfg, on_ready))
-        except BaseException as e:      # noqa: BLE001 - reported to the test below
-            box["error"] = e
-            ready.set()
-
-    thread = threading.Thread(target=run, name="folio-serve", daemon=True)
-    thread.start()
-    assert ready.wait(300), "server did not start"
-    if "error" in box:
-        raise box["error"]
-    dep = box["dep"]
-    yield Server(f"http://127.0.0.1:{dep.port}", dep, box["loop"])
-    box["loop"].call_soon_threadsafe(setattr, dep.server, "should_exit", True)
-    thread.join(60)
+    with serve_in_background(cfg) as bg:
+        yield Server(bg.base_url, bg.deployment, bg.loop)
 
 
 @pytest.fixture(scope="module")
