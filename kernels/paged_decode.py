@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 
 from kernels.metadata import AttentionMetadata
-from kernels.paged_tile import paged_kv_tile
+from kernels.paged_tile import online_softmax_step, paged_kv_tile
 
 LOG2E = 1.4426950408889634
 NO_WINDOW = 1 << 30          # sliding window used when there is none: larger than any context
@@ -104,8 +104,6 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_acc_ptr, part_
     acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
     table = block_tables_ptr + seq.to(tl.int64) * stride_bt
     head_off = kvh * stride_ch
-    # Every tile holds at least one visible token (lo < hi), so the running
-    # max is finite after the first step and no row needs a -inf guard.
     for start in range(lo, hi, BLOCK_N):
         pos = start + tl.arange(0, BLOCK_N)
         ok = pos < hi
@@ -113,13 +111,8 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_acc_ptr, part_
         k = tl.load(k_cache_ptr + kv_off, mask=kv_mask, other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale    # [BLOCK_G, BLOCK_N]
         s = tl.where(ok[None, :], s, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, axis=1))
-        alpha = tl.exp2(m - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l = l * alpha + tl.sum(p, axis=1)
         v = tl.load(v_cache_ptr + kv_off, mask=kv_mask, other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-        m = m_new
+        m, l, acc = online_softmax_step(m, l, acc, s, v, DOT_PRECISION)
 
     out_mask = g_ok[:, None] & d_ok[None, :]
     if USE_PARTIALS:

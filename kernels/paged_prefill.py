@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 
 from kernels.metadata import AttentionMetadata
-from kernels.paged_tile import paged_kv_tile
+from kernels.paged_tile import online_softmax_step, paged_kv_tile
 from kernels.paged_decode import LOG2E, NO_WINDOW, dot_precision
 
 
@@ -106,16 +106,10 @@ def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr,
         dist = q_pos[:, None] - pos[None, :]
         visible = ok[None, :] & (dist >= 0) & (dist < sliding_window)
         s = tl.where(visible, s, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, axis=1))
-        # Under a sliding window a later row may see nothing in an early tile:
-        # pin its exponent base to 0 so that -inf - -inf never happens.
-        m_base = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m - m_base)
-        p = tl.exp2(s - m_base[:, None])
-        l = l * alpha + tl.sum(p, axis=1)
+        # Under a sliding window a later row may see nothing in an early tile;
+        # the step's -inf guard covers it.
         v = tl.load(v_cache_ptr + kv_off, mask=kv_mask, other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-        m = m_new
+        m, l, acc = online_softmax_step(m, l, acc, s, v, DOT_PRECISION)
 
     out = acc / tl.where(l == 0.0, 1.0, l)[:, None]   # l is 0 only on rows never stored
     tl.store(out_ptr + q_rows[:, None] * stride_ot + heads[:, None] * stride_oh + d[None, :],

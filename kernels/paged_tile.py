@@ -1,4 +1,4 @@
-"""The paged read shared by both attention kernels."""
+"""The paged K/V read and the online-softmax step shared by both attention kernels."""
 import triton
 import triton.language as tl
 
@@ -15,3 +15,20 @@ def paged_kv_tile(table, pos, ok, d, d_ok, head_off, stride_cb, stride_cs, BLOCK
     block = tl.load(table + pos // BLOCK_SIZE, mask=ok, other=0).to(tl.int64)
     rows = block * stride_cb + (pos % BLOCK_SIZE) * stride_cs + head_off
     return rows[:, None] + d[None, :], ok[:, None] & d_ok[None, :]
+
+
+@triton.jit
+def online_softmax_step(m, l, acc, s, v, DOT_PRECISION: tl.constexpr):
+    """Fold one tile of scores s [R, N] (base-2 logits, -inf where hidden) and its
+    values v [N, D] into the running max m [R], sum l [R] and output acc [R, D].
+
+    A row that has seen nothing yet (m_new == -inf) gets exponent base 0, so
+    -inf - -inf never happens; its p is then all zero.
+    """
+    m_new = tl.maximum(m, tl.max(s, axis=1))
+    m_base = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m - m_base)
+    p = tl.exp2(s - m_base[:, None])
+    l = l * alpha + tl.sum(p, axis=1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+    return m_new, l, acc
