@@ -1,19 +1,26 @@
 #!/usr/bin/env bash
-# The whole GPU check of folio's kernels, in one call on a GPU machine:
-#   1. install the wheels carried in $WHEELS (default .whl; absent is fine),
-#   2. run tests/kernels/test_gpu.py (bf16/fp16 kernels at serving sizes vs the references),
-#   3. run the kernel benchmark (kernels/bench.py: decode vs SDPA, prefill TFLOP/s, config sweep),
-# writing everything under $OUT: env.txt, gpu_tests.log, gpu_tests.xml, bench.log,
-# kernel_bench.json, kernel_bench.txt. Exits non-zero if a step failed; later steps still run.
+# The whole GPU check of folio, in one call on a GPU machine (about 8 minutes):
+#   install  the wheels carried in $WHEELS (default .whl; absent is fine);
+#   tests    tests/kernels/test_gpu.py (each kernel in bf16/fp16 at serving sizes against
+#            its reference) and tests/kernels/test_gpu_model.py (whole models on the
+#            Triton kernels against transformers on the same GPU);
+#   kernels  the kernel benchmark (kernels/bench.py: decode vs SDPA, prefill TFLOP/s,
+#            decode config sweep);
+#   throughput  `folio bench throughput` on a Llama-3.2-1B-shaped random-weight model,
+#            bf16: folio against transformers generate() on the same GPU.
+# Results under $OUT: env.txt, gpu_tests.log, gpu_tests.xml, bench.log, kernel_bench.json,
+# kernel_bench.txt, throughput.log, throughput.json. Exits non-zero if a stage failed;
+# later stages still run, and each has its own time limit so a hang costs only its share.
 #
 # On the GPU machine (device tool, repo root; name .whl in carry when it exists):
-#   bash .ci/gpu_check.sh
+#   bash .ci/gpu_check.sh                      # every stage
+#   bash .ci/gpu_check.sh tests throughput     # just these
 # On a development machine, to fill .whl with wheels the GPU machine lacks
 # (Python 3.12, x86-64; pass NAME==VERSION for each, dependencies included):
 #   bash .ci/gpu_check.sh fetch NAME==VERSION ...
 #
-# The kernels and their tests need only torch, triton and pytest, which the GPU
-# image has; wheels matter only if other tests or conftests are added to the run.
+# Everything here needs only torch, triton, transformers, safetensors, numpy, tqdm and
+# pytest, which the GPU image has (gguf, ray and the HTTP stack are not imported).
 set -u
 cd "$(dirname "$0")/.."
 WHEELS=${WHEELS:-.whl}
@@ -28,6 +35,11 @@ if [ "${1:-}" = "fetch" ]; then
         --platform any -d "$WHEELS" "$@"
 fi
 
+stages=${*:-tests kernels throughput}
+for s in $stages; do
+    case $s in tests|kernels|throughput) ;; *) echo "unknown stage $s (tests, kernels, throughput)" >&2; exit 2;; esac
+done
+wants() { [[ " $stages " == *" $1 "* ]]; }
 : "${OUT:?OUT must name the folder for results}"
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
@@ -47,14 +59,31 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 } > "$OUT/env.txt" 2>&1
 cat "$OUT/env.txt"
 
-# --confcutdir keeps conftests outside tests/kernels (and their imports) out of this run.
-timeout 300 "$PY" -m pytest tests/kernels/test_gpu.py --confcutdir=tests/kernels -p no:cacheprovider \
-    -q -rfE --junitxml="$OUT/gpu_tests.xml" 2>&1 | tee "$OUT/gpu_tests.log"
-[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 
-timeout 240 "$PY" -c "from kernels.bench import run_kernel_bench; run_kernel_bench('$OUT')" \
-    2>&1 | tee "$OUT/bench.log"
-[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+if wants tests; then
+    # --confcutdir keeps conftests outside tests/kernels (and their imports) out of this run.
+    timeout 270 "$PY" -m pytest tests/kernels/test_gpu.py tests/kernels/test_gpu_model.py \
+        --confcutdir=tests/kernels -p no:cacheprovider -q -rfE --durations=10 \
+        --junitxml="$OUT/gpu_tests.xml" 2>&1 | tee "$OUT/gpu_tests.log"
+    [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+fi
+
+if wants kernels; then
+    timeout 140 "$PY" -c "from kernels.bench import run_kernel_bench; run_kernel_bench('$OUT')" \
+        2>&1 | tee "$OUT/bench.log"
+    [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+fi
+
+if wants throughput; then
+    {
+        model=$(timeout 90 "$PY" -c 'from tests.model_fixtures import make_gpu_model
+print(make_gpu_model("llama3-gqa4", "/tmp/folio-models", num_layers=16))') &&
+        timeout 150 "$PY" -m cluster.cli bench throughput --model "$model" --device cuda \
+            --dtype bfloat16 --kv-cache-gib 16 --max-num-seqs 128 --max-num-batched-tokens 2048 \
+            --json "$OUT/throughput.json"
+    } 2>&1 | grep -v ' INFO ' | tee "$OUT/throughput.log"
+    [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+fi
 
 echo "gpu_check: $([ $status -eq 0 ] && echo passed || echo FAILED), results in $OUT"
 exit $status

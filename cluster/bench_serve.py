@@ -160,7 +160,7 @@ def build_bench_serve_parser(sub: argparse._SubParsersAction) -> argparse.Argume
 
 
 def run_bench_serve(args: argparse.Namespace) -> dict:
-    from cluster.bench_throughput import _in_subprocess, run_folio
+    from cluster.bench_throughput import Placement, _in_subprocess, run_folio
     from worker.loader import default_model_path, load_tokenizer
 
     logging.getLogger("httpx").setLevel(logging.WARNING)     # one line per request otherwise
@@ -176,7 +176,9 @@ def run_bench_serve(args: argparse.Namespace) -> dict:
     print(f"--- {args.base_url}")
     _print(result["served"])
     if not args.skip_engine:
-        engine = _in_subprocess(run_folio, args.model, reqs, args.max_num_seqs, args.max_num_batched_tokens)
+        # The in-process engine on this machine's CPU, as the CPU server runs it.
+        engine = _in_subprocess(run_folio, args.model, reqs, Placement("cpu", "float32"),
+                                args.max_num_seqs, args.max_num_batched_tokens, 1.0)
         result["engine"] = engine
         result["ratio"] = result["served"]["output_tokens_per_s"] / engine["tokens_per_s"]
         print(f"--- folio engine in-process: {engine['tokens_per_s']:.1f} output tok/s "

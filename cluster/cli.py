@@ -10,10 +10,15 @@ from typing import Optional, Sequence
 
 def _generate(args: argparse.Namespace) -> None:
     """Offline batch generation: JSONL of prompts in, JSONL of completions out."""
+    import torch
+
     from cluster.llm import LLM
     from protos.messages import SamplingParams
+    dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
     llm = LLM(args.model, max_num_seqs=args.max_num_seqs,
-              max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len)
+              max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
+              device=args.device, dtype=getattr(torch, dtype),
+              kv_cache_bytes=int(args.kv_cache_gib * 2**30))
     prompts, params, ids = [], [], []
     with open(args.input) as f:
         for n, line in enumerate(f):
@@ -61,6 +66,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-num-seqs", type=int, default=64)
     g.add_argument("--max-num-batched-tokens", type=int, default=512)
     g.add_argument("--max-model-len", type=int, default=None)
+    g.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    g.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                   help="default: float32 on CPU, bfloat16 on CUDA")
+    g.add_argument("--kv-cache-gib", type=float, default=1.0)
     g.set_defaults(func=_generate)
 
     b = sub.add_parser("bench", help="benchmarks that print figures beside a baseline")

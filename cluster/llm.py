@@ -58,9 +58,10 @@ class LLM:
                  num_blocks: Optional[int] = None, kv_cache_bytes: Optional[int] = None,
                  max_num_seqs: int = 64, max_num_batched_tokens: int = 512,
                  max_model_len: Optional[int] = None, enable_prefix_caching: bool = True,
-                 dtype: torch.dtype = torch.float32, tokenizer: bool = True):
+                 dtype: torch.dtype = torch.float32, device: str = "cpu", kernels: str = "auto",
+                 tokenizer: bool = True):
         self.worker = Worker(model, block_size=block_size, num_blocks=num_blocks,
-                             kv_cache_bytes=kv_cache_bytes, dtype=dtype)
+                             kv_cache_bytes=kv_cache_bytes, dtype=dtype, device=device, kernels=kernels)
         cfg = self.worker.model_config
         self.tokenizer = load_tokenizer(self.worker.model_path) if tokenizer else None
         self.config = SchedulerConfig(

@@ -2,9 +2,13 @@
 
 Models receive a KernelOps and call through it; nothing reads a global. On a
 CUDA device the Triton kernels serve; everywhere else the PyTorch references.
+`kernels="triton"` forces the Triton kernels on CPU too, where they run in
+Triton's interpreter (TRITON_INTERPRET=1): slow, but it lets the whole model
+run through the GPU path on a machine without one, which the tests do.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Callable
 
@@ -33,9 +37,18 @@ REFERENCE_OPS = KernelOps(
 )
 
 
-def select_ops(device: torch.device | str) -> KernelOps:
-    """Triton kernels on CUDA, PyTorch references elsewhere."""
-    if torch.device(device).type == "cuda":
-        from kernels.triton_ops import TRITON_OPS  # imported lazily: needs a GPU build of triton
-        return TRITON_OPS
-    return REFERENCE_OPS
+KERNEL_CHOICES = ("auto", "triton", "reference")
+
+
+def select_ops(device: torch.device | str, kernels: str = "auto") -> KernelOps:
+    """"auto": Triton kernels on CUDA, PyTorch references elsewhere."""
+    if kernels not in KERNEL_CHOICES:
+        raise ValueError(f"kernels must be one of {KERNEL_CHOICES}, got {kernels!r}")
+    on_cuda = torch.device(device).type == "cuda"
+    if kernels == "reference" or (kernels == "auto" and not on_cuda):
+        return REFERENCE_OPS
+    if not on_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError("Triton kernels off CUDA run only in Triton's interpreter: set "
+                         "TRITON_INTERPRET=1 before folio is imported")
+    from kernels.triton_ops import TRITON_OPS  # imported lazily: needs a GPU build of triton
+    return TRITON_OPS

@@ -69,19 +69,64 @@ def make_tiny_model(family: str, path) -> str:
     an index), "qwen2" (q/k/v biases, tied). 3 layers, hidden 64, 4 query heads,
     2 KV heads, head_dim 16, vocab TINY_VOCAB.
     """
-    out = os.path.join(str(path), family)
+    # Sharding one family keeps the index-file path of the loader tested.
+    return save_random_model(_hf_config(family), os.path.join(str(path), family),
+                             seed=TINY_FAMILIES.index(family),
+                             max_shard_size="150KB" if family == "mistral" else "50GB")
+
+
+def save_random_model(config, out: str, seed: int = 0, max_shard_size: str = "50GB",
+                      logit_std: float | None = None) -> str:
+    """A random-weight (see _randomize) fp32 checkpoint of this transformers
+    config in `out`; reused when `out` already holds one. logit_std rescales the
+    final norm so that logits spread about that much (tied embeddings of std 1
+    otherwise give logits of std sqrt(hidden), far peakier than a real model's)."""
     if os.path.isfile(os.path.join(out, "config.json")):
         return out
     from transformers import AutoModelForCausalLM
-    config = _hf_config(family)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    _randomize(model, seed=TINY_FAMILIES.index(family))
-    # Sharding one family keeps the index-file path of the loader tested.
-    shard = "150KB" if family == "mistral" else "50GB"
+    _randomize(model, seed)
+    if logit_std is not None:
+        head = model.get_output_embeddings().weight
+        with torch.no_grad():
+            model.model.norm.weight.mul_(logit_std / (head.std() * config.hidden_size ** 0.5))
     tmp = out + ".partial"           # a crash mid-save must not look like a cached model
-    model.save_pretrained(tmp, max_shard_size=shard)
+    model.save_pretrained(tmp, max_shard_size=max_shard_size)
     os.replace(tmp, out)
     return out
+
+
+# Serving-sized shapes for the GPU suite and GPU benchmarks: head dims 128 and 64,
+# GQA 4 and 7, a sliding window shorter than the prompts, llama3 rope scaling, biases.
+GPU_FAMILIES = ("llama3-gqa4", "mistral-window", "qwen2-bias")
+
+
+def gpu_model_config(family: str, num_layers: int = 4):
+    """rope_theta and rope_scaling are spelled the transformers 4 way, which 5 still
+    accepts: the GPU image's transformers may be either."""
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config
+    common = dict(vocab_size=32000, num_hidden_layers=num_layers, max_position_embeddings=8192,
+                  rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2)
+    if family == "llama3-gqa4":       # Llama-3.2-1B's attention and MLP widths
+        return LlamaConfig(**common, hidden_size=2048, intermediate_size=8192, num_attention_heads=32,
+                           num_key_value_heads=8, head_dim=64, tie_word_embeddings=True,
+                           rope_theta=500000.0, rope_scaling={
+                               "rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
+                               "high_freq_factor": 4.0, "original_max_position_embeddings": 1024})
+    if family == "mistral-window":    # Mistral-7B's head layout, narrower
+        return MistralConfig(**common, hidden_size=2048, intermediate_size=5632, num_attention_heads=16,
+                             num_key_value_heads=4, head_dim=128, sliding_window=300,
+                             rope_theta=10000.0, tie_word_embeddings=False)
+    if family == "qwen2-bias":        # Qwen2-0.5B's shapes
+        return Qwen2Config(**common, hidden_size=896, intermediate_size=4864, num_attention_heads=14,
+                           num_key_value_heads=2, rope_theta=1000000.0, tie_word_embeddings=True)
+    raise ValueError(f"unknown GPU family {family!r}; choose from {GPU_FAMILIES}")
+
+
+def make_gpu_model(family: str, path, num_layers: int = 4) -> str:
+    return save_random_model(gpu_model_config(family, num_layers),
+                             os.path.join(str(path), f"{family}-{num_layers}l"), seed=len(family),
+                             logit_std=4.0)
 
 
 def make_tiny_gguf(family: str, path) -> str:

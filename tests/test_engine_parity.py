@@ -11,35 +11,11 @@ import pytest
 
 from cluster.llm import LLM
 from protos.messages import SamplingParams
-from tests.hf_reference import hf_greedy
+from tests.hf_reference import assert_greedy_parity, run_staggered
 from tests.model_fixtures import TINY_VOCAB
 
 NEW_TOKENS = 8
-
-
-def _run_staggered(llm: LLM, prompts: list[list[int]], per_step: int) -> dict[str, list]:
-    """Add `per_step` prompts before each step until all are in; run to completion."""
-    params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True, logprobs=0)
-    ids, pending = [], list(prompts)
-    results = {}
-    while pending or llm.has_unfinished():
-        for p in pending[:per_step]:
-            ids.append(llm.add_request(p, params))
-        pending = pending[per_step:]
-        for res in llm.step():
-            results[res.request_id] = res
-        llm.scheduler.check_integrity()
-    llm.scheduler.check_integrity()
-    return [results[i] for i in ids]
-
-
-def _check(path, prompts, results, logprob_tol=1e-4):
-    for p, res in zip(prompts, results):
-        want_tokens, want_lps = hf_greedy(path, p, NEW_TOKENS)
-        out = res.outputs[0]
-        assert out.token_ids == want_tokens, f"prompt of {len(p)} tokens diverged"
-        got = [lp.logprob for lp in out.logprobs]
-        assert max(abs(a - b) for a, b in zip(got, want_lps)) < logprob_tol
+PARAMS = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True, logprobs=0)
 
 
 @pytest.mark.slow
@@ -51,9 +27,9 @@ def test_tiny_models_match_transformers(family, tiny_model):
     # 14 blocks of 8 tokens hold fewer than half the requests: preemption must happen.
     llm = LLM(path, block_size=8, num_blocks=14, max_num_seqs=8, max_num_batched_tokens=24,
               tokenizer=False)
-    results = _run_staggered(llm, prompts, per_step=3)
+    results = run_staggered(llm, prompts, PARAMS, per_step=3)
     assert llm.scheduler.num_preemptions > 0, "the pool was meant to force preemption"
-    _check(path, prompts, results)
+    assert_greedy_parity(path, prompts, results, NEW_TOKENS, logprob_tol=1e-4)
 
 
 @pytest.mark.slow
@@ -66,10 +42,10 @@ def test_smollm2_matches_transformers(smollm2):
     words = text.split()
     rng = random.Random(0)
     prompts = [llm.tokenizer.encode(" ".join(words[: rng.randint(2, len(words))])) for _ in range(16)]
-    results = _run_staggered(llm, prompts, per_step=4)
+    results = run_staggered(llm, prompts, PARAMS, per_step=4)
     assert llm.scheduler.num_preemptions > 0
     assert max(len(p) for p in prompts) > 64, "a prompt must need chunked prefill"
-    _check(smollm2, prompts, results)
+    assert_greedy_parity(smollm2, prompts, results, NEW_TOKENS, logprob_tol=1e-4)
 
 
 def test_capital_of_france(smollm2):

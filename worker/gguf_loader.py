@@ -20,6 +20,11 @@ from gguf.quants import dequantize
 
 from worker.config import ModelConfig
 
+
+def gguf_reader(path: str) -> gguf.GGUFReader:
+    return gguf.GGUFReader(path)
+
+
 # GGUF tensor name inside blk.N -> Hugging Face name inside model.layers.N
 _LAYER_NAMES = {
     "attn_norm": "input_layernorm",

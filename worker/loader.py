@@ -5,7 +5,9 @@ sharded) and a llama.cpp GGUF file. Both are read as a stream of
 (Hugging Face name, tensor) pairs, one tensor at a time, that the model places
 itself (load_weight); peak memory stays about one model (one rank's shard
 under tensor parallelism) plus one checkpoint tensor.
-transformers is used for tokenizers only, never for folio's weights.
+transformers is used for tokenizers only, never for folio's weights. The gguf
+package is imported only for GGUF files, so a machine serving safetensors
+checkpoints (the GPU image) does without it.
 """
 from __future__ import annotations
 
@@ -15,13 +17,11 @@ import json
 import os
 from typing import Iterable, Iterator, Optional
 
-import gguf
 import torch
 from safetensors import safe_open
 
 from kernels.ops import KernelOps
 from worker.config import ModelConfig
-from worker.gguf_loader import gguf_config, gguf_tensors
 from worker.models import MODEL_CLASSES, CausalLM
 from worker.parallel import TPGroup
 
@@ -67,7 +67,8 @@ def load_model(path: str, dtype: torch.dtype = torch.float32, device: torch.devi
     """
     directory, gguf_file = resolve_model_path(path)
     if gguf_file is not None:
-        reader = gguf.GGUFReader(os.path.join(directory, gguf_file))
+        from worker.gguf_loader import gguf_config, gguf_reader, gguf_tensors
+        reader = gguf_reader(os.path.join(directory, gguf_file))
         config = gguf_config(reader)
         tensors = gguf_tensors(reader, config)
     else:
@@ -82,7 +83,8 @@ def load_model_config(path: str) -> ModelConfig:
     """The model's configuration alone, without building it."""
     directory, gguf_file = resolve_model_path(path)
     if gguf_file is not None:
-        return gguf_config(gguf.GGUFReader(os.path.join(directory, gguf_file)))
+        from worker.gguf_loader import gguf_config, gguf_reader
+        return gguf_config(gguf_reader(os.path.join(directory, gguf_file)))
     return _read_hf_config(directory)
 
 

@@ -34,12 +34,12 @@ class Worker:
     def __init__(self, model_path: Optional[str] = None, *, block_size: int = 16,
                  num_blocks: Optional[int] = None, kv_cache_bytes: Optional[int] = None,
                  dtype: torch.dtype = torch.float32, device: str = "cpu",
-                 tp: Optional[TPGroup] = None):
+                 tp: Optional[TPGroup] = None, kernels: str = "auto"):
         self.model_path = model_path or default_model_path()
         self.device = torch.device(device)
         self.tp = tp or TPGroup()
         self.model, self.model_config = load_model(self.model_path, dtype=dtype, device=self.device,
-                                                   ops=select_ops(self.device), tp=self.tp)
+                                                   ops=select_ops(self.device, kernels), tp=self.tp)
         cfg = self.model_config
         kv_heads = self.model.num_kv_heads          # this rank's share
         if num_blocks is None:
