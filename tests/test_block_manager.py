@@ -1,4 +1,8 @@
 """Block manager: refcounts, prefix-cache keys, LRU eviction, integrity checking."""
+import os
+import subprocess
+import sys
+
 import pytest
 
 from cluster.block_manager import BlockManager, hash_blocks
@@ -10,7 +14,20 @@ def test_hash_chain_names_whole_prefix():
     assert len(a) == 2 and a[0] != b[0]
     assert a[1] != b[1], "same block tokens after a different prefix must not share a key"
     assert hash_blocks([1, 2, 3, 4, 5, 6, 7, 8, 9], 4) == a, "partial block gets no key"
+
     assert hash_blocks([1, 2, 3, 4, 5, 6, 7, 8], 4, start=1, parent=a[0]) == a[1:]
+
+
+def test_hash_keys_are_wide_and_the_same_in_every_process():
+    """Python's hash() collides on purpose-built inputs (hash(-1) == hash(-2)); the
+    keys are 128-bit digests, and a process with another hash seed computes the same
+    ones (prefix-affinity routing compares keys computed apart)."""
+    [a], [b] = hash_blocks([-1, 5], 2), hash_blocks([-2, 5], 2)
+    assert a != b and len(a) == 16
+    code = "from cluster.block_manager import hash_blocks; print(hash_blocks(list(range(40)), 16)[1].hex())"
+    other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                           env={**os.environ, "PYTHONHASHSEED": "12345"}).stdout.strip()
+    assert other == hash_blocks(list(range(40)), 16)[1].hex()
 
 
 def test_allocate_free_refcount_and_integrity():
