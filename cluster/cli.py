@@ -74,8 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bench", help="benchmarks that print figures beside a baseline")
     bsub = b.add_subparsers(dest="bench", required=True)
-    from cluster import bench_throughput
+    from cluster import bench_spec, bench_throughput
     bench_throughput.build_parser(bsub)
+    bench_spec.build_parser(bsub)
     try:
         from cluster.bench_serve import build_bench_serve_parser
         build_bench_serve_parser(bsub)

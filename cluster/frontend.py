@@ -8,6 +8,13 @@ late means the choice is made with the freshest load (and, later, cache)
 information. When the queue is full the request is refused with QueueFull,
 which the router turns into 429 with Retry-After.
 
+When a replica fails, each request it held resumes on a live replica (up to
+`max_request_retries` times): it goes back to the front of the admission queue
+carrying the tokens it already streamed, and the new replica recomputes them
+as it would after a preemption, so the client's stream just continues (greedy
+and seeded requests with the very tokens an unbroken run gives). Only with no
+live replica left, or retries spent, does the stream end in RequestFailed.
+
 Replica choice is one function, `RoutingPolicy(replicas, request) -> replica`;
 least-loaded is the default here, and cluster/routing.py holds the policies
 `folio serve --routing` picks from (prefix-cache affinity by default).
@@ -18,6 +25,7 @@ import asyncio
 import heapq
 import itertools
 import time
+from dataclasses import replace
 from typing import Callable, Optional, Sequence, Union
 
 from cluster.metrics import ReplicaGauges, RequestMetrics, render
@@ -52,16 +60,21 @@ class RequestStream:
     aborts the request wherever it is; call it when the consumer goes away.
     """
 
-    def __init__(self, frontend: "Frontend", request: EngineRequest):
+    def __init__(self, frontend: "Frontend", request: EngineRequest, seq: int):
         self.request = request
+        self.seq = seq                        # admission order, kept when it resumes
         self.replica: Optional[Replica] = None
         self.finished = False
+        self.output_token_ids: list[int] = []   # streamed so far: where a resume picks up
+        self.retries = 0
         self._frontend = frontend
         self._queue: asyncio.Queue[Union[RequestOutput, RequestFailed]] = asyncio.Queue()
 
     def put(self, item: Union[RequestOutput, RequestFailed]) -> None:
         if isinstance(item, RequestFailed) or item.finished:
             self.finished = True
+        if isinstance(item, RequestOutput):
+            self.output_token_ids.extend(item.new_token_ids)
         self._queue.put_nowait(item)
 
     def __aiter__(self) -> "RequestStream":
@@ -85,10 +98,11 @@ class Frontend:
 
     def __init__(self, replicas: Sequence[Replica], metrics: RequestMetrics, *,
                  max_queued: int = 1024, replica_capacity: Optional[int] = None,
-                 policy: RoutingPolicy = least_loaded):
+                 policy: RoutingPolicy = least_loaded, max_request_retries: int = 2):
         self.replicas = list(replicas)
         self.metrics = metrics
         self.max_queued = max_queued
+        self.max_request_retries = max_request_retries
         # Enough to keep a scheduler's batch full with a waiting line behind it.
         self.replica_capacity = replica_capacity or 2 * max(r.config.max_num_seqs for r in replicas)
         self.policy = policy
@@ -132,7 +146,8 @@ class Frontend:
                     index=r.index, alive=r.alive, num_running=s.num_running,
                     num_waiting=s.num_waiting, kv_usage=s.kv_usage,
                     num_free_blocks=s.num_free_blocks, prefix_hit_rate=s.prefix_hit_rate,
-                    num_preemptions=s.num_preemptions))
+                    num_preemptions=s.num_preemptions, num_draft_tokens=s.num_draft_tokens,
+                    num_accepted_tokens=s.num_accepted_tokens))
         # Policies from cluster/routing.py count their decisions; a bare function has none.
         return render(self.metrics, gauges, self.num_queued, getattr(self.policy, "decisions", {}))
 
@@ -179,7 +194,7 @@ class Frontend:
         if request.request_id in self._streams:
             raise ValueError(f"request id {request.request_id!r} is already in use")
         request.arrival_time = request.arrival_time or time.monotonic()
-        stream = RequestStream(self, request)
+        stream = RequestStream(self, request, next(self._seq))
         room = self._replicas_with_room()
         # Queued requests came first: while any wait, there is no room (see _on_replica_room).
         if room and not self._queued:
@@ -188,7 +203,7 @@ class Frontend:
             self.metrics.rejected += 1
             raise QueueFull(retry_after=self._retry_after())
         else:
-            heapq.heappush(self._queued, (request.priority, next(self._seq), stream))
+            heapq.heappush(self._queued, (request.priority, stream.seq, stream))
         self._streams[request.request_id] = stream
         return stream
 
@@ -210,12 +225,26 @@ class Frontend:
         rid = stream.request.request_id
 
         def sink(item: Union[RequestOutput, RequestFailed]) -> None:
+            if isinstance(item, RequestFailed) and self._resume(stream):
+                return
             stream.put(item)
             if stream.finished:
                 self._streams.pop(rid, None)
 
         replica.add_request(stream.request, sink)   # ValueError propagates to generate()
         stream.replica = replica
+
+    def _resume(self, stream: RequestStream) -> bool:
+        """Requeue a request whose replica failed, ahead of later arrivals, to continue
+        after the tokens it streamed. The failing replica calls _on_replica_room next."""
+        if stream.retries >= self.max_request_retries or not self.live_replicas:
+            return False
+        stream.retries += 1
+        stream.replica = None
+        stream.request = replace(stream.request, output_token_ids=list(stream.output_token_ids))
+        heapq.heappush(self._queued, (stream.request.priority, stream.seq, stream))
+        self.metrics.resumed += 1
+        return True
 
     def _on_replica_room(self, replica: Replica) -> None:
         """A request finished (or a replica died): bind queued requests while there is room."""

@@ -59,6 +59,7 @@ class LLM:
                  max_num_seqs: int = 64, max_num_batched_tokens: int = 512,
                  max_model_len: Optional[int] = None, enable_prefix_caching: bool = True,
                  dtype: torch.dtype = torch.float32, device: str = "cpu", kernels: str = "auto",
+                 num_speculative_tokens: int = 0, prompt_lookup_min: int = 2, prompt_lookup_max: int = 4,
                  tokenizer: bool = True):
         self.worker = Worker(model, block_size=block_size, num_blocks=num_blocks,
                              kv_cache_bytes=kv_cache_bytes, dtype=dtype, device=device, kernels=kernels)
@@ -68,7 +69,9 @@ class LLM:
             block_size=block_size, max_num_seqs=max_num_seqs,
             max_num_batched_tokens=max_num_batched_tokens,
             max_model_len=max_model_len or cfg.max_position_embeddings,
-            enable_prefix_caching=enable_prefix_caching, eos_token_ids=tuple(cfg.eos_token_ids))
+            enable_prefix_caching=enable_prefix_caching, eos_token_ids=tuple(cfg.eos_token_ids),
+            num_speculative_tokens=num_speculative_tokens, prompt_lookup_min=prompt_lookup_min,
+            prompt_lookup_max=prompt_lookup_max)
         self.engine = EngineCore(Scheduler(self.config, self.worker.num_blocks),
                                  InProcessExecutor(self.worker))
         self._ids = itertools.count()

@@ -59,6 +59,7 @@ class RequestMetrics:
     generation_tokens: int = 0
     finished: dict[str, int] = field(default_factory=dict)    # by finish reason
     rejected: int = 0                                         # admission queue full
+    resumed: int = 0                                          # moved off a failed replica
 
     def histograms(self) -> tuple[Histogram, ...]:
         return (self.ttft, self.itl, self.e2e, self.queue_time)
@@ -75,6 +76,8 @@ class ReplicaGauges:
     num_free_blocks: int
     prefix_hit_rate: float
     num_preemptions: int
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
 
 
 def render(metrics: RequestMetrics, replicas: list[ReplicaGauges], num_queued: int,
@@ -95,6 +98,9 @@ def render(metrics: RequestMetrics, replicas: list[ReplicaGauges], num_queued: i
     lines.extend(_family("folio_request_rejected_total", "counter",
                          "Requests refused because the admission queue was full.",
                          [("", metrics.rejected)]))
+    lines.extend(_family("folio_request_resumed_total", "counter",
+                         "Requests resumed on another replica after theirs failed.",
+                         [("", metrics.resumed)]))
     lines.extend(_family("folio_num_requests_queued", "gauge",
                          "Requests in the head's admission queue, not yet bound to a replica.",
                          [("", num_queued)]))
@@ -107,6 +113,10 @@ def render(metrics: RequestMetrics, replicas: list[ReplicaGauges], num_queued: i
         ("folio_prefix_cache_hit_rate", "Prompt tokens served from the prefix cache / prompt tokens.",
          lambda g: g.prefix_hit_rate),
         ("folio_num_preemptions_total", "Requests preempted for lack of KV blocks.", lambda g: g.num_preemptions),
+        ("folio_spec_decode_draft_tokens_total", "Speculative draft tokens proposed for verification.",
+         lambda g: g.num_draft_tokens),
+        ("folio_spec_decode_accepted_tokens_total", "Speculative draft tokens the model accepted.",
+         lambda g: g.num_accepted_tokens),
     ]
     for name, help, value in per_replica:
         kind = "counter" if name.endswith("_total") else "gauge"

@@ -146,7 +146,10 @@ class Replica:
     def add_request(self, request: EngineRequest, sink: Sink) -> None:
         """Queue a request; its outputs go to sink. ValueError when it can never fit here."""
         self.scheduler.add_request(request)
-        self._requests[request.request_id] = _Tracked(sink, request.arrival_time or time.monotonic())
+        t = _Tracked(sink, request.arrival_time or time.monotonic())
+        if request.output_token_ids:       # resumed from a failed replica: its TTFT was measured there
+            t.scheduled, t.last_token_time = True, time.monotonic()
+        self._requests[request.request_id] = t
         self._wakeup.set()
 
     def abort(self, request_id: str) -> None:

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from cluster.block_manager import BlockHash, hash_blocks
+from cluster.ngram import NgramIndex
 from protos.messages import EngineRequest, SamplingParams, TokenLogprob
 
 
@@ -53,10 +54,12 @@ class Request:
     stop_reason: Optional[int] = None
     output_logprobs: list[TokenLogprob] = field(default_factory=list)
     prompt_logprobs: list[Optional[TokenLogprob]] = field(default_factory=list)
+    ngrams: Optional[NgramIndex] = None      # speculative decoding's draft source, built lazily
 
     @staticmethod
     def from_engine_request(req: EngineRequest, seq: int) -> "Request":
-        return Request(request_id=req.request_id, token_ids=list(req.prompt_token_ids),
+        return Request(request_id=req.request_id,
+                       token_ids=list(req.prompt_token_ids) + list(req.output_token_ids),
                        num_prompt_tokens=len(req.prompt_token_ids), params=req.sampling_params,
                        priority=req.priority, seq=seq, arrival_time=req.arrival_time)
 

@@ -11,6 +11,14 @@ update_from_output() consumes their StepResult. Up to two steps may be in
 flight: schedule() may run again before the previous result arrives, because
 tokens that in-flight steps will sample are counted in Request.num_pending.
 
+Speculative decoding (config.num_speculative_tokens > 0): a decoding request
+whose last token is known gets up to k draft tokens from its n-gram index
+(cluster/ngram.py) and computes 1 + k tokens; the result carries the drafts
+the worker accepted plus one sampled token, and num_computed_tokens rolls
+back past the rejected drafts. Drafts need the last token, so with
+speculation on a decoding request waits for its previous step to return
+rather than overlap it.
+
 Blocks are published to the prefix cache when the step that computes them is
 scheduled, not when it returns. That is safe because a worker runs steps in
 order and, within a layer, writes all of a step's new K/V before any attention
@@ -28,9 +36,10 @@ from typing import Iterable, Optional
 
 from cluster.block_manager import BlockManager
 from cluster.config import SchedulerConfig
+from cluster.ngram import NgramIndex
 from cluster.request import Request, Status
 from protos.messages import (CachedRequest, EngineRequest, NewRequest, RequestOutput,
-                             SampledRequest, StepRequest, StepResult)
+                             StepRequest, StepResult, TokenLogprob)
 
 
 @dataclass
@@ -39,21 +48,26 @@ class _Scheduled:
     request: Request
     epoch: int
     samples: bool
+    num_drafts: int = 0
 
 
 class _Plan:
-    """The step being built: tokens per request and what is left of the budget."""
+    """The step being built: tokens (and drafts) per request, what is left of the budget."""
 
     def __init__(self, budget: int):
         self.tokens: dict[Request, int] = {}
+        self.drafts: dict[Request, list[int]] = {}
         self.left = budget
 
-    def add(self, r: Request, n: int) -> None:
+    def add(self, r: Request, n: int, drafts: Optional[list[int]] = None) -> None:
         self.tokens[r] = n
+        if drafts:
+            self.drafts[r] = drafts
         self.left -= n
 
     def drop(self, r: Request) -> None:
         self.left += self.tokens.pop(r, 0)
+        self.drafts.pop(r, None)
 
 
 @dataclass(frozen=True)
@@ -65,10 +79,16 @@ class SchedulerStats:
     prefix_hit_tokens: int
     prefix_query_tokens: int
     num_preemptions: int
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
 
     @property
     def prefix_hit_rate(self) -> float:
         return self.prefix_hit_tokens / self.prefix_query_tokens if self.prefix_query_tokens else 0.0
+
+    @property
+    def draft_acceptance_rate(self) -> float:
+        return self.num_accepted_tokens / self.num_draft_tokens if self.num_draft_tokens else 0.0
 
 
 class Scheduler:
@@ -87,6 +107,8 @@ class Scheduler:
         self.prefix_query_tokens = 0
         self.num_preemptions = 0
         self.computed_tokens_total = 0      # tokens sent for compute, over the lifetime
+        self.num_draft_tokens = 0           # speculative drafts sent / accepted, over the lifetime
+        self.num_accepted_tokens = 0
 
     # ---------------------------------------------------------------- intake
     def add_request(self, req: EngineRequest) -> None:
@@ -99,6 +121,9 @@ class Scheduler:
         if n >= self.config.max_model_len:
             raise ValueError(f"the prompt has {n} tokens, which leaves no room for output "
                              f"under the maximum context length of {self.config.max_model_len}")
+        if len(req.output_token_ids) >= req.sampling_params.max_tokens or \
+                n + len(req.output_token_ids) >= self.config.max_model_len:
+            raise ValueError("the request already has all its output tokens")
         most = min(self.config.max_model_len, n + req.sampling_params.max_tokens)
         if -(-most // self.bs) > self.blocks.num_blocks:
             raise ValueError(f"prompt plus max_tokens ({most} tokens) exceeds the KV cache of "
@@ -118,7 +143,7 @@ class Scheduler:
             r = self.requests.get(rid)
             if r is not None:
                 self._finish(r, Status.FINISHED_ABORTED)
-                outs.append(self._output(r, [], None))
+                outs.append(self._output(r, [], []))
         return outs
 
     def has_unfinished_requests(self) -> bool:
@@ -138,7 +163,16 @@ class Scheduler:
             n = min(r.num_tokens - r.num_computed_tokens, plan.left)
             if n <= 0:
                 continue
+            drafts = None
+            if self.config.num_speculative_tokens and r.num_tokens - r.num_computed_tokens == 1:
+                if r.num_pending:
+                    continue          # drafts need the token the in-flight step samples
+                drafts = self._propose(r, plan.left - 1)
+                n += len(drafts)
             need = -(-(r.num_computed_tokens + n) // self.bs) - len(r.block_ids)
+            if drafts and not self.blocks.can_allocate(need):
+                drafts, n = None, 1           # a guess never preempts anyone
+                need = -(-(r.num_computed_tokens + n) // self.bs) - len(r.block_ids)
             while not self.blocks.can_allocate(need):
                 victim = self.running[-1]
                 self._preempt(victim, plan)
@@ -147,7 +181,7 @@ class Scheduler:
                     break
             else:
                 r.block_ids.extend(self.blocks.allocate(need))
-                plan.add(r, n)
+                plan.add(r, n, drafts)
 
         # Then waiting requests in (priority, arrival) order, unless someone was just preempted.
         while not preempted and plan.left > 0:
@@ -172,7 +206,19 @@ class Scheduler:
             # Published now, so a sibling admitted later in this same step already hits.
             self._publish_blocks(r, r.num_computed_tokens + n)
 
-        return self._build_step(plan.tokens)
+        return self._build_step(plan)
+
+    def _propose(self, r: Request, budget: int) -> list[int]:
+        """Draft tokens for a decoding request: as many as allowed, none past its
+        max_tokens or the context limit (a step computes 1 + len(drafts) positions)."""
+        k = min(self.config.num_speculative_tokens, budget,
+                r.params.max_tokens - r.num_output_tokens - 1,
+                self.config.max_model_len - len(r.token_ids) - 1)
+        if k <= 0:
+            return []
+        if r.ngrams is None:
+            r.ngrams = NgramIndex(self.config.prompt_lookup_min, self.config.prompt_lookup_max)
+        return r.ngrams.propose(r.token_ids, k)
 
     def _admit(self, r: Request, hit: list[int], need: int) -> None:
         self.blocks.take(hit)
@@ -195,15 +241,17 @@ class Scheduler:
         hit = self.blocks.cached_prefix(r.block_keys)
         return hit[: (r.num_tokens - 1) // self.bs]
 
-    def _build_step(self, scheduled: dict[Request, int]) -> StepRequest:
+    def _build_step(self, plan: _Plan) -> StepRequest:
         step = StepRequest(step_id=next(self._step_ids), finished_ids=self._finished_for_worker)
         self._finished_for_worker = []
         record = []
-        for r, n in scheduled.items():
+        for r, n in plan.tokens.items():
+            drafts = plan.drafts.get(r, [])
             if r.on_worker:
                 step.cached_requests.append(CachedRequest(
                     request_id=r.request_id, new_block_ids=r.block_ids[r.num_sent_blocks:],
-                    num_computed_tokens=r.num_computed_tokens, num_scheduled_tokens=n))
+                    num_computed_tokens=r.num_computed_tokens, num_scheduled_tokens=n,
+                    draft_token_ids=drafts))
             else:
                 step.new_requests.append(NewRequest(
                     request_id=r.request_id, token_ids=list(r.token_ids),
@@ -214,9 +262,10 @@ class Scheduler:
             r.num_sent_blocks = len(r.block_ids)
             r.num_computed_tokens += n
             self.computed_tokens_total += n
-            samples = r.num_computed_tokens == r.num_tokens
+            self.num_draft_tokens += len(drafts)
+            samples = r.num_computed_tokens - len(drafts) == r.num_tokens
             r.num_pending += samples
-            record.append(_Scheduled(r, r.epoch, samples))
+            record.append(_Scheduled(r, r.epoch, samples, len(drafts)))
             self._publish_blocks(r, r.num_computed_tokens)
         self._inflight[step.step_id] = record
         return step
@@ -271,14 +320,22 @@ class Scheduler:
             if not s.samples:
                 continue
             r.num_pending -= 1
-            r.token_ids.append(o.token_id)
-            if o.logprob is not None:
-                r.output_logprobs.append(o.logprob)
+            accepted = len(o.token_ids) - 1            # drafts the worker kept
+            r.num_computed_tokens -= s.num_drafts - accepted
+            self.num_accepted_tokens += accepted
+            new, status = [], None
+            for tok in o.token_ids:                    # a stop mid-way drops the tokens after it
+                r.token_ids.append(tok)
+                new.append(tok)
+                status = self._stop_status(r, tok)
+                if status is not None:
+                    break
+            logprobs = o.logprobs[:len(new)]
+            r.output_logprobs.extend(logprobs)
             r.update_block_keys(self.bs)
-            status = self._stop_status(r, o.token_id)
             if status is not None:
                 self._finish(r, status)
-            outs.append(self._output(r, [o.token_id], o))
+            outs.append(self._output(r, new, logprobs))
         return outs
 
     def _stop_status(self, r: Request, token: int) -> Optional[Status]:
@@ -304,11 +361,10 @@ class Scheduler:
             self._finished_for_worker.append(r.request_id)
             r.on_worker = False
 
-    def _output(self, r: Request, new_tokens: list[int], o: Optional[SampledRequest]) -> RequestOutput:
+    def _output(self, r: Request, new_tokens: list[int], logprobs: list[TokenLogprob]) -> RequestOutput:
         first = r.num_output_tokens == len(new_tokens)
         return RequestOutput(
-            request_id=r.request_id, new_token_ids=new_tokens,
-            logprobs=[o.logprob] if o is not None and o.logprob is not None else None,
+            request_id=r.request_id, new_token_ids=new_tokens, logprobs=logprobs or None,
             prompt_logprobs=list(r.prompt_logprobs) if first and r.params.prompt_logprobs is not None else None,
             finish_reason=r.status.value if r.status.finished else None,
             stop_reason=r.stop_reason, num_prompt_tokens=r.num_prompt_tokens,
@@ -331,7 +387,8 @@ class Scheduler:
             num_running=len(self.running), num_waiting=len(self.requests) - len(self.running),
             kv_usage=self.blocks.usage, num_free_blocks=self.blocks.num_free,
             prefix_hit_tokens=self.prefix_hit_tokens, prefix_query_tokens=self.prefix_query_tokens,
-            num_preemptions=self.num_preemptions)
+            num_preemptions=self.num_preemptions, num_draft_tokens=self.num_draft_tokens,
+            num_accepted_tokens=self.num_accepted_tokens)
 
     def check_integrity(self) -> None:
         """Assert the block bookkeeping; with no live request, every block is free."""

@@ -59,7 +59,11 @@ class ServeConfig:
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 512
     max_queued_requests: int = 1024
+    max_request_retries: int = 2             # resumes on another replica after a replica fails
     enable_prefix_caching: bool = True
+    num_speculative_tokens: int = 0          # n-gram (prompt lookup) drafts per step; 0: off
+    prompt_lookup_min: int = 2
+    prompt_lookup_max: int = 4
     ray_address: Optional[str] = None        # None: start Ray here on 127.0.0.1
     cpus_per_worker: int = 0                 # CPU workers: 0 = this node's cores / replicas
     worker_host: Optional[str] = None        # workers' gRPC host; None: 127.0.0.1 on a Ray we
@@ -111,7 +115,10 @@ async def deploy(cfg: ServeConfig) -> Deployment:
         scheduler=SchedulerConfig(block_size=cfg.block_size, max_num_seqs=cfg.max_num_seqs,
                                   max_num_batched_tokens=cfg.max_num_batched_tokens,
                                   max_model_len=cfg.max_model_len or 0,
-                                  enable_prefix_caching=cfg.enable_prefix_caching),
+                                  enable_prefix_caching=cfg.enable_prefix_caching,
+                                  num_speculative_tokens=cfg.num_speculative_tokens,
+                                  prompt_lookup_min=cfg.prompt_lookup_min,
+                                  prompt_lookup_max=cfg.prompt_lookup_max),
         use_gpu=use_gpu, cpus_per_worker=cpus,
         # Ray reports a node's routable IP even when started on 127.0.0.1; on a Ray we started
         # (one node) the workers listen on loopback, on a joined cluster on their node's IP.
@@ -127,7 +134,8 @@ async def deploy(cfg: ServeConfig) -> Deployment:
         await asyncio.gather(*(release_replica(h) for h in handles))
         raise
     frontend = Frontend([h.replica for h in handles], metrics, max_queued=cfg.max_queued_requests,
-                        policy=make_router(cfg.routing, cfg.block_size))
+                        policy=make_router(cfg.routing, cfg.block_size),
+                        max_request_retries=cfg.max_request_retries)
     serving = OpenAIServing(frontend, tokenizer, cfg.model_name, handles[0].replica.vocab_size)
     return Deployment(cfg, frontend, serving, spec, handles)
 
@@ -270,7 +278,16 @@ def build_serve_parser(subparsers: argparse._SubParsersAction) -> argparse.Argum
     p.add_argument("--max-num-batched-tokens", type=int, default=d.max_num_batched_tokens)
     p.add_argument("--max-queued-requests", type=int, default=d.max_queued_requests,
                    help="admission queue bound; beyond it requests get 429")
+    p.add_argument("--max-request-retries", type=int, default=d.max_request_retries,
+                   help="times a request resumes on another replica when its replica fails")
     p.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action="store_false")
+    p.add_argument("--num-speculative-tokens", type=int, default=d.num_speculative_tokens,
+                   help="speculative decoding: up to this many n-gram (prompt lookup) draft tokens "
+                        "verified per step; 0 turns it off")
+    p.add_argument("--prompt-lookup-min", type=int, default=d.prompt_lookup_min,
+                   help="shortest suffix n-gram looked up for drafts")
+    p.add_argument("--prompt-lookup-max", type=int, default=d.prompt_lookup_max,
+                   help="longest suffix n-gram looked up (tried first)")
     p.add_argument("--cpus-per-worker", type=int, default=0,
                    help="CPU workers: cores (torch threads) each; default: this node's cores / replicas")
     p.add_argument("--ray-address", default=None, help="'auto' or host:port (default: start Ray locally)")

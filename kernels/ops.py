@@ -25,6 +25,10 @@ class KernelOps:
     rms_norm: Callable            # (x, weight, eps, residual=None, weight_offset=0.0) -> (out, residual)
     rotary_embedding: Callable    # (positions, q, k, cos_sin_cache) -> (q, k)
     silu_and_mul: Callable        # (x) -> out
+    # torch's own functions on every device (kernels/reference.py says why)
+    gelu_tanh_and_mul: Callable   # (x) -> out
+    gelu: Callable                # (x, approximate="none") -> out
+    layer_norm: Callable          # (x, weight, bias, eps) -> out
 
 
 REFERENCE_OPS = KernelOps(
@@ -34,6 +38,9 @@ REFERENCE_OPS = KernelOps(
     rms_norm=reference.rms_norm,
     rotary_embedding=reference.rotary_embedding,
     silu_and_mul=reference.silu_and_mul,
+    gelu_tanh_and_mul=reference.gelu_tanh_and_mul,
+    gelu=reference.gelu,
+    layer_norm=reference.layer_norm,
 )
 
 

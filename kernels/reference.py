@@ -160,3 +160,23 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     """[T, 2I] -> [T, I]: silu(gate) * up, gate first (Llama's fused gate_up)."""
     gate, up = x.chunk(2, dim=-1)
     return F.silu(gate) * up
+
+
+# The ops below are torch's own functions, on every device: they are what
+# transformers calls, so folio computes the same values to the last bit, and
+# on a GPU torch's fused kernels for them are already memory-bound.
+
+def gelu_tanh_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """[T, 2I] -> [T, I]: gelu_tanh(gate) * up, gate first (Gemma's GeGLU)."""
+    gate, up = x.chunk(2, dim=-1)
+    return F.gelu(gate, approximate="tanh") * up
+
+
+def gelu(x: torch.Tensor, approximate: str = "none") -> torch.Tensor:
+    """GELU, exact ("none") or its tanh approximation ("tanh"), as F.gelu."""
+    return F.gelu(x, approximate=approximate)
+
+
+def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
+    """LayerNorm over the last dimension, with weight and bias (nn.LayerNorm's)."""
+    return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)

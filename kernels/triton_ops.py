@@ -19,6 +19,7 @@ from typing import Optional
 
 import torch
 
+from kernels import reference
 from kernels.kv_write import write_kv
 from kernels.metadata import AttentionMetadata
 from kernels.norm_rope_act import rms_norm, rotary_embedding, silu_and_mul
@@ -73,4 +74,8 @@ TRITON_OPS = KernelOps(
     rms_norm=rms_norm,
     rotary_embedding=rotary_embedding,
     silu_and_mul=silu_and_mul,
+    # No Triton kernels for these: torch's native ones serve (see kernels/reference.py).
+    gelu_tanh_and_mul=reference.gelu_tanh_and_mul,
+    gelu=reference.gelu,
+    layer_norm=reference.layer_norm,
 )

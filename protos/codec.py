@@ -68,7 +68,8 @@ def encode_step_request(s: StepRequest) -> pb.StepRequest:
         cached_requests=[pb.CachedRequest(
             request_id=r.request_id, new_block_ids=r.new_block_ids,
             num_computed_tokens=r.num_computed_tokens,
-            num_scheduled_tokens=r.num_scheduled_tokens) for r in s.cached_requests],
+            num_scheduled_tokens=r.num_scheduled_tokens,
+            draft_token_ids=r.draft_token_ids) for r in s.cached_requests],
         finished_ids=s.finished_ids)
 
 
@@ -85,7 +86,8 @@ def decode_step_request(m: pb.StepRequest) -> StepRequest:
         cached_requests=[CachedRequest(
             request_id=r.request_id, new_block_ids=list(r.new_block_ids),
             num_computed_tokens=r.num_computed_tokens,
-            num_scheduled_tokens=r.num_scheduled_tokens) for r in m.cached_requests],
+            num_scheduled_tokens=r.num_scheduled_tokens,
+            draft_token_ids=list(r.draft_token_ids)) for r in m.cached_requests],
         finished_ids=list(m.finished_ids))
 
 
@@ -95,8 +97,8 @@ def encode_step_result(s: StepResult) -> pb.StepResult:
     return pb.StepResult(
         step_id=s.step_id, execute_ms=s.execute_ms,
         outputs=[pb.SampledRequest(
-            request_id=o.request_id, token_id=o.token_id,
-            logprob=_encode_optional(o.logprob),
+            request_id=o.request_id, token_ids=o.token_ids,
+            logprobs=[encode_token_logprob(t) for t in o.logprobs],
             prompt_logprobs=[encode_token_logprob(t) for t in o.prompt_logprobs])
             for o in s.outputs])
 
@@ -105,11 +107,7 @@ def decode_step_result(m: pb.StepResult) -> StepResult:
     return StepResult(
         step_id=m.step_id, execute_ms=m.execute_ms,
         outputs=[SampledRequest(
-            request_id=o.request_id, token_id=o.token_id,
-            logprob=decode_token_logprob(o.logprob) if o.HasField("logprob") else None,
+            request_id=o.request_id, token_ids=list(o.token_ids),
+            logprobs=[decode_token_logprob(t) for t in o.logprobs],
             prompt_logprobs=[decode_token_logprob(t) for t in o.prompt_logprobs])
             for o in m.outputs])
-
-
-def _encode_optional(t: Optional[TokenLogprob]) -> Optional[pb.TokenLogprob]:
-    return None if t is None else encode_token_logprob(t)

@@ -4,11 +4,12 @@ The step messages follow DESIGN.md: the scheduler sends a worker only what
 changed since the previous step. A request is sent in full once (NewRequest);
 after that only its new block ids and how many tokens to compute this step
 (CachedRequest). The worker keeps each request's token ids and appends the
-tokens it samples itself, so sampled tokens never travel head -> worker.
+tokens it samples itself, so sampled tokens never travel head -> worker (draft
+tokens for speculative decoding do: they are the head's guesses, to verify).
 
 Invariant shared by both sides: a request is *sampled* in a step when, after
 the step, its computed tokens reach its known tokens (num_computed_tokens +
-num_scheduled_tokens == len(token_ids) on the worker). A chunk of a prefill
+num_scheduled_tokens == len(token_ids) on the worker, drafts counted as known). A chunk of a prefill
 that stops short of that samples nothing.
 """
 from __future__ import annotations
@@ -87,6 +88,9 @@ class EngineRequest:
     sampling_params: SamplingParams
     priority: int = 0              # lower runs first; FCFS within a priority
     arrival_time: float = 0.0
+    # Outputs it already produced on a replica that then failed: the request resumes
+    # after them (they count toward max_tokens and seeds continue from their index).
+    output_token_ids: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -132,11 +136,17 @@ class NewRequest:
 
 @dataclass
 class CachedRequest:
-    """A request the worker holds: only what changed since its last step."""
+    """A request the worker holds: only what changed since its last step.
+
+    With draft_token_ids (speculative decoding) the step computes the last
+    known token and the drafts (num_scheduled_tokens = 1 + len(drafts)); the
+    worker keeps the drafts its sampler agrees with and reports the tokens it
+    accepted, and the head rolls num_computed_tokens back past the rest."""
     request_id: str
     new_block_ids: list[int]
     num_computed_tokens: int        # the head's count before this step; the worker checks it
     num_scheduled_tokens: int
+    draft_token_ids: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -157,8 +167,9 @@ class StepRequest:
 class SampledRequest:
     """What one step produced for one request on the worker."""
     request_id: str
-    token_id: int = -1                          # -1: nothing sampled (partial prefill)
-    logprob: Optional[TokenLogprob] = None      # when sampling_params.logprobs is set
+    token_ids: list[int] = field(default_factory=list)   # empty: nothing sampled (partial prefill);
+    # more than one when drafts were accepted: the accepted drafts, then one sampled token
+    logprobs: list[TokenLogprob] = field(default_factory=list)   # one per token, when asked
     prompt_logprobs: list[TokenLogprob] = field(default_factory=list)
     # prompt_logprobs: for each position computed in this step that predicts a
     # prompt token, the logprob of that prompt token (in order).

@@ -21,7 +21,7 @@ import os
 import numpy as np
 import torch
 
-TINY_FAMILIES = ("llama", "llama3", "mistral", "qwen2")
+TINY_FAMILIES = ("llama", "llama3", "mistral", "qwen2", "gemma", "gpt_neox", "gpt_neox_sequential")
 TINY_VOCAB = 384
 MISTRAL_WINDOW = 8           # smaller than the test prompts, so the window matters
 
@@ -31,7 +31,7 @@ _COMMON = dict(vocab_size=TINY_VOCAB, hidden_size=64, intermediate_size=128, num
 
 
 def _hf_config(family: str):
-    from transformers import LlamaConfig, MistralConfig, Qwen2Config
+    from transformers import GemmaConfig, GPTNeoXConfig, LlamaConfig, MistralConfig, Qwen2Config
     if family == "llama":
         return LlamaConfig(**_COMMON, rope_theta=10000.0, tie_word_embeddings=False)
     if family == "llama3":
@@ -45,17 +45,31 @@ def _hf_config(family: str):
                              rope_theta=10000.0, tie_word_embeddings=False)
     if family == "qwen2":
         return Qwen2Config(**_COMMON, rope_theta=1000000.0, tie_word_embeddings=True)
+    if family == "gemma":
+        # MQA, and head_dim 32 so that the query width (128) differs from hidden_size.
+        return GemmaConfig(**{**_COMMON, "num_key_value_heads": 1}, head_dim=32,
+                           hidden_act="gelu_pytorch_tanh", rope_theta=10000.0, tie_word_embeddings=True)
+    neox = {k: v for k, v in _COMMON.items() if k not in ("num_key_value_heads", "rms_norm_eps")}
+    if family == "gpt_neox":          # Pythia's layout: parallel residual, a quarter of each head rotates
+        return GPTNeoXConfig(**neox, layer_norm_eps=1e-5, use_parallel_residual=True, rotary_pct=0.25,
+                             rotary_emb_base=10000, hidden_act="gelu", tie_word_embeddings=False)
+    if family == "gpt_neox_sequential":   # every other switch GPT-NeoX has, the other way
+        return GPTNeoXConfig(**neox, layer_norm_eps=1e-5, use_parallel_residual=False, rotary_pct=0.5,
+                             rotary_emb_base=500.0, hidden_act="gelu_pytorch_tanh", attention_bias=False,
+                             tie_word_embeddings=True)
     raise ValueError(f"unknown tiny family {family!r}; choose from {TINY_FAMILIES}")
 
 
 def _randomize(model: torch.nn.Module, seed: int) -> None:
     gen = torch.Generator().manual_seed(seed)
+    # Gemma's norms scale by (1 + weight): the same effective scales as the others'.
+    norm_base = -0.5 if model.config.model_type == "gemma" else 0.5
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if "norm" in name:
-                p.copy_(torch.rand(p.shape, generator=gen) + 0.5)          # in [0.5, 1.5)
-            elif name.endswith("bias"):
+            if name.endswith("bias"):                                      # LayerNorm's too
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
+            elif "norm" in name:
+                p.copy_(torch.rand(p.shape, generator=gen) + norm_base)    # scales in [0.5, 1.5)
             else:
                 fan_in = p.shape[-1] if "embed" not in name else 1
                 p.copy_(torch.randn(p.shape, generator=gen) / fan_in ** 0.5)
@@ -66,8 +80,12 @@ def make_tiny_model(family: str, path) -> str:
 
     Families: "llama" (untied), "llama3" (llama3 rope scaling, tied embeddings),
     "mistral" (sliding window MISTRAL_WINDOW, saved as sharded safetensors with
-    an index), "qwen2" (q/k/v biases, tied). 3 layers, hidden 64, 4 query heads,
-    2 KV heads, head_dim 16, vocab TINY_VOCAB.
+    an index), "qwen2" (q/k/v biases, tied), "gemma" (1 KV head, head_dim 32,
+    tied), "gpt_neox" (Pythia-like: parallel residual, rotary_pct 0.25, biases,
+    untied embed_out), "gpt_neox_sequential" (sequential residual, rotary_pct
+    0.5, tanh GELU, no attention biases, tied). 3 layers, hidden 64, 4 query
+    heads, 2 KV heads (4 for GPT-NeoX, which has no GQA), head_dim 16 unless
+    said, vocab TINY_VOCAB.
     """
     # Sharding one family keeps the index-file path of the loader tested.
     return save_random_model(_hf_config(family), os.path.join(str(path), family),

@@ -290,6 +290,8 @@ def test_batch_backlog_scales_replicas_and_nodes_up_then_down(expected, cluster)
     assert status["metadata"]["lines"] == str(NUM_LINES)
     cluster.wait_for(lambda: cluster.replicas() == 1, 120, "the extra replica was not removed")
     cluster.wait_for(lambda: cluster.nodes() == start_nodes, 120, "the idle node stayed")
+    # The sampler thread may not have seen the last change yet: record the state now.
+    cluster.timeline.append((round(time.monotonic() - cluster.t0, 1), cluster.nodes(), cluster.replicas()))
     _check_output(output, expected.result())
 
     # The figures come from the sampled timeline (0.5 s apart) and Ray's own job end time.

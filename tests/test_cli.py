@@ -1,4 +1,4 @@
-"""The `folio` command as a user runs it: offline generation and the throughput benchmark."""
+"""The `folio` command as a user runs it: offline generation and the benchmarks."""
 import json
 import subprocess
 import sys
@@ -37,3 +37,15 @@ def test_bench_throughput_prints_both_sides_and_their_ratio(tmp_path):
     assert [r["name"].split()[0] for r in rows] == ["folio", "transformers"]
     assert rows[0]["output_tokens"] == rows[1]["output_tokens"] > 0
     assert all(r["tokens_per_s"] > 0 and r["peak_rss_mib"] > 0 for r in rows)
+
+
+@pytest.mark.slow
+def test_bench_spec_compares_plain_and_speculative_decoding(tmp_path):
+    report = tmp_path / "spec.json"
+    res = _folio("bench", "spec", "--max-tokens", "12", "--workload", "copy", "--json", str(report))
+    rows = json.loads(report.read_text())["rows"]
+    assert [(r["workload"], r["mode"]) for r in rows] == [("copy", "single"), ("copy", "batch")]
+    assert all(r["plain_tok_s"] > 0 and r["spec_tok_s"] > 0 for r in rows)
+    copy = rows[0]
+    assert copy["acceptance"] > 0.5 and copy["tokens_per_step"] > 1.5, "copying should accept drafts"
+    assert "ratio" in res.stdout

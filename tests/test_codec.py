@@ -47,7 +47,8 @@ def test_step_request_round_trip():
             NewRequest("a", [1, 2, 3, 49151], 3, SamplingParams(seed=7), [0, 5], 0, 4, 1),
             NewRequest("b-0", list(range(300)), 300, SamplingParams(logprobs=2), [], 256, 44),
         ],
-        cached_requests=[CachedRequest("c", [], 17, 1), CachedRequest("d", [9, 10], 32, 16)],
+        cached_requests=[CachedRequest("c", [], 17, 1), CachedRequest("d", [9, 10], 32, 16),
+                         CachedRequest("e", [11], 40, 4, draft_token_ids=[3, 0, 49151])],
         finished_ids=["x", "y"])
     assert codec.decode_step_request(_wire(codec.encode_step_request(step))) == step
     assert codec.decode_step_request(_wire(codec.encode_step_request(StepRequest(0)))) == StepRequest(0)
@@ -57,9 +58,11 @@ def test_step_result_round_trip():
     lp = TokenLogprob(token_id=5, logprob=-0.123456789012345, rank=3,
                       top=[(1, -0.01), (7, -0.5), (5, -0.123456789012345)])
     result = StepResult(step_id=9, execute_ms=12.5, outputs=[
-        SampledRequest("a", token_id=-1, prompt_logprobs=[lp, TokenLogprob(0, 0.0, 1)]),
-        SampledRequest("b", token_id=0, logprob=TokenLogprob(0, -float("inf"), 49152)),
-        SampledRequest("c", token_id=49151, logprob=lp),
+        SampledRequest("a", prompt_logprobs=[lp, TokenLogprob(0, 0.0, 1)]),
+        SampledRequest("b", token_ids=[0], logprobs=[TokenLogprob(0, -float("inf"), 49152)]),
+        SampledRequest("c", token_ids=[49151], logprobs=[lp]),
+        SampledRequest("d", token_ids=[4, 5, 6], logprobs=[lp, lp, TokenLogprob(6, -1.5, 2)]),
+        SampledRequest("e", token_ids=[7, 8]),
     ])
     assert codec.decode_step_result(_wire(codec.encode_step_result(result))) == result
 

@@ -86,13 +86,16 @@ def test_abort_frees_every_block_at_any_moment(tiny_model):
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(script=st.lists(st.tuples(st.sampled_from(["add", "add", "abort", "step", "step"]),
                                  st.integers(1, 40), st.integers(1, 12), st.integers(0, 2)),
-                       min_size=1, max_size=40))
-def test_random_arrivals_aborts_and_preemptions_keep_the_books(tiny_model, script):
+                       min_size=1, max_size=40),
+       speculate=st.sampled_from([0, 3]))
+def test_random_arrivals_aborts_and_preemptions_keep_the_books(tiny_model, script, speculate):
+    """With and without speculative drafts (whose rejected tails roll back)."""
     budget, max_seqs = 20, 4
     llm = LLM(tiny_model("llama"), block_size=4, num_blocks=24, max_num_seqs=max_seqs,
-              max_num_batched_tokens=budget, tokenizer=False)
+              max_num_batched_tokens=budget, num_speculative_tokens=speculate, prompt_lookup_min=1,
+              tokenizer=False)
     sched = llm.scheduler
-    live, ended = [], {}
+    live, ended, wanted = [], {}, {}
 
     def one_step():
         step = sched.schedule()
@@ -107,9 +110,11 @@ def test_random_arrivals_aborts_and_preemptions_keep_the_books(tiny_model, scrip
     for op, length, max_tokens, prio in script:
         if op == "add":
             rng = random.Random(length * 31 + max_tokens)
-            prompt = [rng.randrange(3, TINY_VOCAB) for _ in range(length)]
+            phrase = [rng.randrange(3, TINY_VOCAB) for _ in range(1 + length // 4)]
+            prompt = (phrase * 4)[:length]           # repeats, so there is something to draft
             live.append(llm.add_request(prompt, SamplingParams(temperature=0, max_tokens=max_tokens,
                                                                ignore_eos=True), priority=prio))
+            wanted[live[-1]] = max_tokens
         elif op == "abort" and live:
             rid = live[length % len(live)]
             if rid not in ended:
@@ -127,3 +132,4 @@ def test_random_arrivals_aborts_and_preemptions_keep_the_books(tiny_model, scrip
         res = ended[rid]
         if res is not None:
             assert res.outputs[0].finish_reason == "length"
+            assert len(res.outputs[0].token_ids) == wanted[rid]

@@ -21,6 +21,7 @@ class FakeReplica:
         self.error = None
         self.config = SimpleNamespace(max_num_seqs=2, max_model_len=128)
         self.sinks: dict = {}
+        self.requests: dict = {}
         self.on_finished = lambda r: None
 
     @property
@@ -31,6 +32,10 @@ class FakeReplica:
         if len(request.prompt_token_ids) > self.config.max_model_len:
             raise ValueError("too long")
         self.sinks[request.request_id] = sink
+        self.requests[request.request_id] = request
+
+    def emit(self, rid: str, tokens: list[int]) -> None:
+        self.sinks[rid](RequestOutput(rid, tokens))
 
     def finish(self, rid: str, reason: str = "stop") -> None:
         self.sinks.pop(rid)(RequestOutput(rid, [7], finish_reason=reason))
@@ -95,22 +100,42 @@ def test_abort_while_queued_and_while_running():
     asyncio.run(main())
 
 
-def test_dead_replica_fails_its_requests_and_queue_moves_on():
+def test_dead_replica_requests_resume_elsewhere_first_in_line():
     async def main():
         (a, b), fe = make()
         on_a, on_b, queued = fe.generate(req("a")), fe.generate(req("b")), fe.generate(req("q"))
+        a.emit("a", [5, 6])
         a.die()
-        with pytest.raises(RequestFailed):
-            await drain(on_a)
-        assert not fe.healthy and fe.ready
+        assert not fe.healthy and fe.ready and fe.metrics.resumed == 1
+        assert on_a.replica is None and fe.num_queued == 2      # back in line, ahead of "q"
         b.finish("b")
-        assert queued.replica is b                    # only live replicas take work
+        assert on_a.replica is b and queued.replica is None
+        assert b.requests["a"].output_token_ids == [5, 6]     # it continues after what it streamed
+        b.finish("a")
+        assert [o.new_token_ids for o in await drain(on_a)] == [[5, 6], [7]]
+        assert queued.replica is b
         last = fe.generate(req("last"))
-        b.die()
+        b.die()                                               # nothing left to resume on
         for s in (queued, last):
             with pytest.raises(RequestFailed):
                 await drain(s)
         assert [o.finish_reason for o in await drain(on_b)] == ["stop"]
         with pytest.raises(NotReady):
             fe.generate(req("x"))
+    asyncio.run(main())
+
+
+def test_a_request_resumes_at_most_max_request_retries_times():
+    async def main():
+        reps = [FakeReplica(i) for i in range(3)]
+        fe = Frontend(reps, RequestMetrics(), replica_capacity=1, max_request_retries=1)
+        stream = fe.generate(req("r"))
+        first = stream.replica
+        first.die()
+        second = stream.replica
+        assert second is not None and second is not first
+        second.die()
+        with pytest.raises(RequestFailed):
+            await drain(stream)
+        assert fe.metrics.resumed == 1 and fe.ready
     asyncio.run(main())

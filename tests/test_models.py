@@ -228,12 +228,22 @@ def test_gguf_config_matches_hf_config(loaded):
 def test_config_from_hf_dir(model_dir, family):
     with open(os.path.join(make_tiny_model(family, model_dir), "config.json")) as f:
         cfg = ModelConfig.from_hf_config(json.load(f))
-    assert (cfg.vocab_size, cfg.num_layers, cfg.num_q_heads, cfg.num_kv_heads, cfg.head_dim) == \
-        (TINY_VOCAB, 3, 4, 2, 16)
+    neox = family.startswith("gpt_neox")
+    assert (cfg.vocab_size, cfg.num_layers, cfg.num_q_heads) == (TINY_VOCAB, 3, 4)
+    assert cfg.num_kv_heads == (1 if family == "gemma" else 4 if neox else 2)
+    assert cfg.head_dim == (32 if family == "gemma" else 16)
     assert cfg.sliding_window == (MISTRAL_WINDOW if family == "mistral" else None)
-    assert cfg.qkv_bias == (family == "qwen2")
-    assert cfg.tie_word_embeddings == (family in ("llama3", "qwen2"))
+    assert cfg.qkv_bias == (family in ("qwen2", "gpt_neox"))
+    assert cfg.o_bias == (family == "gpt_neox")
+    assert cfg.tie_word_embeddings == (family in ("llama3", "qwen2", "gemma", "gpt_neox_sequential"))
     assert (cfg.rope_scaling or {}).get("rope_type") == ("llama3" if family == "llama3" else None)
+    assert cfg.rotary_dim == {"gpt_neox": 4, "gpt_neox_sequential": 8}.get(family)
+    assert cfg.parallel_residual == (family == "gpt_neox")
+    assert cfg.norm_kind == ("layer" if neox else "rms")
+    assert cfg.hidden_act == {"gemma": "gelu_pytorch_tanh", "gpt_neox": "gelu",
+                              "gpt_neox_sequential": "gelu_pytorch_tanh"}.get(family, "silu")
+    gemma_scales = (1.0, 8.0) if family == "gemma" else (0.0, 1.0)      # (1 + w) norms, sqrt(64)
+    assert (cfg.norm_weight_offset, cfg.embedding_multiplier) == gemma_scales
 
 
 def test_config_rejects_what_folio_cannot_run():
@@ -246,6 +256,66 @@ def test_config_rejects_what_folio_cannot_run():
     with pytest.raises(ValueError, match="some layers"):
         ModelConfig.from_hf_config({**base, "model_type": "qwen2", "num_hidden_layers": 2,
                                     "layer_types": ["full_attention", "sliding_attention"]})
+    with pytest.raises(ValueError, match="parallel residual"):
+        dataclasses.replace(ModelConfig.from_hf_config(base), parallel_residual=True)
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"model_type": "gemma2"}, "architecture"),
+    ({"model_type": None, "architectures": ["Gemma2ForCausalLM"]}, "architecture"),
+    ({"final_logit_softcapping": 30.0}, "final_logit_softcapping"),
+    ({"attn_logit_softcapping": 50.0}, "attn_logit_softcapping"),
+    ({"query_pre_attn_scalar": 256}, "query_pre_attn_scalar"),
+    ({"sliding_window": 4096}, "sliding_window"),
+    ({"use_bidirectional_attention": True}, "use_bidirectional_attention"),
+    # Exact GELU in transformers 4.x, the tanh one in 5.x: folio cannot be both.
+    ({"hidden_activation": "gelu"}, "activation"),
+    ({"hidden_act": "relu"}, "activation"),
+])
+def test_config_rejects_gemma_variants(change, message):
+    base = dict(model_type="gemma", vocab_size=8, hidden_size=8, num_hidden_layers=1,
+                num_attention_heads=2, num_key_value_heads=1, head_dim=4, intermediate_size=8)
+    with pytest.raises(ValueError, match=message):
+        ModelConfig.from_hf_config({**base, **change})
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"hidden_act": "gelu_fast"}, "hidden_act"),
+    ({"hidden_act": "relu"}, "hidden_act"),
+    ({"rotary_pct": 0.1}, "rotary"),                 # 1.6 of 16 features: not a whole even number
+    ({"hidden_size": 66}, "split hidden_size"),
+])
+def test_config_rejects_gpt_neox_variants(change, message):
+    base = dict(model_type="gpt_neox", vocab_size=8, hidden_size=64, num_hidden_layers=1,
+                num_attention_heads=4, intermediate_size=8)
+    with pytest.raises(ValueError, match=message):
+        ModelConfig.from_hf_config({**base, **change})
+
+
+@pytest.mark.parametrize("raw", [
+    # Pythia's config.json as transformers 4.x wrote it (rotary settings at the top level).
+    {"architectures": ["GPTNeoXForCausalLM"], "model_type": "gpt_neox", "hidden_act": "gelu",
+     "hidden_size": 512, "intermediate_size": 2048, "layer_norm_eps": 1e-05, "num_attention_heads": 8,
+     "num_hidden_layers": 6, "rotary_emb_base": 10000, "rotary_pct": 0.25, "use_parallel_residual": True,
+     "vocab_size": 50304, "max_position_embeddings": 2048, "bos_token_id": 0, "eos_token_id": 0},
+    # Older Pythia-style config leaving the rotary settings to the defaults, with linear rope scaling.
+    {"model_type": "gpt_neox", "hidden_size": 64, "intermediate_size": 256, "num_attention_heads": 2,
+     "num_hidden_layers": 2, "vocab_size": 100, "rope_scaling": {"type": "linear", "factor": 2.0},
+     "use_parallel_residual": False},
+    # Gemma-2B's config.json (MQA, head_dim 256, the legacy "gelu" beside hidden_activation).
+    {"architectures": ["GemmaForCausalLM"], "model_type": "gemma", "hidden_act": "gelu",
+     "hidden_activation": "gelu_pytorch_tanh", "hidden_size": 2048, "intermediate_size": 16384,
+     "num_attention_heads": 8, "num_key_value_heads": 1, "head_dim": 256, "num_hidden_layers": 18,
+     "rms_norm_eps": 1e-06, "rope_theta": 10000.0, "vocab_size": 256000, "max_position_embeddings": 8192,
+     "bos_token_id": 2, "eos_token_id": 1, "pad_token_id": 0},
+], ids=["pythia-4.x", "neox-defaults", "gemma-2b"])
+def test_older_config_layouts_read_as_transformers_reads_them(raw):
+    """transformers normalizes a config.json on load (5.x folds the rotary settings
+    into rope_parameters and the Gemma activation into hidden_act); folio must read
+    the raw file the same way as the normalized one."""
+    from transformers import AutoConfig
+    normalized = AutoConfig.for_model(**raw).to_dict()
+    assert ModelConfig.from_hf_config(raw) == ModelConfig.from_hf_config(normalized)
 
 
 # ------------------------------------------------------------------ rope
@@ -295,6 +365,21 @@ def test_checkpoint_missing_a_tensor_is_refused(model_dir, tmp_path):
     save_file(tensors, str(tmp_path / "model.safetensors"))
     shutil.copy(os.path.join(src, "config.json"), tmp_path / "config.json")
     with pytest.raises(ValueError, match="k_proj"):
+        load_model(str(tmp_path))
+
+
+def test_gpt_neox_checkpoint_checks(loaded, model_dir, tmp_path):
+    from safetensors.torch import load_file, save_file
+    model = loaded("gpt_neox")[0]
+    with pytest.raises(ValueError, match="query_key_value.weight: checkpoint shape"):
+        model.load_weight("gpt_neox.layers.0.attention.query_key_value.weight", torch.zeros(190, 64))
+    src = make_tiny_model("gpt_neox", model_dir)
+    tensors = load_file(os.path.join(src, "model.safetensors"))
+    del tensors["embed_out.weight"]
+    tensors["gpt_neox.layers.0.attention.masked_bias"] = torch.tensor(-1e9)    # old checkpoints' buffers
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    shutil.copy(os.path.join(src, "config.json"), tmp_path / "config.json")
+    with pytest.raises(ValueError, match=r"lacks 1 tensors, e.g. \['embed_out.weight'\]"):
         load_model(str(tmp_path))
 
 

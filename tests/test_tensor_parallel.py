@@ -20,6 +20,8 @@ from protos.messages import EngineRequest, SamplingParams
 from tests.worker_processes import WorkerProcesses
 from worker.config import ModelConfig
 from worker.loader import load_model_config
+from worker.models import MODEL_CLASSES
+from worker.models.common import RowParallelLinearWithBias
 from worker.models.llama import LlamaForCausalLM
 from worker.parallel import TPGroup, free_port, head_partition
 
@@ -82,7 +84,9 @@ def _assert_close(a: list, b: list) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "smollm2"])
+# gemma: its single KV head is replicated on both ranks, which split its query heads.
+# gpt_neox: regrouped fused q/k/v, biases after row-parallel all-reduces, LayerNorms.
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "smollm2", "gemma", "gpt_neox"])
 def test_tp2_matches_tp1(family, tiny_model, smollm2):
     path = smollm2 if family == "smollm2" else tiny_model(family)
     ref_tokens, ref_lps, ref_prompt = _run(path, 1)
@@ -98,27 +102,41 @@ def _param_bytes(model: torch.nn.Module) -> tuple[int, int]:
     return sum(sizes), max(sizes)
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2"])
-def test_each_rank_holds_only_its_shard(family, tiny_model):
+def _replicated_bytes(model: torch.nn.Module) -> int:
+    """Norms, and biases added after a row-parallel all-reduce: whole on every rank."""
+    total = 0
+    for name, p in model.named_parameters():
+        module = model.get_submodule(name.rpartition(".")[0])
+        if "norm" in name or (name.endswith(".bias") and isinstance(module, RowParallelLinearWithBias)):
+            total += p.numel() * p.element_size()
+    return total
+
+
+@pytest.mark.parametrize("family,embedding", [
+    ("llama", "model.embed_tokens"), ("qwen2", "model.embed_tokens"), ("gpt_neox", "gpt_neox.embed_in")])
+def test_each_rank_holds_only_its_shard(family, embedding, tiny_model):
     """Build each rank's shard (construction and loading need no collectives) and weigh it."""
     from worker.loader import _fill, _safetensors_tensors
 
     path = tiny_model(family)
     cfg = load_model_config(path)
-    full = LlamaForCausalLM(cfg)
+    model_class = MODEL_CLASSES[cfg.architecture]
+    full = model_class(cfg)
     _fill(full, _safetensors_tensors(path))
     full_total, full_largest = _param_bytes(full)
     for rank in range(2):
-        shard = LlamaForCausalLM(cfg, tp=TPGroup(rank, 2))
+        shard = model_class(cfg, tp=TPGroup(rank, 2))
         _fill(shard, _safetensors_tensors(path))
         total, largest = _param_bytes(shard)
-        norms = sum(p.numel() * p.element_size() for n, p in shard.named_parameters() if "norm" in n)
-        # Everything but the (replicated) norm weights is split in half.
-        assert total - norms == (full_total - norms) // 2
+        replicated = _replicated_bytes(shard)
+        assert replicated == _replicated_bytes(full)
+        # Everything but the replicated norms and biases is split in half.
+        assert total - replicated == (full_total - replicated) // 2
         assert largest <= full_largest // 2
         # The shard holds exactly the rows it claims: embedding rows of its vocab half.
-        rows = shard.model.embed_tokens.weight
-        assert torch.equal(rows, full.model.embed_tokens.weight[rank * rows.shape[0]:(rank + 1) * rows.shape[0]])
+        rows = shard.get_submodule(embedding).weight
+        full_rows = full.get_submodule(embedding).weight
+        assert torch.equal(rows, full_rows[rank * rows.shape[0]:(rank + 1) * rows.shape[0]])
 
 
 def _cfg(num_q: int, num_kv: int) -> ModelConfig:

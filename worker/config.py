@@ -1,21 +1,47 @@
 """ModelConfig: the architecture facts folio's model code needs, nothing more.
 
 Built from a Hugging Face config.json (from_hf_config) or from GGUF metadata
-(worker/gguf_loader.py). Anything folio's Llama-family model cannot run exactly
-(another activation, MLP biases, mixed full/sliding layers) is rejected here,
-so a model that loads is a model that computes what transformers computes.
+(worker/gguf_loader.py). Anything folio's model code cannot run exactly
+(another activation, MLP biases on a Llama, mixed full/sliding layers, Gemma 2's
+logit softcapping) is rejected here, so a model that loads is a model that
+computes what transformers computes.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional
 
-SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2")
+# Architecture -> (norm kind, MLP activations) its model code runs (worker/models).
+_FAMILIES = {
+    "llama": ("rms", ("silu",)),
+    "mistral": ("rms", ("silu",)),
+    "qwen2": ("rms", ("silu",)),
+    "gemma": ("rms", ("gelu_pytorch_tanh",)),
+    "gpt_neox": ("layer", ("gelu", "gelu_pytorch_tanh")),
+}
+SUPPORTED_ARCHITECTURES = tuple(_FAMILIES)
+
+# Keys of Gemma 2/3 configs that change what the model computes; transformers'
+# Gemma (1) class would ignore them and so compute a different model than the
+# checkpoint was trained as.
+_GEMMA2_KEYS = ("attn_logit_softcapping", "final_logit_softcapping", "query_pre_attn_scalar",
+                "sliding_window", "layer_types", "use_bidirectional_attention")
+
+
+# transformers' config defaults that differ from the Llama family's, for keys a
+# config.json of these families may leave out.
+_HF_DEFAULTS = {
+    "gemma": dict(head_dim=256, tie_word_embeddings=True, max_position_embeddings=8192,
+                  bos_token_id=2, eos_token_id=1),
+    "gpt_neox": dict(bos_token_id=0, eos_token_id=2, use_parallel_residual=True, attention_bias=True,
+                     layer_norm_eps=1e-5, hidden_act="gelu"),
+}
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    architecture: str                 # "llama" | "mistral" | "qwen2"
+    architecture: str                 # one of SUPPORTED_ARCHITECTURES
     vocab_size: int
     hidden_size: int
     num_layers: int
@@ -23,7 +49,7 @@ class ModelConfig:
     num_kv_heads: int
     head_dim: int
     intermediate_size: int
-    rms_norm_eps: float
+    rms_norm_eps: float               # epsilon of every norm, RMSNorm or (GPT-NeoX) LayerNorm
     rope_theta: float
     rope_scaling: Optional[dict]      # HF-style dict ("rope_type", "factor", ...) or None
     max_position_embeddings: int
@@ -32,6 +58,14 @@ class ModelConfig:
     qkv_bias: bool
     bos_token_id: Optional[int]
     eos_token_ids: tuple[int, ...]
+    # Defaults below are the Llama family's, so its configs read exactly as before.
+    hidden_act: str = "silu"          # the MLP's activation (gated for all but GPT-NeoX)
+    norm_kind: str = "rms"            # "rms" | "layer" (LayerNorm with bias, GPT-NeoX)
+    norm_weight_offset: float = 0.0   # RMSNorm scales by (offset + weight): Gemma's 1.0
+    embedding_multiplier: float = 1.0  # embeddings times this (Gemma: sqrt(hidden_size))
+    parallel_residual: bool = False   # GPT-NeoX: attention and MLP both read the layer input
+    rotary_dim: Optional[int] = None  # leading features of a head that rotate; None: all
+    o_bias: bool = False              # the attention output projection has a bias
 
     def __post_init__(self) -> None:
         if self.architecture not in SUPPORTED_ARCHITECTURES:
@@ -40,55 +74,160 @@ class ModelConfig:
         if self.num_q_heads % self.num_kv_heads:
             raise ValueError(f"num_q_heads {self.num_q_heads} is not a multiple of "
                              f"num_kv_heads {self.num_kv_heads}")
+        norm_kind, activations = _FAMILIES[self.architecture]
+        if self.hidden_act not in activations:
+            raise ValueError(f"unsupported hidden_act {self.hidden_act!r} for {self.architecture}; "
+                             f"folio's {self.architecture} MLP runs {', '.join(activations)}")
+        if self.norm_kind != norm_kind:
+            raise ValueError(f"{self.architecture} uses {norm_kind} norms, not {self.norm_kind!r}")
+        if self.parallel_residual and self.architecture != "gpt_neox":
+            raise ValueError("parallel residual is implemented for gpt_neox only")
+        if self.rotary_dim is not None and not (0 < self.rotary_dim <= self.head_dim
+                                                and self.rotary_dim % 2 == 0):
+            raise ValueError(f"rotary_dim {self.rotary_dim} must be even and in (0, head_dim "
+                             f"{self.head_dim}]")
+
+    @property
+    def rope_dim(self) -> int:
+        """Features of each head that rotate (the cos/sin table's width)."""
+        return self.rotary_dim or self.head_dim
 
     @staticmethod
     def from_hf_config(cfg: dict) -> "ModelConfig":
         """Read a config.json dict (transformers 4.x or 5.x layout)."""
         arch = cfg.get("model_type") or _arch_from_class_names(cfg.get("architectures") or [])
-        if cfg.get("hidden_act", "silu") != "silu":
-            raise ValueError(f"unsupported hidden_act {cfg['hidden_act']!r}; folio's MLP is SiLU-gated")
-        if cfg.get("mlp_bias", False):
-            raise ValueError("MLP biases (mlp_bias=true) are not supported")
-        num_q = cfg["num_attention_heads"]
-        theta, scaling = _rope(cfg)
+        if arch not in SUPPORTED_ARCHITECTURES:
+            raise ValueError(f"unsupported architecture {arch!r}; "
+                             f"folio runs {', '.join(SUPPORTED_ARCHITECTURES)}")
+        cfg = {**_HF_DEFAULTS.get(arch, {}), **cfg}
         eos = cfg.get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, list) else () if eos is None else (eos,)
+        family = {"gemma": _gemma, "gpt_neox": _gpt_neox}.get(arch, _llama)
         return ModelConfig(
             architecture=arch,
             vocab_size=cfg["vocab_size"],
             hidden_size=cfg["hidden_size"],
             num_layers=cfg["num_hidden_layers"],
-            num_q_heads=num_q,
-            num_kv_heads=cfg.get("num_key_value_heads") or num_q,
-            head_dim=cfg.get("head_dim") or cfg["hidden_size"] // num_q,
             intermediate_size=cfg["intermediate_size"],
-            rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
-            rope_theta=theta,
-            rope_scaling=scaling,
             max_position_embeddings=cfg.get("max_position_embeddings", 2048),
-            sliding_window=_sliding_window(arch, cfg),
-            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-            # Qwen2 always has q/k/v biases; Llama-style configs say so explicitly.
-            qkv_bias=arch == "qwen2" or bool(cfg.get("attention_bias", False)),
             bos_token_id=cfg.get("bos_token_id"),
             eos_token_ids=eos_ids,
+            **family(arch, cfg),
         )
+
+
+def _llama(arch: str, cfg: dict) -> dict:
+    """llama, mistral, qwen2."""
+    if cfg.get("hidden_act", "silu") != "silu":
+        raise ValueError(f"unsupported hidden_act {cfg['hidden_act']!r}; folio's MLP is SiLU-gated")
+    if cfg.get("mlp_bias", False):
+        raise ValueError("MLP biases (mlp_bias=true) are not supported")
+    num_q = cfg["num_attention_heads"]
+    theta, scaling = _rope(cfg)
+    return dict(
+        num_q_heads=num_q,
+        num_kv_heads=cfg.get("num_key_value_heads") or num_q,
+        head_dim=cfg.get("head_dim") or cfg["hidden_size"] // num_q,
+        rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+        rope_theta=theta,
+        rope_scaling=scaling,
+        sliding_window=_sliding_window(arch, cfg),
+        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        # Qwen2 always has q/k/v biases; Llama-style configs say so explicitly.
+        qkv_bias=arch == "qwen2" or bool(cfg.get("attention_bias", False)),
+        # transformers' Llama biases o_proj with q/k/v; Mistral and Qwen2 never do.
+        o_bias=arch == "llama" and bool(cfg.get("attention_bias", False)),
+    )
+
+
+def _gemma(arch: str, cfg: dict) -> dict:
+    """Gemma 1."""
+    present = [k for k in _GEMMA2_KEYS if cfg.get(k) not in (None, False)]
+    if present:
+        raise ValueError(f"Gemma config sets {', '.join(present)}: Gemma 2/3 features folio does "
+                         "not implement (it runs Gemma 1)")
+    # transformers 4.x reads hidden_activation (None meaning the tanh GELU) and ignores
+    # hidden_act; 5.x reads hidden_act and maps the legacy "gelu" to the tanh GELU.
+    # Only values both versions agree on are accepted.
+    act = cfg.get("hidden_act", "gelu_pytorch_tanh")
+    declared = cfg.get("hidden_activation")
+    if act not in ("gelu", "gelu_pytorch_tanh") or declared not in (None, "gelu_pytorch_tanh"):
+        raise ValueError(f"unsupported Gemma activation (hidden_act {act!r}, hidden_activation "
+                         f"{declared!r}); folio's Gemma MLP is GeGLU with gelu_pytorch_tanh")
+    num_q = cfg["num_attention_heads"]
+    theta, scaling = _rope(cfg)
+    bias = bool(cfg.get("attention_bias", False))
+    return dict(
+        num_q_heads=num_q,
+        num_kv_heads=cfg.get("num_key_value_heads") or num_q,
+        head_dim=cfg["head_dim"],
+        rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+        rope_theta=theta,
+        rope_scaling=scaling,
+        sliding_window=None,
+        tie_word_embeddings=bool(cfg["tie_word_embeddings"]),
+        qkv_bias=bias,
+        o_bias=bias,
+        hidden_act="gelu_pytorch_tanh",
+        norm_weight_offset=1.0,
+        embedding_multiplier=math.sqrt(cfg["hidden_size"]),
+    )
+
+
+def _gpt_neox(arch: str, cfg: dict) -> dict:
+    """GPT-NeoX (Pythia)."""
+    num_q = cfg["num_attention_heads"]
+    hidden = cfg["hidden_size"]
+    head_dim = hidden // num_q
+    if hidden % num_q or cfg.get("head_dim") not in (None, head_dim):
+        raise ValueError(f"GPT-NeoX heads must split hidden_size {hidden} evenly "
+                         f"({num_q} heads, head_dim {cfg.get('head_dim')})")
+    # 4.x spells rotary_emb_base and rotary_pct at the top level; 5.x folds them into
+    # rope_parameters (rope_theta, partial_rotary_factor).
+    theta, scaling = _rope(cfg, default_theta=cfg.get("rotary_emb_base", 10000.0))
+    params = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+    fraction = params.get("partial_rotary_factor", cfg.get("rotary_pct", 0.25))
+    if scaling is not None:
+        scaling = {k: v for k, v in scaling.items() if k != "partial_rotary_factor"}
+    rotary_dim = int(head_dim * fraction)
+    if rotary_dim % 2 or rotary_dim == 0:
+        raise ValueError(f"partial rotary factor {fraction} of head_dim {head_dim} gives {rotary_dim} "
+                         "rotary features; folio needs a positive even number")
+    bias = bool(cfg["attention_bias"])
+    return dict(
+        num_q_heads=num_q,
+        num_kv_heads=num_q,
+        head_dim=head_dim,
+        rms_norm_eps=float(cfg["layer_norm_eps"]),
+        rope_theta=theta,
+        rope_scaling=scaling,
+        sliding_window=None,
+        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        qkv_bias=bias,
+        o_bias=bias,
+        hidden_act=cfg["hidden_act"],
+        norm_kind="layer",
+        parallel_residual=bool(cfg["use_parallel_residual"]),
+        rotary_dim=None if rotary_dim == head_dim else rotary_dim,
+    )
 
 
 def _arch_from_class_names(names: list[str]) -> str:
     for name in names:
         for arch in SUPPORTED_ARCHITECTURES:
-            if name.lower().startswith(arch):
+            prefix = arch.replace("_", "")
+            # Gemma2ForCausalLM or GPTNeoXJapaneseForCausalLM are other architectures.
+            if name.lower().startswith(prefix) and name.lower()[len(prefix):].startswith(("for", "model")):
                 return arch
     raise ValueError(f"config.json names no supported architecture (model_type missing, architectures={names})")
 
 
-def _rope(cfg: dict) -> tuple[float, Optional[dict]]:
+def _rope(cfg: dict, default_theta: float = 10000.0) -> tuple[float, Optional[dict]]:
     """(theta, scaling dict or None). transformers 5 folds both into rope_parameters."""
     params = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
-    theta = float(params.pop("rope_theta", cfg.get("rope_theta", 10000.0)))
-    if "type" in params and "rope_type" not in params:   # the pre-4.45 spelling
-        params["rope_type"] = params.pop("type")
+    theta = float(params.pop("rope_theta", cfg.get("rope_theta", default_theta)))
+    legacy = params.pop("type", None)                    # the pre-4.45 spelling
+    params.setdefault("rope_type", legacy or "default")
     if params.get("rope_type", "default") == "default":
         return theta, None
     return theta, params

@@ -5,8 +5,15 @@ step only carries diffs. Block tables live in one persistent tensor with a row
 per live request: a step writes only the new block ids and gathers the rows it
 needs, so host work per step follows the tokens scheduled, not the tokens held.
 
+Speculative decoding: a CachedRequest may carry draft tokens. They join the
+request's tokens for this step's forward pass, the sampler verifies them
+(Sampler.verify), and afterwards the request keeps only the accepted drafts
+and the one token sampled after them; num_computed_tokens stops after the
+accepted drafts, so the K/V written for rejected ones is simply overwritten
+later.
+
 Under tensor parallelism every rank runs the same steps; only rank 0 samples
-and it broadcasts the sampled ids, so every rank appends the same token even
+and it broadcasts the sampled ids, so every rank appends the same tokens even
 for unseeded random sampling (per-process random state would otherwise
 diverge). Rank 0's StepResult is the one the head reads.
 """
@@ -34,6 +41,7 @@ class _State:
     row: int                 # row in the block-table tensor
     num_blocks: int
     num_computed_tokens: int
+    num_drafts: int = 0      # this step's drafts, at the end of token_ids until verified
 
 
 class ModelRunner:
@@ -83,6 +91,12 @@ class ModelRunner:
         if st.num_computed_tokens != c.num_computed_tokens:
             raise RuntimeError(f"request {c.request_id}: head says {c.num_computed_tokens} tokens "
                                f"computed, worker has {st.num_computed_tokens}")
+        if c.draft_token_ids:
+            if c.num_computed_tokens + 1 != len(st.token_ids) or \
+                    c.num_scheduled_tokens != 1 + len(c.draft_token_ids):
+                raise RuntimeError(f"request {c.request_id}: drafts must follow its last token")
+            st.token_ids.extend(c.draft_token_ids)
+            st.num_drafts = len(c.draft_token_ids)
         self._write_blocks(st, c.new_block_ids)
 
     def _write_blocks(self, st: _State, block_ids: list[int]) -> None:
@@ -114,8 +128,9 @@ class ModelRunner:
         input_ids, positions, meta = self._prepare(order)
         hidden = self.model(input_ids, positions, meta, self.pool.caches)   # [T, H]
 
-        # Rows whose logits we need: the last token of each request that samples,
-        # and every prompt-predicting position of requests that asked for prompt logprobs.
+        # Rows whose logits we need: the last token of each request that samples (and
+        # the positions of its drafts before it), and every prompt-predicting position
+        # of requests that asked for prompt logprobs.
         sample_idx, sample_ids, prompt_jobs = [], [], []
         end = 0
         for rid, n in order:
@@ -123,7 +138,7 @@ class ModelRunner:
             start, end = end, end + n
             c = st.num_computed_tokens
             if c + n == len(st.token_ids):
-                sample_idx.append(end - 1)
+                sample_idx.extend(range(end - 1 - st.num_drafts, end))
                 sample_ids.append(rid)
             if st.params.prompt_logprobs is not None and c + 1 < st.num_prompt_tokens:
                 last = min(c + n, st.num_prompt_tokens - 1)       # positions c .. last-1 predict a prompt token
@@ -142,23 +157,32 @@ class ModelRunner:
                 logits, targets, st.params.prompt_logprobs)
         for rid, n in order:
             st = self.states[rid]
+            tokens = outputs[rid].token_ids
+            if st.num_drafts:                 # keep the accepted drafts, then the new token
+                del st.token_ids[len(st.token_ids) - st.num_drafts:]
+                n -= st.num_drafts - (len(tokens) - 1)
+                st.num_drafts = 0
             st.num_computed_tokens += n
-            if outputs[rid].token_id >= 0:
-                st.token_ids.append(outputs[rid].token_id)
+            st.token_ids.extend(tokens)
         return StepResult(step_id=step.step_id, outputs=[outputs[rid] for rid, _ in order],
                           execute_ms=(time.perf_counter() - t0) * 1e3)
 
     def _sample(self, logits: torch.Tensor, request_ids: list[str],
                 outputs: dict[str, SampledRequest]) -> None:
-        """Rank 0 samples; every rank ends with its token ids in outputs."""
+        """Rank 0 samples (verifying drafts); every rank ends with the token ids in outputs."""
+        drafts = [self.states[rid].token_ids[len(self.states[rid].token_ids) - self.states[rid].num_drafts:]
+                  for rid in request_ids]
         if self.tp.rank == 0:
-            for rid, (tok, lp) in zip(request_ids, self.sampler.sample(logits, request_ids)):
-                outputs[rid].token_id = tok
-                outputs[rid].logprob = lp
+            for rid, picked in zip(request_ids, self.sampler.verify(logits, request_ids, drafts)):
+                outputs[rid].token_ids = [tok for tok, _ in picked]
+                outputs[rid].logprobs = [lp for _, lp in picked if lp is not None]
         if self.tp.world_size > 1:
-            ids = torch.tensor([outputs[rid].token_id for rid in request_ids], device=logits.device)
-            for rid, tok in zip(request_ids, self.tp.broadcast_from_first(ids).tolist()):
-                outputs[rid].token_id = tok
+            # [R, 1 + most drafts], -1 past each request's tokens: the same shape on every rank.
+            ids = torch.full((len(request_ids), 1 + max(map(len, drafts))), -1, dtype=torch.long)
+            for i, rid in enumerate(request_ids):
+                ids[i, :len(outputs[rid].token_ids)] = torch.tensor(outputs[rid].token_ids)
+            for rid, row in zip(request_ids, self.tp.broadcast_from_first(ids.to(logits.device)).tolist()):
+                outputs[rid].token_ids = [t for t in row if t >= 0]
 
     def _prepare(self, order: list[tuple[str, int]]):
         """Flatten the step's tokens and describe them for attention."""

@@ -146,6 +146,39 @@ class Sampler:
         self._record(tokens, requests)
         return list(zip(tokens.tolist(), logprobs))
 
+    def verify(self, logits: Tensor, request_ids: list[str],
+               drafts: list[list[int]]) -> list[list[tuple[int, Optional[TokenLogprob]]]]:
+        """Speculative decoding. Request i owns 1 + len(drafts[i]) consecutive rows of logits
+        (in request order); its row j predicts the token after its first j drafts. Rows are
+        sampled one position at a time, exactly as sequential decoding would sample them: row
+        j is sampled as output token num_outputs + j, with the drafts before it counted as
+        outputs (seeds, penalties, min_tokens). A request stops at its first sample that
+        differs from its draft. For a draft proposed with certainty (n-gram lookup) that is
+        exact rejection sampling: the draft is kept with probability p(draft), and otherwise
+        the sample is drawn from p without the draft. Greedy and seeded requests therefore get
+        the very tokens they would get without drafts.
+        Returns, per request, the accepted drafts and then one sampled token, with logprobs."""
+        starts, row = [], 0
+        for d in drafts:
+            starts.append(row)
+            row += 1 + len(d)
+        if row != logits.shape[0]:
+            raise ValueError(f"{logits.shape[0]} logits rows for {row} positions")
+        if row == len(request_ids):                    # no drafts: one plain sample each
+            return [[picked] for picked in self.sample(logits, request_ids)]
+        out: list[list[tuple[int, Optional[TokenLogprob]]]] = [[] for _ in request_ids]
+        alive, j = list(range(len(request_ids))), 0
+        while alive:
+            rows = logits[self._long([starts[i] + j for i in alive])]
+            picked = self.sample(rows, [request_ids[i] for i in alive])
+            still = []
+            for i, (token, logprob) in zip(alive, picked):
+                out[i].append((token, logprob))
+                if j < len(drafts[i]) and token == drafts[i][j]:
+                    still.append(i)
+            alive, j = still, j + 1
+        return out
+
     def prompt_logprobs(self, logits: Tensor, target_token_ids: Tensor, num_top: int) -> list[TokenLogprob]:
         """Logprob and rank of each target under the raw logits, with the num_top most likely
         alternatives. logits: [M, V] float32, row i predicts target_token_ids[i] ([M])."""

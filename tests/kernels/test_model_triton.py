@@ -26,7 +26,8 @@ pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="the interpret
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family", ["llama3", "mistral", "qwen2"])
+# gpt_neox: partial rotary (a quarter of each head) through the rotary kernel.
+@pytest.mark.parametrize("family", ["mistral", "qwen2", "gpt_neox"])
 def test_tiny_model_on_triton_kernels_matches_transformers(family, tiny_model):
     path = tiny_model(family)
     rng = random.Random(f"triton-{family}")

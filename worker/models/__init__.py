@@ -10,6 +10,8 @@ from typing import Protocol
 import torch
 
 from kernels.metadata import AttentionMetadata
+from worker.models.gemma import GemmaForCausalLM
+from worker.models.gpt_neox import GPTNeoXForCausalLM
 from worker.models.llama import LlamaForCausalLM
 
 
@@ -40,4 +42,6 @@ MODEL_CLASSES: dict[str, type] = {
     "llama": LlamaForCausalLM,
     "mistral": LlamaForCausalLM,
     "qwen2": LlamaForCausalLM,
+    "gemma": GemmaForCausalLM,
+    "gpt_neox": GPTNeoXForCausalLM,
 }
