@@ -19,7 +19,7 @@ def model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_model(model_dir):
-    """tiny_model("llama" | "llama3" | "mistral" | "qwen2") -> checkpoint dir."""
+    """tiny_model(family) -> checkpoint dir; families: tests/model_fixtures.TINY_FAMILIES."""
     return lambda family: make_tiny_model(family, model_dir)
 
 
