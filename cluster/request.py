@@ -55,6 +55,7 @@ class Request:
     output_logprobs: list[TokenLogprob] = field(default_factory=list)
     prompt_logprobs: list[Optional[TokenLogprob]] = field(default_factory=list)
     ngrams: Optional[NgramIndex] = None      # speculative decoding's draft source, built lazily
+    draft_len: int = 0                       # drafts to propose next (0: the configured maximum)
 
     @staticmethod
     def from_engine_request(req: EngineRequest, seq: int) -> "Request":

@@ -211,7 +211,7 @@ class Scheduler:
     def _propose(self, r: Request, budget: int) -> list[int]:
         """Draft tokens for a decoding request: as many as allowed, none past its
         max_tokens or the context limit (a step computes 1 + len(drafts) positions)."""
-        k = min(self.config.num_speculative_tokens, budget,
+        k = min(r.draft_len or self.config.num_speculative_tokens, budget,
                 r.params.max_tokens - r.num_output_tokens - 1,
                 self.config.max_model_len - len(r.token_ids) - 1)
         if k <= 0:
@@ -219,6 +219,13 @@ class Scheduler:
         if r.ngrams is None:
             r.ngrams = NgramIndex(self.config.prompt_lookup_min, self.config.prompt_lookup_max)
         return r.ngrams.propose(r.token_ids, k)
+
+    def _adapt_draft_len(self, r: Request, proposed: int, accepted: int) -> None:
+        """Longer guesses while they all land, shorter after a miss (down to one), so a
+        request whose text does not repeat wastes little compute on rejected positions."""
+        k = self.config.num_speculative_tokens
+        current = r.draft_len or k
+        r.draft_len = min(k, current + 2) if accepted == proposed else max(1, current - 1)
 
     def _admit(self, r: Request, hit: list[int], need: int) -> None:
         self.blocks.take(hit)
@@ -323,6 +330,8 @@ class Scheduler:
             accepted = len(o.token_ids) - 1            # drafts the worker kept
             r.num_computed_tokens -= s.num_drafts - accepted
             self.num_accepted_tokens += accepted
+            if s.num_drafts:
+                self._adapt_draft_len(r, s.num_drafts, accepted)
             new, status = [], None
             for tok in o.token_ids:                    # a stop mid-way drops the tokens after it
                 r.token_ids.append(tok)

@@ -140,3 +140,44 @@ def test_stops_inside_accepted_drafts(smollm2):
     assert [len(w.outputs[0].token_ids) for w in wants] == [7, len(out), out.index(stop_token) + 1]
     stats = llm.scheduler.stats()
     assert stats.draft_acceptance_rate > 0.5, f"copying should accept most drafts: {stats}"
+
+
+def test_draft_length_shrinks_after_misses_and_grows_back():
+    """The scheduler alone, fed the worker's answers by hand: a miss shortens the
+    next guess by one (never below one), a full hit lengthens it by two (up to
+    num_speculative_tokens)."""
+    from cluster.config import SchedulerConfig
+    from cluster.scheduler import Scheduler
+    from protos.messages import EngineRequest, SampledRequest, StepResult
+
+    sched = Scheduler(SchedulerConfig(block_size=4, num_speculative_tokens=4, prompt_lookup_min=1,
+                                      max_model_len=256), num_blocks=64)
+    phrase = [5, 6, 7, 8, 9, 10]
+    sched.add_request(EngineRequest("r", phrase * 4, SamplingParams(temperature=0, max_tokens=100)))
+
+    def step(answer) -> list[int]:
+        """Run one step; `answer(drafts)` gives the tokens the worker 'sampled'."""
+        s = sched.schedule()
+        drafts = s.cached_requests[0].draft_token_ids if s.cached_requests else []
+        tokens = answer(drafts) if (s.new_requests or s.cached_requests) else []
+        sched.update_from_output(s, StepResult(s.step_id, [SampledRequest("r", tokens)] if tokens else []))
+        sched.check_integrity()
+        return drafts
+
+    def follow(t: int) -> int:
+        return phrase[(phrase.index(t) + 1) % len(phrase)]
+
+    def miss(d: list[int]) -> list[int]:                  # a phrase token, but not the guess
+        return [5 if d[0] != 5 else 6]
+
+    def hit(d: list[int]) -> list[int]:                   # every guess, then the next token
+        return d + [follow(d[-1])]
+
+    r = sched.requests["r"]
+    step(lambda d: [5])                                   # the prompt's step
+    after = []
+    for answer in [miss] * 5 + [hit] * 3:
+        drafts = step(answer)
+        assert 0 < len(drafts) <= (after[-1] if after else 4)    # never more than allowed
+        after.append(r.draft_len)
+    assert after == [3, 2, 1, 1, 1, 3, 4, 4]

@@ -47,15 +47,18 @@ def _prompts(seed: str) -> list[list[int]]:
     return prompts
 
 
-def _run(path: str, dtype: torch.dtype, prompts: list[list[int]]):
+def _run(path: str, dtype: torch.dtype, prompts: list[list[int]], speculate: int = 0):
     from cluster.llm import LLM
     from protos.messages import SamplingParams
     llm = LLM(path, block_size=16, kv_cache_bytes=2 << 30, max_num_seqs=16, max_num_batched_tokens=512,
-              dtype=dtype, device="cuda", tokenizer=False)
+              dtype=dtype, device="cuda", num_speculative_tokens=speculate, prompt_lookup_min=1,
+              tokenizer=False)
     assert llm.worker.model.ops.name == "triton"
     params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True, logprobs=5)
     results = run_staggered(llm, prompts, params, per_step=3)
     assert sum(r.num_cached_tokens for r in results) > 0, "the shared prefix was meant to hit the cache"
+    if speculate:
+        assert llm.scheduler.stats().num_draft_tokens > 0, "no drafts were verified"
     return results
 
 
@@ -63,6 +66,16 @@ def _run(path: str, dtype: torch.dtype, prompts: list[list[int]]):
 def test_fp32_greedy_parity(gpu_models, family):
     prompts = _prompts(family)
     results = _run(gpu_models[family], torch.float32, prompts)
+    assert_greedy_parity(gpu_models[family], prompts, results, NEW_TOKENS, logprob_tol=2e-3,
+                         dtype=torch.float32, device="cuda")
+
+
+def test_fp32_greedy_parity_with_speculative_drafts(gpu_models):
+    """Verification steps (1 + k query rows per sequence over its cached context)
+    through the prefill kernel; prompts repeat a phrase so drafts get proposed."""
+    family = "mistral-window"
+    prompts = [p + p[-40:] * 3 for p in _prompts(family)]
+    results = _run(gpu_models[family], torch.float32, prompts, speculate=4)
     assert_greedy_parity(gpu_models[family], prompts, results, NEW_TOKENS, logprob_tol=2e-3,
                          dtype=torch.float32, device="cuda")
 
