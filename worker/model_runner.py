@@ -43,6 +43,10 @@ class _State:
     num_computed_tokens: int
     num_drafts: int = 0      # this step's drafts, at the end of token_ids until verified
 
+    @property
+    def drafts(self) -> list[int]:
+        return self.token_ids[len(self.token_ids) - self.num_drafts:]
+
 
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, pool: KVPool, sampler: Sampler,
@@ -170,8 +174,7 @@ class ModelRunner:
     def _sample(self, logits: torch.Tensor, request_ids: list[str],
                 outputs: dict[str, SampledRequest]) -> None:
         """Rank 0 samples (verifying drafts); every rank ends with the token ids in outputs."""
-        drafts = [self.states[rid].token_ids[len(self.states[rid].token_ids) - self.states[rid].num_drafts:]
-                  for rid in request_ids]
+        drafts = [self.states[rid].drafts for rid in request_ids]
         if self.tp.rank == 0:
             for rid, picked in zip(request_ids, self.sampler.verify(logits, request_ids, drafts)):
                 outputs[rid].token_ids = [tok for tok, _ in picked]
