@@ -34,7 +34,7 @@ NEW_TOKENS = 24
 @pytest.fixture(scope="module")
 def gpu_models(tmp_path_factory):
     root = tmp_path_factory.mktemp("gpu-models")
-    return {f: make_gpu_model(f, root) for f in GPU_FAMILIES}
+    return {f: make_gpu_model(f, root, num_layers=2) for f in GPU_FAMILIES}   # 2 layers: quick to build
 
 
 def _prompts(seed: str) -> list[list[int]]:
