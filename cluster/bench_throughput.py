@@ -116,8 +116,8 @@ def build_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-num-batched-tokens", type=int, default=512)
     p.add_argument("--baseline-batch-size", type=int, default=16)
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None, help="float32, bfloat16, float16 (default: float32 on CPU, "
-                   "bfloat16 on CUDA); both sides use it")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                   help="both sides use it (default: float32 on CPU, bfloat16 on CUDA)")
     p.add_argument("--kv-cache-gib", type=float, default=1.0, help="folio's KV pool")
     p.add_argument("--skip-baseline", action="store_true")
     p.add_argument("--json", default=None, help="also write the results here")
@@ -131,7 +131,8 @@ def run(args: argparse.Namespace) -> dict:
     print(f"workload: {len(reqs)} requests, seed {args.seed}, "
           f"prompt tokens {sum(len(r.prompt_token_ids) for r in reqs)}, "
           f"output tokens {sum(r.output_len for r in reqs)}")
-    where = Placement(args.device, args.dtype or ("bfloat16" if args.device == "cuda" else "float32"))
+    from worker.worker import default_dtype
+    where = Placement(args.device, args.dtype or default_dtype(args.device))
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, {platform.platform()}, {_device_name(where)}")
     mem = "peak GPU MiB" if where.device == "cuda" else "peak RSS MiB"
     print(f"{'engine':52s} {'out tok/s':>10s} {'seconds':>9s} {mem:>13s}")

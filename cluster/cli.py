@@ -14,7 +14,8 @@ def _generate(args: argparse.Namespace) -> None:
 
     from cluster.llm import LLM
     from protos.messages import SamplingParams
-    dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
+    from worker.worker import default_dtype
+    dtype = args.dtype or default_dtype(args.device)
     llm = LLM(args.model, max_num_seqs=args.max_num_seqs,
               max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
               device=args.device, dtype=getattr(torch, dtype),

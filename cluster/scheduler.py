@@ -125,7 +125,7 @@ class Scheduler:
                 n + len(req.output_token_ids) >= self.config.max_model_len:
             raise ValueError("the request already has all its output tokens")
         most = min(self.config.max_model_len, n + req.sampling_params.max_tokens)
-        if -(-most // self.bs) > self.blocks.num_blocks:
+        if self._num_blocks(most) > self.blocks.num_blocks:
             raise ValueError(f"prompt plus max_tokens ({most} tokens) exceeds the KV cache of "
                              f"{self.blocks.num_blocks * self.bs} tokens")
         r = Request.from_engine_request(req, next(self._seq))
@@ -169,10 +169,10 @@ class Scheduler:
                     continue          # drafts need the token the in-flight step samples
                 drafts = self._propose(r, plan.left - 1)
                 n += len(drafts)
-            need = -(-(r.num_computed_tokens + n) // self.bs) - len(r.block_ids)
+            need = self._num_blocks(r.num_computed_tokens + n) - len(r.block_ids)
             if drafts and not self.blocks.can_allocate(need):
                 drafts, n = None, 1           # a guess never preempts anyone
-                need = -(-(r.num_computed_tokens + n) // self.bs) - len(r.block_ids)
+                need = self._num_blocks(r.num_computed_tokens + n) - len(r.block_ids)
             while not self.blocks.can_allocate(need):
                 victim = self.running[-1]
                 self._preempt(victim, plan)
@@ -195,7 +195,7 @@ class Scheduler:
             hit = self._lookup_prefix(r)
             computed = len(hit) * self.bs
             n = min(r.num_tokens - computed, plan.left)
-            need = -(-(computed + n) // self.bs) - len(hit)
+            need = self._num_blocks(computed + n) - len(hit)
             if not self.blocks.can_allocate(need, reuse=hit):
                 if self._preempt_worse_than(r, plan):
                     continue
@@ -207,6 +207,9 @@ class Scheduler:
             self._publish_blocks(r, r.num_computed_tokens + n)
 
         return self._build_step(plan)
+
+    def _num_blocks(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.bs)
 
     def _propose(self, r: Request, budget: int) -> list[int]:
         """Draft tokens for a decoding request: as many as allowed, none past its

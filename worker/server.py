@@ -108,12 +108,11 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
 
 
 def _build_worker(request: pb.LoadModelRequest):
-    from worker.worker import Worker      # torch model code loads only when asked to
-
     from worker.parallel import TPGroup
+    from worker.worker import Worker, default_dtype   # model code loads only when asked to
 
     device = request.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = _dtype(request.dtype or ("bfloat16" if device.startswith("cuda") else "float32"))
+    dtype = _dtype(request.dtype or default_dtype(device))
     world = max(1, request.world_size)
     if world > 1 and not request.rendezvous:
         raise ValueError("a tensor-parallel load (world_size > 1) needs a rendezvous address")

@@ -24,6 +24,11 @@ log = logging.getLogger(__name__)
 DEFAULT_KV_CACHE_BYTES = 1 << 30
 
 
+def default_dtype(device: str) -> str:
+    """bf16 on a GPU (what serving models ship in), fp32 on CPU (exact against references)."""
+    return "bfloat16" if str(device).startswith("cuda") else "float32"
+
+
 class Worker:
     """One device's worker; with a TPGroup of several ranks, one rank of a replica.
 
