@@ -62,7 +62,7 @@ cat "$OUT/env.txt"
 
 if wants tests; then
     # --confcutdir keeps conftests outside tests/kernels (and their imports) out of this run.
-    timeout 270 "$PY" -m pytest tests/kernels/test_gpu.py tests/kernels/test_gpu_model.py \
+    timeout 270 "$PY" -m pytest tests/kernels/test_gpu.py tests/kernels/test_gpu_model.py tests/kernels/test_gpu_kv_pool.py \
         --confcutdir=tests/kernels -p no:cacheprovider -q -rfE --durations=10 \
         --junitxml="$OUT/gpu_tests.xml" 2>&1 | tee "$OUT/gpu_tests.log"
     [ "${PIPESTATUS[0]}" -eq 0 ] || status=1

@@ -13,6 +13,13 @@ unless --skip-engine, the same workload runs through folio's engine in-process
 (no HTTP, no gRPC, all requests at once) and the ratio of the two throughputs
 shows what serving costs. Run the engine on the server's machine for a fair
 ratio; with a finite request rate the served side is bound by the arrivals.
+
+    folio bench serve --base-url URL --baseline-url URL2 --rounds 3 --skip-engine
+
+compares two servers on the same workload instead (say, one build against the
+commit before it): rounds alternate between them (A B A B ...), so a machine
+that slows down during the run costs both alike, and the report gives each
+round and the ratio of the median throughputs.
 """
 from __future__ import annotations
 
@@ -21,7 +28,9 @@ import asyncio
 import json
 import logging
 import math
+import os
 import random
+import statistics
 import time
 from dataclasses import dataclass, field
 from typing import Optional
@@ -76,11 +85,13 @@ async def _one(client: httpx.AsyncClient, model: str, req: SyntheticRequest) -> 
 
 
 async def run_load(base_url: str, model: Optional[str], reqs: list[SyntheticRequest],
-                   request_rate: float, concurrency: Optional[int], seed: int) -> tuple[list[RequestRecord], float]:
+                   request_rate: float, concurrency: Optional[int], seed: int,
+                   api_key: Optional[str] = None) -> tuple[list[RequestRecord], float]:
     """Send every request on schedule; return their records and the wall time."""
     limits = httpx.Limits(max_connections=concurrency or len(reqs), max_keepalive_connections=None)
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     async with httpx.AsyncClient(base_url=base_url, timeout=httpx.Timeout(None, connect=30),
-                                 limits=limits) as client:
+                                 limits=limits, headers=headers) as client:
         if model is None:
             model = (await client.get("/models")).json()["data"][0]["id"]
         gate = asyncio.Semaphore(concurrency or len(reqs))
@@ -154,9 +165,42 @@ def build_bench_serve_parser(sub: argparse._SubParsersAction) -> argparse.Argume
     p.add_argument("--max-num-seqs", type=int, default=64, help="in-process engine; match the server")
     p.add_argument("--max-num-batched-tokens", type=int, default=512, help="in-process engine; match the server")
     p.add_argument("--skip-engine", action="store_true", help="skip the in-process comparison")
+    p.add_argument("--api-key", default=os.environ.get("FOLIO_API_KEY"),
+                   help="sent as 'Authorization: Bearer KEY' (default: $FOLIO_API_KEY)")
+    p.add_argument("--baseline-url", default=None,
+                   help="another server to compare with on the same workload, rounds alternating")
+    p.add_argument("--baseline-api-key", default=None, help="its key (default: --api-key)")
+    p.add_argument("--rounds", type=int, default=3, help="rounds per server with --baseline-url")
     p.add_argument("--json", default=None, help="also write the results here")
     p.set_defaults(func=run_bench_serve)
     return p
+
+
+def _compare(args: argparse.Namespace, reqs: list[SyntheticRequest]) -> dict:
+    """The workload against --base-url and --baseline-url, alternating for --rounds each."""
+    servers = [("served", args.base_url, args.api_key),
+               ("baseline", args.baseline_url, args.baseline_api_key or args.api_key)]
+    rounds: dict[str, list[dict]] = {"served": [], "baseline": []}
+    for i in range(args.rounds):
+        for name, url, key in servers if i % 2 == 0 else servers[::-1]:
+            records, seconds = asyncio.run(run_load(url, args.served_model, reqs, args.request_rate,
+                                                    args.concurrency, args.seed, key))
+            s = summarize(records, seconds)
+            rounds[name].append(s)
+            print(f"--- round {i + 1}, {name} ({url}): {s['output_tokens_per_s']:.1f} output tok/s, "
+                  f"{s['failed']} failed")
+    result = {}
+    for name, _, _ in servers:
+        best = sorted(rounds[name], key=lambda s: s["output_tokens_per_s"])[len(rounds[name]) // 2]
+        result[name] = best
+        print(f"--- {name}, median round:")
+        _print(best)
+    served, base = (statistics.median(s["output_tokens_per_s"] for s in rounds[n]) for n in rounds)
+    result["rounds"] = rounds
+    result["vs_baseline"] = served / base
+    print(f"served / baseline output throughput (medians of {args.rounds} rounds): "
+          f"{result['vs_baseline']:.3f}")
+    return result
 
 
 def run_bench_serve(args: argparse.Namespace) -> dict:
@@ -170,11 +214,14 @@ def run_bench_serve(args: argparse.Namespace) -> dict:
     print(f"workload: {len(reqs)} requests, seed {args.seed}, prompt tokens "
           f"{sum(len(r.prompt_token_ids) for r in reqs)}, output tokens {sum(r.output_len for r in reqs)}; "
           f"rate {args.request_rate} req/s, concurrency {args.concurrency or 'unbounded'}")
-    records, seconds = asyncio.run(run_load(args.base_url, args.served_model, reqs, args.request_rate,
-                                            args.concurrency, args.seed))
-    result = {"served": summarize(records, seconds)}
-    print(f"--- {args.base_url}")
-    _print(result["served"])
+    if args.baseline_url:
+        result = _compare(args, reqs)
+    else:
+        records, seconds = asyncio.run(run_load(args.base_url, args.served_model, reqs, args.request_rate,
+                                                args.concurrency, args.seed, args.api_key))
+        result = {"served": summarize(records, seconds)}
+        print(f"--- {args.base_url}")
+        _print(result["served"])
     if not args.skip_engine:
         # The in-process engine on this machine's CPU, as the CPU server runs it.
         engine = _in_subprocess(run_folio, args.model, reqs, Placement("cpu", "float32"),

@@ -30,6 +30,15 @@ def hash_block(parent: Optional[BlockHash], tokens: Sequence[int]) -> BlockHash:
     return h.digest()
 
 
+def salt_root(salt: Optional[str]) -> Optional[BlockHash]:
+    """The parent key of a salted request's first block: its chain, and so every
+    key in it, differs from any other salt's (and from no salt's)."""
+    if salt is None:
+        return None
+    return hashlib.blake2b(salt.encode("utf-8", "surrogatepass"), digest_size=16,
+                           person=b"folio-cache-salt").digest()
+
+
 def hash_blocks(token_ids: Sequence[int], block_size: int,
                 start: int = 0, parent: Optional[BlockHash] = None) -> list[BlockHash]:
     """Keys of the full blocks of token_ids from block index `start` on."""

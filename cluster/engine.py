@@ -6,10 +6,13 @@ serving (cluster/replica.py).
 """
 from __future__ import annotations
 
+import logging
 from typing import Iterable, Protocol
 
 from cluster.scheduler import Scheduler
 from protos.messages import EngineRequest, RequestOutput, StepRequest, StepResult
+
+log = logging.getLogger(__name__)
 
 
 class Executor(Protocol):
@@ -46,4 +49,12 @@ class EngineCore:
     def step(self) -> list[RequestOutput]:
         step = self.scheduler.schedule()
         result = self.executor.execute(step)
-        return self.scheduler.update_from_output(step, result)
+        return self._refused(result) + self.scheduler.update_from_output(step, result)
+
+    def _refused(self, result: StepResult) -> list[RequestOutput]:
+        """Requests the worker refused (StepResult.errors) end alone, as aborted."""
+        failed = self.scheduler.fail_requests(e.request_id for e in result.errors)
+        for e in result.errors:
+            if e.request_id in failed:
+                log.warning("request %s refused by the worker: %s", e.request_id, e.message)
+        return [RequestOutput(rid, [], finish_reason="abort") for rid in failed]

@@ -8,12 +8,19 @@ late means the choice is made with the freshest load (and, later, cache)
 information. When the queue is full the request is refused with QueueFull,
 which the router turns into 429 with Retry-After.
 
-When a replica fails, each request it held resumes on a live replica (up to
-`max_request_retries` times): it goes back to the front of the admission queue
-carrying the tokens it already streamed, and the new replica recomputes them
-as it would after a preemption, so the client's stream just continues (greedy
-and seeded requests with the very tokens an unbroken run gives). Only with no
-live replica left, or retries spent, does the stream end in RequestFailed.
+When a replica fails, each request it held resumes on a live replica: it goes
+back to the front of the admission queue carrying the tokens it already
+streamed, and the new replica recomputes them as it would after a preemption,
+so the client's stream just continues (greedy and seeded requests with the
+very tokens an unbroken run gives). A request that was running on a worker of
+the failed replica is a suspect (it may be what broke it) and resumes at most
+`max_request_retries` times, so a poison request does not walk through the
+cluster; one that only waited there resumes freely. Only with no live replica
+left, or retries spent, does the stream end in RequestFailed; a request that
+failed by its own fault (RequestFailed.retryable False) is never resumed.
+
+A replica that is overdue (its current step has run far longer than usual,
+see Replica.overdue) takes no new requests until its step returns.
 
 Replica choice is one function, `RoutingPolicy(replicas, request) -> replica`;
 least-loaded is the default here, and cluster/routing.py holds the policies
@@ -24,9 +31,11 @@ from __future__ import annotations
 import asyncio
 import heapq
 import itertools
+import math
 import time
-from dataclasses import replace
-from typing import Callable, Optional, Sequence, Union
+from collections import deque
+from dataclasses import dataclass, replace
+from typing import Callable, Literal, Optional, Sequence, Union
 
 from cluster.metrics import ReplicaGauges, RequestMetrics, render
 from cluster.replica import Replica, RequestFailed
@@ -42,7 +51,33 @@ class QueueFull(RuntimeError):
 
 
 class NotReady(RuntimeError):
-    """No live replica can take requests."""
+    """No live replica can take requests; one is likely serving in `retry_after` seconds."""
+
+    def __init__(self, retry_after: int):
+        super().__init__("no replica is ready; retry later")
+        self.retry_after = retry_after
+
+
+# Retry-After while no replica serves and none is known to be starting.
+NOT_READY_RETRY_S = 5
+
+ReplicaStateName = Literal["starting", "ready", "overdue", "failed", "draining"]
+
+
+@dataclass(frozen=True)
+class ReplicaState:
+    """One replica as operators see it (readiness detail, logs).
+
+    starting: being launched (or waiting out a backoff before its launch);
+    ready: takes requests; overdue: alive, but its current step has run far
+    longer than usual, so it takes nothing new for now; failed: dead, about to
+    be released and replaced; draining: finishing what it holds, then removed.
+    `error` says why it failed: for the log, never for clients (it holds addresses).
+    """
+    index: int
+    state: ReplicaStateName
+    num_requests: int = 0
+    error: Optional[str] = None
 
 
 RoutingPolicy = Callable[[Sequence[Replica], EngineRequest], Replica]
@@ -51,6 +86,31 @@ RoutingPolicy = Callable[[Sequence[Replica], EngineRequest], Replica]
 def least_loaded(replicas: Sequence[Replica], request: EngineRequest) -> Replica:
     """The replica with the fewest unfinished requests (first one on ties)."""
     return min(replicas, key=lambda r: r.num_unfinished)
+
+
+class DrainRate:
+    """Requests finished per second over the last `window` seconds (None until measured)."""
+
+    def __init__(self, window: float = 30.0, min_samples: int = 4):
+        self.window = window
+        self.min_samples = min_samples
+        self._times: deque[float] = deque()
+        self._since: Optional[float] = None
+
+    def note(self, now: float) -> None:
+        self._since = now if self._since is None else self._since
+        self._times.append(now)
+        self._trim(now)
+
+    def rate(self, now: float) -> Optional[float]:
+        self._trim(now)
+        if len(self._times) < self.min_samples:
+            return None
+        return len(self._times) / max(1.0, min(self.window, now - self._since))
+
+    def _trim(self, now: float) -> None:
+        while self._times and self._times[0] < now - self.window:
+            self._times.popleft()
 
 
 class RequestStream:
@@ -98,7 +158,8 @@ class Frontend:
 
     def __init__(self, replicas: Sequence[Replica], metrics: RequestMetrics, *,
                  max_queued: int = 1024, replica_capacity: Optional[int] = None,
-                 policy: RoutingPolicy = least_loaded, max_request_retries: int = 2):
+                 policy: RoutingPolicy = least_loaded, max_request_retries: int = 1,
+                 max_queue_wait_s: float = 30.0):
         self.replicas = list(replicas)
         self.metrics = metrics
         self.max_queued = max_queued
@@ -110,6 +171,12 @@ class Frontend:
         self._seq = itertools.count()
         self._streams: dict[str, RequestStream] = {}
         self._draining: list[Replica] = []      # take no new requests; removed once idle
+        # Replicas being launched, by index: when each is expected to serve (time.monotonic()).
+        # The supervisor (cluster/autoscaler.py) keeps it; NotReady's retry_after reads it.
+        self.starting: dict[int, float] = {}
+        self._max_model_len = min(r.config.max_model_len for r in self.replicas)
+        self.max_queue_wait_s = max_queue_wait_s
+        self.drain = DrainRate()
         for r in self.replicas:
             r.on_finished = self._on_replica_room
 
@@ -130,7 +197,31 @@ class Frontend:
 
     @property
     def max_model_len(self) -> int:
-        return min(r.config.max_model_len for r in self.replicas)
+        """The replicas' context limit; while none is up, the last ones' (all share a spec)."""
+        if self.replicas:
+            return min(r.config.max_model_len for r in self.replicas)
+        return self._max_model_len
+
+    def replica_states(self) -> list[ReplicaState]:
+        """Every replica the head knows, starting ones included, by index."""
+        states = [ReplicaState(i, "starting") for i in self.starting]
+        for r in self.replicas:
+            if not r.alive:
+                state = "failed" if r.error is not None else "starting"
+            elif r in self._draining:
+                state = "draining"
+            else:
+                state = "overdue" if r.overdue else "ready"
+            states.append(ReplicaState(r.index, state, r.num_unfinished, r.error))
+        return sorted(states, key=lambda s: s.index)
+
+    @property
+    def max_request_tokens(self) -> int:
+        """Prompt plus output one request may have: the context limit, or less where a
+        replica's KV pool holds fewer tokens (every replica must be able to run it)."""
+        caps = [min(r.config.max_model_len, r.scheduler.blocks.num_blocks * r.config.block_size)
+                for r in self.replicas if r.scheduler is not None]
+        return min(caps) if caps else self.max_model_len
 
     @property
     def num_queued(self) -> int:
@@ -138,10 +229,12 @@ class Frontend:
 
     def metrics_text(self) -> str:
         """Prometheus exposition: request histograms plus each replica's scheduler gauges."""
-        gauges = []
+        gauges, down = [], []
         for r in self.replicas:
             s = r.stats()
-            if s is not None:
+            if not r.alive:
+                down.append(r.index)         # its scheduler's last numbers mean nothing now
+            elif s is not None:
                 gauges.append(ReplicaGauges(
                     index=r.index, alive=r.alive, num_running=s.num_running,
                     num_waiting=s.num_waiting, kv_usage=s.kv_usage,
@@ -149,7 +242,8 @@ class Frontend:
                     num_preemptions=s.num_preemptions, num_draft_tokens=s.num_draft_tokens,
                     num_accepted_tokens=s.num_accepted_tokens))
         # Policies from cluster/routing.py count their decisions; a bare function has none.
-        return render(self.metrics, gauges, self.num_queued, getattr(self.policy, "decisions", {}))
+        text = render(self.metrics, gauges, self.num_queued, getattr(self.policy, "decisions", {}))
+        return _mark_down(text, down)
 
     @property
     def oldest_queued_age(self) -> float:
@@ -163,9 +257,11 @@ class Frontend:
         """Route to a started replica from now on; queued requests may bind to it at once."""
         replica.on_finished = self._on_replica_room
         self.replicas.append(replica)
+        self.starting.pop(replica.index, None)
+        self._max_model_len = replica.config.max_model_len
         self._on_replica_room(replica)
 
-    def drain(self, replica: Replica) -> None:
+    def drain_replica(self, replica: Replica) -> None:
         """Stop binding new requests to the replica; those it holds run to the end."""
         if replica not in self._draining:
             self._draining.append(replica)
@@ -190,7 +286,7 @@ class Frontend:
         QueueFull (admission queue full), ValueError (it can never fit a replica).
         """
         if not self.ready:
-            raise NotReady("no replica is ready")
+            raise NotReady(retry_after=self.ready_in())
         if request.request_id in self._streams:
             raise ValueError(f"request id {request.request_id!r} is already in use")
         request.arrival_time = request.arrival_time or time.monotonic()
@@ -199,10 +295,11 @@ class Frontend:
         # Queued requests came first: while any wait, there is no room (see _on_replica_room).
         if room and not self._queued:
             self._bind(stream, self.policy(room, request))
-        elif len(self._queued) >= self.max_queued:
-            self.metrics.rejected += 1
-            raise QueueFull(retry_after=self._retry_after())
         else:
+            refused = self._admission_refusal()
+            if refused is not None:
+                self.metrics.rejected += 1
+                raise refused
             heapq.heappush(self._queued, (request.priority, stream.seq, stream))
         self._streams[request.request_id] = stream
         return stream
@@ -225,21 +322,26 @@ class Frontend:
         rid = stream.request.request_id
 
         def sink(item: Union[RequestOutput, RequestFailed]) -> None:
-            if isinstance(item, RequestFailed) and self._resume(stream):
+            if isinstance(item, RequestFailed) and self._resume(stream, item):
                 return
             stream.put(item)
             if stream.finished:
                 self._streams.pop(rid, None)
+                self.drain.note(time.monotonic())
 
         replica.add_request(stream.request, sink)   # ValueError propagates to generate()
         stream.replica = replica
 
-    def _resume(self, stream: RequestStream) -> bool:
+    def _resume(self, stream: RequestStream, failure: RequestFailed) -> bool:
         """Requeue a request whose replica failed, ahead of later arrivals, to continue
-        after the tokens it streamed. The failing replica calls _on_replica_room next."""
-        if stream.retries >= self.max_request_retries or not self.live_replicas:
+        after the tokens it streamed. The failing replica calls _on_replica_room next.
+        Not for a request's own failure, and a suspect only max_request_retries times."""
+        if not failure.retryable or not self.live_replicas:
             return False
-        stream.retries += 1
+        if failure.suspect:
+            if stream.retries >= self.max_request_retries:
+                return False
+            stream.retries += 1
         stream.replica = None
         stream.request = replace(stream.request, output_token_ids=list(stream.output_token_ids))
         heapq.heappush(self._queued, (stream.request.priority, stream.seq, stream))
@@ -259,11 +361,19 @@ class Frontend:
                 self._bind(stream, self.policy(room, stream.request))
             except ValueError as e:
                 self._streams.pop(stream.request.request_id, None)
-                stream.put(RequestFailed(str(e)))
+                stream.put(RequestFailed(str(e), retryable=False))   # it can never fit
 
     def _replicas_with_room(self) -> list[Replica]:
         return [r for r in self.live_replicas
-                if r.num_unfinished < self.replica_capacity and r not in self._draining]
+                if r.num_unfinished < self.replica_capacity and r not in self._draining
+                and not r.overdue]
+
+    def ready_in(self) -> int:
+        """Retry-After while no replica serves: until the soonest starting one is expected."""
+        eta = min(self.starting.values(), default=None)
+        if eta is None:
+            return NOT_READY_RETRY_S
+        return max(1, min(60, math.ceil(eta - time.monotonic())))
 
     def _fail_queued(self) -> None:
         while self._queued:
@@ -271,6 +381,31 @@ class Frontend:
             del self._streams[stream.request.request_id]
             stream.put(RequestFailed("no replica is left to serve this request"))
 
-    def _retry_after(self) -> int:
-        """Seconds until the queue has likely drained enough; coarse on purpose."""
-        return max(1, min(60, len(self._queued) // max(1, self.replica_capacity)))
+    def _admission_refusal(self) -> Optional[QueueFull]:
+        """Why a request that must queue cannot, or None.
+
+        Refused: a full queue, or (once the drain rate is measured) an estimated wait
+        beyond max_queue_wait_s, since a client would rather retry elsewhere or later
+        than wait that long for a first byte. Retry-After is when that wait is likely
+        back under the bound.
+        """
+        now = time.monotonic()
+        rate = self.drain.rate(now)
+        # Ahead of it: the queue, and requests bound to a replica but not yet in its batch.
+        ahead = len(self._queued) + sum(max(0, r.num_unfinished - r.config.max_num_seqs)
+                                        for r in self.live_replicas)
+        wait = (ahead + 1) / rate if rate else None
+        if len(self._queued) < self.max_queued and (wait is None or wait <= self.max_queue_wait_s):
+            return None
+        if wait is None:          # nothing finished recently: no basis for an estimate
+            return QueueFull(retry_after=max(1, min(60, ahead // max(1, self.replica_capacity))))
+        over = max(wait - self.max_queue_wait_s, (ahead + 1 - self.max_queued) / rate)
+        return QueueFull(retry_after=max(1, min(600, math.ceil(over))))
+
+
+def _mark_down(text: str, indices: list[int]) -> str:
+    """folio_replica_up 0 for each failed replica (whose other gauges are left out)."""
+    if not indices:
+        return text
+    head = "# TYPE folio_replica_up gauge\n"
+    return text.replace(head, head + "".join(f'folio_replica_up{{replica="{i}"}} 0\n' for i in indices), 1)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import itertools
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Iterable, Optional, Sequence, Union
 
 import torch
@@ -101,9 +101,15 @@ class LLM:
         params = params or SamplingParams()
         rid = request_id or f"req-{next(self._ids)}"
         ids = self.encode(prompt)
+        vocab = self.worker.model_config.vocab_size
+        for what, tokens in (("prompt", ids), ("stop_token_ids", params.stop_token_ids),
+                             ("logit_bias", list(params.logit_bias))):
+            bad = next((t for t in tokens if not 0 <= t < vocab), None)
+            if bad is not None:
+                raise ValueError(f"{what}: token id {bad} is outside the vocabulary [0, {vocab})")
         res = GenerationResult(rid, ids, [], arrival_time=time.monotonic())
         for i in range(params.n):
-            child_params = replace(params, n=1, seed=None if params.seed is None else params.seed + i)
+            child_params = params.for_choice(i)
             cid = rid if params.n == 1 else f"{rid}#{i}"
             self.engine.add_request(EngineRequest(cid, ids, child_params, priority, res.arrival_time))
             out = CompletionOutput(index=i, logprobs=[] if params.logprobs is not None else None)
@@ -152,7 +158,9 @@ class LLM:
                         stopped.append(o.request_id)
                     finish, reason = "stop", detok.stopped_by
                     out.token_ids = out.token_ids[: len(detok.tokens)]
-                out.text = detok.text
+                if finish is not None:       # the text once, at the end: joining it per step is quadratic
+                    detok.flush(final=True)
+                    out.text = detok.text
             if finish is not None:
                 out.finish_reason, out.stop_reason = finish, reason
                 del self._children[o.request_id]

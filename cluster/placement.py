@@ -17,8 +17,9 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from cluster.config import SchedulerConfig
 from cluster.metrics import RequestMetrics
-from cluster.replica import Replica
+from cluster.replica import DEFAULT_STEP_TIMEOUT_S, Replica
 from protos import worker_pb2 as pb
+from protos.security import ClusterCredentials
 from worker.actor import WorkerActor
 
 log = logging.getLogger(__name__)
@@ -36,6 +37,10 @@ class ReplicaSpec:
     # label a node type advertises), so replicas land only on nodes that have them.
     resources: dict[str, float] = field(default_factory=dict)
     tensor_parallel_size: int = 1        # workers (devices) per replica, one TP rank each
+    step_timeout: float = DEFAULT_STEP_TIMEOUT_S    # seconds; a slower step fails its replica
+    # The deployment's secret (and worker TLS files): every worker is handed it through
+    # Ray and accepts only calls that carry it. The default is a fresh random secret.
+    credentials: ClusterCredentials = field(default_factory=ClusterCredentials.generate)
 
 
 @dataclass
@@ -62,15 +67,16 @@ async def launch_replica(index: int, spec: ReplicaSpec, metrics: RequestMetrics)
             num_cpus=bundle["CPU"], num_gpus=bundle.get("GPU", 0), resources=spec.resources,
             scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=rank),
         ).remote() for rank in range(tp)]
-        addresses = await asyncio.gather(*(a.start.remote(spec.worker_host, bundle["CPU"])
-                                           for a in handle.actors))
+        addresses = await asyncio.gather(*(
+            a.start.remote(spec.credentials, spec.worker_host, bundle["CPU"]) for a in handle.actors))
         load = pb.LoadModelRequest()
         load.CopyFrom(spec.load)
         if tp > 1:
             # The ranks meet on rank 0's node, at a port free there.
             host = addresses[0].rsplit(":", 1)[0]
             load.rendezvous = f"tcp://{host}:{await handle.actors[0].free_port.remote(host)}"
-        handle.replica = Replica(index, addresses, spec.scheduler, metrics)
+        handle.replica = Replica(index, addresses, spec.scheduler, metrics, credentials=spec.credentials,
+                                 step_timeout=spec.step_timeout)
         await handle.replica.start(load)
     except BaseException:
         await release_replica(handle)
@@ -91,12 +97,22 @@ def _pack_strategy(bundle: dict[str, float], count: int) -> str:
 
 
 async def release_replica(handle: ReplicaHandle) -> None:
-    """Stop the workers and give the devices back to Ray (and so to its autoscaler)."""
-    if handle.replica is not None:
-        await handle.replica.close()
-    for a in handle.actors:
-        ray.kill(a)
-    remove_placement_group(handle.placement_group)
+    """Stop the workers and give the devices back to Ray (and so to its autoscaler).
+
+    Everything is released even when a part fails: a dead or frozen worker
+    must not keep its device from the replica that replaces it."""
+    try:
+        if handle.replica is not None:
+            await handle.replica.close()
+    except Exception:                    # noqa: BLE001 - the actors and devices go regardless
+        log.exception("replica %d did not close cleanly", handle.replica.index)
+    finally:
+        for a in handle.actors:
+            try:
+                ray.kill(a)              # SIGKILLs the process, a frozen (SIGSTOPed) one too
+            except Exception:            # noqa: BLE001 - already gone
+                log.warning("could not kill a worker actor of a released replica", exc_info=True)
+        remove_placement_group(handle.placement_group)
 
 
 async def launch_replicas(count: int, spec: ReplicaSpec, metrics: RequestMetrics,

@@ -5,7 +5,7 @@ import enum
 from dataclasses import dataclass, field
 from typing import Optional
 
-from cluster.block_manager import BlockHash, hash_blocks
+from cluster.block_manager import BlockHash, hash_blocks, salt_root
 from cluster.ngram import NgramIndex
 from protos.messages import EngineRequest, SamplingParams, TokenLogprob
 
@@ -56,13 +56,15 @@ class Request:
     prompt_logprobs: list[Optional[TokenLogprob]] = field(default_factory=list)
     ngrams: Optional[NgramIndex] = None      # speculative decoding's draft source, built lazily
     draft_len: int = 0                       # drafts to propose next (0: the configured maximum)
+    cache_root: Optional[BlockHash] = None   # parent of the first block's key: the cache salt
 
     @staticmethod
     def from_engine_request(req: EngineRequest, seq: int) -> "Request":
         return Request(request_id=req.request_id,
                        token_ids=list(req.prompt_token_ids) + list(req.output_token_ids),
                        num_prompt_tokens=len(req.prompt_token_ids), params=req.sampling_params,
-                       priority=req.priority, seq=seq, arrival_time=req.arrival_time)
+                       priority=req.priority, seq=seq, arrival_time=req.arrival_time,
+                       cache_root=salt_root(req.cache_salt))
 
     @property
     def num_tokens(self) -> int:
@@ -85,5 +87,5 @@ class Request:
         """Extend the hash chain over full blocks of known tokens (incremental)."""
         done = len(self.block_keys)
         if len(self.token_ids) // block_size > done:
-            parent = self.block_keys[-1] if done else None
+            parent = self.block_keys[-1] if done else self.cache_root
             self.block_keys.extend(hash_blocks(self.token_ids, block_size, done, parent))

@@ -20,7 +20,7 @@ from __future__ import annotations
 import itertools
 from typing import Sequence
 
-from cluster.block_manager import BlockHash, hash_blocks
+from cluster.block_manager import BlockHash, hash_blocks, salt_root
 from cluster.frontend import RoutingPolicy, least_loaded
 from cluster.replica import Replica
 from cluster.request import Status
@@ -65,7 +65,8 @@ class AffinityRouter(_Counting):
 
     def __call__(self, replicas: Sequence[Replica], request: EngineRequest) -> Replica:
         # The last token is always computed (its logits are sampled), so a hit covers at most n-1.
-        keys = hash_blocks(request.prompt_token_ids[:-1], self.block_size)
+        keys = hash_blocks(request.prompt_token_ids[:-1], self.block_size,
+                           parent=salt_root(request.cache_salt))
         best, best_key, best_hit = None, None, 0
         for r in replicas:
             hit = self.hit_blocks(r, keys) * self.block_size

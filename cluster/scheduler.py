@@ -146,6 +146,19 @@ class Scheduler:
                 outs.append(self._output(r, [], []))
         return outs
 
+    def fail_requests(self, request_ids: Iterable[str]) -> list[str]:
+        """Forget requests the worker does not hold (never sent: they could not be encoded;
+        or refused and dropped by it) and free their blocks; no finished id goes out for
+        them. Returns the ids that were here; their callers tell the requests' owners."""
+        failed = []
+        for rid in request_ids:
+            r = self.requests.get(rid)
+            if r is not None:
+                r.on_worker = False
+                self._finish(r, Status.FINISHED_ABORTED)
+                failed.append(rid)
+        return failed
+
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
 

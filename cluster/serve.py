@@ -31,10 +31,13 @@ from cluster.config import SchedulerConfig
 from cluster.frontend import Frontend
 from cluster.metrics import RequestMetrics
 from cluster.placement import ReplicaHandle, ReplicaSpec, launch_replicas, release_replica
-from cluster.replica import WorkerLoadError
+from cluster.replica import DEFAULT_STEP_TIMEOUT_S, WorkerLoadError
 from cluster.routing import ROUTING_POLICIES, make_router
 from protos import worker_pb2 as pb
+from protos.security import ClusterCredentials
 from router.app import build_app
+from router.edge import AccessPolicy, load_api_keys
+from router.limits import DEFAULT_TEMPLATE_KWARGS, Limits
 from router.openai_serving import OpenAIServing
 from worker.loader import default_model_path, load_tokenizer
 
@@ -56,10 +59,28 @@ class ServeConfig:
     block_size: int = 16
     kv_cache_memory: Optional[int] = None    # bytes per worker; None: the worker's default
     num_kv_blocks: Optional[int] = None      # exact pool size; overrides kv_cache_memory
+    gpu_memory_utilization: float = 0.9      # GPU, neither of the two above: the share of the
+                                             # device for weights, a step's peak and the KV pool
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 512
     max_queued_requests: int = 1024
-    max_request_retries: int = 2             # resumes on another replica after a replica fails
+    max_queue_wait_s: float = 30.0           # refuse (429) what would wait longer for a replica
+    # The HTTP edge (router/edge.py, router/limits.py).
+    api_keys: tuple[str, ...] = ()           # --api-key, also FOLIO_API_KEY; none: no key needed
+    api_key_file: Optional[str] = None       # one key per line, or JSON (router/edge.py)
+    prefix_cache_per_key: bool = False       # each key's prompts hit only its own prefix cache
+    no_api_key: bool = False                 # allow --host beyond loopback without keys
+    public_metrics: bool = False             # /metrics and /health/replicas without a key
+    enable_priority: bool = False            # honour every client's `priority` (else per key)
+    max_request_body: int = 4 << 20
+    trust_request_chat_template: bool = False
+    chat_template_kwargs: tuple[str, ...] = ()   # allowed beyond router.limits.DEFAULT_TEMPLATE_KWARGS
+    chat_template_timeout_s: float = 5.0
+    stream_keepalive_s: float = 10.0
+    # Resumes elsewhere of a request that was running on a replica when it failed: one,
+    # so a request that was on two replicas that died (a poison request) is failed.
+    max_request_retries: int = 1
+    step_timeout: float = DEFAULT_STEP_TIMEOUT_S   # seconds; a slower step fails its replica
     enable_prefix_caching: bool = True
     num_speculative_tokens: int = 0          # n-gram (prompt lookup) drafts per step; 0: off
     prompt_lookup_min: int = 2
@@ -69,6 +90,12 @@ class ServeConfig:
     worker_host: Optional[str] = None        # workers' gRPC host; None: 127.0.0.1 on a Ray we
                                              # started, the node's IP on a joined cluster
     worker_resources: dict = field(default_factory=dict)   # extra Ray resources per worker
+    # Workers' gRPC over TLS (PEM paths as every node sees them); without them plain TCP.
+    # Either way every call carries the deployment's random secret.
+    worker_tls_cert: Optional[str] = None
+    worker_tls_key: Optional[str] = None
+    worker_tls_ca: Optional[str] = None      # the head checks worker certificates against it
+    worker_tls_server_name: Optional[str] = None   # None: certificates name the workers' IPs
     min_replicas: Optional[int] = None       # autoscaling bounds; None: --replicas (fixed size)
     max_replicas: Optional[int] = None
     upscale_delay_s: float = 10.0
@@ -111,7 +138,8 @@ async def deploy(cfg: ServeConfig) -> Deployment:
         load=pb.LoadModelRequest(
             model_path=cfg.model_path, block_size=cfg.block_size, num_blocks=cfg.num_kv_blocks or 0,
             kv_cache_bytes=cfg.kv_cache_memory or 0, dtype=cfg.dtype,
-            device="cuda" if use_gpu else "cpu"),
+            device="cuda" if use_gpu else "cpu", gpu_memory_utilization=cfg.gpu_memory_utilization,
+            max_num_batched_tokens=cfg.max_num_batched_tokens),
         scheduler=SchedulerConfig(block_size=cfg.block_size, max_num_seqs=cfg.max_num_seqs,
                                   max_num_batched_tokens=cfg.max_num_batched_tokens,
                                   max_model_len=cfg.max_model_len or 0,
@@ -123,7 +151,11 @@ async def deploy(cfg: ServeConfig) -> Deployment:
         # Ray reports a node's routable IP even when started on 127.0.0.1; on a Ray we started
         # (one node) the workers listen on loopback, on a joined cluster on their node's IP.
         worker_host=cfg.worker_host or (None if cfg.ray_address else "127.0.0.1"),
-        resources=dict(cfg.worker_resources), tensor_parallel_size=cfg.tensor_parallel_size)
+        resources=dict(cfg.worker_resources), tensor_parallel_size=cfg.tensor_parallel_size,
+        step_timeout=cfg.step_timeout,
+        credentials=ClusterCredentials.generate(
+            tls_cert=cfg.worker_tls_cert, tls_key=cfg.worker_tls_key, tls_ca=cfg.worker_tls_ca,
+            tls_server_name=cfg.worker_tls_server_name))
     metrics = RequestMetrics()
     log.info("loading %s on %d replica(s) (%s)", cfg.model_path, cfg.replicas,
              "GPU" if use_gpu else f"CPU, {cpus} threads each")
@@ -134,18 +166,21 @@ async def deploy(cfg: ServeConfig) -> Deployment:
         await asyncio.gather(*(release_replica(h) for h in handles))
         raise
     frontend = Frontend([h.replica for h in handles], metrics, max_queued=cfg.max_queued_requests,
+                        max_queue_wait_s=cfg.max_queue_wait_s,
                         policy=make_router(cfg.routing, cfg.block_size),
                         max_request_retries=cfg.max_request_retries)
-    serving = OpenAIServing(frontend, tokenizer, cfg.model_name, handles[0].replica.vocab_size)
+    serving = OpenAIServing(frontend, tokenizer, cfg.model_name, handles[0].replica.vocab_size,
+                            edge_limits(cfg))
     return Deployment(cfg, frontend, serving, spec, handles)
 
 
 async def serve(cfg: ServeConfig, on_ready: Optional[Callable[[Deployment], None]] = None) -> None:
     """Deploy, then serve HTTP until the server is told to exit (signal or should_exit)."""
+    policy = access_policy(cfg)          # a bad key setting fails before any worker starts
     dep = await deploy(cfg)
     scaler = _start_autoscaler(cfg, dep)
     try:
-        app = build_app(dep.serving, dep.frontend)
+        app = build_app(dep.serving, dep.frontend, policy)
         dep.server = _Server(uvicorn.Config(app, host=cfg.host, port=cfg.port,
                                             log_level="info", access_log=False))
         if threading.current_thread() is threading.main_thread():
@@ -163,22 +198,45 @@ async def serve(cfg: ServeConfig, on_ready: Optional[Callable[[Deployment], None
                 on_ready(dep)
         await task
     finally:
-        if scaler is not None:
-            await scaler.stop()
+        await scaler.stop()
         await dep.shutdown()
 
 
-def _start_autoscaler(cfg: ServeConfig, dep: Deployment) -> Optional[ReplicaAutoscaler]:
+def edge_limits(cfg: ServeConfig) -> Limits:
+    return Limits(max_body_bytes=cfg.max_request_body,
+                  trust_request_chat_template=cfg.trust_request_chat_template,
+                  chat_template_kwargs=DEFAULT_TEMPLATE_KWARGS | set(cfg.chat_template_kwargs),
+                  chat_template_timeout_s=cfg.chat_template_timeout_s,
+                  stream_keepalive_s=cfg.stream_keepalive_s)
+
+
+def access_policy(cfg: ServeConfig) -> AccessPolicy:
+    """The HTTP edge's keys and rules. Listening beyond loopback without a key is refused
+    unless the operator says so (--no-api-key: an authenticating proxy in front)."""
+    keys = load_api_keys(list(cfg.api_keys), cfg.api_key_file, salt_per_key=cfg.prefix_cache_per_key)
+    if not keys and cfg.host not in ("127.0.0.1", "localhost", "::1"):
+        if not cfg.no_api_key:
+            raise ValueError(f"folio serve: --host {cfg.host} is reachable from other machines; set "
+                             "an API key (--api-key, FOLIO_API_KEY or --api-key-file), or pass "
+                             "--no-api-key if a proxy in front authenticates clients")
+        log.warning("serving on %s without API keys (--no-api-key): anyone who reaches it can "
+                    "use it", cfg.host)
+    return AccessPolicy(keys=keys, public_metrics=cfg.public_metrics,
+                        enable_priority=cfg.enable_priority)
+
+
+def _start_autoscaler(cfg: ServeConfig, dep: Deployment) -> ReplicaAutoscaler:
+    """The replicas' supervisor, always: it replaces failed replicas, and autoscales
+    when --max-replicas is above --min-replicas (else min = max = --replicas)."""
     low = cfg.min_replicas or cfg.replicas
     high = max(low, cfg.max_replicas or low)
-    if low == high == cfg.replicas:
-        return None
     scaler = ReplicaAutoscaler(
         AutoscalerConfig(min_replicas=low, max_replicas=high, upscale_delay_s=cfg.upscale_delay_s,
                          downscale_delay_s=cfg.downscale_delay_s),
         dep.frontend, dep.handles, dep.spec, dep.frontend.metrics)
     scaler.start()
-    log.info("autoscaling between %d and %d replicas", low, high)
+    if low < high:
+        log.info("autoscaling between %d and %d replicas", low, high)
     return scaler
 
 
@@ -245,6 +303,13 @@ def _connect_ray(address: Optional[str]) -> None:
         ray.init(_node_ip_address="127.0.0.1", include_dashboard=False)
 
 
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be above 0 and at most 1, got {text}")
+    return value
+
+
 def _bytes(text: str) -> int:
     """"4GiB", "512MiB", "1.5GB" or a plain byte count."""
     m = re.fullmatch(r"\s*([0-9.]+)\s*([KMGT]?)(i?)B?\s*", text, re.IGNORECASE)
@@ -274,12 +339,50 @@ def build_serve_parser(subparsers: argparse._SubParsersAction) -> argparse.Argum
     p.add_argument("--block-size", type=int, default=d.block_size)
     p.add_argument("--kv-cache-memory", type=_bytes, default=None, help="KV pool per worker, e.g. 2GiB")
     p.add_argument("--num-kv-blocks", type=int, default=None, help="exact KV pool size in blocks")
+    p.add_argument("--gpu-memory-utilization", type=_fraction, default=d.gpu_memory_utilization,
+                   help="GPU without --kv-cache-memory or --num-kv-blocks: the share of each "
+                        "device's memory for the weights, a step's peak and the KV pool, which "
+                        "gets the rest (default %(default)s)")
     p.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs)
     p.add_argument("--max-num-batched-tokens", type=int, default=d.max_num_batched_tokens)
     p.add_argument("--max-queued-requests", type=int, default=d.max_queued_requests,
                    help="admission queue bound; beyond it requests get 429")
+    p.add_argument("--max-queue-wait", dest="max_queue_wait_s", type=float, default=d.max_queue_wait_s,
+                   help="seconds a request may be expected to wait for a replica; beyond it, 429 "
+                        "with Retry-After (estimated from the measured drain rate)")
+    e = p.add_argument_group("HTTP edge: keys and limits (see the README's Security and limits)")
+    e.add_argument("--api-key", dest="api_keys", action="append", default=[],
+                   help="require 'Authorization: Bearer KEY' (repeatable; also FOLIO_API_KEY)")
+    e.add_argument("--api-key-file", default=None,
+                   help='keys, one per line, or a JSON list of {"key", "name", "allow_priority", '
+                        '"cache_salt"} objects')
+    e.add_argument("--no-api-key", action="store_true",
+                   help="serve beyond loopback without API keys (a proxy in front authenticates)")
+    e.add_argument("--prefix-cache-per-key", action="store_true",
+                   help="keep each API key's prefix-cache entries apart from every other key's")
+    e.add_argument("--public-metrics", action="store_true",
+                   help="serve /metrics and /health/replicas without a key")
+    e.add_argument("--enable-priority", action="store_true",
+                   help="honour the request field `priority` from every client (default: only keys "
+                        "with allow_priority)")
+    e.add_argument("--max-request-body", type=_bytes, default=d.max_request_body,
+                   help="largest request body, e.g. 4MiB; larger ones get 413")
+    e.add_argument("--trust-request-chat-template", action="store_true",
+                   help="accept chat templates sent with requests (they run on the head)")
+    e.add_argument("--chat-template-kwarg", dest="chat_template_kwargs", action="append", default=[],
+                   help="allow this chat_template_kwargs key besides "
+                        f"{', '.join(sorted(DEFAULT_TEMPLATE_KWARGS))} (repeatable)")
+    e.add_argument("--chat-template-timeout", dest="chat_template_timeout_s", type=float,
+                   default=d.chat_template_timeout_s, help="seconds a chat template may render")
+    e.add_argument("--stream-keepalive", dest="stream_keepalive_s", type=float,
+                   default=d.stream_keepalive_s,
+                   help="seconds of silence after which a stream gets an SSE keep-alive comment")
     p.add_argument("--max-request-retries", type=int, default=d.max_request_retries,
-                   help="times a request resumes on another replica when its replica fails")
+                   help="times a request that was running on a replica when it failed resumes on "
+                        "another (a request that only waited there always resumes)")
+    p.add_argument("--step-timeout", type=float, default=d.step_timeout,
+                   help="seconds a step may take; a replica whose step takes longer (a hung "
+                        "worker) fails, and its requests resume on another replica")
     p.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action="store_false")
     p.add_argument("--num-speculative-tokens", type=int, default=d.num_speculative_tokens,
                    help="speculative decoding: up to this many n-gram (prompt lookup) draft tokens "
@@ -295,6 +398,13 @@ def build_serve_parser(subparsers: argparse._SubParsersAction) -> argparse.Argum
                    help="address workers' gRPC servers bind (default: the node's IP on a joined cluster)")
     p.add_argument("--worker-resources", type=json.loads, default={},
                    help='extra Ray resources per worker, JSON, e.g. \'{"fake_gpu": 1}\'')
+    p.add_argument("--worker-tls-cert", default=None,
+                   help="workers serve gRPC over TLS with this PEM certificate (path on every node)")
+    p.add_argument("--worker-tls-key", default=None, help="the worker certificate's PEM private key")
+    p.add_argument("--worker-tls-ca", default=None,
+                   help="PEM CA the head checks worker certificates against (default: system roots)")
+    p.add_argument("--worker-tls-server-name", default=None,
+                   help="name the head expects in worker certificates (default: each worker's IP)")
     p.add_argument("--min-replicas", type=int, default=None,
                    help="autoscale: never fewer replicas (default: --replicas)")
     p.add_argument("--max-replicas", type=int, default=None,
@@ -309,7 +419,12 @@ def build_serve_parser(subparsers: argparse._SubParsersAction) -> argparse.Argum
 
 def run_serve(args: argparse.Namespace) -> None:
     fields = ServeConfig.__dataclass_fields__
-    cfg = ServeConfig(**{k: v for k, v in vars(args).items() if k in fields})
+    values = {k: tuple(v) if isinstance(v, list) else v for k, v in vars(args).items() if k in fields}
+    cfg = ServeConfig(**values)
+    try:
+        access_policy(cfg)
+    except (ValueError, OSError) as e:      # keys: a clear line, before anything starts
+        raise SystemExit(f"{e}" if str(e).startswith("folio serve") else f"folio serve: {e}") from None
     try:
         asyncio.run(serve(cfg))
     except WorkerLoadError as e:     # the message says why; a traceback would not help

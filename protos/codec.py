@@ -11,8 +11,8 @@ from __future__ import annotations
 from typing import Optional
 
 from protos import worker_pb2 as pb
-from protos.messages import (CachedRequest, NewRequest, SampledRequest, SamplingParams,
-                             StepRequest, StepResult, TokenLogprob)
+from protos.messages import (CachedRequest, NewRequest, RequestError, SampledRequest,
+                             SamplingParams, StepRequest, StepResult, TokenLogprob)
 
 
 # ---------------------------------------------------------------- sampling
@@ -23,10 +23,8 @@ def encode_sampling_params(p: SamplingParams) -> pb.SamplingParams:
         seed=p.seed, presence_penalty=p.presence_penalty,
         frequency_penalty=p.frequency_penalty, repetition_penalty=p.repetition_penalty,
         logit_bias=p.logit_bias, logprobs=p.logprobs, prompt_logprobs=p.prompt_logprobs,
-        max_tokens=p.max_tokens, min_tokens=p.min_tokens, stop=p.stop,
-        stop_token_ids=p.stop_token_ids, ignore_eos=p.ignore_eos,
-        include_stop_str_in_output=p.include_stop_str_in_output,
-        skip_special_tokens=p.skip_special_tokens)
+        max_tokens=p.max_tokens, min_tokens=p.min_tokens,
+        stop_token_ids=p.stop_token_ids, ignore_eos=p.ignore_eos)
 
 
 def decode_sampling_params(m: pb.SamplingParams) -> SamplingParams:
@@ -37,10 +35,8 @@ def decode_sampling_params(m: pb.SamplingParams) -> SamplingParams:
         repetition_penalty=m.repetition_penalty, logit_bias=dict(m.logit_bias),
         logprobs=m.logprobs if m.HasField("logprobs") else None,
         prompt_logprobs=m.prompt_logprobs if m.HasField("prompt_logprobs") else None,
-        max_tokens=m.max_tokens, min_tokens=m.min_tokens, stop=list(m.stop),
-        stop_token_ids=list(m.stop_token_ids), ignore_eos=m.ignore_eos,
-        include_stop_str_in_output=m.include_stop_str_in_output,
-        skip_special_tokens=m.skip_special_tokens)
+        max_tokens=m.max_tokens, min_tokens=m.min_tokens,
+        stop_token_ids=list(m.stop_token_ids), ignore_eos=m.ignore_eos)
 
 
 def encode_token_logprob(t: TokenLogprob) -> pb.TokenLogprob:
@@ -100,7 +96,8 @@ def encode_step_result(s: StepResult) -> pb.StepResult:
             request_id=o.request_id, token_ids=o.token_ids,
             logprobs=[encode_token_logprob(t) for t in o.logprobs],
             prompt_logprobs=[encode_token_logprob(t) for t in o.prompt_logprobs])
-            for o in s.outputs])
+            for o in s.outputs],
+        errors=[pb.RequestError(request_id=e.request_id, message=e.message) for e in s.errors])
 
 
 def decode_step_result(m: pb.StepResult) -> StepResult:
@@ -110,4 +107,5 @@ def decode_step_result(m: pb.StepResult) -> StepResult:
             request_id=o.request_id, token_ids=list(o.token_ids),
             logprobs=[decode_token_logprob(t) for t in o.logprobs],
             prompt_logprobs=[decode_token_logprob(t) for t in o.prompt_logprobs])
-            for o in m.outputs])
+            for o in m.outputs],
+        errors=[RequestError(e.request_id, e.message) for e in m.errors])

@@ -14,13 +14,17 @@ that stops short of that samples nothing.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Optional
 
 
 @dataclass
 class SamplingParams:
-    """How to sample one request's tokens and when to stop (OpenAI semantics)."""
+    """How to sample one request's tokens and when to stop (OpenAI semantics).
+
+    stop, include_stop_str_in_output and skip_special_tokens are the head's
+    alone (only text reveals a stop string); they never cross to a worker.
+    """
     n: int = 1
     temperature: float = 1.0
     top_p: float = 1.0
@@ -72,6 +76,18 @@ class SamplingParams:
         for tok, bias in self.logit_bias.items():
             check(-100.0 <= bias <= 100.0, f"logit_bias values must be in [-100, 100], got {bias} for {tok}")
 
+    def for_choice(self, index: int) -> "SamplingParams":
+        """The params of choice `index` of n: one sequence, its own seed (seed + index).
+
+        Seeds wrap around 2**64 into the signed 64-bit range the wire carries, so
+        a client may use any signed or unsigned 64-bit seed with any n; the
+        sampler reads seeds modulo 2**64, so wrapping changes no draw.
+        """
+        seed = self.seed
+        if seed is not None:
+            seed = (seed + index + 2**63) % 2**64 - 2**63
+        return replace(self, n=1, seed=seed)
+
     @property
     def needs_penalties(self) -> bool:
         return (self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
@@ -91,6 +107,9 @@ class EngineRequest:
     # Outputs it already produced on a replica that then failed: the request resumes
     # after them (they count toward max_tokens and seeds continue from their index).
     output_token_ids: list[int] = field(default_factory=list)
+    # Requests hit each other's prefix-cache blocks only when their salts are equal
+    # (None included): a tenant's prompts never reveal, by timing, what another sent.
+    cache_salt: Optional[str] = None
 
 
 @dataclass
@@ -176,7 +195,15 @@ class SampledRequest:
 
 
 @dataclass
+class RequestError:
+    """A request the worker refused or could not run; it fails alone, the step goes on."""
+    request_id: str
+    message: str
+
+
+@dataclass
 class StepResult:
     step_id: int
     outputs: list[SampledRequest] = field(default_factory=list)
     execute_ms: float = 0.0
+    errors: list[RequestError] = field(default_factory=list)

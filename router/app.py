@@ -1,10 +1,12 @@
 """The HTTP API: FastAPI routes of the OpenAI-compatible server.
 
-Every error leaves as an OpenAI error object ({"error": {message, type,
-param, code}}): 400 for invalid input (including malformed JSON and wrong
-types, which FastAPI would report as 422), 404 for an unknown model, 429 with
-Retry-After when the admission queue is full, 503 when no replica can serve.
-An x-request-id header names the request and is echoed on the response.
+Before a route runs, the edge middleware (router/edge.py) has checked the API
+key, the body's size and type, and the x-request-id header. A route then
+parses its body with the request model (router/protocol.py): malformed JSON,
+a wrong type or an out-of-range field is a 400. Every error, for every status
+(400, 401, 404 for an unknown model or path, 405, 413, 415, 429 with
+Retry-After when admission refuses, 500, 503 with Retry-After while no replica
+can serve), is an OpenAI error object; 5xx bodies say nothing internal.
 
 A client that disconnects, streaming or not, aborts its request: its blocks
 are freed at the replica's next step.
@@ -12,81 +14,150 @@ are freed at the replica's next step.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
-from typing import Any, Awaitable, Union
+import uuid
+from typing import Awaitable, TypeVar, Union
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from pydantic import BaseModel, ValidationError
 from starlette.background import BackgroundTask
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cluster.frontend import Frontend
-from router.openai_serving import ApiError, OpenAIServing, StreamingResult, new_request_id
+from router.edge import REQUEST_ID_HEADER, AccessPolicy, EdgeMiddleware, request_key
+from router.errors import ApiError, ErrorResponse, invalid_body
+from router.openai_serving import Caller, OpenAIServing, StreamingResult
 from router.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
                              TokenizeRequest)
 
-REQUEST_ID_HEADER = "x-request-id"
+log = logging.getLogger(__name__)
+M = TypeVar("M", bound=BaseModel)
+
+_ERRORS = {status: {"model": ErrorResponse, "description": text} for status, text in {
+    400: "Invalid request: a malformed body, a wrong type, a field out of range",
+    401: "Missing or wrong API key", 404: "Unknown model", 413: "Body too large",
+    415: "Body is not JSON", 429: "Admission refused; retry after Retry-After seconds",
+    500: "Internal error", 503: "No replica can serve now; retry after Retry-After seconds"}.items()}
+_BODIES = (CompletionRequest, ChatCompletionRequest, TokenizeRequest, DetokenizeRequest)
 
 
-def build_app(serving: OpenAIServing, frontend: Frontend) -> FastAPI:
+def build_app(serving: OpenAIServing, frontend: Frontend,
+              policy: AccessPolicy = AccessPolicy()) -> FastAPI:
     app = FastAPI(title="folio", docs_url=None, redoc_url=None)
-    app.add_middleware(_EchoRequestId)
+    app.add_middleware(EdgeMiddleware, policy=policy, max_body_bytes=serving.limits.max_body_bytes)
     created = int(time.time())
 
     @app.exception_handler(ApiError)
     async def api_error(_: Request, e: ApiError) -> JSONResponse:
         return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
 
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, e: StarletteHTTPException) -> JSONResponse:
+        """Starlette's own answers (unknown path, wrong method) as OpenAI error objects."""
+        err = ApiError(e.status_code, str(e.detail), code=f"http_{e.status_code}")
+        return JSONResponse(err.body(), status_code=e.status_code, headers=e.headers)
+
     @app.exception_handler(RequestValidationError)
-    async def invalid_body(_: Request, e: RequestValidationError) -> JSONResponse:
-        return JSONResponse(_validation_error(e).body(), status_code=400)
+    async def invalid_params(_: Request, e: RequestValidationError) -> JSONResponse:
+        return JSONResponse(ApiError(400, "invalid request parameters").body(), status_code=400)
 
     @app.exception_handler(Exception)
-    async def internal_error(_: Request, e: Exception) -> JSONResponse:
-        err = ApiError(500, f"internal error: {type(e).__name__}: {e}", type="server_error")
-        return JSONResponse(err.body(), status_code=500)
+    async def internal_error(request: Request, e: Exception) -> JSONResponse:
+        log.error("internal error on %s %s", request.method, request.url.path, exc_info=e)
+        return JSONResponse(ApiError(500, "internal error").body(), status_code=500)
 
-    @app.post("/v1/completions")
-    async def completions(body: CompletionRequest, request: Request) -> Response:
-        return await _respond(request, serving.completions(body, _request_id(request)))
+    @app.post("/v1/completions", openapi_extra=_json_body(CompletionRequest), responses=_ERRORS)
+    async def completions(request: Request) -> Response:
+        body = await _parse(request, CompletionRequest)
+        return await _respond(request, serving.completions(body, _caller(request, policy)))
 
-    @app.post("/v1/chat/completions")
-    async def chat(body: ChatCompletionRequest, request: Request) -> Response:
-        return await _respond(request, serving.chat(body, _request_id(request)))
+    @app.post("/v1/chat/completions", openapi_extra=_json_body(ChatCompletionRequest), responses=_ERRORS)
+    async def chat(request: Request) -> Response:
+        body = await _parse(request, ChatCompletionRequest)
+        return await _respond(request, serving.chat(body, _caller(request, policy)))
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", responses=_ERRORS)
     async def models() -> dict:
         return {"object": "list", "data": [{
             "id": serving.model_name, "object": "model", "created": created, "owned_by": "folio",
             "max_model_len": frontend.max_model_len}]}
 
-    @app.post("/tokenize")
-    async def tokenize(body: TokenizeRequest) -> dict:
-        return serving.tokenize(body)
+    @app.post("/tokenize", openapi_extra=_json_body(TokenizeRequest), responses=_ERRORS)
+    async def tokenize(request: Request) -> dict:
+        return await serving.tokenize(await _parse(request, TokenizeRequest))
 
-    @app.post("/detokenize")
-    async def detokenize(body: DetokenizeRequest) -> dict:
-        return serving.detokenize(body)
+    @app.post("/detokenize", openapi_extra=_json_body(DetokenizeRequest), responses=_ERRORS)
+    async def detokenize(request: Request) -> dict:
+        return await serving.detokenize(await _parse(request, DetokenizeRequest))
 
-    @app.get("/health")
+    @app.get("/health", responses={503: _ERRORS[503]})
     async def health() -> Response:
-        dead = [f"replica {r.index}: {r.error}" for r in frontend.replicas if not r.alive]
-        if dead:
-            raise ApiError(503, "; ".join(dead), type="service_unavailable")
-        return Response(status_code=200)
+        """200 while some replica can serve; load balancers route on this."""
+        if not frontend.ready:
+            raise ApiError(503, "no replica is ready to serve",
+                           headers={"Retry-After": str(frontend.ready_in())})
+        return JSONResponse({"status": "ok"})
 
-    @app.get("/metrics")
+    @app.get("/health/replicas", responses=_ERRORS)
+    async def replicas() -> dict:
+        """Every replica's state, for operators (addresses and errors stay in the log)."""
+        return {"ready": frontend.ready, "replicas": _replica_states(frontend)}
+
+    @app.get("/metrics", responses=_ERRORS)
     async def metrics() -> Response:
         return PlainTextResponse(frontend.metrics_text(),
                                  media_type="text/plain; version=0.0.4; charset=utf-8")
 
+    def openapi() -> dict:
+        """FastAPI's document plus the request bodies the routes parse themselves."""
+        if app.openapi_schema is None:
+            doc = get_openapi(title=app.title, version="0.1.0", routes=app.routes)
+            schemas = doc.setdefault("components", {}).setdefault("schemas", {})
+            for model in _BODIES:
+                schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+                schemas.update(schema.pop("$defs", {}))
+                schemas[model.__name__] = schema
+            app.openapi_schema = doc
+        return app.openapi_schema
+
+    app.openapi = openapi
     return app
 
 
-def _request_id(request: Request) -> str:
-    """The client's x-request-id made unique (ids may repeat across clients), or a fresh one."""
-    given = request.headers.get(REQUEST_ID_HEADER)
-    return f"{given}-{new_request_id()[:8]}" if given else new_request_id()
+def _json_body(model: type[BaseModel]) -> dict:
+    """The route's request body for the OpenAPI document (the route parses it itself, so
+    that parsing is bounded and its errors are OpenAI error objects)."""
+    return {"requestBody": {"required": True, "content": {"application/json": {
+        "schema": {"$ref": f"#/components/schemas/{model.__name__}"}}}}}
+
+
+async def _parse(request: Request, model: type[M]) -> M:
+    body = await request.body()         # the edge has bounded its size
+    try:
+        return model.model_validate_json(body)
+    except ValidationError as e:
+        raise invalid_body(e) from None
+
+
+def _caller(request: Request, policy: AccessPolicy) -> Caller:
+    key = request_key(request.scope)
+    given = request.headers.get(REQUEST_ID_HEADER.decode())   # the edge bounded its length
+    if given:         # in the response id as printable ASCII; the header echo keeps its bytes
+        safe = "".join(c if c.isascii() and c.isprintable() else "_" for c in given)
+        display = f"{safe}-{uuid.uuid4().hex[:8]}"
+    else:
+        display = uuid.uuid4().hex
+    return Caller(display_id=display, priority_allowed=policy.honours_priority(key),
+                  cache_salt=key.cache_salt if key is not None else None)
+
+
+def _replica_states(frontend: Frontend) -> list[dict]:
+    return [{"index": s.index, "state": s.state, "requests": s.num_requests}
+            for s in frontend.replica_states()]
 
 
 async def _respond(request: Request, work: Awaitable[Union[dict, StreamingResult]]) -> Response:
@@ -112,38 +183,3 @@ async def _respond(request: Request, work: Awaitable[Union[dict, StreamingResult
 async def _disconnected(request: Request) -> None:
     while (await request.receive())["type"] != "http.disconnect":
         pass
-
-
-def _validation_error(e: RequestValidationError) -> ApiError:
-    errors: list[Any] = list(e.errors())
-    if any(err.get("type") == "json_invalid" for err in errors):
-        return ApiError(400, "the request body is not valid JSON")
-    parts, param = [], None
-    for err in errors[:5]:
-        loc = [str(x) for x in err.get("loc", ()) if x != "body"]
-        param = param or (loc[0] if loc else None)
-        parts.append(f"{'.'.join(loc) or 'body'}: {err.get('msg')}")
-    return ApiError(400, "; ".join(parts), param=param)
-
-
-class _EchoRequestId:
-    """ASGI middleware: copy the request's x-request-id onto the response.
-
-    Pure ASGI, not BaseHTTPMiddleware, so streaming and disconnects pass through untouched.
-    """
-
-    def __init__(self, app):
-        self.app = app
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        value = next((v for k, v in scope["headers"] if k == REQUEST_ID_HEADER.encode()), None)
-        if value is None:
-            return await self.app(scope, receive, send)
-
-        async def send_with_id(message):
-            if message["type"] == "http.response.start":
-                message["headers"] = list(message.get("headers", [])) + [(REQUEST_ID_HEADER.encode(), value)]
-            await send(message)
-        await self.app(scope, receive, send_with_id)

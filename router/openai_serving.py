@@ -3,50 +3,54 @@
 Requests become EngineRequests: prompts are tokenized here (a string, a list of
 strings, token ids, or a list of token-id lists; chat messages through the
 tokenizer's chat template), and each of n choices of each prompt is its own
-EngineRequest (`<id>#<i>`, seed + i), so siblings share prompt blocks through
-the prefix cache. RequestOutputs come back as token ids; each choice has a
-Detokenizer that makes text and finds stop strings (a stop string aborts the
-choice's engine request, since only text reveals it).
+EngineRequest (`<id>#<i>`, SamplingParams.for_choice), so siblings share prompt
+blocks through the prefix cache. RequestOutputs come back as token ids; each
+choice has a Detokenizer that makes text and finds stop strings (a stop string
+aborts the choice's engine request, since only text reveals it).
 
-Everything runs on the head's event loop. Per output this does work for the
-new tokens only: incremental detokenization, logprob entries, one SSE chunk.
+Every field is bounded before any work (router/protocol.py, router/limits.py):
+text that cannot fit the context is refused before it is tokenized, and
+templating and tokenization run on their own threads (router/templating.py).
+Engine request ids are folio's own (a uuid): nothing the client names crosses
+to the workers. Per output the event loop does work for the new tokens only:
+incremental detokenization, logprob entries, one SSE chunk.
 """
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 import uuid
-from dataclasses import dataclass, field, replace
-from typing import Any, AsyncIterator, Optional, Sequence, Union
+from dataclasses import dataclass, field
+from typing import AsyncIterator, Optional, Sequence, Union
 
 from cluster.frontend import Frontend, NotReady, QueueFull, RequestStream
 from cluster.replica import RequestFailed
 from protos.messages import EngineRequest, RequestOutput, SamplingParams, TokenLogprob
 from router.detokenizer import Detokenizer
+from router.errors import ApiError
+from router.limits import (INT32_MAX, Limits, check_choices, check_text_fits, check_token_ids, check_top_k,
+                           logit_bias_ids)
 from router.protocol import (ChatCompletionRequest, ChatMessage, CompletionRequest,
                              DetokenizeRequest, TokenizeRequest, _Sampling)
+from router.templating import ChatInput, Templater
+
+log = logging.getLogger(__name__)
 
 
-class ApiError(Exception):
-    """An error the client sees as an OpenAI error object with this HTTP status."""
-
-    def __init__(self, status: int, message: str, type: str = "invalid_request_error",
-                 param: Optional[str] = None, code: Optional[str] = None,
-                 headers: Optional[dict[str, str]] = None):
-        super().__init__(message)
-        self.status, self.message, self.type = status, message, type
-        self.param, self.code, self.headers = param, code, headers or {}
-
-    def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type,
-                          "param": self.param, "code": self.code}}
+@dataclass(frozen=True)
+class Caller:
+    """Who sent a request, as the HTTP edge established it (router/edge.py)."""
+    display_id: str                   # the response id: the client's x-request-id when printable
+    priority_allowed: bool = False    # honour the request's `priority`
+    cache_salt: Optional[str] = None  # the API key's prefix-cache salt, if it has one
 
 
 @dataclass
 class _Prompt:
     token_ids: list[int]
-    text: Optional[str]            # as the client sent it, when it was text
+    text: Optional[str]            # as the client sent it, or decoded once for echo
 
 
 @dataclass
@@ -86,31 +90,39 @@ class StreamingResult:
 
 
 class OpenAIServing:
-    def __init__(self, frontend: Frontend, tokenizer, model_name: str, vocab_size: int):
+    def __init__(self, frontend: Frontend, tokenizer, model_name: str, vocab_size: int,
+                 limits: Limits = Limits()):
         self.frontend = frontend
         self.tokenizer = tokenizer
         self.model_name = model_name
         self.vocab_size = vocab_size
+        self.limits = limits
+        self.max_token_chars = longest_token_chars(tokenizer)
+        self.templater = Templater(tokenizer, limits, self.max_chars)
         self._token_text: dict[int, str] = {}
 
+    @property
+    def max_chars(self) -> int:
+        """The longest text that could still fit the context (see check_text_fits)."""
+        return self.frontend.max_model_len * self.max_token_chars
+
     # ---------------------------------------------------------------- completions
-    async def completions(self, req: CompletionRequest, request_id: str
-                          ) -> Union[dict, StreamingResult]:
+    async def completions(self, req: CompletionRequest, caller: Caller) -> Union[dict, StreamingResult]:
         self._check_model(req.model)
         if req.suffix is not None:
             raise ApiError(400, "suffix is not supported", param="suffix")
-        if req.best_of is not None and req.best_of != (req.n or 1):
+        n = req.n or 1
+        if req.best_of is not None and req.best_of != n:
             raise ApiError(400, "best_of must equal n (folio returns every sequence it samples)",
                            param="best_of")
-        prompts = self._completion_prompts(req)
-        echo = bool(req.echo)
-        logprobs = req.logprobs
+        check_choices(len(req.prompt) if _is_prompt_list(req.prompt) else 1, n)
         params = self._sampling_params(
-            req, max_tokens=16 if req.max_tokens is None else req.max_tokens, logprobs=logprobs,
-            prompt_logprobs=logprobs if echo else None)
-        choices, streams = self._submit(prompts, params, request_id, req.priority or 0,
-                                        want_logprobs=logprobs is not None)
-        rid, created = f"cmpl-{request_id}", int(time.time())
+            req, max_tokens=16 if req.max_tokens is None else req.max_tokens, logprobs=req.logprobs,
+            prompt_logprobs=req.logprobs if req.echo else None)
+        prompts = await self._completion_prompts(req)
+        echo = bool(req.echo)
+        choices, streams = self._submit(prompts, params, caller, req)
+        rid, created = f"cmpl-{caller.display_id}", int(time.time())
 
         def choice_logprobs(c: _Choice, lps: list[TokenLogprob], with_prompt: bool) -> dict:
             """Logprobs of lps' tokens, preceded by the prompt's when echoing it."""
@@ -131,7 +143,7 @@ class OpenAIServing:
                     text = ev.text
                     with_prompt = echo and ev.first
                     if with_prompt:
-                        text = self._prompt_text(c.prompt) + text
+                        text = await self._prompt_text(c.prompt) + text
                     chunk = {"id": rid, "object": "text_completion", "created": created,
                              "model": self.model_name,
                              "choices": [{"index": c.index, "text": text,
@@ -147,34 +159,35 @@ class OpenAIServing:
                                 "model": self.model_name, "choices": [],
                                 "usage": self._usage(prompts, choices)})
                 yield "data: [DONE]\n\n"
-            return StreamingResult(self._sse_errors(chunks()), streams)
+            return self._streaming(chunks(), streams)
 
         async for _ in self._events(choices, streams):
             pass
         out = []
         for c in choices:
-            text = (self._prompt_text(c.prompt) if echo else "") + c.detok.text
+            text = (await self._prompt_text(c.prompt) if echo else "") + c.detok.text
             out.append({"index": c.index, "text": text,
                         "logprobs": choice_logprobs(c, c.logprobs, echo) if c.want_logprobs else None,
                         "finish_reason": c.finish_reason, "stop_reason": c.stop_reason})
         return {"id": rid, "object": "text_completion", "created": created, "model": self.model_name,
                 "choices": out, "usage": self._usage(prompts, choices)}
 
-    def _completion_prompts(self, req: CompletionRequest) -> list[_Prompt]:
+    async def _completion_prompts(self, req: CompletionRequest) -> list[_Prompt]:
         p = req.prompt
         add_special = True if req.add_special_tokens is None else req.add_special_tokens
-        if isinstance(p, str):
-            prompts = [_Prompt(self.tokenizer.encode(p, add_special_tokens=add_special), p)]
+        if isinstance(p, str) or (p and isinstance(p[0], str)):
+            texts = [p] if isinstance(p, str) else list(p)
+            for t in texts:     # all checked before any is tokenized
+                check_text_fits(len(t), self.max_chars, self.frontend.max_model_len, "prompt")
+            prompts = [_Prompt(await self.templater.encode(t, add_special), t) for t in texts]
         elif not p:
             raise ApiError(400, "prompt must not be empty", param="prompt")
-        elif isinstance(p[0], str):
-            prompts = [_Prompt(self.tokenizer.encode(s, add_special_tokens=add_special), s) for s in p]
         elif isinstance(p[0], int):
             prompts = [_Prompt(list(p), None)]
         else:
             prompts = [_Prompt(list(ids), None) for ids in p]
         for pr in prompts:
-            self._check_token_ids(pr.token_ids, "prompt")
+            check_token_ids(pr.token_ids, self.vocab_size, "prompt")
         return prompts
 
     def _completion_logprobs(self, ids: Sequence[int], entries: Sequence[Optional[TokenLogprob]],
@@ -198,7 +211,7 @@ class OpenAIServing:
                 "text_offset": offsets}, offset
 
     # ---------------------------------------------------------------- chat
-    async def chat(self, req: ChatCompletionRequest, request_id: str) -> Union[dict, StreamingResult]:
+    async def chat(self, req: ChatCompletionRequest, caller: Caller) -> Union[dict, StreamingResult]:
         self._check_model(req.model)
         if req.tools and req.tool_choice != "none":
             raise ApiError(400, "tool calling is not supported; send tool_choice \"none\"", param="tools")
@@ -207,17 +220,21 @@ class OpenAIServing:
                            param="response_format")
         if req.top_logprobs is not None and not req.logprobs:
             raise ApiError(400, "top_logprobs needs logprobs set to true", param="top_logprobs")
-        prompt = _Prompt(self._apply_chat_template(req), None)
-        self._check_token_ids(prompt.token_ids, "messages")
+        check_choices(1, req.n or 1)
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-        if max_tokens is None:
-            max_tokens = max(1, self.frontend.max_model_len - len(prompt.token_ids))
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
+        # Checked once before the template runs (max_tokens provisional), so a bad field costs nothing.
+        self._sampling_params(req, max_tokens=INT32_MAX if max_tokens is None else max_tokens,
+                              logprobs=logprobs, prompt_logprobs=None)
+        prompt = _Prompt(await self._chat_token_ids(req), None)
+        check_token_ids(prompt.token_ids, self.vocab_size, "messages")
+        if max_tokens is None:
+            # As much as is left of the room one request has: always admissible.
+            max_tokens = max(1, self.frontend.max_request_tokens - len(prompt.token_ids))
         params = self._sampling_params(req, max_tokens=max_tokens, logprobs=logprobs,
                                        prompt_logprobs=None)
-        choices, streams = self._submit([prompt], params, request_id, req.priority or 0,
-                                        want_logprobs=logprobs is not None)
-        rid, created = f"chatcmpl-{request_id}", int(time.time())
+        choices, streams = self._submit([prompt], params, caller, req)
+        rid, created = f"chatcmpl-{caller.display_id}", int(time.time())
 
         if req.stream:
             opts = req.stream_options
@@ -246,7 +263,7 @@ class OpenAIServing:
                                 "model": self.model_name, "choices": [],
                                 "usage": self._usage([prompt], choices)})
                 yield "data: [DONE]\n\n"
-            return StreamingResult(self._sse_errors(chunks()), streams)
+            return self._streaming(chunks(), streams)
 
         async for _ in self._events(choices, streams):
             pass
@@ -256,21 +273,25 @@ class OpenAIServing:
         return {"id": rid, "object": "chat.completion", "created": created, "model": self.model_name,
                 "choices": out, "usage": self._usage([prompt], choices)}
 
-    def _apply_chat_template(self, req: Union[ChatCompletionRequest, TokenizeRequest]) -> list[int]:
+    async def _chat_token_ids(self, req: Union[ChatCompletionRequest, TokenizeRequest]) -> list[int]:
+        """The conversation through the chat template, tokenized; refused before any work when
+        its text alone could not fit."""
         messages = [_message_dict(m) for m in req.messages or []]
-        kwargs: dict[str, Any] = dict(getattr(req, "chat_template_kwargs", None) or {})
+        check_text_fits(sum(_text_chars(m) for m in messages), self.max_chars,
+                        self.frontend.max_model_len, "messages")
+        kwargs = dict(getattr(req, "chat_template_kwargs", None) or {})
+        template = getattr(req, "chat_template", None)
+        if template is None and "chat_template" in kwargs:
+            template = kwargs.pop("chat_template")
+            if not isinstance(template, str):
+                raise ApiError(400, "chat_template must be a string", param="chat_template_kwargs")
         continue_final = bool(getattr(req, "continue_final_message", None))
         add_gen = req.add_generation_prompt
-        kwargs["add_generation_prompt"] = (not continue_final) if add_gen is None else add_gen
-        if continue_final:
-            kwargs["continue_final_message"] = True
-        if getattr(req, "tools", None):
-            kwargs["tools"] = req.tools
-        try:
-            text = self.tokenizer.apply_chat_template(messages, tokenize=False, **kwargs)
-        except Exception as e:     # noqa: BLE001 - template errors are the client's messages' fault
-            raise ApiError(400, f"cannot apply the chat template: {e}", param="messages") from e
-        return self.tokenizer.encode(text, add_special_tokens=bool(req.add_special_tokens))
+        text = await self.templater.render(ChatInput(
+            messages, add_generation_prompt=(not continue_final) if add_gen is None else add_gen,
+            continue_final_message=continue_final, tools=getattr(req, "tools", None) or None,
+            template=template, kwargs=kwargs))
+        return await self.templater.encode(text, bool(req.add_special_tokens))
 
     def _chat_logprobs(self, lps: Sequence[TokenLogprob]) -> dict:
         def entry(tok: int, lp: float) -> dict:
@@ -281,46 +302,41 @@ class OpenAIServing:
                             for t in lps]}
 
     # ---------------------------------------------------------------- tokenize
-    def tokenize(self, req: TokenizeRequest) -> dict:
+    async def tokenize(self, req: TokenizeRequest) -> dict:
         self._check_model(req.model)
         if (req.prompt is None) == (req.messages is None):
             raise ApiError(400, "send either prompt or messages")
         if req.messages is not None:
-            ids = self._apply_chat_template(req)
+            ids = await self._chat_token_ids(req)
         else:
+            check_text_fits(len(req.prompt), self.max_chars, self.frontend.max_model_len, "prompt")
             add_special = True if req.add_special_tokens is None else req.add_special_tokens
-            ids = self.tokenizer.encode(req.prompt, add_special_tokens=add_special)
+            ids = await self.templater.encode(req.prompt, add_special)
         return {"tokens": ids, "count": len(ids), "max_model_len": self.frontend.max_model_len}
 
-    def detokenize(self, req: DetokenizeRequest) -> dict:
+    async def detokenize(self, req: DetokenizeRequest) -> dict:
         self._check_model(req.model)
-        self._check_token_ids(req.tokens, "tokens", allow_empty=True)
-        return {"prompt": self.tokenizer.decode(req.tokens)}
+        if len(req.tokens) > self.frontend.max_model_len:
+            raise ApiError(400, f"at most {self.frontend.max_model_len} tokens (the maximum context "
+                                "length) can be detokenized at once", param="tokens")
+        check_token_ids(req.tokens, self.vocab_size, "tokens", allow_empty=True)
+        return {"prompt": await self.templater.decode(req.tokens)}
 
     # ---------------------------------------------------------------- shared
     def _check_model(self, name: Optional[str]) -> None:
         if name is not None and name != self.model_name:
-            raise ApiError(404, f"the model {name!r} does not exist; this server serves "
+            raise ApiError(404, f"the model {name[:64]!r} does not exist; this server serves "
                                 f"{self.model_name!r}", param="model", code="model_not_found")
-
-    def _check_token_ids(self, ids: Sequence[int], param: str, allow_empty: bool = False) -> None:
-        if not ids and not allow_empty:
-            raise ApiError(400, "the prompt is empty (it has no tokens)", param=param)
-        bad = next((t for t in ids if not 0 <= t < self.vocab_size), None)
-        if bad is not None:
-            raise ApiError(400, f"token id {bad} is out of the vocabulary [0, {self.vocab_size})",
-                           param=param)
 
     def _sampling_params(self, req: _Sampling, *, max_tokens: int, logprobs: Optional[int],
                          prompt_logprobs: Optional[int]) -> SamplingParams:
+        """The request's sampling fields, checked against the model (the schema bounded the rest)."""
         def pick(value, default):
             return default if value is None else value
+        check_top_k(req.top_k, self.vocab_size)
+        stop_ids = list(req.stop_token_ids or [])
+        check_token_ids(stop_ids, self.vocab_size, "stop_token_ids", allow_empty=True)
         stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
-        try:
-            bias = {int(k): v for k, v in (req.logit_bias or {}).items()}
-        except ValueError:
-            raise ApiError(400, "logit_bias keys must be token ids", param="logit_bias") from None
-        self._check_token_ids(list(bias), "logit_bias", allow_empty=True)
         try:
             return SamplingParams(
                 n=pick(req.n, 1), temperature=pick(req.temperature, 1.0), top_p=pick(req.top_p, 1.0),
@@ -328,39 +344,42 @@ class OpenAIServing:
                 presence_penalty=pick(req.presence_penalty, 0.0),
                 frequency_penalty=pick(req.frequency_penalty, 0.0),
                 repetition_penalty=pick(req.repetition_penalty, 1.0),
-                logit_bias=bias,
+                logit_bias=logit_bias_ids(req.logit_bias, self.vocab_size),
                 logprobs=logprobs, prompt_logprobs=prompt_logprobs, max_tokens=max_tokens,
                 min_tokens=pick(req.min_tokens, 0), stop=[s for s in stop if s],
-                stop_token_ids=list(req.stop_token_ids or []), ignore_eos=bool(req.ignore_eos),
+                stop_token_ids=stop_ids, ignore_eos=bool(req.ignore_eos),
                 include_stop_str_in_output=bool(req.include_stop_str_in_output),
                 skip_special_tokens=pick(req.skip_special_tokens, True))
         except ValueError as e:
             raise ApiError(400, str(e)) from e
 
-    def _submit(self, prompts: list[_Prompt], params: SamplingParams, request_id: str,
-                priority: int, want_logprobs: bool) -> tuple[list[_Choice], list[RequestStream]]:
+    def _submit(self, prompts: list[_Prompt], params: SamplingParams, caller: Caller,
+                req: _Sampling) -> tuple[list[_Choice], list[RequestStream]]:
         """Admit every choice of every prompt, or none of them."""
-        limit = self.frontend.max_model_len
+        room = self.frontend.max_request_tokens
         for p in prompts:
-            if len(p.token_ids) + params.max_tokens > limit:
-                raise ApiError(400, f"This model's maximum context length is {limit} tokens. "
-                                    f"However, you requested {len(p.token_ids) + params.max_tokens} "
-                                    f"tokens ({len(p.token_ids)} in the prompt, {params.max_tokens} "
-                                    f"for the completion). Reduce the prompt or max_tokens.",
-                               param="max_tokens")
+            need = len(p.token_ids) + params.max_tokens
+            if need > room:
+                raise ApiError(400, f"This model's maximum context length is {room} tokens. "
+                                    f"However, you requested {need} tokens ({len(p.token_ids)} in the "
+                                    f"prompt, {params.max_tokens} for the completion). Reduce the "
+                                    "prompt or max_tokens.", param="max_tokens",
+                               code="context_length_exceeded")
+        priority = (req.priority or 0) if caller.priority_allowed else 0
+        salt = "\x00".join(s for s in (caller.cache_salt, req.cache_salt) if s) or None
+        base = new_request_id()
         choices, streams = [], []
         now = time.monotonic()
         try:
             for pi, p in enumerate(prompts):
                 for i in range(params.n):
                     index = pi * params.n + i
-                    child = replace(params, n=1,
-                                    seed=None if params.seed is None else params.seed + i)
+                    child = params.for_choice(i)
                     streams.append(self.frontend.generate(EngineRequest(
-                        f"{request_id}#{index}", p.token_ids, child, priority, now)))
+                        f"{base}#{index}", p.token_ids, child, priority, now, cache_salt=salt)))
                     choices.append(_Choice(index, p, Detokenizer(
                         self.tokenizer, p.token_ids, child.stop, child.include_stop_str_in_output,
-                        child.skip_special_tokens, child.min_tokens), want_logprobs))
+                        child.skip_special_tokens, child.min_tokens), params.logprobs is not None))
         except BaseException as e:
             for s in streams:
                 s.cancel()
@@ -368,7 +387,8 @@ class OpenAIServing:
                 raise ApiError(429, str(e), type="rate_limit_error", code="queue_full",
                                headers={"Retry-After": str(e.retry_after)}) from e
             if isinstance(e, NotReady):
-                raise ApiError(503, str(e), type="service_unavailable") from e
+                raise ApiError(503, "no replica is ready to serve; retry shortly",
+                               headers={"Retry-After": str(getattr(e, "retry_after", 5))}) from e
             if isinstance(e, ValueError):
                 raise ApiError(400, str(e)) from e
             raise
@@ -395,7 +415,7 @@ class OpenAIServing:
             while remaining:
                 k, out = await queue.get()
                 if isinstance(out, Exception):
-                    raise ApiError(503, f"the request failed: {out}", type="service_unavailable")
+                    raise _failure(out)
                 c = choices[k]
                 if c.finish_reason is not None:
                     continue              # the abort that follows a stop string
@@ -434,8 +454,11 @@ class OpenAIServing:
         return {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
                 "total_tokens": prompt_tokens + completion}
 
-    def _prompt_text(self, p: _Prompt) -> str:
-        return p.text if p.text is not None else self.tokenizer.decode(p.token_ids)
+    async def _prompt_text(self, p: _Prompt) -> str:
+        """The prompt as text, for echo: as sent, or token ids decoded off the event loop."""
+        if p.text is None:
+            p.text = await self.templater.decode(p.token_ids)
+        return p.text
 
     def _text_of(self, token_id: int) -> str:
         s = self._token_text.get(token_id)
@@ -443,14 +466,60 @@ class OpenAIServing:
             s = self._token_text[token_id] = self.tokenizer.decode([token_id])
         return s
 
-    async def _sse_errors(self, chunks: AsyncIterator[str]) -> AsyncIterator[str]:
-        """Once streaming has begun, an error can only be reported inside the stream."""
-        try:
-            async for c in chunks:
-                yield c
-        except ApiError as e:
-            yield _sse(e.body())
-            yield "data: [DONE]\n\n"
+    def _streaming(self, chunks: AsyncIterator[str], streams: list[RequestStream]) -> StreamingResult:
+        return StreamingResult(_keepalive(_sse_errors(chunks), self.limits.stream_keepalive_s), streams)
+
+
+def _failure(e: Exception) -> ApiError:
+    """What a client learns of a failed request: its own fault (400, the reason), or that
+    the cluster could not finish it (503, no internals: the log has them)."""
+    if isinstance(e, RequestFailed) and not getattr(e, "retryable", True):
+        return ApiError(400, f"the request cannot be served: {e}")
+    log.warning("request failed: %s", e)
+    return ApiError(503, "the replica serving this request failed and it could not be resumed; "
+                         "retry", headers={"Retry-After": "1"})
+
+
+async def _sse_errors(chunks: AsyncIterator[str]) -> AsyncIterator[str]:
+    """Once streaming has begun, an error can only be reported inside the stream: every
+    failure ends it with an error event and [DONE]."""
+    try:
+        async for c in chunks:
+            yield c
+    except ApiError as e:
+        yield _sse(e.body())
+        yield "data: [DONE]\n\n"
+    except Exception:        # noqa: BLE001 - reported to the client without internals, logged here
+        log.exception("a stream failed")
+        yield _sse(ApiError(500, "internal error while streaming").body())
+        yield "data: [DONE]\n\n"
+
+
+async def _keepalive(chunks: AsyncIterator[str], interval: float) -> AsyncIterator[str]:
+    """Pass chunks through; while none comes for `interval` seconds (queued, or a long
+    prefill), send an SSE comment so proxies and clients with idle timeouts keep the stream."""
+    it = chunks.__aiter__()
+    pending: Optional[asyncio.Task] = None
+    try:
+        while True:
+            if pending is None:
+                pending = asyncio.ensure_future(it.__anext__())
+            done, _ = await asyncio.wait({pending}, timeout=interval)
+            if not done:
+                yield ": keep-alive\n\n"
+                continue
+            try:
+                chunk = pending.result()
+            except StopAsyncIteration:
+                return
+            finally:
+                pending = None
+            yield chunk
+    finally:
+        if pending is not None:       # the client left mid-wait: stop the source first
+            pending.cancel()
+            await asyncio.gather(pending, return_exceptions=True)
+        await it.aclose()
 
 
 def _message_dict(m: ChatMessage) -> dict:
@@ -461,12 +530,21 @@ def _message_dict(m: ChatMessage) -> dict:
         texts = []
         for part in content:
             if part.type != "text" or part.text is None:
-                raise ApiError(400, f"content parts of type {part.type!r} are not supported; "
+                raise ApiError(400, f"content parts of type {part.type[:32]!r} are not supported; "
                                     "folio serves text models", param="messages")
             texts.append(part.text)
         content = "\n".join(texts)
     d["content"] = content or ""
     return d
+
+
+def _text_chars(message: dict) -> int:
+    """Characters of a message's strings (content, name, any extra string field)."""
+    return sum(len(v) for v in message.values() if isinstance(v, str))
+
+
+def _is_prompt_list(p) -> bool:
+    return isinstance(p, list) and bool(p) and not isinstance(p[0], int)
 
 
 def _sse(obj: dict) -> str:
@@ -475,3 +553,10 @@ def _sse(obj: dict) -> str:
 
 def new_request_id() -> str:
     return uuid.uuid4().hex
+
+
+def longest_token_chars(tokenizer) -> int:
+    """Characters of the longest token's text: no text longer than n times this is n tokens
+    or fewer (a token's stored form is never shorter than the text it decodes to)."""
+    vocab = tokenizer.get_vocab()
+    return max(8, max(map(len, vocab), default=1))

@@ -3,8 +3,10 @@
 Validation is strict about types (a string where a number belongs is a 400,
 never silently coerced) and lenient about presence: unknown fields are ignored
 and every optional field accepts null, because real clients send `seed: null`
-or `logprobs: null` and fields from newer API versions. Range checks live in
-SamplingParams.validate(), so the HTTP API and offline generation agree.
+or `logprobs: null` and fields from newer API versions. Every field is bounded
+here (router/limits.py says why each bound is what it is); floats must be
+finite. Bounds that need the model (vocabulary, context length) are checked in
+router/openai_serving.py before tokenizing.
 
 Besides the OpenAI fields, the sampling extensions vLLM accepts are here too
 (top_k, min_p, repetition_penalty, ignore_eos, min_tokens, stop_token_ids, ...),
@@ -12,13 +14,20 @@ so load tools and evaluation harnesses written for vLLM work unchanged.
 """
 from __future__ import annotations
 
-from typing import Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from router import limits as L
+
+Name = Annotated[str, Field(max_length=L.MAX_NAME_CHARS)]
+StopString = Annotated[str, Field(max_length=L.MAX_STOP_CHARS)]
+TokenId = Annotated[int, Field(ge=0, le=L.INT32_MAX)]
+Count = Annotated[int, Field(ge=0, le=L.INT32_MAX)]
+
 
 class _Body(BaseModel):
-    model_config = ConfigDict(strict=True, extra="ignore")
+    model_config = ConfigDict(strict=True, extra="ignore", allow_inf_nan=False)
 
 
 class StreamOptions(_Body):
@@ -28,40 +37,48 @@ class StreamOptions(_Body):
 
 class _Sampling(_Body):
     """Fields completions and chat share."""
-    model: Optional[str] = None
-    n: Optional[int] = None
-    temperature: Optional[float] = None
-    top_p: Optional[float] = None
-    seed: Optional[int] = None
-    stop: Union[str, list[str], None] = None
-    presence_penalty: Optional[float] = None
-    frequency_penalty: Optional[float] = None
-    logit_bias: Optional[dict[str, float]] = None
+    model: Optional[Name] = None
+    n: Optional[int] = Field(None, ge=1, le=L.MAX_N)
+    temperature: Optional[float] = Field(None, ge=0.0, le=L.MAX_TEMPERATURE)
+    top_p: Optional[float] = Field(None, gt=0.0, le=1.0)
+    seed: Optional[int] = Field(None, ge=L.SEED_MIN, le=L.SEED_MAX)
+    stop: Union[StopString, Annotated[list[StopString], Field(max_length=L.MAX_STOP)], None] = None
+    presence_penalty: Optional[float] = Field(None, ge=-2.0, le=2.0)
+    frequency_penalty: Optional[float] = Field(None, ge=-2.0, le=2.0)
+    logit_bias: Optional[Annotated[
+        dict[Annotated[str, Field(max_length=16)],
+             Annotated[float, Field(ge=-L.MAX_LOGIT_BIAS_VALUE, le=L.MAX_LOGIT_BIAS_VALUE)]],
+        Field(max_length=L.MAX_LOGIT_BIAS)]] = None
     stream: Optional[bool] = None
     stream_options: Optional[StreamOptions] = None
-    user: Optional[str] = None
+    user: Optional[Name] = None
     # vLLM extensions
-    top_k: Optional[int] = None
-    min_p: Optional[float] = None
-    repetition_penalty: Optional[float] = None
+    top_k: Optional[int] = Field(None, ge=-1, le=L.INT32_MAX)     # <= the vocabulary, checked later
+    min_p: Optional[float] = Field(None, ge=0.0, le=1.0)
+    repetition_penalty: Optional[float] = Field(None, gt=0.0, le=L.MAX_REPETITION_PENALTY)
     ignore_eos: Optional[bool] = None
-    min_tokens: Optional[int] = None
-    stop_token_ids: Optional[list[int]] = None
+    min_tokens: Optional[Count] = None
+    stop_token_ids: Optional[Annotated[list[TokenId], Field(max_length=L.MAX_STOP_TOKEN_IDS)]] = None
     skip_special_tokens: Optional[bool] = None
     include_stop_str_in_output: Optional[bool] = None
-    priority: Optional[int] = None
+    # Honoured only when the operator allows it (--enable-priority or the API key's setting).
+    priority: Optional[int] = Field(None, ge=-L.INT32_MAX, le=L.INT32_MAX)
+    # Keeps this request's prefix-cache entries apart from requests without the same salt.
+    cache_salt: Optional[Annotated[str, Field(min_length=1, max_length=L.MAX_NAME_CHARS)]] = None
 
 
-PromptInput = Union[str, list[str], list[int], list[list[int]]]
+PromptInput = Union[str, Annotated[list[str], Field(min_length=1, max_length=L.MAX_PROMPTS)],
+                    list[int],
+                    Annotated[list[list[int]], Field(min_length=1, max_length=L.MAX_PROMPTS)]]
 
 
 class CompletionRequest(_Sampling):
     """POST /v1/completions."""
     prompt: PromptInput
-    max_tokens: Optional[int] = None          # default 16, as OpenAI's
-    logprobs: Optional[int] = None            # top alternatives per token (0: chosen only)
+    max_tokens: Optional[int] = Field(None, ge=1, le=L.INT32_MAX)   # default 16, as OpenAI's
+    logprobs: Optional[int] = Field(None, ge=0, le=L.MAX_LOGPROBS)  # alternatives per token (0: chosen only)
     echo: Optional[bool] = None
-    best_of: Optional[int] = None
+    best_of: Optional[int] = Field(None, ge=1, le=L.MAX_N)
     suffix: Optional[str] = None
     add_special_tokens: Optional[bool] = None
 
@@ -69,15 +86,15 @@ class CompletionRequest(_Sampling):
 class ContentPart(BaseModel):
     """One element of a content array; only "text" parts can be served."""
     model_config = ConfigDict(strict=True, extra="allow")
-    type: str
+    type: Name
     text: Optional[str] = None
 
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(strict=True, extra="allow")    # tool_calls etc. reach the template
-    role: str
+    role: Name
     content: Union[str, list[ContentPart], None] = None
-    name: Optional[str] = None
+    name: Optional[Name] = None
 
 
 class ResponseFormat(_Body):
@@ -86,11 +103,11 @@ class ResponseFormat(_Body):
 
 class ChatCompletionRequest(_Sampling):
     """POST /v1/chat/completions."""
-    messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: Optional[int] = None          # deprecated spelling of max_completion_tokens
-    max_completion_tokens: Optional[int] = None
+    messages: list[ChatMessage] = Field(min_length=1, max_length=L.MAX_MESSAGES)
+    max_tokens: Optional[int] = Field(None, ge=1, le=L.INT32_MAX)   # old name of max_completion_tokens
+    max_completion_tokens: Optional[int] = Field(None, ge=1, le=L.INT32_MAX)
     logprobs: Optional[bool] = None
-    top_logprobs: Optional[int] = None
+    top_logprobs: Optional[int] = Field(None, ge=0, le=L.MAX_LOGPROBS)
     response_format: Optional[ResponseFormat] = None
     tools: Optional[list[dict[str, Any]]] = None
     tool_choice: Union[str, dict[str, Any], None] = None
@@ -98,19 +115,20 @@ class ChatCompletionRequest(_Sampling):
     add_generation_prompt: Optional[bool] = None
     continue_final_message: Optional[bool] = None
     add_special_tokens: Optional[bool] = None
-    chat_template_kwargs: Optional[dict[str, Any]] = None
+    chat_template: Optional[str] = None               # refused unless --trust-request-chat-template
+    chat_template_kwargs: Optional[dict[Name, Any]] = None
 
 
 class TokenizeRequest(_Body):
     """POST /tokenize: either a prompt or chat messages."""
-    model: Optional[str] = None
+    model: Optional[Name] = None
     prompt: Optional[str] = None
-    messages: Optional[list[ChatMessage]] = None
+    messages: Optional[Annotated[list[ChatMessage], Field(min_length=1, max_length=L.MAX_MESSAGES)]] = None
     add_special_tokens: Optional[bool] = None
     add_generation_prompt: Optional[bool] = None
 
 
 class DetokenizeRequest(_Body):
     """POST /detokenize."""
-    model: Optional[str] = None
+    model: Optional[Name] = None
     tokens: list[int]

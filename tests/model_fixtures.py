@@ -190,6 +190,28 @@ def make_tiny_gguf(family: str, path) -> str:
     return out
 
 
+def make_tiny_chat_model(path) -> str:
+    """A tiny random-weight Llama that speaks SmolLM2's vocabulary: SmolLM2's tokenizer
+    and chat template beside two narrow layers. For tests of the HTTP edge, where every
+    request must be cheap to serve but the tokenizer and template must be real."""
+    out = os.path.join(str(path), "tiny-chat")
+    if os.path.isfile(os.path.join(out, "config.json")):
+        return out
+    from transformers import LlamaConfig
+
+    from worker.loader import load_tokenizer
+    tokenizer = load_tokenizer(smollm2_path())
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                         max_position_embeddings=2048, rms_norm_eps=1e-5, rope_theta=10000.0,
+                         tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id)
+    tmp = save_random_model(config, out + ".model", seed=11, logit_std=2.0)
+    tokenizer.save_pretrained(tmp)
+    os.replace(tmp, out)
+    return out
+
+
 def smollm2_path() -> str:
     """The bundled SmolLM2-135M-Instruct Q4_1 GGUF file (never imports the package)."""
     import importlib.util

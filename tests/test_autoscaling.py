@@ -18,6 +18,7 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -38,6 +39,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_LINES = 64
 MAX_TOKENS = 16
 RESUMED = 16                 # lines the resumed job finds already done
+# `folio batch` imports torch (the serve parser): on a loaded 2-core machine it
+# took over 60 s from start to exit, with the job already submitted.
+CLI_TIMEOUT = 180
 
 
 def _free_port() -> int:
@@ -240,7 +244,7 @@ def _submit(cluster: Cluster, input_path: str, output_path: str) -> str:
     out = subprocess.run(
         [sys.executable, "-m", "cluster.cli", "batch", "submit", input_path, "--output", output_path,
          "--address", cluster.dashboard, "--endpoint", cluster.endpoint, "--concurrency", "16"],
-        cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=60)
+        cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=CLI_TIMEOUT)
     assert out.returncode == 0, out.stderr[-3000:]
     return out.stdout.strip().splitlines()[-1]
 
@@ -248,7 +252,7 @@ def _submit(cluster: Cluster, input_path: str, output_path: str) -> str:
 def _status(cluster: Cluster, job_id: str) -> dict:
     out = subprocess.run([sys.executable, "-m", "cluster.cli", "batch", "status", job_id,
                           "--address", cluster.dashboard],
-                         cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=60)
+                         cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=CLI_TIMEOUT)
     assert out.returncode == 0, out.stderr[-3000:]
     return json.loads(out.stdout)
 
@@ -287,7 +291,7 @@ def test_batch_backlog_scales_replicas_and_nodes_up_then_down(expected, cluster)
     cluster.wait_for(lambda: cluster.replicas() == 2, 180, "no second replica")
     status = _wait_job(cluster, job, 300)
     assert status["progress"].startswith(f"progress: {NUM_LINES}/{NUM_LINES} done")
-    assert status["metadata"]["lines"] == str(NUM_LINES)
+    assert status["metadata"]["output"] == output
     cluster.wait_for(lambda: cluster.replicas() == 1, 120, "the extra replica was not removed")
     cluster.wait_for(lambda: cluster.nodes() == start_nodes, 120, "the idle node stayed")
     # The sampler thread may not have seen the last change yet: record the state now.
@@ -336,8 +340,9 @@ def test_replica_killed_mid_batch_and_resumed_job_lose_no_line(expected, cluster
     cluster.wait_for(lambda: cluster.replicas() >= 1 and _up(cluster.endpoint.removesuffix("/v1") + "/health"),
                      120, "the dead replica was not replaced")
     # Only the killed worker was lost: idle replicas survive the head's keepalive pings.
+    # (The replica logs each lost worker once; its requests' failures repeat the text.)
     with open(os.path.join(cluster.workdir, "serve.log")) as f:
-        assert f.read().count(" lost worker ") == 1
+        assert len(re.findall(r"cluster.replica: replica \d+ lost worker ", f.read())) == 1
 
 
 def _worker_pids(cluster: Cluster) -> list[int]:

@@ -49,3 +49,14 @@ def test_bench_spec_compares_plain_and_speculative_decoding(tmp_path):
     copy = rows[0]
     assert copy["acceptance"] > 0.5 and copy["tokens_per_step"] > 1.5, "copying should accept drafts"
     assert "ratio" in res.stdout
+
+
+def test_serve_refuses_to_listen_beyond_loopback_without_a_key():
+    """Checked before Ray or any worker starts: the mistake costs a second, not a model load."""
+    env = {k: v for k, v in __import__("os").environ.items() if k != "FOLIO_API_KEY"}
+    r = subprocess.run([sys.executable, "-m", "cluster.cli", "serve", "--host", "0.0.0.0"],
+                       capture_output=True, text=True, timeout=120, env=env)
+    assert r.returncode != 0 and "set an API key" in r.stderr, r.stderr[-500:]
+    r = subprocess.run([sys.executable, "-m", "cluster.cli", "serve", "--api-key-file", "/no/such/file"],
+                       capture_output=True, text=True, timeout=120, env=env)
+    assert r.returncode != 0 and "No such file" in r.stderr and "Traceback" not in r.stderr

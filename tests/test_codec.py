@@ -3,13 +3,14 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from protos import codec
-from protos.messages import (CachedRequest, NewRequest, SampledRequest, SamplingParams,
-                             StepRequest, StepResult, TokenLogprob)
+from protos.messages import (CachedRequest, NewRequest, RequestError, SampledRequest,
+                             SamplingParams, StepRequest, StepResult, TokenLogprob)
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -30,7 +31,10 @@ def _wire(msg):
 ])
 def test_sampling_params_round_trip(params):
     m = _wire(codec.encode_sampling_params(params))
-    assert codec.decode_sampling_params(m) == params
+    # Stop strings and text options stay on the head: they arrive as defaults.
+    head_only = dict(stop=[], include_stop_str_in_output=False, skip_special_tokens=True)
+    assert codec.decode_sampling_params(m) == replace(params, **head_only)
+    assert "é😀" not in m.SerializeToString().decode("utf-8", "replace")
 
 
 def test_unset_optionals_stay_none():
@@ -63,7 +67,7 @@ def test_step_result_round_trip():
         SampledRequest("c", token_ids=[49151], logprobs=[lp]),
         SampledRequest("d", token_ids=[4, 5, 6], logprobs=[lp, lp, TokenLogprob(6, -1.5, 2)]),
         SampledRequest("e", token_ids=[7, 8]),
-    ])
+    ], errors=[RequestError("f", "logit_bias token id 99999 is outside the vocabulary")])
     assert codec.decode_step_result(_wire(codec.encode_step_result(result))) == result
 
 

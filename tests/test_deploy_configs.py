@@ -104,6 +104,16 @@ def test_folio_commands_in_deploy_files_parse(path):
             assert args.max_replicas > args.min_replicas        # autoscaling is on
 
 
+@pytest.mark.parametrize("path", RAY_UP_CONFIGS)
+def test_ray_up_serves_with_an_api_key_and_a_local_dashboard(path):
+    [config] = _load(path)
+    head = " ".join(" ".join(c.split()) for c in config["head_start_ray_commands"])
+    serve = head[head.index("folio serve") - 60:]
+    assert "folio serve --api-key-file ~/.folio/api_key" in serve
+    assert "--dashboard-host=127.0.0.1" in head
+    assert any("~/.folio/api_key" in c and "umask 077" in c for c in config["head_setup_commands"])
+
+
 def test_kuberay_manifest_shape():
     docs = {d["kind"]: d for d in _load("deploy/kuberay-raycluster.yaml")}
     rc = docs["RayCluster"]
@@ -114,6 +124,9 @@ def test_kuberay_manifest_shape():
     assert head["rayStartParams"]["num-gpus"] == "0"
     [head_container] = head["template"]["spec"]["containers"]
     assert 8000 in [p["containerPort"] for p in head_container["ports"]]
+    [key] = [e for e in head_container["env"] if e["name"] == "FOLIO_API_KEY"]
+    assert key["valueFrom"]["secretKeyRef"] == {"name": "folio-api-key", "key": "api-key"}
+    assert head["rayStartParams"]["dashboard-host"] == "127.0.0.1"
     gpus = []
     for group in spec["workerGroupSpecs"]:
         assert 0 <= group["minReplicas"] <= group["replicas"] <= group["maxReplicas"]

@@ -14,7 +14,7 @@ from cluster.metrics import RequestMetrics
 from cluster.replica import Replica, RequestFailed
 from protos import worker_pb2 as pb
 from protos.messages import EngineRequest, SamplingParams
-from tests.worker_processes import WorkerProcesses
+from tests.worker_processes import CREDENTIALS, WorkerProcesses
 
 pytestmark = pytest.mark.slow
 
@@ -38,7 +38,8 @@ async def _collect(stream, kill_after: int = 0, kill=None) -> tuple[list[int], i
 
 async def _scenario(addresses: list[str], model: str, kill_first) -> dict:
     metrics = RequestMetrics()
-    replicas = [Replica(i, [a], SchedulerConfig(block_size=16, max_num_seqs=8), metrics)
+    replicas = [Replica(i, [a], SchedulerConfig(block_size=16, max_num_seqs=8), metrics,
+                        credentials=CREDENTIALS)
                 for i, a in enumerate(addresses)]
     for r in replicas:
         await r.start(pb.LoadModelRequest(model_path=model, block_size=16, num_blocks=128,
@@ -87,7 +88,7 @@ def test_without_a_live_replica_the_stream_fails(tiny_model):
 
         async def main():
             metrics = RequestMetrics()
-            replica = Replica(0, addresses, SchedulerConfig(), metrics)
+            replica = Replica(0, addresses, SchedulerConfig(), metrics, credentials=CREDENTIALS)
             await replica.start(pb.LoadModelRequest(model_path=tiny_model("llama"), num_blocks=64))
             try:
                 fe = Frontend([replica], metrics)
@@ -99,3 +100,39 @@ def test_without_a_live_replica_the_stream_fails(tiny_model):
                 await replica.close()
 
         assert asyncio.run(main()) == 0
+
+
+def test_a_request_on_two_replicas_that_died_is_not_resumed_again(tiny_model):
+    """A poison request must not walk the cluster: running when its first replica died,
+    it resumes once (max_request_retries 1, the default); running when the second died
+    too, it fails instead of reaching the third, which stays alive and untouched."""
+    workers = WorkerProcesses(3)
+    with workers as addresses:
+
+        async def main():
+            metrics = RequestMetrics()
+            replicas = [Replica(i, [a], SchedulerConfig(block_size=16, max_num_seqs=8), metrics,
+                                credentials=CREDENTIALS) for i, a in enumerate(addresses)]
+            load = pb.LoadModelRequest(model_path=tiny_model("llama"), block_size=16, num_blocks=64,
+                                       dtype="float32", device="cpu")
+            await asyncio.gather(*(r.start(load) for r in replicas))
+            try:
+                fe = Frontend(replicas, metrics, policy=lambda live, request: live[0])
+                stream = fe.generate(EngineRequest("poison", PROMPTS[0], PARAMS[0]))
+                tokens, kills = 0, [workers.procs[0], workers.procs[1]]
+                with pytest.raises(RequestFailed) as failed:
+                    async for out in stream:
+                        tokens += len(out.new_token_ids)
+                        if kills and tokens >= 10 * (3 - len(kills)):
+                            kills.pop(0).kill()
+                return dict(tokens=tokens, resumed=metrics.resumed, error=failed.value,
+                            alive=[r.alive for r in replicas], third=replicas[2].scheduler.stats())
+            finally:
+                for r in replicas:
+                    await r.close()
+
+        r = asyncio.run(main())
+    assert r["alive"] == [False, False, True]
+    assert r["resumed"] == 1 and 20 <= r["tokens"] < MAX_TOKENS
+    assert r["error"].retryable and r["error"].suspect
+    assert r["third"].num_running == r["third"].num_waiting == 0 and r["third"].prefix_query_tokens == 0

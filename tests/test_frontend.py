@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -19,6 +20,7 @@ class FakeReplica:
         self.index = index
         self.alive = True
         self.error = None
+        self.overdue = False
         self.config = SimpleNamespace(max_num_seqs=2, max_model_len=128)
         self.sinks: dict = {}
         self.requests: dict = {}
@@ -44,11 +46,18 @@ class FakeReplica:
     def abort(self, rid: str) -> None:
         self.finish(rid, "abort")
 
-    def die(self) -> None:
+    def die(self, running: bool = True) -> None:
+        """Fail the replica; its requests count as running on it (suspects) unless not running."""
         self.alive = False
+        self.error = "gone"
         for sink in self.sinks.values():
-            sink(RequestFailed("gone"))
+            sink(RequestFailed("gone", suspect=running))
         self.sinks.clear()
+        self.on_finished(self)
+
+    def fail_alone(self, rid: str, message: str) -> None:
+        """The request's own fault: fails it alone, the replica goes on."""
+        self.sinks.pop(rid)(RequestFailed(message, retryable=False))
         self.on_finished(self)
 
     def stats(self):
@@ -60,7 +69,10 @@ def req(rid: str, priority: int = 0) -> EngineRequest:
 
 
 async def drain(stream) -> list[RequestOutput]:
-    return [out async for out in stream]
+    """Every output of a stream; a stream that never ends fails the test instead of hanging it."""
+    async def outputs():
+        return [out async for out in stream]
+    return await asyncio.wait_for(outputs(), 5)
 
 
 def make(n_replicas: int = 2, capacity: int = 1, max_queued: int = 2):
@@ -138,4 +150,79 @@ def test_a_request_resumes_at_most_max_request_retries_times():
         with pytest.raises(RequestFailed):
             await drain(stream)
         assert fe.metrics.resumed == 1 and fe.ready
+    asyncio.run(main())
+
+
+def test_a_request_that_only_waited_on_a_failed_replica_resumes_without_counting():
+    async def main():
+        reps = [FakeReplica(i) for i in range(3)]
+        fe = Frontend(reps, RequestMetrics(), replica_capacity=1, max_request_retries=1)
+        stream = fe.generate(req("r"))
+        stream.replica.die(running=False)        # it had not reached a worker: no suspect
+        stream.replica.die(running=True)         # the first death that counts
+        last = stream.replica
+        assert last is not None and stream.retries == 1 and fe.metrics.resumed == 2
+        last.finish("r")
+        assert [o.finish_reason for o in await drain(stream)] == ["stop"]
+    asyncio.run(main())
+
+
+def test_a_request_that_fails_by_its_own_fault_is_not_resumed():
+    async def main():
+        (a, b), fe = make()
+        bad, good = fe.generate(req("bad")), fe.generate(req("good"))
+        bad_replica = bad.replica
+        bad_replica.fail_alone("bad", "logit_bias key 999999 is outside the vocabulary")
+        with pytest.raises(RequestFailed) as e:
+            await drain(bad)
+        assert not e.value.retryable and "vocabulary" in str(e.value)
+        assert fe.metrics.resumed == 0 and bad_replica.alive and fe.num_queued == 0
+        good.replica.finish("good")
+        assert [o.finish_reason for o in await drain(good)] == ["stop"]
+    asyncio.run(main())
+
+
+def test_overdue_replica_gets_nothing_new_until_its_step_returns():
+    async def main():
+        (a, b), fe = make(capacity=2, max_queued=4)
+        a.overdue = True
+        s1, s2 = fe.generate(req("1")), fe.generate(req("2"))
+        assert s1.replica is b and s2.replica is b
+        queued = fe.generate(req("3"))                # b is full, a is overdue: it waits
+        assert queued.replica is None and fe.ready
+        assert [s.state for s in fe.replica_states()] == ["overdue", "ready"]
+        a.overdue = False
+        a.on_finished(a)                              # the step came back
+        assert queued.replica is a
+    asyncio.run(main())
+
+
+def test_states_metrics_and_not_ready_while_every_replica_is_down():
+    async def main():
+        (a, b), fe = make()
+        s = fe.generate(req("r"))
+        s.replica.emit("r", [4])
+        assert 'folio_replica_up{replica="0"} 1' not in fe.metrics_text()     # fakes have no stats
+        a.die()
+        text = fe.metrics_text()
+        assert 'folio_replica_up{replica="0"} 0' in text
+        states = {st.index: st for st in fe.replica_states()}
+        assert states[0].state == "failed" and states[0].error == "gone"
+        assert states[1].state == "ready" and states[1].num_requests == 1
+        b.die()
+        fe.remove_replica(a)
+        fe.remove_replica(b)
+        assert not fe.ready and fe.max_model_len == 128       # still known with none up
+        with pytest.raises(NotReady) as e:
+            fe.generate(req("x"))
+        assert e.value.retry_after == 5                      # nothing known to be starting
+        fe.starting[2] = time.monotonic() + 20.5
+        assert [(st.index, st.state) for st in fe.replica_states()] == [(2, "starting")]
+        with pytest.raises(NotReady) as e:
+            fe.generate(req("x"))
+        assert 20 <= e.value.retry_after <= 21
+        c = FakeReplica(2)
+        fe.add_replica(c)
+        assert fe.ready and not fe.starting
+        fe.generate(req("x"))
     asyncio.run(main())

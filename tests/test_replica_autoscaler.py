@@ -4,13 +4,14 @@ the same code on a real (fake multi-node) Ray cluster."""
 from __future__ import annotations
 
 import asyncio
+import time
 from types import SimpleNamespace
 
 import pytest
 
 import cluster.autoscaler as autoscaler_mod
 from cluster.autoscaler import AutoscalerConfig, ReplicaAutoscaler
-from cluster.frontend import Frontend
+from cluster.frontend import Frontend, NotReady
 from cluster.metrics import RequestMetrics
 from tests.test_frontend import FakeReplica, drain, req
 
@@ -57,7 +58,7 @@ def test_drained_replica_takes_nothing_new_and_added_one_takes_the_queue():
     async def main():
         a, b = FakeReplica(0), FakeReplica(1)
         fe = Frontend([a, b], RequestMetrics(), max_queued=10)
-        fe.drain(b)
+        fe.drain_replica(b)
         streams = [fe.generate(req(f"r{i}")) for i in range(6)]
         assert len(a.sinks) == 4 and not b.sinks and fe.num_queued == 2     # capacity 2 * 2
         assert fe.oldest_queued_age > 0
@@ -128,15 +129,55 @@ def test_idle_replica_is_drained_then_released_and_min_is_kept(cloud):
     asyncio.run(main())
 
 
-def test_dead_replica_is_replaced_then_removed(cloud):
+def test_dead_replica_is_released_and_replaced_without_autoscaling(cloud):
     async def main():
         a = StatsReplica(0)
-        fe, scaler = _scaler([a], upscale_delay_s=0)
+        fe, scaler = _scaler([a], min_replicas=1, max_replicas=1, backoff_base_s=0.05)
         a.die()
-        scaler._tick(0.0)                          # the only one: kept while the new one starts
+        scaler._tick(0.0)               # released at once, so its devices can go to the replacement
         await asyncio.sleep(0)
-        assert cloud.launched == [1] and a in fe.replicas
+        assert cloud.released == [0] and fe.replicas == [] and cloud.launched == []
+        assert [(s.index, s.state) for s in fe.replica_states()] == [(1, "starting")]
+        with pytest.raises(NotReady) as e:
+            fe.generate(req("early"))
+        assert e.value.retry_after >= 1
+        await asyncio.sleep(0.1)        # the backoff after one failure
+        assert cloud.launched == [1] and [r.index for r in fe.replicas] == [1] and fe.ready
+        assert not fe.starting
         scaler._tick(1.0)
         await asyncio.sleep(0)
-        assert cloud.released == [0] and [r.index for r in fe.replicas] == [1]
+        assert cloud.launched == [1]    # target kept: nothing more
     asyncio.run(main())
+
+
+def test_failed_launches_are_retried_with_capped_exponential_backoff(cloud, monkeypatch):
+    attempts = []
+
+    async def flaky(index, spec, metrics):
+        attempts.append(time.monotonic())
+        if len(attempts) <= 4:
+            raise RuntimeError("no devices")
+        return _handle(StatsReplica(index))
+
+    monkeypatch.setattr(autoscaler_mod, "launch_replica", flaky)
+
+    async def main():
+        a = StatsReplica(0)
+        fe, scaler = _scaler([a], min_replicas=1, max_replicas=1, backoff_base_s=0.1,
+                             backoff_max_s=0.3, interval_s=0.01)
+        scaler.start()
+        a.die()                         # every replica down: the supervisor keeps trying
+        try:
+            async with asyncio.timeout(10):
+                while not fe.ready:
+                    await asyncio.sleep(0.01)
+        finally:
+            await scaler.stop()
+        return fe
+
+    fe = asyncio.run(main())
+    gaps = [b - a for a, b in zip(attempts, attempts[1:])]
+    # One death then four failed launches: waits of 0.1 (death), 0.2, 0.3 (capped), 0.3, 0.3.
+    assert len(attempts) == 5 and [r.index for r in fe.replicas] == [5]
+    for gap, want in zip(gaps, (0.2, 0.3, 0.3, 0.3)):
+        assert want - 0.02 <= gap <= want + 0.25, gaps

@@ -18,7 +18,7 @@ from cluster.replica import Replica
 from cluster.routing import AffinityRouter, RoundRobinRouter, make_router
 from protos import worker_pb2 as pb
 from protos.messages import EngineRequest, SamplingParams
-from tests.worker_processes import WorkerProcesses
+from tests.worker_processes import CREDENTIALS, WorkerProcesses
 
 BLOCK = 16
 PREFIX = [1] + [random.Random(0).randrange(3, 380) for _ in range(8 * BLOCK - 1)]   # 8 full blocks
@@ -29,7 +29,8 @@ pytestmark = pytest.mark.slow
 
 async def _frontend(addresses: list[str], model: str, policy) -> Frontend:
     metrics = RequestMetrics()
-    replicas = [Replica(i, [a], SchedulerConfig(block_size=BLOCK, max_num_seqs=8), metrics)
+    replicas = [Replica(i, [a], SchedulerConfig(block_size=BLOCK, max_num_seqs=8), metrics,
+                        credentials=CREDENTIALS)
                 for i, a in enumerate(addresses)]
     load = pb.LoadModelRequest(model_path=model, block_size=BLOCK, num_blocks=128, dtype="float32",
                                device="cpu")

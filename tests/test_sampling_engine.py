@@ -79,3 +79,26 @@ def test_streamed_chunks_hold_back_a_forming_stop_string(smol):
     pieces.append(d.flush(final=True))
     assert "".join(pieces) == "one two three four"
     assert d.stopped_by is None
+
+
+def test_offline_bad_token_ids_are_refused_and_a_worker_refusal_fails_alone(tiny_model):
+    from protos.messages import EngineRequest
+    llm = LLM(tiny_model("llama"), num_blocks=32, tokenizer=False)
+    for bad in (SamplingParams(logit_bias={384: 1.0}), SamplingParams(stop_token_ids=[-1])):
+        with pytest.raises(ValueError, match="outside the vocabulary"):
+            llm.generate([[1, 2, 3]], bad)
+    with pytest.raises(ValueError, match="prompt"):
+        llm.generate([[1, 384]], SamplingParams())
+    # Past the offline checks (straight into the engine), the worker refuses it alone.
+    greedy = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    want = llm.generate([[5, 6, 7]], greedy)[0].outputs[0].token_ids
+    llm.engine.add_request(EngineRequest("poison", [1, 2, 3], SamplingParams(logit_bias={999: 1.0})))
+    rid = llm.add_request([5, 6, 7], greedy)
+    outs, done = [], []
+    while llm.has_unfinished():
+        step_outs = llm.engine.step()
+        outs += step_outs
+        done += llm._apply(step_outs)
+    assert [o.finish_reason for o in outs if o.request_id == "poison"] == ["abort"]
+    assert [r.outputs[0].token_ids for r in done if r.request_id == rid] == [want]
+    llm.scheduler.check_integrity()

@@ -11,7 +11,6 @@ import sys
 import time
 from dataclasses import dataclass
 
-import grpc
 import httpx
 import openai
 import pytest
@@ -346,24 +345,28 @@ def test_replica_dies_with_its_worker():
     from cluster.replica import Replica, RequestFailed
     from protos import worker_pb2 as pb
     from protos.messages import EngineRequest, SamplingParams
+    from protos.security import SECRET_ENV, channel
     from protos.worker_pb2_grpc import WorkerStub
+    from tests.worker_processes import CREDENTIALS
 
     proc = subprocess.Popen([sys.executable, "-m", "worker.server", "--address", "127.0.0.1:0"],
                             stdout=subprocess.PIPE, text=True,
+                            env=dict(os.environ, **{SECRET_ENV: CREDENTIALS.secret}),
                             cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     try:
         address = proc.stdout.readline().split()[-1]
 
         async def main():
             metrics = RequestMetrics()
-            replica = Replica(0, [address], SchedulerConfig(max_model_len=256), metrics)
+            replica = Replica(0, [address], SchedulerConfig(max_model_len=256), metrics,
+                              credentials=CREDENTIALS)
             await replica.start(pb.LoadModelRequest(num_blocks=64))
             fe = Frontend([replica], metrics)
             stream = fe.generate(EngineRequest("r", [1, 2, 3], SamplingParams(max_tokens=200, ignore_eos=True)))
             await stream.__anext__()
             # Steps run on their own thread: Health answers while they keep coming.
-            async with grpc.aio.insecure_channel(address) as channel:
-                health = await WorkerStub(channel).Health(pb.HealthRequest(), timeout=5)
+            async with channel(address, CREDENTIALS) as ch:
+                health = await WorkerStub(ch).Health(pb.HealthRequest(), timeout=5)
             assert health.model_loaded and health.steps_executed >= 1
             proc.send_signal(signal.SIGKILL)
             with pytest.raises(RequestFailed):

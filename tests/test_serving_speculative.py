@@ -14,7 +14,7 @@ from cluster.metrics import RequestMetrics
 from cluster.replica import Replica
 from protos import worker_pb2 as pb
 from protos.messages import EngineRequest, SamplingParams
-from tests.worker_processes import WorkerProcesses
+from tests.worker_processes import CREDENTIALS, WorkerProcesses
 from worker.parallel import free_port
 
 pytestmark = pytest.mark.slow
@@ -27,7 +27,7 @@ async def _replica_outputs(addresses: list[str], model_path: str, prompts: list[
                            params: SamplingParams, speculate: int) -> tuple[list[list[int]], object]:
     config = SchedulerConfig(block_size=16, max_num_seqs=8, num_speculative_tokens=speculate,
                              prompt_lookup_min=1, prompt_lookup_max=3)
-    replica = Replica(0, addresses, config, RequestMetrics())
+    replica = Replica(0, addresses, config, RequestMetrics(), credentials=CREDENTIALS)
     await replica.start(pb.LoadModelRequest(
         model_path=model_path, block_size=16, num_blocks=64, dtype="float32", device="cpu",
         rendezvous=f"tcp://127.0.0.1:{free_port('127.0.0.1')}"))

@@ -17,7 +17,7 @@ from cluster.metrics import RequestMetrics
 from cluster.replica import Replica, WorkerLoadError
 from protos import worker_pb2 as pb
 from protos.messages import EngineRequest, SamplingParams
-from tests.worker_processes import WorkerProcesses
+from tests.worker_processes import CREDENTIALS, WorkerProcesses
 from worker.config import ModelConfig
 from worker.loader import load_model_config
 from worker.models import MODEL_CLASSES
@@ -32,7 +32,8 @@ MAX_TOKENS = 8
 
 async def _generate(addresses: list[str], model_path: str) -> tuple[list, list, list]:
     """Greedy outputs for PROMPTS on a replica of these workers (rank i at addresses[i])."""
-    replica = Replica(0, addresses, SchedulerConfig(block_size=16, max_num_seqs=4), RequestMetrics())
+    config = SchedulerConfig(block_size=16, max_num_seqs=4, max_model_len=0)   # 0: what fits the pool
+    replica = Replica(0, addresses, config, RequestMetrics(), credentials=CREDENTIALS)
     await replica.start(pb.LoadModelRequest(
         model_path=model_path, block_size=16, num_blocks=64, dtype="float32", device="cpu",
         rendezvous=f"tcp://127.0.0.1:{free_port('127.0.0.1')}"))

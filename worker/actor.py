@@ -1,7 +1,8 @@
 """The Ray actor that hosts one worker: one per device.
 
-Ray only places the process and keeps it alive. The one value that crosses a
-Ray call is the address of the gRPC server the actor starts; the model is
+Ray only places the process and keeps it alive. What crosses a Ray call is
+the cluster credentials going in (the head's secret, and TLS file paths) and
+the address of the gRPC server the actor starts coming out; the model is
 loaded and every step runs over that gRPC connection (worker/server.py), so
 nothing is pickled on the serving path.
 """
@@ -12,6 +13,7 @@ from typing import Optional
 
 import ray
 
+from protos.security import ClusterCredentials
 from worker.parallel import free_port
 from worker.server import start_server
 
@@ -24,19 +26,22 @@ class WorkerActor:
         self._address: Optional[str] = None
         self._stopper: Optional[asyncio.Task] = None
 
-    async def start(self, host: Optional[str] = None, num_threads: int = 0) -> str:
+    async def start(self, credentials: ClusterCredentials, host: Optional[str] = None,
+                    num_threads: int = 0) -> str:
         """Start the gRPC server (once) and return its "host:port".
 
-        host defaults to this node's IP as Ray reports it (reachable from other
-        nodes); a single-node deployment passes "127.0.0.1". num_threads sets
-        torch's intra-op threads (CPU workers use every core they reserved).
+        The server answers only calls that carry credentials.secret, over TLS
+        when credentials name a certificate (read on this node). host defaults
+        to this node's IP as Ray reports it (reachable from other nodes); a
+        single-node deployment passes "127.0.0.1". num_threads sets torch's
+        intra-op threads (CPU workers use every core they reserved).
         """
         if num_threads:
             import torch
             torch.set_num_threads(num_threads)
         if self._address is None:
             host = host or ray.util.get_node_ip_address()
-            server, servicer, self._address = await start_server(f"{host}:0")
+            server, servicer, self._address = await start_server(f"{host}:0", credentials)
             self._stopper = asyncio.create_task(_stop_on_shutdown(server, servicer))
         return self._address
 

@@ -16,6 +16,15 @@ Under tensor parallelism every rank runs the same steps; only rank 0 samples
 and it broadcasts the sampled ids, so every rank appends the same tokens even
 for unseeded random sampling (per-process random state would otherwise
 diverge). Rank 0's StepResult is the one the head reads.
+
+Nothing in a step is trusted: before a request's diff is applied, every block
+id is checked against the pool, every token id against the vocabulary, and its
+counts against the tokens and blocks it holds (_check_new, _check_cached). A
+request that fails a check, or whose own setup raises ValueError (e.g. the
+sampler refusing its parameters), is dropped from this worker and reported in
+StepResult.errors; the rest of the step runs. The checks look only at what the
+step carries and are deterministic, so every tensor-parallel rank drops the
+same requests and the ranks' batches stay identical.
 """
 from __future__ import annotations
 
@@ -25,11 +34,17 @@ from dataclasses import dataclass
 import torch
 
 from kernels.metadata import AttentionMetadata
-from protos.messages import (CachedRequest, NewRequest, SampledRequest, SamplingParams,
-                             StepRequest, StepResult)
+from protos.messages import (CachedRequest, NewRequest, RequestError, SampledRequest,
+                             SamplingParams, StepRequest, StepResult)
 from worker.kv_pool import KVPool
 from worker.parallel import TPGroup
 from worker.sampler import Sampler
+
+MAX_REQUEST_ID_CHARS = 1024
+
+
+class Refused(ValueError):
+    """A request this worker will not run; the message goes back to the head."""
 
 
 @dataclass
@@ -51,37 +66,55 @@ class _State:
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, pool: KVPool, sampler: Sampler,
                  device: torch.device | str = "cpu", max_blocks_per_seq: int = 128,
-                 tp: TPGroup | None = None):
+                 tp: TPGroup | None = None, max_positions: int | None = None):
+        """max_positions: positions the model can encode (default: its config's
+        max_position_embeddings); no request may compute past it."""
         self.model = model
         self.tp = tp or TPGroup()
         self.pool = pool
         self.sampler = sampler
         self.device = torch.device(device)
         self.bs = pool.block_size
+        self.max_positions = max_positions or model.config.max_position_embeddings
         self.states: dict[str, _State] = {}
         self.block_table = torch.zeros((16, max_blocks_per_seq), dtype=torch.int32)
         self._free_rows = list(range(15, -1, -1))
 
     # ---------------------------------------------------------------- state diffs
-    def _apply_diff(self, step: StepRequest) -> list[tuple[str, int]]:
-        """Update cached state from the step; return (request_id, num_tokens) in step order."""
+    def _apply_diff(self, step: StepRequest) -> tuple[list[tuple[str, int]], list[RequestError]]:
+        """Update cached state from the step. Returns (request_id, num_tokens) in step
+        order for the requests that run, and the refused ones (already dropped)."""
         for rid in step.finished_ids:
-            st = self.states.pop(rid, None)
-            if st is not None:
-                self._free_rows.append(st.row)
-                self.sampler.remove_request(rid)
-        order = []
-        for r in step.new_requests:
-            self._add(r)
-            order.append((r.request_id, r.num_scheduled_tokens))
-        for c in step.cached_requests:
-            self._extend(c)
-            order.append((c.request_id, c.num_scheduled_tokens))
-        return order
+            self._drop(rid)
+        diffs = [(r, self._add) for r in step.new_requests]
+        diffs += [(c, self._extend) for c in step.cached_requests]
+        order, errors, seen = [], [], set()
+        for diff, apply in diffs:
+            rid = diff.request_id
+            try:
+                if rid in seen:
+                    raise Refused("the request appears twice in one step")
+                seen.add(rid)
+                apply(diff)
+            except ValueError as e:          # Refused, or the request's own setup
+                self._drop(rid)
+                errors.append(RequestError(rid, str(e)))
+            else:
+                order.append((rid, diff.num_scheduled_tokens))
+        if errors:                           # a repeated id drops its first appearance too
+            dropped = {e.request_id for e in errors}
+            order = [o for o in order if o[0] not in dropped]
+        return order, errors
+
+    def _drop(self, request_id: str) -> None:
+        """Forget a request (finished, preempted or refused); unknown ids are ignored."""
+        st = self.states.pop(request_id, None)
+        if st is not None:
+            self._free_rows.append(st.row)
+            self.sampler.remove_request(request_id)
 
     def _add(self, r: NewRequest) -> None:
-        if r.request_id in self.states:
-            raise ValueError(f"request {r.request_id} is already on this worker")
+        self._check_new(r)
         row = self._take_row()
         st = _State(list(r.token_ids), r.num_prompt_tokens, r.sampling_params, row, 0,
                     r.num_computed_tokens)
@@ -91,17 +124,72 @@ class ModelRunner:
                                  r.token_ids[: r.num_prompt_tokens], r.token_ids[r.num_prompt_tokens:])
 
     def _extend(self, c: CachedRequest) -> None:
-        st = self.states[c.request_id]
-        if st.num_computed_tokens != c.num_computed_tokens:
-            raise RuntimeError(f"request {c.request_id}: head says {c.num_computed_tokens} tokens "
-                               f"computed, worker has {st.num_computed_tokens}")
+        st = self._check_cached(c)
         if c.draft_token_ids:
-            if c.num_computed_tokens + 1 != len(st.token_ids) or \
-                    c.num_scheduled_tokens != 1 + len(c.draft_token_ids):
-                raise RuntimeError(f"request {c.request_id}: drafts must follow its last token")
             st.token_ids.extend(c.draft_token_ids)
             st.num_drafts = len(c.draft_token_ids)
         self._write_blocks(st, c.new_block_ids)
+
+    # ---------------------------------------------------------------- checks
+    # Each raises Refused before anything is changed; costs follow the step's own contents.
+    def _check_new(self, r: NewRequest) -> None:
+        if not 0 < len(r.request_id) <= MAX_REQUEST_ID_CHARS:
+            raise Refused(f"a request id must have 1 to {MAX_REQUEST_ID_CHARS} characters")
+        if r.request_id in self.states:
+            raise Refused("the request is already on this worker")
+        known = len(r.token_ids)
+        if known > self.max_positions:
+            raise Refused(f"{known} tokens exceed the model's {self.max_positions} positions")
+        if not 0 < r.num_prompt_tokens <= known or r.num_output_tokens != known - r.num_prompt_tokens:
+            raise Refused(f"{r.num_prompt_tokens} prompt and {r.num_output_tokens} output tokens "
+                          f"do not make up its {known} tokens")
+        self._check_token_ids("token", r.token_ids)
+        self._check_token_ids("stop token", r.sampling_params.stop_token_ids)
+        # logit_bias keys: Sampler.add_request refuses them (ValueError), which drops the request.
+        self._check_blocks(r.block_ids, 0)
+        self._check_span(r.num_computed_tokens, r.num_scheduled_tokens, known, len(r.block_ids))
+
+    def _check_cached(self, c: CachedRequest) -> _State:
+        st = self.states.get(c.request_id)
+        if st is None:
+            raise Refused("the request is not on this worker")
+        if st.num_computed_tokens != c.num_computed_tokens:
+            raise Refused(f"the head says {c.num_computed_tokens} tokens computed, "
+                          f"the worker has {st.num_computed_tokens}")
+        known = len(st.token_ids)
+        if c.draft_token_ids:
+            if c.num_computed_tokens + 1 != known or c.num_scheduled_tokens != 1 + len(c.draft_token_ids):
+                raise Refused("draft tokens must follow its last token")
+            self._check_token_ids("draft token", c.draft_token_ids)
+            known += len(c.draft_token_ids)
+        self._check_blocks(c.new_block_ids, st.num_blocks)
+        self._check_span(c.num_computed_tokens, c.num_scheduled_tokens, known,
+                         st.num_blocks + len(c.new_block_ids))
+        return st
+
+    def _check_token_ids(self, what: str, ids: list[int]) -> None:
+        vocab = self.sampler.vocab_size
+        if ids and (min(ids) < 0 or max(ids) >= vocab):
+            bad = next(t for t in ids if not 0 <= t < vocab)
+            raise Refused(f"{what} id {bad} is outside the vocabulary (size {vocab})")
+
+    def _check_blocks(self, block_ids: list[int], held: int) -> None:
+        size = self.pool.num_blocks
+        if held + len(block_ids) > size:
+            raise Refused(f"{held + len(block_ids)} blocks exceed the pool's {size}")
+        if block_ids and (min(block_ids) < 0 or max(block_ids) >= size):
+            bad = next(b for b in block_ids if not 0 <= b < size)
+            raise Refused(f"block id {bad} is outside the pool of {size} blocks")
+
+    def _check_span(self, computed: int, scheduled: int, known: int, blocks: int) -> None:
+        """Computing tokens [computed, computed + scheduled) of `known` in `blocks` blocks."""
+        end = computed + scheduled
+        if computed < 0 or scheduled < 1 or end > known:
+            raise Refused(f"cannot compute tokens {computed} to {end} of its {known}")
+        if end > self.max_positions:
+            raise Refused(f"position {end - 1} is beyond the model's {self.max_positions}")
+        if blocks * self.bs < end:
+            raise Refused(f"{blocks} blocks of {self.bs} cannot hold {end} tokens")
 
     def _write_blocks(self, st: _State, block_ids: list[int]) -> None:
         if not block_ids:
@@ -126,9 +214,9 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, step: StepRequest) -> StepResult:
         t0 = time.perf_counter()
-        order = self._apply_diff(step)
+        order, errors = self._apply_diff(step)
         if not order:
-            return StepResult(step_id=step.step_id)
+            return StepResult(step_id=step.step_id, errors=errors)
         input_ids, positions, meta = self._prepare(order)
         hidden = self.model(input_ids, positions, meta, self.pool.caches)   # [T, H]
 
@@ -169,7 +257,7 @@ class ModelRunner:
             st.num_computed_tokens += n
             st.token_ids.extend(tokens)
         return StepResult(step_id=step.step_id, outputs=[outputs[rid] for rid, _ in order],
-                          execute_ms=(time.perf_counter() - t0) * 1e3)
+                          execute_ms=(time.perf_counter() - t0) * 1e3, errors=errors)
 
     def _sample(self, logits: torch.Tensor, request_ids: list[str],
                 outputs: dict[str, SampledRequest]) -> None:

@@ -5,14 +5,22 @@ ExecuteSteps stream, so the event loop stays free: Health answers while a long
 step computes, and the next step is received and decoded while the current one
 runs. Results are encoded on the step thread as well.
 
+Only the head may call it: every call must carry the cluster secret
+(protos/security.py), checked before any handler runs; a peer without it gets
+UNAUTHENTICATED. A loaded model has exactly one step session: the first
+ExecuteSteps stream is the head's, and any other, while it runs or after it
+ends, is refused (the head never reopens one: a replica whose stream breaks is
+replaced, so a later session could only be someone else's).
+
 Run standalone (tests, debugging) with:
-    python -m worker.server --address 127.0.0.1:50051
+    FOLIO_CLUSTER_SECRET=... python -m worker.server --address 127.0.0.1:50051
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
 import logging
+import os
 from concurrent.futures import ThreadPoolExecutor
 from typing import AsyncIterator, Optional
 
@@ -21,8 +29,9 @@ import torch
 
 from protos import worker_pb2 as pb
 from protos import worker_pb2_grpc
-from protos.codec import decode_step_request, encode_step_result
-from protos.messages import StepRequest
+from protos.codec import decode_sampling_params, decode_step_request, encode_step_result
+from protos.messages import RequestError, StepRequest
+from protos.security import SECRET_ENV, ClusterCredentials, SecretCheck, server_credentials
 
 log = logging.getLogger(__name__)
 
@@ -38,18 +47,25 @@ SERVER_OPTIONS = [
 ]
 
 
+# A decoded step and the requests refused while decoding it.
+_DecodedStep = tuple[StepRequest, list[RequestError]]
+
+
 class WorkerServicer(worker_pb2_grpc.WorkerServicer):
     """Holds at most one Worker, built by LoadModel."""
 
     def __init__(self) -> None:
         self.worker = None
         self.steps_executed = 0
+        self._load_called = False            # one LoadModel per worker, even when calls overlap
+        self._session_opened = False         # one step session per loaded model, ever
         self.stopped = asyncio.Event()       # set by Shutdown; the server's owner stops it
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="folio-step")
 
     async def LoadModel(self, request: pb.LoadModelRequest, context) -> pb.LoadModelResponse:
-        if self.worker is not None:
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "a model is already loaded")
+        if self._load_called:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "LoadModel was already called")
+        self._load_called = True
         try:
             self.worker = await asyncio.get_running_loop().run_in_executor(
                 self._thread, _build_worker, request)
@@ -64,12 +80,16 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
     async def ExecuteSteps(self, request_iterator, context) -> AsyncIterator[pb.StepResult]:
         if self.worker is None:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "LoadModel first")
-        steps: asyncio.Queue[Optional[StepRequest] | BaseException] = asyncio.Queue()
+        if self._session_opened:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                "this worker's step session was already opened")
+        self._session_opened = True
+        steps: asyncio.Queue[Optional[_DecodedStep] | BaseException] = asyncio.Queue()
 
         async def receive() -> None:
             try:
                 async for m in request_iterator:
-                    steps.put_nowait(decode_step_request(m))
+                    steps.put_nowait(_decode_step(m))
                 steps.put_nowait(None)
             except Exception as e:           # noqa: BLE001 - handed to the step loop below
                 steps.put_nowait(e)
@@ -78,13 +98,14 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         loop = asyncio.get_running_loop()
         try:
             while True:
-                step = await steps.get()
-                if step is None:
+                item = await steps.get()
+                if item is None:
                     return
-                if isinstance(step, BaseException):
-                    raise step
+                if isinstance(item, BaseException):
+                    raise item
+                step, refused = item
                 try:
-                    result = await loop.run_in_executor(self._thread, self._run_step, step)
+                    result = await loop.run_in_executor(self._thread, self._run_step, step, refused)
                 except Exception as e:
                     log.exception("step %d failed", step.step_id)
                     await context.abort(grpc.StatusCode.INTERNAL,
@@ -93,10 +114,11 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         finally:
             receiver.cancel()
 
-    def _run_step(self, step: StepRequest) -> pb.StepResult:
-        result = encode_step_result(self.worker.execute_step(step))
+    def _run_step(self, step: StepRequest, refused: list[RequestError]) -> pb.StepResult:
+        result = self.worker.execute_step(step)
+        result.errors[:0] = refused
         self.steps_executed += 1
-        return result
+        return encode_step_result(result)
 
     async def Health(self, request, context) -> pb.HealthResponse:
         return pb.HealthResponse(model_loaded=self.worker is not None,
@@ -105,6 +127,30 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
     async def Shutdown(self, request, context) -> pb.ShutdownResponse:
         self.stopped.set()
         return pb.ShutdownResponse()
+
+
+def _decode_step(m: pb.StepRequest) -> _DecodedStep:
+    """Decode a step. A new request whose sampling parameters are out of range is
+    taken out and refused alone, and anything held under its id is dropped (its id
+    joins finished_ids), so the rest of the step still runs. Deterministic: every
+    tensor-parallel rank decodes the same bytes and refuses the same requests."""
+    try:
+        return decode_step_request(m), []
+    except ValueError:
+        pass
+    refused, kept = [], []
+    for r in m.new_requests:
+        try:
+            decode_sampling_params(r.sampling_params)
+            kept.append(r)
+        except ValueError as e:
+            refused.append(RequestError(r.request_id, f"sampling parameters: {e}"))
+    fixed = pb.StepRequest()
+    fixed.CopyFrom(m)
+    del fixed.new_requests[:]
+    fixed.new_requests.extend(kept)
+    fixed.finished_ids.extend(e.request_id for e in refused)
+    return decode_step_request(fixed), refused     # raises if something else was wrong
 
 
 def _build_worker(request: pb.LoadModelRequest):
@@ -121,7 +167,9 @@ def _build_worker(request: pb.LoadModelRequest):
     tp = TPGroup.init(request.rank, world, request.rendezvous, torch.device(device))
     return Worker(request.model_path or None, block_size=request.block_size or 16,
                   num_blocks=request.num_blocks or None,
-                  kv_cache_bytes=request.kv_cache_bytes or None, dtype=dtype, device=device, tp=tp)
+                  kv_cache_bytes=request.kv_cache_bytes or None, dtype=dtype, device=device, tp=tp,
+                  gpu_memory_utilization=request.gpu_memory_utilization or None,
+                  max_num_batched_tokens=request.max_num_batched_tokens or None)
 
 
 def _dtype(name: str) -> torch.dtype:
@@ -131,25 +179,28 @@ def _dtype(name: str) -> torch.dtype:
     return dtype
 
 
-async def start_server(address: str) -> tuple[grpc.aio.Server, WorkerServicer, str]:
-    """Serve a fresh WorkerServicer on address ("host:0" picks a free port).
+async def start_server(address: str, credentials: ClusterCredentials
+                       ) -> tuple[grpc.aio.Server, WorkerServicer, str]:
+    """Serve a fresh WorkerServicer on address ("host:0" picks a free port), to
+    callers holding credentials.secret only, over TLS when credentials has it.
 
     Returns the server, its servicer and the "host:port" it listens on.
     """
     servicer = WorkerServicer()
-    server = grpc.aio.server(options=SERVER_OPTIONS)
+    server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=[SecretCheck(credentials.secret)])
     worker_pb2_grpc.add_WorkerServicer_to_server(servicer, server)
     host = address.rsplit(":", 1)[0]
-    port = server.add_insecure_port(address)
+    tls = server_credentials(credentials)
+    port = server.add_secure_port(address, tls) if tls else server.add_insecure_port(address)
     if port == 0:
         raise OSError(f"cannot listen on {address}")
     await server.start()
-    log.info("worker gRPC server on %s:%d", host, port)
+    log.info("worker gRPC server on %s:%d (%s)", host, port, "TLS" if tls else "plain TCP")
     return server, servicer, f"{host}:{port}"
 
 
-async def serve_until_shutdown(address: str) -> None:
-    server, servicer, bound = await start_server(address)
+async def serve_until_shutdown(address: str, credentials: ClusterCredentials) -> None:
+    server, servicer, bound = await start_server(address, credentials)
     print(f"listening on {bound}", flush=True)
     await servicer.stopped.wait()
     await server.stop(grace=1.0)
@@ -158,9 +209,19 @@ async def serve_until_shutdown(address: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description="Run one folio worker behind gRPC.")
     parser.add_argument("--address", default="127.0.0.1:0", help="host:port to listen on")
+    parser.add_argument("--tls-cert", default=None, help="serve TLS with this PEM certificate chain")
+    parser.add_argument("--tls-key", default=None, help="the certificate's PEM private key")
     args = parser.parse_args()
+    # Taken out of the environment, so nothing this process starts inherits it.
+    secret = os.environ.pop(SECRET_ENV, "")
+    if not secret:
+        parser.error(f"set {SECRET_ENV} to the cluster secret: every call must carry it")
+    try:
+        credentials = ClusterCredentials(secret, tls_cert=args.tls_cert, tls_key=args.tls_key)
+    except ValueError as e:
+        parser.error(str(e))
     logging.basicConfig(level=logging.INFO)
-    asyncio.run(serve_until_shutdown(args.address))
+    asyncio.run(serve_until_shutdown(args.address, credentials))
 
 
 if __name__ == "__main__":
