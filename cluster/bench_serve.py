@@ -17,9 +17,10 @@ ratio; with a finite request rate the served side is bound by the arrivals.
     folio bench serve --base-url URL --baseline-url URL2 --rounds 3 --skip-engine
 
 compares two servers on the same workload instead (say, one build against the
-commit before it): rounds alternate between them (A B A B ...), so a machine
-that slows down during the run costs both alike, and the report gives each
-round and the ratio of the median throughputs.
+commit before it): after a short unrecorded warm-up of each, rounds alternate
+between them (A B, then B A, ...), so a machine that slows down during the run
+costs both alike, and the report gives each round and the ratio of the median
+throughputs.
 """
 from __future__ import annotations
 
@@ -181,6 +182,8 @@ def _compare(args: argparse.Namespace, reqs: list[SyntheticRequest]) -> dict:
     servers = [("served", args.base_url, args.api_key),
                ("baseline", args.baseline_url, args.baseline_api_key or args.api_key)]
     rounds: dict[str, list[dict]] = {"served": [], "baseline": []}
+    for name, url, key in servers:      # a fresh server's first requests warm it up: not counted
+        asyncio.run(run_load(url, args.served_model, reqs[:16], math.inf, args.concurrency, args.seed, key))
     for i in range(args.rounds):
         for name, url, key in servers if i % 2 == 0 else servers[::-1]:
             records, seconds = asyncio.run(run_load(url, args.served_model, reqs, args.request_rate,

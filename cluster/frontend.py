@@ -176,7 +176,7 @@ class Frontend:
         self.starting: dict[int, float] = {}
         self._max_model_len = min(r.config.max_model_len for r in self.replicas)
         self.max_queue_wait_s = max_queue_wait_s
-        self.drain = DrainRate()
+        self.drain_rate = DrainRate()   # requests finishing per second: admission's estimate
         for r in self.replicas:
             r.on_finished = self._on_replica_room
 
@@ -327,7 +327,7 @@ class Frontend:
             stream.put(item)
             if stream.finished:
                 self._streams.pop(rid, None)
-                self.drain.note(time.monotonic())
+                self.drain_rate.note(time.monotonic())
 
         replica.add_request(stream.request, sink)   # ValueError propagates to generate()
         stream.replica = replica
@@ -390,7 +390,7 @@ class Frontend:
         back under the bound.
         """
         now = time.monotonic()
-        rate = self.drain.rate(now)
+        rate = self.drain_rate.rate(now)
         # Ahead of it: the queue, and requests bound to a replica but not yet in its batch.
         ahead = len(self._queued) + sum(max(0, r.num_unfinished - r.config.max_num_seqs)
                                         for r in self.live_replicas)

@@ -34,7 +34,7 @@ def test_refused_beyond_the_estimated_wait_with_retry_after_from_the_rate():
         fe.max_queue_wait_s = 1.0
         now = time.monotonic()
         for _ in range(10):                          # 10 requests finished just now: 10/s
-            fe.drain.note(now)
+            fe.drain_rate.note(now)
         fe.generate(req("a")), fe.generate(req("b"))     # bound to the two replicas
         queued = [fe.generate(req(f"q{i}")) for i in range(10)]     # waits up to 1 s: accepted
         assert fe.num_queued == 10 and all(s.replica is None for s in queued)

@@ -28,10 +28,10 @@ def test_generate_writes_one_completion_per_line(tmp_path):
 
 
 @pytest.mark.slow
-def test_bench_throughput_prints_both_sides_and_their_ratio(tmp_path):
-    report = tmp_path / "bench.json"
-    res = _folio("bench", "throughput", "--num-requests", "4", "--prompt-median", "16",
-                 "--output-median", "8", "--json", str(report))
+def test_bench_throughput_prints_both_sides_and_their_ratio(tmp_path, tiny_model):
+    report = tmp_path / "bench.json"           # a tiny model: the test is of the bench, not of speed
+    res = _folio("bench", "throughput", "--model", tiny_model("llama"), "--num-requests", "4",
+                 "--prompt-median", "16", "--output-median", "8", "--json", str(report))
     assert "folio / baseline throughput" in res.stdout
     rows = json.loads(report.read_text())["rows"]
     assert [r["name"].split()[0] for r in rows] == ["folio", "transformers"]

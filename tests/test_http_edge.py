@@ -374,3 +374,29 @@ def test_waiting_stream_gets_keepalives_then_its_tokens(server):
     lines = [ln for ln in lines if ln]
     assert lines[0] == ": keep-alive" and lines[-1] == "data: [DONE]"
     assert sum(ln.startswith("data: {") for ln in lines) == 3
+
+
+def test_a_request_the_worker_refuses_fails_alone_streaming_or_not(server, http):
+    """Past the router's checks (made blind here to the top of the vocabulary), the worker
+    refuses a token id outside its vocabulary: that request alone gets an OpenAI error, a
+    stream ends with an error event and [DONE], the replica and a stream beside it go on."""
+    serving = server.deployment.serving
+    vocab = serving.vocab_size
+    want = greedy(http)
+    box = {}
+    thread = threading.Thread(target=lambda: box.update(got=greedy(http, max_tokens=24)))
+    on_loop(server, lambda: setattr(serving, "vocab_size", vocab + 100))
+    try:
+        thread.start()
+        bad = {"prompt": [5, 6, vocab + 7], "max_tokens": 4}
+        err = assert_error(http.post("/v1/completions", json=bad), 400)
+        assert "vocabulary" in err["message"] and "127.0.0.1" not in err["message"]
+        with http.stream("POST", "/v1/completions", json={**bad, "stream": True}) as r:
+            assert r.status_code == 200
+            events = [ln for ln in r.iter_lines() if ln.startswith("data: ")]
+        assert events[-1] == "data: [DONE]" and '"error"' in events[-2], events
+    finally:
+        on_loop(server, lambda: setattr(serving, "vocab_size", vocab))
+        thread.join(60)
+    assert box["got"] == want
+    assert all(r.alive for r in server.deployment.frontend.replicas)
