@@ -4,7 +4,7 @@
 #   tests    tests/kernels/test_gpu.py (each kernel in bf16/fp16 at serving sizes against
 #            its reference) and tests/kernels/test_gpu_model.py (whole models on the
 #            Triton kernels against transformers on the same GPU);
-#   kernels  the kernel benchmark (kernels/bench.py: decode vs SDPA, prefill TFLOP/s,
+#   kernels  the kernel benchmark (cluster/entrypoints/bench/kernels.py: decode vs SDPA, prefill TFLOP/s,
 #            decode config sweep);
 #   throughput  `folio bench throughput` on a Llama-3.2-1B-shaped random-weight model,
 #            bf16: folio against transformers generate() on the same GPU.
@@ -69,7 +69,7 @@ if wants tests; then
 fi
 
 if wants kernels; then
-    timeout 140 "$PY" -c "from kernels.bench import run_kernel_bench; run_kernel_bench('$OUT')" \
+    timeout 140 "$PY" -c "from cluster.entrypoints.bench.kernels import run_kernel_bench; run_kernel_bench('$OUT')" \
         2>&1 | tee "$OUT/bench.log"
     [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 fi
@@ -78,7 +78,7 @@ if wants throughput; then
     {
         model=$(timeout 90 "$PY" -c 'from tests.model_fixtures import make_gpu_model
 print(make_gpu_model("llama3-gqa4", "/tmp/folio-models", num_layers=16))') &&
-        timeout 150 "$PY" -m cluster.cli bench throughput --model "$model" --device cuda \
+        timeout 150 "$PY" -m cluster.entrypoints.cli bench throughput --model "$model" --device cuda \
             --dtype bfloat16 --kv-cache-gib 16 --max-num-seqs 128 --max-num-batched-tokens 2048 \
             --json "$OUT/throughput.json"
     } 2>&1 | grep -v ' INFO ' | tee "$OUT/throughput.log"

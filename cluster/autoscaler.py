@@ -29,6 +29,7 @@ node it ran on becomes idle and Ray's autoscaler ends it. A replica whose
 worker died is released and replaced the same way, at once (after the backoff),
 not after the upscale delay: replacing one is keeping `target`, not scaling.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -49,24 +50,25 @@ log = logging.getLogger(__name__)
 class AutoscalerConfig:
     min_replicas: int = 1
     max_replicas: int = 1
-    target_load: int = 0             # requests per replica (running + waiting + queued); 0: max_num_seqs
-    max_queue_wait_s: float = 5.0    # the oldest queued request waited longer: one more replica
-    max_kv_usage: float = 0.9        # mean KV-cache usage above this: one more replica
+    target_load: int = 0  # requests per replica (running + waiting + queued); 0: max_num_seqs
+    max_queue_wait_s: float = 5.0  # the oldest queued request waited longer: one more replica
+    max_kv_usage: float = 0.9  # mean KV-cache usage above this: one more replica
     upscale_delay_s: float = 10.0
     downscale_delay_s: float = 60.0
     interval_s: float = 1.0
-    backoff_base_s: float = 1.0      # wait before the first relaunch after a failure
-    backoff_max_s: float = 60.0      # the wait doubles per failure up to this
-    backoff_reset_s: float = 300.0   # this long without a failure: back to backoff_base_s
+    backoff_base_s: float = 1.0  # wait before the first relaunch after a failure
+    backoff_max_s: float = 60.0  # the wait doubles per failure up to this
+    backoff_reset_s: float = 300.0  # this long without a failure: back to backoff_base_s
     expected_launch_s: float = 30.0  # Retry-After's guess until a launch has been timed
 
 
 @dataclass(frozen=True)
 class Load:
     """One reading of the head's signals."""
-    requests: int                    # queued at the head + waiting and running in replicas
+
+    requests: int  # queued at the head + waiting and running in replicas
     queue_wait_s: float
-    kv_usage: float                  # mean over serving replicas
+    kv_usage: float  # mean over serving replicas
 
 
 class ReplicaAutoscaler:
@@ -78,8 +80,14 @@ class ReplicaAutoscaler:
     whatever is running then. Replicas it is launching are in frontend.starting.
     """
 
-    def __init__(self, config: AutoscalerConfig, frontend: Frontend, handles: list[ReplicaHandle],
-                 spec: ReplicaSpec, metrics: RequestMetrics):
+    def __init__(
+        self,
+        config: AutoscalerConfig,
+        frontend: Frontend,
+        handles: list[ReplicaHandle],
+        spec: ReplicaSpec,
+        metrics: RequestMetrics,
+    ):
         if not 1 <= config.min_replicas <= config.max_replicas:
             raise ValueError("need 1 <= min_replicas <= max_replicas")
         self.config = config
@@ -88,14 +96,14 @@ class ReplicaAutoscaler:
         self.spec = spec
         self.metrics = metrics
         self.target_load = config.target_load or spec.scheduler.max_num_seqs
-        self.target = len(handles)       # replicas to keep running (serving + launching)
+        self.target = len(handles)  # replicas to keep running (serving + launching)
         self._next_index = max((h.replica.index for h in handles), default=-1) + 1
         self._launching = 0
-        self._failures = 0               # replica deaths and failed launches in a row
+        self._failures = 0  # replica deaths and failed launches in a row
         self._last_failure = -math.inf
-        self._launch_s = config.expected_launch_s   # how long the last launch took
+        self._launch_s = config.expected_launch_s  # how long the last launch took
         self._draining: list[ReplicaHandle] = []
-        self._want_since: Optional[tuple[int, float]] = None     # (direction, since when)
+        self._want_since: Optional[tuple[int, float]] = None  # (direction, since when)
         self._launches: set[asyncio.Task] = set()
         self._releases: set[asyncio.Task] = set()
         self._loop_task: Optional[asyncio.Task] = None
@@ -123,8 +131,7 @@ class ReplicaAutoscaler:
         serving = self.serving
         usage = [h.replica.stats().kv_usage for h in serving]
         requests = self.frontend.num_queued + sum(h.replica.num_unfinished for h in serving)
-        return Load(requests, self.frontend.oldest_queued_age,
-                    sum(usage) / len(usage) if usage else 0.0)
+        return Load(requests, self.frontend.oldest_queued_age, sum(usage) / len(usage) if usage else 0.0)
 
     def desired(self, load: Load) -> int:
         """Replicas this load calls for, before the delays (pressure asks for one more than
@@ -139,7 +146,7 @@ class ReplicaAutoscaler:
         while True:
             try:
                 self._tick(time.monotonic())
-            except Exception:            # noqa: BLE001 - a bad tick must not end autoscaling
+            except Exception:  # noqa: BLE001 - a bad tick must not end autoscaling
                 log.exception("autoscaler tick failed")
             await asyncio.sleep(self.config.interval_s)
 
@@ -206,7 +213,7 @@ class ReplicaAutoscaler:
             handle = await launch_replica(index, self.spec, self.metrics)
         except asyncio.CancelledError:
             raise
-        except Exception:                # noqa: BLE001 - the next tick tries again, after a backoff
+        except Exception:  # noqa: BLE001 - the next tick tries again, after a backoff
             log.exception("autoscaler: replica %d failed to start", index)
             self._note_failure()
             return
@@ -224,8 +231,9 @@ class ReplicaAutoscaler:
         if len(serving) <= self.config.min_replicas:
             return
         victim = min(reversed(serving), key=lambda h: h.replica.num_unfinished)
-        log.info("autoscaler: draining replica %d (%d requests left)",
-                 victim.replica.index, victim.replica.num_unfinished)
+        log.info(
+            "autoscaler: draining replica %d (%d requests left)", victim.replica.index, victim.replica.num_unfinished
+        )
         self._draining.append(victim)
         self.frontend.drain_replica(victim.replica)
 
@@ -237,8 +245,7 @@ class ReplicaAutoscaler:
             if not done or not self.frontend.is_drained(h.replica):
                 continue
             if not h.replica.alive and h not in self._draining:
-                log.warning("autoscaler: replica %d failed (%s); replacing it", h.replica.index,
-                            h.replica.error)
+                log.warning("autoscaler: replica %d failed (%s); replacing it", h.replica.index, h.replica.error)
                 self._note_failure()
             self.frontend.remove_replica(h.replica)
             self.handles.remove(h)

@@ -7,6 +7,7 @@ the back of the free queue but keeps its key; it can be revived by a cache
 hit until allocation reaches it at the front (LRU eviction). Every operation
 is O(1) per block touched.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -35,25 +36,31 @@ def salt_root(salt: Optional[str]) -> Optional[BlockHash]:
     key in it, differs from any other salt's (and from no salt's)."""
     if salt is None:
         return None
-    return hashlib.blake2b(salt.encode("utf-8", "surrogatepass"), digest_size=16,
-                           person=b"folio-cache-salt").digest()
+    return hashlib.blake2b(salt.encode("utf-8", "surrogatepass"), digest_size=16, person=b"folio-cache-salt").digest()
 
 
-def hash_blocks(token_ids: Sequence[int], block_size: int,
-                start: int = 0, parent: Optional[BlockHash] = None) -> list[BlockHash]:
+def hash_blocks(
+    token_ids: Sequence[int], block_size: int, start: int = 0, parent: Optional[BlockHash] = None
+) -> list[BlockHash]:
     """Keys of the full blocks of token_ids from block index `start` on."""
     out: list[BlockHash] = []
     for b in range(start, len(token_ids) // block_size):
-        parent = hash_block(parent, token_ids[b * block_size:(b + 1) * block_size])
+        parent = hash_block(parent, token_ids[b * block_size : (b + 1) * block_size])
         out.append(parent)
     return out
+
+
+def reusable_blocks(num_tokens: int, block_size: int) -> int:
+    """Full blocks of a sequence a prefix hit may cover. The last token is always
+    computed, because its logits are sampled, so a hit covers at most num_tokens - 1."""
+    return (num_tokens - 1) // block_size
 
 
 @dataclass
 class Block:
     block_id: int
     ref_count: int = 0
-    key: Optional[BlockHash] = None   # set once full and computed
+    key: Optional[BlockHash] = None  # set once full and computed
 
 
 class BlockManager:
@@ -67,8 +74,6 @@ class BlockManager:
         # Unreferenced blocks, oldest first. Cached ones among them stay hittable.
         self._free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
         self._cached: dict[BlockHash, int] = {}
-        self.hits = 0       # cached blocks reused (counted in tokens by the scheduler)
-        self.queries = 0
 
     # ---------------------------------------------------------------- queries
     @property
@@ -90,10 +95,6 @@ class BlockManager:
                 break
             out.append(bid)
         return out
-
-    def cached_keys(self) -> set[BlockHash]:
-        """Every prefix key this replica can serve from cache (for routing)."""
-        return set(self._cached)
 
     def can_allocate(self, n: int, reuse: Sequence[int] = ()) -> bool:
         """Whether n new blocks fit after taking `reuse` (hits that may sit in the free queue)."""
@@ -142,14 +143,9 @@ class BlockManager:
         if blk.key is not None:
             return
         if key in self._cached:
-            return      # another block already holds this prefix; this one stays private
+            return  # another block already holds this prefix; this one stays private
         blk.key = key
         self._cached[key] = block_id
-
-    def reset_prefix_cache(self) -> None:
-        for key, b in list(self._cached.items()):
-            self.blocks[b].key = None
-        self._cached.clear()
 
     # ---------------------------------------------------------------- checking
     def check_integrity(self, held: Iterable[Sequence[int]] = ()) -> None:
@@ -164,8 +160,10 @@ class BlockManager:
                 refs[b] += 1
         for blk in self.blocks:
             assert blk.ref_count == refs[blk.block_id], (
-                f"block {blk.block_id}: refcount {blk.ref_count}, held {refs[blk.block_id]} times")
+                f"block {blk.block_id}: refcount {blk.ref_count}, held {refs[blk.block_id]} times"
+            )
             assert (blk.ref_count == 0) == (blk.block_id in self._free), (
-                f"block {blk.block_id}: refcount {blk.ref_count} but free-queue membership wrong")
+                f"block {blk.block_id}: refcount {blk.ref_count} but free-queue membership wrong"
+            )
         for key, b in self._cached.items():
             assert self.blocks[b].key == key, f"cache entry for block {b} disagrees with the block"

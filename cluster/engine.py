@@ -4,6 +4,7 @@ An executor is anything that runs a StepRequest on every rank of the replica
 and returns rank 0's StepResult: the in-process worker here, gRPC stubs when
 serving (cluster/replica.py).
 """
+
 from __future__ import annotations
 
 import logging

@@ -26,6 +26,7 @@ Replica choice is one function, `RoutingPolicy(replicas, request) -> replica`;
 least-loaded is the default here, and cluster/routing.py holds the policies
 `folio serve --routing` picks from (prefix-cache affinity by default).
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -34,51 +35,16 @@ import itertools
 import math
 import time
 from collections import deque
-from dataclasses import dataclass, replace
-from typing import Callable, Literal, Optional, Sequence, Union
+from dataclasses import replace
+from typing import Callable, Optional, Sequence, Union
 
-from cluster.metrics import ReplicaGauges, RequestMetrics, render
-from cluster.replica import Replica, RequestFailed
+from cluster.metrics import RequestMetrics, render
+from cluster.replica import Replica
 from protos.messages import EngineRequest, RequestOutput
-
-
-class QueueFull(RuntimeError):
-    """The admission queue is full; retry after `retry_after` seconds."""
-
-    def __init__(self, retry_after: int):
-        super().__init__("the server is at capacity; retry later")
-        self.retry_after = retry_after
-
-
-class NotReady(RuntimeError):
-    """No live replica can take requests; one is likely serving in `retry_after` seconds."""
-
-    def __init__(self, retry_after: int):
-        super().__init__("no replica is ready; retry later")
-        self.retry_after = retry_after
-
+from router.engine_client import NotReady, QueueFull, ReplicaState, RequestFailed
 
 # Retry-After while no replica serves and none is known to be starting.
 NOT_READY_RETRY_S = 5
-
-ReplicaStateName = Literal["starting", "ready", "overdue", "failed", "draining"]
-
-
-@dataclass(frozen=True)
-class ReplicaState:
-    """One replica as operators see it (readiness detail, logs).
-
-    starting: being launched (or waiting out a backoff before its launch);
-    ready: takes requests; overdue: alive, but its current step has run far
-    longer than usual, so it takes nothing new for now; failed: dead, about to
-    be released and replaced; draining: finishing what it holds, then removed.
-    `error` says why it failed: for the log, never for clients (it holds addresses).
-    """
-    index: int
-    state: ReplicaStateName
-    num_requests: int = 0
-    error: Optional[str] = None
-
 
 RoutingPolicy = Callable[[Sequence[Replica], EngineRequest], Replica]
 
@@ -122,10 +88,10 @@ class RequestStream:
 
     def __init__(self, frontend: "Frontend", request: EngineRequest, seq: int):
         self.request = request
-        self.seq = seq                        # admission order, kept when it resumes
+        self.seq = seq  # admission order, kept when it resumes
         self.replica: Optional[Replica] = None
         self.finished = False
-        self.output_token_ids: list[int] = []   # streamed so far: where a resume picks up
+        self.output_token_ids: list[int] = []  # streamed so far: where a resume picks up
         self.retries = 0
         self._frontend = frontend
         self._queue: asyncio.Queue[Union[RequestOutput, RequestFailed]] = asyncio.Queue()
@@ -156,10 +122,17 @@ class RequestStream:
 class Frontend:
     """Routes EngineRequests to replicas. Every method runs on the head's event loop."""
 
-    def __init__(self, replicas: Sequence[Replica], metrics: RequestMetrics, *,
-                 max_queued: int = 1024, replica_capacity: Optional[int] = None,
-                 policy: RoutingPolicy = least_loaded, max_request_retries: int = 1,
-                 max_queue_wait_s: float = 30.0):
+    def __init__(
+        self,
+        replicas: Sequence[Replica],
+        metrics: RequestMetrics,
+        *,
+        max_queued: int = 1024,
+        replica_capacity: Optional[int] = None,
+        policy: RoutingPolicy = least_loaded,
+        max_request_retries: int = 1,
+        max_queue_wait_s: float = 30.0,
+    ):
         self.replicas = list(replicas)
         self.metrics = metrics
         self.max_queued = max_queued
@@ -167,16 +140,16 @@ class Frontend:
         # Enough to keep a scheduler's batch full with a waiting line behind it.
         self.replica_capacity = replica_capacity or 2 * max(r.config.max_num_seqs for r in replicas)
         self.policy = policy
-        self._queued: list[tuple[int, int, RequestStream]] = []    # heap by (priority, seq)
+        self._queued: list[tuple[int, int, RequestStream]] = []  # heap by (priority, seq)
         self._seq = itertools.count()
         self._streams: dict[str, RequestStream] = {}
-        self._draining: list[Replica] = []      # take no new requests; removed once idle
+        self._draining: list[Replica] = []  # take no new requests; removed once idle
         # Replicas being launched, by index: when each is expected to serve (time.monotonic()).
         # The supervisor (cluster/autoscaler.py) keeps it; NotReady's retry_after reads it.
         self.starting: dict[int, float] = {}
         self._max_model_len = min(r.config.max_model_len for r in self.replicas)
         self.max_queue_wait_s = max_queue_wait_s
-        self.drain_rate = DrainRate()   # requests finishing per second: admission's estimate
+        self.drain_rate = DrainRate()  # requests finishing per second: admission's estimate
         for r in self.replicas:
             r.on_finished = self._on_replica_room
 
@@ -219,8 +192,9 @@ class Frontend:
     def max_request_tokens(self) -> int:
         """Prompt plus output one request may have: the context limit, or less where a
         replica's KV pool holds fewer tokens (every replica must be able to run it)."""
-        caps = [min(r.config.max_model_len, r.scheduler.blocks.num_blocks * r.config.block_size)
-                for r in self.replicas if r.scheduler is not None]
+        caps = [
+            min(r.config.max_model_len, r.scheduler.token_capacity) for r in self.replicas if r.scheduler is not None
+        ]
         return min(caps) if caps else self.max_model_len
 
     @property
@@ -228,22 +202,11 @@ class Frontend:
         return len(self._queued)
 
     def metrics_text(self) -> str:
-        """Prometheus exposition: request histograms plus each replica's scheduler gauges."""
-        gauges, down = [], []
-        for r in self.replicas:
-            s = r.stats()
-            if not r.alive:
-                down.append(r.index)         # its scheduler's last numbers mean nothing now
-            elif s is not None:
-                gauges.append(ReplicaGauges(
-                    index=r.index, alive=r.alive, num_running=s.num_running,
-                    num_waiting=s.num_waiting, kv_usage=s.kv_usage,
-                    num_free_blocks=s.num_free_blocks, prefix_hit_rate=s.prefix_hit_rate,
-                    num_preemptions=s.num_preemptions, num_draft_tokens=s.num_draft_tokens,
-                    num_accepted_tokens=s.num_accepted_tokens))
+        """Prometheus exposition: request histograms plus each replica's scheduler stats."""
+        live = [(r.index, s) for r in self.replicas if r.alive and (s := r.stats()) is not None]
+        down = [r.index for r in self.replicas if not r.alive]
         # Policies from cluster/routing.py count their decisions; a bare function has none.
-        text = render(self.metrics, gauges, self.num_queued, getattr(self.policy, "decisions", {}))
-        return _mark_down(text, down)
+        return render(self.metrics, live, down, self.num_queued, getattr(self.policy, "decisions", {}))
 
     @property
     def oldest_queued_age(self) -> float:
@@ -310,13 +273,16 @@ class Frontend:
         if stream is None:
             return
         if stream.replica is not None:
-            stream.replica.abort(request_id)       # its sink receives the abort output
+            stream.replica.abort(request_id)  # its sink receives the abort output
         else:
             del self._streams[request_id]
             self._queued = [e for e in self._queued if e[2] is not stream]
             heapq.heapify(self._queued)
-            stream.put(RequestOutput(request_id, [], finish_reason="abort",
-                                     num_prompt_tokens=len(stream.request.prompt_token_ids)))
+            stream.put(
+                RequestOutput(
+                    request_id, [], finish_reason="abort", num_prompt_tokens=len(stream.request.prompt_token_ids)
+                )
+            )
 
     def _bind(self, stream: RequestStream, replica: Replica) -> None:
         rid = stream.request.request_id
@@ -329,7 +295,7 @@ class Frontend:
                 self._streams.pop(rid, None)
                 self.drain_rate.note(time.monotonic())
 
-        replica.add_request(stream.request, sink)   # ValueError propagates to generate()
+        replica.add_request(stream.request, sink)  # ValueError propagates to generate()
         stream.replica = replica
 
     def _resume(self, stream: RequestStream, failure: RequestFailed) -> bool:
@@ -361,12 +327,14 @@ class Frontend:
                 self._bind(stream, self.policy(room, stream.request))
             except ValueError as e:
                 self._streams.pop(stream.request.request_id, None)
-                stream.put(RequestFailed(str(e), retryable=False))   # it can never fit
+                stream.put(RequestFailed(str(e), retryable=False))  # it can never fit
 
     def _replicas_with_room(self) -> list[Replica]:
-        return [r for r in self.live_replicas
-                if r.num_unfinished < self.replica_capacity and r not in self._draining
-                and not r.overdue]
+        return [
+            r
+            for r in self.live_replicas
+            if r.num_unfinished < self.replica_capacity and r not in self._draining and not r.overdue
+        ]
 
     def ready_in(self) -> int:
         """Retry-After while no replica serves: until the soonest starting one is expected."""
@@ -392,20 +360,11 @@ class Frontend:
         now = time.monotonic()
         rate = self.drain_rate.rate(now)
         # Ahead of it: the queue, and requests bound to a replica but not yet in its batch.
-        ahead = len(self._queued) + sum(max(0, r.num_unfinished - r.config.max_num_seqs)
-                                        for r in self.live_replicas)
+        ahead = len(self._queued) + sum(max(0, r.num_unfinished - r.config.max_num_seqs) for r in self.live_replicas)
         wait = (ahead + 1) / rate if rate else None
         if len(self._queued) < self.max_queued and (wait is None or wait <= self.max_queue_wait_s):
             return None
-        if wait is None:          # nothing finished recently: no basis for an estimate
+        if wait is None:  # nothing finished recently: no basis for an estimate
             return QueueFull(retry_after=max(1, min(60, ahead // max(1, self.replica_capacity))))
         over = max(wait - self.max_queue_wait_s, (ahead + 1 - self.max_queued) / rate)
         return QueueFull(retry_after=max(1, min(600, math.ceil(over))))
-
-
-def _mark_down(text: str, indices: list[int]) -> str:
-    """folio_replica_up 0 for each failed replica (whose other gauges are left out)."""
-    if not indices:
-        return text
-    head = "# TYPE folio_replica_up gauge\n"
-    return text.replace(head, head + "".join(f'folio_replica_up{{replica="{i}"}} 0\n' for i in indices), 1)

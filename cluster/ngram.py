@@ -13,6 +13,7 @@ prompt_lookup_max) to where its latest occurrence ended. The index is
 extended with the tokens that arrived since the last proposal, so the cost
 per step follows the new tokens, not the sequence length.
 """
+
 from __future__ import annotations
 
 from typing import Sequence
@@ -26,7 +27,7 @@ class NgramIndex:
             raise ValueError(f"need 1 <= prompt_lookup_min <= prompt_lookup_max, got {min_n}, {max_n}")
         self.min_n, self.max_n = min_n, max_n
         self._ends: dict[tuple[int, ...], int] = {}
-        self._indexed = 0         # n-grams ending before this position are in _ends
+        self._indexed = 0  # n-grams ending before this position are in _ends
 
     def propose(self, tokens: Sequence[int], k: int) -> list[int]:
         """Up to k tokens that followed the latest earlier occurrence of the longest
@@ -36,12 +37,12 @@ class NgramIndex:
         # must not match itself.
         for e in range(max(self._indexed, self.min_n), end):
             for n in range(self.min_n, min(self.max_n, e) + 1):
-                self._ends[tuple(tokens[e - n:e])] = e
+                self._ends[tuple(tokens[e - n : e])] = e
         self._indexed = max(self._indexed, end)
         if k <= 0:
             return []
         for n in range(min(self.max_n, end - 1), self.min_n - 1, -1):
-            start = self._ends.get(tuple(tokens[end - n:end]))
+            start = self._ends.get(tuple(tokens[end - n : end]))
             if start is not None:
-                return list(tokens[start:start + k])
+                return list(tokens[start : start + k])
         return []

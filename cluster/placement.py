@@ -5,6 +5,7 @@ together) with one WorkerActor per bundle. Ray only places the processes; the
 head then reaches each worker over gRPC. Autoscaling and tensor parallelism
 both go through launch_replica / release_replica.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -28,16 +29,17 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class ReplicaSpec:
     """What every replica of a deployment is made of."""
-    load: pb.LoadModelRequest            # what each worker loads
+
+    load: pb.LoadModelRequest  # what each worker loads
     scheduler: SchedulerConfig
     use_gpu: bool
-    cpus_per_worker: int                 # torch threads on CPU workers
-    worker_host: str | None              # None: the node's IP (multi-node); else e.g. 127.0.0.1
+    cpus_per_worker: int  # torch threads on CPU workers
+    worker_host: str | None  # None: the node's IP (multi-node); else e.g. 127.0.0.1
     # Extra Ray resources per worker (e.g. {"accelerator_type:A100": 0.001} or a custom
     # label a node type advertises), so replicas land only on nodes that have them.
     resources: dict[str, float] = field(default_factory=dict)
-    tensor_parallel_size: int = 1        # workers (devices) per replica, one TP rank each
-    step_timeout: float = DEFAULT_STEP_TIMEOUT_S    # seconds; a slower step fails its replica
+    tensor_parallel_size: int = 1  # workers (devices) per replica, one TP rank each
+    step_timeout: float = DEFAULT_STEP_TIMEOUT_S  # seconds; a slower step fails its replica
     # The deployment's secret (and worker TLS files): every worker is handed it through
     # Ray and accepts only calls that carry it. The default is a fresh random secret.
     credentials: ClusterCredentials = field(default_factory=ClusterCredentials.generate)
@@ -60,23 +62,30 @@ async def launch_replica(index: int, spec: ReplicaSpec, metrics: RequestMetrics)
     bundle.update(spec.resources)
     tp = spec.tensor_parallel_size
     pg = placement_group([bundle] * tp, strategy=_pack_strategy(bundle, tp), name=f"folio-replica-{index}")
-    handle = ReplicaHandle(replica=None, placement_group=pg)   # type: ignore[arg-type]
+    handle = ReplicaHandle(replica=None, placement_group=pg)  # type: ignore[arg-type]
     try:
         await pg.ready()
-        handle.actors = [WorkerActor.options(
-            num_cpus=bundle["CPU"], num_gpus=bundle.get("GPU", 0), resources=spec.resources,
-            scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=rank),
-        ).remote() for rank in range(tp)]
-        addresses = await asyncio.gather(*(
-            a.start.remote(spec.credentials, spec.worker_host, bundle["CPU"]) for a in handle.actors))
+        handle.actors = [
+            WorkerActor.options(
+                num_cpus=bundle["CPU"],
+                num_gpus=bundle.get("GPU", 0),
+                resources=spec.resources,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=rank),
+            ).remote()
+            for rank in range(tp)
+        ]
+        addresses = await asyncio.gather(
+            *(a.start.remote(spec.credentials, spec.worker_host, bundle["CPU"]) for a in handle.actors)
+        )
         load = pb.LoadModelRequest()
         load.CopyFrom(spec.load)
         if tp > 1:
             # The ranks meet on rank 0's node, at a port free there.
             host = addresses[0].rsplit(":", 1)[0]
             load.rendezvous = f"tcp://{host}:{await handle.actors[0].free_port.remote(host)}"
-        handle.replica = Replica(index, addresses, spec.scheduler, metrics, credentials=spec.credentials,
-                                 step_timeout=spec.step_timeout)
+        handle.replica = Replica(
+            index, addresses, spec.scheduler, metrics, credentials=spec.credentials, step_timeout=spec.step_timeout
+        )
         await handle.replica.start(load)
     except BaseException:
         await release_replica(handle)
@@ -104,22 +113,24 @@ async def release_replica(handle: ReplicaHandle) -> None:
     try:
         if handle.replica is not None:
             await handle.replica.close()
-    except Exception:                    # noqa: BLE001 - the actors and devices go regardless
+    except Exception:  # noqa: BLE001 - the actors and devices go regardless
         log.exception("replica %d did not close cleanly", handle.replica.index)
     finally:
         for a in handle.actors:
             try:
-                ray.kill(a)              # SIGKILLs the process, a frozen (SIGSTOPed) one too
-            except Exception:            # noqa: BLE001 - already gone
+                ray.kill(a)  # SIGKILLs the process, a frozen (SIGSTOPed) one too
+            except Exception:  # noqa: BLE001 - already gone
                 log.warning("could not kill a worker actor of a released replica", exc_info=True)
         remove_placement_group(handle.placement_group)
 
 
-async def launch_replicas(count: int, spec: ReplicaSpec, metrics: RequestMetrics,
-                          first_index: int = 0) -> list[ReplicaHandle]:
+async def launch_replicas(
+    count: int, spec: ReplicaSpec, metrics: RequestMetrics, first_index: int = 0
+) -> list[ReplicaHandle]:
     """Several replicas at once; if any fails, none is left running."""
-    results = await asyncio.gather(*(launch_replica(first_index + i, spec, metrics) for i in range(count)),
-                                   return_exceptions=True)
+    results = await asyncio.gather(
+        *(launch_replica(first_index + i, spec, metrics) for i in range(count)), return_exceptions=True
+    )
     failed = [r for r in results if isinstance(r, BaseException)]
     if failed:
         await asyncio.gather(*(release_replica(r) for r in results if isinstance(r, ReplicaHandle)))

@@ -22,6 +22,7 @@ Faults are contained at the smallest unit that holds them: a request that
 cannot be encoded for the wire, or that the worker refuses (StepResult.errors),
 fails alone with a non-retryable RequestFailed; the step goes on without it.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -41,26 +42,13 @@ from protos import worker_pb2_grpc
 from protos.codec import decode_step_result, encode_step_request
 from protos.messages import EngineRequest, NewRequest, RequestOutput, StepRequest, StepResult
 from protos.security import ClusterCredentials, channel
-from worker.server import MAX_MESSAGE_BYTES
+from protos.transport import CHANNEL_OPTIONS
+from router.engine_client import RequestFailed
 
 log = logging.getLogger(__name__)
 
 MAX_STEPS_IN_FLIGHT = 2
 
-CHANNEL_OPTIONS = [
-    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-    # Ping the connection so a worker whose node vanished (or whose process froze) is
-    # noticed. Measured with grpcio 1.85 against a SIGSTOPed worker: keepalive_timeout_ms
-    # alone does not bound it; the unanswered ping is dropped after ping_timeout_ms
-    # (default 60 s: 60 s with a busy stream, 69 s idle). With it set, 5 s busy, 14 s idle.
-    # max_pings_without_data 0: keep pinging while the head has nothing to send.
-    ("grpc.keepalive_time_ms", 10_000),
-    ("grpc.keepalive_timeout_ms", 5_000),
-    ("grpc.http2.ping_timeout_ms", 5_000),
-    ("grpc.http2.max_pings_without_data", 0),
-    ("grpc.keepalive_permit_without_calls", 1),
-]
 
 # A step that has not come back after this long fails its replica (--step-timeout). The
 # slowest step folio runs on purpose is a CPU prefill of a full max_num_batched_tokens
@@ -78,25 +66,6 @@ STEP_HISTORY = 64
 
 class WorkerLoadError(RuntimeError):
     """A worker of the replica could not load the model (bad path, out of memory, ...)."""
-
-
-class RequestFailed(RuntimeError):
-    """A request cannot finish; what the router turns into an error for its client.
-
-    retryable=True: not the request's fault. Its replica failed (or no replica
-    is left); the frontend resumes it on another replica when it can, and only
-    what it cannot resume reaches the client (503: try again later).
-    retryable=False: the request's own fault. It cannot be encoded for the wire
-    or a worker refused it (StepResult.errors); it is never resumed, and sent
-    again it fails again (400, with `str(e)` as the message).
-    suspect: it was running on a worker of the replica that failed, so it may be
-    what broke it; the frontend counts such resumes against max_request_retries.
-    """
-
-    def __init__(self, message: str, *, retryable: bool = True, suspect: bool = False):
-        super().__init__(message)
-        self.retryable = retryable
-        self.suspect = suspect
 
 
 # What protobuf raises for a value that does not fit its field (UnicodeError is a ValueError).
@@ -117,16 +86,24 @@ class _Tracked:
 class Replica:
     """Call start() on the head's event loop; every method must run on that loop."""
 
-    def __init__(self, index: int, addresses: list[str], config: SchedulerConfig,
-                 metrics: RequestMetrics, on_finished: Callable[["Replica"], None] = lambda r: None,
-                 *, credentials: ClusterCredentials, step_timeout: float = DEFAULT_STEP_TIMEOUT_S):
+    def __init__(
+        self,
+        index: int,
+        addresses: list[str],
+        config: SchedulerConfig,
+        metrics: RequestMetrics,
+        on_finished: Callable[["Replica"], None] = lambda r: None,
+        *,
+        credentials: ClusterCredentials,
+        step_timeout: float = DEFAULT_STEP_TIMEOUT_S,
+    ):
         self.index = index
         self.addresses = addresses
-        self.config = config              # max_model_len and eos ids are settled in start();
-                                          # max_model_len 0: the model's, or what the pool holds
+        self.config = config  # max_model_len and eos ids are settled in start();
+        # max_model_len 0: the model's, or what the pool holds
         self.metrics = metrics
-        self.on_finished = on_finished    # a request finished here: room for queued work
-        self.credentials = credentials    # every call to the workers carries its secret
+        self.on_finished = on_finished  # a request finished here: room for queued work
+        self.credentials = credentials  # every call to the workers carries its secret
         self.step_timeout = step_timeout  # seconds a step may take before the replica fails
         self.scheduler: Optional[Scheduler] = None
         self.vocab_size = 0
@@ -137,7 +114,7 @@ class Replica:
         self._calls: list = []
         self._results: list[asyncio.Queue] = []
         self._tasks: list[asyncio.Task] = []
-        self._inflight: deque[tuple[StepRequest, float]] = deque()    # (step, when sent)
+        self._inflight: deque[tuple[StepRequest, float]] = deque()  # (step, when sent)
         self._last_result_at = 0.0
         self._step_times: deque[float] = deque(maxlen=STEP_HISTORY)
         self._wakeup = asyncio.Event()
@@ -161,13 +138,11 @@ class Replica:
         try:
             infos = await asyncio.gather(*(s.LoadModel(m) for s, m in zip(stubs, loads)))
         except grpc.aio.AioRpcError as e:
-            raise WorkerLoadError(f"replica {self.index}: a worker could not load the model: "
-                                  f"{e.details()}") from None
+            raise WorkerLoadError(f"replica {self.index}: a worker could not load the model: {e.details()}") from None
         info = infos[0]
         # Ranks may size their pools differently; block ids below the smallest fit everywhere.
         num_blocks = min(i.num_blocks for i in infos)
-        max_model_len = min(self.config.max_model_len or info.max_position_embeddings,
-                            info.max_position_embeddings)
+        max_model_len = min(self.config.max_model_len or info.max_position_embeddings, info.max_position_embeddings)
         # One request of max_model_len tokens must fit the pool: a limit the operator set
         # (config.max_model_len > 0) that cannot is refused; the model's own is lowered.
         pool_tokens = num_blocks * info.block_size
@@ -176,13 +151,24 @@ class Replica:
                 raise WorkerLoadError(
                     f"replica {self.index}: max_model_len {max_model_len} does not fit the KV cache "
                     f"of {pool_tokens} tokens ({num_blocks} blocks of {info.block_size}); lower "
-                    f"--max-model-len or give the KV cache more memory")
-            log.warning("replica %d: max_model_len lowered from the model's %d to %d tokens, all "
-                        "its KV cache holds (%d blocks of %d)", self.index, max_model_len,
-                        pool_tokens, num_blocks, info.block_size)
+                    f"--max-model-len or give the KV cache more memory"
+                )
+            log.warning(
+                "replica %d: max_model_len lowered from the model's %d to %d tokens, all "
+                "its KV cache holds (%d blocks of %d)",
+                self.index,
+                max_model_len,
+                pool_tokens,
+                num_blocks,
+                info.block_size,
+            )
             max_model_len = pool_tokens
-        self.config = replace(self.config, block_size=info.block_size, max_model_len=max_model_len,
-                              eos_token_ids=tuple(info.eos_token_ids))
+        self.config = replace(
+            self.config,
+            block_size=info.block_size,
+            max_model_len=max_model_len,
+            eos_token_ids=tuple(info.eos_token_ids),
+        )
         self.scheduler = Scheduler(self.config, num_blocks)
         self.vocab_size = info.vocab_size
         self._calls = [s.ExecuteSteps() for s in stubs]
@@ -191,8 +177,14 @@ class Replica:
         self._tasks = [asyncio.create_task(self._read(rank)) for rank in range(len(stubs))]
         self._tasks.append(asyncio.create_task(self._loop()))
         self._tasks.append(asyncio.create_task(self._watch()))
-        log.info("replica %d ready: %s, %d KV blocks of %d tokens, device %s", self.index,
-                 ", ".join(self.addresses), num_blocks, info.block_size, info.device)
+        log.info(
+            "replica %d ready: %s, %d KV blocks of %d tokens, device %s",
+            self.index,
+            ", ".join(self.addresses),
+            num_blocks,
+            info.block_size,
+            info.device,
+        )
 
     async def close(self) -> None:
         """Stop the loop, ask the workers to shut down (unless the replica already failed:
@@ -204,7 +196,7 @@ class Replica:
             try:
                 await stub.Shutdown(pb.ShutdownRequest(), timeout=5)
             except grpc.aio.AioRpcError:
-                pass              # already gone
+                pass  # already gone
         for c in self._channels:
             await c.close()
 
@@ -217,7 +209,7 @@ class Replica:
         """Queue a request; its outputs go to sink. ValueError when it can never fit here."""
         self.scheduler.add_request(request)
         t = _Tracked(sink, request.arrival_time or time.monotonic())
-        if request.output_token_ids:       # resumed from a failed replica: its TTFT was measured there
+        if request.output_token_ids:  # resumed from a failed replica: its TTFT was measured there
             t.scheduled, t.last_token_time = True, time.monotonic()
         self._requests[request.request_id] = t
         self._wakeup.set()
@@ -226,7 +218,7 @@ class Replica:
         """Finish a request now (client gone, stop string seen); its sink gets the abort."""
         if request_id in self._requests:
             self._deliver(self.scheduler.abort_requests([request_id]))
-            self._wakeup.set()      # its finished id should reach the workers soon
+            self._wakeup.set()  # its finished id should reach the workers soon
 
     def stats(self) -> Optional[SchedulerStats]:
         return self.scheduler.stats() if self.scheduler is not None else None
@@ -267,12 +259,13 @@ class Replica:
                 if result.step_id != step.step_id:
                     raise RuntimeError(f"worker answered step {result.step_id}, expected {step.step_id}")
                 if result.errors:
-                    self._fail_requests({e.request_id: f"the worker refused the request: {e.message}"
-                                         for e in result.errors})
+                    self._fail_requests(
+                        {e.request_id: f"the worker refused the request: {e.message}" for e in result.errors}
+                    )
                 self._deliver(self.scheduler.update_from_output(step, result))
         except asyncio.CancelledError:
             raise
-        except Exception as e:         # noqa: BLE001 - any loop failure kills the replica
+        except Exception as e:  # noqa: BLE001 - any loop failure kills the replica
             log.exception("replica %d step loop failed", self.index)
             self._fail(f"step loop failed: {type(e).__name__}: {e}")
 
@@ -300,8 +293,11 @@ class Replica:
             pass
         bad = {}
         for r in (*step.new_requests, *step.cached_requests):
-            alone = (StepRequest(step.step_id, new_requests=[r]) if isinstance(r, NewRequest)
-                     else StepRequest(step.step_id, cached_requests=[r]))
+            alone = (
+                StepRequest(step.step_id, new_requests=[r])
+                if isinstance(r, NewRequest)
+                else StepRequest(step.step_id, cached_requests=[r])
+            )
             try:
                 encode_step_request(alone)
             except _ENCODE_ERRORS as e:
@@ -309,7 +305,7 @@ class Replica:
         step.new_requests = [r for r in step.new_requests if r.request_id not in bad]
         step.cached_requests = [r for r in step.cached_requests if r.request_id not in bad]
         self._fail_requests(bad)
-        return encode_step_request(step)     # anything still wrong is the head's bug: fail the replica
+        return encode_step_request(step)  # anything still wrong is the head's bug: fail the replica
 
     def _note_step_done(self) -> None:
         """The oldest in-flight step returned: record how long it took; if it was overdue,
@@ -331,8 +327,7 @@ class Replica:
             await asyncio.sleep(period)
             if self.step_elapsed() > self.step_timeout:
                 step_id = self._inflight[0][0].step_id
-                log.error("replica %d: step %d did not return within %g s", self.index, step_id,
-                          self.step_timeout)
+                log.error("replica %d: step %d did not return within %g s", self.index, step_id, self.step_timeout)
                 self._fail(f"step {step_id} did not return within the {self.step_timeout:g} s step deadline")
                 return
 
@@ -354,7 +349,7 @@ class Replica:
                 self._results[rank].put_nowait(message)
         except asyncio.CancelledError:
             raise
-        except Exception as e:         # noqa: BLE001 - any stream failure kills the replica
+        except Exception as e:  # noqa: BLE001 - any stream failure kills the replica
             detail = e.details() if isinstance(e, grpc.aio.AioRpcError) else str(e)
             log.error("replica %d lost worker %s: %s", self.index, self.addresses[rank], detail)
             self._fail(f"lost worker {self.addresses[rank]}: {detail}")
@@ -396,9 +391,8 @@ class Replica:
         for call in self._calls:
             call.cancel()
         requests, self._requests = self._requests, {}
-        held = self.scheduler.requests if self.scheduler is not None else {}
         for rid, t in requests.items():
-            on_worker = rid in held and held[rid].on_worker
+            on_worker = self.scheduler is not None and self.scheduler.is_on_worker(rid)
             t.sink(RequestFailed(f"replica {self.index} failed: {reason}", suspect=on_worker))
         self.on_finished(self)
 

@@ -1,4 +1,5 @@
 """A request as the scheduler tracks it."""
+
 from __future__ import annotations
 
 import enum
@@ -32,39 +33,43 @@ class Request:
     steps will sample but whose ids the head has not seen yet, so the
     scheduler can plan the next step before the previous one returns.
     """
+
     request_id: str
     token_ids: list[int]
     num_prompt_tokens: int
     params: SamplingParams
     priority: int
-    seq: int                         # arrival order: FCFS within a priority
-    arrival_time: float = 0.0
+    seq: int  # arrival order: FCFS within a priority
     status: Status = Status.WAITING
     num_computed_tokens: int = 0
     num_pending: int = 0
     block_ids: list[int] = field(default_factory=list)
-    block_keys: list[BlockHash] = field(default_factory=list)   # of known full blocks
-    num_published_blocks: int = 0    # leading blocks published to the prefix cache
-    num_sent_blocks: int = 0         # leading block ids the worker already has
-    epoch: int = 0                   # bumped by preemption; stale step results are dropped
-    on_worker: bool = False          # the worker caches this request's state
-    num_cached_tokens: int = 0       # prefix-cache hit at first admission
+    block_keys: list[BlockHash] = field(default_factory=list)  # of known full blocks
+    num_published_blocks: int = 0  # leading blocks published to the prefix cache
+    num_sent_blocks: int = 0  # leading block ids the worker already has
+    epoch: int = 0  # bumped by preemption; stale step results are dropped
+    on_worker: bool = False  # the worker caches this request's state
+    num_cached_tokens: int = 0  # prefix-cache hit at first admission
     num_preemptions: int = 0
     first_scheduled_time: Optional[float] = None
     stop_reason: Optional[int] = None
     output_logprobs: list[TokenLogprob] = field(default_factory=list)
     prompt_logprobs: list[Optional[TokenLogprob]] = field(default_factory=list)
-    ngrams: Optional[NgramIndex] = None      # speculative decoding's draft source, built lazily
-    draft_len: int = 0                       # drafts to propose next (0: the configured maximum)
-    cache_root: Optional[BlockHash] = None   # parent of the first block's key: the cache salt
+    ngrams: Optional[NgramIndex] = None  # speculative decoding's draft source, built lazily
+    draft_len: int = 0  # drafts to propose next (0: the configured maximum)
+    cache_root: Optional[BlockHash] = None  # parent of the first block's key: the cache salt
 
     @staticmethod
     def from_engine_request(req: EngineRequest, seq: int) -> "Request":
-        return Request(request_id=req.request_id,
-                       token_ids=list(req.prompt_token_ids) + list(req.output_token_ids),
-                       num_prompt_tokens=len(req.prompt_token_ids), params=req.sampling_params,
-                       priority=req.priority, seq=seq, arrival_time=req.arrival_time,
-                       cache_root=salt_root(req.cache_salt))
+        return Request(
+            request_id=req.request_id,
+            token_ids=list(req.prompt_token_ids) + list(req.output_token_ids),
+            num_prompt_tokens=len(req.prompt_token_ids),
+            params=req.sampling_params,
+            priority=req.priority,
+            seq=seq,
+            cache_root=salt_root(req.cache_salt),
+        )
 
     @property
     def num_tokens(self) -> int:
@@ -77,7 +82,7 @@ class Request:
 
     @property
     def output_token_ids(self) -> list[int]:
-        return self.token_ids[self.num_prompt_tokens:]
+        return self.token_ids[self.num_prompt_tokens :]
 
     @property
     def sort_key(self) -> tuple[int, int]:

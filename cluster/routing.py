@@ -12,29 +12,24 @@ a prefix would scatter. Its block keys are known on the head too, so they
 count as well: the replica will hold that prefix by the time it runs.
 
 Every policy is a RoutingPolicy (cluster/frontend.py): a callable
-(replicas, request) -> replica, which records why it chose (ROUTING_REASONS)
-for /metrics.
+(replicas, request) -> replica; AffinityRouter also counts why it chose
+(`decisions`, on /metrics as folio_routing_decisions_total).
 """
+
 from __future__ import annotations
 
 import itertools
 from typing import Sequence
 
-from cluster.block_manager import BlockHash, hash_blocks, salt_root
+from cluster.block_manager import hash_blocks, reusable_blocks, salt_root
 from cluster.frontend import RoutingPolicy, least_loaded
 from cluster.replica import Replica
-from cluster.request import Status
 from protos.messages import EngineRequest
-
-ROUTING_REASONS = ("affinity", "load")
 
 
 def load_tokens(replica: Replica) -> int:
     """Work a replica still has, in tokens: uncomputed prompt plus remaining output of each request."""
-    if replica.scheduler is None:
-        return 0
-    return sum(max(0, r.num_tokens - r.num_computed_tokens) + max(0, r.params.max_tokens - r.num_output_tokens)
-               for r in replica.scheduler.requests.values())
+    return replica.scheduler.load_tokens() if replica.scheduler is not None else 0
 
 
 class _Counting:
@@ -64,28 +59,20 @@ class AffinityRouter(_Counting):
         self.load_weight = load_weight
 
     def __call__(self, replicas: Sequence[Replica], request: EngineRequest) -> Replica:
-        # The last token is always computed (its logits are sampled), so a hit covers at most n-1.
-        keys = hash_blocks(request.prompt_token_ids[:-1], self.block_size,
-                           parent=salt_root(request.cache_salt))
+        prompt = request.prompt_token_ids
+        keys = hash_blocks(
+            prompt[: reusable_blocks(len(prompt), self.block_size) * self.block_size],
+            self.block_size,
+            parent=salt_root(request.cache_salt),
+        )
         best, best_key, best_hit = None, None, 0
         for r in replicas:
-            hit = self.hit_blocks(r, keys) * self.block_size
+            hit = r.scheduler.prefix_hit_blocks(keys) * self.block_size if r.scheduler is not None else 0
             load = load_tokens(r)
             key = (hit - self.load_weight * load, -load, -r.index)
             if best is None or key > best_key:
                 best, best_key, best_hit = r, key, hit
         return self._count(best, "affinity" if best_hit > 0 else "load")
-
-    @staticmethod
-    def hit_blocks(replica: Replica, keys: list[BlockHash]) -> int:
-        """Leading blocks of `keys` that replica has cached, is computing, or has queued."""
-        sched = replica.scheduler
-        if sched is None or not sched.blocks.enable_prefix_caching:
-            return 0
-        cached = len(sched.blocks.cached_prefix(keys))
-        # Keys chain over their whole prefix, so a key in this set means the prefix up to it is queued.
-        queued = {k for r in sched.requests.values() if r.status is Status.WAITING for k in r.block_keys}
-        return max(cached, next((i for i, k in enumerate(keys) if k not in queued), len(keys)))
 
 
 class RoundRobinRouter(_Counting):

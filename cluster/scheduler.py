@@ -25,6 +25,7 @@ order and, within a layer, writes all of a step's new K/V before any attention
 reads the pool; so even a request admitted in the same step (an n > 1 sibling)
 can read a block its sibling writes.
 """
+
 from __future__ import annotations
 
 import bisect
@@ -32,19 +33,27 @@ import heapq
 import itertools
 import time
 from dataclasses import dataclass
-from typing import Iterable, Optional
+from typing import Iterable, Optional, Sequence
 
-from cluster.block_manager import BlockManager
+from cluster.block_manager import BlockHash, BlockManager, reusable_blocks
 from cluster.config import SchedulerConfig
 from cluster.ngram import NgramIndex
 from cluster.request import Request, Status
-from protos.messages import (CachedRequest, EngineRequest, NewRequest, RequestOutput,
-                             StepRequest, StepResult, TokenLogprob)
+from protos.messages import (
+    CachedRequest,
+    EngineRequest,
+    NewRequest,
+    RequestOutput,
+    StepRequest,
+    StepResult,
+    TokenLogprob,
+)
 
 
 @dataclass
 class _Scheduled:
     """What a step promised for one request, to match its result against."""
+
     request: Request
     epoch: int
     samples: bool
@@ -97,8 +106,8 @@ class Scheduler:
         self.bs = config.block_size
         self.blocks = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.requests: dict[str, Request] = {}
-        self.running: list[Request] = []                      # sorted by (priority, seq)
-        self._waiting: list[tuple[int, int, Request]] = []    # heap; finished entries skipped
+        self.running: list[Request] = []  # sorted by (priority, seq)
+        self._waiting: list[tuple[int, int, Request]] = []  # heap; finished entries skipped
         self._seq = itertools.count()
         self._step_ids = itertools.count()
         self._finished_for_worker: list[str] = []
@@ -106,8 +115,8 @@ class Scheduler:
         self.prefix_hit_tokens = 0
         self.prefix_query_tokens = 0
         self.num_preemptions = 0
-        self.computed_tokens_total = 0      # tokens sent for compute, over the lifetime
-        self.num_draft_tokens = 0           # speculative drafts sent / accepted, over the lifetime
+        self.computed_tokens_total = 0  # tokens sent for compute, over the lifetime
+        self.num_draft_tokens = 0  # speculative drafts sent / accepted, over the lifetime
         self.num_accepted_tokens = 0
 
     # ---------------------------------------------------------------- intake
@@ -119,17 +128,22 @@ class Scheduler:
         if n == 0:
             raise ValueError("the prompt must contain at least one token")
         if n >= self.config.max_model_len:
-            raise ValueError(f"the prompt has {n} tokens, which leaves no room for output "
-                             f"under the maximum context length of {self.config.max_model_len}")
-        if len(req.output_token_ids) >= req.sampling_params.max_tokens or \
-                n + len(req.output_token_ids) >= self.config.max_model_len:
+            raise ValueError(
+                f"the prompt has {n} tokens, which leaves no room for output "
+                f"under the maximum context length of {self.config.max_model_len}"
+            )
+        if (
+            len(req.output_token_ids) >= req.sampling_params.max_tokens
+            or n + len(req.output_token_ids) >= self.config.max_model_len
+        ):
             raise ValueError("the request already has all its output tokens")
         most = min(self.config.max_model_len, n + req.sampling_params.max_tokens)
         if self._num_blocks(most) > self.blocks.num_blocks:
-            raise ValueError(f"prompt plus max_tokens ({most} tokens) exceeds the KV cache of "
-                             f"{self.blocks.num_blocks * self.bs} tokens")
+            raise ValueError(
+                f"prompt plus max_tokens ({most} tokens) exceeds the KV cache of "
+                f"{self.blocks.num_blocks * self.bs} tokens"
+            )
         r = Request.from_engine_request(req, next(self._seq))
-        r.arrival_time = req.arrival_time or time.monotonic()
         if r.params.prompt_logprobs is not None:
             r.prompt_logprobs = [None]
         r.update_block_keys(self.bs)
@@ -172,19 +186,19 @@ class Scheduler:
             if plan.left == 0:
                 break
             if r.status is not Status.RUNNING:
-                continue                  # preempted earlier in this loop
+                continue  # preempted earlier in this loop
             n = min(r.num_tokens - r.num_computed_tokens, plan.left)
             if n <= 0:
                 continue
             drafts = None
             if self.config.num_speculative_tokens and r.num_tokens - r.num_computed_tokens == 1:
                 if r.num_pending:
-                    continue          # drafts need the token the in-flight step samples
+                    continue  # drafts need the token the in-flight step samples
                 drafts = self._propose(r, plan.left - 1)
                 n += len(drafts)
             need = self._num_blocks(r.num_computed_tokens + n) - len(r.block_ids)
             if drafts and not self.blocks.can_allocate(need):
-                drafts, n = None, 1           # a guess never preempts anyone
+                drafts, n = None, 1  # a guess never preempts anyone
                 need = self._num_blocks(r.num_computed_tokens + n) - len(r.block_ids)
             while not self.blocks.can_allocate(need):
                 victim = self.running[-1]
@@ -227,9 +241,12 @@ class Scheduler:
     def _propose(self, r: Request, budget: int) -> list[int]:
         """Draft tokens for a decoding request: as many as allowed, none past its
         max_tokens or the context limit (a step computes 1 + len(drafts) positions)."""
-        k = min(r.draft_len or self.config.num_speculative_tokens, budget,
-                r.params.max_tokens - r.num_output_tokens - 1,
-                self.config.max_model_len - len(r.token_ids) - 1)
+        k = min(
+            r.draft_len or self.config.num_speculative_tokens,
+            budget,
+            r.params.max_tokens - r.num_output_tokens - 1,
+            self.config.max_model_len - len(r.token_ids) - 1,
+        )
         if k <= 0:
             return []
         if r.ngrams is None:
@@ -260,9 +277,9 @@ class Scheduler:
     def _lookup_prefix(self, r: Request) -> list[int]:
         """Cached leading blocks, leaving at least one token to compute (for its logits)."""
         if r.params.prompt_logprobs is not None:
-            return []           # every prompt position must produce logits
+            return []  # every prompt position must produce logits
         hit = self.blocks.cached_prefix(r.block_keys)
-        return hit[: (r.num_tokens - 1) // self.bs]
+        return hit[: reusable_blocks(r.num_tokens, self.bs)]
 
     def _build_step(self, plan: _Plan) -> StepRequest:
         step = StepRequest(step_id=next(self._step_ids), finished_ids=self._finished_for_worker)
@@ -271,16 +288,28 @@ class Scheduler:
         for r, n in plan.tokens.items():
             drafts = plan.drafts.get(r, [])
             if r.on_worker:
-                step.cached_requests.append(CachedRequest(
-                    request_id=r.request_id, new_block_ids=r.block_ids[r.num_sent_blocks:],
-                    num_computed_tokens=r.num_computed_tokens, num_scheduled_tokens=n,
-                    draft_token_ids=drafts))
+                step.cached_requests.append(
+                    CachedRequest(
+                        request_id=r.request_id,
+                        new_block_ids=r.block_ids[r.num_sent_blocks :],
+                        num_computed_tokens=r.num_computed_tokens,
+                        num_scheduled_tokens=n,
+                        draft_token_ids=drafts,
+                    )
+                )
             else:
-                step.new_requests.append(NewRequest(
-                    request_id=r.request_id, token_ids=list(r.token_ids),
-                    num_prompt_tokens=r.num_prompt_tokens, sampling_params=r.params,
-                    block_ids=list(r.block_ids), num_computed_tokens=r.num_computed_tokens,
-                    num_scheduled_tokens=n, num_output_tokens=r.num_output_tokens))
+                step.new_requests.append(
+                    NewRequest(
+                        request_id=r.request_id,
+                        token_ids=list(r.token_ids),
+                        num_prompt_tokens=r.num_prompt_tokens,
+                        sampling_params=r.params,
+                        block_ids=list(r.block_ids),
+                        num_computed_tokens=r.num_computed_tokens,
+                        num_scheduled_tokens=n,
+                        num_output_tokens=r.num_output_tokens,
+                    )
+                )
                 r.on_worker = True
             r.num_sent_blocks = len(r.block_ids)
             r.num_computed_tokens += n
@@ -337,25 +366,25 @@ class Scheduler:
                 continue
             r = s.request
             if r.status is not Status.RUNNING or r.epoch != s.epoch:
-                continue        # finished, aborted or preempted since: stale
+                continue  # finished, aborted or preempted since: stale
             if o.prompt_logprobs and len(r.prompt_logprobs) < r.num_prompt_tokens:
                 r.prompt_logprobs.extend(o.prompt_logprobs)
             if not s.samples:
                 continue
             r.num_pending -= 1
-            accepted = len(o.token_ids) - 1            # drafts the worker kept
+            accepted = len(o.token_ids) - 1  # drafts the worker kept
             r.num_computed_tokens -= s.num_drafts - accepted
             self.num_accepted_tokens += accepted
             if s.num_drafts:
                 self._adapt_draft_len(r, s.num_drafts, accepted)
             new, status = [], None
-            for tok in o.token_ids:                    # a stop mid-way drops the tokens after it
+            for tok in o.token_ids:  # a stop mid-way drops the tokens after it
                 r.token_ids.append(tok)
                 new.append(tok)
                 status = self._stop_status(r, tok)
                 if status is not None:
                     break
-            logprobs = o.logprobs[:len(new)]
+            logprobs = o.logprobs[: len(new)]
             r.output_logprobs.extend(logprobs)
             r.update_block_keys(self.bs)
             if status is not None:
@@ -389,11 +418,15 @@ class Scheduler:
     def _output(self, r: Request, new_tokens: list[int], logprobs: list[TokenLogprob]) -> RequestOutput:
         first = r.num_output_tokens == len(new_tokens)
         return RequestOutput(
-            request_id=r.request_id, new_token_ids=new_tokens, logprobs=logprobs or None,
+            request_id=r.request_id,
+            new_token_ids=new_tokens,
+            logprobs=logprobs or None,
             prompt_logprobs=list(r.prompt_logprobs) if first and r.params.prompt_logprobs is not None else None,
             finish_reason=r.status.value if r.status.finished else None,
-            stop_reason=r.stop_reason, num_prompt_tokens=r.num_prompt_tokens,
-            num_cached_tokens=r.num_cached_tokens)
+            stop_reason=r.stop_reason,
+            num_prompt_tokens=r.num_prompt_tokens,
+            num_cached_tokens=r.num_cached_tokens,
+        )
 
     # ---------------------------------------------------------------- queue, stats, checks
     def _push_waiting(self, r: Request) -> None:
@@ -404,16 +437,50 @@ class Scheduler:
             r = self._waiting[0][2]
             if r.status is Status.WAITING:
                 return r
-            heapq.heappop(self._waiting)   # finished while waiting
+            heapq.heappop(self._waiting)  # finished while waiting
         return None
 
     def stats(self) -> SchedulerStats:
         return SchedulerStats(
-            num_running=len(self.running), num_waiting=len(self.requests) - len(self.running),
-            kv_usage=self.blocks.usage, num_free_blocks=self.blocks.num_free,
-            prefix_hit_tokens=self.prefix_hit_tokens, prefix_query_tokens=self.prefix_query_tokens,
-            num_preemptions=self.num_preemptions, num_draft_tokens=self.num_draft_tokens,
-            num_accepted_tokens=self.num_accepted_tokens)
+            num_running=len(self.running),
+            num_waiting=len(self.requests) - len(self.running),
+            kv_usage=self.blocks.usage,
+            num_free_blocks=self.blocks.num_free,
+            prefix_hit_tokens=self.prefix_hit_tokens,
+            prefix_query_tokens=self.prefix_query_tokens,
+            num_preemptions=self.num_preemptions,
+            num_draft_tokens=self.num_draft_tokens,
+            num_accepted_tokens=self.num_accepted_tokens,
+        )
+
+    # ---------------------------------------------------------------- questions
+    # What routing, admission and failover ask of a replica; nothing outside reads its fields.
+    def prefix_hit_blocks(self, keys: Sequence[BlockHash]) -> int:
+        """Leading blocks of `keys` (a prompt's block hashes) this replica has cached, is
+        computing, or has queued: by the time a request routed here runs, it holds them."""
+        if not self.blocks.enable_prefix_caching:
+            return 0
+        cached = len(self.blocks.cached_prefix(keys))
+        # Keys chain over their whole prefix, so a key in this set means the prefix up to it is queued.
+        queued = {k for r in self.requests.values() if r.status is Status.WAITING for k in r.block_keys}
+        return max(cached, next((i for i, k in enumerate(keys) if k not in queued), len(keys)))
+
+    def load_tokens(self) -> int:
+        """Work still to do, in tokens: uncomputed prompt plus remaining output of each request."""
+        return sum(
+            max(0, r.num_tokens - r.num_computed_tokens) + max(0, r.params.max_tokens - r.num_output_tokens)
+            for r in self.requests.values()
+        )
+
+    @property
+    def token_capacity(self) -> int:
+        """Tokens the whole KV pool holds: no request can grow past it."""
+        return self.blocks.num_blocks * self.bs
+
+    def is_on_worker(self, request_id: str) -> bool:
+        """Whether the workers hold state for the request (it ran there and was not preempted)."""
+        r = self.requests.get(request_id)
+        return r is not None and r.on_worker
 
     def check_integrity(self) -> None:
         """Assert the block bookkeeping; with no live request, every block is free."""
@@ -422,4 +489,3 @@ class Scheduler:
         self.blocks.check_integrity(r.block_ids for r in self.requests.values())
         if not self.requests:
             assert self.blocks.num_free == self.blocks.num_blocks, "blocks leaked while idle"
-

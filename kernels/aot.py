@@ -17,6 +17,7 @@ these shapes, so the code compiled here is the code the JIT would build.
 Run it in a process without TRITON_INTERPRET: under the interpreter
 @triton.jit yields functions that cannot be compiled.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -39,14 +40,20 @@ from kernels import kv_write, norm_rope_act, paged_decode, paged_prefill
 HEAD_DIMS = (64, 128)
 BLOCK_SIZES = (16, 32)
 DTYPES = ("bf16", "fp16")
-NORM_SIZES = (1024, 4096, 8192)     # hidden sizes, rounded up to the power of two the norm tiles
+NORM_SIZES = (1024, 4096, 8192)  # hidden sizes, rounded up to the power of two the norm tiles
 ARCHS = (80, 90)
 
 # Pointer arguments whose element type is fixed; every other *_ptr holds the model dtype.
 _FIXED_POINTERS = {
-    "slot_ptr": "*i64", "pos_ptr": "*i64", "cs_ptr": "*fp32",
-    "query_start_ptr": "*i32", "seq_lens_ptr": "*i32", "block_tables_ptr": "*i32",
-    "part_acc_ptr": "*fp32", "part_m_ptr": "*fp32", "part_l_ptr": "*fp32",
+    "slot_ptr": "*i64",
+    "pos_ptr": "*i64",
+    "cs_ptr": "*fp32",
+    "query_start_ptr": "*i32",
+    "seq_lens_ptr": "*i32",
+    "block_tables_ptr": "*i32",
+    "part_acc_ptr": "*fp32",
+    "part_m_ptr": "*fp32",
+    "part_l_ptr": "*fp32",
 }
 _FLOAT_ARGS = {"qk_scale", "eps", "weight_offset"}
 
@@ -54,9 +61,10 @@ _FLOAT_ARGS = {"qk_scale", "eps", "weight_offset"}
 @dataclass(frozen=True)
 class Variant:
     """One compiled form of one kernel: its constexprs and launch options."""
+
     label: str
-    fn: object                   # the @triton.jit function
-    dtype: str                   # element type of the model tensors ("bf16", "fp16")
+    fn: object  # the @triton.jit function
+    dtype: str  # element type of the model tensors ("bf16", "fp16")
     constexprs: dict
     num_warps: int = 4
     num_stages: int = 3
@@ -95,11 +103,11 @@ class Report:
 
 def _torch_dtype(name: str):
     import torch
+
     return {"bf16": torch.bfloat16, "fp16": torch.float16}[name]
 
 
-def variants(head_dims=HEAD_DIMS, block_sizes=BLOCK_SIZES, dtypes=DTYPES,
-             norm_sizes=NORM_SIZES) -> list[Variant]:
+def variants(head_dims=HEAD_DIMS, block_sizes=BLOCK_SIZES, dtypes=DTYPES, norm_sizes=NORM_SIZES) -> list[Variant]:
     """Every (kernel, constexprs, launch options) the wrappers use at these shapes."""
     out: list[Variant] = []
     for dt in dtypes:
@@ -111,32 +119,72 @@ def variants(head_dims=HEAD_DIMS, block_sizes=BLOCK_SIZES, dtypes=DTYPES,
             prec = paged_decode.dot_precision(tdt)
             for bs in block_sizes:
                 for partials in (False, True):
-                    out.append(Variant(
-                        f"decode d{d} bs{bs} {dt} {'split' if partials else 'direct'}",
-                        paged_decode._decode_kernel, dt,
-                        # every GQA group up to 16 heads shares the one 16-row tile
-                        dict(BLOCK_SIZE=bs, HEAD_DIM=d, BLOCK_D=bd, BLOCK_G=paged_decode.group_tile(1),
-                             BLOCK_N=dc.block_n, USE_PARTIALS=partials, DOT_PRECISION=prec),
-                        dc.num_warps, dc.num_stages))
-                out.append(Variant(
-                    f"prefill d{d} bs{bs} {dt}", paged_prefill._prefill_kernel, dt,
-                    dict(BLOCK_SIZE=bs, HEAD_DIM=d, BLOCK_D=bd, BLOCK_M=pc.block_m, BLOCK_N=pc.block_n,
-                         DOT_PRECISION=prec),
-                    pc.num_warps, pc.num_stages))
-            out.append(Variant(f"decode-reduce d{d} {dt}", paged_decode._reduce_kernel, dt,
-                               dict(HEAD_DIM=d, BLOCK_D=bd, SPLIT_CHUNK=paged_decode.SPLIT_CHUNK)))
-            out.append(Variant(f"write_kv d{d} {dt}", kv_write._write_kv_kernel, dt,
-                               dict(HEAD_DIM=d, BLOCK_D=bd), num_warps=1))
-            out.append(Variant(f"rotary d{d} {dt}", norm_rope_act._rotary_kernel, dt,
-                               dict(HEAD_DIM=d, BLOCK_D=bd), num_warps=1))
+                    out.append(
+                        Variant(
+                            f"decode d{d} bs{bs} {dt} {'split' if partials else 'direct'}",
+                            paged_decode._decode_kernel,
+                            dt,
+                            # every GQA group up to 16 heads shares the one 16-row tile
+                            dict(
+                                BLOCK_SIZE=bs,
+                                HEAD_DIM=d,
+                                BLOCK_D=bd,
+                                BLOCK_G=paged_decode.group_tile(1),
+                                BLOCK_N=dc.block_n,
+                                USE_PARTIALS=partials,
+                                DOT_PRECISION=prec,
+                            ),
+                            dc.num_warps,
+                            dc.num_stages,
+                        )
+                    )
+                out.append(
+                    Variant(
+                        f"prefill d{d} bs{bs} {dt}",
+                        paged_prefill._prefill_kernel,
+                        dt,
+                        dict(
+                            BLOCK_SIZE=bs,
+                            HEAD_DIM=d,
+                            BLOCK_D=bd,
+                            BLOCK_M=pc.block_m,
+                            BLOCK_N=pc.block_n,
+                            DOT_PRECISION=prec,
+                        ),
+                        pc.num_warps,
+                        pc.num_stages,
+                    )
+                )
+            out.append(
+                Variant(
+                    f"decode-reduce d{d} {dt}",
+                    paged_decode._reduce_kernel,
+                    dt,
+                    dict(HEAD_DIM=d, BLOCK_D=bd, SPLIT_CHUNK=paged_decode.SPLIT_CHUNK),
+                )
+            )
+            out.append(
+                Variant(f"write_kv d{d} {dt}", kv_write._write_kv_kernel, dt, dict(HEAD_DIM=d, BLOCK_D=bd), num_warps=1)
+            )
+            out.append(
+                Variant(
+                    f"rotary d{d} {dt}", norm_rope_act._rotary_kernel, dt, dict(HEAD_DIM=d, BLOCK_D=bd), num_warps=1
+                )
+            )
         for n in norm_sizes:
             for residual in (False, True):
-                out.append(Variant(f"rms_norm n{n} {'residual' if residual else 'plain'} {dt}",
-                                   norm_rope_act._rms_norm_kernel, dt,
-                                   dict(HAS_RESIDUAL=residual, BLOCK_N=triton.next_power_of_2(n)),
-                                   num_warps=norm_rope_act.rms_norm_warps(n)))
-        out.append(Variant(f"silu_and_mul {dt}", norm_rope_act._silu_and_mul_kernel, dt,
-                           dict(BLOCK=norm_rope_act.SILU_BLOCK)))
+                out.append(
+                    Variant(
+                        f"rms_norm n{n} {'residual' if residual else 'plain'} {dt}",
+                        norm_rope_act._rms_norm_kernel,
+                        dt,
+                        dict(HAS_RESIDUAL=residual, BLOCK_N=triton.next_power_of_2(n)),
+                        num_warps=norm_rope_act.rms_norm_warps(n),
+                    )
+                )
+        out.append(
+            Variant(f"silu_and_mul {dt}", norm_rope_act._silu_and_mul_kernel, dt, dict(BLOCK=norm_rope_act.SILU_BLOCK))
+        )
     return out
 
 
@@ -146,26 +194,40 @@ def ptxas_usage(ptx: str, arch: int) -> dict:
         src = os.path.join(tmp, "k.ptx")
         with open(src, "w") as f:
             f.write(ptx)
-        res = subprocess.run([get_ptxas(arch).path, "-v", f"--gpu-name={sm_arch_from_capability(arch)}",
-                              src, "-o", os.path.join(tmp, "k.cubin")],
-                             capture_output=True, text=True, check=True)
+        res = subprocess.run(
+            [
+                get_ptxas(arch).path,
+                "-v",
+                f"--gpu-name={sm_arch_from_capability(arch)}",
+                src,
+                "-o",
+                os.path.join(tmp, "k.cubin"),
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
     log = res.stdout + res.stderr
 
     def num(pattern: str) -> int:
         found = re.search(pattern, log)
         return int(found.group(1)) if found else 0
-    return dict(registers=num(r"Used (\d+) registers"),
-                spill_stores=num(r"(\d+) bytes spill stores"),
-                spill_loads=num(r"(\d+) bytes spill loads"),
-                shared_bytes=num(r"(\d+) bytes smem"))
+
+    return dict(
+        registers=num(r"Used (\d+) registers"),
+        spill_stores=num(r"(\d+) bytes spill stores"),
+        spill_loads=num(r"(\d+) bytes spill loads"),
+        shared_bytes=num(r"(\d+) bytes smem"),
+    )
 
 
 def compile_variant(v: Variant, arch: int) -> Report:
     """Compile one variant for sm_<arch>; spills counted by ptxas -v on its PTX."""
     t0 = time.perf_counter()
     try:
-        kernel = triton.compile(v.source(), target=GPUTarget("cuda", arch, 32),
-                                options=dict(num_warps=v.num_warps, num_stages=v.num_stages))
+        kernel = triton.compile(
+            v.source(), target=GPUTarget("cuda", arch, 32), options=dict(num_warps=v.num_warps, num_stages=v.num_stages)
+        )
         usage = ptxas_usage(kernel.asm["ptx"], arch)
         usage["shared_bytes"] = max(usage["shared_bytes"], kernel.metadata.shared)
     except Exception as e:  # report every failure; the test lists them all
@@ -180,8 +242,10 @@ def compile_all(archs=ARCHS, **shape_kwargs) -> list[Report]:
 def format_report(r: Report) -> str:
     if r.error:
         return f"sm_{r.arch:<3} {r.label:<40} FAILED {r.error.splitlines()[0]}"
-    return (f"sm_{r.arch:<3} {r.label:<40} {r.seconds:5.1f}s regs {r.registers:>3} "
-            f"smem {r.shared_bytes:>6} spill st/ld {r.spill_stores}/{r.spill_loads}")
+    return (
+        f"sm_{r.arch:<3} {r.label:<40} {r.seconds:5.1f}s regs {r.registers:>3} "
+        f"smem {r.shared_bytes:>6} spill st/ld {r.spill_stores}/{r.spill_loads}"
+    )
 
 
 def main(argv=None) -> int:

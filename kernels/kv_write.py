@@ -2,6 +2,7 @@
 
 Reference: kernels/reference.py::write_kv. Layout: kernels/metadata.py.
 """
+
 from __future__ import annotations
 
 import torch
@@ -10,10 +11,23 @@ import triton.language as tl
 
 
 @triton.jit
-def _write_kv_kernel(k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_ptr,
-                     stride_kt, stride_kh, stride_vt, stride_vh,
-                     stride_cb, stride_cs, stride_ch, block_size,
-                     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+def _write_kv_kernel(
+    k_ptr,
+    v_ptr,
+    k_cache_ptr,
+    v_cache_ptr,
+    slot_ptr,
+    stride_kt,
+    stride_kh,
+    stride_vt,
+    stride_vh,
+    stride_cb,
+    stride_cs,
+    stride_ch,
+    block_size,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     """One program copies one (token, kv head) row of HEAD_DIM features.
 
     Grid (T, num_kv_heads). A row is only a few hundred bytes, but the pool
@@ -22,7 +36,7 @@ def _write_kv_kernel(k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_ptr,
     """
     t = tl.program_id(0)
     h = tl.program_id(1)
-    slot = tl.load(slot_ptr + t).to(tl.int64)   # int64: pools exceed 2**31 elements
+    slot = tl.load(slot_ptr + t).to(tl.int64)  # int64: pools exceed 2**31 elements
     dst = (slot // block_size) * stride_cb + (slot % block_size) * stride_cs + h * stride_ch
     d = tl.arange(0, BLOCK_D)
     dmask = d < HEAD_DIM
@@ -34,8 +48,9 @@ def _write_kv_kernel(k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_ptr,
     tl.store(v_cache_ptr + dst + d, v, mask=dmask)
 
 
-def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-             slot_mapping: torch.Tensor) -> None:
+def write_kv(
+    k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
+) -> None:
     """k, v: [T, Hkv, D] (any token/head strides, unit feature stride);
     k_cache, v_cache: [num_blocks, block_size, Hkv, D], same shape and strides,
     unit feature stride; slot_mapping: [T] int, every slot inside the pool.
@@ -48,14 +63,28 @@ def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
     if k_cache.shape[2:] != (hkv, d):
         raise ValueError(f"new K/V have {hkv} heads of {d}, pool has {tuple(k_cache.shape[2:])}")
     if slot_mapping.shape != (T,) or slot_mapping.dtype not in (torch.int32, torch.int64):
-        raise ValueError(f"slot_mapping must be [{T}] int32/int64, got {tuple(slot_mapping.shape)} "
-                         f"{slot_mapping.dtype}")
+        raise ValueError(
+            f"slot_mapping must be [{T}] int32/int64, got {tuple(slot_mapping.shape)} {slot_mapping.dtype}"
+        )
     if k.stride(2) != 1 or v.stride(2) != 1 or k_cache.stride(3) != 1:
         raise ValueError("the feature dimension must be contiguous")
     if T == 0:
         return
     _write_kv_kernel[(T, hkv)](
-        k, v, k_cache, v_cache, slot_mapping,
-        k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), k_cache.shape[1],
-        HEAD_DIM=d, BLOCK_D=triton.next_power_of_2(d), num_warps=1)
+        k,
+        v,
+        k_cache,
+        v_cache,
+        slot_mapping,
+        k.stride(0),
+        k.stride(1),
+        v.stride(0),
+        v.stride(1),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        k_cache.stride(2),
+        k_cache.shape[1],
+        HEAD_DIM=d,
+        BLOCK_D=triton.next_power_of_2(d),
+        num_warps=1,
+    )

@@ -13,6 +13,7 @@ KV pool layout per layer: k_cache, v_cache of shape
 block block_tables[i, j // block_size] at offset j % block_size; its flat slot
 is block_id * block_size + offset (slot_mapping gives it for the new tokens).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -22,11 +23,11 @@ import torch
 
 @dataclass(frozen=True)
 class AttentionMetadata:
-    query_start_loc: torch.Tensor   # [num_seqs + 1] int32, cumulative query lengths
-    seq_lens: torch.Tensor          # [num_seqs] int32, context + new tokens
-    context_lens: torch.Tensor      # [num_seqs] int32, tokens already in the pool
-    block_tables: torch.Tensor      # [num_seqs, max_blocks_per_seq] int32, padded with 0
-    slot_mapping: torch.Tensor      # [T] int64, pool slot of each new token
+    query_start_loc: torch.Tensor  # [num_seqs + 1] int32, cumulative query lengths
+    seq_lens: torch.Tensor  # [num_seqs] int32, context + new tokens
+    context_lens: torch.Tensor  # [num_seqs] int32, tokens already in the pool
+    block_tables: torch.Tensor  # [num_seqs, max_blocks_per_seq] int32, padded with 0
+    slot_mapping: torch.Tensor  # [T] int64, pool slot of each new token
     max_query_len: int
     max_seq_len: int
     # Host-side copies, so CPU code never has to sync on a device tensor.
@@ -45,33 +46,34 @@ class AttentionMetadata:
     def is_pure_decode(self) -> bool:
         return self.max_query_len == 1
 
-    @staticmethod
-    def build(query_lens: list[int], context_lens: list[int], block_tables: list[list[int]],
-              block_size: int, device: torch.device | str = "cpu") -> "AttentionMetadata":
-        """Build metadata from host lists (the model runner's inputs)."""
-        n = len(query_lens)
-        seq_lens = [c + q for c, q in zip(context_lens, query_lens)]
-        qsl = [0]
-        for q in query_lens:
-            qsl.append(qsl[-1] + q)
-        width = max((len(b) for b in block_tables), default=1) or 1
-        bt = torch.zeros((n, width), dtype=torch.int32)
-        for i, blocks in enumerate(block_tables):
-            if blocks:
-                bt[i, : len(blocks)] = torch.tensor(blocks, dtype=torch.int32)
-        slots: list[int] = []
-        for i in range(n):
-            blocks = block_tables[i]
-            for pos in range(context_lens[i], seq_lens[i]):
-                slots.append(blocks[pos // block_size] * block_size + pos % block_size)
-        return AttentionMetadata(
-            query_start_loc=torch.tensor(qsl, dtype=torch.int32, device=device),
-            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=device),
-            context_lens=torch.tensor(context_lens, dtype=torch.int32, device=device),
-            block_tables=bt.to(device),
-            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=device),
-            max_query_len=max(query_lens, default=0),
-            max_seq_len=max(seq_lens, default=0),
-            query_lens_list=tuple(query_lens),
-            seq_lens_list=tuple(seq_lens),
-        )
+
+def attention_metadata(
+    positions: torch.Tensor,
+    query_lens: list[int],
+    context_lens: list[int],
+    block_tables: torch.Tensor,
+    block_size: int,
+    device: torch.device | str,
+) -> AttentionMetadata:
+    """A step's metadata from host-side inputs: `positions` [T] int64 (each new token's
+    position in its sequence, sequences end to end), the per-sequence query and context
+    lengths, and `block_tables` [num_seqs, at least the longest sequence's blocks] int32.
+    The model runner builds every step with this, and the tests build theirs with it."""
+    seq_lens = [c + q for c, q in zip(context_lens, query_lens)]
+    tables = block_tables[:, : -(-max(seq_lens) // block_size)]  # [S, nb]
+    q = torch.tensor(query_lens, dtype=torch.int32)
+    owner = torch.repeat_interleave(torch.arange(len(query_lens)), q.long())  # [T]
+    slots = tables[owner, positions // block_size].long() * block_size + positions % block_size
+    qsl = torch.zeros(len(query_lens) + 1, dtype=torch.int32)
+    torch.cumsum(q, 0, out=qsl[1:])
+    return AttentionMetadata(
+        query_start_loc=qsl.to(device),
+        seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=device),
+        context_lens=torch.tensor(context_lens, dtype=torch.int32, device=device),
+        block_tables=tables.to(device),
+        slot_mapping=slots.to(device),
+        max_query_len=max(query_lens),
+        max_seq_len=max(seq_lens),
+        query_lens_list=tuple(query_lens),
+        seq_lens_list=tuple(seq_lens),
+    )

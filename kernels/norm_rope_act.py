@@ -9,6 +9,7 @@ rounding steps of the references (where they cast back to the input dtype
 between operations) are reproduced, so fp16/bf16 results match to the last
 bit up to the order of a sum.
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -17,13 +18,26 @@ import torch
 import triton
 import triton.language as tl
 
-
 # ---------------------------------------------------------------- RMSNorm
 
+
 @triton.jit
-def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr,
-                     stride_x, stride_r, stride_o, stride_ro, n_cols, eps, weight_offset,
-                     HAS_RESIDUAL: tl.constexpr, BLOCK_N: tl.constexpr):
+def _rms_norm_kernel(
+    x_ptr,
+    res_ptr,
+    w_ptr,
+    out_ptr,
+    res_out_ptr,
+    stride_x,
+    stride_r,
+    stride_o,
+    stride_ro,
+    n_cols,
+    eps,
+    weight_offset,
+    HAS_RESIDUAL: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
     """One program normalizes one row held whole in registers (BLOCK_N >= n_cols)."""
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_N)
@@ -38,9 +52,9 @@ def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr,
     h = h * tl.rsqrt(tl.sum(h * h, axis=0) / n_cols + eps)
     w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
     if weight_offset != 0.0:
-        y = h * (w + weight_offset)                  # Gemma: (1 + w), all in fp32
+        y = h * (w + weight_offset)  # Gemma: (1 + w), all in fp32
     else:
-        y = h.to(x.dtype).to(tl.float32) * w         # Llama: round h first, then scale
+        y = h.to(x.dtype).to(tl.float32) * w  # Llama: round h first, then scale
     tl.store(out_ptr + row * stride_o + cols, y, mask=mask)
 
 
@@ -49,9 +63,13 @@ def rms_norm_warps(n_cols: int) -> int:
     return max(1, min(16, triton.next_power_of_2(n_cols) // 256))
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
-             residual: Optional[torch.Tensor] = None,
-             weight_offset: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+def rms_norm(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float,
+    residual: Optional[torch.Tensor] = None,
+    weight_offset: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """x: [..., N]; weight: [N]; residual: like x or None.
 
     Returns (normed, new_residual) exactly as reference.rms_norm: new_residual
@@ -72,19 +90,31 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
     res_out = torch.empty_like(x2) if residual is not None else x2
     if x2.shape[0]:
         _rms_norm_kernel[(x2.shape[0],)](
-            x2, r2, weight, out, res_out,
-            x2.stride(0), r2.stride(0), out.stride(0), res_out.stride(0), n, eps, float(weight_offset),
-            HAS_RESIDUAL=residual is not None, BLOCK_N=triton.next_power_of_2(n),
-            num_warps=rms_norm_warps(n))
+            x2,
+            r2,
+            weight,
+            out,
+            res_out,
+            x2.stride(0),
+            r2.stride(0),
+            out.stride(0),
+            res_out.stride(0),
+            n,
+            eps,
+            float(weight_offset),
+            HAS_RESIDUAL=residual is not None,
+            BLOCK_N=triton.next_power_of_2(n),
+            num_warps=rms_norm_warps(n),
+        )
     new_residual = res_out.view(x.shape) if residual is not None else x
     return out.view(x.shape), new_residual
 
 
 # ---------------------------------------------------------------- rotary
 
+
 @triton.jit
-def _rotate_row(src, dst, cos_sin_row, half, rot_dim,
-                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+def _rotate_row(src, dst, cos_sin_row, half, rot_dim, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
     """Rotate one head row: feature i < half pairs with i + half (sign -),
     feature half <= i < rot_dim with i - half (sign +); the rest pass through."""
     d = tl.arange(0, BLOCK_D)
@@ -102,11 +132,28 @@ def _rotate_row(src, dst, cos_sin_row, half, rot_dim,
 
 
 @triton.jit
-def _rotary_kernel(pos_ptr, q_ptr, k_ptr, cs_ptr, q_out_ptr, k_out_ptr,
-                   stride_qt, stride_qh, stride_kt, stride_kh,
-                   stride_qot, stride_qoh, stride_kot, stride_koh, stride_cs,
-                   num_q_heads, half, rot_dim,
-                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+def _rotary_kernel(
+    pos_ptr,
+    q_ptr,
+    k_ptr,
+    cs_ptr,
+    q_out_ptr,
+    k_out_ptr,
+    stride_qt,
+    stride_qh,
+    stride_kt,
+    stride_kh,
+    stride_qot,
+    stride_qoh,
+    stride_kot,
+    stride_koh,
+    stride_cs,
+    num_q_heads,
+    half,
+    rot_dim,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     """Grid (T, Hq + Hkv): one program per head row; programs past Hq rotate K.
 
     One row per program keeps the kernel independent of the head counts (one
@@ -117,16 +164,31 @@ def _rotary_kernel(pos_ptr, q_ptr, k_ptr, cs_ptr, q_out_ptr, k_out_ptr,
     pos = tl.load(pos_ptr + t).to(tl.int64)
     cs_row = cs_ptr + pos * stride_cs
     if h < num_q_heads:
-        _rotate_row(q_ptr + t * stride_qt + h * stride_qh, q_out_ptr + t * stride_qot + h * stride_qoh,
-                    cs_row, half, rot_dim, HEAD_DIM, BLOCK_D)
+        _rotate_row(
+            q_ptr + t * stride_qt + h * stride_qh,
+            q_out_ptr + t * stride_qot + h * stride_qoh,
+            cs_row,
+            half,
+            rot_dim,
+            HEAD_DIM,
+            BLOCK_D,
+        )
     else:
         hk = h - num_q_heads
-        _rotate_row(k_ptr + t * stride_kt + hk * stride_kh, k_out_ptr + t * stride_kot + hk * stride_koh,
-                    cs_row, half, rot_dim, HEAD_DIM, BLOCK_D)
+        _rotate_row(
+            k_ptr + t * stride_kt + hk * stride_kh,
+            k_out_ptr + t * stride_kot + hk * stride_koh,
+            cs_row,
+            half,
+            rot_dim,
+            HEAD_DIM,
+            BLOCK_D,
+        )
 
 
-def rotary_embedding(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
-                     cos_sin_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def rotary_embedding(
+    positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_sin_cache: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """positions: [T] int; q: [T, Hq, D]; k: [T, Hkv, D] (any token/head
     strides, unit feature stride); cos_sin_cache: [max_positions, rot_dim],
     rot_dim even and <= D. Returns new contiguous (q, k); inputs untouched."""
@@ -144,11 +206,28 @@ def rotary_embedding(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
     k_out = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     if T:
         _rotary_kernel[(T, hq + k.shape[1])](
-            positions, q, k, cos_sin_cache, q_out, k_out,
-            q.stride(0), q.stride(1), k.stride(0), k.stride(1),
-            q_out.stride(0), q_out.stride(1), k_out.stride(0), k_out.stride(1), cos_sin_cache.stride(0),
-            hq, rot_dim // 2, rot_dim,
-            HEAD_DIM=d, BLOCK_D=triton.next_power_of_2(d), num_warps=1)
+            positions,
+            q,
+            k,
+            cos_sin_cache,
+            q_out,
+            k_out,
+            q.stride(0),
+            q.stride(1),
+            k.stride(0),
+            k.stride(1),
+            q_out.stride(0),
+            q_out.stride(1),
+            k_out.stride(0),
+            k_out.stride(1),
+            cos_sin_cache.stride(0),
+            hq,
+            rot_dim // 2,
+            rot_dim,
+            HEAD_DIM=d,
+            BLOCK_D=triton.next_power_of_2(d),
+            num_warps=1,
+        )
     return q_out, k_out
 
 
@@ -166,7 +245,7 @@ def _silu_and_mul_kernel(x_ptr, out_ptr, stride_x, stride_o, n_cols, BLOCK: tl.c
     gate = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
     up = tl.load(x_ptr + row * stride_x + n_cols + cols, mask=mask, other=0.0)
     g = gate.to(tl.float32)
-    act = (g / (1.0 + tl.exp(-g))).to(gate.dtype)    # F.silu rounds to the input dtype
+    act = (g / (1.0 + tl.exp(-g))).to(gate.dtype)  # F.silu rounds to the input dtype
     tl.store(out_ptr + row * stride_o + cols, act.to(tl.float32) * up.to(tl.float32), mask=mask)
 
 
@@ -179,5 +258,6 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     out = torch.empty((x2.shape[0], inter), dtype=x.dtype, device=x.device)
     if x2.shape[0] and inter:
         _silu_and_mul_kernel[(x2.shape[0], triton.cdiv(inter, SILU_BLOCK))](
-            x2, out, x2.stride(0), out.stride(0), inter, BLOCK=SILU_BLOCK, num_warps=4)
+            x2, out, x2.stride(0), out.stride(0), inter, BLOCK=SILU_BLOCK, num_warps=4
+        )
     return out.view(*x.shape[:-1], inter)

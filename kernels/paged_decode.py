@@ -16,6 +16,7 @@ All softmax math is fp32 in the exp2 domain (scores pre-multiplied by
 scale * log2(e)); probabilities are rounded to the KV dtype for the P @ V dot,
 as in every flash-attention kernel.
 """
+
 from __future__ import annotations
 
 import functools
@@ -30,14 +31,14 @@ from kernels.metadata import AttentionMetadata
 from kernels.paged_tile import online_softmax_step, paged_kv_tile
 
 LOG2E = 1.4426950408889634
-NO_WINDOW = 1 << 30          # sliding window used when there is none: larger than any context
-MIN_SPLIT_TOKENS = 256       # below this a split's fixed cost outweighs its share of the reads
-SPLIT_CHUNK = 16             # partials merged per step of the reduce kernel
+NO_WINDOW = 1 << 30  # sliding window used when there is none: larger than any context
+MIN_SPLIT_TOKENS = 256  # below this a split's fixed cost outweighs its share of the reads
+SPLIT_CHUNK = 16  # partials merged per step of the reduce kernel
 
 
 @dataclass(frozen=True)
 class DecodeConfig:
-    block_n: int        # context tokens per inner step
+    block_n: int  # context tokens per inner step
     num_warps: int
     num_stages: int
 
@@ -60,15 +61,40 @@ def dot_precision(dtype: torch.dtype) -> str:
 
 
 @triton.jit
-def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_acc_ptr, part_m_ptr, part_l_ptr,
-                   query_start_ptr, seq_lens_ptr, block_tables_ptr,
-                   qk_scale, sliding_window, split_tokens, group,
-                   stride_qt, stride_qh, stride_ot, stride_oh,
-                   stride_cb, stride_cs, stride_ch, stride_bt,
-                   stride_ps, stride_ph, stride_pk,
-                   BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                   BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
-                   USE_PARTIALS: tl.constexpr, DOT_PRECISION: tl.constexpr):
+def _decode_kernel(
+    q_ptr,
+    k_cache_ptr,
+    v_cache_ptr,
+    out_ptr,
+    part_acc_ptr,
+    part_m_ptr,
+    part_l_ptr,
+    query_start_ptr,
+    seq_lens_ptr,
+    block_tables_ptr,
+    qk_scale,
+    sliding_window,
+    split_tokens,
+    group,
+    stride_qt,
+    stride_qh,
+    stride_ot,
+    stride_oh,
+    stride_cb,
+    stride_cs,
+    stride_ch,
+    stride_bt,
+    stride_ps,
+    stride_ph,
+    stride_pk,
+    BLOCK_SIZE: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    USE_PARTIALS: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
     """Grid (num_seqs, num_kv_heads, num_splits).
 
     Program (s, kvh, j) attends query heads kvh*group ... kvh*group+group-1
@@ -83,7 +109,7 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_acc_ptr, part_
     split = tl.program_id(2)
     q_row = tl.load(query_start_ptr + seq)
     q_len = tl.load(query_start_ptr + seq + 1) - q_row
-    if q_len == 0:       # a sequence that contributes no token this step
+    if q_len == 0:  # a sequence that contributes no token this step
         return
     seq_len = tl.load(seq_lens_ptr + seq)
     # Splits tile the visible span only, so a sliding window leaves no split idle.
@@ -96,8 +122,11 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_acc_ptr, part_
     heads = kvh * group + g
     g_ok = g < group
     d_ok = d < HEAD_DIM
-    q = tl.load(q_ptr + q_row.to(tl.int64) * stride_qt + heads[:, None] * stride_qh + d[None, :],
-                mask=g_ok[:, None] & d_ok[None, :], other=0.0)
+    q = tl.load(
+        q_ptr + q_row.to(tl.int64) * stride_qt + heads[:, None] * stride_qh + d[None, :],
+        mask=g_ok[:, None] & d_ok[None, :],
+        other=0.0,
+    )
 
     m = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l = tl.zeros([BLOCK_G], tl.float32)
@@ -109,7 +138,7 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_acc_ptr, part_
         ok = pos < hi
         kv_off, kv_mask = paged_kv_tile(table, pos, ok, d, d_ok, head_off, stride_cb, stride_cs, BLOCK_SIZE)
         k = tl.load(k_cache_ptr + kv_off, mask=kv_mask, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale    # [BLOCK_G, BLOCK_N]
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_G, BLOCK_N]
         s = tl.where(ok[None, :], s, float("-inf"))
         v = tl.load(v_cache_ptr + kv_off, mask=kv_mask, other=0.0)
         m, l, acc = online_softmax_step(m, l, acc, s, v, DOT_PRECISION)
@@ -124,14 +153,25 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_acc_ptr, part_
         tl.store(part_l_ptr + part, l, mask=g_ok)
     else:
         out = acc / l[:, None]
-        tl.store(out_ptr + q_row.to(tl.int64) * stride_ot + heads[:, None] * stride_oh + d[None, :],
-                 out, mask=out_mask)
+        tl.store(out_ptr + q_row.to(tl.int64) * stride_ot + heads[:, None] * stride_oh + d[None, :], out, mask=out_mask)
 
 
 @triton.jit
-def _reduce_kernel(out_ptr, part_acc_ptr, part_m_ptr, part_l_ptr, query_start_ptr,
-                   num_splits, stride_ot, stride_oh, stride_ps, stride_ph,
-                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, SPLIT_CHUNK: tl.constexpr):
+def _reduce_kernel(
+    out_ptr,
+    part_acc_ptr,
+    part_m_ptr,
+    part_l_ptr,
+    query_start_ptr,
+    num_splits,
+    stride_ot,
+    stride_oh,
+    stride_ps,
+    stride_ph,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    SPLIT_CHUNK: tl.constexpr,
+):
     """Grid (num_seqs, num_q_heads): merge one head's partials over splits.
 
     out = sum_j 2^(m_j - M) acc_j / sum_j 2^(m_j - M) l_j, M = max_j m_j,
@@ -144,7 +184,7 @@ def _reduce_kernel(out_ptr, part_acc_ptr, part_m_ptr, part_l_ptr, query_start_pt
     q_len = tl.load(query_start_ptr + seq + 1) - q_row
     if q_len == 0:
         return
-    base = seq.to(tl.int64) * stride_ps + h * stride_ph      # partial [seq, h, split 0]
+    base = seq.to(tl.int64) * stride_ps + h * stride_ph  # partial [seq, h, split 0]
     d = tl.arange(0, BLOCK_D)
     d_ok = d < HEAD_DIM
     m_run = tl.full([1], float("-inf"), tl.float32)
@@ -155,8 +195,9 @@ def _reduce_kernel(out_ptr, part_acc_ptr, part_m_ptr, part_l_ptr, query_start_pt
         ok = j < num_splits
         m_j = tl.load(part_m_ptr + base + j, mask=ok, other=float("-inf"))
         l_j = tl.load(part_l_ptr + base + j, mask=ok, other=0.0)
-        a_j = tl.load(part_acc_ptr + (base + j)[:, None] * HEAD_DIM + d[None, :],
-                      mask=ok[:, None] & d_ok[None, :], other=0.0)
+        a_j = tl.load(
+            part_acc_ptr + (base + j)[:, None] * HEAD_DIM + d[None, :], mask=ok[:, None] & d_ok[None, :], other=0.0
+        )
         m_new = tl.maximum(m_run, tl.max(m_j, axis=0))
         # A chunk of only empty splits leaves m_new at -inf; pin the exponent
         # base to 0 so that -inf - -inf never happens (all weights are then 0).
@@ -185,11 +226,17 @@ def num_splits_for(num_seqs: int, num_kv_heads: int, span: int, block_n: int, nu
     return max(1, min(want, most))
 
 
-def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                           meta: AttentionMetadata, scale: float,
-                           sliding_window: Optional[int] = None, *,
-                           num_splits: Optional[int] = None,
-                           config: Optional[DecodeConfig] = None) -> torch.Tensor:
+def paged_decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+    sliding_window: Optional[int] = None,
+    *,
+    num_splits: Optional[int] = None,
+    config: Optional[DecodeConfig] = None,
+) -> torch.Tensor:
     """Attention for a step whose sequences each bring at most one new token.
 
     q: [T, Hq, D] (unit feature stride), T = number of sequences with one token;
@@ -208,7 +255,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     if T == 0:
         return out
     cfg = config or decode_config(d, k_cache.dtype)
-    span = max(1, min(meta.max_seq_len, sliding_window or NO_WINDOW))    # longest visible span
+    span = max(1, min(meta.max_seq_len, sliding_window or NO_WINDOW))  # longest visible span
     if num_splits is None:
         sms = _sm_count(q.device.index or 0) if q.is_cuda else 1
         num_splits = num_splits_for(meta.num_seqs, hkv, span, cfg.block_n, sms)
@@ -221,21 +268,58 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         part_l = torch.empty_like(part_m)
         part_acc = torch.empty((meta.num_seqs, hq, num_splits, d), dtype=torch.float32, device=q.device)
     else:
-        part_m = part_l = part_acc = out     # never touched: USE_PARTIALS is off
+        part_m = part_l = part_acc = out  # never touched: USE_PARTIALS is off
     _decode_kernel[(meta.num_seqs, hkv, num_splits)](
-        q, k_cache, v_cache, out, part_acc, part_m, part_l,
-        meta.query_start_loc, meta.seq_lens, meta.block_tables,
-        scale * LOG2E, sliding_window or NO_WINDOW, split_tokens, group,
-        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), meta.block_tables.stride(0),
-        part_m.stride(0), part_m.stride(1), part_m.stride(2),
-        BLOCK_SIZE=bs, HEAD_DIM=d, BLOCK_D=triton.next_power_of_2(d),
-        BLOCK_G=group_tile(group), BLOCK_N=cfg.block_n,
-        USE_PARTIALS=use_partials, DOT_PRECISION=dot_precision(k_cache.dtype),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        q,
+        k_cache,
+        v_cache,
+        out,
+        part_acc,
+        part_m,
+        part_l,
+        meta.query_start_loc,
+        meta.seq_lens,
+        meta.block_tables,
+        scale * LOG2E,
+        sliding_window or NO_WINDOW,
+        split_tokens,
+        group,
+        q.stride(0),
+        q.stride(1),
+        out.stride(0),
+        out.stride(1),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        k_cache.stride(2),
+        meta.block_tables.stride(0),
+        part_m.stride(0),
+        part_m.stride(1),
+        part_m.stride(2),
+        BLOCK_SIZE=bs,
+        HEAD_DIM=d,
+        BLOCK_D=triton.next_power_of_2(d),
+        BLOCK_G=group_tile(group),
+        BLOCK_N=cfg.block_n,
+        USE_PARTIALS=use_partials,
+        DOT_PRECISION=dot_precision(k_cache.dtype),
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
+    )
     if use_partials:
         _reduce_kernel[(meta.num_seqs, hq)](
-            out, part_acc, part_m, part_l, meta.query_start_loc,
-            num_splits, out.stride(0), out.stride(1), part_m.stride(0), part_m.stride(1),
-            HEAD_DIM=d, BLOCK_D=triton.next_power_of_2(d), SPLIT_CHUNK=SPLIT_CHUNK, num_warps=4)
+            out,
+            part_acc,
+            part_m,
+            part_l,
+            meta.query_start_loc,
+            num_splits,
+            out.stride(0),
+            out.stride(1),
+            part_m.stride(0),
+            part_m.stride(1),
+            HEAD_DIM=d,
+            BLOCK_D=triton.next_power_of_2(d),
+            SPLIT_CHUNK=SPLIT_CHUNK,
+            num_warps=4,
+        )
     return out

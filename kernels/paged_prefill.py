@@ -15,6 +15,7 @@ of the same KV head, group heads per token: rows = BLOCK_M // group tokens
 times group heads. K/V tiles are thus read once per KV head, and a decode
 row (one token) still fills `group` rows of the tile rather than one.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -25,14 +26,14 @@ import triton
 import triton.language as tl
 
 from kernels.metadata import AttentionMetadata
-from kernels.paged_tile import online_softmax_step, paged_kv_tile
 from kernels.paged_decode import LOG2E, NO_WINDOW, dot_precision
+from kernels.paged_tile import online_softmax_step, paged_kv_tile
 
 
 @dataclass(frozen=True)
 class PrefillConfig:
-    block_m: int        # (token, head) rows per program
-    block_n: int        # keys per inner step
+    block_m: int  # (token, head) rows per program
+    block_n: int  # keys per inner step
     num_warps: int
     num_stages: int
 
@@ -49,13 +50,33 @@ def prefill_config(head_dim: int, dtype: torch.dtype) -> PrefillConfig:
 
 
 @triton.jit
-def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr,
-                    query_start_ptr, seq_lens_ptr, block_tables_ptr,
-                    qk_scale, sliding_window, group, tokens_per_tile,
-                    stride_qt, stride_qh, stride_ot, stride_oh,
-                    stride_cb, stride_cs, stride_ch, stride_bt,
-                    BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
+def _prefill_kernel(
+    q_ptr,
+    k_cache_ptr,
+    v_cache_ptr,
+    out_ptr,
+    query_start_ptr,
+    seq_lens_ptr,
+    block_tables_ptr,
+    qk_scale,
+    sliding_window,
+    group,
+    tokens_per_tile,
+    stride_qt,
+    stride_qh,
+    stride_ot,
+    stride_oh,
+    stride_cb,
+    stride_cs,
+    stride_ch,
+    stride_bt,
+    BLOCK_SIZE: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
     """Grid (num_seqs, cdiv(max_query_len, tokens_per_tile), num_kv_heads).
 
     Program (s, b, kvh) takes query tokens b*tokens_per_tile ... of sequence s
@@ -69,7 +90,7 @@ def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr,
     kvh = tl.program_id(2)
     q_start = tl.load(query_start_ptr + seq)
     q_len = tl.load(query_start_ptr + seq + 1) - q_start
-    first = tile * tokens_per_tile               # first query token of this program
+    first = tile * tokens_per_tile  # first query token of this program
     if first >= q_len:
         return
     seq_len = tl.load(seq_lens_ptr + seq)
@@ -83,9 +104,8 @@ def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr,
     d_ok = d < HEAD_DIM
     io_mask = row_ok[:, None] & d_ok[None, :]
     q_rows = (q_start + tok).to(tl.int64)
-    q = tl.load(q_ptr + q_rows[:, None] * stride_qt + heads[:, None] * stride_qh + d[None, :],
-                mask=io_mask, other=0.0)
-    q_pos = context + tok                         # [BLOCK_M] absolute positions
+    q = tl.load(q_ptr + q_rows[:, None] * stride_qt + heads[:, None] * stride_qh + d[None, :], mask=io_mask, other=0.0)
+    q_pos = context + tok  # [BLOCK_M] absolute positions
 
     # Keys that any row of the tile can see: causal end at the tile's last
     # token, window start at its first.
@@ -102,7 +122,7 @@ def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr,
         ok = pos < hi
         kv_off, kv_mask = paged_kv_tile(table, pos, ok, d, d_ok, head_off, stride_cb, stride_cs, BLOCK_SIZE)
         k = tl.load(k_cache_ptr + kv_off, mask=kv_mask, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale       # [BLOCK_M, BLOCK_N]
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N]
         dist = q_pos[:, None] - pos[None, :]
         visible = ok[None, :] & (dist >= 0) & (dist < sliding_window)
         s = tl.where(visible, s, float("-inf"))
@@ -111,15 +131,20 @@ def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr,
         v = tl.load(v_cache_ptr + kv_off, mask=kv_mask, other=0.0)
         m, l, acc = online_softmax_step(m, l, acc, s, v, DOT_PRECISION)
 
-    out = acc / tl.where(l == 0.0, 1.0, l)[:, None]   # l is 0 only on rows never stored
-    tl.store(out_ptr + q_rows[:, None] * stride_ot + heads[:, None] * stride_oh + d[None, :],
-             out, mask=io_mask)
+    out = acc / tl.where(l == 0.0, 1.0, l)[:, None]  # l is 0 only on rows never stored
+    tl.store(out_ptr + q_rows[:, None] * stride_ot + heads[:, None] * stride_oh + d[None, :], out, mask=io_mask)
 
 
-def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                            meta: AttentionMetadata, scale: float,
-                            sliding_window: Optional[int] = None, *,
-                            config: Optional[PrefillConfig] = None) -> torch.Tensor:
+def paged_prefill_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+    sliding_window: Optional[int] = None,
+    *,
+    config: Optional[PrefillConfig] = None,
+) -> torch.Tensor:
     """Causal attention of every new token over its sequence's paged context.
 
     q: [T, Hq, D] (unit feature stride); k_cache, v_cache: [num_blocks,
@@ -140,12 +165,32 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     tokens_per_tile = cfg.block_m // group
     grid = (meta.num_seqs, triton.cdiv(meta.max_query_len, tokens_per_tile), hkv)
     _prefill_kernel[grid](
-        q, k_cache, v_cache, out,
-        meta.query_start_loc, meta.seq_lens, meta.block_tables,
-        scale * LOG2E, sliding_window or NO_WINDOW, group, tokens_per_tile,
-        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), meta.block_tables.stride(0),
-        BLOCK_SIZE=bs, HEAD_DIM=d, BLOCK_D=triton.next_power_of_2(d),
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, DOT_PRECISION=dot_precision(k_cache.dtype),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        q,
+        k_cache,
+        v_cache,
+        out,
+        meta.query_start_loc,
+        meta.seq_lens,
+        meta.block_tables,
+        scale * LOG2E,
+        sliding_window or NO_WINDOW,
+        group,
+        tokens_per_tile,
+        q.stride(0),
+        q.stride(1),
+        out.stride(0),
+        out.stride(1),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        k_cache.stride(2),
+        meta.block_tables.stride(0),
+        BLOCK_SIZE=bs,
+        HEAD_DIM=d,
+        BLOCK_D=triton.next_power_of_2(d),
+        BLOCK_M=cfg.block_m,
+        BLOCK_N=cfg.block_n,
+        DOT_PRECISION=dot_precision(k_cache.dtype),
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
+    )
     return out

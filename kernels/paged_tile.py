@@ -1,4 +1,5 @@
 """The paged K/V read and the online-softmax step shared by both attention kernels."""
+
 import triton
 import triton.language as tl
 

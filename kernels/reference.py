@@ -6,6 +6,7 @@ kernel is tested against. Shapes follow kernels/metadata.py:
   k_cache, v_cache: [num_blocks, block_size, num_kv_heads, head_dim].
 Query head h reads KV head h // (num_q_heads // num_kv_heads) (GQA).
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -16,8 +17,9 @@ import torch.nn.functional as F
 from kernels.metadata import AttentionMetadata
 
 
-def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-             slot_mapping: torch.Tensor) -> None:
+def write_kv(
+    k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
+) -> None:
     """Store the new tokens' K and V in their pool slots (in place)."""
     block_size = k_cache.shape[1]
     flat_k = k_cache.view(-1, *k_cache.shape[2:])
@@ -29,12 +31,13 @@ def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
 
 def _gather(cache: torch.Tensor, blocks: torch.Tensor, length: int) -> torch.Tensor:
     """[num_blocks_used] block ids -> [length, H, D] rows of one sequence."""
-    rows = cache.index_select(0, blocks)            # [nb, bs, H, D]
+    rows = cache.index_select(0, blocks)  # [nb, bs, H, D]
     return rows.reshape(-1, *cache.shape[2:])[:length]
 
 
-def _allowed(q_pos: torch.Tensor, k_pos: torch.Tensor, seq_len: torch.Tensor,
-             sliding_window: Optional[int]) -> torch.Tensor:
+def _allowed(
+    q_pos: torch.Tensor, k_pos: torch.Tensor, seq_len: torch.Tensor, sliding_window: Optional[int]
+) -> torch.Tensor:
     """Boolean mask: key position k_pos is visible from query position q_pos."""
     ok = (k_pos <= q_pos) & (k_pos < seq_len)
     if sliding_window is not None:
@@ -42,9 +45,14 @@ def _allowed(q_pos: torch.Tensor, k_pos: torch.Tensor, seq_len: torch.Tensor,
     return ok
 
 
-def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                    meta: AttentionMetadata, scale: float,
-                    sliding_window: Optional[int] = None) -> torch.Tensor:
+def paged_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+    sliding_window: Optional[int] = None,
+) -> torch.Tensor:
     """Causal attention of every new token over its sequence's paged context.
 
     The new tokens' K/V must already be written to the pool (write_kv).
@@ -55,8 +63,9 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     bs = k_cache.shape[1]
     out = torch.empty_like(q)
     qlens, slens = meta.query_lens_list, meta.seq_lens_list
-    for rows in _length_groups(sorted((i for i, n in enumerate(qlens) if n == 1), key=lambda i: slens[i]),
-                               slens, k_cache.shape[1]):
+    for rows in _length_groups(
+        sorted((i for i, n in enumerate(qlens) if n == 1), key=lambda i: slens[i]), slens, k_cache.shape[1]
+    ):
         _decode_batch(q, k_cache, v_cache, meta, scale, sliding_window, rows, out)
     starts = meta.query_start_loc.tolist()
     for i, n in enumerate(qlens):
@@ -65,16 +74,16 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         s = slens[i]
         nblocks = (s + bs - 1) // bs
         blocks = meta.block_tables[i, :nblocks].long()
-        k = _gather(k_cache, blocks, s).float().transpose(0, 1)   # [hkv, s, d]
+        k = _gather(k_cache, blocks, s).float().transpose(0, 1)  # [hkv, s, d]
         v = _gather(v_cache, blocks, s).float().transpose(0, 1)
-        qi = q[starts[i]: starts[i] + n].float().transpose(0, 1)  # [hq, n, d]
+        qi = q[starts[i] : starts[i] + n].float().transpose(0, 1)  # [hq, n, d]
         q_pos = torch.arange(s - n, s).unsqueeze(1)
         k_pos = torch.arange(s).unsqueeze(0)
         mask = _allowed(q_pos, k_pos, torch.tensor(s), sliding_window)
-        o = F.scaled_dot_product_attention(qi.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0),
-                                           attn_mask=mask, scale=scale,
-                                           enable_gqa=hq != hkv)
-        out[starts[i]: starts[i] + n] = o[0].transpose(0, 1).to(q.dtype)
+        o = F.scaled_dot_product_attention(
+            qi.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), attn_mask=mask, scale=scale, enable_gqa=hq != hkv
+        )
+        out[starts[i] : starts[i] + n] = o[0].transpose(0, 1).to(q.dtype)
     return out
 
 
@@ -102,25 +111,28 @@ def _decode_batch(q, k_cache, v_cache, meta, scale, sliding_window, rows, out) -
     hq, d = q.shape[1], q.shape[2]
     hkv, bs = k_cache.shape[2], k_cache.shape[1]
     idx = torch.tensor(rows, dtype=torch.long)
-    seq_lens = meta.seq_lens.index_select(0, idx).long()              # [B]
+    seq_lens = meta.seq_lens.index_select(0, idx).long()  # [B]
     nblocks = (int(seq_lens.max()) + bs - 1) // bs
-    bt = meta.block_tables.index_select(0, idx)[:, :nblocks].long()   # [B, nb]
+    bt = meta.block_tables.index_select(0, idx)[:, :nblocks].long()  # [B, nb]
     B, S = len(rows), nblocks * bs
-    k = k_cache[bt].reshape(B, S, hkv, d).transpose(1, 2).float()     # [B, hkv, S, d]
+    k = k_cache[bt].reshape(B, S, hkv, d).transpose(1, 2).float()  # [B, hkv, S, d]
     v = v_cache[bt].reshape(B, S, hkv, d).transpose(1, 2).float()
     tok = meta.query_start_loc.index_select(0, idx).long()
     qd = q.index_select(0, tok).float().view(B, hq, 1, d)
-    k_pos = torch.arange(S).unsqueeze(0)                              # [1, S]
-    q_pos = (seq_lens - 1).unsqueeze(1)                               # [B, 1]
+    k_pos = torch.arange(S).unsqueeze(0)  # [1, S]
+    q_pos = (seq_lens - 1).unsqueeze(1)  # [B, 1]
     mask = _allowed(q_pos, k_pos, seq_lens.unsqueeze(1), sliding_window)  # [B, S]
-    o = F.scaled_dot_product_attention(qd, k, v, attn_mask=mask[:, None, None, :], scale=scale,
-                                       enable_gqa=hq != hkv)
+    o = F.scaled_dot_product_attention(qd, k, v, attn_mask=mask[:, None, None, :], scale=scale, enable_gqa=hq != hkv)
     out.index_copy_(0, tok, o.view(B, hq, d).to(out.dtype))
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
-             residual: Optional[torch.Tensor] = None,
-             weight_offset: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+def rms_norm(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float,
+    residual: Optional[torch.Tensor] = None,
+    weight_offset: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Fused residual add + RMSNorm. Returns (normed, new_residual).
 
     new_residual = x + residual (or x when residual is None); normed is computed
@@ -136,23 +148,25 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
     return weight * h.to(x.dtype), x
 
 
-def rotary_embedding(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
-                     cos_sin_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def rotary_embedding(
+    positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_sin_cache: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotate-half (NeoX-style) rotary embedding, as Hugging Face Llama applies it.
 
     positions: [T] int; q: [T, Hq, D]; k: [T, Hkv, D];
     cos_sin_cache: [max_positions, rot_dim] = cat(cos, sin) of the rot_dim/2
     frequencies. Only the first rot_dim features of each head rotate.
     """
-    cs = cos_sin_cache.index_select(0, positions.long())     # [T, rot]
+    cs = cos_sin_cache.index_select(0, positions.long())  # [T, rot]
     half = cs.shape[-1] // 2
     cos, sin = cs[:, :half].unsqueeze(1), cs[:, half:].unsqueeze(1)
 
     def rot(x: torch.Tensor) -> torch.Tensor:
-        xr, xp = x[..., : 2 * half].float(), x[..., 2 * half:]
+        xr, xp = x[..., : 2 * half].float(), x[..., 2 * half :]
         x1, x2 = xr[..., :half], xr[..., half:]
         y = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
         return torch.cat((y, xp), dim=-1) if xp.shape[-1] else y
+
     return rot(q), rot(k)
 
 
@@ -165,6 +179,7 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
 # The ops below are torch's own functions, on every device: they are what
 # transformers calls, so folio computes the same values to the last bit, and
 # on a GPU torch's fused kernels for them are already memory-bound.
+
 
 def gelu_tanh_and_mul(x: torch.Tensor) -> torch.Tensor:
     """[T, 2I] -> [T, I]: gelu_tanh(gate) * up, gate first (Gemma's GeGLU)."""

@@ -13,6 +13,7 @@ metadata too and picks the kernel:
   row in a step whose prefill rows are too few to fill the GPU. One launch
   keeps the step free of host-side row sorting and of a second output pass.
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -20,19 +21,20 @@ from typing import Optional
 import torch
 
 from kernels import reference
+from kernels.interface import KernelOps
 from kernels.kv_write import write_kv
 from kernels.metadata import AttentionMetadata
 from kernels.norm_rope_act import rms_norm, rotary_embedding, silu_and_mul
-from kernels.ops import KernelOps
 from kernels.paged_decode import paged_decode_attention
 from kernels.paged_prefill import paged_prefill_attention
 
 
-def _check_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                     meta: AttentionMetadata) -> None:
+def _check_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata) -> None:
     if q.dim() != 3 or k_cache.dim() != 4:
-        raise ValueError(f"q must be [T, Hq, D] and the pool [blocks, block_size, Hkv, D], "
-                         f"got {tuple(q.shape)} and {tuple(k_cache.shape)}")
+        raise ValueError(
+            f"q must be [T, Hq, D] and the pool [blocks, block_size, Hkv, D], "
+            f"got {tuple(q.shape)} and {tuple(k_cache.shape)}"
+        )
     if k_cache.shape != v_cache.shape or k_cache.stride() != v_cache.stride():
         raise ValueError("k_cache and v_cache must have equal shapes and strides")
     T, hq, d = q.shape
@@ -46,9 +48,11 @@ def _check_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     if q.stride(2) != 1 or k_cache.stride(3) != 1:
         raise ValueError("the feature dimension must be contiguous")
     if T != meta.num_tokens or len(meta.query_lens_list) != meta.num_seqs:
-        raise ValueError(f"q has {T} rows, metadata describes {meta.num_tokens} tokens "
-                         f"of {meta.num_seqs} sequences with host lists "
-                         f"{len(meta.query_lens_list)} / {meta.num_seqs}")
+        raise ValueError(
+            f"q has {T} rows, metadata describes {meta.num_tokens} tokens "
+            f"of {meta.num_seqs} sequences with host lists "
+            f"{len(meta.query_lens_list)} / {meta.num_seqs}"
+        )
     for name in ("query_start_loc", "seq_lens", "block_tables"):
         t = getattr(meta, name)
         if t.dtype != torch.int32 or t.device != q.device:
@@ -57,9 +61,14 @@ def _check_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         raise ValueError("meta.block_tables rows must be contiguous")
 
 
-def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                    meta: AttentionMetadata, scale: float,
-                    sliding_window: Optional[int] = None) -> torch.Tensor:
+def paged_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+    sliding_window: Optional[int] = None,
+) -> torch.Tensor:
     """Same contract as reference.paged_attention; see the module docstring for the split."""
     _check_attention(q, k_cache, v_cache, meta)
     if meta.max_query_len <= 1:

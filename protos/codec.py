@@ -6,106 +6,175 @@ proto3 `optional` fields so None survives the trip. Nothing else crosses the
 head <-> worker boundary, so these functions are the whole wire contract on
 the Python side.
 """
+
 from __future__ import annotations
 
-from typing import Optional
-
 from protos import worker_pb2 as pb
-from protos.messages import (CachedRequest, NewRequest, RequestError, SampledRequest,
-                             SamplingParams, StepRequest, StepResult, TokenLogprob)
-
+from protos.messages import (
+    CachedRequest,
+    NewRequest,
+    RequestError,
+    SampledRequest,
+    SamplingParams,
+    StepRequest,
+    StepResult,
+    TokenLogprob,
+)
 
 # ---------------------------------------------------------------- sampling
 
+
 def encode_sampling_params(p: SamplingParams) -> pb.SamplingParams:
     return pb.SamplingParams(
-        n=p.n, temperature=p.temperature, top_p=p.top_p, top_k=p.top_k, min_p=p.min_p,
-        seed=p.seed, presence_penalty=p.presence_penalty,
-        frequency_penalty=p.frequency_penalty, repetition_penalty=p.repetition_penalty,
-        logit_bias=p.logit_bias, logprobs=p.logprobs, prompt_logprobs=p.prompt_logprobs,
-        max_tokens=p.max_tokens, min_tokens=p.min_tokens,
-        stop_token_ids=p.stop_token_ids, ignore_eos=p.ignore_eos)
+        n=p.n,
+        temperature=p.temperature,
+        top_p=p.top_p,
+        top_k=p.top_k,
+        min_p=p.min_p,
+        seed=p.seed,
+        presence_penalty=p.presence_penalty,
+        frequency_penalty=p.frequency_penalty,
+        repetition_penalty=p.repetition_penalty,
+        logit_bias=p.logit_bias,
+        logprobs=p.logprobs,
+        prompt_logprobs=p.prompt_logprobs,
+        max_tokens=p.max_tokens,
+        min_tokens=p.min_tokens,
+        stop_token_ids=p.stop_token_ids,
+        ignore_eos=p.ignore_eos,
+    )
 
 
 def decode_sampling_params(m: pb.SamplingParams) -> SamplingParams:
     return SamplingParams(
-        n=m.n, temperature=m.temperature, top_p=m.top_p, top_k=m.top_k, min_p=m.min_p,
+        n=m.n,
+        temperature=m.temperature,
+        top_p=m.top_p,
+        top_k=m.top_k,
+        min_p=m.min_p,
         seed=m.seed if m.HasField("seed") else None,
-        presence_penalty=m.presence_penalty, frequency_penalty=m.frequency_penalty,
-        repetition_penalty=m.repetition_penalty, logit_bias=dict(m.logit_bias),
+        presence_penalty=m.presence_penalty,
+        frequency_penalty=m.frequency_penalty,
+        repetition_penalty=m.repetition_penalty,
+        logit_bias=dict(m.logit_bias),
         logprobs=m.logprobs if m.HasField("logprobs") else None,
         prompt_logprobs=m.prompt_logprobs if m.HasField("prompt_logprobs") else None,
-        max_tokens=m.max_tokens, min_tokens=m.min_tokens,
-        stop_token_ids=list(m.stop_token_ids), ignore_eos=m.ignore_eos)
+        max_tokens=m.max_tokens,
+        min_tokens=m.min_tokens,
+        stop_token_ids=list(m.stop_token_ids),
+        ignore_eos=m.ignore_eos,
+    )
 
 
 def encode_token_logprob(t: TokenLogprob) -> pb.TokenLogprob:
-    return pb.TokenLogprob(token_id=t.token_id, logprob=t.logprob, rank=t.rank,
-                           top_token_ids=[tok for tok, _ in t.top],
-                           top_logprobs=[lp for _, lp in t.top])
+    return pb.TokenLogprob(
+        token_id=t.token_id,
+        logprob=t.logprob,
+        rank=t.rank,
+        top_token_ids=[tok for tok, _ in t.top],
+        top_logprobs=[lp for _, lp in t.top],
+    )
 
 
 def decode_token_logprob(m: pb.TokenLogprob) -> TokenLogprob:
-    return TokenLogprob(token_id=m.token_id, logprob=m.logprob, rank=m.rank,
-                        top=list(zip(m.top_token_ids, m.top_logprobs)))
+    return TokenLogprob(
+        token_id=m.token_id, logprob=m.logprob, rank=m.rank, top=list(zip(m.top_token_ids, m.top_logprobs))
+    )
 
 
 # ---------------------------------------------------------------- step request
 
+
 def encode_step_request(s: StepRequest) -> pb.StepRequest:
     return pb.StepRequest(
         step_id=s.step_id,
-        new_requests=[pb.NewRequest(
-            request_id=r.request_id, token_ids=r.token_ids, num_prompt_tokens=r.num_prompt_tokens,
-            sampling_params=encode_sampling_params(r.sampling_params), block_ids=r.block_ids,
-            num_computed_tokens=r.num_computed_tokens,
-            num_scheduled_tokens=r.num_scheduled_tokens,
-            num_output_tokens=r.num_output_tokens) for r in s.new_requests],
-        cached_requests=[pb.CachedRequest(
-            request_id=r.request_id, new_block_ids=r.new_block_ids,
-            num_computed_tokens=r.num_computed_tokens,
-            num_scheduled_tokens=r.num_scheduled_tokens,
-            draft_token_ids=r.draft_token_ids) for r in s.cached_requests],
-        finished_ids=s.finished_ids)
+        new_requests=[
+            pb.NewRequest(
+                request_id=r.request_id,
+                token_ids=r.token_ids,
+                num_prompt_tokens=r.num_prompt_tokens,
+                sampling_params=encode_sampling_params(r.sampling_params),
+                block_ids=r.block_ids,
+                num_computed_tokens=r.num_computed_tokens,
+                num_scheduled_tokens=r.num_scheduled_tokens,
+                num_output_tokens=r.num_output_tokens,
+            )
+            for r in s.new_requests
+        ],
+        cached_requests=[
+            pb.CachedRequest(
+                request_id=r.request_id,
+                new_block_ids=r.new_block_ids,
+                num_computed_tokens=r.num_computed_tokens,
+                num_scheduled_tokens=r.num_scheduled_tokens,
+                draft_token_ids=r.draft_token_ids,
+            )
+            for r in s.cached_requests
+        ],
+        finished_ids=s.finished_ids,
+    )
 
 
 def decode_step_request(m: pb.StepRequest) -> StepRequest:
     return StepRequest(
         step_id=m.step_id,
-        new_requests=[NewRequest(
-            request_id=r.request_id, token_ids=list(r.token_ids),
-            num_prompt_tokens=r.num_prompt_tokens,
-            sampling_params=decode_sampling_params(r.sampling_params),
-            block_ids=list(r.block_ids), num_computed_tokens=r.num_computed_tokens,
-            num_scheduled_tokens=r.num_scheduled_tokens,
-            num_output_tokens=r.num_output_tokens) for r in m.new_requests],
-        cached_requests=[CachedRequest(
-            request_id=r.request_id, new_block_ids=list(r.new_block_ids),
-            num_computed_tokens=r.num_computed_tokens,
-            num_scheduled_tokens=r.num_scheduled_tokens,
-            draft_token_ids=list(r.draft_token_ids)) for r in m.cached_requests],
-        finished_ids=list(m.finished_ids))
+        new_requests=[
+            NewRequest(
+                request_id=r.request_id,
+                token_ids=list(r.token_ids),
+                num_prompt_tokens=r.num_prompt_tokens,
+                sampling_params=decode_sampling_params(r.sampling_params),
+                block_ids=list(r.block_ids),
+                num_computed_tokens=r.num_computed_tokens,
+                num_scheduled_tokens=r.num_scheduled_tokens,
+                num_output_tokens=r.num_output_tokens,
+            )
+            for r in m.new_requests
+        ],
+        cached_requests=[
+            CachedRequest(
+                request_id=r.request_id,
+                new_block_ids=list(r.new_block_ids),
+                num_computed_tokens=r.num_computed_tokens,
+                num_scheduled_tokens=r.num_scheduled_tokens,
+                draft_token_ids=list(r.draft_token_ids),
+            )
+            for r in m.cached_requests
+        ],
+        finished_ids=list(m.finished_ids),
+    )
 
 
 # ---------------------------------------------------------------- step result
 
+
 def encode_step_result(s: StepResult) -> pb.StepResult:
     return pb.StepResult(
-        step_id=s.step_id, execute_ms=s.execute_ms,
-        outputs=[pb.SampledRequest(
-            request_id=o.request_id, token_ids=o.token_ids,
-            logprobs=[encode_token_logprob(t) for t in o.logprobs],
-            prompt_logprobs=[encode_token_logprob(t) for t in o.prompt_logprobs])
-            for o in s.outputs],
-        errors=[pb.RequestError(request_id=e.request_id, message=e.message) for e in s.errors])
+        step_id=s.step_id,
+        outputs=[
+            pb.SampledRequest(
+                request_id=o.request_id,
+                token_ids=o.token_ids,
+                logprobs=[encode_token_logprob(t) for t in o.logprobs],
+                prompt_logprobs=[encode_token_logprob(t) for t in o.prompt_logprobs],
+            )
+            for o in s.outputs
+        ],
+        errors=[pb.RequestError(request_id=e.request_id, message=e.message) for e in s.errors],
+    )
 
 
 def decode_step_result(m: pb.StepResult) -> StepResult:
     return StepResult(
-        step_id=m.step_id, execute_ms=m.execute_ms,
-        outputs=[SampledRequest(
-            request_id=o.request_id, token_ids=list(o.token_ids),
-            logprobs=[decode_token_logprob(t) for t in o.logprobs],
-            prompt_logprobs=[decode_token_logprob(t) for t in o.prompt_logprobs])
-            for o in m.outputs],
-        errors=[RequestError(e.request_id, e.message) for e in m.errors])
+        step_id=m.step_id,
+        outputs=[
+            SampledRequest(
+                request_id=o.request_id,
+                token_ids=list(o.token_ids),
+                logprobs=[decode_token_logprob(t) for t in o.logprobs],
+                prompt_logprobs=[decode_token_logprob(t) for t in o.prompt_logprobs],
+            )
+            for o in m.outputs
+        ],
+        errors=[RequestError(e.request_id, e.message) for e in m.errors],
+    )

@@ -12,6 +12,7 @@ the step, its computed tokens reach its known tokens (num_computed_tokens +
 num_scheduled_tokens == len(token_ids) on the worker, drafts counted as known). A chunk of a prefill
 that stops short of that samples nothing.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
@@ -25,18 +26,19 @@ class SamplingParams:
     stop, include_stop_str_in_output and skip_special_tokens are the head's
     alone (only text reveals a stop string); they never cross to a worker.
     """
+
     n: int = 1
     temperature: float = 1.0
     top_p: float = 1.0
-    top_k: int = 0                 # 0 or -1: disabled
+    top_k: int = 0  # 0 or -1: disabled
     min_p: float = 0.0
     seed: Optional[int] = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
     logit_bias: dict[int, float] = field(default_factory=dict)
-    logprobs: Optional[int] = None          # top alternatives per sampled token; 0 = sampled token only
-    prompt_logprobs: Optional[int] = None   # same, for every prompt token (the first has none)
+    logprobs: Optional[int] = None  # top alternatives per sampled token; 0 = sampled token only
+    prompt_logprobs: Optional[int] = None  # same, for every prompt token (the first has none)
     max_tokens: int = 16
     min_tokens: int = 0
     stop: list[str] = field(default_factory=list)
@@ -56,23 +58,27 @@ class SamplingParams:
 
     def validate(self) -> None:
         """Raise ValueError with a client-facing message for out-of-range values."""
+
         def check(ok: bool, msg: str) -> None:
             if not ok:
                 raise ValueError(msg)
+
         check(self.n >= 1, f"n must be at least 1, got {self.n}")
         check(self.temperature >= 0.0, f"temperature must be non-negative, got {self.temperature}")
         check(0.0 < self.top_p <= 1.0, f"top_p must be in (0, 1], got {self.top_p}")
         check(self.top_k >= 0, f"top_k must be -1 (disabled) or positive, got {self.top_k}")
         check(0.0 <= self.min_p <= 1.0, f"min_p must be in [0, 1], got {self.min_p}")
-        check(-2.0 <= self.presence_penalty <= 2.0, f"presence_penalty must be in [-2, 2], got {self.presence_penalty}")
-        check(-2.0 <= self.frequency_penalty <= 2.0, f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            check(-2.0 <= value <= 2.0, f"{name} must be in [-2, 2], got {value}")
         check(self.repetition_penalty > 0.0, f"repetition_penalty must be positive, got {self.repetition_penalty}")
         check(self.max_tokens >= 1, f"max_tokens must be at least 1, got {self.max_tokens}")
-        check(0 <= self.min_tokens <= self.max_tokens,
-              f"min_tokens must be in [0, max_tokens], got {self.min_tokens}")
+        check(0 <= self.min_tokens <= self.max_tokens, f"min_tokens must be in [0, max_tokens], got {self.min_tokens}")
         check(self.logprobs is None or 0 <= self.logprobs <= 20, f"logprobs must be in [0, 20], got {self.logprobs}")
-        check(self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= 20,
-              f"prompt_logprobs must be in [0, 20], got {self.prompt_logprobs}")
+        check(
+            self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= 20,
+            f"prompt_logprobs must be in [0, 20], got {self.prompt_logprobs}",
+        )
         for tok, bias in self.logit_bias.items():
             check(-100.0 <= bias <= 100.0, f"logit_bias values must be in [-100, 100], got {bias} for {tok}")
 
@@ -90,19 +96,20 @@ class SamplingParams:
 
     @property
     def needs_penalties(self) -> bool:
-        return (self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
-                or self.repetition_penalty != 1.0)
+        return self.presence_penalty != 0.0 or self.frequency_penalty != 0.0 or self.repetition_penalty != 1.0
 
 
 # ---------------------------------------------------------------- router <-> cluster
 
+
 @dataclass
 class EngineRequest:
     """One request as the router hands it to the cluster (already tokenized)."""
+
     request_id: str
     prompt_token_ids: list[int]
     sampling_params: SamplingParams
-    priority: int = 0              # lower runs first; FCFS within a priority
+    priority: int = 0  # lower runs first; FCFS within a priority
     arrival_time: float = 0.0
     # Outputs it already produced on a replica that then failed: the request resumes
     # after them (they count toward max_tokens and seeds continue from their index).
@@ -115,21 +122,23 @@ class EngineRequest:
 @dataclass
 class TokenLogprob:
     """Logprob of one chosen token plus the top alternatives at that position."""
+
     token_id: int
     logprob: float
-    rank: int                                  # 1 = most likely
+    rank: int  # 1 = most likely
     top: list[tuple[int, float]] = field(default_factory=list)
 
 
 @dataclass
 class RequestOutput:
     """What one step produced for one request; streamed back to the router."""
+
     request_id: str
     new_token_ids: list[int]
-    logprobs: Optional[list[TokenLogprob]] = None        # one per new token, when asked
+    logprobs: Optional[list[TokenLogprob]] = None  # one per new token, when asked
     prompt_logprobs: Optional[list[Optional[TokenLogprob]]] = None  # whole prompt, first is None
-    finish_reason: Optional[str] = None                   # "stop" | "length" | "abort" | None
-    stop_reason: Optional[int] = None                     # the stop token id that ended it
+    finish_reason: Optional[str] = None  # "stop" | "length" | "abort" | None
+    stop_reason: Optional[int] = None  # the stop token id that ended it
     num_prompt_tokens: int = 0
     num_cached_tokens: int = 0
 
@@ -140,17 +149,19 @@ class RequestOutput:
 
 # ---------------------------------------------------------------- cluster <-> worker
 
+
 @dataclass
 class NewRequest:
     """A request the worker has not seen (or must rebuild after preemption)."""
+
     request_id: str
-    token_ids: list[int]            # prompt, plus outputs so far when resumed
-    num_prompt_tokens: int          # where the prompt ends inside token_ids
+    token_ids: list[int]  # prompt, plus outputs so far when resumed
+    num_prompt_tokens: int  # where the prompt ends inside token_ids
     sampling_params: SamplingParams
     block_ids: list[int]
-    num_computed_tokens: int        # prefix-cache hit: these need no compute
+    num_computed_tokens: int  # prefix-cache hit: these need no compute
     num_scheduled_tokens: int
-    num_output_tokens: int = 0      # outputs inside token_ids (seeded sampling uses it)
+    num_output_tokens: int = 0  # outputs inside token_ids (seeded sampling uses it)
 
 
 @dataclass
@@ -161,9 +172,10 @@ class CachedRequest:
     known token and the drafts (num_scheduled_tokens = 1 + len(drafts)); the
     worker keeps the drafts its sampler agrees with and reports the tokens it
     accepted, and the head rolls num_computed_tokens back past the rest."""
+
     request_id: str
     new_block_ids: list[int]
-    num_computed_tokens: int        # the head's count before this step; the worker checks it
+    num_computed_tokens: int  # the head's count before this step; the worker checks it
     num_scheduled_tokens: int
     draft_token_ids: list[int] = field(default_factory=list)
 
@@ -171,24 +183,27 @@ class CachedRequest:
 @dataclass
 class StepRequest:
     """One step for one replica: everything a worker needs, as a diff."""
+
     step_id: int
     new_requests: list[NewRequest] = field(default_factory=list)
     cached_requests: list[CachedRequest] = field(default_factory=list)
-    finished_ids: list[str] = field(default_factory=list)   # drop these first
+    finished_ids: list[str] = field(default_factory=list)  # drop these first
 
     @property
     def num_scheduled_tokens(self) -> int:
-        return (sum(r.num_scheduled_tokens for r in self.new_requests)
-                + sum(r.num_scheduled_tokens for r in self.cached_requests))
+        return sum(r.num_scheduled_tokens for r in self.new_requests) + sum(
+            r.num_scheduled_tokens for r in self.cached_requests
+        )
 
 
 @dataclass
 class SampledRequest:
     """What one step produced for one request on the worker."""
+
     request_id: str
-    token_ids: list[int] = field(default_factory=list)   # empty: nothing sampled (partial prefill);
+    token_ids: list[int] = field(default_factory=list)  # empty: nothing sampled (partial prefill);
     # more than one when drafts were accepted: the accepted drafts, then one sampled token
-    logprobs: list[TokenLogprob] = field(default_factory=list)   # one per token, when asked
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # one per token, when asked
     prompt_logprobs: list[TokenLogprob] = field(default_factory=list)
     # prompt_logprobs: for each position computed in this step that predicts a
     # prompt token, the logprob of that prompt token (in order).
@@ -197,6 +212,7 @@ class SampledRequest:
 @dataclass
 class RequestError:
     """A request the worker refused or could not run; it fails alone, the step goes on."""
+
     request_id: str
     message: str
 
@@ -205,5 +221,4 @@ class RequestError:
 class StepResult:
     step_id: int
     outputs: list[SampledRequest] = field(default_factory=list)
-    execute_ms: float = 0.0
     errors: list[RequestError] = field(default_factory=list)

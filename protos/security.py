@@ -12,6 +12,7 @@ head verifies each worker's certificate against the CA (channel), which also
 keeps the secret confidential. Both sides import this module; it imports no
 other folio package.
 """
+
 from __future__ import annotations
 
 import hmac
@@ -21,8 +22,8 @@ from typing import Optional, Sequence
 
 import grpc
 
-SECRET_METADATA_KEY = "folio-cluster-secret"     # gRPC metadata keys are lower case
-SECRET_ENV = "FOLIO_CLUSTER_SECRET"              # the standalone `python -m worker.server` reads it
+SECRET_METADATA_KEY = "folio-cluster-secret"  # gRPC metadata keys are lower case
+SECRET_ENV = "FOLIO_CLUSTER_SECRET"  # the standalone `python -m worker.server` reads it
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,7 @@ class ClusterCredentials:
     worker certificate; None means the address it dials (then every worker's
     certificate must name its node's IP).
     """
+
     secret: str = field(repr=False)
     tls_cert: Optional[str] = None
     tls_key: Optional[str] = None
@@ -66,6 +68,7 @@ class ClusterCredentials:
 
 # ---------------------------------------------------------------- worker side
 
+
 class SecretCheck(grpc.aio.ServerInterceptor):
     """Refuses, with UNAUTHENTICATED, every call that lacks the cluster secret.
 
@@ -96,10 +99,12 @@ async def _refuse(request_or_iterator, context) -> None:
 
 def _refusal(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
     """A handler of the same streaming kind as `handler` that only refuses."""
-    make = {(False, False): grpc.unary_unary_rpc_method_handler,
-            (False, True): grpc.unary_stream_rpc_method_handler,
-            (True, False): grpc.stream_unary_rpc_method_handler,
-            (True, True): grpc.stream_stream_rpc_method_handler}
+    make = {
+        (False, False): grpc.unary_unary_rpc_method_handler,
+        (False, True): grpc.unary_stream_rpc_method_handler,
+        (True, False): grpc.stream_unary_rpc_method_handler,
+        (True, True): grpc.stream_stream_rpc_method_handler,
+    }
     return make[(handler.request_streaming, handler.response_streaming)](_refuse)
 
 
@@ -112,10 +117,15 @@ def server_credentials(creds: ClusterCredentials) -> Optional[grpc.ServerCredent
 
 # ---------------------------------------------------------------- head side
 
+
 def _with_secret(details: grpc.aio.ClientCallDetails, metadata) -> grpc.aio.ClientCallDetails:
-    return grpc.aio.ClientCallDetails(details.method, details.timeout,
-                                      grpc.aio.Metadata(*(details.metadata or ()), *metadata),
-                                      details.credentials, details.wait_for_ready)
+    return grpc.aio.ClientCallDetails(
+        details.method,
+        details.timeout,
+        grpc.aio.Metadata(*(details.metadata or ()), *metadata),
+        details.credentials,
+        details.wait_for_ready,
+    )
 
 
 # Interceptors, not call credentials: gRPC sends call credentials only over a
@@ -123,6 +133,7 @@ def _with_secret(details: grpc.aio.ClientCallDetails, metadata) -> grpc.aio.Clie
 # kind: an aio channel files each interceptor under the first kind it matches.
 # The Worker service has only these two kinds; a call of another kind would go
 # without the secret and be refused.
+
 
 class _SecretOnUnary(grpc.aio.UnaryUnaryClientInterceptor):
     def __init__(self, metadata: tuple[tuple[str, str], ...]):
@@ -140,8 +151,7 @@ class _SecretOnStream(grpc.aio.StreamStreamClientInterceptor):
         return await continuation(_with_secret(client_call_details, self._metadata), request_iterator)
 
 
-def channel(address: str, creds: ClusterCredentials, options: Sequence[tuple[str, object]] = ()
-            ) -> grpc.aio.Channel:
+def channel(address: str, creds: ClusterCredentials, options: Sequence[tuple[str, object]] = ()) -> grpc.aio.Channel:
     """An aio channel to a worker whose every call carries the secret; over TLS
     (the worker's certificate checked against creds.tls_ca) when creds has TLS."""
     interceptors = [_SecretOnUnary(creds.call_metadata), _SecretOnStream(creds.call_metadata)]
@@ -150,9 +160,10 @@ def channel(address: str, creds: ClusterCredentials, options: Sequence[tuple[str
     options = list(options)
     if creds.tls_server_name:
         options.append(("grpc.ssl_target_name_override", creds.tls_server_name))
-    root = _read(creds.tls_ca) if creds.tls_ca else None     # None: the system's trust store
-    return grpc.aio.secure_channel(address, grpc.ssl_channel_credentials(root_certificates=root),
-                                   options=options, interceptors=interceptors)
+    root = _read(creds.tls_ca) if creds.tls_ca else None  # None: the system's trust store
+    return grpc.aio.secure_channel(
+        address, grpc.ssl_channel_credentials(root_certificates=root), options=options, interceptors=interceptors
+    )
 
 
 def _read(path: str) -> bytes:

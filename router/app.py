@@ -11,13 +11,14 @@ can serve), is an OpenAI error object; 5xx bodies say nothing internal.
 A client that disconnects, streaming or not, aborts its request: its blocks
 are freed at the replica's next step.
 """
+
 from __future__ import annotations
 
 import asyncio
 import logging
 import time
 import uuid
-from typing import Awaitable, TypeVar, Union
+from typing import Awaitable, Optional, TypeVar, Union
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -27,26 +28,33 @@ from pydantic import BaseModel, ValidationError
 from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from cluster.frontend import Frontend
 from router.edge import REQUEST_ID_HEADER, AccessPolicy, EdgeMiddleware, request_key
+from router.engine_client import EngineClient
 from router.errors import ApiError, ErrorResponse, invalid_body
 from router.openai_serving import Caller, OpenAIServing, StreamingResult
-from router.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
-                             TokenizeRequest)
+from router.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
 
 log = logging.getLogger(__name__)
 M = TypeVar("M", bound=BaseModel)
 
-_ERRORS = {status: {"model": ErrorResponse, "description": text} for status, text in {
-    400: "Invalid request: a malformed body, a wrong type, a field out of range",
-    401: "Missing or wrong API key", 404: "Unknown model", 413: "Body too large",
-    415: "Body is not JSON", 429: "Admission refused; retry after Retry-After seconds",
-    500: "Internal error", 503: "No replica can serve now; retry after Retry-After seconds"}.items()}
+_ERRORS = {
+    status: {"model": ErrorResponse, "description": text}
+    for status, text in {
+        400: "Invalid request: a malformed body, a wrong type, a field out of range",
+        401: "Missing or wrong API key",
+        404: "Unknown model",
+        413: "Body too large",
+        415: "Body is not JSON",
+        429: "Admission refused; retry after Retry-After seconds",
+        500: "Internal error",
+        503: "No replica can serve now; retry after Retry-After seconds",
+    }.items()
+}
 _BODIES = (CompletionRequest, ChatCompletionRequest, TokenizeRequest, DetokenizeRequest)
 
 
-def build_app(serving: OpenAIServing, frontend: Frontend,
-              policy: AccessPolicy = AccessPolicy()) -> FastAPI:
+def build_app(serving: OpenAIServing, frontend: EngineClient, policy: Optional[AccessPolicy] = None) -> FastAPI:
+    policy = policy or AccessPolicy()
     app = FastAPI(title="folio", docs_url=None, redoc_url=None)
     app.add_middleware(EdgeMiddleware, policy=policy, max_body_bytes=serving.limits.max_body_bytes)
     created = int(time.time())
@@ -82,9 +90,18 @@ def build_app(serving: OpenAIServing, frontend: Frontend,
 
     @app.get("/v1/models", responses=_ERRORS)
     async def models() -> dict:
-        return {"object": "list", "data": [{
-            "id": serving.model_name, "object": "model", "created": created, "owned_by": "folio",
-            "max_model_len": frontend.max_model_len}]}
+        return {
+            "object": "list",
+            "data": [
+                {
+                    "id": serving.model_name,
+                    "object": "model",
+                    "created": created,
+                    "owned_by": "folio",
+                    "max_model_len": frontend.max_model_len,
+                }
+            ],
+        }
 
     @app.post("/tokenize", openapi_extra=_json_body(TokenizeRequest), responses=_ERRORS)
     async def tokenize(request: Request) -> dict:
@@ -98,8 +115,7 @@ def build_app(serving: OpenAIServing, frontend: Frontend,
     async def health() -> Response:
         """200 while some replica can serve; load balancers route on this."""
         if not frontend.ready:
-            raise ApiError(503, "no replica is ready to serve",
-                           headers={"Retry-After": str(frontend.ready_in())})
+            raise ApiError(503, "no replica is ready to serve", headers={"Retry-After": str(frontend.ready_in())})
         return JSONResponse({"status": "ok"})
 
     @app.get("/health/replicas", responses=_ERRORS)
@@ -109,8 +125,7 @@ def build_app(serving: OpenAIServing, frontend: Frontend,
 
     @app.get("/metrics", responses=_ERRORS)
     async def metrics() -> Response:
-        return PlainTextResponse(frontend.metrics_text(),
-                                 media_type="text/plain; version=0.0.4; charset=utf-8")
+        return PlainTextResponse(frontend.metrics_text(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     def openapi() -> dict:
         """FastAPI's document plus the request bodies the routes parse themselves."""
@@ -131,12 +146,16 @@ def build_app(serving: OpenAIServing, frontend: Frontend,
 def _json_body(model: type[BaseModel]) -> dict:
     """The route's request body for the OpenAPI document (the route parses it itself, so
     that parsing is bounded and its errors are OpenAI error objects)."""
-    return {"requestBody": {"required": True, "content": {"application/json": {
-        "schema": {"$ref": f"#/components/schemas/{model.__name__}"}}}}}
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{model.__name__}"}}},
+        }
+    }
 
 
 async def _parse(request: Request, model: type[M]) -> M:
-    body = await request.body()         # the edge has bounded its size
+    body = await request.body()  # the edge has bounded its size
     try:
         return model.model_validate_json(body)
     except ValidationError as e:
@@ -145,19 +164,21 @@ async def _parse(request: Request, model: type[M]) -> M:
 
 def _caller(request: Request, policy: AccessPolicy) -> Caller:
     key = request_key(request.scope)
-    given = request.headers.get(REQUEST_ID_HEADER.decode())   # the edge bounded its length
-    if given:         # in the response id as printable ASCII; the header echo keeps its bytes
+    given = request.headers.get(REQUEST_ID_HEADER.decode())  # the edge bounded its length
+    if given:  # in the response id as printable ASCII; the header echo keeps its bytes
         safe = "".join(c if c.isascii() and c.isprintable() else "_" for c in given)
         display = f"{safe}-{uuid.uuid4().hex[:8]}"
     else:
         display = uuid.uuid4().hex
-    return Caller(display_id=display, priority_allowed=policy.honours_priority(key),
-                  cache_salt=key.cache_salt if key is not None else None)
+    return Caller(
+        display_id=display,
+        priority_allowed=policy.honours_priority(key),
+        cache_salt=key.cache_salt if key is not None else None,
+    )
 
 
-def _replica_states(frontend: Frontend) -> list[dict]:
-    return [{"index": s.index, "state": s.state, "requests": s.num_requests}
-            for s in frontend.replica_states()]
+def _replica_states(frontend: EngineClient) -> list[dict]:
+    return [{"index": s.index, "state": s.state, "requests": s.num_requests} for s in frontend.replica_states()]
 
 
 async def _respond(request: Request, work: Awaitable[Union[dict, StreamingResult]]) -> Response:
@@ -171,12 +192,11 @@ async def _respond(request: Request, work: Awaitable[Union[dict, StreamingResult
         gone.cancel()
     if not task.done():
         task.cancel()
-        return Response(status_code=499)          # nobody reads it
+        return Response(status_code=499)  # nobody reads it
     result = task.result()
     if isinstance(result, StreamingResult):
         # Starlette cancels the body on disconnect; the background task runs either way.
-        return StreamingResponse(result.chunks, media_type="text/event-stream",
-                                 background=BackgroundTask(result.close))
+        return StreamingResponse(result.chunks, media_type="text/event-stream", background=BackgroundTask(result.close))
     return JSONResponse(result)
 
 

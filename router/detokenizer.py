@@ -25,13 +25,14 @@ tokenizer.decode(tokens), but with the leading space a SentencePiece-style
 decoder strips from a whole decode (cut at a stop string, when one ended the
 output).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
 
-_CONTEXT = 5        # prompt tokens decoded along with the first outputs (leading spaces)
-_MAX_PENDING = 8    # pending tokens without new text before settled text is accepted anyway
+_CONTEXT = 5  # prompt tokens decoded along with the first outputs (leading spaces)
+_MAX_PENDING = 8  # pending tokens without new text before settled text is accepted anyway
 _REPLACEMENT = "\ufffd"
 
 
@@ -39,16 +40,21 @@ def _decode_function(tokenizer, skip_special_tokens: bool) -> Callable[[list[int
     """tokenizer.decode for a list of ids, or the identical call straight into its Rust
     tokenizer when that is all tokenizer.decode would do (no clean-up of spaces, no
     override): a third of the cost, on the event loop, per token."""
+
     def decode(ids: list[int]) -> str:
         return tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
 
     try:
         from transformers import PreTrainedTokenizerFast as Fast
-    except ImportError:        # pragma: no cover - transformers is a dependency
+    except ImportError:  # pragma: no cover - transformers is a dependency
         return decode
     cls = type(tokenizer)
-    if isinstance(tokenizer, Fast) and cls.decode is Fast.decode and cls._decode is Fast._decode \
-            and not tokenizer.clean_up_tokenization_spaces:
+    if (
+        isinstance(tokenizer, Fast)
+        and cls.decode is Fast.decode
+        and cls._decode is Fast._decode
+        and not tokenizer.clean_up_tokenization_spaces
+    ):
         rust = tokenizer.backend_tokenizer
         return lambda ids: rust.decode(ids, skip_special_tokens=skip_special_tokens)
     return decode
@@ -75,7 +81,7 @@ class _Text:
             if pos <= start:
                 break
             pos -= len(p)
-            picked.append(p if pos >= start else p[start - pos:])
+            picked.append(p if pos >= start else p[start - pos :])
         return "".join(reversed(picked))[: end - start]
 
     def truncate(self, length: int) -> None:
@@ -96,15 +102,16 @@ class _Text:
 class Detokenizer:
     """Text and stop strings of one output sequence; feed it with add(), hand text out
     with flush(). tokenizer needs only decode(ids, skip_special_tokens=...)."""
+
     tokenizer: object
     prompt_token_ids: Sequence[int]
     stop: Sequence[str] = ()
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
     min_tokens: int = 0
-    tokens: list[int] = field(default_factory=list)        # every output token kept
+    tokens: list[int] = field(default_factory=list)  # every output token kept
     stopped_by: Optional[str] = None
-    _sent: int = 0                          # chars of text already handed out
+    _sent: int = 0  # chars of text already handed out
 
     def __post_init__(self) -> None:
         self._max_stop = max((len(s) for s in self.stop), default=0)
@@ -113,7 +120,7 @@ class Detokenizer:
         # The window: context tokens (already text) then pending ones, from _read on.
         self._window: list[int] = list(self.prompt_token_ids[-_CONTEXT:])
         self._read = len(self._window)
-        self._context_text: Optional[str] = None     # decode(window[:_read]), when known
+        self._context_text: Optional[str] = None  # decode(window[:_read]), when known
         self._skipped: dict[int, bool] = {}
 
     @property
@@ -135,10 +142,10 @@ class Detokenizer:
         before = self._before()
         after = self._decode(self._window)
         if len(after) > len(before) and not after.endswith(_REPLACEMENT):
-            self._accept(after[len(before):])
+            self._accept(after[len(before) :])
             self._restart(self._read, after)
         elif self._skips(t):
-            self._window.pop()        # adds nothing to any decode: never part of the window
+            self._window.pop()  # adds nothing to any decode: never part of the window
         elif len(self._window) - self._read > _MAX_PENDING:
             self._accept_settled(before, after)
 
@@ -159,8 +166,9 @@ class Detokenizer:
             return False
         s = self._skipped.get(t)
         if s is None:
-            s = self._skipped[t] = self._decode([t]) == "" and \
-                self.tokenizer.decode([t], skip_special_tokens=False) != ""
+            s = self._skipped[t] = (
+                self._decode([t]) == "" and self.tokenizer.decode([t], skip_special_tokens=False) != ""
+            )
         return s
 
     def _accept_settled(self, before: str, after: str) -> None:
@@ -183,11 +191,11 @@ class Detokenizer:
                 continue
             head = self._decode(self._window[:m])
             if head + rest == after and head.startswith(before):
-                self._accept(head[len(before):])
+                self._accept(head[len(before) :])
                 del self._window[:m]
                 self._read, self._context_text = 0, ""
                 return
-        self._accept(after[len(before):])
+        self._accept(after[len(before) :])
         self._restart(self._read, after)
 
     def _accept(self, new: str) -> None:
@@ -219,7 +227,7 @@ class Detokenizer:
         if final and self.stopped_by is None and len(self._window) > self._read:
             before, after = self._before(), self._decode(self._window)
             if len(after) > len(before):
-                self._accept(after[len(before):])
+                self._accept(after[len(before) :])
             self._restart(len(self._window))
         end = self._text.length
         if not final and self.stopped_by is None and self._max_stop:

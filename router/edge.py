@@ -15,6 +15,7 @@ does, for every request, in this order:
    max_body_bytes is a 413, refused from Content-Length before a byte is read,
    or while a chunked body streams in, before it is ever parsed.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -36,10 +37,11 @@ OPERATOR_PATHS = frozenset({"/metrics", "/health/replicas"})
 @dataclass(frozen=True)
 class ApiKey:
     """One client credential and what it may do."""
+
     key: str
-    name: str = ""                      # for logs; never the key itself
-    allow_priority: bool = False        # its requests' `priority` is honoured
-    cache_salt: Optional[str] = None    # its prefix-cache entries are kept apart from others'
+    name: str = ""  # for logs; never the key itself
+    allow_priority: bool = False  # its requests' `priority` is honoured
+    cache_salt: Optional[str] = None  # its prefix-cache entries are kept apart from others'
 
     @property
     def digest(self) -> bytes:
@@ -49,9 +51,10 @@ class ApiKey:
 @dataclass(frozen=True)
 class AccessPolicy:
     """Operator settings: the keys (none: open), public operator endpoints, priority for all."""
+
     keys: tuple[ApiKey, ...] = ()
-    public_metrics: bool = False        # /metrics and /health/replicas without a key
-    enable_priority: bool = False       # honour `priority` from every client
+    public_metrics: bool = False  # /metrics and /health/replicas without a key
+    enable_priority: bool = False  # honour `priority` from every client
     _digests: tuple[bytes, ...] = field(default=(), init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -72,8 +75,9 @@ class AccessPolicy:
         return self.enable_priority or (key is not None and key.allow_priority)
 
 
-def load_api_keys(keys: list[str], key_file: Optional[str] = None, env: str = "FOLIO_API_KEY",
-                  salt_per_key: bool = False) -> tuple[ApiKey, ...]:
+def load_api_keys(
+    keys: list[str], key_file: Optional[str] = None, env: str = "FOLIO_API_KEY", salt_per_key: bool = False
+) -> tuple[ApiKey, ...]:
     """Keys from --api-key (repeatable), the FOLIO_API_KEY variable and --api-key-file.
 
     The file holds either one key per line, or JSON: a list of {"key": ..., "name": ...,
@@ -87,8 +91,9 @@ def load_api_keys(keys: list[str], key_file: Optional[str] = None, env: str = "F
         with open(key_file) as f:
             text = f.read()
         if not text.lstrip().startswith(("[", "{")):
-            out.extend(ApiKey(line.strip(), name=f"file{i}")
-                       for i, line in enumerate(text.splitlines()) if line.strip())
+            out.extend(
+                ApiKey(line.strip(), name=f"file{i}") for i, line in enumerate(text.splitlines()) if line.strip()
+            )
             text = "[]"
         entries = json.loads(text)
         if not isinstance(entries, list):
@@ -99,14 +104,22 @@ def load_api_keys(keys: list[str], key_file: Optional[str] = None, env: str = "F
             salt = e.get("cache_salt")
             if salt is not None and not (isinstance(salt, str) and salt):
                 raise ValueError(f"{key_file}: entry {i}: cache_salt must be a non-empty string")
-            out.append(ApiKey(e["key"], name=str(e.get("name", f"file{i}")),
-                              allow_priority=e.get("allow_priority") is True, cache_salt=salt))
-    for k in out:      # what a Bearer header can carry
+            out.append(
+                ApiKey(
+                    e["key"],
+                    name=str(e.get("name", f"file{i}")),
+                    allow_priority=e.get("allow_priority") is True,
+                    cache_salt=salt,
+                )
+            )
+    for k in out:  # what a Bearer header can carry
         if not k.key or not (k.key.isascii() and k.key.isprintable()) or " " in k.key:
             raise ValueError(f"API key {k.name!r} must be non-empty printable ASCII without spaces")
     if salt_per_key:
-        out = [k if k.cache_salt else ApiKey(k.key, k.name, k.allow_priority,
-                                             cache_salt=f"key:{k.digest.hex()[:32]}") for k in out]
+        out = [
+            k if k.cache_salt else ApiKey(k.key, k.name, k.allow_priority, cache_salt=f"key:{k.digest.hex()[:32]}")
+            for k in out
+        ]
     return tuple(out)
 
 
@@ -119,29 +132,41 @@ class EdgeMiddleware:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        headers = dict(scope["headers"])            # later duplicates win; fine for these three
+        headers = dict(scope["headers"])  # later duplicates win; fine for these three
         request_id = headers.get(REQUEST_ID_HEADER)
         if request_id is not None and len(request_id) > MAX_REQUEST_ID_BYTES:
-            return await _refuse(send, ApiError(400, f"the x-request-id header is longer than "
-                                                     f"{MAX_REQUEST_ID_BYTES} bytes", param="x-request-id"))
+            return await _refuse(
+                send,
+                ApiError(
+                    400, f"the x-request-id header is longer than {MAX_REQUEST_ID_BYTES} bytes", param="x-request-id"
+                ),
+            )
         if request_id is not None:
             send = _echoing(send, request_id)
 
         path = scope["path"]
-        if self.policy.keys and path not in ALWAYS_PUBLIC and not (
-                self.policy.public_metrics and path in OPERATOR_PATHS):
+        if (
+            self.policy.keys
+            and path not in ALWAYS_PUBLIC
+            and not (self.policy.public_metrics and path in OPERATOR_PATHS)
+        ):
             key = self.policy.match(_bearer(headers.get(b"authorization")))
             if key is None:
-                return await _refuse(send, ApiError(
-                    401, "a valid API key is required: send it as 'Authorization: Bearer KEY'",
-                    code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"}))
+                return await _refuse(
+                    send,
+                    ApiError(
+                        401,
+                        "a valid API key is required: send it as 'Authorization: Bearer KEY'",
+                        code="invalid_api_key",
+                        headers={"WWW-Authenticate": "Bearer"},
+                    ),
+                )
             scope[SCOPE_KEY] = key
 
         if scope["method"] in ("POST", "PUT", "PATCH"):
             ctype = headers.get(b"content-type", b"").split(b";")[0].strip().lower()
             if ctype and ctype != b"application/json" and not ctype.endswith(b"+json"):
-                return await _refuse(send, ApiError(415, "send the body as JSON with "
-                                                         "'Content-Type: application/json'"))
+                return await _refuse(send, ApiError(415, "send the body as JSON with 'Content-Type: application/json'"))
             declared = headers.get(b"content-length")
             if declared is not None and (not declared.isdigit() or int(declared) > self.max_body_bytes):
                 return await _refuse(send, self._too_large())
@@ -149,8 +174,11 @@ class EdgeMiddleware:
         await self.app(scope, receive, send)
 
     def _too_large(self) -> ApiError:
-        return ApiError(413, f"the request body is larger than {self.max_body_bytes} bytes "
-                             "(the operator sets this with --max-request-body)")
+        return ApiError(
+            413,
+            f"the request body is larger than {self.max_body_bytes} bytes "
+            "(the operator sets this with --max-request-body)",
+        )
 
     def _bounded(self, receive):
         """receive() that raises the 413 once the body passes the limit (chunked bodies too);
@@ -165,6 +193,7 @@ class EdgeMiddleware:
                 if seen > self.max_body_bytes:
                     raise self._too_large()
             return message
+
         return wrapped
 
 
@@ -173,6 +202,7 @@ def _echoing(send, request_id: bytes):
         if message["type"] == "http.response.start":
             message["headers"] = list(message.get("headers", [])) + [(REQUEST_ID_HEADER, request_id)]
         await send(message)
+
     return wrapped
 
 

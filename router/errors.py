@@ -5,6 +5,7 @@
 Messages say what the client did wrong in its own terms. They never carry
 exception text, addresses or anything else internal: that goes to the log.
 """
+
 from __future__ import annotations
 
 import json
@@ -13,26 +14,41 @@ from typing import Any, Optional
 from pydantic import BaseModel, ValidationError
 
 # The type OpenAI uses for each status folio answers with.
-_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-          404: "not_found_error", 405: "invalid_request_error", 413: "invalid_request_error",
-          415: "invalid_request_error", 422: "invalid_request_error", 429: "rate_limit_error",
-          499: "invalid_request_error", 500: "server_error", 503: "service_unavailable"}
+_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    413: "invalid_request_error",
+    415: "invalid_request_error",
+    422: "invalid_request_error",
+    429: "rate_limit_error",
+    499: "invalid_request_error",
+    500: "server_error",
+    503: "service_unavailable",
+}
 
 
 class ApiError(Exception):
     """An error the client sees as an OpenAI error object with this HTTP status."""
 
-    def __init__(self, status: int, message: str, type: Optional[str] = None,
-                 param: Optional[str] = None, code: Optional[str] = None,
-                 headers: Optional[dict[str, str]] = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type: Optional[str] = None,
+        param: Optional[str] = None,
+        code: Optional[str] = None,
+        headers: Optional[dict[str, str]] = None,
+    ):
         super().__init__(message)
         self.status, self.message = status, message
         self.type = type or _TYPES.get(status, "invalid_request_error" if status < 500 else "server_error")
         self.param, self.code, self.headers = param, code, headers or {}
 
     def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type,
-                          "param": self.param, "code": self.code}}
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
     def json_bytes(self) -> bytes:
         return json.dumps(self.body()).encode()
@@ -47,6 +63,7 @@ class ErrorDetail(BaseModel):
 
 class ErrorResponse(BaseModel):
     """The body of every non-2xx answer (for the OpenAPI schema)."""
+
     error: ErrorDetail
 
 

@@ -14,6 +14,7 @@ Two kinds:
 Checks that need the model (vocabulary, context length) are the functions
 below; the router calls them before tokenizing.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -22,21 +23,21 @@ from typing import Iterable, Optional, Sequence
 from router.errors import ApiError
 
 INT32_MAX = 2**31 - 1
-MAX_N = 128                    # choices per prompt (OpenAI's bound)
-MAX_PROMPTS = 256              # prompts in one completions request
-MAX_CHOICES = 256              # n x prompts: engine requests one HTTP request may start
-MAX_LOGPROBS = 20              # logprobs, top_logprobs, prompt logprobs per position
-MAX_STOP = 16                  # stop strings
-MAX_STOP_CHARS = 1024          # characters per stop string
+MAX_N = 128  # choices per prompt (OpenAI's bound)
+MAX_PROMPTS = 256  # prompts in one completions request
+MAX_CHOICES = 256  # n x prompts: engine requests one HTTP request may start
+MAX_LOGPROBS = 20  # logprobs, top_logprobs, prompt logprobs per position
+MAX_STOP = 16  # stop strings
+MAX_STOP_CHARS = 1024  # characters per stop string
 MAX_STOP_TOKEN_IDS = 256
-MAX_LOGIT_BIAS = 1024          # logit_bias entries
+MAX_LOGIT_BIAS = 1024  # logit_bias entries
 MAX_LOGIT_BIAS_VALUE = 100.0
 MAX_TEMPERATURE = 100.0
 MAX_REPETITION_PENALTY = 100.0
 MAX_MESSAGES = 4096
-MAX_NAME_CHARS = 256           # model, user, role, name, cache_salt, template kwargs strings
-MAX_REQUEST_ID_BYTES = 256     # x-request-id header
-SEED_MIN, SEED_MAX = -2**63, 2**64 - 1    # any signed or unsigned 64-bit seed
+MAX_NAME_CHARS = 256  # model, user, role, name, cache_salt, template kwargs strings
+MAX_REQUEST_ID_BYTES = 256  # x-request-id header
+SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1  # any signed or unsigned 64-bit seed
 
 # chat_template_kwargs keys that switch documented template features (Qwen3's enable_thinking,
 # DeepSeek's thinking, gpt-oss's reasoning_effort, Llama 3.1's date_string); anything else,
@@ -47,11 +48,12 @@ DEFAULT_TEMPLATE_KWARGS = frozenset({"enable_thinking", "thinking", "reasoning_e
 @dataclass(frozen=True)
 class Limits:
     """What the operator sets (folio serve flags); defaults suit a public endpoint."""
-    max_body_bytes: int = 4 << 20                 # --max-request-body
-    trust_request_chat_template: bool = False     # --trust-request-chat-template
+
+    max_body_bytes: int = 4 << 20  # --max-request-body
+    trust_request_chat_template: bool = False  # --trust-request-chat-template
     chat_template_kwargs: frozenset[str] = field(default=DEFAULT_TEMPLATE_KWARGS)
-    chat_template_timeout_s: float = 5.0          # --chat-template-timeout
-    stream_keepalive_s: float = 10.0              # --stream-keepalive: SSE comment while waiting
+    chat_template_timeout_s: float = 5.0  # --chat-template-timeout
+    stream_keepalive_s: float = 10.0  # --stream-keepalive: SSE comment while waiting
 
 
 def check_token_ids(ids: Sequence[int], vocab_size: int, param: str, allow_empty: bool = False) -> None:
@@ -69,14 +71,21 @@ def check_text_fits(num_chars: int, max_chars: int, max_model_len: int, param: s
     of a longer text has max_model_len tokens or fewer.
     """
     if num_chars > max_chars:
-        raise ApiError(400, f"the input has {num_chars} characters, more than fit this model's "
-                            f"maximum context length of {max_model_len} tokens", param=param)
+        raise ApiError(
+            400,
+            f"the input has {num_chars} characters, more than fit this model's "
+            f"maximum context length of {max_model_len} tokens",
+            param=param,
+        )
 
 
 def check_choices(num_prompts: int, n: int) -> None:
     if num_prompts * n > MAX_CHOICES:
-        raise ApiError(400, f"{num_prompts} prompts x n={n} asks for {num_prompts * n} sequences; "
-                            f"at most {MAX_CHOICES} per request", param="n")
+        raise ApiError(
+            400,
+            f"{num_prompts} prompts x n={n} asks for {num_prompts * n} sequences; at most {MAX_CHOICES} per request",
+            param="n",
+        )
 
 
 def logit_bias_ids(bias: Optional[dict[str, float]], vocab_size: int) -> dict[int, float]:
@@ -86,19 +95,20 @@ def logit_bias_ids(bias: Optional[dict[str, float]], vocab_size: int) -> dict[in
         try:
             tok = int(key)
         except ValueError:
-            raise ApiError(400, f"logit_bias keys must be token ids, got {key[:32]!r}",
-                           param="logit_bias") from None
+            raise ApiError(400, f"logit_bias keys must be token ids, got {key[:32]!r}", param="logit_bias") from None
         if not 0 <= tok < vocab_size:
-            raise ApiError(400, f"logit_bias token id {tok} is out of the vocabulary [0, {vocab_size})",
-                           param="logit_bias")
+            raise ApiError(
+                400, f"logit_bias token id {tok} is out of the vocabulary [0, {vocab_size})", param="logit_bias"
+            )
         out[tok] = value
     return out
 
 
 def check_top_k(top_k: Optional[int], vocab_size: int) -> None:
     if top_k is not None and top_k > vocab_size:
-        raise ApiError(400, f"top_k must be -1 (disabled) or at most the vocabulary size "
-                            f"{vocab_size}, got {top_k}", param="top_k")
+        raise ApiError(
+            400, f"top_k must be -1 (disabled) or at most the vocabulary size {vocab_size}, got {top_k}", param="top_k"
+        )
 
 
 def check_template_kwargs(kwargs: Optional[dict], allowed: Iterable[str]) -> dict:
@@ -107,13 +117,21 @@ def check_template_kwargs(kwargs: Optional[dict], allowed: Iterable[str]) -> dic
     allowed = frozenset(allowed)
     for key, value in (kwargs or {}).items():
         if key not in allowed:
-            raise ApiError(400, f"chat_template_kwargs key {key[:64]!r} is not allowed; allowed: "
-                                f"{', '.join(sorted(allowed)) or 'none'}", param="chat_template_kwargs")
+            raise ApiError(
+                400,
+                f"chat_template_kwargs key {key[:64]!r} is not allowed; allowed: "
+                f"{', '.join(sorted(allowed)) or 'none'}",
+                param="chat_template_kwargs",
+            )
         if value is not None and not isinstance(value, (bool, int, float, str)):
-            raise ApiError(400, f"chat_template_kwargs[{key!r}] must be a string, number or boolean",
-                           param="chat_template_kwargs")
+            raise ApiError(
+                400, f"chat_template_kwargs[{key!r}] must be a string, number or boolean", param="chat_template_kwargs"
+            )
         if isinstance(value, str) and len(value) > MAX_NAME_CHARS:
-            raise ApiError(400, f"chat_template_kwargs[{key!r}] is longer than {MAX_NAME_CHARS} "
-                                "characters", param="chat_template_kwargs")
+            raise ApiError(
+                400,
+                f"chat_template_kwargs[{key!r}] is longer than {MAX_NAME_CHARS} characters",
+                param="chat_template_kwargs",
+            )
         out[key] = value
     return out

@@ -3,9 +3,9 @@
 Requests become EngineRequests: prompts are tokenized here (a string, a list of
 strings, token ids, or a list of token-id lists; chat messages through the
 tokenizer's chat template), and each of n choices of each prompt is its own
-EngineRequest (`<id>#<i>`, SamplingParams.for_choice), so siblings share prompt
-blocks through the prefix cache. RequestOutputs come back as token ids; each
-choice has a Detokenizer that makes text and finds stop strings (a stop string
+EngineRequest (router/choices.py, the same rule as the offline LLM), so siblings
+share prompt blocks through the prefix cache. RequestOutputs come back as token
+ids; each choice's ChoiceOutput makes text and finds stop strings (a stop string
 aborts the choice's engine request, since only text reveals it).
 
 Every field is bounded before any work (router/protocol.py, router/limits.py):
@@ -15,6 +15,7 @@ Engine request ids are folio's own (a uuid): nothing the client names crosses
 to the workers. Per output the event loop does work for the new tokens only:
 incremental detokenization, logprob entries, one SSE chunk.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -25,15 +26,27 @@ import uuid
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Optional, Sequence, Union
 
-from cluster.frontend import Frontend, NotReady, QueueFull, RequestStream
-from cluster.replica import RequestFailed
-from protos.messages import EngineRequest, RequestOutput, SamplingParams, TokenLogprob
-from router.detokenizer import Detokenizer
+from protos.messages import RequestOutput, SamplingParams, TokenLogprob
+from router.choices import ChoiceOutput, choice_requests
+from router.engine_client import EngineClient, NotReady, QueueFull, RequestFailed, RequestStream
 from router.errors import ApiError
-from router.limits import (INT32_MAX, Limits, check_choices, check_text_fits, check_token_ids, check_top_k,
-                           logit_bias_ids)
-from router.protocol import (ChatCompletionRequest, ChatMessage, CompletionRequest,
-                             DetokenizeRequest, TokenizeRequest, _Sampling)
+from router.limits import (
+    INT32_MAX,
+    Limits,
+    check_choices,
+    check_text_fits,
+    check_token_ids,
+    check_top_k,
+    logit_bias_ids,
+)
+from router.protocol import (
+    ChatCompletionRequest,
+    ChatMessage,
+    CompletionRequest,
+    DetokenizeRequest,
+    TokenizeRequest,
+    _Sampling,
+)
 from router.templating import ChatInput, Templater
 
 log = logging.getLogger(__name__)
@@ -42,35 +55,44 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class Caller:
     """Who sent a request, as the HTTP edge established it (router/edge.py)."""
-    display_id: str                   # the response id: the client's x-request-id when printable
-    priority_allowed: bool = False    # honour the request's `priority`
+
+    display_id: str  # the response id: the client's x-request-id when printable
+    priority_allowed: bool = False  # honour the request's `priority`
     cache_salt: Optional[str] = None  # the API key's prefix-cache salt, if it has one
 
 
 @dataclass
 class _Prompt:
     token_ids: list[int]
-    text: Optional[str]            # as the client sent it, or decoded once for echo
+    text: Optional[str]  # as the client sent it, or decoded once for echo
 
 
 @dataclass
 class _Choice:
     """One output sequence: the state between its engine outputs and the response."""
+
     index: int
     prompt: _Prompt
-    detok: Detokenizer
+    output: ChoiceOutput  # tokens, text, stop strings, finish
     want_logprobs: bool
-    logprobs: list[TokenLogprob] = field(default_factory=list)     # of kept tokens
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # of kept tokens
     prompt_logprobs: Optional[list[Optional[TokenLogprob]]] = None
     started: bool = False
-    text_offset: int = 0           # characters streamed so far, for completion logprobs
-    finish_reason: Optional[str] = None
-    stop_reason: Union[int, str, None] = None
+    text_offset: int = 0  # characters streamed so far, for completion logprobs
+
+    @property
+    def finish_reason(self) -> Optional[str]:
+        return self.output.finish_reason
+
+    @property
+    def stop_reason(self) -> Union[int, str, None]:
+        return self.output.stop_reason
 
 
 @dataclass
 class _Event:
     """What one engine output changed in one choice."""
+
     choice: _Choice
     text: str
     logprobs: list[TokenLogprob]
@@ -81,6 +103,7 @@ class _Event:
 @dataclass
 class StreamingResult:
     """SSE chunks of a streaming response; close() aborts whatever still runs."""
+
     chunks: AsyncIterator[str]
     streams: list[RequestStream]
 
@@ -90,13 +113,14 @@ class StreamingResult:
 
 
 class OpenAIServing:
-    def __init__(self, frontend: Frontend, tokenizer, model_name: str, vocab_size: int,
-                 limits: Limits = Limits()):
+    def __init__(
+        self, frontend: EngineClient, tokenizer, model_name: str, vocab_size: int, limits: Optional[Limits] = None
+    ):
         self.frontend = frontend
         self.tokenizer = tokenizer
         self.model_name = model_name
         self.vocab_size = vocab_size
-        self.limits = limits
+        self.limits = limits or Limits()
         self.max_token_chars = longest_token_chars(tokenizer)
         self.templater = Templater(tokenizer, limits, self.max_chars)
         self._token_text: dict[int, str] = {}
@@ -113,12 +137,14 @@ class OpenAIServing:
             raise ApiError(400, "suffix is not supported", param="suffix")
         n = req.n or 1
         if req.best_of is not None and req.best_of != n:
-            raise ApiError(400, "best_of must equal n (folio returns every sequence it samples)",
-                           param="best_of")
+            raise ApiError(400, "best_of must equal n (folio returns every sequence it samples)", param="best_of")
         check_choices(len(req.prompt) if _is_prompt_list(req.prompt) else 1, n)
         params = self._sampling_params(
-            req, max_tokens=16 if req.max_tokens is None else req.max_tokens, logprobs=req.logprobs,
-            prompt_logprobs=req.logprobs if req.echo else None)
+            req,
+            max_tokens=16 if req.max_tokens is None else req.max_tokens,
+            logprobs=req.logprobs,
+            prompt_logprobs=req.logprobs if req.echo else None,
+        )
         prompts = await self._completion_prompts(req)
         echo = bool(req.echo)
         choices, streams = self._submit(prompts, params, caller, req)
@@ -144,40 +170,68 @@ class OpenAIServing:
                     with_prompt = echo and ev.first
                     if with_prompt:
                         text = await self._prompt_text(c.prompt) + text
-                    chunk = {"id": rid, "object": "text_completion", "created": created,
-                             "model": self.model_name,
-                             "choices": [{"index": c.index, "text": text,
-                                          "logprobs": choice_logprobs(c, ev.logprobs, with_prompt)
-                                          if c.want_logprobs else None,
-                                          "finish_reason": c.finish_reason if ev.finished else None,
-                                          "stop_reason": c.stop_reason if ev.finished else None}]}
+                    chunk = {
+                        "id": rid,
+                        "object": "text_completion",
+                        "created": created,
+                        "model": self.model_name,
+                        "choices": [
+                            {
+                                "index": c.index,
+                                "text": text,
+                                "logprobs": choice_logprobs(c, ev.logprobs, with_prompt) if c.want_logprobs else None,
+                                "finish_reason": c.finish_reason if ev.finished else None,
+                                "stop_reason": c.stop_reason if ev.finished else None,
+                            }
+                        ],
+                    }
                     if opts is not None and opts.continuous_usage_stats:
                         chunk["usage"] = self._usage(prompts, choices)
                     yield _sse(chunk)
                 if opts is not None and opts.include_usage:
-                    yield _sse({"id": rid, "object": "text_completion", "created": created,
-                                "model": self.model_name, "choices": [],
-                                "usage": self._usage(prompts, choices)})
+                    yield _sse(
+                        {
+                            "id": rid,
+                            "object": "text_completion",
+                            "created": created,
+                            "model": self.model_name,
+                            "choices": [],
+                            "usage": self._usage(prompts, choices),
+                        }
+                    )
                 yield "data: [DONE]\n\n"
+
             return self._streaming(chunks(), streams)
 
         async for _ in self._events(choices, streams):
             pass
         out = []
         for c in choices:
-            text = (await self._prompt_text(c.prompt) if echo else "") + c.detok.text
-            out.append({"index": c.index, "text": text,
-                        "logprobs": choice_logprobs(c, c.logprobs, echo) if c.want_logprobs else None,
-                        "finish_reason": c.finish_reason, "stop_reason": c.stop_reason})
-        return {"id": rid, "object": "text_completion", "created": created, "model": self.model_name,
-                "choices": out, "usage": self._usage(prompts, choices)}
+            text = (await self._prompt_text(c.prompt) if echo else "") + c.output.text
+            out.append(
+                {
+                    "index": c.index,
+                    "text": text,
+                    "logprobs": choice_logprobs(c, c.logprobs, echo) if c.want_logprobs else None,
+                    "finish_reason": c.finish_reason,
+                    "stop_reason": c.stop_reason,
+                }
+            )
+        return {
+            "id": rid,
+            "object": "text_completion",
+            "created": created,
+            "model": self.model_name,
+            "choices": out,
+            "usage": self._usage(prompts, choices),
+        }
 
     async def _completion_prompts(self, req: CompletionRequest) -> list[_Prompt]:
         p = req.prompt
         add_special = True if req.add_special_tokens is None else req.add_special_tokens
         if isinstance(p, str) or (p and isinstance(p[0], str)):
             texts = [p] if isinstance(p, str) else list(p)
-            for t in texts:     # all checked before any is tokenized
+            for t in texts:  # all checked before any is tokenized
                 check_text_fits(len(t), self.max_chars, self.frontend.max_model_len, "prompt")
             prompts = [_Prompt(await self.templater.encode(t, add_special), t) for t in texts]
         elif not p:
@@ -190,8 +244,9 @@ class OpenAIServing:
             check_token_ids(pr.token_ids, self.vocab_size, "prompt")
         return prompts
 
-    def _completion_logprobs(self, ids: Sequence[int], entries: Sequence[Optional[TokenLogprob]],
-                             offset: int) -> tuple[dict, int]:
+    def _completion_logprobs(
+        self, ids: Sequence[int], entries: Sequence[Optional[TokenLogprob]], offset: int
+    ) -> tuple[dict, int]:
         """The legacy logprobs object, and the text offset after its tokens."""
         tokens, token_lps, tops, offsets = [], [], [], []
         for tok, e in zip(ids, entries):
@@ -207,32 +262,32 @@ class OpenAIServing:
             top = {self._text_of(t): lp for t, lp in e.top}
             top.setdefault(s, e.logprob)
             tops.append(top)
-        return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops,
-                "text_offset": offsets}, offset
+        return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops, "text_offset": offsets}, offset
 
     # ---------------------------------------------------------------- chat
     async def chat(self, req: ChatCompletionRequest, caller: Caller) -> Union[dict, StreamingResult]:
         self._check_model(req.model)
         if req.tools and req.tool_choice != "none":
-            raise ApiError(400, "tool calling is not supported; send tool_choice \"none\"", param="tools")
+            raise ApiError(400, 'tool calling is not supported; send tool_choice "none"', param="tools")
         if req.response_format is not None and req.response_format.type != "text":
-            raise ApiError(400, f"response_format {req.response_format.type!r} is not supported",
-                           param="response_format")
+            raise ApiError(
+                400, f"response_format {req.response_format.type!r} is not supported", param="response_format"
+            )
         if req.top_logprobs is not None and not req.logprobs:
             raise ApiError(400, "top_logprobs needs logprobs set to true", param="top_logprobs")
         check_choices(1, req.n or 1)
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
         # Checked once before the template runs (max_tokens provisional), so a bad field costs nothing.
-        self._sampling_params(req, max_tokens=INT32_MAX if max_tokens is None else max_tokens,
-                              logprobs=logprobs, prompt_logprobs=None)
+        self._sampling_params(
+            req, max_tokens=INT32_MAX if max_tokens is None else max_tokens, logprobs=logprobs, prompt_logprobs=None
+        )
         prompt = _Prompt(await self._chat_token_ids(req), None)
         check_token_ids(prompt.token_ids, self.vocab_size, "messages")
         if max_tokens is None:
             # As much as is left of the room one request has: always admissible.
             max_tokens = max(1, self.frontend.max_request_tokens - len(prompt.token_ids))
-        params = self._sampling_params(req, max_tokens=max_tokens, logprobs=logprobs,
-                                       prompt_logprobs=None)
+        params = self._sampling_params(req, max_tokens=max_tokens, logprobs=logprobs, prompt_logprobs=None)
         choices, streams = self._submit([prompt], params, caller, req)
         rid, created = f"chatcmpl-{caller.display_id}", int(time.time())
 
@@ -240,45 +295,73 @@ class OpenAIServing:
             opts = req.stream_options
 
             def chunk(c: _Choice, delta: dict, lps: Optional[list[TokenLogprob]], finished: bool) -> str:
-                body = {"id": rid, "object": "chat.completion.chunk", "created": created,
-                        "model": self.model_name,
-                        "choices": [{"index": c.index, "delta": delta,
-                                     "logprobs": self._chat_logprobs(lps) if lps is not None else None,
-                                     "finish_reason": c.finish_reason if finished else None,
-                                     "stop_reason": c.stop_reason if finished else None}]}
+                body = {
+                    "id": rid,
+                    "object": "chat.completion.chunk",
+                    "created": created,
+                    "model": self.model_name,
+                    "choices": [
+                        {
+                            "index": c.index,
+                            "delta": delta,
+                            "logprobs": self._chat_logprobs(lps) if lps is not None else None,
+                            "finish_reason": c.finish_reason if finished else None,
+                            "stop_reason": c.stop_reason if finished else None,
+                        }
+                    ],
+                }
                 if opts is not None and opts.continuous_usage_stats:
                     body["usage"] = self._usage([prompt], choices)
                 return _sse(body)
 
             async def chunks() -> AsyncIterator[str]:
-                for c in choices:     # the role first, before any token is ready
+                for c in choices:  # the role first, before any token is ready
                     yield chunk(c, {"role": "assistant", "content": ""}, None, False)
                 async for ev in self._events(choices, streams):
                     c = ev.choice
                     lps = ev.logprobs if c.want_logprobs else None
-                    yield chunk(c, {"content": ev.text} if ev.text or not ev.finished else {},
-                                lps, ev.finished)
+                    yield chunk(c, {"content": ev.text} if ev.text or not ev.finished else {}, lps, ev.finished)
                 if opts is not None and opts.include_usage:
-                    yield _sse({"id": rid, "object": "chat.completion.chunk", "created": created,
-                                "model": self.model_name, "choices": [],
-                                "usage": self._usage([prompt], choices)})
+                    yield _sse(
+                        {
+                            "id": rid,
+                            "object": "chat.completion.chunk",
+                            "created": created,
+                            "model": self.model_name,
+                            "choices": [],
+                            "usage": self._usage([prompt], choices),
+                        }
+                    )
                 yield "data: [DONE]\n\n"
+
             return self._streaming(chunks(), streams)
 
         async for _ in self._events(choices, streams):
             pass
-        out = [{"index": c.index, "message": {"role": "assistant", "content": c.detok.text},
+        out = [
+            {
+                "index": c.index,
+                "message": {"role": "assistant", "content": c.output.text},
                 "logprobs": self._chat_logprobs(c.logprobs) if c.want_logprobs else None,
-                "finish_reason": c.finish_reason, "stop_reason": c.stop_reason} for c in choices]
-        return {"id": rid, "object": "chat.completion", "created": created, "model": self.model_name,
-                "choices": out, "usage": self._usage([prompt], choices)}
+                "finish_reason": c.finish_reason,
+                "stop_reason": c.stop_reason,
+            }
+            for c in choices
+        ]
+        return {
+            "id": rid,
+            "object": "chat.completion",
+            "created": created,
+            "model": self.model_name,
+            "choices": out,
+            "usage": self._usage([prompt], choices),
+        }
 
     async def _chat_token_ids(self, req: Union[ChatCompletionRequest, TokenizeRequest]) -> list[int]:
         """The conversation through the chat template, tokenized; refused before any work when
         its text alone could not fit."""
         messages = [_message_dict(m) for m in req.messages or []]
-        check_text_fits(sum(_text_chars(m) for m in messages), self.max_chars,
-                        self.frontend.max_model_len, "messages")
+        check_text_fits(sum(_text_chars(m) for m in messages), self.max_chars, self.frontend.max_model_len, "messages")
         kwargs = dict(getattr(req, "chat_template_kwargs", None) or {})
         template = getattr(req, "chat_template", None)
         if template is None and "chat_template" in kwargs:
@@ -287,19 +370,28 @@ class OpenAIServing:
                 raise ApiError(400, "chat_template must be a string", param="chat_template_kwargs")
         continue_final = bool(getattr(req, "continue_final_message", None))
         add_gen = req.add_generation_prompt
-        text = await self.templater.render(ChatInput(
-            messages, add_generation_prompt=(not continue_final) if add_gen is None else add_gen,
-            continue_final_message=continue_final, tools=getattr(req, "tools", None) or None,
-            template=template, kwargs=kwargs))
+        text = await self.templater.render(
+            ChatInput(
+                messages,
+                add_generation_prompt=(not continue_final) if add_gen is None else add_gen,
+                continue_final_message=continue_final,
+                tools=getattr(req, "tools", None) or None,
+                template=template,
+                kwargs=kwargs,
+            )
+        )
         return await self.templater.encode(text, bool(req.add_special_tokens))
 
     def _chat_logprobs(self, lps: Sequence[TokenLogprob]) -> dict:
         def entry(tok: int, lp: float) -> dict:
             s = self._text_of(tok)
             return {"token": s, "logprob": lp, "bytes": list(s.encode("utf-8"))}
-        return {"content": [dict(entry(t.token_id, t.logprob),
-                                 top_logprobs=[entry(tok, lp) for tok, lp in t.top])
-                            for t in lps]}
+
+        return {
+            "content": [
+                dict(entry(t.token_id, t.logprob), top_logprobs=[entry(tok, lp) for tok, lp in t.top]) for t in lps
+            ]
+        }
 
     # ---------------------------------------------------------------- tokenize
     async def tokenize(self, req: TokenizeRequest) -> dict:
@@ -317,85 +409,115 @@ class OpenAIServing:
     async def detokenize(self, req: DetokenizeRequest) -> dict:
         self._check_model(req.model)
         if len(req.tokens) > self.frontend.max_model_len:
-            raise ApiError(400, f"at most {self.frontend.max_model_len} tokens (the maximum context "
-                                "length) can be detokenized at once", param="tokens")
+            raise ApiError(
+                400,
+                f"at most {self.frontend.max_model_len} tokens (the maximum context length) can be detokenized at once",
+                param="tokens",
+            )
         check_token_ids(req.tokens, self.vocab_size, "tokens", allow_empty=True)
         return {"prompt": await self.templater.decode(req.tokens)}
 
     # ---------------------------------------------------------------- shared
     def _check_model(self, name: Optional[str]) -> None:
         if name is not None and name != self.model_name:
-            raise ApiError(404, f"the model {name[:64]!r} does not exist; this server serves "
-                                f"{self.model_name!r}", param="model", code="model_not_found")
+            raise ApiError(
+                404,
+                f"the model {name[:64]!r} does not exist; this server serves {self.model_name!r}",
+                param="model",
+                code="model_not_found",
+            )
 
-    def _sampling_params(self, req: _Sampling, *, max_tokens: int, logprobs: Optional[int],
-                         prompt_logprobs: Optional[int]) -> SamplingParams:
+    def _sampling_params(
+        self, req: _Sampling, *, max_tokens: int, logprobs: Optional[int], prompt_logprobs: Optional[int]
+    ) -> SamplingParams:
         """The request's sampling fields, checked against the model (the schema bounded the rest)."""
+
         def pick(value, default):
             return default if value is None else value
+
         check_top_k(req.top_k, self.vocab_size)
         stop_ids = list(req.stop_token_ids or [])
         check_token_ids(stop_ids, self.vocab_size, "stop_token_ids", allow_empty=True)
         stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
         try:
             return SamplingParams(
-                n=pick(req.n, 1), temperature=pick(req.temperature, 1.0), top_p=pick(req.top_p, 1.0),
-                top_k=pick(req.top_k, 0), min_p=pick(req.min_p, 0.0), seed=req.seed,
+                n=pick(req.n, 1),
+                temperature=pick(req.temperature, 1.0),
+                top_p=pick(req.top_p, 1.0),
+                top_k=pick(req.top_k, 0),
+                min_p=pick(req.min_p, 0.0),
+                seed=req.seed,
                 presence_penalty=pick(req.presence_penalty, 0.0),
                 frequency_penalty=pick(req.frequency_penalty, 0.0),
                 repetition_penalty=pick(req.repetition_penalty, 1.0),
                 logit_bias=logit_bias_ids(req.logit_bias, self.vocab_size),
-                logprobs=logprobs, prompt_logprobs=prompt_logprobs, max_tokens=max_tokens,
-                min_tokens=pick(req.min_tokens, 0), stop=[s for s in stop if s],
-                stop_token_ids=stop_ids, ignore_eos=bool(req.ignore_eos),
+                logprobs=logprobs,
+                prompt_logprobs=prompt_logprobs,
+                max_tokens=max_tokens,
+                min_tokens=pick(req.min_tokens, 0),
+                stop=[s for s in stop if s],
+                stop_token_ids=stop_ids,
+                ignore_eos=bool(req.ignore_eos),
                 include_stop_str_in_output=bool(req.include_stop_str_in_output),
-                skip_special_tokens=pick(req.skip_special_tokens, True))
+                skip_special_tokens=pick(req.skip_special_tokens, True),
+            )
         except ValueError as e:
             raise ApiError(400, str(e)) from e
 
-    def _submit(self, prompts: list[_Prompt], params: SamplingParams, caller: Caller,
-                req: _Sampling) -> tuple[list[_Choice], list[RequestStream]]:
+    def _submit(
+        self, prompts: list[_Prompt], params: SamplingParams, caller: Caller, req: _Sampling
+    ) -> tuple[list[_Choice], list[RequestStream]]:
         """Admit every choice of every prompt, or none of them."""
         room = self.frontend.max_request_tokens
         for p in prompts:
             need = len(p.token_ids) + params.max_tokens
             if need > room:
-                raise ApiError(400, f"This model's maximum context length is {room} tokens. "
-                                    f"However, you requested {need} tokens ({len(p.token_ids)} in the "
-                                    f"prompt, {params.max_tokens} for the completion). Reduce the "
-                                    "prompt or max_tokens.", param="max_tokens",
-                               code="context_length_exceeded")
+                raise ApiError(
+                    400,
+                    f"This model's maximum context length is {room} tokens. "
+                    f"However, you requested {need} tokens ({len(p.token_ids)} in the "
+                    f"prompt, {params.max_tokens} for the completion). Reduce the "
+                    "prompt or max_tokens.",
+                    param="max_tokens",
+                    code="context_length_exceeded",
+                )
         priority = (req.priority or 0) if caller.priority_allowed else 0
         salt = "\x00".join(s for s in (caller.cache_salt, req.cache_salt) if s) or None
-        base = new_request_id()
+        requests = choice_requests(
+            new_request_id(),
+            [p.token_ids for p in prompts],
+            params,
+            priority=priority,
+            arrival_time=time.monotonic(),
+            cache_salt=salt,
+        )
         choices, streams = [], []
-        now = time.monotonic()
         try:
-            for pi, p in enumerate(prompts):
-                for i in range(params.n):
-                    index = pi * params.n + i
-                    child = params.for_choice(i)
-                    streams.append(self.frontend.generate(EngineRequest(
-                        f"{base}#{index}", p.token_ids, child, priority, now, cache_salt=salt)))
-                    choices.append(_Choice(index, p, Detokenizer(
-                        self.tokenizer, p.token_ids, child.stop, child.include_stop_str_in_output,
-                        child.skip_special_tokens, child.min_tokens), params.logprobs is not None))
+            for index, request in enumerate(requests):
+                p = prompts[index // params.n]
+                streams.append(self.frontend.generate(request))
+                choices.append(
+                    _Choice(index, p, ChoiceOutput(self.tokenizer, p.token_ids, params), params.logprobs is not None)
+                )
         except BaseException as e:
             for s in streams:
                 s.cancel()
             if isinstance(e, QueueFull):
-                raise ApiError(429, str(e), type="rate_limit_error", code="queue_full",
-                               headers={"Retry-After": str(e.retry_after)}) from e
+                raise ApiError(
+                    429, str(e), type="rate_limit_error", code="queue_full", headers={"Retry-After": str(e.retry_after)}
+                ) from e
             if isinstance(e, NotReady):
-                raise ApiError(503, "no replica is ready to serve; retry shortly",
-                               headers={"Retry-After": str(getattr(e, "retry_after", 5))}) from e
+                raise ApiError(
+                    503,
+                    "no replica is ready to serve; retry shortly",
+                    headers={"Retry-After": str(getattr(e, "retry_after", 5))},
+                ) from e
             if isinstance(e, ValueError):
                 raise ApiError(400, str(e)) from e
             raise
         return choices, streams
 
-    async def _events(self, choices: list[_Choice], streams: list[RequestStream]
-                      ) -> AsyncIterator[_Event]:
+    async def _events(self, choices: list[_Choice], streams: list[RequestStream]) -> AsyncIterator[_Event]:
         """Merge the choices' output streams; end when every choice has finished.
 
         Leaving early (client gone, error) aborts every choice still running.
@@ -418,7 +540,7 @@ class OpenAIServing:
                     raise _failure(out)
                 c = choices[k]
                 if c.finish_reason is not None:
-                    continue              # the abort that follows a stop string
+                    continue  # the abort that follows a stop string
                 ev = self._apply(c, out, streams[k])
                 if ev.finished:
                     remaining -= 1
@@ -435,24 +557,21 @@ class OpenAIServing:
         c.started = True
         if out.prompt_logprobs is not None:
             c.prompt_logprobs = out.prompt_logprobs
-        before = len(c.detok.tokens)
-        stopped = c.detok.add(out.new_token_ids)
-        kept = len(c.detok.tokens) - before
-        new_lps = (out.logprobs or [])[:kept] if c.want_logprobs else []
+        step = c.output.add(out)
+        new_lps = (out.logprobs or [])[: step.kept] if c.want_logprobs else []
         c.logprobs.extend(new_lps)
-        if stopped:
-            c.finish_reason, c.stop_reason = "stop", c.detok.stopped_by
-            stream.cancel()               # only the text knew; free the engine's blocks now
-        elif out.finished:
-            c.finish_reason, c.stop_reason = out.finish_reason, out.stop_reason
-        finished = c.finish_reason is not None
-        return _Event(c, c.detok.flush(final=finished), new_lps, first, finished)
+        if step.stopped:
+            stream.cancel()  # only the text knew; free the engine's blocks now
+        return _Event(c, c.output.flush(), new_lps, first, step.finished)
 
     def _usage(self, prompts: list[_Prompt], choices: list[_Choice]) -> dict:
         prompt_tokens = sum(len(p.token_ids) for p in prompts)
-        completion = sum(len(c.detok.tokens) for c in choices)
-        return {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
-                "total_tokens": prompt_tokens + completion}
+        completion = sum(len(c.output.tokens) for c in choices)
+        return {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion,
+            "total_tokens": prompt_tokens + completion,
+        }
 
     async def _prompt_text(self, p: _Prompt) -> str:
         """The prompt as text, for echo: as sent, or token ids decoded off the event loop."""
@@ -476,8 +595,9 @@ def _failure(e: Exception) -> ApiError:
     if isinstance(e, RequestFailed) and not getattr(e, "retryable", True):
         return ApiError(400, f"the request cannot be served: {e}")
     log.warning("request failed: %s", e)
-    return ApiError(503, "the replica serving this request failed and it could not be resumed; "
-                         "retry", headers={"Retry-After": "1"})
+    return ApiError(
+        503, "the replica serving this request failed and it could not be resumed; retry", headers={"Retry-After": "1"}
+    )
 
 
 async def _sse_errors(chunks: AsyncIterator[str]) -> AsyncIterator[str]:
@@ -489,7 +609,7 @@ async def _sse_errors(chunks: AsyncIterator[str]) -> AsyncIterator[str]:
     except ApiError as e:
         yield _sse(e.body())
         yield "data: [DONE]\n\n"
-    except Exception:        # noqa: BLE001 - reported to the client without internals, logged here
+    except Exception:  # noqa: BLE001 - reported to the client without internals, logged here
         log.exception("a stream failed")
         yield _sse(ApiError(500, "internal error while streaming").body())
         yield "data: [DONE]\n\n"
@@ -516,7 +636,7 @@ async def _keepalive(chunks: AsyncIterator[str], interval: float) -> AsyncIterat
                 pending = None
             yield chunk
     finally:
-        if pending is not None:       # the client left mid-wait: stop the source first
+        if pending is not None:  # the client left mid-wait: stop the source first
             pending.cancel()
             await asyncio.gather(pending, return_exceptions=True)
         await it.aclose()
@@ -530,8 +650,11 @@ def _message_dict(m: ChatMessage) -> dict:
         texts = []
         for part in content:
             if part.type != "text" or part.text is None:
-                raise ApiError(400, f"content parts of type {part.type[:32]!r} are not supported; "
-                                    "folio serves text models", param="messages")
+                raise ApiError(
+                    400,
+                    f"content parts of type {part.type[:32]!r} are not supported; folio serves text models",
+                    param="messages",
+                )
             texts.append(part.text)
         content = "\n".join(texts)
     d["content"] = content or ""

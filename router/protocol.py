@@ -12,6 +12,7 @@ Besides the OpenAI fields, the sampling extensions vLLM accepts are here too
 (top_k, min_p, repetition_penalty, ignore_eos, min_tokens, stop_token_ids, ...),
 so load tools and evaluation harnesses written for vLLM work unchanged.
 """
+
 from __future__ import annotations
 
 from typing import Annotated, Any, Literal, Optional, Union
@@ -32,11 +33,12 @@ class _Body(BaseModel):
 
 class StreamOptions(_Body):
     include_usage: Optional[bool] = None
-    continuous_usage_stats: Optional[bool] = None     # vLLM: usage on every chunk
+    continuous_usage_stats: Optional[bool] = None  # vLLM: usage on every chunk
 
 
 class _Sampling(_Body):
     """Fields completions and chat share."""
+
     model: Optional[Name] = None
     n: Optional[int] = Field(None, ge=1, le=L.MAX_N)
     temperature: Optional[float] = Field(None, ge=0.0, le=L.MAX_TEMPERATURE)
@@ -45,15 +47,20 @@ class _Sampling(_Body):
     stop: Union[StopString, Annotated[list[StopString], Field(max_length=L.MAX_STOP)], None] = None
     presence_penalty: Optional[float] = Field(None, ge=-2.0, le=2.0)
     frequency_penalty: Optional[float] = Field(None, ge=-2.0, le=2.0)
-    logit_bias: Optional[Annotated[
-        dict[Annotated[str, Field(max_length=16)],
-             Annotated[float, Field(ge=-L.MAX_LOGIT_BIAS_VALUE, le=L.MAX_LOGIT_BIAS_VALUE)]],
-        Field(max_length=L.MAX_LOGIT_BIAS)]] = None
+    logit_bias: Optional[
+        Annotated[
+            dict[
+                Annotated[str, Field(max_length=16)],
+                Annotated[float, Field(ge=-L.MAX_LOGIT_BIAS_VALUE, le=L.MAX_LOGIT_BIAS_VALUE)],
+            ],
+            Field(max_length=L.MAX_LOGIT_BIAS),
+        ]
+    ] = None
     stream: Optional[bool] = None
     stream_options: Optional[StreamOptions] = None
     user: Optional[Name] = None
     # vLLM extensions
-    top_k: Optional[int] = Field(None, ge=-1, le=L.INT32_MAX)     # <= the vocabulary, checked later
+    top_k: Optional[int] = Field(None, ge=-1, le=L.INT32_MAX)  # <= the vocabulary, checked later
     min_p: Optional[float] = Field(None, ge=0.0, le=1.0)
     repetition_penalty: Optional[float] = Field(None, gt=0.0, le=L.MAX_REPETITION_PENALTY)
     ignore_eos: Optional[bool] = None
@@ -67,15 +74,19 @@ class _Sampling(_Body):
     cache_salt: Optional[Annotated[str, Field(min_length=1, max_length=L.MAX_NAME_CHARS)]] = None
 
 
-PromptInput = Union[str, Annotated[list[str], Field(min_length=1, max_length=L.MAX_PROMPTS)],
-                    list[int],
-                    Annotated[list[list[int]], Field(min_length=1, max_length=L.MAX_PROMPTS)]]
+PromptInput = Union[
+    str,
+    Annotated[list[str], Field(min_length=1, max_length=L.MAX_PROMPTS)],
+    list[int],
+    Annotated[list[list[int]], Field(min_length=1, max_length=L.MAX_PROMPTS)],
+]
 
 
 class CompletionRequest(_Sampling):
     """POST /v1/completions."""
+
     prompt: PromptInput
-    max_tokens: Optional[int] = Field(None, ge=1, le=L.INT32_MAX)   # default 16, as OpenAI's
+    max_tokens: Optional[int] = Field(None, ge=1, le=L.INT32_MAX)  # default 16, as OpenAI's
     logprobs: Optional[int] = Field(None, ge=0, le=L.MAX_LOGPROBS)  # alternatives per token (0: chosen only)
     echo: Optional[bool] = None
     best_of: Optional[int] = Field(None, ge=1, le=L.MAX_N)
@@ -85,13 +96,14 @@ class CompletionRequest(_Sampling):
 
 class ContentPart(BaseModel):
     """One element of a content array; only "text" parts can be served."""
+
     model_config = ConfigDict(strict=True, extra="allow")
     type: Name
     text: Optional[str] = None
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(strict=True, extra="allow")    # tool_calls etc. reach the template
+    model_config = ConfigDict(strict=True, extra="allow")  # tool_calls etc. reach the template
     role: Name
     content: Union[str, list[ContentPart], None] = None
     name: Optional[Name] = None
@@ -103,8 +115,9 @@ class ResponseFormat(_Body):
 
 class ChatCompletionRequest(_Sampling):
     """POST /v1/chat/completions."""
+
     messages: list[ChatMessage] = Field(min_length=1, max_length=L.MAX_MESSAGES)
-    max_tokens: Optional[int] = Field(None, ge=1, le=L.INT32_MAX)   # old name of max_completion_tokens
+    max_tokens: Optional[int] = Field(None, ge=1, le=L.INT32_MAX)  # old name of max_completion_tokens
     max_completion_tokens: Optional[int] = Field(None, ge=1, le=L.INT32_MAX)
     logprobs: Optional[bool] = None
     top_logprobs: Optional[int] = Field(None, ge=0, le=L.MAX_LOGPROBS)
@@ -115,12 +128,13 @@ class ChatCompletionRequest(_Sampling):
     add_generation_prompt: Optional[bool] = None
     continue_final_message: Optional[bool] = None
     add_special_tokens: Optional[bool] = None
-    chat_template: Optional[str] = None               # refused unless --trust-request-chat-template
+    chat_template: Optional[str] = None  # refused unless --trust-request-chat-template
     chat_template_kwargs: Optional[dict[Name, Any]] = None
 
 
 class TokenizeRequest(_Body):
     """POST /tokenize: either a prompt or chat messages."""
+
     model: Optional[Name] = None
     prompt: Optional[str] = None
     messages: Optional[Annotated[list[ChatMessage], Field(min_length=1, max_length=L.MAX_MESSAGES)]] = None
@@ -130,5 +144,6 @@ class TokenizeRequest(_Body):
 
 class DetokenizeRequest(_Body):
     """POST /detokenize."""
+
     model: Optional[Name] = None
     tokens: list[int]

@@ -15,6 +15,7 @@ request is refused unless the operator trusts clients with it
 (--trust-request-chat-template), and chat_template_kwargs passes only an
 allow-list of scalar settings.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -38,12 +39,13 @@ class _Interrupted(BaseException):
 @dataclass
 class ChatInput:
     """What one request asks the template to render."""
+
     messages: list[dict]
     add_generation_prompt: bool
     continue_final_message: bool = False
     tools: Optional[list[dict]] = None
-    template: Optional[str] = None            # from the request; None: the model's
-    kwargs: Optional[dict[str, Any]] = None   # chat_template_kwargs as sent
+    template: Optional[str] = None  # from the request; None: the model's
+    kwargs: Optional[dict[str, Any]] = None  # chat_template_kwargs as sent
 
 
 class Templater:
@@ -60,20 +62,24 @@ class Templater:
 
     async def encode(self, text: str, add_special_tokens: bool) -> list[int]:
         return await asyncio.get_running_loop().run_in_executor(
-            self._tokenize, lambda: self.tokenizer.encode(text, add_special_tokens=add_special_tokens))
+            self._tokenize, lambda: self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
+        )
 
     async def decode(self, ids: list[int]) -> str:
-        return await asyncio.get_running_loop().run_in_executor(
-            self._tokenize, lambda: self.tokenizer.decode(ids))
+        return await asyncio.get_running_loop().run_in_executor(self._tokenize, lambda: self.tokenizer.decode(ids))
 
     async def render(self, chat: ChatInput) -> str:
         """The conversation as text, ready to tokenize; ApiError(400) for what the request
         may not do, a template error, a render past the time limit or text that cannot fit."""
         kwargs = check_template_kwargs(chat.kwargs, self.limits.chat_template_kwargs)
         if chat.template is not None and not self.limits.trust_request_chat_template:
-            raise ApiError(400, "chat templates sent with a request are not accepted by this "
-                                "server (the operator can allow them with "
-                                "--trust-request-chat-template)", param="chat_template")
+            raise ApiError(
+                400,
+                "chat templates sent with a request are not accepted by this "
+                "server (the operator can allow them with "
+                "--trust-request-chat-template)",
+                param="chat_template",
+            )
         if chat.continue_final_message:
             kwargs["continue_final_message"] = True
         if chat.tools:
@@ -81,21 +87,32 @@ class Templater:
 
         def render() -> str:
             return self.tokenizer.apply_chat_template(
-                chat.messages, tokenize=False, chat_template=chat.template,
-                add_generation_prompt=chat.add_generation_prompt, **kwargs)
+                chat.messages,
+                tokenize=False,
+                chat_template=chat.template,
+                add_generation_prompt=chat.add_generation_prompt,
+                **kwargs,
+            )
 
         try:
             text = await run_with_deadline(self._render, render, self.limits.chat_template_timeout_s)
         except TimeoutError:
-            raise ApiError(400, f"the chat template did not finish rendering within "
-                                f"{self.limits.chat_template_timeout_s:g} s", param="messages") from None
-        except Exception as e:     # noqa: BLE001 - template errors come from the request's messages
+            raise ApiError(
+                400,
+                f"the chat template did not finish rendering within {self.limits.chat_template_timeout_s:g} s",
+                param="messages",
+            ) from None
+        except Exception as e:  # noqa: BLE001 - template errors come from the request's messages
             raise ApiError(400, f"cannot apply the chat template: {_short(e)}", param="messages") from None
         if not isinstance(text, str):
             raise ApiError(400, "the chat template did not render text", param="messages")
         if len(text) > self.max_chars:
-            raise ApiError(400, f"the conversation renders to {len(text)} characters, more than fit "
-                                "this model's maximum context length", param="messages")
+            raise ApiError(
+                400,
+                f"the conversation renders to {len(text)} characters, more than fit "
+                "this model's maximum context length",
+                param="messages",
+            )
         return text
 
 
@@ -127,12 +144,12 @@ async def run_with_deadline(pool: ThreadPoolExecutor, fn: Callable[[], T], timeo
                 with lock:
                     tid, state["thread"] = state["thread"], None
                     if state["interrupted"] and tid is not None:
-                        _async_raise(tid, None)        # not fired yet: cancel it
+                        _async_raise(tid, None)  # not fired yet: cancel it
         except _Interrupted:
             raise TimeoutError("interrupted at its deadline") from None
 
     future = asyncio.get_running_loop().run_in_executor(pool, job)
-    future.add_done_callback(lambda f: f.cancelled() or f.exception())   # retrieved, even when late
+    future.add_done_callback(lambda f: f.cancelled() or f.exception())  # retrieved, even when late
     try:
         return await asyncio.wait_for(asyncio.shield(future), timeout)
     except asyncio.TimeoutError:
@@ -144,5 +161,6 @@ async def run_with_deadline(pool: ThreadPoolExecutor, fn: Callable[[], T], timeo
 
 
 def _async_raise(thread_id: int, exc: Optional[type]) -> None:
-    ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread_id),
-                                               ctypes.py_object(exc) if exc is not None else None)
+    ctypes.pythonapi.PyThreadState_SetAsyncExc(
+        ctypes.c_ulong(thread_id), ctypes.py_object(exc) if exc is not None else None
+    )

@@ -1,0 +1,5 @@
+"""folio's tests, one folder per package, e2e/ for the whole system through its entry points."""
+
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent

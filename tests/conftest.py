@@ -1,4 +1,5 @@
 """Shared fixtures: models are built once per test session."""
+
 import os
 
 import pytest

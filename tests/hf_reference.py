@@ -5,6 +5,7 @@ for the same prompt run alone.
 Used on CPU (fp32, exact tokens) and on a GPU (tests/kernels/test_gpu_model.py:
 fp32 exact, bf16/fp16 teacher-forced), so it imports only torch and transformers.
 """
+
 from __future__ import annotations
 
 import functools
@@ -17,9 +18,9 @@ import torch
 @functools.lru_cache(maxsize=4)
 def hf_model(path: str, dtype: torch.dtype = torch.float32, device: str = "cpu"):
     from transformers import AutoModelForCausalLM
+
     if path.endswith(".gguf"):
-        m = AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
-                                                 dtype=dtype)
+        m = AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path), dtype=dtype)
     else:
         m = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     return m.to(device).eval()
@@ -28,19 +29,27 @@ def hf_model(path: str, dtype: torch.dtype = torch.float32, device: str = "cpu")
 @dataclass
 class Greedy:
     tokens: list[int]
-    logprobs: list[float]             # of each chosen token
+    logprobs: list[float]  # of each chosen token
 
 
 @torch.inference_mode()
-def hf_greedy(path: str, prompt_ids: list[int], n: int, *, dtype: torch.dtype = torch.float32,
-              device: str = "cpu") -> Greedy:
+def hf_greedy(
+    path: str, prompt_ids: list[int], n: int, *, dtype: torch.dtype = torch.float32, device: str = "cpu"
+) -> Greedy:
     """n greedy tokens for one prompt alone, with logprobs under the raw model."""
     m = hf_model(path, dtype, device)
-    out = m.generate(torch.tensor([prompt_ids], device=device), max_new_tokens=n, min_new_tokens=n,
-                     do_sample=False, output_logits=True, return_dict_in_generate=True,
-                     pad_token_id=0, eos_token_id=None)
-    tokens = out.sequences[0, len(prompt_ids):].tolist()
-    dists = [torch.log_softmax(l[0].float(), -1) for l in out.logits]
+    out = m.generate(
+        torch.tensor([prompt_ids], device=device),
+        max_new_tokens=n,
+        min_new_tokens=n,
+        do_sample=False,
+        output_logits=True,
+        return_dict_in_generate=True,
+        pad_token_id=0,
+        eos_token_id=None,
+    )
+    tokens = out.sequences[0, len(prompt_ids) :].tolist()
+    dists = [torch.log_softmax(step[0].float(), -1) for step in out.logits]
     return Greedy(tokens, [d[t].item() for d, t in zip(dists, tokens)])
 
 
@@ -58,8 +67,9 @@ def run_staggered(llm, prompts: list[list[int]], params, per_step: int) -> list:
     return [results[i] for i in ids]
 
 
-def assert_greedy_parity(path: str, prompts: list[list[int]], results: list, n: int,
-                         logprob_tol: float, **hf_kwargs) -> None:
+def assert_greedy_parity(
+    path: str, prompts: list[list[int]], results: list, n: int, logprob_tol: float, **hf_kwargs
+) -> None:
     """Each prompt got exactly transformers' greedy tokens, logprobs within tolerance."""
     for p, res in zip(prompts, results):
         want = hf_greedy(path, p, n, **hf_kwargs)
@@ -76,8 +86,9 @@ def hf_logprobs(path: str, ids: list[int], *, dtype: torch.dtype, device: str) -
     return torch.log_softmax(logits.float(), -1)
 
 
-def half_precision_errors(path: str, prompts: list[list[int]], results: list, dtype: torch.dtype,
-                          device: str) -> tuple[float, float]:
+def half_precision_errors(
+    path: str, prompts: list[list[int]], results: list, dtype: torch.dtype, device: str
+) -> tuple[float, float]:
     """How far folio's and transformers' low-precision logprobs fall from the fp32 truth.
 
     Two correct low-precision implementations break near-ties differently and then
@@ -91,14 +102,15 @@ def half_precision_errors(path: str, prompts: list[list[int]], results: list, dt
     for p, res in zip(prompts, results):
         out = res.outputs[0]
         seq = p + out.token_ids[:-1]
-        rows = slice(len(p) - 1, len(seq))            # positions that predicted the outputs
+        rows = slice(len(p) - 1, len(seq))  # positions that predicted the outputs
         truth = hf_logprobs(path, seq, dtype=torch.float32, device=device)[rows]
         low = hf_logprobs(path, seq, dtype=dtype, device=device)[rows]
         for i, lp in enumerate(out.logprobs):
             tokens = torch.tensor([t for t, _ in lp.top], device=device)
             got = torch.tensor([v for _, v in lp.top], device=device)
             assert lp.token_id in truth[i].topk(5).indices.tolist(), (
-                f"prompt of {len(p)} tokens, output {i}: token {lp.token_id} is not among the fp32 top 5")
+                f"prompt of {len(p)} tokens, output {i}: token {lp.token_id} is not among the fp32 top 5"
+            )
             ours.append((got - truth[i, tokens]).abs().mean().item())
             theirs.append((low[i, tokens] - truth[i, tokens]).abs().mean().item())
     return sum(ours) / len(ours), sum(theirs) / len(theirs)

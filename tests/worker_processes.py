@@ -1,4 +1,5 @@
 """Workers as separate processes behind real gRPC, for tests that need several."""
+
 from __future__ import annotations
 
 import os
@@ -27,8 +28,7 @@ class WorkerProcesses:
         command = [sys.executable, "-m", "worker.server", "--address", "127.0.0.1:0"]
         if credentials.tls:
             command += ["--tls-cert", credentials.tls_cert, "--tls-key", credentials.tls_key]
-        self.procs = [subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env=env)
-                      for _ in range(count)]
+        self.procs = [subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env=env) for _ in range(count)]
         self.addresses = [p.stdout.readline().split()[-1] for p in self.procs]
 
     def __enter__(self) -> list[str]:

@@ -6,6 +6,7 @@ the address of the gRPC server the actor starts coming out; the model is
 loaded and every step runs over that gRPC connection (worker/server.py), so
 nothing is pickled on the serving path.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -26,8 +27,7 @@ class WorkerActor:
         self._address: Optional[str] = None
         self._stopper: Optional[asyncio.Task] = None
 
-    async def start(self, credentials: ClusterCredentials, host: Optional[str] = None,
-                    num_threads: int = 0) -> str:
+    async def start(self, credentials: ClusterCredentials, host: Optional[str] = None, num_threads: int = 0) -> str:
         """Start the gRPC server (once) and return its "host:port".
 
         The server answers only calls that carry credentials.secret, over TLS
@@ -38,13 +38,13 @@ class WorkerActor:
         """
         if num_threads:
             import torch
+
             torch.set_num_threads(num_threads)
         if self._address is None:
             host = host or ray.util.get_node_ip_address()
             server, servicer, self._address = await start_server(f"{host}:0", credentials)
             self._stopper = asyncio.create_task(_stop_on_shutdown(server, servicer))
         return self._address
-
 
     async def free_port(self, host: str) -> int:
         """A port free on this node: the rendezvous of a tensor-parallel replica whose rank 0 this is."""

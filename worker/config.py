@@ -6,6 +6,7 @@ Built from a Hugging Face config.json (from_hf_config) or from GGUF metadata
 logit softcapping) is rejected here, so a model that loads is a model that
 computes what transformers computes.
 """
+
 from __future__ import annotations
 
 import math
@@ -25,23 +26,34 @@ SUPPORTED_ARCHITECTURES = tuple(_FAMILIES)
 # Keys of Gemma 2/3 configs that change what the model computes; transformers'
 # Gemma (1) class would ignore them and so compute a different model than the
 # checkpoint was trained as.
-_GEMMA2_KEYS = ("attn_logit_softcapping", "final_logit_softcapping", "query_pre_attn_scalar",
-                "sliding_window", "layer_types", "use_bidirectional_attention")
+_GEMMA2_KEYS = (
+    "attn_logit_softcapping",
+    "final_logit_softcapping",
+    "query_pre_attn_scalar",
+    "sliding_window",
+    "layer_types",
+    "use_bidirectional_attention",
+)
 
 
 # transformers' config defaults that differ from the Llama family's, for keys a
 # config.json of these families may leave out.
 _HF_DEFAULTS = {
-    "gemma": dict(head_dim=256, tie_word_embeddings=True, max_position_embeddings=8192,
-                  bos_token_id=2, eos_token_id=1),
-    "gpt_neox": dict(bos_token_id=0, eos_token_id=2, use_parallel_residual=True, attention_bias=True,
-                     layer_norm_eps=1e-5, hidden_act="gelu"),
+    "gemma": dict(head_dim=256, tie_word_embeddings=True, max_position_embeddings=8192, bos_token_id=2, eos_token_id=1),
+    "gpt_neox": dict(
+        bos_token_id=0,
+        eos_token_id=2,
+        use_parallel_residual=True,
+        attention_bias=True,
+        layer_norm_eps=1e-5,
+        hidden_act="gelu",
+    ),
 }
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    architecture: str                 # one of SUPPORTED_ARCHITECTURES
+    architecture: str  # one of SUPPORTED_ARCHITECTURES
     vocab_size: int
     hidden_size: int
     num_layers: int
@@ -49,43 +61,43 @@ class ModelConfig:
     num_kv_heads: int
     head_dim: int
     intermediate_size: int
-    rms_norm_eps: float               # epsilon of every norm, RMSNorm or (GPT-NeoX) LayerNorm
+    rms_norm_eps: float  # epsilon of every norm, RMSNorm or (GPT-NeoX) LayerNorm
     rope_theta: float
-    rope_scaling: Optional[dict]      # HF-style dict ("rope_type", "factor", ...) or None
+    rope_scaling: Optional[dict]  # HF-style dict ("rope_type", "factor", ...) or None
     max_position_embeddings: int
-    sliding_window: Optional[int]     # every layer attends to at most this many keys
+    sliding_window: Optional[int]  # every layer attends to at most this many keys
     tie_word_embeddings: bool
     qkv_bias: bool
     bos_token_id: Optional[int]
     eos_token_ids: tuple[int, ...]
     # Defaults below are the Llama family's, so its configs read exactly as before.
-    hidden_act: str = "silu"          # the MLP's activation (gated for all but GPT-NeoX)
-    norm_kind: str = "rms"            # "rms" | "layer" (LayerNorm with bias, GPT-NeoX)
-    norm_weight_offset: float = 0.0   # RMSNorm scales by (offset + weight): Gemma's 1.0
+    hidden_act: str = "silu"  # the MLP's activation (gated for all but GPT-NeoX)
+    norm_kind: str = "rms"  # "rms" | "layer" (LayerNorm with bias, GPT-NeoX)
+    norm_weight_offset: float = 0.0  # RMSNorm scales by (offset + weight): Gemma's 1.0
     embedding_multiplier: float = 1.0  # embeddings times this (Gemma: sqrt(hidden_size))
-    parallel_residual: bool = False   # GPT-NeoX: attention and MLP both read the layer input
+    parallel_residual: bool = False  # GPT-NeoX: attention and MLP both read the layer input
     rotary_dim: Optional[int] = None  # leading features of a head that rotate; None: all
-    o_bias: bool = False              # the attention output projection has a bias
+    o_bias: bool = False  # the attention output projection has a bias
 
     def __post_init__(self) -> None:
         if self.architecture not in SUPPORTED_ARCHITECTURES:
-            raise ValueError(f"unsupported architecture {self.architecture!r}; "
-                             f"folio runs {', '.join(SUPPORTED_ARCHITECTURES)}")
+            raise ValueError(
+                f"unsupported architecture {self.architecture!r}; folio runs {', '.join(SUPPORTED_ARCHITECTURES)}"
+            )
         if self.num_q_heads % self.num_kv_heads:
-            raise ValueError(f"num_q_heads {self.num_q_heads} is not a multiple of "
-                             f"num_kv_heads {self.num_kv_heads}")
+            raise ValueError(f"num_q_heads {self.num_q_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
         norm_kind, activations = _FAMILIES[self.architecture]
         if self.hidden_act not in activations:
-            raise ValueError(f"unsupported hidden_act {self.hidden_act!r} for {self.architecture}; "
-                             f"folio's {self.architecture} MLP runs {', '.join(activations)}")
+            raise ValueError(
+                f"unsupported hidden_act {self.hidden_act!r} for {self.architecture}; "
+                f"folio's {self.architecture} MLP runs {', '.join(activations)}"
+            )
         if self.norm_kind != norm_kind:
             raise ValueError(f"{self.architecture} uses {norm_kind} norms, not {self.norm_kind!r}")
         if self.parallel_residual and self.architecture != "gpt_neox":
             raise ValueError("parallel residual is implemented for gpt_neox only")
-        if self.rotary_dim is not None and not (0 < self.rotary_dim <= self.head_dim
-                                                and self.rotary_dim % 2 == 0):
-            raise ValueError(f"rotary_dim {self.rotary_dim} must be even and in (0, head_dim "
-                             f"{self.head_dim}]")
+        if self.rotary_dim is not None and not (0 < self.rotary_dim <= self.head_dim and self.rotary_dim % 2 == 0):
+            raise ValueError(f"rotary_dim {self.rotary_dim} must be even and in (0, head_dim {self.head_dim}]")
 
     @property
     def rope_dim(self) -> int:
@@ -97,8 +109,7 @@ class ModelConfig:
         """Read a config.json dict (transformers 4.x or 5.x layout)."""
         arch = cfg.get("model_type") or _arch_from_class_names(cfg.get("architectures") or [])
         if arch not in SUPPORTED_ARCHITECTURES:
-            raise ValueError(f"unsupported architecture {arch!r}; "
-                             f"folio runs {', '.join(SUPPORTED_ARCHITECTURES)}")
+            raise ValueError(f"unsupported architecture {arch!r}; folio runs {', '.join(SUPPORTED_ARCHITECTURES)}")
         cfg = {**_HF_DEFAULTS.get(arch, {}), **cfg}
         eos = cfg.get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, list) else () if eos is None else (eos,)
@@ -144,16 +155,19 @@ def _gemma(arch: str, cfg: dict) -> dict:
     """Gemma 1."""
     present = [k for k in _GEMMA2_KEYS if cfg.get(k) not in (None, False)]
     if present:
-        raise ValueError(f"Gemma config sets {', '.join(present)}: Gemma 2/3 features folio does "
-                         "not implement (it runs Gemma 1)")
+        raise ValueError(
+            f"Gemma config sets {', '.join(present)}: Gemma 2/3 features folio does not implement (it runs Gemma 1)"
+        )
     # transformers 4.x reads hidden_activation (None meaning the tanh GELU) and ignores
     # hidden_act; 5.x reads hidden_act and maps the legacy "gelu" to the tanh GELU.
     # Only values both versions agree on are accepted.
     act = cfg.get("hidden_act", "gelu_pytorch_tanh")
     declared = cfg.get("hidden_activation")
     if act not in ("gelu", "gelu_pytorch_tanh") or declared not in (None, "gelu_pytorch_tanh"):
-        raise ValueError(f"unsupported Gemma activation (hidden_act {act!r}, hidden_activation "
-                         f"{declared!r}); folio's Gemma MLP is GeGLU with gelu_pytorch_tanh")
+        raise ValueError(
+            f"unsupported Gemma activation (hidden_act {act!r}, hidden_activation "
+            f"{declared!r}); folio's Gemma MLP is GeGLU with gelu_pytorch_tanh"
+        )
     num_q = cfg["num_attention_heads"]
     theta, scaling = _rope(cfg)
     bias = bool(cfg.get("attention_bias", False))
@@ -180,8 +194,9 @@ def _gpt_neox(arch: str, cfg: dict) -> dict:
     hidden = cfg["hidden_size"]
     head_dim = hidden // num_q
     if hidden % num_q or cfg.get("head_dim") not in (None, head_dim):
-        raise ValueError(f"GPT-NeoX heads must split hidden_size {hidden} evenly "
-                         f"({num_q} heads, head_dim {cfg.get('head_dim')})")
+        raise ValueError(
+            f"GPT-NeoX heads must split hidden_size {hidden} evenly ({num_q} heads, head_dim {cfg.get('head_dim')})"
+        )
     # 4.x spells rotary_emb_base and rotary_pct at the top level; 5.x folds them into
     # rope_parameters (rope_theta, partial_rotary_factor).
     theta, scaling = _rope(cfg, default_theta=cfg.get("rotary_emb_base", 10000.0))
@@ -191,8 +206,10 @@ def _gpt_neox(arch: str, cfg: dict) -> dict:
         scaling = {k: v for k, v in scaling.items() if k != "partial_rotary_factor"}
     rotary_dim = int(head_dim * fraction)
     if rotary_dim % 2 or rotary_dim == 0:
-        raise ValueError(f"partial rotary factor {fraction} of head_dim {head_dim} gives {rotary_dim} "
-                         "rotary features; folio needs a positive even number")
+        raise ValueError(
+            f"partial rotary factor {fraction} of head_dim {head_dim} gives {rotary_dim} "
+            "rotary features; folio needs a positive even number"
+        )
     bias = bool(cfg["attention_bias"])
     return dict(
         num_q_heads=num_q,
@@ -217,7 +234,7 @@ def _arch_from_class_names(names: list[str]) -> str:
         for arch in SUPPORTED_ARCHITECTURES:
             prefix = arch.replace("_", "")
             # Gemma2ForCausalLM or GPTNeoXJapaneseForCausalLM are other architectures.
-            if name.lower().startswith(prefix) and name.lower()[len(prefix):].startswith(("for", "model")):
+            if name.lower().startswith(prefix) and name.lower()[len(prefix) :].startswith(("for", "model")):
                 return arch
     raise ValueError(f"config.json names no supported architecture (model_type missing, architectures={names})")
 
@@ -226,7 +243,7 @@ def _rope(cfg: dict, default_theta: float = 10000.0) -> tuple[float, Optional[di
     """(theta, scaling dict or None). transformers 5 folds both into rope_parameters."""
     params = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
     theta = float(params.pop("rope_theta", cfg.get("rope_theta", default_theta)))
-    legacy = params.pop("type", None)                    # the pre-4.45 spelling
+    legacy = params.pop("type", None)  # the pre-4.45 spelling
     params.setdefault("rope_type", legacy or "default")
     if params.get("rope_type", "default") == "default":
         return theta, None
@@ -240,8 +257,10 @@ def _sliding_window(arch: str, cfg: dict) -> Optional[int]:
         # Qwen2 only slides when asked to, and then only from max_window_layers up.
         layer_types = cfg.get("layer_types")
         if layer_types is None:
-            sliding = [cfg.get("use_sliding_window", False) and i >= cfg.get("max_window_layers", 0)
-                       for i in range(cfg["num_hidden_layers"])]
+            sliding = [
+                cfg.get("use_sliding_window", False) and i >= cfg.get("max_window_layers", 0)
+                for i in range(cfg["num_hidden_layers"])
+            ]
         else:
             sliding = [t == "sliding_attention" for t in layer_types]
         if not any(sliding):

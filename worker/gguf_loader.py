@@ -9,6 +9,7 @@ each head it interleaves the two rotary halves (row i, row i + D/2, row i+1, ...
 because llama.cpp rotates adjacent pairs, while folio (like HF) rotates halves.
 gguf_tensors puts the rows back. Qwen2 files are converted without reordering.
 """
+
 from __future__ import annotations
 
 from typing import Iterator, Optional
@@ -65,7 +66,7 @@ def gguf_config(reader: gguf.GGUFReader) -> ModelConfig:
     eos = [_field(reader, f"tokenizer.ggml.{k}_token_id") for k in ("eos", "eot", "eom")]
     return ModelConfig(
         architecture=arch,
-        vocab_size=int(tensors["token_embd.weight"].shape[1]),   # GGUF shapes are [cols, rows]
+        vocab_size=int(tensors["token_embd.weight"].shape[1]),  # GGUF shapes are [cols, rows]
         hidden_size=hidden,
         num_layers=meta("block_count"),
         num_q_heads=num_q,
@@ -87,7 +88,7 @@ def gguf_config(reader: gguf.GGUFReader) -> ModelConfig:
 def gguf_tensors(reader: gguf.GGUFReader, config: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
     """(Hugging Face name, fp32 tensor) for every weight, one at a time."""
     for t in reader.tensors:
-        if t.name == "rope_freqs.weight":     # already folded into config.rope_scaling
+        if t.name == "rope_freqs.weight":  # already folded into config.rope_scaling
             continue
         name = _hf_name(t.name)
         # dequantize returns rows-major [rows, cols]; np.array copies out of the mmap.
@@ -108,7 +109,7 @@ def _unpermute_rope_rows(w: torch.Tensor, num_heads: int) -> torch.Tensor:
 
 
 def _hf_name(gguf_name: str) -> str:
-    base, _, kind = gguf_name.rpartition(".")          # kind: weight | bias
+    base, _, kind = gguf_name.rpartition(".")  # kind: weight | bias
     if base.startswith("blk."):
         _, layer, part = base.split(".", 2)
         if part in _LAYER_NAMES:

@@ -8,6 +8,7 @@ Its size: a block count, a byte budget, or on a GPU what a fraction of the
 device's memory leaves after the weights and a worst-case step
 (gpu_memory_budget, from a MemoryProfile the worker measures).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -20,9 +21,10 @@ GiB = 1 << 30
 @dataclass(frozen=True)
 class MemoryProfile:
     """A GPU's memory as a worker measured it, weights loaded, before its KV pool exists."""
-    total: int             # the device's memory
-    in_use: int            # in use on the device (weights, CUDA context, other processes)
-    step_peak: int         # what a worst-case step allocates on top, at its peak
+
+    total: int  # the device's memory
+    in_use: int  # in use on the device (weights, CUDA context, other processes)
+    step_peak: int  # what a worst-case step allocates on top, at its peak
 
 
 def gpu_memory_budget(profile: MemoryProfile, utilization: float, bytes_per_block: int) -> int:
@@ -40,7 +42,8 @@ def gpu_memory_budget(profile: MemoryProfile, utilization: float, bytes_per_bloc
             f"{profile.in_use / GiB:.2f} GiB is in use (weights, CUDA context, other processes) "
             f"and a step of max_num_batched_tokens needs {profile.step_peak / GiB:.2f} GiB more; "
             f"one KV block takes {bytes_per_block / 2**20:.2f} MiB. Raise "
-            f"--gpu-memory-utilization, lower --max-num-batched-tokens, or free the GPU")
+            f"--gpu-memory-utilization, lower --max-num-batched-tokens, or free the GPU"
+        )
     return budget // bytes_per_block * bytes_per_block
 
 
@@ -51,14 +54,14 @@ class KVPool:
     block_size: int
 
     @staticmethod
-    def bytes_per_block(num_layers: int, num_kv_heads: int, head_dim: int, block_size: int,
-                        dtype: torch.dtype) -> int:
+    def bytes_per_block(num_layers: int, num_kv_heads: int, head_dim: int, block_size: int, dtype: torch.dtype) -> int:
         elem = torch.empty((), dtype=dtype).element_size()
         return 2 * num_layers * block_size * num_kv_heads * head_dim * elem
 
     @staticmethod
-    def blocks_for_budget(budget_bytes: int, num_layers: int, num_kv_heads: int, head_dim: int,
-                          block_size: int, dtype: torch.dtype) -> int:
+    def blocks_for_budget(
+        budget_bytes: int, num_layers: int, num_kv_heads: int, head_dim: int, block_size: int, dtype: torch.dtype
+    ) -> int:
         """How many blocks a memory budget holds."""
         per = KVPool.bytes_per_block(num_layers, num_kv_heads, head_dim, block_size, dtype)
         n = budget_bytes // per
@@ -67,11 +70,20 @@ class KVPool:
         return int(n)
 
     @staticmethod
-    def allocate(num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int,
-                 head_dim: int, dtype: torch.dtype, device: torch.device | str) -> "KVPool":
+    def allocate(
+        num_layers: int,
+        num_blocks: int,
+        block_size: int,
+        num_kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device | str,
+    ) -> "KVPool":
         shape = (num_blocks, block_size, num_kv_heads, head_dim)
-        caches = [(torch.zeros(shape, dtype=dtype, device=device),
-                   torch.zeros(shape, dtype=dtype, device=device)) for _ in range(num_layers)]
+        caches = [
+            (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+            for _ in range(num_layers)
+        ]
         return KVPool(caches, num_blocks, block_size)
 
     @property

@@ -9,6 +9,7 @@ transformers is used for tokenizers only, never for folio's weights. The gguf
 package is imported only for GGUF files, so a machine serving safetensors
 checkpoints (the GPU image) does without it.
 """
+
 from __future__ import annotations
 
 import glob
@@ -20,7 +21,7 @@ from typing import Iterable, Iterator, Optional
 import torch
 from safetensors import safe_open
 
-from kernels.ops import KernelOps
+from kernels.interface import KernelOps
 from worker.config import ModelConfig
 from worker.models import MODEL_CLASSES, CausalLM
 from worker.parallel import TPGroup
@@ -59,8 +60,13 @@ def default_model_path() -> str:
     return os.path.join(*resolve_model_path(folder))
 
 
-def load_model(path: str, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
-               ops: Optional[KernelOps] = None, tp: Optional[TPGroup] = None) -> tuple[CausalLM, ModelConfig]:
+def load_model(
+    path: str,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+    ops: Optional[KernelOps] = None,
+    tp: Optional[TPGroup] = None,
+) -> tuple[CausalLM, ModelConfig]:
     """Build the model for `path` (see resolve_model_path) with all weights in place.
 
     With a tensor-parallel group, this rank's shard only.
@@ -68,6 +74,7 @@ def load_model(path: str, dtype: torch.dtype = torch.float32, device: torch.devi
     directory, gguf_file = resolve_model_path(path)
     if gguf_file is not None:
         from worker.gguf_loader import gguf_config, gguf_reader, gguf_tensors
+
         reader = gguf_reader(os.path.join(directory, gguf_file))
         config = gguf_config(reader)
         tensors = gguf_tensors(reader, config)
@@ -84,13 +91,15 @@ def load_model_config(path: str) -> ModelConfig:
     directory, gguf_file = resolve_model_path(path)
     if gguf_file is not None:
         from worker.gguf_loader import gguf_config, gguf_reader
+
         return gguf_config(gguf_reader(os.path.join(directory, gguf_file)))
     return _read_hf_config(directory)
 
 
 def load_tokenizer(path: str):
     """A transformers tokenizer for `path` (read from the GGUF file when there is one)."""
-    from transformers import AutoTokenizer   # imported here: slow, and only the router needs it
+    from transformers import AutoTokenizer  # imported here: slow, and only the router needs it
+
     directory, gguf_file = resolve_model_path(path)
     if gguf_file is not None:
         return AutoTokenizer.from_pretrained(directory, gguf_file=gguf_file)
@@ -137,7 +146,7 @@ def _fill(model: CausalLM, tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         for name, tensor in tensors:
             if model.is_ignored_weight(name):
                 continue
-            model.load_weight(name, tensor)   # copy_ casts to the model's dtype and device
+            model.load_weight(name, tensor)  # copy_ casts to the model's dtype and device
             seen.add(name)
     missing = model.expected_weight_names() - seen
     if missing:

@@ -26,16 +26,23 @@ StepResult.errors; the rest of the step runs. The checks look only at what the
 step carries and are deterministic, so every tensor-parallel rank drops the
 same requests and the ranks' batches stay identical.
 """
+
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
 import torch
 
-from kernels.metadata import AttentionMetadata
-from protos.messages import (CachedRequest, NewRequest, RequestError, SampledRequest,
-                             SamplingParams, StepRequest, StepResult)
+from kernels.metadata import attention_metadata
+from protos.messages import (
+    CachedRequest,
+    NewRequest,
+    RequestError,
+    SampledRequest,
+    SamplingParams,
+    StepRequest,
+    StepResult,
+)
 from worker.kv_pool import KVPool
 from worker.parallel import TPGroup
 from worker.sampler import Sampler
@@ -50,23 +57,31 @@ class Refused(ValueError):
 @dataclass
 class _State:
     """The worker's copy of one request."""
+
     token_ids: list[int]
     num_prompt_tokens: int
     params: SamplingParams
-    row: int                 # row in the block-table tensor
+    row: int  # row in the block-table tensor
     num_blocks: int
     num_computed_tokens: int
-    num_drafts: int = 0      # this step's drafts, at the end of token_ids until verified
+    num_drafts: int = 0  # this step's drafts, at the end of token_ids until verified
 
     @property
     def drafts(self) -> list[int]:
-        return self.token_ids[len(self.token_ids) - self.num_drafts:]
+        return self.token_ids[len(self.token_ids) - self.num_drafts :]
 
 
 class ModelRunner:
-    def __init__(self, model: torch.nn.Module, pool: KVPool, sampler: Sampler,
-                 device: torch.device | str = "cpu", max_blocks_per_seq: int = 128,
-                 tp: TPGroup | None = None, max_positions: int | None = None):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        pool: KVPool,
+        sampler: Sampler,
+        device: torch.device | str = "cpu",
+        max_blocks_per_seq: int = 128,
+        tp: TPGroup | None = None,
+        max_positions: int | None = None,
+    ):
         """max_positions: positions the model can encode (default: its config's
         max_position_embeddings); no request may compute past it."""
         self.model = model
@@ -96,12 +111,12 @@ class ModelRunner:
                     raise Refused("the request appears twice in one step")
                 seen.add(rid)
                 apply(diff)
-            except ValueError as e:          # Refused, or the request's own setup
+            except ValueError as e:  # Refused, or the request's own setup
                 self._drop(rid)
                 errors.append(RequestError(rid, str(e)))
             else:
                 order.append((rid, diff.num_scheduled_tokens))
-        if errors:                           # a repeated id drops its first appearance too
+        if errors:  # a repeated id drops its first appearance too
             dropped = {e.request_id for e in errors}
             order = [o for o in order if o[0] not in dropped]
         return order, errors
@@ -116,12 +131,12 @@ class ModelRunner:
     def _add(self, r: NewRequest) -> None:
         self._check_new(r)
         row = self._take_row()
-        st = _State(list(r.token_ids), r.num_prompt_tokens, r.sampling_params, row, 0,
-                    r.num_computed_tokens)
+        st = _State(list(r.token_ids), r.num_prompt_tokens, r.sampling_params, row, 0, r.num_computed_tokens)
         self.states[r.request_id] = st
         self._write_blocks(st, r.block_ids)
-        self.sampler.add_request(r.request_id, r.sampling_params,
-                                 r.token_ids[: r.num_prompt_tokens], r.token_ids[r.num_prompt_tokens:])
+        self.sampler.add_request(
+            r.request_id, r.sampling_params, r.token_ids[: r.num_prompt_tokens], r.token_ids[r.num_prompt_tokens :]
+        )
 
     def _extend(self, c: CachedRequest) -> None:
         st = self._check_cached(c)
@@ -141,8 +156,10 @@ class ModelRunner:
         if known > self.max_positions:
             raise Refused(f"{known} tokens exceed the model's {self.max_positions} positions")
         if not 0 < r.num_prompt_tokens <= known or r.num_output_tokens != known - r.num_prompt_tokens:
-            raise Refused(f"{r.num_prompt_tokens} prompt and {r.num_output_tokens} output tokens "
-                          f"do not make up its {known} tokens")
+            raise Refused(
+                f"{r.num_prompt_tokens} prompt and {r.num_output_tokens} output tokens "
+                f"do not make up its {known} tokens"
+            )
         self._check_token_ids("token", r.token_ids)
         self._check_token_ids("stop token", r.sampling_params.stop_token_ids)
         # logit_bias keys: Sampler.add_request refuses them (ValueError), which drops the request.
@@ -154,8 +171,9 @@ class ModelRunner:
         if st is None:
             raise Refused("the request is not on this worker")
         if st.num_computed_tokens != c.num_computed_tokens:
-            raise Refused(f"the head says {c.num_computed_tokens} tokens computed, "
-                          f"the worker has {st.num_computed_tokens}")
+            raise Refused(
+                f"the head says {c.num_computed_tokens} tokens computed, the worker has {st.num_computed_tokens}"
+            )
         known = len(st.token_ids)
         if c.draft_token_ids:
             if c.num_computed_tokens + 1 != known or c.num_scheduled_tokens != 1 + len(c.draft_token_ids):
@@ -163,8 +181,7 @@ class ModelRunner:
             self._check_token_ids("draft token", c.draft_token_ids)
             known += len(c.draft_token_ids)
         self._check_blocks(c.new_block_ids, st.num_blocks)
-        self._check_span(c.num_computed_tokens, c.num_scheduled_tokens, known,
-                         st.num_blocks + len(c.new_block_ids))
+        self._check_span(c.num_computed_tokens, c.num_scheduled_tokens, known, st.num_blocks + len(c.new_block_ids))
         return st
 
     def _check_token_ids(self, what: str, ids: list[int]) -> None:
@@ -196,11 +213,10 @@ class ModelRunner:
             return
         end = st.num_blocks + len(block_ids)
         if end > self.block_table.shape[1]:
-            grown = torch.zeros((self.block_table.shape[0], max(end, 2 * self.block_table.shape[1])),
-                                dtype=torch.int32)
+            grown = torch.zeros((self.block_table.shape[0], max(end, 2 * self.block_table.shape[1])), dtype=torch.int32)
             grown[:, : self.block_table.shape[1]] = self.block_table
             self.block_table = grown
-        self.block_table[st.row, st.num_blocks:end] = torch.tensor(block_ids, dtype=torch.int32)
+        self.block_table[st.row, st.num_blocks : end] = torch.tensor(block_ids, dtype=torch.int32)
         st.num_blocks = end
 
     def _take_row(self) -> int:
@@ -213,12 +229,11 @@ class ModelRunner:
     # ---------------------------------------------------------------- the step
     @torch.inference_mode()
     def execute(self, step: StepRequest) -> StepResult:
-        t0 = time.perf_counter()
         order, errors = self._apply_diff(step)
         if not order:
             return StepResult(step_id=step.step_id, errors=errors)
         input_ids, positions, meta = self._prepare(order)
-        hidden = self.model(input_ids, positions, meta, self.pool.caches)   # [T, H]
+        hidden = self.model(input_ids, positions, meta, self.pool.caches)  # [T, H]
 
         # Rows whose logits we need: the last token of each request that samples (and
         # the positions of its drafts before it), and every prompt-predicting position
@@ -233,7 +248,7 @@ class ModelRunner:
                 sample_idx.extend(range(end - 1 - st.num_drafts, end))
                 sample_ids.append(rid)
             if st.params.prompt_logprobs is not None and c + 1 < st.num_prompt_tokens:
-                last = min(c + n, st.num_prompt_tokens - 1)       # positions c .. last-1 predict a prompt token
+                last = min(c + n, st.num_prompt_tokens - 1)  # positions c .. last-1 predict a prompt token
                 prompt_jobs.append((rid, start, last - c, c))
         outputs = {rid: SampledRequest(request_id=rid) for rid, _ in order}
         if sample_idx:
@@ -241,26 +256,23 @@ class ModelRunner:
             self._sample(logits, sample_ids, outputs)
         for rid, start, count, c in prompt_jobs:
             st = self.states[rid]
-            logits = self.model.compute_logits(hidden[start: start + count])   # a collective: every rank
+            logits = self.model.compute_logits(hidden[start : start + count])  # a collective: every rank
             if self.tp.rank != 0:
                 continue
-            targets = torch.tensor(st.token_ids[c + 1: c + 1 + count], device=logits.device)
-            outputs[rid].prompt_logprobs = self.sampler.prompt_logprobs(
-                logits, targets, st.params.prompt_logprobs)
+            targets = torch.tensor(st.token_ids[c + 1 : c + 1 + count], device=logits.device)
+            outputs[rid].prompt_logprobs = self.sampler.prompt_logprobs(logits, targets, st.params.prompt_logprobs)
         for rid, n in order:
             st = self.states[rid]
             tokens = outputs[rid].token_ids
-            if st.num_drafts:                 # keep the accepted drafts, then the new token
-                del st.token_ids[len(st.token_ids) - st.num_drafts:]
+            if st.num_drafts:  # keep the accepted drafts, then the new token
+                del st.token_ids[len(st.token_ids) - st.num_drafts :]
                 n -= st.num_drafts - (len(tokens) - 1)
                 st.num_drafts = 0
             st.num_computed_tokens += n
             st.token_ids.extend(tokens)
-        return StepResult(step_id=step.step_id, outputs=[outputs[rid] for rid, _ in order],
-                          execute_ms=(time.perf_counter() - t0) * 1e3, errors=errors)
+        return StepResult(step_id=step.step_id, outputs=[outputs[rid] for rid, _ in order], errors=errors)
 
-    def _sample(self, logits: torch.Tensor, request_ids: list[str],
-                outputs: dict[str, SampledRequest]) -> None:
+    def _sample(self, logits: torch.Tensor, request_ids: list[str], outputs: dict[str, SampledRequest]) -> None:
         """Rank 0 samples (verifying drafts); every rank ends with the token ids in outputs."""
         drafts = [self.states[rid].drafts for rid in request_ids]
         if self.tp.rank == 0:
@@ -271,7 +283,7 @@ class ModelRunner:
             # [R, 1 + most drafts], -1 past each request's tokens: the same shape on every rank.
             ids = torch.full((len(request_ids), 1 + max(map(len, drafts))), -1, dtype=torch.long)
             for i, rid in enumerate(request_ids):
-                ids[i, :len(outputs[rid].token_ids)] = torch.tensor(outputs[rid].token_ids)
+                ids[i, : len(outputs[rid].token_ids)] = torch.tensor(outputs[rid].token_ids)
             for rid, row in zip(request_ids, self.tp.broadcast_from_first(ids.to(logits.device)).tolist()):
                 outputs[rid].token_ids = [t for t in row if t >= 0]
 
@@ -283,24 +295,12 @@ class ModelRunner:
         for rid, n in order:
             st = self.states[rid]
             c = st.num_computed_tokens
-            ids.extend(st.token_ids[c: c + n])
+            ids.extend(st.token_ids[c : c + n])
             pos.extend(range(c, c + n))
             rows.append(st.row)
             qlens.append(n)
             ctx.append(c)
         positions = torch.tensor(pos, dtype=torch.long)
-        q = torch.tensor(qlens, dtype=torch.int32)
-        seq_lens_list = [a + b for a, b in zip(ctx, qlens)]
-        max_blocks = -(-max(seq_lens_list) // self.bs)
-        tables = self.block_table.index_select(0, torch.tensor(rows))[:, :max_blocks]   # [S, nb]
-        owner = torch.repeat_interleave(torch.arange(len(order)), q.long())              # [T]
-        slots = tables[owner, positions // self.bs].long() * self.bs + positions % self.bs
-        qsl = torch.zeros(len(order) + 1, dtype=torch.int32)
-        torch.cumsum(q, 0, out=qsl[1:])
-        dev = self.device
-        meta = AttentionMetadata(
-            query_start_loc=qsl.to(dev), seq_lens=torch.tensor(seq_lens_list, dtype=torch.int32, device=dev),
-            context_lens=torch.tensor(ctx, dtype=torch.int32, device=dev), block_tables=tables.to(dev),
-            slot_mapping=slots.to(dev), max_query_len=max(qlens), max_seq_len=max(seq_lens_list),
-            query_lens_list=tuple(qlens), seq_lens_list=tuple(seq_lens_list))
-        return torch.tensor(ids, dtype=torch.long, device=dev), positions.to(dev), meta
+        tables = self.block_table.index_select(0, torch.tensor(rows))
+        meta = attention_metadata(positions, qlens, ctx, tables, self.bs, self.device)
+        return torch.tensor(ids, dtype=torch.long, device=self.device), positions.to(self.device), meta

@@ -20,6 +20,7 @@ only this rank's slice of a full checkpoint tensor into it: a rank's
 parameters are its shard alone (plus the small replicated norms); the loader
 holds one checkpoint tensor at a time while it is sliced.
 """
+
 from __future__ import annotations
 
 import socket
@@ -39,6 +40,7 @@ class TPGroup:
     world_size 1 is the plain single-device case; every collective is then a
     no-op, so model code is written once for both.
     """
+
     rank: int = 0
     world_size: int = 1
 
@@ -52,8 +54,9 @@ class TPGroup:
         if world_size > 1:
             backend = "nccl" if device.type == "cuda" else "gloo"
             # Bounded so a rank whose peer never arrives (or died mid-step) fails instead of hanging.
-            dist.init_process_group(backend, init_method=rendezvous, rank=rank, world_size=world_size,
-                                    timeout=timedelta(minutes=5))
+            dist.init_process_group(
+                backend, init_method=rendezvous, rank=rank, world_size=world_size, timeout=timedelta(minutes=5)
+            )
         return TPGroup(rank, world_size)
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
@@ -97,6 +100,7 @@ def split_range(size: int, parts: int, index: int) -> tuple[int, int]:
 @dataclass(frozen=True)
 class HeadShard:
     """Which query and KV heads one rank computes (global head indices)."""
+
     q_start: int
     num_q: int
     kv_start: int
@@ -122,7 +126,8 @@ def head_partition(num_q: int, num_kv: int, tp: TPGroup) -> HeadShard:
             f"cannot split {num_q} query / {num_kv} KV heads over {n} tensor-parallel ranks: "
             f"with fewer KV heads than ranks the ranks must be a multiple of the KV heads "
             f"({num_kv}) and each KV head's {group} query heads must divide among "
-            f"{n}/{num_kv} ranks; choose a tensor-parallel size that divides the heads")
+            f"{n}/{num_kv} ranks; choose a tensor-parallel size that divides the heads"
+        )
     per_rank = group // copies
     return HeadShard(r * per_rank, per_rank, r // copies, 1)
 
@@ -211,17 +216,15 @@ class VocabParallelEmbedding(nn.Module):
 
     def load(self, part: int, kind: str, tensor: torch.Tensor) -> None:
         if self.num_real_rows < self.rows:
-            self.weight.data[self.num_real_rows:].zero_()
-        _copy_slice(self.weight.data[: self.num_real_rows], tensor, 0, self.vocab_size,
-                    self.start, self.num_real_rows)
+            self.weight.data[self.num_real_rows :].zero_()
+        _copy_slice(self.weight.data[: self.num_real_rows], tensor, 0, self.vocab_size, self.start, self.num_real_rows)
 
 
-def _copy_slice(dst: torch.Tensor, full: torch.Tensor, dim: int, full_size: int,
-                start: int, length: int) -> None:
+def _copy_slice(dst: torch.Tensor, full: torch.Tensor, dim: int, full_size: int, start: int, length: int) -> None:
     """dst <- full.narrow(dim, start, length), after checking full is the whole tensor."""
     src = full.narrow(dim, start, length) if full.shape[dim] == full_size else None
     if src is None or dst.shape != src.shape:
         expected = list(dst.shape)
         expected[dim] = full_size
         raise ValueError(f"checkpoint shape {tuple(full.shape)}, model expects {tuple(expected)}")
-    dst.copy_(src)      # casts to the model's dtype and device
+    dst.copy_(src)  # casts to the model's dtype and device

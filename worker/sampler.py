@@ -29,6 +29,7 @@ Invariants, for every request id held:
     marks exactly the tokens in prompt + outputs and _counts[slot, t] is how often t occurs in
     the outputs. Rows not owned by a request hold stale values and are reset when handed out.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -48,8 +49,8 @@ _PROMPT_LOGPROBS_CHUNK = 512
 class _Request:
     params: SamplingParams
     num_outputs: int
-    slot: int                       # row of the penalty buffers; -1 without penalties
-    min_tokens_ids: list[int]       # banned while num_outputs < params.min_tokens
+    slot: int  # row of the penalty buffers; -1 without penalties
+    min_tokens_ids: list[int]  # banned while num_outputs < params.min_tokens
     bias_ids: list[int]
     bias_values: list[float]
 
@@ -62,8 +63,7 @@ class Sampler:
     remove_request when the request finishes or is dropped.
     """
 
-    def __init__(self, vocab_size: int, eos_token_ids: Sequence[int], device="cpu",
-                 seed: Optional[int] = None):
+    def __init__(self, vocab_size: int, eos_token_ids: Sequence[int], device="cpu", seed: Optional[int] = None):
         """vocab_size: width of the logits (the model's, padding included).
         seed: seeds the generator that unseeded requests share; None draws one from the OS.
         Tensor-parallel ranks that each sample must pass the same seed to agree."""
@@ -76,23 +76,27 @@ class Sampler:
             self._shared_generator.seed()
         else:
             self._shared_generator.manual_seed(seed)
-        self._seeded_generator = torch.Generator(self.device)   # reseeded for every seeded row
+        self._seeded_generator = torch.Generator(self.device)  # reseeded for every seeded row
         self._seen = torch.zeros(0, vocab_size, dtype=torch.bool, device=self.device)
         self._counts = torch.zeros(0, vocab_size, dtype=torch.float32, device=self.device)
         self._free_slots: list[int] = []
 
     # ------------------------------------------------------------------ request state
 
-    def add_request(self, request_id: str, params: SamplingParams,
-                    prompt_token_ids: Sequence[int], output_token_ids: Sequence[int] = ()) -> None:
+    def add_request(
+        self,
+        request_id: str,
+        params: SamplingParams,
+        prompt_token_ids: Sequence[int],
+        output_token_ids: Sequence[int] = (),
+    ) -> None:
         """Start tracking a request. output_token_ids is non-empty when a preempted request is
         rebuilt; sampling then continues exactly as if it had never left. Replaces any state
         already held under request_id. Raises ValueError for a logit_bias id outside the vocab."""
         self.remove_request(request_id)
         bad = [t for t in params.logit_bias if not 0 <= int(t) < self.vocab_size]
         if bad:
-            raise ValueError(f"logit_bias token ids {bad} are outside the vocabulary "
-                             f"(size {self.vocab_size})")
+            raise ValueError(f"logit_bias token ids {bad} are outside the vocabulary (size {self.vocab_size})")
         min_tokens_ids: list[int] = []
         if params.min_tokens > 0:
             stops = set(params.stop_token_ids)
@@ -107,10 +111,13 @@ class Sampler:
             self._seen[slot] = self._counts[slot] > 0
             self._seen[slot, self._long(list(prompt_token_ids))] = True
         self._requests[request_id] = _Request(
-            params=params, num_outputs=len(output_token_ids), slot=slot,
+            params=params,
+            num_outputs=len(output_token_ids),
+            slot=slot,
             min_tokens_ids=min_tokens_ids,
             bias_ids=[int(t) for t in params.logit_bias],
-            bias_values=[float(b) for b in params.logit_bias.values()])
+            bias_values=[float(b) for b in params.logit_bias.values()],
+        )
 
     def remove_request(self, request_id: str) -> None:
         """Forget a request (finished, aborted, or preempted). Unknown ids are ignored."""
@@ -123,8 +130,7 @@ class Sampler:
             old = self._seen.shape[0]
             new = max(8, 2 * old)
             self._seen = torch.cat([self._seen, self._seen.new_zeros(new - old, self.vocab_size)])
-            self._counts = torch.cat([self._counts,
-                                      self._counts.new_zeros(new - old, self.vocab_size)])
+            self._counts = torch.cat([self._counts, self._counts.new_zeros(new - old, self.vocab_size)])
             self._free_slots.extend(range(new - 1, old - 1, -1))
         return self._free_slots.pop()
 
@@ -137,17 +143,19 @@ class Sampler:
         in its request's state, so each row must be a real next token of its request."""
         n, vocab = logits.shape
         if vocab != self.vocab_size or len(request_ids) != n:
-            raise ValueError(f"logits {tuple(logits.shape)} do not match {len(request_ids)} "
-                             f"requests x vocab {self.vocab_size}")
+            raise ValueError(
+                f"logits {tuple(logits.shape)} do not match {len(request_ids)} requests x vocab {self.vocab_size}"
+            )
         requests = [self._requests[r] for r in request_ids]
-        adjusted = self._adjust(logits, requests)                        # [N, V]
-        tokens = self._choose(adjusted, requests)                        # [N] long
+        adjusted = self._adjust(logits, requests)  # [N, V]
+        tokens = self._choose(adjusted, requests)  # [N] long
         logprobs = self._sampled_logprobs(logits, tokens, requests)
         self._record(tokens, requests)
         return list(zip(tokens.tolist(), logprobs))
 
-    def verify(self, logits: Tensor, request_ids: list[str],
-               drafts: list[list[int]]) -> list[list[tuple[int, Optional[TokenLogprob]]]]:
+    def verify(
+        self, logits: Tensor, request_ids: list[str], drafts: list[list[int]]
+    ) -> list[list[tuple[int, Optional[TokenLogprob]]]]:
         """Speculative decoding. Request i owns 1 + len(drafts[i]) consecutive rows of logits
         (in request order); its row j predicts the token after its first j drafts. Rows are
         sampled one position at a time, exactly as sequential decoding would sample them: row
@@ -164,7 +172,7 @@ class Sampler:
             row += 1 + len(d)
         if row != logits.shape[0]:
             raise ValueError(f"{logits.shape[0]} logits rows for {row} positions")
-        if row == len(request_ids):                    # no drafts: one plain sample each
+        if row == len(request_ids):  # no drafts: one plain sample each
             return [[picked] for picked in self.sample(logits, request_ids)]
         out: list[list[tuple[int, Optional[TokenLogprob]]]] = [[] for _ in request_ids]
         alive, j = list(range(len(request_ids))), 0
@@ -210,11 +218,9 @@ class Sampler:
         if bias_rows or ban_rows:
             x = logits.clone()
             if bias_rows:
-                x.index_put_((self._long(bias_rows), self._long(bias_ids)),
-                             self._float(bias_values), accumulate=True)
+                x.index_put_((self._long(bias_rows), self._long(bias_ids)), self._float(bias_values), accumulate=True)
             if ban_rows:
-                x.index_put_((self._long(ban_rows), self._long(ban_ids)),
-                             self._float([float("-inf")]))
+                x.index_put_((self._long(ban_rows), self._long(ban_ids)), self._float([float("-inf")]))
         if penalty_rows:
             penalized = [requests[i] for i in penalty_rows]
             x = _map_rows(x, penalty_rows, lambda rows: self._penalize(rows, penalized))
@@ -230,7 +236,7 @@ class Sampler:
         frequency = [p.frequency_penalty for p in params]
         presence = [p.presence_penalty for p in params]
         if any(frequency) or any(presence):
-            counts = self._counts[slots]                                 # [P, V]
+            counts = self._counts[slots]  # [P, V]
             x = x - self._column(frequency) * counts - self._column(presence) * (counts > 0)
         return x
 
@@ -262,8 +268,11 @@ class Sampler:
         if min_p_rows:
             min_p = self._column([params[i].min_p for i in min_p_rows])
             # p_i < min_p * p_max  <=>  logit_i < logit_max + log(min_p): no softmax needed.
-            x = _map_rows(x, min_p_rows, lambda rows: rows.masked_fill(
-                rows < rows.amax(-1, keepdim=True) + min_p.log(), float("-inf")))
+            x = _map_rows(
+                x,
+                min_p_rows,
+                lambda rows: rows.masked_fill(rows < rows.amax(-1, keepdim=True) + min_p.log(), float("-inf")),
+            )
         probs = x.softmax(-1)
         return (probs / self._exponential_noise(requests, vocab=x.shape[1])).argmax(-1)
 
@@ -272,15 +281,15 @@ class Sampler:
         outside the top_p nucleus of what is left, set to -inf. top_k 0 / top_p 1 disable."""
         vocab = x.shape[1]
         k = self._long([min(t, vocab) if t > 0 else vocab for t in top_k])
-        sorted_x, order = x.sort(-1, descending=True)                    # [T, V]
-        cut = torch.arange(vocab, device=x.device) >= k[:, None]         # [T, V] beyond top-k
+        sorted_x, order = x.sort(-1, descending=True)  # [T, V]
+        cut = torch.arange(vocab, device=x.device) >= k[:, None]  # [T, V] beyond top-k
         sorted_x.masked_fill_(cut, float("-inf"))
         if any(t < 1.0 for t in top_p):
             # inf, not 1.0, disables top_p: a float32 cumsum can reach 1.0 before the last token.
             p = self._column([t if t < 1.0 else float("inf") for t in top_p])
             probs = sorted_x.softmax(-1)
-            mass_before = probs.cumsum(-1) - probs     # probability of all more likely tokens
-            sorted_x.masked_fill_(mass_before >= p, float("-inf"))   # position 0 always stays
+            mass_before = probs.cumsum(-1) - probs  # probability of all more likely tokens
+            sorted_x.masked_fill_(mass_before >= p, float("-inf"))  # position 0 always stays
         return torch.empty_like(x).scatter_(-1, order, sorted_x)
 
     def _exponential_noise(self, requests: list[_Request], vocab: int) -> Tensor:
@@ -293,7 +302,8 @@ class Sampler:
         elif len(seeded) < len(requests):
             unseeded = self._long([i for i, r in enumerate(requests) if r.params.seed is None])
             q[unseeded] = torch.empty(len(unseeded), vocab, device=self.device).exponential_(
-                generator=self._shared_generator)
+                generator=self._shared_generator
+            )
         for i in seeded:
             r = requests[i]
             self._seeded_generator.manual_seed(_mix_seed(r.params.seed, r.num_outputs))
@@ -301,8 +311,9 @@ class Sampler:
         # exponential_ can return exactly 0; p / 0 would be inf (or nan for a banned token).
         return q.clamp_min_(torch.finfo(q.dtype).tiny)
 
-    def _sampled_logprobs(self, logits: Tensor, tokens: Tensor,
-                          requests: list[_Request]) -> list[Optional[TokenLogprob]]:
+    def _sampled_logprobs(
+        self, logits: Tensor, tokens: Tensor, requests: list[_Request]
+    ) -> list[Optional[TokenLogprob]]:
         rows = [i for i, r in enumerate(requests) if r.params.logprobs is not None]
         out: list[Optional[TokenLogprob]] = [None] * len(requests)
         if not rows:
@@ -310,8 +321,7 @@ class Sampler:
         if len(rows) < len(requests):
             index = self._long(rows)
             logits, tokens = logits[index], tokens[index]
-        entries = _token_logprobs(logits.log_softmax(-1), tokens,
-                                  [requests[i].params.logprobs for i in rows])
+        entries = _token_logprobs(logits.log_softmax(-1), tokens, [requests[i].params.logprobs for i in rows])
         for i, entry in zip(rows, entries):
             out[i] = entry
         return out
@@ -351,13 +361,16 @@ def _map_rows(x: Tensor, rows: list[int], fn: Callable[[Tensor], Tensor]) -> Ten
 def _token_logprobs(logprobs: Tensor, token_ids: Tensor, num_tops: list[int]) -> list[TokenLogprob]:
     """logprobs: [L, V] log_softmax rows; token_ids: [L]. Row i gets token_ids[i]'s logprob,
     its rank (1 + count of strictly more likely tokens) and the num_tops[i] most likely tokens."""
-    chosen = logprobs.gather(-1, token_ids[:, None])                     # [L, 1]
-    ranks = (logprobs > chosen).sum(-1) + 1                              # [L]
+    chosen = logprobs.gather(-1, token_ids[:, None])  # [L, 1]
+    ranks = (logprobs > chosen).sum(-1) + 1  # [L]
     top_values, top_ids = logprobs.topk(min(max(num_tops), logprobs.shape[1]), dim=-1)  # [L, K]
-    rows = zip(token_ids.tolist(), chosen[:, 0].tolist(), ranks.tolist(),
-               top_ids.tolist(), top_values.tolist(), num_tops)
-    return [TokenLogprob(token_id=t, logprob=lp, rank=rank, top=list(zip(ids[:k], values[:k])))
-            for t, lp, rank, ids, values, k in rows]
+    rows = zip(
+        token_ids.tolist(), chosen[:, 0].tolist(), ranks.tolist(), top_ids.tolist(), top_values.tolist(), num_tops
+    )
+    return [
+        TokenLogprob(token_id=t, logprob=lp, rank=rank, top=list(zip(ids[:k], values[:k])))
+        for t, lp, rank, ids, values, k in rows
+    ]
 
 
 def _mix_seed(seed: int, index: int) -> int:

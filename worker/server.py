@@ -15,6 +15,7 @@ replaced, so a later session could only be someone else's).
 Run standalone (tests, debugging) with:
     FOLIO_CLUSTER_SECRET=... python -m worker.server --address 127.0.0.1:50051
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,20 +33,9 @@ from protos import worker_pb2_grpc
 from protos.codec import decode_sampling_params, decode_step_request, encode_step_result
 from protos.messages import RequestError, StepRequest
 from protos.security import SECRET_ENV, ClusterCredentials, SecretCheck, server_credentials
+from protos.transport import SERVER_OPTIONS
 
 log = logging.getLogger(__name__)
-
-# Steps carry whole prompts; a large batch of long ones exceeds gRPC's 4 MiB default.
-MAX_MESSAGE_BYTES = 1 << 30
-SERVER_OPTIONS = [
-    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-    # The head pings an idle stream so a vanished worker is noticed; allow it.
-    # (The key gRPC core reads; a "min_recv_ping_interval..." spelling is silently ignored.)
-    ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
-    ("grpc.keepalive_permit_without_calls", 1),
-]
-
 
 # A decoded step and the requests refused while decoding it.
 _DecodedStep = tuple[StepRequest, list[RequestError]]
@@ -57,9 +47,9 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
     def __init__(self) -> None:
         self.worker = None
         self.steps_executed = 0
-        self._load_called = False            # one LoadModel per worker, even when calls overlap
-        self._session_opened = False         # one step session per loaded model, ever
-        self.stopped = asyncio.Event()       # set by Shutdown; the server's owner stops it
+        self._load_called = False  # one LoadModel per worker, even when calls overlap
+        self._session_opened = False  # one step session per loaded model, ever
+        self.stopped = asyncio.Event()  # set by Shutdown; the server's owner stops it
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="folio-step")
 
     async def LoadModel(self, request: pb.LoadModelRequest, context) -> pb.LoadModelResponse:
@@ -67,22 +57,24 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "LoadModel was already called")
         self._load_called = True
         try:
-            self.worker = await asyncio.get_running_loop().run_in_executor(
-                self._thread, _build_worker, request)
+            self.worker = await asyncio.get_running_loop().run_in_executor(self._thread, _build_worker, request)
         except (ValueError, FileNotFoundError, OSError) as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"cannot load the model: {e}")
         cfg = self.worker.model_config
         return pb.LoadModelResponse(
-            num_blocks=self.worker.num_blocks, block_size=self.worker.block_size,
-            max_position_embeddings=cfg.max_position_embeddings, vocab_size=cfg.vocab_size,
-            eos_token_ids=cfg.eos_token_ids, device=str(self.worker.device))
+            num_blocks=self.worker.num_blocks,
+            block_size=self.worker.block_size,
+            max_position_embeddings=cfg.max_position_embeddings,
+            vocab_size=cfg.vocab_size,
+            eos_token_ids=cfg.eos_token_ids,
+            device=str(self.worker.device),
+        )
 
     async def ExecuteSteps(self, request_iterator, context) -> AsyncIterator[pb.StepResult]:
         if self.worker is None:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "LoadModel first")
         if self._session_opened:
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
-                                "this worker's step session was already opened")
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "this worker's step session was already opened")
         self._session_opened = True
         steps: asyncio.Queue[Optional[_DecodedStep] | BaseException] = asyncio.Queue()
 
@@ -91,7 +83,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                 async for m in request_iterator:
                     steps.put_nowait(_decode_step(m))
                 steps.put_nowait(None)
-            except Exception as e:           # noqa: BLE001 - handed to the step loop below
+            except Exception as e:  # noqa: BLE001 - handed to the step loop below
                 steps.put_nowait(e)
 
         receiver = asyncio.create_task(receive())
@@ -108,8 +100,9 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                     result = await loop.run_in_executor(self._thread, self._run_step, step, refused)
                 except Exception as e:
                     log.exception("step %d failed", step.step_id)
-                    await context.abort(grpc.StatusCode.INTERNAL,
-                                        f"step {step.step_id} failed: {type(e).__name__}: {e}")
+                    await context.abort(
+                        grpc.StatusCode.INTERNAL, f"step {step.step_id} failed: {type(e).__name__}: {e}"
+                    )
                 yield result
         finally:
             receiver.cancel()
@@ -121,8 +114,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         return encode_step_result(result)
 
     async def Health(self, request, context) -> pb.HealthResponse:
-        return pb.HealthResponse(model_loaded=self.worker is not None,
-                                 steps_executed=self.steps_executed)
+        return pb.HealthResponse(model_loaded=self.worker is not None, steps_executed=self.steps_executed)
 
     async def Shutdown(self, request, context) -> pb.ShutdownResponse:
         self.stopped.set()
@@ -150,12 +142,12 @@ def _decode_step(m: pb.StepRequest) -> _DecodedStep:
     del fixed.new_requests[:]
     fixed.new_requests.extend(kept)
     fixed.finished_ids.extend(e.request_id for e in refused)
-    return decode_step_request(fixed), refused     # raises if something else was wrong
+    return decode_step_request(fixed), refused  # raises if something else was wrong
 
 
 def _build_worker(request: pb.LoadModelRequest):
     from worker.parallel import TPGroup
-    from worker.worker import Worker, default_dtype   # model code loads only when asked to
+    from worker.worker import Worker, default_dtype  # model code loads only when asked to
 
     device = request.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = _dtype(request.dtype or default_dtype(device))
@@ -165,11 +157,17 @@ def _build_worker(request: pb.LoadModelRequest):
     if not 0 <= request.rank < world:
         raise ValueError(f"rank {request.rank} is outside world_size {world}")
     tp = TPGroup.init(request.rank, world, request.rendezvous, torch.device(device))
-    return Worker(request.model_path or None, block_size=request.block_size or 16,
-                  num_blocks=request.num_blocks or None,
-                  kv_cache_bytes=request.kv_cache_bytes or None, dtype=dtype, device=device, tp=tp,
-                  gpu_memory_utilization=request.gpu_memory_utilization or None,
-                  max_num_batched_tokens=request.max_num_batched_tokens or None)
+    return Worker(
+        request.model_path or None,
+        block_size=request.block_size or 16,
+        num_blocks=request.num_blocks or None,
+        kv_cache_bytes=request.kv_cache_bytes or None,
+        dtype=dtype,
+        device=device,
+        tp=tp,
+        gpu_memory_utilization=request.gpu_memory_utilization or None,
+        max_num_batched_tokens=request.max_num_batched_tokens or None,
+    )
 
 
 def _dtype(name: str) -> torch.dtype:
@@ -179,8 +177,7 @@ def _dtype(name: str) -> torch.dtype:
     return dtype
 
 
-async def start_server(address: str, credentials: ClusterCredentials
-                       ) -> tuple[grpc.aio.Server, WorkerServicer, str]:
+async def start_server(address: str, credentials: ClusterCredentials) -> tuple[grpc.aio.Server, WorkerServicer, str]:
     """Serve a fresh WorkerServicer on address ("host:0" picks a free port), to
     callers holding credentials.secret only, over TLS when credentials has it.
 

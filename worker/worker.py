@@ -9,6 +9,7 @@ gpu_memory_utilization of the device leaves once the weights are loaded and a
 worst-case step (max_num_batched_tokens tokens, all asking for prompt logprobs)
 has run and been measured, as vLLM does; on CPU a fixed byte budget.
 """
+
 from __future__ import annotations
 
 import logging
@@ -26,9 +27,9 @@ from worker.sampler import Sampler
 
 log = logging.getLogger(__name__)
 
-DEFAULT_KV_CACHE_BYTES = 1 << 30           # CPU (or a device told no fraction): a fixed budget
-DEFAULT_GPU_MEMORY_UTILIZATION = 0.9       # vLLM's default
-DEFAULT_MAX_NUM_BATCHED_TOKENS = 512       # the scheduler's default step size (cluster/config.py)
+DEFAULT_KV_CACHE_BYTES = 1 << 30  # CPU (or a device told no fraction): a fixed budget
+DEFAULT_GPU_MEMORY_UTILIZATION = 0.9  # vLLM's default
+DEFAULT_MAX_NUM_BATCHED_TOKENS = 512  # the scheduler's default step size (cluster/config.py)
 
 
 def default_dtype(device: str) -> str:
@@ -43,71 +44,94 @@ class Worker:
     model's forward is a collective over the group.
     """
 
-    def __init__(self, model_path: Optional[str] = None, *, block_size: int = 16,
-                 num_blocks: Optional[int] = None, kv_cache_bytes: Optional[int] = None,
-                 dtype: torch.dtype = torch.float32, device: str = "cpu",
-                 tp: Optional[TPGroup] = None, kernels: str = "auto",
-                 gpu_memory_utilization: Optional[float] = None,
-                 max_num_batched_tokens: Optional[int] = None):
+    def __init__(
+        self,
+        model_path: Optional[str] = None,
+        *,
+        block_size: int = 16,
+        num_blocks: Optional[int] = None,
+        kv_cache_bytes: Optional[int] = None,
+        dtype: Optional[torch.dtype] = None,
+        device: str = "cpu",
+        tp: Optional[TPGroup] = None,
+        kernels: str = "auto",
+        gpu_memory_utilization: Optional[float] = None,
+        max_num_batched_tokens: Optional[int] = None,
+    ):
         self.model_path = model_path or default_model_path()
         self.device = torch.device(device)
+        dtype = dtype or getattr(torch, default_dtype(device))
         self.tp = tp or TPGroup()
-        self.model, self.model_config = load_model(self.model_path, dtype=dtype, device=self.device,
-                                                   ops=select_ops(self.device, kernels), tp=self.tp)
+        self.model, self.model_config = load_model(
+            self.model_path, dtype=dtype, device=self.device, ops=select_ops(self.device, kernels), tp=self.tp
+        )
         cfg = self.model_config
-        kv_heads = self.model.num_kv_heads          # this rank's share
+        kv_heads = self.model.num_kv_heads  # this rank's share
         if num_blocks is None and kv_cache_bytes is None and self.device.type == "cuda":
             kv_cache_bytes = self._kv_bytes_from_gpu_memory(
                 gpu_memory_utilization or DEFAULT_GPU_MEMORY_UTILIZATION,
-                max_num_batched_tokens or DEFAULT_MAX_NUM_BATCHED_TOKENS, block_size, dtype)
+                max_num_batched_tokens or DEFAULT_MAX_NUM_BATCHED_TOKENS,
+                block_size,
+                dtype,
+            )
         if num_blocks is None:
-            num_blocks = KVPool.blocks_for_budget(kv_cache_bytes or DEFAULT_KV_CACHE_BYTES,
-                                                  cfg.num_layers, kv_heads, cfg.head_dim,
-                                                  block_size, dtype)
-        self.pool = KVPool.allocate(cfg.num_layers, num_blocks, block_size, kv_heads,
-                                    cfg.head_dim, dtype, self.device)
+            num_blocks = KVPool.blocks_for_budget(
+                kv_cache_bytes or DEFAULT_KV_CACHE_BYTES, cfg.num_layers, kv_heads, cfg.head_dim, block_size, dtype
+            )
+        self.pool = KVPool.allocate(cfg.num_layers, num_blocks, block_size, kv_heads, cfg.head_dim, dtype, self.device)
         self.sampler = Sampler(cfg.vocab_size, cfg.eos_token_ids, device=self.device)
         self.runner = ModelRunner(self.model, self.pool, self.sampler, self.device, tp=self.tp)
-        log.info("worker ready: %s, %d KV blocks of %d tokens (%.1f MiB)", self.model_path,
-                 num_blocks, block_size, self.pool.nbytes / 2**20)
+        log.info(
+            "worker ready: %s, %d KV blocks of %d tokens (%.1f MiB)",
+            self.model_path,
+            num_blocks,
+            block_size,
+            self.pool.nbytes / 2**20,
+        )
 
-    def _kv_bytes_from_gpu_memory(self, utilization: float, step_tokens: int, block_size: int,
-                                  dtype: torch.dtype) -> int:
+    def _kv_bytes_from_gpu_memory(
+        self, utilization: float, step_tokens: int, block_size: int, dtype: torch.dtype
+    ) -> int:
         cfg = self.model_config
         profile = self._profile_gpu_memory(step_tokens, block_size, dtype)
-        per_block = KVPool.bytes_per_block(cfg.num_layers, self.model.num_kv_heads, cfg.head_dim,
-                                           block_size, dtype)
+        per_block = KVPool.bytes_per_block(cfg.num_layers, self.model.num_kv_heads, cfg.head_dim, block_size, dtype)
         budget = gpu_memory_budget(profile, utilization, per_block)
-        log.info("KV pool from GPU memory: %g of %.2f GiB, less %.2f GiB in use and %.2f GiB at "
-                 "the peak of a %d-token step, leaves %.2f GiB: %d blocks of %d tokens",
-                 utilization, profile.total / GiB, profile.in_use / GiB, profile.step_peak / GiB,
-                 step_tokens, budget / GiB, budget // per_block, block_size)
+        log.info(
+            "KV pool from GPU memory: %g of %.2f GiB, less %.2f GiB in use and %.2f GiB at "
+            "the peak of a %d-token step, leaves %.2f GiB: %d blocks of %d tokens",
+            utilization,
+            profile.total / GiB,
+            profile.in_use / GiB,
+            profile.step_peak / GiB,
+            step_tokens,
+            budget / GiB,
+            budget // per_block,
+            block_size,
+        )
         return budget
 
-    def _profile_gpu_memory(self, step_tokens: int, block_size: int,
-                            dtype: torch.dtype) -> MemoryProfile:
+    def _profile_gpu_memory(self, step_tokens: int, block_size: int, dtype: torch.dtype) -> MemoryProfile:
         """Run one worst-case step on a scratch pool just big enough for it and measure.
 
         The scratch pool is not part of the step's peak (the real pool replaces it).
         Every tensor-parallel rank runs the same step: the forward is a collective.
         """
         cfg, dev = self.model_config, self.device
-        step, blocks = profile_step(step_tokens, cfg.max_position_embeddings, block_size,
-                                    cfg.vocab_size)
+        step, blocks = profile_step(step_tokens, cfg.max_position_embeddings, block_size, cfg.vocab_size)
         torch.cuda.synchronize(dev)
         torch.cuda.empty_cache()
-        pool = KVPool.allocate(cfg.num_layers, blocks, block_size, self.model.num_kv_heads,
-                               cfg.head_dim, dtype, dev)
+        pool = KVPool.allocate(cfg.num_layers, blocks, block_size, self.model.num_kv_heads, cfg.head_dim, dtype, dev)
         torch.cuda.reset_peak_memory_stats(dev)
         base = torch.cuda.memory_allocated(dev)
-        runner = ModelRunner(self.model, pool, Sampler(cfg.vocab_size, cfg.eos_token_ids, device=dev),
-                             dev, tp=self.tp)
+        runner = ModelRunner(self.model, pool, Sampler(cfg.vocab_size, cfg.eos_token_ids, device=dev), dev, tp=self.tp)
         try:
             result = runner.execute(step)
             torch.cuda.synchronize(dev)
         except torch.cuda.OutOfMemoryError as e:
-            raise ValueError(f"a step of {step_tokens} tokens (max_num_batched_tokens) does not fit "
-                             f"in GPU memory next to the model; lower --max-num-batched-tokens") from e
+            raise ValueError(
+                f"a step of {step_tokens} tokens (max_num_batched_tokens) does not fit "
+                f"in GPU memory next to the model; lower --max-num-batched-tokens"
+            ) from e
         if result.errors:
             raise RuntimeError(f"the profiling step was refused: {result.errors[0].message}")
         step_peak = torch.cuda.max_memory_allocated(dev) - base
@@ -128,8 +152,7 @@ class Worker:
         return self.runner.execute(step)
 
 
-def profile_step(num_tokens: int, max_positions: int, block_size: int,
-                 vocab_size: int) -> tuple[StepRequest, int]:
+def profile_step(num_tokens: int, max_positions: int, block_size: int, vocab_size: int) -> tuple[StepRequest, int]:
     """The most a step can ask of memory: num_tokens prompt tokens (in requests of at most
     max_positions), every one asking for prompt logprobs (logits for all its tokens).
     Returns the step and the number of blocks it uses (ids 0 .. n-1)."""
@@ -138,10 +161,17 @@ def profile_step(num_tokens: int, max_positions: int, block_size: int,
         n = min(num_tokens, max_positions)
         need = -(-n // block_size)
         i = len(requests)
-        requests.append(NewRequest(
-            f"profile-{i}", [(7 * j + i) % vocab_size for j in range(n)], n,
-            SamplingParams(max_tokens=1, top_p=0.9, prompt_logprobs=1),
-            list(range(blocks, blocks + need)), num_computed_tokens=0, num_scheduled_tokens=n))
+        requests.append(
+            NewRequest(
+                f"profile-{i}",
+                [(7 * j + i) % vocab_size for j in range(n)],
+                n,
+                SamplingParams(max_tokens=1, top_p=0.9, prompt_logprobs=1),
+                list(range(blocks, blocks + need)),
+                num_computed_tokens=0,
+                num_scheduled_tokens=n,
+            )
+        )
         blocks += need
         num_tokens -= n
     return StepRequest(step_id=0, new_requests=requests), blocks

@@ -7,6 +7,7 @@ GPU machine it stays unset and test_gpu.py runs the compiled kernels.
 The `paged_case` fixture builds one attention step over a paged pool, shared
 by the interpreter and the GPU tests.
 """
+
 from __future__ import annotations
 
 import os
@@ -19,11 +20,12 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from kernels import reference  # noqa: E402  (after TRITON_INTERPRET on purpose)
-from kernels.metadata import AttentionMetadata  # noqa: E402
+from tests.paged import metadata_for  # noqa: E402
 
 
-def build_paged_case(query_lens, context_lens, *, block_size, num_q_heads, num_kv_heads, head_dim,
-                     dtype, device="cpu", seed=0) -> SimpleNamespace:
+def build_paged_case(
+    query_lens, context_lens, *, block_size, num_q_heads, num_kv_heads, head_dim, dtype, device="cpu", seed=0
+) -> SimpleNamespace:
     """One step: q for the new tokens, a pool holding every sequence's context
     and (written by reference.write_kv) its new tokens, in shuffled blocks.
 
@@ -39,9 +41,9 @@ def build_paged_case(query_lens, context_lens, *, block_size, num_q_heads, num_k
     ids = (torch.randperm(num_blocks - 1, generator=gen) + 1).tolist()
     tables, i = [], 0
     for n in counts:
-        tables.append(ids[i:i + n])
+        tables.append(ids[i : i + n])
         i += n
-    meta = AttentionMetadata.build(list(query_lens), list(context_lens), tables, block_size, device)
+    meta = metadata_for(query_lens, context_lens, tables, block_size, device)
 
     def randn(*shape):
         return torch.randn(*shape, generator=gen).to(dtype)
@@ -53,10 +55,13 @@ def build_paged_case(query_lens, context_lens, *, block_size, num_q_heads, num_k
         held[torch.tensor(blocks, dtype=torch.long)[pos // block_size] * block_size + pos % block_size] = True
     held = held.view(num_blocks, block_size, 1, 1)
     T = sum(query_lens)
-    case = SimpleNamespace(meta=meta, scale=head_dim ** -0.5,
-                           q=randn(T, num_q_heads, head_dim).to(device),
-                           k_new=randn(T, num_kv_heads, head_dim).to(device),
-                           v_new=randn(T, num_kv_heads, head_dim).to(device))
+    case = SimpleNamespace(
+        meta=meta,
+        scale=head_dim**-0.5,
+        q=randn(T, num_q_heads, head_dim).to(device),
+        k_new=randn(T, num_kv_heads, head_dim).to(device),
+        v_new=randn(T, num_kv_heads, head_dim).to(device),
+    )
     ref_k = torch.where(held, randn(*shape), 0).to(dtype).to(device)
     ref_v = torch.where(held, randn(*shape), 0).to(dtype).to(device)
     reference.write_kv(case.k_new, case.v_new, ref_k, ref_v, meta.slot_mapping)

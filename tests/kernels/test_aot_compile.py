@@ -7,6 +7,7 @@ TRITON_INTERPRET is set (tests/kernels/conftest.py), and those cannot be
 compiled. Cold, the two take about 40 s on two cores; Triton's cache makes
 reruns faster.
 """
+
 from __future__ import annotations
 
 import json
@@ -25,9 +26,17 @@ REPO = Path(__file__).resolve().parents[2]
 @pytest.mark.slow
 def test_every_variant_compiles_without_spills(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    procs = {arch: subprocess.Popen(
-        [sys.executable, "-m", "kernels.aot", "--arch", str(arch), "--json", str(tmp_path / f"{arch}.json")],
-        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for arch in ARCHS}
+    procs = {
+        arch: subprocess.Popen(
+            [sys.executable, "-m", "kernels.aot", "--arch", str(arch), "--json", str(tmp_path / f"{arch}.json")],
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for arch in ARCHS
+    }
     logs = {arch: p.communicate(timeout=900)[0] for arch, p in procs.items()}
     reports = []
     for arch in ARCHS:
@@ -39,5 +48,5 @@ def test_every_variant_compiles_without_spills(tmp_path):
         assert any(label.split()[0] == kind for label in labels), f"no {kind} variant compiled"
     bad = [r for r in reports if r["error"] or r["spill_stores"] or r["spill_loads"]]
     assert not bad, "variants that failed or spilled:\n" + "\n".join(
-        f"sm_{r['arch']} {r['label']}: {r['error'] or ''} spills {r['spill_stores']}/{r['spill_loads']}"
-        for r in bad)
+        f"sm_{r['arch']} {r['label']}: {r['error'] or ''} spills {r['spill_stores']}/{r['spill_loads']}" for r in bad
+    )

@@ -4,6 +4,7 @@ builds host-side index tensors). Skipped without CUDA.
 
     pytest tests/kernels/test_gpu.py --confcutdir=tests/kernels
 """
+
 from __future__ import annotations
 
 import pytest
@@ -11,8 +12,7 @@ import torch
 
 from kernels import reference
 
-pytestmark = [pytest.mark.gpu,
-              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
 BF16, F16, F32 = torch.bfloat16, torch.float16, torch.float32
 TOL = {BF16: dict(atol=2e-2, rtol=2e-2), F16: dict(atol=4e-3, rtol=1e-2), F32: dict(atol=1e-4, rtol=1e-4)}
@@ -21,14 +21,21 @@ TOL = {BF16: dict(atol=2e-2, rtol=2e-2), F16: dict(atol=4e-3, rtol=1e-2), F32: d
 def _cpu(meta):
     """The same metadata with its tensors on the CPU, for the reference."""
     from dataclasses import replace
-    return replace(meta, query_start_loc=meta.query_start_loc.cpu(), seq_lens=meta.seq_lens.cpu(),
-                   context_lens=meta.context_lens.cpu(), block_tables=meta.block_tables.cpu(),
-                   slot_mapping=meta.slot_mapping.cpu())
+
+    return replace(
+        meta,
+        query_start_loc=meta.query_start_loc.cpu(),
+        seq_lens=meta.seq_lens.cpu(),
+        context_lens=meta.context_lens.cpu(),
+        block_tables=meta.block_tables.cpu(),
+        slot_mapping=meta.slot_mapping.cpu(),
+    )
 
 
 def _check_attention(case, dtype, window, got):
-    expected = reference.paged_attention(case.q.cpu(), case.ref_k_cache.cpu(), case.ref_v_cache.cpu(),
-                                         _cpu(case.meta), case.scale, window)
+    expected = reference.paged_attention(
+        case.q.cpu(), case.ref_k_cache.cpu(), case.ref_v_cache.cpu(), _cpu(case.meta), case.scale, window
+    )
     assert not got.isnan().any()
     torch.testing.assert_close(got.cpu().float(), expected.float(), **TOL[dtype])
 
@@ -47,9 +54,18 @@ ATTENTION_CASES = [
 @pytest.mark.parametrize("dtype,block_size,head_dim,hq,hkv,window", ATTENTION_CASES)
 def test_decode_real_sizes(paged_case, dtype, block_size, head_dim, hq, hkv, window):
     from kernels.triton_ops import TRITON_OPS
+
     contexts = [0, 1, 15, 16, 17, 511, 1000, 2047, 4095, 5000, 7, 300, 64, 3333, 8191, 12000]
-    case = paged_case([1] * len(contexts), contexts, block_size=block_size, num_q_heads=hq,
-                      num_kv_heads=hkv, head_dim=head_dim, dtype=dtype, device="cuda")
+    case = paged_case(
+        [1] * len(contexts),
+        contexts,
+        block_size=block_size,
+        num_q_heads=hq,
+        num_kv_heads=hkv,
+        head_dim=head_dim,
+        dtype=dtype,
+        device="cuda",
+    )
     got = TRITON_OPS.paged_attention(case.q, case.k_cache, case.v_cache, case.meta, case.scale, window)
     _check_attention(case, dtype, window, got)
 
@@ -58,8 +74,10 @@ def test_decode_real_sizes(paged_case, dtype, block_size, head_dim, hq, hkv, win
 def test_decode_one_long_sequence_splits(paged_case, dtype):
     """Batch 1 at 32k: dozens of splits, merged by the reduce kernel."""
     from kernels.triton_ops import TRITON_OPS
-    case = paged_case([1], [32767], block_size=16, num_q_heads=32, num_kv_heads=8, head_dim=128,
-                      dtype=dtype, device="cuda")
+
+    case = paged_case(
+        [1], [32767], block_size=16, num_q_heads=32, num_kv_heads=8, head_dim=128, dtype=dtype, device="cuda"
+    )
     got = TRITON_OPS.paged_attention(case.q, case.k_cache, case.v_cache, case.meta, case.scale)
     _check_attention(case, dtype, None, got)
 
@@ -67,11 +85,20 @@ def test_decode_one_long_sequence_splits(paged_case, dtype):
 @pytest.mark.parametrize("dtype,block_size,head_dim,hq,hkv,window", ATTENTION_CASES)
 def test_prefill_real_sizes(paged_case, dtype, block_size, head_dim, hq, hkv, window):
     from kernels.triton_ops import TRITON_OPS
+
     # fresh prompt, prefix-cache hit, chunk after a mid-block prefix, decode rows, idle, single token
     qlens = [1500, 700, 513, 1, 1, 0, 1, 129]
     contexts = [0, 2048, 1000, 3000, 0, 50, 0, 7]
-    case = paged_case(qlens, contexts, block_size=block_size, num_q_heads=hq, num_kv_heads=hkv,
-                      head_dim=head_dim, dtype=dtype, device="cuda")
+    case = paged_case(
+        qlens,
+        contexts,
+        block_size=block_size,
+        num_q_heads=hq,
+        num_kv_heads=hkv,
+        head_dim=head_dim,
+        dtype=dtype,
+        device="cuda",
+    )
     got = TRITON_OPS.paged_attention(case.q, case.k_cache, case.v_cache, case.meta, case.scale, window)
     _check_attention(case, dtype, window, got)
 
@@ -79,6 +106,7 @@ def test_prefill_real_sizes(paged_case, dtype, block_size, head_dim, hq, hkv, wi
 @pytest.mark.parametrize("dtype", [BF16, F16])
 def test_write_kv_real_sizes(dtype):
     from kernels.kv_write import write_kv
+
     T, hkv, d, bs, blocks = 3000, 8, 128, 16, 400
     kv = torch.randn(T, 2, hkv, d, device="cuda", dtype=dtype)
     slots = torch.randperm(blocks * bs, device="cuda")[:T]
@@ -93,6 +121,7 @@ def test_write_kv_real_sizes(dtype):
 @pytest.mark.parametrize("n,offset", [(4096, 0.0), (576, 0.0), (8192, 1.0)])
 def test_rms_norm_real_sizes(dtype, n, offset):
     from kernels.norm_rope_act import rms_norm
+
     x = torch.randn(1000, n, device="cuda", dtype=dtype)
     res = torch.randn_like(x)
     w = torch.randn(n, device="cuda", dtype=dtype)
@@ -106,10 +135,11 @@ def test_rms_norm_real_sizes(dtype, n, offset):
 @pytest.mark.parametrize("head_dim,rot_dim", [(128, 128), (64, 32)])
 def test_rotary_real_sizes(dtype, head_dim, rot_dim):
     from kernels.norm_rope_act import rotary_embedding
+
     T, hq, hkv = 2048, 32, 8
     qkv = torch.randn(T, (hq + 2 * hkv) * head_dim, device="cuda", dtype=dtype)
     q = qkv[:, : hq * head_dim].view(T, hq, head_dim)
-    k = qkv[:, hq * head_dim: (hq + hkv) * head_dim].view(T, hkv, head_dim)
+    k = qkv[:, hq * head_dim : (hq + hkv) * head_dim].view(T, hkv, head_dim)
     pos = torch.randint(0, 8192, (T,), device="cuda")
     inv = 1.0 / (10000 ** (torch.arange(0, rot_dim, 2, device="cuda").float() / rot_dim))
     ang = torch.arange(8192, device="cuda").float()[:, None] * inv[None, :]
@@ -121,5 +151,6 @@ def test_rotary_real_sizes(dtype, head_dim, rot_dim):
 @pytest.mark.parametrize("dtype", [BF16, F16])
 def test_silu_and_mul_real_sizes(dtype):
     from kernels.norm_rope_act import silu_and_mul
+
     x = torch.randn(512, 2 * 14336, device="cuda", dtype=dtype)
     torch.testing.assert_close(silu_and_mul(x), reference.silu_and_mul(x), **TOL[dtype])

@@ -1,10 +1,11 @@
 """The KV pool sized from the GPU's memory (--gpu-memory-utilization), on a real GPU:
 a worker given a share of the device fills it with KV blocks, a worst-case step still
 fits inside the share, and a share smaller than what is already in use is refused.
-Skipped without CUDA; the arithmetic is tested on CPU in tests/test_kv_capacity.py.
+Skipped without CUDA; the arithmetic is tested on CPU in tests/worker/test_kv_capacity.py.
 
     pytest tests/kernels/test_gpu_kv_pool.py --confcutdir=tests/kernels
 """
+
 from __future__ import annotations
 
 import gc
@@ -15,8 +16,7 @@ import torch
 
 from tests.model_fixtures import make_gpu_model
 
-pytestmark = [pytest.mark.gpu,
-              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
 STEP_TOKENS = 4096
 
@@ -33,6 +33,7 @@ def _release():
 
 def test_a_share_below_what_is_in_use_is_refused(model):
     from worker.worker import Worker
+
     _release()
     with pytest.raises(ValueError, match="no GPU memory left for the KV cache"):
         Worker(model, dtype=torch.bfloat16, device="cuda", gpu_memory_utilization=0.001)
@@ -41,11 +42,18 @@ def test_a_share_below_what_is_in_use_is_refused(model):
 
 def test_the_pool_fills_the_share_and_a_worst_case_step_stays_inside_it(model, caplog):
     from worker.worker import Worker, profile_step
+
     _release()
     utilization = 0.5
     with caplog.at_level(logging.INFO, logger="worker.worker"):
-        worker = Worker(model, block_size=16, dtype=torch.bfloat16, device="cuda",
-                        gpu_memory_utilization=utilization, max_num_batched_tokens=STEP_TOKENS)
+        worker = Worker(
+            model,
+            block_size=16,
+            dtype=torch.bfloat16,
+            device="cuda",
+            gpu_memory_utilization=utilization,
+            max_num_batched_tokens=STEP_TOKENS,
+        )
     assert any("KV pool from GPU memory" in r.getMessage() for r in caplog.records)
     try:
         free, total = torch.cuda.mem_get_info()

@@ -15,6 +15,7 @@ prefix, chunked prefill and long decode rows that take the split-K kernel.
 
     pytest tests/kernels/test_gpu_model.py --confcutdir=tests/kernels
 """
+
 from __future__ import annotations
 
 import random
@@ -25,8 +26,7 @@ import torch
 from tests.hf_reference import assert_greedy_parity, half_precision_errors, run_staggered
 from tests.model_fixtures import GPU_FAMILIES, make_gpu_model
 
-pytestmark = [pytest.mark.gpu,
-              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
 NEW_TOKENS = 24
 
@@ -34,12 +34,12 @@ NEW_TOKENS = 24
 @pytest.fixture(scope="module")
 def gpu_models(tmp_path_factory):
     root = tmp_path_factory.mktemp("gpu-models")
-    return {f: make_gpu_model(f, root, num_layers=2) for f in GPU_FAMILIES}   # 2 layers: quick to build
+    return {f: make_gpu_model(f, root, num_layers=2) for f in GPU_FAMILIES}  # 2 layers: quick to build
 
 
 def _prompts(seed: str) -> list[list[int]]:
     rng = random.Random(seed)
-    shared = [rng.randrange(3, 32000) for _ in range(48)]        # three blocks of 16: prefix hits
+    shared = [rng.randrange(3, 32000) for _ in range(48)]  # three blocks of 16: prefix hits
     lengths = [1, 7, 16, 33, 130, 301, 640, 1100, 2500]
     prompts = [[rng.randrange(3, 32000) for _ in range(n)] for n in lengths]
     prompts += [shared + [rng.randrange(3, 32000) for _ in range(rng.randint(1, 40))] for _ in range(3)]
@@ -48,11 +48,21 @@ def _prompts(seed: str) -> list[list[int]]:
 
 
 def _run(path: str, dtype: torch.dtype, prompts: list[list[int]], speculate: int = 0):
-    from cluster.llm import LLM
+    from cluster.entrypoints.llm import LLM
     from protos.messages import SamplingParams
-    llm = LLM(path, block_size=16, kv_cache_bytes=2 << 30, max_num_seqs=16, max_num_batched_tokens=512,
-              dtype=dtype, device="cuda", num_speculative_tokens=speculate, prompt_lookup_min=1,
-              tokenizer=False)
+
+    llm = LLM(
+        path,
+        block_size=16,
+        kv_cache_bytes=2 << 30,
+        max_num_seqs=16,
+        max_num_batched_tokens=512,
+        dtype=dtype,
+        device="cuda",
+        num_speculative_tokens=speculate,
+        prompt_lookup_min=1,
+        tokenizer=False,
+    )
     assert llm.worker.model.ops.name == "triton"
     params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True, logprobs=5)
     results = run_staggered(llm, prompts, params, per_step=3)
@@ -66,8 +76,9 @@ def _run(path: str, dtype: torch.dtype, prompts: list[list[int]], speculate: int
 def test_fp32_greedy_parity(gpu_models, family):
     prompts = _prompts(family)
     results = _run(gpu_models[family], torch.float32, prompts)
-    assert_greedy_parity(gpu_models[family], prompts, results, NEW_TOKENS, logprob_tol=2e-3,
-                         dtype=torch.float32, device="cuda")
+    assert_greedy_parity(
+        gpu_models[family], prompts, results, NEW_TOKENS, logprob_tol=2e-3, dtype=torch.float32, device="cuda"
+    )
 
 
 def test_fp32_greedy_parity_with_speculative_drafts(gpu_models):
@@ -76,8 +87,9 @@ def test_fp32_greedy_parity_with_speculative_drafts(gpu_models):
     family = "mistral-window"
     prompts = [p + p[-40:] * 3 for p in _prompts(family)]
     results = _run(gpu_models[family], torch.float32, prompts, speculate=4)
-    assert_greedy_parity(gpu_models[family], prompts, results, NEW_TOKENS, logprob_tol=2e-3,
-                         dtype=torch.float32, device="cuda")
+    assert_greedy_parity(
+        gpu_models[family], prompts, results, NEW_TOKENS, logprob_tol=2e-3, dtype=torch.float32, device="cuda"
+    )
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])

@@ -6,6 +6,7 @@ step's metadata, decode-only and mixed steps, chunked prefill after a cached
 prefix, prefix-cache hits, preemption) through kernels="triton", the path a
 GPU takes, and demands transformers' greedy tokens.
 """
+
 from __future__ import annotations
 
 import random
@@ -13,7 +14,7 @@ import random
 import pytest
 import torch
 
-from cluster.llm import LLM
+from cluster.entrypoints.llm import LLM
 from kernels.ops import select_ops
 from protos.messages import SamplingParams
 from tests.hf_reference import assert_greedy_parity, run_staggered
@@ -31,12 +32,12 @@ pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="the interpret
 def test_tiny_model_on_triton_kernels_matches_transformers(family, tiny_model):
     path = tiny_model(family)
     rng = random.Random(f"triton-{family}")
-    shared = [rng.randrange(3, TINY_VOCAB) for _ in range(16)]          # two full blocks: prefix hits
-    prompts = [shared + [rng.randrange(3, TINY_VOCAB) for _ in range(rng.randint(1, 30))]
-               for _ in range(3)]
+    shared = [rng.randrange(3, TINY_VOCAB) for _ in range(16)]  # two full blocks: prefix hits
+    prompts = [shared + [rng.randrange(3, TINY_VOCAB) for _ in range(rng.randint(1, 30))] for _ in range(3)]
     prompts += [[rng.randrange(3, TINY_VOCAB) for _ in range(rng.randint(1, 40))] for _ in range(4)]
-    llm = LLM(path, block_size=8, num_blocks=12, max_num_seqs=4, max_num_batched_tokens=16,
-              kernels="triton", tokenizer=False)
+    llm = LLM(
+        path, block_size=8, num_blocks=12, max_num_seqs=4, max_num_batched_tokens=16, kernels="triton", tokenizer=False
+    )
     assert llm.worker.model.ops.name == "triton"
     results = run_staggered(llm, prompts, PARAMS, per_step=2)
     assert llm.scheduler.num_preemptions > 0, "the pool was meant to force preemption"
@@ -46,7 +47,7 @@ def test_tiny_model_on_triton_kernels_matches_transformers(family, tiny_model):
 
 def test_kernel_choice():
     assert select_ops("cpu").name == "reference"
-    assert select_ops("cpu", "triton").name == "triton"       # TRITON_INTERPRET=1 here (conftest)
+    assert select_ops("cpu", "triton").name == "triton"  # TRITON_INTERPRET=1 here (conftest)
     assert select_ops("cuda", "reference").name == "reference"
     with pytest.raises(ValueError, match="kernels must be one of"):
         select_ops("cpu", "cutlass")

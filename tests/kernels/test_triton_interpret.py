@@ -11,17 +11,17 @@ sequence has a token (conftest.build_paged_case), so an unmasked read fails.
 
 On a GPU machine the same code runs compiled in test_gpu.py instead.
 """
+
 from __future__ import annotations
 
 import pytest
 import torch
 
-from kernels import kv_write, paged_decode, paged_prefill, reference
+from kernels import kv_write, paged_decode, paged_prefill, reference, triton_ops
 from kernels.norm_rope_act import rms_norm, rotary_embedding, silu_and_mul
 from kernels.ops import select_ops
 from kernels.paged_decode import DecodeConfig
 from kernels.paged_prefill import PrefillConfig
-from kernels import triton_ops
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter tests; test_gpu.py covers CUDA")
 
@@ -31,7 +31,8 @@ F32, F16 = torch.float32, torch.float16
 def test_kernels_run_in_the_interpreter():
     assert type(paged_decode._decode_kernel).__name__ == "InterpretedFunction", (
         "kernels.* was imported before tests/kernels/conftest.py set TRITON_INTERPRET=1; "
-        "set TRITON_INTERPRET=1 in the environment of a CPU test run")
+        "set TRITON_INTERPRET=1 in the environment of a CPU test run"
+    )
 
 
 def assert_close(actual, expected, dtype):
@@ -53,14 +54,27 @@ DECODE_CASES = [
 
 
 @pytest.mark.parametrize("block_size,head_dim,group,hkv,dtype,window,splits,contexts", DECODE_CASES)
-def test_decode_matches_reference(paged_case, block_size, head_dim, group, hkv, dtype, window, splits,
-                                  contexts):
-    case = paged_case([1] * len(contexts), contexts, block_size=block_size, num_q_heads=group * hkv,
-                      num_kv_heads=hkv, head_dim=head_dim, dtype=dtype)
-    expected = reference.paged_attention(case.q, case.ref_k_cache, case.ref_v_cache, case.meta,
-                                         case.scale, window)
-    got = paged_decode.paged_decode_attention(case.q, case.k_cache, case.v_cache, case.meta, case.scale,
-                                              window, num_splits=splits, config=DecodeConfig(16, 4, 1))
+def test_decode_matches_reference(paged_case, block_size, head_dim, group, hkv, dtype, window, splits, contexts):
+    case = paged_case(
+        [1] * len(contexts),
+        contexts,
+        block_size=block_size,
+        num_q_heads=group * hkv,
+        num_kv_heads=hkv,
+        head_dim=head_dim,
+        dtype=dtype,
+    )
+    expected = reference.paged_attention(case.q, case.ref_k_cache, case.ref_v_cache, case.meta, case.scale, window)
+    got = paged_decode.paged_decode_attention(
+        case.q,
+        case.k_cache,
+        case.v_cache,
+        case.meta,
+        case.scale,
+        window,
+        num_splits=splits,
+        config=DecodeConfig(16, 4, 1),
+    )
     assert_close(got, expected, dtype)
 
 
@@ -77,13 +91,27 @@ def test_decode_grid(paged_case, block_size, head_dim, group, dtype):
     i = GRID.index((block_size, head_dim, group, dtype))
     contexts = [0, block_size - 3, 2 * block_size, 3 * block_size + 5]
     window = (None, block_size + 2)[i % 2]
-    case = paged_case([1] * 4, contexts, block_size=block_size, num_q_heads=group, num_kv_heads=1,
-                      head_dim=head_dim, dtype=dtype, seed=i)
-    expected = reference.paged_attention(case.q, case.ref_k_cache, case.ref_v_cache, case.meta,
-                                         case.scale, window)
-    got = paged_decode.paged_decode_attention(case.q, case.k_cache, case.v_cache, case.meta, case.scale,
-                                              window, num_splits=(1, 3)[i // 2 % 2],
-                                              config=DecodeConfig(16, 4, 1))
+    case = paged_case(
+        [1] * 4,
+        contexts,
+        block_size=block_size,
+        num_q_heads=group,
+        num_kv_heads=1,
+        head_dim=head_dim,
+        dtype=dtype,
+        seed=i,
+    )
+    expected = reference.paged_attention(case.q, case.ref_k_cache, case.ref_v_cache, case.meta, case.scale, window)
+    got = paged_decode.paged_decode_attention(
+        case.q,
+        case.k_cache,
+        case.v_cache,
+        case.meta,
+        case.scale,
+        window,
+        num_splits=(1, 3)[i // 2 % 2],
+        config=DecodeConfig(16, 4, 1),
+    )
     assert_close(got, expected, dtype)
 
 
@@ -97,48 +125,65 @@ def test_prefill_grid(paged_case, block_size, head_dim, group, dtype):
     contexts = [0, 0, 2 * block_size, block_size + 1]
     window = (None, 11)[i % 2]
     config = (SMALL_TILES, None)[i // 2 % 2]
-    case = paged_case(qlens, contexts, block_size=block_size, num_q_heads=2 * group, num_kv_heads=2,
-                      head_dim=head_dim, dtype=dtype, seed=i)
-    expected = reference.paged_attention(case.q, case.ref_k_cache, case.ref_v_cache, case.meta,
-                                         case.scale, window)
-    got = paged_prefill.paged_prefill_attention(case.q, case.k_cache, case.v_cache, case.meta, case.scale,
-                                                window, config=config)
+    case = paged_case(
+        qlens,
+        contexts,
+        block_size=block_size,
+        num_q_heads=2 * group,
+        num_kv_heads=2,
+        head_dim=head_dim,
+        dtype=dtype,
+        seed=i,
+    )
+    expected = reference.paged_attention(case.q, case.ref_k_cache, case.ref_v_cache, case.meta, case.scale, window)
+    got = paged_prefill.paged_prefill_attention(
+        case.q, case.k_cache, case.v_cache, case.meta, case.scale, window, config=config
+    )
     assert_close(got, expected, dtype)
 
 
 def test_decode_skips_idle_sequences(paged_case):
     """A step where some sequences bring no token is still a decode step."""
-    case = paged_case([1, 0, 1], [20, 7, 0], block_size=16, num_q_heads=4, num_kv_heads=1,
-                      head_dim=64, dtype=F32)
+    case = paged_case([1, 0, 1], [20, 7, 0], block_size=16, num_q_heads=4, num_kv_heads=1, head_dim=64, dtype=F32)
     assert case.meta.is_pure_decode
     expected = reference.paged_attention(case.q, case.ref_k_cache, case.ref_v_cache, case.meta, case.scale)
-    got = paged_decode.paged_decode_attention(case.q, case.k_cache, case.v_cache, case.meta, case.scale,
-                                              num_splits=2, config=DecodeConfig(16, 4, 1))
+    got = paged_decode.paged_decode_attention(
+        case.q, case.k_cache, case.v_cache, case.meta, case.scale, num_splits=2, config=DecodeConfig(16, 4, 1)
+    )
     assert_close(got, expected, F32)
 
 
 PREFILL_CASES = [
     # block, head_dim, group, kv heads, dtype, window, config, query lens, context lens
-    pytest.param(16, 64, 1, 2, F32, None, SMALL_TILES, [37, 1, 16], [0, 0, 0],
-                 id="fresh-prompts-mid-block-single-token"),
-    pytest.param(32, 128, 4, 1, F16, None, SMALL_TILES, [20, 9], [64, 96],
-                 id="prefix-cache-hit-several-blocks"),
-    pytest.param(16, 128, 8, 1, F16, None, None, [25, 1, 0, 13], [21, 40, 5, 0],
-                 id="chunked-mixed-with-decode-and-idle"),
+    pytest.param(
+        16, 64, 1, 2, F32, None, SMALL_TILES, [37, 1, 16], [0, 0, 0], id="fresh-prompts-mid-block-single-token"
+    ),
+    pytest.param(32, 128, 4, 1, F16, None, SMALL_TILES, [20, 9], [64, 96], id="prefix-cache-hit-several-blocks"),
+    pytest.param(
+        16, 128, 8, 1, F16, None, None, [25, 1, 0, 13], [21, 40, 5, 0], id="chunked-mixed-with-decode-and-idle"
+    ),
     pytest.param(32, 64, 4, 2, F32, 19, SMALL_TILES, [40, 12], [0, 50], id="sliding-window"),
     pytest.param(16, 64, 8, 1, F32, 7, None, [1, 30], [33, 18], id="window-shorter-than-tile"),
 ]
 
 
 @pytest.mark.parametrize("block_size,head_dim,group,hkv,dtype,window,config,qlens,contexts", PREFILL_CASES)
-def test_prefill_matches_reference(paged_case, block_size, head_dim, group, hkv, dtype, window, config,
-                                   qlens, contexts):
-    case = paged_case(qlens, contexts, block_size=block_size, num_q_heads=group * hkv,
-                      num_kv_heads=hkv, head_dim=head_dim, dtype=dtype)
-    expected = reference.paged_attention(case.q, case.ref_k_cache, case.ref_v_cache, case.meta,
-                                         case.scale, window)
-    got = paged_prefill.paged_prefill_attention(case.q, case.k_cache, case.v_cache, case.meta, case.scale,
-                                                window, config=config)
+def test_prefill_matches_reference(
+    paged_case, block_size, head_dim, group, hkv, dtype, window, config, qlens, contexts
+):
+    case = paged_case(
+        qlens,
+        contexts,
+        block_size=block_size,
+        num_q_heads=group * hkv,
+        num_kv_heads=hkv,
+        head_dim=head_dim,
+        dtype=dtype,
+    )
+    expected = reference.paged_attention(case.q, case.ref_k_cache, case.ref_v_cache, case.meta, case.scale, window)
+    got = paged_prefill.paged_prefill_attention(
+        case.q, case.k_cache, case.v_cache, case.meta, case.scale, window, config=config
+    )
     assert_close(got, expected, dtype)
 
 
@@ -146,8 +191,9 @@ def test_triton_ops_picks_decode_or_prefill(paged_case, monkeypatch):
     calls = []
     for name in ("paged_decode_attention", "paged_prefill_attention"):
         real = getattr(triton_ops, name)
-        monkeypatch.setattr(triton_ops, name,
-                            lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k))
+        monkeypatch.setattr(
+            triton_ops, name, lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k)
+        )
     assert select_ops("cuda") is triton_ops.TRITON_OPS
     for qlens, expect in (([1, 1], "paged_decode_attention"), ([3, 1], "paged_prefill_attention")):
         case = paged_case(qlens, [17, 4], block_size=16, num_q_heads=4, num_kv_heads=2, head_dim=64, dtype=F32)
@@ -170,8 +216,10 @@ def test_paged_attention_rejects_bad_inputs(paged_case):
 
 # ------------------------------------------------------------------ KV write
 
-@pytest.mark.parametrize("block_size,head_dim,src_dtype,cache_dtype", [
-    (16, 64, F32, F32), (32, 128, F16, F16), (16, 128, F32, F16)])
+
+@pytest.mark.parametrize(
+    "block_size,head_dim,src_dtype,cache_dtype", [(16, 64, F32, F32), (32, 128, F16, F16), (16, 128, F32, F16)]
+)
 def test_write_kv_matches_reference(block_size, head_dim, src_dtype, cache_dtype):
     gen = torch.Generator().manual_seed(1)
     T, hkv, num_blocks = 11, 2, 4
@@ -179,8 +227,7 @@ def test_write_kv_matches_reference(block_size, head_dim, src_dtype, cache_dtype
     kv = torch.randn(T, 3, hkv, head_dim, generator=gen).to(src_dtype)
     k, v = kv[:, 0], kv[:, 2]
     slots = torch.randperm(num_blocks * block_size, generator=gen)[:T]
-    expected = [torch.randn(num_blocks, block_size, hkv, head_dim, generator=gen).to(cache_dtype)
-                for _ in range(2)]
+    expected = [torch.randn(num_blocks, block_size, hkv, head_dim, generator=gen).to(cache_dtype) for _ in range(2)]
     got = [c.clone() for c in expected]
     reference.write_kv(k, v, *expected, slots)
     kv_write.write_kv(k, v, *got, slots)
@@ -189,8 +236,11 @@ def test_write_kv_matches_reference(block_size, head_dim, src_dtype, cache_dtype
 
 # ------------------------------------------------------------------ norm, rope, act
 
-@pytest.mark.parametrize("dtype,n,with_residual,offset", [
-    (F32, 64, False, 0.0), (F16, 200, True, 0.0), (F16, 128, True, 1.0), (F32, 300, True, 1.0)])
+
+@pytest.mark.parametrize(
+    "dtype,n,with_residual,offset",
+    [(F32, 64, False, 0.0), (F16, 200, True, 0.0), (F16, 128, True, 1.0), (F32, 300, True, 1.0)],
+)
 def test_rms_norm_matches_reference(dtype, n, with_residual, offset):
     gen = torch.Generator().manual_seed(2)
     x = torch.randn(2, 3, n, generator=gen).to(dtype)
@@ -209,7 +259,7 @@ def test_rotary_matches_reference(dtype, head_dim, rot_dim):
     T, hq, hkv = 5, 4, 2
     qkv = torch.randn(T, (hq + 2 * hkv) * head_dim, generator=gen).to(dtype)
     q = qkv[:, : hq * head_dim].view(T, hq, head_dim)
-    k = qkv[:, hq * head_dim: (hq + hkv) * head_dim].view(T, hkv, head_dim)
+    k = qkv[:, hq * head_dim : (hq + hkv) * head_dim].view(T, hkv, head_dim)
     cos_sin = torch.randn(64, rot_dim, generator=gen)
     positions = torch.randint(0, 64, (T,), generator=gen)
     got = rotary_embedding(positions, q, k, cos_sin)

@@ -3,6 +3,7 @@
 Every model runs one step over a flattened ragged batch (kernels/metadata.py)
 and reads/writes its KV through the paged pool; the runner never sees layers.
 """
+
 from __future__ import annotations
 
 from typing import Protocol
@@ -16,8 +17,13 @@ from worker.models.llama import LlamaForCausalLM
 
 
 class CausalLM(Protocol):
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
-                kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        meta: AttentionMetadata,
+        kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+    ) -> torch.Tensor:
         """input_ids, positions: [T] long -> [T, hidden] final-normed hidden states."""
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -8,6 +8,7 @@ under its own names; a family's RENAMES maps the Hugging Face projection name
 to folio's module and the index of its row block, so loading and the list of
 expected checkpoint tensors are derived from one table.
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -16,12 +17,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kernels.interface import KernelOps
 from kernels.metadata import AttentionMetadata
-from kernels.ops import KernelOps, select_ops
+from kernels.ops import select_ops
 from worker.config import ModelConfig
 from worker.models.rope import build_cos_sin_cache
-from worker.parallel import (ColumnParallelLinear, RowParallelLinear, TPGroup, empty_parameter,
-                             head_partition, split_range)
+from worker.parallel import (
+    ColumnParallelLinear,
+    RowParallelLinear,
+    TPGroup,
+    empty_parameter,
+    head_partition,
+    split_range,
+)
 
 
 class RowParallelLinearWithBias(RowParallelLinear):
@@ -40,8 +48,7 @@ class RowParallelLinearWithBias(RowParallelLinear):
         if kind != "bias":
             return super().load(part, kind, tensor)
         if tensor.shape != self.bias.shape:
-            raise ValueError(f"checkpoint shape {tuple(tensor.shape)}, "
-                             f"model expects {tuple(self.bias.shape)}")
+            raise ValueError(f"checkpoint shape {tuple(tensor.shape)}, model expects {tuple(self.bias.shape)}")
         self.bias.data.copy_(tensor)
 
 
@@ -56,29 +63,36 @@ class Attention(nn.Module):
         super().__init__()
         self.ops = ops
         heads = head_partition(cfg.num_q_heads, cfg.num_kv_heads, tp)
-        self.hq, self.hkv, self.d = heads.num_q, heads.num_kv, cfg.head_dim   # this rank's heads
+        self.hq, self.hkv, self.d = heads.num_q, heads.num_kv, cfg.head_dim  # this rank's heads
         self.qkv_sizes = (self.hq * self.d, self.hkv * self.d, self.hkv * self.d)
         d, q_rows, kv_rows = self.d, cfg.num_q_heads * self.d, cfg.num_kv_heads * self.d
         kv_part = (kv_rows, heads.kv_start * d, self.hkv * d)
-        self.qkv_proj = ColumnParallelLinear([(q_rows, heads.q_start * d, self.hq * d), kv_part, kv_part],
-                                             cfg.hidden_size, cfg.qkv_bias, dtype, device)
+        self.qkv_proj = ColumnParallelLinear(
+            [(q_rows, heads.q_start * d, self.hq * d), kv_part, kv_part], cfg.hidden_size, cfg.qkv_bias, dtype, device
+        )
         o_proj = RowParallelLinearWithBias if cfg.o_bias else RowParallelLinear
         self.o_proj = o_proj(cfg.hidden_size, (q_rows, heads.q_start * d, self.hq * d), tp, dtype, device)
-        self.scale = self.d ** -0.5
+        self.scale = self.d**-0.5
         self.sliding_window = cfg.sliding_window
 
-    def forward(self, positions: torch.Tensor, h: torch.Tensor, meta: AttentionMetadata,
-                k_cache: torch.Tensor, v_cache: torch.Tensor,
-                cos_sin_cache: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        positions: torch.Tensor,
+        h: torch.Tensor,
+        meta: AttentionMetadata,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        cos_sin_cache: torch.Tensor,
+    ) -> torch.Tensor:
         T = h.shape[0]
-        q, k, v = self.qkv_proj(h).split(self.qkv_sizes, dim=-1)      # [T, H*D] each
+        q, k, v = self.qkv_proj(h).split(self.qkv_sizes, dim=-1)  # [T, H*D] each
         q = q.view(T, self.hq, self.d)
         k = k.view(T, self.hkv, self.d)
         v = v.view(T, self.hkv, self.d)
         q, k = self.ops.rotary_embedding(positions, q, k, cos_sin_cache)
         self.ops.write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
         o = self.ops.paged_attention(q, k_cache, v_cache, meta, self.scale, self.sliding_window)
-        return self.o_proj(o.reshape(T, self.hq * self.d))              # [T, hidden]
+        return self.o_proj(o.reshape(T, self.hq * self.d))  # [T, hidden]
 
 
 class GatedMLP(nn.Module):
@@ -86,14 +100,13 @@ class GatedMLP(nn.Module):
 
     def __init__(self, cfg: ModelConfig, ops: KernelOps, tp: TPGroup, dtype, device):
         super().__init__()
-        self.act_and_mul = {"silu": ops.silu_and_mul,
-                            "gelu_pytorch_tanh": ops.gelu_tanh_and_mul}[cfg.hidden_act]
+        self.act_and_mul = {"silu": ops.silu_and_mul, "gelu_pytorch_tanh": ops.gelu_tanh_and_mul}[cfg.hidden_act]
         inter = (cfg.intermediate_size, *split_range(cfg.intermediate_size, tp.world_size, tp.rank))
         self.gate_up_proj = ColumnParallelLinear([inter, inter], cfg.hidden_size, False, dtype, device)
         self.down_proj = RowParallelLinear(cfg.hidden_size, inter, tp, dtype, device)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act_and_mul(self.gate_up_proj(h)))   # [T, 2I] -> [T, hidden]
+        return self.down_proj(self.act_and_mul(self.gate_up_proj(h)))  # [T, 2I] -> [T, hidden]
 
 
 def split_hf_name(name: str) -> tuple[str, str, str]:
@@ -112,21 +125,27 @@ class PagedCausalLM(nn.Module):
     Subclasses set RENAMES, IGNORED_SUFFIXES and TIED_HEAD (the checkpoint name
     of the LM head, skipped when it is tied to the embedding).
     """
+
     RENAMES: dict[str, tuple[str, Optional[int]]] = {}
-    IGNORED_SUFFIXES: tuple[str, ...] = ("rotary_emb.inv_freq",)   # recomputed by folio
+    IGNORED_SUFFIXES: tuple[str, ...] = ("rotary_emb.inv_freq",)  # recomputed by folio
     TIED_HEAD = "lm_head.weight"
 
-    def __init__(self, config: ModelConfig, device: torch.device | str, ops: Optional[KernelOps],
-                 tp: Optional[TPGroup]):
+    def __init__(
+        self, config: ModelConfig, device: torch.device | str, ops: Optional[KernelOps], tp: Optional[TPGroup]
+    ):
         super().__init__()
         self.config = config
         self.ops = ops or select_ops(device)
         self.tp = tp or TPGroup()
         # fp32 whatever the model dtype (the kernel rotates in fp32); its width is
         # the number of rotated features.
-        self.register_buffer("cos_sin_cache", build_cos_sin_cache(
-            config.rope_dim, config.max_position_embeddings, config.rope_theta,
-            config.rope_scaling, device), persistent=False)
+        self.register_buffer(
+            "cos_sin_cache",
+            build_cos_sin_cache(
+                config.rope_dim, config.max_position_embeddings, config.rope_theta, config.rope_scaling, device
+            ),
+            persistent=False,
+        )
 
     def expected_weight_names(self) -> set[str]:
         """Every Hugging Face tensor name a complete checkpoint must provide."""
@@ -139,8 +158,7 @@ class PagedCausalLM(nn.Module):
 
     def is_ignored_weight(self, name: str) -> bool:
         """Checkpoint tensors that are fine to skip (recomputed or tied away)."""
-        return name.endswith(self.IGNORED_SUFFIXES) or (
-            name == self.TIED_HEAD and self.config.tie_word_embeddings)
+        return name.endswith(self.IGNORED_SUFFIXES) or (name == self.TIED_HEAD and self.config.tie_word_embeddings)
 
     def load_weight(self, name: str, tensor: torch.Tensor) -> None:
         """Copy one full checkpoint tensor, named as in Hugging Face, into its place."""

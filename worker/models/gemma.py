@@ -13,6 +13,7 @@ field that the Llama family's code (worker/models/llama.py) reads:
 Gemma 2 and 3 (logit softcapping, alternating sliding layers, extra norms)
 are other architectures; worker/config.py refuses their features.
 """
+
 from __future__ import annotations
 
 from worker.models.llama import LlamaForCausalLM

@@ -16,6 +16,7 @@ The checkpoint's query_key_value rows are laid out per head as [heads, 3,
 head_dim]; load_weight regroups them into folio's [q; k; v] so that the
 attention block (and its tensor-parallel split) is the Llama family's.
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -23,12 +24,11 @@ from typing import Optional
 import torch
 from torch import nn
 
+from kernels.interface import KernelOps
 from kernels.metadata import AttentionMetadata
-from kernels.ops import KernelOps
 from worker.config import ModelConfig
 from worker.models.common import Attention, PagedCausalLM, RowParallelLinearWithBias, split_hf_name
-from worker.parallel import (ColumnParallelLinear, TPGroup, VocabParallelEmbedding, empty_parameter,
-                             split_range)
+from worker.parallel import ColumnParallelLinear, TPGroup, VocabParallelEmbedding, empty_parameter, split_range
 
 
 class _LayerNorm(nn.Module):
@@ -84,25 +84,35 @@ class _NeoXModel(nn.Module):
 class GPTNeoXForCausalLM(PagedCausalLM):
     """A CausalLM (see worker/models/__init__.py) for gpt_neox; construction,
     loading and tensor parallelism as LlamaForCausalLM's."""
+
     # query_key_value's part is given per row block by load_weight.
     RENAMES = {"query_key_value": ("qkv_proj", None), "dense": ("o_proj", 0)}
     # Old checkpoints also carry the causal mask and its fill value as buffers.
     IGNORED_SUFFIXES = PagedCausalLM.IGNORED_SUFFIXES + (".attention.bias", ".attention.masked_bias")
     TIED_HEAD = "embed_out.weight"
 
-    def __init__(self, config: ModelConfig, dtype: torch.dtype = torch.float32,
-                 device: torch.device | str = "cpu", ops: Optional[KernelOps] = None,
-                 tp: Optional[TPGroup] = None):
+    def __init__(
+        self,
+        config: ModelConfig,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+        ops: Optional[KernelOps] = None,
+        tp: Optional[TPGroup] = None,
+    ):
         super().__init__(config, device, ops, tp)
         self.gpt_neox = _NeoXModel(config, self.ops, self.tp, dtype, device)
         if not config.tie_word_embeddings:
-            self.embed_out = VocabParallelEmbedding(config.vocab_size, config.hidden_size, self.tp,
-                                                    dtype, device)
+            self.embed_out = VocabParallelEmbedding(config.vocab_size, config.hidden_size, self.tp, dtype, device)
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
-                kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        meta: AttentionMetadata,
+        kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+    ) -> torch.Tensor:
         """input_ids, positions: [T] long -> [T, hidden] final-normed hidden states."""
-        h = self.gpt_neox.embed_in(input_ids)                             # [T, hidden]
+        h = self.gpt_neox.embed_in(input_ids)  # [T, hidden]
         for layer, (k_cache, v_cache) in zip(self.gpt_neox.layers, kv_caches, strict=True):
             h = layer(positions, h, meta, k_cache, v_cache, self.cos_sin_cache)
         return self.gpt_neox.final_layer_norm(h)
@@ -121,8 +131,7 @@ class GPTNeoXForCausalLM(PagedCausalLM):
             return self.place(name, tensor)
         heads, d = self.config.num_q_heads, self.config.head_dim
         if tensor.shape[0] != 3 * heads * d:
-            raise ValueError(f"{name}: checkpoint shape {tuple(tensor.shape)}, model expects "
-                             f"{3 * heads * d} rows")
+            raise ValueError(f"{name}: checkpoint shape {tuple(tensor.shape)}, model expects {3 * heads * d} rows")
         # Rows [heads, 3, d] -> three [heads * d] blocks q, k, v.
         for part, rows in enumerate(tensor.unflatten(0, (heads, 3, d)).unbind(1)):
             self.place(name, rows.flatten(0, 1), part)

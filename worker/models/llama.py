@@ -15,6 +15,7 @@ Under tensor parallelism (worker/parallel.py) each rank builds only its shard:
 its heads, its slice of the MLP and of the vocabulary; load_weight hands each
 full checkpoint tensor to the layer that keeps its slice.
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -22,16 +23,19 @@ from typing import Optional
 import torch
 from torch import nn
 
+from kernels.interface import KernelOps
 from kernels.metadata import AttentionMetadata
-from kernels.ops import KernelOps
 from worker.config import ModelConfig
 from worker.models.common import Attention, GatedMLP, PagedCausalLM
 from worker.parallel import TPGroup, VocabParallelEmbedding, empty_parameter
 
 # Hugging Face projection -> (folio's fused projection, index of its row block).
 _FUSED = {
-    "q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
-    "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1),
+    "q_proj": ("qkv_proj", 0),
+    "k_proj": ("qkv_proj", 1),
+    "v_proj": ("qkv_proj", 2),
+    "gate_proj": ("gate_up_proj", 0),
+    "up_proj": ("gate_up_proj", 1),
 }
 
 
@@ -54,8 +58,7 @@ class _DecoderLayer(nn.Module):
         # The residual stream is carried separately so each norm fuses its add.
         h, residual = self.ops.rms_norm(h, self.input_layernorm.weight, self.eps, residual, self.offset)
         h = self.self_attn(positions, h, meta, k_cache, v_cache, cos_sin_cache)
-        h, residual = self.ops.rms_norm(h, self.post_attention_layernorm.weight, self.eps, residual,
-                                        self.offset)
+        h, residual = self.ops.rms_norm(h, self.post_attention_layernorm.weight, self.eps, residual, self.offset)
         return self.mlp(h), residual
 
 
@@ -75,38 +78,53 @@ class LlamaForCausalLM(PagedCausalLM):
     group of several ranks this is one rank's shard, and forward and
     compute_logits are collectives: every rank calls them with the same input.
     """
+
     RENAMES = _FUSED
 
-    def __init__(self, config: ModelConfig, dtype: torch.dtype = torch.float32,
-                 device: torch.device | str = "cpu", ops: Optional[KernelOps] = None,
-                 tp: Optional[TPGroup] = None):
+    def __init__(
+        self,
+        config: ModelConfig,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+        ops: Optional[KernelOps] = None,
+        tp: Optional[TPGroup] = None,
+    ):
         super().__init__(config, device, ops, tp)
         self.model = _LlamaModel(config, self.ops, self.tp, dtype, device)
         if not config.tie_word_embeddings:
-            self.lm_head = VocabParallelEmbedding(config.vocab_size, config.hidden_size, self.tp,
-                                                  dtype, device)
+            self.lm_head = VocabParallelEmbedding(config.vocab_size, config.hidden_size, self.tp, dtype, device)
         # transformers multiplies by the multiplier cast to the model's dtype first
         # (Gemma's sqrt(3072) becomes 55.5 in bf16), so folio does too.
-        self.register_buffer("embed_scale", None if config.embedding_multiplier == 1.0 else
-                             torch.tensor(config.embedding_multiplier, dtype=dtype, device=device),
-                             persistent=False)
+        self.register_buffer(
+            "embed_scale",
+            None
+            if config.embedding_multiplier == 1.0
+            else torch.tensor(config.embedding_multiplier, dtype=dtype, device=device),
+            persistent=False,
+        )
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
-                kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        meta: AttentionMetadata,
+        kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+    ) -> torch.Tensor:
         """input_ids, positions: [T] long -> [T, hidden] final-normed hidden states.
 
         kv_caches[i] = (k_cache, v_cache) of layer i, each
         [num_blocks, block_size, num_kv_heads, head_dim]; the step's new K/V
         are written into them at meta.slot_mapping.
         """
-        h = self.model.embed_tokens(input_ids)                             # [T, hidden]
+        h = self.model.embed_tokens(input_ids)  # [T, hidden]
         if self.embed_scale is not None:
             h = h * self.embed_scale
         residual = None
         for layer, (k_cache, v_cache) in zip(self.model.layers, kv_caches, strict=True):
             h, residual = layer(positions, h, residual, meta, k_cache, v_cache, self.cos_sin_cache)
-        h, _ = self.ops.rms_norm(h, self.model.norm.weight, self.config.rms_norm_eps, residual,
-                                 self.config.norm_weight_offset)
+        h, _ = self.ops.rms_norm(
+            h, self.model.norm.weight, self.config.rms_norm_eps, residual, self.config.norm_weight_offset
+        )
         return h
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -14,6 +14,7 @@ Scaling types (ModelConfig.rope_scaling["rope_type"]):
 Others (dynamic NTK, YaRN, LongRoPE) depend on sequence length or rescale
 attention, so they are refused rather than computed wrongly.
 """
+
 from __future__ import annotations
 
 import math
@@ -25,7 +26,7 @@ import torch
 def inverse_frequencies(head_dim: int, theta: float, scaling: Optional[dict]) -> torch.Tensor:
     """[head_dim // 2] fp32 inverse frequencies, scaling applied."""
     exponents = torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim
-    inv_freq = 1.0 / (theta ** exponents)
+    inv_freq = 1.0 / (theta**exponents)
     kind = (scaling or {}).get("rope_type", "default")
     if kind == "default":
         return inv_freq
@@ -38,8 +39,7 @@ def inverse_frequencies(head_dim: int, theta: float, scaling: Optional[dict]) ->
         if factors.shape != inv_freq.shape:
             raise ValueError(f"rope freq_factors has {factors.numel()} entries, expected {inv_freq.numel()}")
         return inv_freq / factors
-    raise NotImplementedError(f"rope scaling type {kind!r} is not supported "
-                              "(supported: default, linear, llama3)")
+    raise NotImplementedError(f"rope scaling type {kind!r} is not supported (supported: default, linear, llama3)")
 
 
 def _llama3(inv_freq: torch.Tensor, s: dict) -> torch.Tensor:
@@ -48,14 +48,15 @@ def _llama3(inv_freq: torch.Tensor, s: dict) -> torch.Tensor:
     factor, lo, hi = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
     context = s["original_max_position_embeddings"]
     wavelen = 2 * math.pi / inv_freq
-    blend = (context / wavelen - lo) / (hi - lo)     # in [0, 1] inside the band
+    blend = (context / wavelen - lo) / (hi - lo)  # in [0, 1] inside the band
     out = (1 - blend) * inv_freq / factor + blend * inv_freq
     out = torch.where(wavelen < context / hi, inv_freq, out)
     return torch.where(wavelen > context / lo, inv_freq / factor, out)
 
 
-def build_cos_sin_cache(head_dim: int, max_positions: int, theta: float,
-                        scaling: Optional[dict], device: torch.device | str = "cpu") -> torch.Tensor:
+def build_cos_sin_cache(
+    head_dim: int, max_positions: int, theta: float, scaling: Optional[dict], device: torch.device | str = "cpu"
+) -> torch.Tensor:
     """[max_positions, head_dim] fp32: cat(cos, sin) of position * inv_freq."""
     inv_freq = inverse_frequencies(head_dim, theta, scaling)
     angles = torch.outer(torch.arange(max_positions, dtype=torch.float32), inv_freq)  # [P, D/2]

@@ -1,0 +1,286 @@
+"""The body of `folio bench kernels`: paged attention against contiguous SDPA.
+
+Decode: batch 1..256 x context 512..32k on a Llama-3-8B attention layer
+(32 query heads, 8 KV heads, head dim 128, bf16, KV blocks of 16 in shuffled
+order). Reported: time, achieved bandwidth (K and V bytes read / time) and
+its fraction of the GPU's peak, and torch scaled_dot_product_attention on the
+same K/V laid out contiguously. Prefill: TFLOP/s of causal attention over
+fresh prompts against SDPA(is_causal), and one chunked-prefill step after a
+long cached prefix (no SDPA equivalent). A short sweep of decode configs
+closes the run, for tuning decode_config on the GPU at hand.
+
+Times are device times of CUDA-graph replays (triton.testing.do_bench_cudagraph),
+which is how the model runner launches decode: launch overhead is excluded.
+
+    folio bench kernels [--out DIR] [--peak-tbps 3.35]
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+from kernels.metadata import AttentionMetadata
+from kernels.paged_decode import DecodeConfig, decode_config, num_splits_for, paged_decode_attention
+from kernels.paged_prefill import paged_prefill_attention
+
+PEAK_TBPS = (("H200", 4.8), ("H100 PCIe", 2.0), ("H100", 3.35))  # first match in the device name wins
+HQ, HKV, HEAD_DIM, BLOCK = 32, 8, 128, 16
+DTYPE = torch.bfloat16
+DECODE_BATCHES = (1, 4, 16, 64, 256)
+DECODE_CONTEXTS = (512, 2048, 8192, 32768)
+MAX_DECODE_TOKENS = 1 << 21  # batch x context cap: pool + contiguous copy stay under ~25 GB
+PREFILL_CASES = ((1, 2048), (1, 8192), (4, 4096), (1, 16384))  # (batch, prompt length)
+CHUNK_CASE = (2048, 14336)  # (chunk length, cached prefix)
+SWEEP_SHAPES = ((1, 32768), (64, 8192))  # (batch, context) of the decode config sweep
+SWEEP = (
+    DecodeConfig(64, 4, 3),
+    DecodeConfig(64, 4, 4),
+    DecodeConfig(128, 4, 2),
+    DecodeConfig(128, 8, 3),
+    DecodeConfig(32, 4, 4),
+)
+
+
+def peak_bandwidth_tbps(device_name: str, override: Optional[float] = None) -> Optional[float]:
+    """Peak HBM bandwidth in TB/s: the override, $FOLIO_PEAK_TBPS, or by device name."""
+    if override:
+        return override
+    if os.environ.get("FOLIO_PEAK_TBPS"):
+        return float(os.environ["FOLIO_PEAK_TBPS"])
+    return next((tbps for key, tbps in PEAK_TBPS if key in device_name), None)
+
+
+def _time_ms(fn: Callable[[], object]) -> float:
+    """Median device time of one call, replayed from a CUDA graph."""
+    import triton.testing
+
+    fn()  # compile and cache outside the capture
+    torch.cuda.synchronize()
+    return triton.testing.do_bench_cudagraph(fn, rep=50, return_mode="median")
+
+
+def _sdpa(q, k, v, causal: bool) -> tuple[Callable[[], object], str]:
+    """SDPA on [B, H, L, D] tensors with native GQA; falls back to K/V
+    expanded to every query head (reads more bytes) if no fused kernel takes it."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    fused = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION]
+
+    def native():
+        with sdpa_kernel(fused):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=True)
+
+    try:
+        native()
+        return native, "gqa"
+    except RuntimeError:
+        group = q.shape[1] // k.shape[1]
+        ke, ve = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+        return (lambda: F.scaled_dot_product_attention(q, ke, ve, is_causal=causal)), "expanded"
+
+
+def _paged_pool(batch: int, seq_len: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A pool holding batch sequences of seq_len tokens in shuffled blocks;
+    returns (k_cache, v_cache, block_tables [batch, blocks per seq] int32)."""
+    per_seq = -(-seq_len // BLOCK)
+    num_blocks = batch * per_seq + 1
+    k_cache = torch.randn(num_blocks, BLOCK, HKV, HEAD_DIM, device=device, dtype=DTYPE)
+    v_cache = torch.randn_like(k_cache)
+    tables = (torch.randperm(num_blocks - 1, device=device) + 1).view(batch, per_seq).int()
+    return k_cache, v_cache, tables
+
+
+def _contiguous(cache: torch.Tensor, tables: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """[B, HKV, seq_len, D]: the same K or V rows, laid out for SDPA."""
+    rows = cache[tables.long()].flatten(1, 2)[:, :seq_len]  # [B, S, HKV, D]
+    return rows.transpose(1, 2).contiguous()
+
+
+def _meta(query_lens: list[int], context_lens: list[int], tables: torch.Tensor) -> AttentionMetadata:
+    dev = tables.device
+    q = torch.tensor(query_lens, dtype=torch.int32, device=dev)
+    ctx = torch.tensor(context_lens, dtype=torch.int32, device=dev)
+    seq_lens = q + ctx
+    starts = torch.zeros(len(query_lens) + 1, dtype=torch.int32, device=dev)
+    starts[1:] = torch.cumsum(q, 0)
+    slots = torch.cat(
+        [
+            tables[i].long().repeat_interleave(BLOCK)[c : c + n] * BLOCK + torch.arange(c, c + n, device=dev) % BLOCK
+            for i, (n, c) in enumerate(zip(query_lens, context_lens))
+        ]
+    )
+    return AttentionMetadata(
+        query_start_loc=starts,
+        seq_lens=seq_lens,
+        context_lens=ctx,
+        block_tables=tables,
+        slot_mapping=slots,
+        max_query_len=max(query_lens),
+        max_seq_len=int(seq_lens.max()),
+        query_lens_list=tuple(query_lens),
+        seq_lens_list=tuple(int(a + b) for a, b in zip(query_lens, context_lens)),
+    )
+
+
+def _time_against_sdpa(attend: Callable, batch: int, n_new: int, seq_len: int, device) -> tuple[float, float, str]:
+    """(ms, SDPA ms, SDPA layout) for batch sequences each adding n_new tokens
+    to reach seq_len: `attend` (a paged attention function) on the paged pool,
+    then SDPA on the same K/V laid out contiguously. n_new is 1 (decode) or
+    seq_len (fresh prompts, causal)."""
+    k_cache, v_cache, tables = _paged_pool(batch, seq_len, device)
+    meta = _meta([n_new] * batch, [seq_len - n_new] * batch, tables)
+    q = torch.randn(batch * n_new, HQ, HEAD_DIM, device=device, dtype=DTYPE)
+    ms = _time_ms(lambda: attend(q, k_cache, v_cache, meta, HEAD_DIM**-0.5))
+    k, v = _contiguous(k_cache, tables, seq_len), _contiguous(v_cache, tables, seq_len)
+    k_cache = v_cache = None  # free the pool: only one layout needs to fit at a time
+    sdpa, layout = _sdpa(q.view(batch, n_new, HQ, HEAD_DIM).transpose(1, 2), k, v, causal=n_new > 1)
+    return ms, _time_ms(sdpa), layout
+
+
+def _decode_rows(device, peak: Optional[float], sms: int) -> list[dict]:
+    rows = []
+    block_n = decode_config(HEAD_DIM, DTYPE).block_n
+    for ctx in DECODE_CONTEXTS:
+        for batch in DECODE_BATCHES:
+            if batch * ctx > MAX_DECODE_TOKENS:
+                continue
+            ms, sdpa_ms, layout = _time_against_sdpa(paged_decode_attention, batch, 1, ctx, device)
+            kv_bytes = 2 * batch * ctx * HKV * HEAD_DIM * DTYPE.itemsize
+            gbps = kv_bytes / ms / 1e6
+            rows.append(
+                dict(
+                    kind="decode",
+                    batch=batch,
+                    context=ctx,
+                    ms=ms,
+                    gbps=gbps,
+                    peak_frac=gbps / (peak * 1e3) if peak else None,
+                    splits=num_splits_for(batch, HKV, ctx, block_n, sms),
+                    sdpa_ms=sdpa_ms,
+                    sdpa_gbps=kv_bytes / sdpa_ms / 1e6,
+                    sdpa_layout=layout,
+                    time_vs_sdpa=ms / sdpa_ms,
+                )
+            )
+            print(_format(rows[-1]), flush=True)
+    return rows
+
+
+def _prefill_rows(device) -> list[dict]:
+    rows = []
+    for batch, n in PREFILL_CASES:
+        ms, sdpa_ms, layout = _time_against_sdpa(paged_prefill_attention, batch, n, n, device)
+        flops = 4 * batch * HQ * HEAD_DIM * n * (n + 1) / 2
+        rows.append(
+            dict(
+                kind="prefill",
+                batch=batch,
+                context=n,
+                ms=ms,
+                tflops=flops / ms / 1e9,
+                sdpa_ms=sdpa_ms,
+                sdpa_tflops=flops / sdpa_ms / 1e9,
+                sdpa_layout=layout,
+                time_vs_sdpa=ms / sdpa_ms,
+            )
+        )
+        print(_format(rows[-1]), flush=True)
+    chunk, prefix = CHUNK_CASE
+    k_cache, v_cache, tables = _paged_pool(1, prefix + chunk, device)
+    meta = _meta([chunk], [prefix], tables)
+    q = torch.randn(chunk, HQ, HEAD_DIM, device=device, dtype=DTYPE)
+    ms = _time_ms(lambda: paged_prefill_attention(q, k_cache, v_cache, meta, HEAD_DIM**-0.5))
+    flops = 4 * HQ * HEAD_DIM * chunk * (prefix + (chunk + 1) / 2)
+    rows.append(dict(kind="chunked-prefill", batch=1, context=prefix + chunk, ms=ms, tflops=flops / ms / 1e9))
+    print(_format(rows[-1]), flush=True)
+    return rows
+
+
+def _sweep_rows(device, peak: Optional[float]) -> list[dict]:
+    rows = []
+    scale = HEAD_DIM**-0.5
+    for batch, ctx in SWEEP_SHAPES:
+        k_cache, v_cache, tables = _paged_pool(batch, ctx, device)
+        meta = _meta([1] * batch, [ctx - 1] * batch, tables)
+        q = torch.randn(batch, HQ, HEAD_DIM, device=device, dtype=DTYPE)
+        kv_bytes = 2 * batch * ctx * HKV * HEAD_DIM * DTYPE.itemsize
+        for cfg in SWEEP:
+            ms = _time_ms(functools.partial(paged_decode_attention, q, k_cache, v_cache, meta, scale, config=cfg))
+            gbps = kv_bytes / ms / 1e6
+            rows.append(
+                dict(
+                    kind="decode-config",
+                    batch=batch,
+                    context=ctx,
+                    ms=ms,
+                    gbps=gbps,
+                    peak_frac=gbps / (peak * 1e3) if peak else None,
+                    config=f"block_n={cfg.block_n} warps={cfg.num_warps} stages={cfg.num_stages}",
+                )
+            )
+            print(_format(rows[-1]), flush=True)
+    return rows
+
+
+def _format(r: dict) -> str:
+    head = f"{r['kind']:<15} batch {r['batch']:>3} ctx {r['context']:>6}  {r['ms'] * 1e3:9.1f} us"
+    if "gbps" in r:
+        head += f"  {r['gbps']:7.0f} GB/s"
+        head += f" ({r['peak_frac']:5.1%} of peak)" if r.get("peak_frac") is not None else ""
+    if "tflops" in r:
+        head += f"  {r['tflops']:6.1f} TFLOP/s"
+    if "sdpa_ms" in r:
+        head += f" | sdpa[{r['sdpa_layout']}] {r['sdpa_ms'] * 1e3:9.1f} us  ours/sdpa {r['time_vs_sdpa']:5.2f}"
+    if "config" in r:
+        head += f" | {r['config']}"
+    if "splits" in r:
+        head += f" | splits {r['splits']}"
+    return head
+
+
+def run_kernel_bench(out_dir: Optional[str] = None, peak_tbps: Optional[float] = None) -> list[dict]:
+    """Run every section on the current CUDA device, print one line per
+    measurement, and write kernel_bench.json and kernel_bench.txt to out_dir."""
+    if not torch.cuda.is_available():
+        raise RuntimeError("the kernel benchmark needs a CUDA device")
+    device = torch.device("cuda")
+    props = torch.cuda.get_device_properties(device)
+    peak = peak_bandwidth_tbps(props.name, peak_tbps)
+    print(
+        f"{props.name}: {props.multi_processor_count} SMs, peak "
+        f"{f'{peak} TB/s' if peak else 'unknown (pass peak_tbps)'}; "
+        f"attention {HQ}q/{HKV}kv heads x {HEAD_DIM}, {DTYPE}, blocks of {BLOCK}",
+        flush=True,
+    )
+    with torch.inference_mode():
+        rows = (
+            _decode_rows(device, peak, props.multi_processor_count) + _prefill_rows(device) + _sweep_rows(device, peak)
+        )
+    for r in rows:
+        r.update(device=props.name, peak_tbps=peak)
+    if out_dir:
+        os.makedirs(out_dir, exist_ok=True)
+        with open(os.path.join(out_dir, "kernel_bench.json"), "w") as f:
+            json.dump(rows, f, indent=1)
+        with open(os.path.join(out_dir, "kernel_bench.txt"), "w") as f:
+            f.write("\n".join(_format(r) for r in rows) + "\n")
+    return rows
+
+
+HELP = "Triton paged attention against SDPA (needs a GPU)"
+
+
+def add_cli_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", help="folder for kernel_bench.json and kernel_bench.txt")
+    p.add_argument("--peak-tbps", type=float, help="peak memory bandwidth, TB/s (default: by device name)")
+
+
+def main(args: argparse.Namespace) -> list[dict]:
+    return run_kernel_bench(args.out, args.peak_tbps)

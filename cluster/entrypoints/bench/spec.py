@@ -1,0 +1,131 @@
+"""`folio bench spec`: speculative decoding with n-gram drafts against plain decoding.
+
+Two workloads on the same model, greedy, each run with speculation off (the
+baseline) and on, in this process:
+- copy: prompts that ask the model to repeat or quote lines given in the
+  prompt (what summaries, code edits and RAG answers do in part), where
+  prompt lookup should pay off;
+- open: prompts with nothing to copy, where drafts are mostly wrong and
+  speculation can only cost.
+Each workload runs one request at a time (latency) and all at once (batch).
+Greedy outputs are identical with and without speculation (tests/cluster/test_speculative.py);
+the benchmark checks that too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import codecs
+import contextlib
+import io
+import json
+import time
+
+from cluster.config import SchedulerConfig
+
+OPEN = [
+    "Write a short story about a lighthouse keeper.",
+    "Explain how a bicycle stays upright.",
+    "Give me three ideas for a birthday party.",
+    "Why is the sky blue?",
+]
+
+
+def _zen() -> list[str]:
+    """The Zen of Python: real English text that ships with every Python (and prints on import)."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        import this
+    return codecs.decode(this.s, "rot13").splitlines()[2:]
+
+
+def workloads() -> dict[str, list[str]]:
+    zen, copy = _zen(), []
+    for i in range(4):
+        lines = "\n".join(zen[i * 4 : i * 4 + 5])
+        copy.append(f"Repeat these lines exactly, then repeat them once more:\n\n{lines}")
+    return {"copy": copy, "open": OPEN}
+
+
+def _run(llm, prompts: list[list[int]], max_tokens: int, batched: bool) -> tuple[float, int, list]:
+    from protos.messages import SamplingParams
+
+    params = SamplingParams(temperature=0, max_tokens=max_tokens)
+    t0 = time.perf_counter()
+    if batched:
+        results = llm.generate(prompts, params)
+    else:
+        results = [r for p in prompts for r in llm.generate([p], params)]
+    seconds = time.perf_counter() - t0
+    return seconds, sum(len(r.outputs[0].token_ids) for r in results), [r.outputs[0].token_ids for r in results]
+
+
+def main(args: argparse.Namespace) -> dict:
+    from cluster.entrypoints.llm import LLM
+
+    engines = {
+        k: LLM(
+            args.model,
+            num_speculative_tokens=k,
+            prompt_lookup_min=args.prompt_lookup_min,
+            prompt_lookup_max=args.prompt_lookup_max,
+        )
+        for k in (0, args.num_speculative_tokens)
+    }
+    rows = []
+    print(
+        f"{'workload':10s} {'mode':8s} {'plain tok/s':>12s} {'spec tok/s':>11s} {'ratio':>6s} "
+        f"{'accepted':>9s} {'tokens/step':>12s}"
+    )
+    for name, texts in workloads().items():
+        if args.workload not in ("all", name):
+            continue
+        prompts = [engines[0].chat_token_ids([{"role": "user", "content": t}]) for t in texts]
+        for batched in (False, True):
+            figures = {}
+            for k, llm in engines.items():
+                llm.generate([prompts[0][:8]])  # warm-up
+                before = llm.scheduler.stats()
+                seconds, tokens, outs = _run(llm, prompts, args.max_tokens, batched)
+                after = llm.scheduler.stats()
+                figures[k] = dict(
+                    seconds=seconds,
+                    tokens=tokens,
+                    outputs=outs,
+                    drafts=after.num_draft_tokens - before.num_draft_tokens,
+                    accepted=after.num_accepted_tokens - before.num_accepted_tokens,
+                )
+            plain, spec = figures[0], figures[args.num_speculative_tokens]
+            assert plain["outputs"] == spec["outputs"], "speculation changed greedy outputs"
+            row = {
+                "workload": name,
+                "mode": "batch" if batched else "single",
+                "plain_tok_s": plain["tokens"] / plain["seconds"],
+                "spec_tok_s": spec["tokens"] / spec["seconds"],
+                "acceptance": spec["accepted"] / spec["drafts"] if spec["drafts"] else 0.0,
+            }
+            row["ratio"] = row["spec_tok_s"] / row["plain_tok_s"]
+            # Each sampling of a request yields one token plus the drafts it accepted.
+            row["tokens_per_step"] = spec["tokens"] / max(1, spec["tokens"] - spec["accepted"])
+            rows.append(row)
+            print(
+                f"{name:10s} {row['mode']:8s} {row['plain_tok_s']:12.1f} {row['spec_tok_s']:11.1f} "
+                f"{row['ratio']:5.2f}x {row['acceptance']:9.2f} {row['tokens_per_step']:12.2f}",
+                flush=True,
+            )
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"num_speculative_tokens": args.num_speculative_tokens, "rows": rows}, f, indent=2)
+    return {"rows": rows}
+
+
+HELP = "speculative decoding (n-gram drafts) against plain decoding"
+
+
+def add_cli_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="model dir or .gguf (default: bundled SmolLM2)")
+    p.add_argument("--num-speculative-tokens", type=int, default=4)
+    p.add_argument("--prompt-lookup-min", type=int, default=SchedulerConfig.prompt_lookup_min)
+    p.add_argument("--prompt-lookup-max", type=int, default=SchedulerConfig.prompt_lookup_max)
+    p.add_argument("--max-tokens", type=int, default=96)
+    p.add_argument("--workload", choices=["all", "copy", "open"], default="all")
+    p.add_argument("--json", default=None, help="also write the results here")

@@ -1,0 +1,224 @@
+"""Offline generation in one process, on the same scheduler and worker as serving.
+
+    llm = LLM()                                   # the bundled SmolLM2
+    [res] = llm.generate(["Hello"], SamplingParams(max_tokens=8, temperature=0))
+    print(res.outputs[0].text)
+
+The worker is called in-process (InProcessExecutor); the step messages are the
+ones that travel over gRPC when serving.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass, field
+from typing import Iterable, Optional, Sequence, Union
+
+import torch
+
+from cluster.config import SchedulerConfig
+from cluster.engine import EngineCore, InProcessExecutor
+from cluster.scheduler import Scheduler
+from protos.messages import RequestOutput, SamplingParams, TokenLogprob
+from router.choices import ChoiceOutput, choice_id, choice_requests
+from worker.loader import load_tokenizer
+from worker.worker import Worker
+
+Prompt = Union[str, Sequence[int]]
+
+
+@dataclass
+class CompletionOutput:
+    index: int
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    logprobs: Optional[list[TokenLogprob]] = None
+    finish_reason: Optional[str] = None
+    stop_reason: Union[int, str, None] = None
+
+
+@dataclass
+class GenerationResult:
+    request_id: str
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput]
+    prompt_logprobs: Optional[list[Optional[TokenLogprob]]] = None
+    num_cached_tokens: int = 0
+    arrival_time: float = 0.0
+    first_token_time: Optional[float] = None
+    finish_time: Optional[float] = None
+
+    @property
+    def finished(self) -> bool:
+        return all(o.finish_reason is not None for o in self.outputs)
+
+
+class LLM:
+    # Scheduler defaults come from SchedulerConfig (their one home); dtype None: the
+    # device's default (worker.worker.default_dtype), as for `folio generate` and serve.
+    def __init__(
+        self,
+        model: Optional[str] = None,
+        *,
+        block_size: int = SchedulerConfig.block_size,
+        num_blocks: Optional[int] = None,
+        kv_cache_bytes: Optional[int] = None,
+        max_num_seqs: int = SchedulerConfig.max_num_seqs,
+        max_num_batched_tokens: int = SchedulerConfig.max_num_batched_tokens,
+        max_model_len: Optional[int] = None,
+        enable_prefix_caching: bool = SchedulerConfig.enable_prefix_caching,
+        dtype: Optional[torch.dtype] = None,
+        device: str = "cpu",
+        kernels: str = "auto",
+        num_speculative_tokens: int = SchedulerConfig.num_speculative_tokens,
+        prompt_lookup_min: int = SchedulerConfig.prompt_lookup_min,
+        prompt_lookup_max: int = SchedulerConfig.prompt_lookup_max,
+        tokenizer: bool = True,
+    ):
+        self.worker = Worker(
+            model,
+            block_size=block_size,
+            num_blocks=num_blocks,
+            kv_cache_bytes=kv_cache_bytes,
+            dtype=dtype,
+            device=device,
+            kernels=kernels,
+        )
+        cfg = self.worker.model_config
+        self.tokenizer = load_tokenizer(self.worker.model_path) if tokenizer else None
+        self.config = SchedulerConfig(
+            block_size=block_size,
+            max_num_seqs=max_num_seqs,
+            max_num_batched_tokens=max_num_batched_tokens,
+            max_model_len=max_model_len or cfg.max_position_embeddings,
+            enable_prefix_caching=enable_prefix_caching,
+            eos_token_ids=tuple(cfg.eos_token_ids),
+            num_speculative_tokens=num_speculative_tokens,
+            prompt_lookup_min=prompt_lookup_min,
+            prompt_lookup_max=prompt_lookup_max,
+        )
+        self.engine = EngineCore(Scheduler(self.config, self.worker.num_blocks), InProcessExecutor(self.worker))
+        self._ids = itertools.count()
+        self._results: dict[str, GenerationResult] = {}
+        self._children: dict[str, tuple[GenerationResult, CompletionOutput, ChoiceOutput]] = {}
+
+    @property
+    def scheduler(self) -> Scheduler:
+        return self.engine.scheduler
+
+    def encode(self, prompt: Prompt) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("this LLM has no tokenizer: pass token ids")
+            return self.tokenizer.encode(prompt)
+        return list(prompt)
+
+    def chat_token_ids(self, messages: list[dict]) -> list[int]:
+        """A conversation through the model's chat template, ready to generate the reply."""
+        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    # ---------------------------------------------------------------- step-level API
+    def add_request(
+        self,
+        prompt: Prompt,
+        params: Optional[SamplingParams] = None,
+        *,
+        request_id: Optional[str] = None,
+        priority: int = 0,
+    ) -> str:
+        """Queue one prompt (n > 1 makes n sequences); returns its request id."""
+        params = params or SamplingParams()
+        rid = request_id or f"req-{next(self._ids)}"
+        ids = self.encode(prompt)
+        vocab = self.worker.model_config.vocab_size
+        for what, tokens in (
+            ("prompt", ids),
+            ("stop_token_ids", params.stop_token_ids),
+            ("logit_bias", list(params.logit_bias)),
+        ):
+            bad = next((t for t in tokens if not 0 <= t < vocab), None)
+            if bad is not None:
+                raise ValueError(f"{what}: token id {bad} is outside the vocabulary [0, {vocab})")
+        res = GenerationResult(rid, ids, [], arrival_time=time.monotonic())
+        for i, child in enumerate(
+            choice_requests(rid, [ids], params, priority=priority, arrival_time=res.arrival_time)
+        ):
+            self.engine.add_request(child)
+            out = CompletionOutput(index=i, logprobs=[] if params.logprobs is not None else None)
+            res.outputs.append(out)
+            self._children[child.request_id] = (res, out, ChoiceOutput(self.tokenizer, ids, params))
+        self._results[rid] = res
+        return rid
+
+    def abort(self, request_id: str) -> None:
+        res = self._results.get(request_id)
+        if res is not None:
+            self._apply(self.engine.abort([choice_id(request_id, i) for i in range(len(res.outputs))]))
+
+    def step(self) -> list[GenerationResult]:
+        """Run one engine step; return the requests that finished in it."""
+        return self._apply(self.engine.step())
+
+    def has_unfinished(self) -> bool:
+        return self.engine.has_unfinished_requests()
+
+    def _apply(self, outputs: Iterable[RequestOutput]) -> list[GenerationResult]:
+        done = []
+        stopped = []
+        for o in outputs:
+            entry = self._children.get(o.request_id)
+            if entry is None:
+                continue
+            res, out, choice = entry
+            if res.first_token_time is None and o.new_token_ids:
+                res.first_token_time = time.monotonic()
+            out.token_ids.extend(o.new_token_ids)
+            if o.logprobs and out.logprobs is not None:
+                out.logprobs.extend(o.logprobs)
+            if o.prompt_logprobs is not None:
+                res.prompt_logprobs = o.prompt_logprobs
+            res.num_cached_tokens = max(res.num_cached_tokens, o.num_cached_tokens)
+            step = choice.add(o)
+            if step.stopped:
+                out.token_ids = out.token_ids[: len(choice.tokens)]
+                if not o.finished:
+                    stopped.append(o.request_id)
+            if step.finished:
+                choice.flush()  # the text once, at the end
+                out.text = choice.text
+                out.finish_reason, out.stop_reason = choice.finish_reason, choice.stop_reason
+                del self._children[o.request_id]
+                if res.finished:
+                    res.finish_time = time.monotonic()
+                    del self._results[res.request_id]
+                    done.append(res)
+        if stopped:
+            self.engine.abort(stopped)  # a stop string ended them; free their blocks now
+        return done
+
+    # ---------------------------------------------------------------- batch API
+    def generate(
+        self,
+        prompts: Sequence[Prompt],
+        params: Union[SamplingParams, Sequence[SamplingParams], None] = None,
+        use_tqdm: bool = False,
+    ) -> list[GenerationResult]:
+        """Generate for every prompt; results in prompt order."""
+        plist = params if isinstance(params, (list, tuple)) else [params] * len(prompts)
+        ids = [self.add_request(p, sp) for p, sp in zip(prompts, plist)]
+        bar = None
+        if use_tqdm:
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(ids), unit="req", dynamic_ncols=True)
+        by_id = {}
+        while self.has_unfinished():
+            for res in self.step():
+                by_id[res.request_id] = res
+                if bar is not None:
+                    bar.update(1)
+        if bar is not None:
+            bar.close()
+        return [by_id[i] for i in ids]

@@ -1,0 +1,425 @@
+"""The serving path end to end: Ray on 127.0.0.1, a worker actor behind gRPC, uvicorn
+on a free port, the openai SDK as the client, the bundled SmolLM2."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+
+import httpx
+import openai
+import pytest
+
+from tests import REPO_ROOT
+
+pytestmark = pytest.mark.slow
+
+MAX_MODEL_LEN = 1024
+NUM_KV_BLOCKS = 256
+CHAT = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+@dataclass
+class Server:
+    base_url: str
+    deployment: object
+    loop: asyncio.AbstractEventLoop
+
+    def call(self, fn, timeout: float = 30):
+        """Run fn() on the server's event loop (where all head state lives) and return its value."""
+
+        async def run():
+            return fn()
+
+        return asyncio.run_coroutine_threadsafe(run(), self.loop).result(timeout)
+
+    def metric(self, name: str, labels: str = "") -> float:
+        """A sample from /metrics; without labels, the first sample of that name."""
+        text = httpx.get(self.base_url + "/metrics").text
+        label_re = re.escape(labels) if labels else r"(?:\{[^}]*\})?"
+        m = re.search(rf"^{re.escape(name)}{label_re} (\S+)$", text, re.M)
+        assert m, f"{name} not in /metrics"
+        return float(m.group(1))
+
+
+@pytest.fixture(scope="module")
+def server():
+    import ray
+
+    from cluster.entrypoints.serve import ServeConfig, serve_in_background
+
+    if not ray.is_initialized():
+        ray.init(_node_ip_address="127.0.0.1", include_dashboard=False)
+    cfg = ServeConfig(
+        port=0, max_model_len=MAX_MODEL_LEN, num_kv_blocks=NUM_KV_BLOCKS, max_num_seqs=64, max_num_batched_tokens=512
+    )
+    with serve_in_background(cfg) as bg:
+        yield Server(bg.base_url, bg.deployment, bg.loop)
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.base_url + "/v1", api_key="unused", max_retries=0)
+
+
+@pytest.fixture(scope="module")
+def model(client):
+    return client.models.list().data[0].id
+
+
+# ---------------------------------------------------------------- basics
+
+
+def test_chat_answers_and_completions_work(client, model):
+    r = client.chat.completions.create(model=model, messages=CHAT, max_completion_tokens=20, temperature=0)
+    assert "Paris" in r.choices[0].message.content
+    assert r.choices[0].finish_reason == "stop"
+    assert r.usage.completion_tokens > 0 and r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+    parts = [{"role": "user", "content": [{"type": "text", "text": "What is the capital of France?"}]}]
+    r2 = client.chat.completions.create(model=model, messages=parts, max_tokens=20, temperature=0)
+    assert r2.choices[0].message.content == r.choices[0].message.content
+
+    c = client.completions.create(model=model, prompt="The capital of France is", max_tokens=5, temperature=0)
+    assert c.choices[0].finish_reason == "length" and c.usage.completion_tokens == 5
+
+
+def test_prompt_forms(client, model, server):
+    ids = httpx.post(server.base_url + "/tokenize", json={"prompt": "Hello there"}).json()["tokens"]
+    kw = dict(model=model, max_tokens=3, temperature=0)
+    text = client.completions.create(prompt="Hello there", **kw).choices[0].text
+    assert client.completions.create(prompt=ids, **kw).choices[0].text == text
+    r = client.completions.create(prompt=[ids, ids[:1]], **kw)
+    assert [c.index for c in r.choices] == [0, 1] and r.choices[0].text == text
+    assert r.usage.prompt_tokens == len(ids) + 1
+    r = client.completions.create(prompt=["Hello there", "Hi"], n=2, **kw)
+    assert [c.index for c in r.choices] == [0, 1, 2, 3]
+    assert r.choices[0].text == r.choices[1].text == text  # greedy: n copies agree
+    assert r.usage.completion_tokens == 12
+
+
+def test_models_tokenize_health_request_id(server, model):
+    h = httpx.Client(base_url=server.base_url)
+    models = h.get("/v1/models").json()
+    assert models["data"][0]["id"] == model and models["data"][0]["max_model_len"] == MAX_MODEL_LEN
+    tok = h.post("/tokenize", json={"prompt": "Hello world"}).json()
+    assert tok["count"] == len(tok["tokens"]) > 0
+    assert h.post("/detokenize", json={"tokens": tok["tokens"]}).json()["prompt"] == "Hello world"
+    chat_tok = h.post("/tokenize", json={"messages": CHAT}).json()
+    assert chat_tok["count"] > tok["count"]
+    assert h.get("/health").status_code == 200
+    rid = "trace-42/ä ;=".encode()  # any header bytes, not only ASCII
+    r = h.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 1}, headers={"x-request-id": rid})
+    assert r.status_code == 200 and dict(r.headers.raw)[b"x-request-id"] == rid
+    assert "trace-42" in r.json()["id"]
+
+
+# ---------------------------------------------------------------- sampling features
+
+
+def _stream_completion(client, **kw):
+    text, finish, usage = {}, {}, None
+    for ch in client.completions.create(stream=True, stream_options={"include_usage": True}, **kw):
+        for c in ch.choices:
+            text[c.index] = text.get(c.index, "") + c.text
+            finish[c.index] = c.finish_reason or finish.get(c.index)
+        usage = ch.usage or usage
+    return text, finish, usage
+
+
+def _stream_chat(client, **kw):
+    text, finish, usage = {}, {}, None
+    for ch in client.chat.completions.create(stream=True, stream_options={"include_usage": True}, **kw):
+        for c in ch.choices:
+            text[c.index] = text.get(c.index, "") + (c.delta.content or "")
+            finish[c.index] = c.finish_reason or finish.get(c.index)
+        usage = ch.usage or usage
+    return text, finish, usage
+
+
+def test_streaming_matches_non_streaming(client, model):
+    for params in ({"temperature": 0}, {"temperature": 1.0, "top_p": 0.9, "seed": 1234}):
+        kw = dict(model=model, prompt="Write a short poem about the sea.", max_tokens=12, n=2, **params)
+        full = client.completions.create(**kw)
+        text, finish, usage = _stream_completion(client, **kw)
+        assert text == {c.index: c.text for c in full.choices}
+        assert finish == {c.index: c.finish_reason for c in full.choices}
+        assert usage.completion_tokens == full.usage.completion_tokens
+
+        ckw = dict(model=model, messages=CHAT, max_completion_tokens=12, n=2, **params)
+        full = client.chat.completions.create(**ckw)
+        text, finish, usage = _stream_chat(client, **ckw)
+        assert text == {c.index: c.message.content for c in full.choices}
+        assert finish == {c.index: c.finish_reason for c in full.choices}
+        assert usage.prompt_tokens == full.usage.prompt_tokens
+
+
+def test_seeds_reproduce_and_differ(client, model):
+    kw = dict(model=model, prompt="Once upon a time", max_tokens=10, temperature=1.0)
+    a = client.completions.create(seed=7, n=3, **kw)
+    b = client.completions.create(seed=7, n=3, **kw)
+    assert [c.text for c in a.choices] == [c.text for c in b.choices]
+    assert len({c.text for c in a.choices}) > 1  # each choice has its own seed
+
+
+def test_stop_strings(client, model):
+    kw = dict(model=model, prompt="Count: 1, 2, 3, 4, 5, 6, 7, 8, 9,", max_tokens=20, temperature=0)
+    free = client.completions.create(**kw).choices[0].text
+    assert " 11" in free, free
+    r = client.completions.create(stop=[" 11"], **kw).choices[0]
+    assert r.finish_reason == "stop" and r.text == free[: free.index(" 11")]
+    text, finish, _ = _stream_completion(client, stop=" 11", **kw)
+    assert text[0] == r.text and finish[0] == "stop"
+    r = client.completions.create(stop=[" 11"], extra_body={"include_stop_str_in_output": True}, **kw)
+    assert r.choices[0].text.endswith(" 11")
+
+
+def test_logprobs_and_echo(client, model, server):
+    ids = httpx.post(server.base_url + "/tokenize", json={"prompt": "The capital of France is"}).json()["tokens"]
+    # What evaluation harnesses send to score a continuation.
+    r = client.completions.create(model=model, prompt=ids, echo=True, logprobs=1, max_tokens=1, temperature=0)
+    lp = r.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(ids) + 1
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert all(isinstance(x, float) and x <= 0 for x in lp.token_logprobs[1:])
+    assert all(1 <= len(t) <= 2 for t in lp.top_logprobs[1:])
+    assert r.choices[0].text.startswith("The capital of France is")
+    assert lp.text_offset[0] == 0 and lp.text_offset == sorted(lp.text_offset)
+
+    c = client.chat.completions.create(
+        model=model, messages=CHAT, max_completion_tokens=4, temperature=0, logprobs=True, top_logprobs=3
+    )
+    content = c.choices[0].logprobs.content
+    assert len(content) == c.usage.completion_tokens
+    for e in content:
+        assert len(e.top_logprobs) == 3
+        assert e.top_logprobs[0].logprob >= e.logprob - 1e-6  # greedy takes the best
+    assert "".join(e.token for e in content) == c.choices[0].message.content
+
+
+def test_greedy_matches_in_process_engine(client, model):
+    from cluster.entrypoints.llm import LLM
+    from protos.messages import SamplingParams
+
+    prompts = ["The capital of France is", "def fibonacci(n):", "List three colors:"]
+    llm = LLM(max_model_len=MAX_MODEL_LEN, num_blocks=NUM_KV_BLOCKS)
+    expected = [r.outputs[0].text for r in llm.generate(prompts, SamplingParams(max_tokens=16, temperature=0))]
+    served = client.completions.create(model=model, prompt=prompts, max_tokens=16, temperature=0)
+    assert [c.text for c in served.choices] == expected
+
+
+# ---------------------------------------------------------------- load, disconnects, errors
+
+
+def test_64_concurrent_streams(server, model):
+    n, max_tokens = 64, 8
+
+    async def one(aclient, i):
+        chunks, usage = 0, None
+        stream = await aclient.chat.completions.create(
+            model=model,
+            messages=[{"role": "user", "content": f"Say a number bigger than {i}."}],
+            max_completion_tokens=max_tokens,
+            temperature=0.7,
+            seed=i,
+            stream=True,
+            stream_options={"include_usage": True, "continuous_usage_stats": True},
+            extra_body={"ignore_eos": True},
+        )
+        async for ch in stream:
+            chunks += bool(ch.choices)
+            usage = ch.usage or usage
+        return usage
+
+    async def main():
+        async with openai.AsyncOpenAI(
+            base_url=server.base_url + "/v1", api_key="x", max_retries=0, timeout=300
+        ) as aclient:
+            return await asyncio.gather(*(one(aclient, i) for i in range(n)))
+
+    usages = asyncio.run(main())
+    assert all(u.completion_tokens == max_tokens for u in usages)
+    assert all(u.total_tokens == u.prompt_tokens + max_tokens for u in usages)
+    _assert_idle_and_intact(server)
+    assert server.metric("folio_time_to_first_token_seconds_count") >= n
+    assert server.metric("folio_inter_token_latency_seconds_count") >= n * (max_tokens - 1)
+
+
+def _assert_idle_and_intact(server, timeout: float = 30):
+    deadline = time.monotonic() + timeout
+    while server.metric("folio_kv_cache_free_blocks") != NUM_KV_BLOCKS:
+        assert time.monotonic() < deadline, "blocks were not freed"
+        time.sleep(0.1)
+    assert server.metric("folio_num_requests_running") == 0
+    for r in server.deployment.frontend.replicas:
+        server.call(r.scheduler.check_integrity)
+
+
+def test_disconnect_mid_stream_frees_blocks(server, model):
+    body = {"model": model, "prompt": "Tell me a long story.", "max_tokens": 500, "ignore_eos": True, "stream": True}
+    with httpx.Client(base_url=server.base_url, timeout=60) as h:
+        with h.stream("POST", "/v1/completions", json=body) as r:
+            lines = r.iter_lines()
+            got = [next(lines) for _ in range(6)]
+            assert any(line.startswith("data: {") for line in got)
+            assert server.metric("folio_kv_cache_free_blocks") < NUM_KV_BLOCKS
+    _assert_idle_and_intact(server)
+    assert server.metric("folio_request_success_total", '{finished_reason="abort"}') >= 1
+
+    # Non-streaming: the client gives up while the request still runs.
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(
+            server.base_url + "/v1/completions",
+            timeout=2,
+            json={"model": model, "prompt": "Hi", "max_tokens": 500, "ignore_eos": True},
+        )
+    _assert_idle_and_intact(server)
+
+
+BAD_REQUESTS = [
+    ("/v1/completions", b'{"prompt": "hi", "max_tokens": 5', 400),  # malformed JSON
+    ("/v1/completions", {"prompt": "hi", "max_tokens": "ten"}, 400),
+    ("/v1/completions", {"prompt": "hi", "temperature": -1}, 400),
+    ("/v1/completions", {"prompt": "hi", "logprobs": 21}, 400),
+    ("/v1/completions", {"prompt": "hi", "max_tokens": 0}, 400),
+    ("/v1/completions", {"prompt": "hi", "n": 0}, 400),
+    ("/v1/completions", {"prompt": "hi", "top_p": 0}, 400),
+    ("/v1/completions", {"prompt": "hi", "stream": "yes"}, 400),
+    ("/v1/completions", {"prompt": "hi", "stop": 5}, 400),
+    ("/v1/completions", {"prompt": "hi", "logit_bias": {"x": 1}}, 400),
+    ("/v1/completions", {"prompt": "hi", "logit_bias": {"99999999": 1}}, 400),
+    ("/v1/completions", {"prompt": ""}, 400),
+    ("/v1/completions", {"prompt": []}, 400),
+    ("/v1/completions", {"prompt": [1, "a"]}, 400),
+    ("/v1/completions", {"prompt": [10**7]}, 400),
+    ("/v1/completions", {"prompt": [-1]}, 400),
+    ("/v1/completions", {"max_tokens": 5}, 400),  # no prompt
+    ("/v1/completions", {"prompt": "hi", "max_tokens": MAX_MODEL_LEN}, 400),  # over the context
+    ("/v1/completions", {"prompt": "hi", "suffix": "x"}, 400),
+    ("/v1/completions", {"prompt": "hi", "model": "no-such-model"}, 404),
+    ("/v1/chat/completions", {"messages": []}, 400),
+    ("/v1/chat/completions", {}, 400),
+    ("/v1/chat/completions", {"messages": "hello"}, 400),
+    ("/v1/chat/completions", {"messages": [{"content": "no role"}]}, 400),
+    ("/v1/chat/completions", {"messages": CHAT, "logprobs": True, "top_logprobs": 21}, 400),
+    ("/v1/chat/completions", {"messages": CHAT, "top_logprobs": 2}, 400),
+    ("/v1/chat/completions", {"messages": CHAT, "max_completion_tokens": -1}, 400),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": " x" * MAX_MODEL_LEN}]}, 400),
+    (
+        "/v1/chat/completions",
+        {
+            "messages": [
+                {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://127.0.0.1/x.png"}}]}
+            ]
+        },
+        400,
+    ),
+    ("/v1/chat/completions", {"messages": CHAT, "model": "gpt-4"}, 404),
+    ("/tokenize", {}, 400),
+    ("/detokenize", {"tokens": [10**7]}, 400),
+]
+
+
+@pytest.mark.parametrize("path,body,status", BAD_REQUESTS)
+def test_bad_requests_get_openai_errors(server, model, path, body, status):
+    kw = (
+        {"content": body, "headers": {"content-type": "application/json"}}
+        if isinstance(body, bytes)
+        else {"json": {"model": model, **body} if "model" not in body and path.startswith("/v1") else body}
+    )
+    r = httpx.post(server.base_url + path, timeout=60, **kw)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert isinstance(err["message"], str) and err["message"] and "type" in err
+
+
+def test_serves_after_bad_requests_and_ignores_unknown_fields(server, model):
+    r = httpx.post(
+        server.base_url + "/v1/completions",
+        timeout=60,
+        json={
+            "model": model,
+            "prompt": "Hi",
+            "max_tokens": 2,
+            "seed": None,
+            "logprobs": None,
+            "some_future_field": {"x": 1},
+            "guided_json": None,
+            "top_k": -1,
+            "min_p": 0.0,
+            "repetition_penalty": 1.1,
+            "min_tokens": 1,
+            "ignore_eos": True,
+        },
+    )
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2
+    _assert_idle_and_intact(server)
+
+
+def test_full_queue_is_429_with_retry_after(server, client, model):
+    fe = server.deployment.frontend
+    saved = (fe.max_queued, fe.replica_capacity)
+    server.call(lambda: (setattr(fe, "max_queued", 0), setattr(fe, "replica_capacity", 0)))
+    try:
+        with pytest.raises(openai.RateLimitError) as e:
+            client.completions.create(model=model, prompt="Hi", max_tokens=1)
+        assert int(e.value.response.headers["retry-after"]) >= 1
+        assert server.metric("folio_request_rejected_total") >= 1
+    finally:
+        server.call(lambda: (setattr(fe, "max_queued", saved[0]), setattr(fe, "replica_capacity", saved[1])))
+    assert client.completions.create(model=model, prompt="Hi", max_tokens=1).usage.completion_tokens == 1
+
+
+# ---------------------------------------------------------------- worker failure
+
+
+def test_replica_dies_with_its_worker():
+    """A worker process that dies fails its requests at once and marks the replica dead."""
+    from cluster.config import SchedulerConfig
+    from cluster.frontend import Frontend
+    from cluster.metrics import RequestMetrics
+    from cluster.replica import Replica
+    from protos import worker_pb2 as pb
+    from protos.messages import EngineRequest, SamplingParams
+    from protos.security import SECRET_ENV, channel
+    from protos.worker_pb2_grpc import WorkerStub
+    from router.engine_client import RequestFailed
+    from tests.worker_processes import CREDENTIALS
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "worker.server", "--address", "127.0.0.1:0"],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=dict(os.environ, **{SECRET_ENV: CREDENTIALS.secret}),
+        cwd=REPO_ROOT,
+    )
+    try:
+        address = proc.stdout.readline().split()[-1]
+
+        async def main():
+            metrics = RequestMetrics()
+            replica = Replica(0, [address], SchedulerConfig(max_model_len=256), metrics, credentials=CREDENTIALS)
+            await replica.start(pb.LoadModelRequest(num_blocks=64))
+            fe = Frontend([replica], metrics)
+            stream = fe.generate(EngineRequest("r", [1, 2, 3], SamplingParams(max_tokens=200, ignore_eos=True)))
+            await stream.__anext__()
+            # Steps run on their own thread: Health answers while they keep coming.
+            async with channel(address, CREDENTIALS) as ch:
+                health = await WorkerStub(ch).Health(pb.HealthRequest(), timeout=5)
+            assert health.model_loaded and health.steps_executed >= 1
+            proc.send_signal(signal.SIGKILL)
+            with pytest.raises(RequestFailed):
+                async for _ in stream:
+                    pass
+            assert not replica.alive and not fe.healthy and not fe.ready
+            await replica.close()
+
+        asyncio.run(asyncio.wait_for(main(), 120))
+    finally:
+        proc.kill()
+        proc.wait()

@@ -1,0 +1,138 @@
+"""Speculative decoding on the serving path: drafts and accepted tokens over real
+gRPC, across two tensor-parallel ranks, and through the HTTP server with the
+openai SDK. Outputs must equal those of a replica that does not speculate."""
+
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+import openai
+import pytest
+
+from cluster.config import SchedulerConfig
+from cluster.metrics import RequestMetrics
+from cluster.replica import Replica
+from protos import worker_pb2 as pb
+from protos.messages import EngineRequest, SamplingParams
+from tests.worker_processes import CREDENTIALS, WorkerProcesses
+from worker.parallel import free_port
+
+pytestmark = pytest.mark.slow
+
+COPY = (
+    "Repeat the following text word for word, three times:\n\nThe river runs past the old mill, "
+    "under the stone bridge, and out to the sea."
+)
+
+
+async def _replica_outputs(
+    addresses: list[str], model_path: str, prompts: list[list[int]], params: SamplingParams, speculate: int
+) -> tuple[list[list[int]], object]:
+    config = SchedulerConfig(
+        block_size=16, max_num_seqs=8, num_speculative_tokens=speculate, prompt_lookup_min=1, prompt_lookup_max=3
+    )
+    replica = Replica(0, addresses, config, RequestMetrics(), credentials=CREDENTIALS)
+    await replica.start(
+        pb.LoadModelRequest(
+            model_path=model_path,
+            block_size=16,
+            num_blocks=64,
+            dtype="float32",
+            device="cpu",
+            rendezvous=f"tcp://127.0.0.1:{free_port('127.0.0.1')}",
+        )
+    )
+    loop = asyncio.get_running_loop()
+    done = [loop.create_future() for _ in prompts]
+    tokens: list[list[int]] = [[] for _ in prompts]
+
+    def sink(i):
+        def put(item):
+            tokens[i].extend(getattr(item, "new_token_ids", []))
+            if getattr(item, "finished", True) and not done[i].done():
+                done[i].set_result(None)
+
+        return put
+
+    try:
+        for i, p in enumerate(prompts):
+            replica.add_request(EngineRequest(f"r{i}", p, params), sink(i))
+        await asyncio.wait_for(asyncio.gather(*done), 180)
+        return tokens, replica.stats()
+    finally:
+        await replica.close()
+
+
+def test_two_rank_replica_verifies_drafts(tiny_model):
+    """Rank 0 verifies and broadcasts a variable number of tokens per request; both
+    ranks must keep the same tokens, and the result equals one rank not speculating."""
+    from tests.model_fixtures import repetitive_prompts
+
+    path = tiny_model("llama")
+    prompts = repetitive_prompts("tp", 5)
+    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    with WorkerProcesses(1) as one:
+        want, _ = asyncio.run(_replica_outputs(one, path, prompts, params, speculate=0))
+    with WorkerProcesses(2) as two:
+        got, stats = asyncio.run(_replica_outputs(two, path, prompts, params, speculate=4))
+    assert got == want
+    assert 0 < stats.num_accepted_tokens < stats.num_draft_tokens
+
+
+@pytest.fixture(scope="module")
+def spec_server():
+    import ray
+
+    from cluster.entrypoints.serve import ServeConfig, serve_in_background
+
+    if not ray.is_initialized():
+        ray.init(_node_ip_address="127.0.0.1", include_dashboard=False)
+    cfg = ServeConfig(port=0, max_model_len=1024, num_kv_blocks=256, num_speculative_tokens=5)
+    with serve_in_background(cfg) as bg:
+        yield bg
+
+
+def _metric(base_url: str, name: str) -> float:
+    for line in httpx.get(base_url + "/metrics").text.splitlines():
+        if line.startswith(name + "{") or line.startswith(name + " "):
+            return float(line.split()[-1])
+    raise AssertionError(f"{name} not in /metrics")
+
+
+def test_served_outputs_equal_the_plain_engine(spec_server):
+    from cluster.entrypoints.llm import LLM
+
+    client = openai.OpenAI(base_url=spec_server.base_url + "/v1", api_key="unused", max_retries=0)
+    model = client.models.list().data[0].id
+    plain = LLM(max_model_len=1024, num_blocks=256)
+    chat = [{"role": "user", "content": COPY}]
+    [want] = plain.generate([plain.chat_token_ids(chat)], SamplingParams(temperature=0, max_tokens=40))
+
+    reply = client.chat.completions.create(model=model, messages=chat, temperature=0, max_tokens=40)
+    assert reply.choices[0].message.content == want.outputs[0].text
+    streamed = "".join(
+        ch.choices[0].delta.content or ""
+        for ch in client.chat.completions.create(model=model, messages=chat, temperature=0, max_tokens=40, stream=True)
+        if ch.choices
+    )
+    assert streamed == want.outputs[0].text
+
+    # Seeded sampling with logprobs: the same tokens, and a logprob for each.
+    seeded = SamplingParams(temperature=0.8, seed=5, max_tokens=30, logprobs=1)
+    [want] = plain.generate([plain.chat_token_ids(chat)], seeded)
+    reply = client.chat.completions.create(
+        model=model, messages=chat, temperature=0.8, seed=5, max_tokens=30, logprobs=True, top_logprobs=1
+    )
+    assert reply.choices[0].message.content == want.outputs[0].text
+    assert len(reply.choices[0].logprobs.content) == reply.usage.completion_tokens
+
+    drafts = _metric(spec_server.base_url, "folio_spec_decode_draft_tokens_total")
+    accepted = _metric(spec_server.base_url, "folio_spec_decode_accepted_tokens_total")
+    assert 0 < accepted <= drafts
+    for r in spec_server.deployment.frontend.replicas:  # on the server's loop, where it lives
+        asyncio.run_coroutine_threadsafe(_check_integrity(r), spec_server.loop).result(30)
+
+
+async def _check_integrity(replica) -> None:
+    replica.scheduler.check_integrity()
