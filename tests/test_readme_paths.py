@@ -1,5 +1,6 @@
 """Every file and folder the README names exists: the layout table and the walk
 through one request must not point at code that moved."""
+
 from __future__ import annotations
 
 import re
