@@ -61,7 +61,9 @@ def test_bench_throughput_prints_both_sides_and_their_ratio(tmp_path, tiny_model
 @pytest.mark.slow
 def test_bench_spec_compares_plain_and_speculative_decoding(tmp_path):
     report = tmp_path / "spec.json"
-    res = _folio("bench", "spec", "--max-tokens", "12", "--workload", "copy", "--json", str(report))
+    res = _folio(
+        "bench", "spec", "--max-tokens", "12", "--workload", "copy", "--num-prompts", "2", "--json", str(report)
+    )
     rows = json.loads(report.read_text())["rows"]
     assert [(r["workload"], r["mode"]) for r in rows] == [("copy", "single"), ("copy", "batch")]
     assert all(r["plain_tok_s"] > 0 and r["spec_tok_s"] > 0 for r in rows)

@@ -79,7 +79,7 @@ def main(args: argparse.Namespace) -> dict:
     for name, texts in workloads().items():
         if args.workload not in ("all", name):
             continue
-        prompts = [engines[0].chat_token_ids([{"role": "user", "content": t}]) for t in texts]
+        prompts = [engines[0].chat_token_ids([{"role": "user", "content": t}]) for t in texts[: args.num_prompts]]
         for batched in (False, True):
             figures = {}
             for k, llm in engines.items():
@@ -128,4 +128,5 @@ def add_cli_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt-lookup-max", type=int, default=SchedulerConfig.prompt_lookup_max)
     p.add_argument("--max-tokens", type=int, default=96)
     p.add_argument("--workload", choices=["all", "copy", "open"], default="all")
+    p.add_argument("--num-prompts", type=int, default=4, help="prompts per workload (at most 4)")
     p.add_argument("--json", default=None, help="also write the results here")
