@@ -22,7 +22,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -35,6 +34,7 @@ import pytest
 import yaml
 
 from tests import REPO_ROOT
+from tests.e2e.ray_head import RayHeadPorts, free_port, start_ray_head
 from tests.prometheus import samples
 
 pytestmark = pytest.mark.slow
@@ -46,12 +46,6 @@ RESUMED = 16  # lines the resumed job finds already done
 # `folio batch` imports torch (the serve parser): on a loaded 2-core machine it
 # took over 60 s from start to exit, with the job already submitted.
 CLI_TIMEOUT = 180
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _env(**extra) -> dict:
@@ -174,30 +168,14 @@ class Cluster:
 def cluster():
     workdir = tempfile.mkdtemp(prefix="folio-as-")  # short: Ray's socket paths live under it
     config_path = os.path.join(workdir, "cluster.yaml")
-    gcs, dash, client, agent, port = (_free_port() for _ in range(5))
+    ports, port = RayHeadPorts(), free_port()
     with open(config_path, "w") as f:
-        yaml.safe_dump(_cluster_config(gcs), f)
-    head = subprocess.Popen(
-        [
-            os.path.join(os.path.dirname(sys.executable), "ray"),
-            "start",
-            "--head",
-            "--block",
-            "--node-ip-address=127.0.0.1",
-            f"--port={gcs}",
-            "--num-cpus=1",
-            "--dashboard-host=127.0.0.1",
-            f"--dashboard-port={dash}",
-            f"--ray-client-server-port={client}",
-            f"--dashboard-agent-listen-port={agent}",
-            f"--temp-dir={workdir}/ray",
-            f"--autoscaling-config={config_path}",
-            "--disable-usage-stats",
-        ],
-        env=_env(RAY_FAKE_CLUSTER="1", AUTOSCALER_UPDATE_INTERVAL_S="1"),
-        stdout=open(os.path.join(workdir, "head.log"), "w"),
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
+        yaml.safe_dump(_cluster_config(ports.gcs), f)
+    head = start_ray_head(
+        ports,
+        workdir,
+        _env(RAY_FAKE_CLUSTER="1", AUTOSCALER_UPDATE_INTERVAL_S="1"),
+        f"--autoscaling-config={config_path}",
     )
     serve = None
     stop = threading.Event()
@@ -207,7 +185,7 @@ def cluster():
         while not os.path.exists(address_file):
             assert head.poll() is None and time.monotonic() < deadline, "ray start failed"
             time.sleep(0.5)
-        c = Cluster(f"http://127.0.0.1:{dash}", f"http://127.0.0.1:{port}/v1", workdir)
+        c = Cluster(f"http://127.0.0.1:{ports.dashboard}", f"http://127.0.0.1:{port}/v1", workdir)
         c.wait_for(lambda: _up(c.dashboard + "/api/version"), 60, "the dashboard did not come up")
         serve = subprocess.Popen(
             [

@@ -30,6 +30,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from cluster.entrypoints.batch import EndpointRefused, run_batch
 from cluster.entrypoints.batch_input import PLAIN_REQUEST_ID
 from tests import REPO_ROOT
+from tests.e2e.ray_head import RayHeadPorts, start_ray_head
 
 ROOT = str(REPO_ROOT)
 
@@ -392,12 +393,6 @@ def test_crash_during_the_resume_rewrite_loses_no_finished_result(tmp_path, endp
 # ---------------------------------------------------------------- through Ray's job API
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_submit_and_status_present_rays_token_from_home(tmp_path, endpoint):
     """A head started with Ray's token authentication; `folio batch submit/status` find the
@@ -409,31 +404,13 @@ def test_submit_and_status_present_rays_token_from_home(tmp_path, endpoint):
     (home / ".ray").mkdir(parents=True)
     empty_home.mkdir()
     (home / ".ray" / "auth_token").write_text(token)
-    gcs, dash, client_port, agent = (_free_port() for _ in range(4))
+    ports = RayHeadPorts()
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}
     env.update(PYTHONPATH=ROOT, RAY_USAGE_STATS_ENABLED="0")
-    head = subprocess.Popen(
-        [
-            os.path.join(os.path.dirname(sys.executable), "ray"),
-            "start",
-            "--head",
-            "--block",
-            "--node-ip-address=127.0.0.1",
-            f"--port={gcs}",
-            "--num-cpus=1",
-            "--dashboard-host=127.0.0.1",
-            f"--dashboard-port={dash}",
-            f"--ray-client-server-port={client_port}",
-            f"--dashboard-agent-listen-port={agent}",
-            f"--temp-dir={workdir}/ray",
-            "--disable-usage-stats",
-        ],
-        env={**env, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(home / ".ray" / "auth_token")},
-        stdout=open(os.path.join(workdir, "head.log"), "w"),
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
+    head = start_ray_head(
+        ports, workdir, {**env, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(home / ".ray" / "auth_token")}
     )
-    address = f"http://127.0.0.1:{dash}"
+    address = f"http://127.0.0.1:{ports.dashboard}"
     endpoint.api_key = "sk-ray-job"
     try:
         from ray.job_submission import JobStatus, JobSubmissionClient
