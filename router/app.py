@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 import uuid
 from typing import Awaitable, Optional, TypeVar, Union
 
@@ -31,6 +30,15 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from router.edge import REQUEST_ID_HEADER, AccessPolicy, EdgeMiddleware, request_key
 from router.engine_client import EngineClient
 from router.errors import ApiError, ErrorResponse, invalid_body
+from router.openai.responses import (
+    ChatCompletion,
+    ChatCompletionChunk,
+    Completion,
+    CompletionChunk,
+    DetokenizeResponse,
+    ModelList,
+    TokenizeResponse,
+)
 from router.openai_serving import Caller, OpenAIServing, StreamingResult
 from router.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
 
@@ -51,13 +59,13 @@ _ERRORS = {
     }.items()
 }
 _BODIES = (CompletionRequest, ChatCompletionRequest, TokenizeRequest, DetokenizeRequest)
+_CHUNKS = (CompletionChunk, ChatCompletionChunk)
 
 
 def build_app(serving: OpenAIServing, frontend: EngineClient, policy: Optional[AccessPolicy] = None) -> FastAPI:
     policy = policy or AccessPolicy()
     app = FastAPI(title="folio", docs_url=None, redoc_url=None)
     app.add_middleware(EdgeMiddleware, policy=policy, max_body_bytes=serving.limits.max_body_bytes)
-    created = int(time.time())
 
     @app.exception_handler(ApiError)
     async def api_error(_: Request, e: ApiError) -> JSONResponse:
@@ -78,38 +86,33 @@ def build_app(serving: OpenAIServing, frontend: EngineClient, policy: Optional[A
         log.error("internal error on %s %s", request.method, request.url.path, exc_info=e)
         return JSONResponse(ApiError(500, "internal error").body(), status_code=500)
 
-    @app.post("/v1/completions", openapi_extra=_json_body(CompletionRequest), responses=_ERRORS)
+    @app.post(
+        "/v1/completions", openapi_extra=_json_body(CompletionRequest), responses=_ok(Completion, CompletionChunk)
+    )
     async def completions(request: Request) -> Response:
         body = await _parse(request, CompletionRequest)
         return await _respond(request, serving.completions(body, _caller(request, policy)))
 
-    @app.post("/v1/chat/completions", openapi_extra=_json_body(ChatCompletionRequest), responses=_ERRORS)
+    @app.post(
+        "/v1/chat/completions",
+        openapi_extra=_json_body(ChatCompletionRequest),
+        responses=_ok(ChatCompletion, ChatCompletionChunk),
+    )
     async def chat(request: Request) -> Response:
         body = await _parse(request, ChatCompletionRequest)
         return await _respond(request, serving.chat(body, _caller(request, policy)))
 
-    @app.get("/v1/models", responses=_ERRORS)
-    async def models() -> dict:
-        return {
-            "object": "list",
-            "data": [
-                {
-                    "id": serving.model_name,
-                    "object": "model",
-                    "created": created,
-                    "owned_by": "folio",
-                    "max_model_len": frontend.max_model_len,
-                }
-            ],
-        }
+    @app.get("/v1/models", responses=_ok(ModelList))
+    async def models() -> Response:
+        return JSONResponse(serving.models().model_dump())
 
-    @app.post("/tokenize", openapi_extra=_json_body(TokenizeRequest), responses=_ERRORS)
-    async def tokenize(request: Request) -> dict:
-        return await serving.tokenize(await _parse(request, TokenizeRequest))
+    @app.post("/tokenize", openapi_extra=_json_body(TokenizeRequest), responses=_ok(TokenizeResponse))
+    async def tokenize(request: Request) -> Response:
+        return JSONResponse((await serving.tokenize(await _parse(request, TokenizeRequest))).model_dump())
 
-    @app.post("/detokenize", openapi_extra=_json_body(DetokenizeRequest), responses=_ERRORS)
-    async def detokenize(request: Request) -> dict:
-        return await serving.detokenize(await _parse(request, DetokenizeRequest))
+    @app.post("/detokenize", openapi_extra=_json_body(DetokenizeRequest), responses=_ok(DetokenizeResponse))
+    async def detokenize(request: Request) -> Response:
+        return JSONResponse((await serving.detokenize(await _parse(request, DetokenizeRequest))).model_dump())
 
     @app.get("/health", responses={503: _ERRORS[503]})
     async def health() -> Response:
@@ -128,12 +131,14 @@ def build_app(serving: OpenAIServing, frontend: EngineClient, policy: Optional[A
         return PlainTextResponse(frontend.metrics_text(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     def openapi() -> dict:
-        """FastAPI's document plus the request bodies the routes parse themselves."""
+        """FastAPI's document plus the request bodies the routes parse themselves and the
+        chunks they stream."""
         if app.openapi_schema is None:
             doc = get_openapi(title=app.title, version="0.1.0", routes=app.routes)
             schemas = doc.setdefault("components", {}).setdefault("schemas", {})
-            for model in _BODIES:
-                schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+            documented = [(m, "validation") for m in _BODIES] + [(m, "serialization") for m in _CHUNKS]
+            for model, mode in documented:
+                schema = model.model_json_schema(ref_template="#/components/schemas/{model}", mode=mode)
                 schemas.update(schema.pop("$defs", {}))
                 schemas[model.__name__] = schema
             app.openapi_schema = doc
@@ -141,6 +146,22 @@ def build_app(serving: OpenAIServing, frontend: EngineClient, policy: Optional[A
 
     app.openapi = openapi
     return app
+
+
+def _ok(body: type[BaseModel], chunk: Optional[type[BaseModel]] = None) -> dict:
+    """The route's answers for the OpenAPI document: 200 with `body` (or, for a request
+    with `stream`, server-sent events of `chunk`), and every error. Routes return the
+    JSONResponse they built, so FastAPI documents these models but never validates or
+    re-serializes an answer against them."""
+    ok: dict = {"model": body, "description": f"A {body.__name__}"}
+    if chunk is not None:
+        ok["description"] += f"; with `stream`, server-sent events of {chunk.__name__}"
+        events = (
+            f"`data: <{chunk.__name__} JSON>` events (#/components/schemas/{chunk.__name__}); "
+            "a failure mid-stream is an event with an error object; the last event is `data: [DONE]`"
+        )
+        ok["content"] = {"text/event-stream": {"schema": {"type": "string", "description": events}}}
+    return {200: ok, **_ERRORS}
 
 
 def _json_body(model: type[BaseModel]) -> dict:
@@ -181,7 +202,7 @@ def _replica_states(frontend: EngineClient) -> list[dict]:
     return [{"index": s.index, "state": s.state, "requests": s.num_requests} for s in frontend.replica_states()]
 
 
-async def _respond(request: Request, work: Awaitable[Union[dict, StreamingResult]]) -> Response:
+async def _respond(request: Request, work: Awaitable[Union[BaseModel, StreamingResult]]) -> Response:
     """Run the serving call unless the client leaves first; then the call is cancelled,
     which aborts its engine requests."""
     task = asyncio.ensure_future(work)
@@ -197,7 +218,7 @@ async def _respond(request: Request, work: Awaitable[Union[dict, StreamingResult
     if isinstance(result, StreamingResult):
         # Starlette cancels the body on disconnect; the background task runs either way.
         return StreamingResponse(result.chunks, media_type="text/event-stream", background=BackgroundTask(result.close))
-    return JSONResponse(result)
+    return JSONResponse(result.model_dump())
 
 
 async def _disconnected(request: Request) -> None:

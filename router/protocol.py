@@ -6,7 +6,7 @@ and every optional field accepts null, because real clients send `seed: null`
 or `logprobs: null` and fields from newer API versions. Every field is bounded
 here (router/limits.py says why each bound is what it is); floats must be
 finite. Bounds that need the model (vocabulary, context length) are checked in
-router/openai_serving.py before tokenizing.
+router/openai/ (served_model.py, prompts.py) before tokenizing.
 
 Besides the OpenAI fields, the sampling extensions vLLM accepts are here too
 (top_k, min_p, repetition_penalty, ignore_eos, min_tokens, stop_token_ids, ...),

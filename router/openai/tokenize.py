@@ -1,0 +1,42 @@
+"""POST /tokenize and /detokenize (vLLM's): the served tokenizer and chat template,
+under the same bounds as generation."""
+
+from __future__ import annotations
+
+from router.errors import ApiError
+from router.limits import check_text_fits, check_token_ids
+from router.openai.prompts import chat_token_ids
+from router.openai.responses import DetokenizeResponse, TokenizeResponse
+from router.openai.served_model import ServedModel
+from router.protocol import DetokenizeRequest, TokenizeRequest
+
+
+class Tokenization:
+    def __init__(self, model: ServedModel):
+        self.model = model
+
+    async def tokenize(self, req: TokenizeRequest) -> TokenizeResponse:
+        model = self.model
+        model.check_model(req.model)
+        if (req.prompt is None) == (req.messages is None):
+            raise ApiError(400, "send either prompt or messages")
+        if req.messages is not None:
+            ids = await chat_token_ids(model, req)
+        else:
+            check_text_fits(len(req.prompt), model.max_chars, model.frontend.max_model_len, "prompt")
+            add_special = True if req.add_special_tokens is None else req.add_special_tokens
+            ids = await model.templater.encode(req.prompt, add_special)
+        return TokenizeResponse(tokens=ids, count=len(ids), max_model_len=model.frontend.max_model_len)
+
+    async def detokenize(self, req: DetokenizeRequest) -> DetokenizeResponse:
+        model = self.model
+        model.check_model(req.model)
+        max_len = model.frontend.max_model_len
+        if len(req.tokens) > max_len:
+            raise ApiError(
+                400,
+                f"at most {max_len} tokens (the maximum context length) can be detokenized at once",
+                param="tokens",
+            )
+        check_token_ids(req.tokens, model.vocab_size, "tokens", allow_empty=True)
+        return DetokenizeResponse(prompt=await model.templater.decode(req.tokens))
