@@ -79,7 +79,7 @@ if wants throughput; then
         model=$(timeout 90 "$PY" -c 'from tests.model_fixtures import make_gpu_model
 print(make_gpu_model("llama3-gqa4", "/tmp/folio-models", num_layers=16))') &&
         timeout 150 "$PY" -m cluster.entrypoints.cli bench throughput --model "$model" --device cuda \
-            --dtype bfloat16 --kv-cache-gib 16 --max-num-seqs 128 --max-num-batched-tokens 2048 \
+            --dtype bfloat16 --kv-cache-memory 16GiB --max-num-seqs 128 --max-num-batched-tokens 2048 \
             --json "$OUT/throughput.json"
     } 2>&1 | grep -v ' INFO ' | tee "$OUT/throughput.log"
     [ "${PIPESTATUS[0]}" -eq 0 ] || status=1

@@ -36,7 +36,7 @@ import asyncio
 import logging
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 from cluster.frontend import Frontend
@@ -48,13 +48,22 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class AutoscalerConfig:
-    min_replicas: int = 1
-    max_replicas: int = 1
+    min_replicas: Optional[int] = field(
+        default=None, metadata={"help": "autoscale: never fewer replicas (default: --replicas)"}
+    )
+    max_replicas: Optional[int] = field(
+        default=None,
+        metadata={"help": "autoscale: never more replicas; more than --min-replicas turns autoscaling on"},
+    )
     target_load: int = 0  # requests per replica (running + waiting + queued); 0: max_num_seqs
-    max_queue_wait_s: float = 5.0  # the oldest queued request waited longer: one more replica
+    upscale_queue_wait_s: float = 5.0  # the oldest queued request waited longer: one more replica
     max_kv_usage: float = 0.9  # mean KV-cache usage above this: one more replica
-    upscale_delay_s: float = 10.0
-    downscale_delay_s: float = 60.0
+    upscale_delay_s: float = field(
+        default=10.0, metadata={"help": "seconds more replicas must be wanted before one is added"}
+    )
+    downscale_delay_s: float = field(
+        default=60.0, metadata={"help": "seconds fewer replicas must be wanted before one is drained"}
+    )
     interval_s: float = 1.0
     backoff_base_s: float = 1.0  # wait before the first relaunch after a failure
     backoff_max_s: float = 60.0  # the wait doubles per failure up to this
@@ -88,6 +97,8 @@ class ReplicaAutoscaler:
         spec: ReplicaSpec,
         metrics: RequestMetrics,
     ):
+        if config.min_replicas is None or config.max_replicas is None:
+            raise ValueError("the autoscaler needs min_replicas and max_replicas (serve sets them from --replicas)")
         if not 1 <= config.min_replicas <= config.max_replicas:
             raise ValueError("need 1 <= min_replicas <= max_replicas")
         self.config = config
@@ -138,7 +149,7 @@ class ReplicaAutoscaler:
         serve or start now, so a replica being replaced already counts)."""
         want = math.ceil(load.requests / self.target_load)
         current = len(self.serving) + self._launching
-        if load.queue_wait_s > self.config.max_queue_wait_s or load.kv_usage > self.config.max_kv_usage:
+        if load.queue_wait_s > self.config.upscale_queue_wait_s or load.kv_usage > self.config.max_kv_usage:
             want = max(want, current + 1)
         return min(self.config.max_replicas, max(self.config.min_replicas, want))
 

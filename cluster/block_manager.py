@@ -66,7 +66,7 @@ class Block:
 class BlockManager:
     """Free queue, refcounts and the prefix cache for one replica's pool."""
 
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool):
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching

@@ -35,7 +35,7 @@ import itertools
 import math
 import time
 from collections import deque
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from typing import Callable, Optional, Sequence, Union
 
 from cluster.metrics import RequestMetrics, render
@@ -119,6 +119,30 @@ class RequestStream:
             self._frontend.abort(self.request.request_id)
 
 
+@dataclass(frozen=True)
+class AdmissionConfig:
+    """When the head queues, refuses (429) or resumes a request (folio serve flags)."""
+
+    max_queued_requests: int = field(
+        default=1024, metadata={"help": "admission queue bound; beyond it requests get 429"}
+    )
+    max_queue_wait_s: float = field(
+        default=30.0,
+        metadata={
+            "help": "seconds a request may be expected to wait for a replica; beyond it, 429 "
+            "with Retry-After (estimated from the measured drain rate)"
+        },
+    )
+    # One resume, so a request that was on two replicas that died (a poison request) fails.
+    max_request_retries: int = field(
+        default=1,
+        metadata={
+            "help": "times a request that was running on a replica when it failed resumes on "
+            "another (a request that only waited there always resumes)"
+        },
+    )
+
+
 class Frontend:
     """Routes EngineRequests to replicas. Every method runs on the head's event loop."""
 
@@ -126,17 +150,16 @@ class Frontend:
         self,
         replicas: Sequence[Replica],
         metrics: RequestMetrics,
+        admission: Optional[AdmissionConfig] = None,
         *,
-        max_queued: int = 1024,
         replica_capacity: Optional[int] = None,
         policy: RoutingPolicy = least_loaded,
-        max_request_retries: int = 1,
-        max_queue_wait_s: float = 30.0,
     ):
+        admission = admission or AdmissionConfig()
         self.replicas = list(replicas)
         self.metrics = metrics
-        self.max_queued = max_queued
-        self.max_request_retries = max_request_retries
+        self.max_queued = admission.max_queued_requests
+        self.max_request_retries = admission.max_request_retries
         # Enough to keep a scheduler's batch full with a waiting line behind it.
         self.replica_capacity = replica_capacity or 2 * max(r.config.max_num_seqs for r in replicas)
         self.policy = policy
@@ -148,7 +171,7 @@ class Frontend:
         # The supervisor (cluster/autoscaler.py) keeps it; NotReady's retry_after reads it.
         self.starting: dict[int, float] = {}
         self._max_model_len = min(r.config.max_model_len for r in self.replicas)
-        self.max_queue_wait_s = max_queue_wait_s
+        self.max_queue_wait_s = admission.max_queue_wait_s
         self.drain_rate = DrainRate()  # requests finishing per second: admission's estimate
         for r in self.replicas:
             r.on_finished = self._on_replica_room

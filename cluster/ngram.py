@@ -22,9 +22,7 @@ from typing import Sequence
 class NgramIndex:
     """Latest end position of every n-gram of one growing sequence."""
 
-    def __init__(self, min_n: int, max_n: int):
-        if not 1 <= min_n <= max_n:
-            raise ValueError(f"need 1 <= prompt_lookup_min <= prompt_lookup_max, got {min_n}, {max_n}")
+    def __init__(self, min_n: int, max_n: int):  # 1 <= min_n <= max_n: SchedulerConfig checks it
         self.min_n, self.max_n = min_n, max_n
         self._ends: dict[tuple[int, ...], int] = {}
         self._indexed = 0  # n-grams ending before this position are in _ends

@@ -34,12 +34,12 @@ from typing import Callable, Optional, Union
 
 import grpc
 
-from cluster.config import SchedulerConfig
 from cluster.metrics import RequestMetrics
 from cluster.scheduler import Scheduler, SchedulerStats
 from protos import worker_pb2 as pb
 from protos import worker_pb2_grpc
 from protos.codec import decode_step_result, encode_step_request
+from protos.config import SchedulerConfig
 from protos.messages import EngineRequest, NewRequest, RequestOutput, StepRequest, StepResult
 from protos.security import ClusterCredentials, channel
 from protos.transport import CHANNEL_OPTIONS

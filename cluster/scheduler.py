@@ -36,9 +36,9 @@ from dataclasses import dataclass
 from typing import Iterable, Optional, Sequence
 
 from cluster.block_manager import BlockHash, BlockManager, reusable_blocks
-from cluster.config import SchedulerConfig
 from cluster.ngram import NgramIndex
 from cluster.request import Request, Status
+from protos.config import SchedulerConfig
 from protos.messages import (
     CachedRequest,
     EngineRequest,
@@ -102,6 +102,8 @@ class SchedulerStats:
 
 class Scheduler:
     def __init__(self, config: SchedulerConfig, num_blocks: int):
+        if config.max_model_len <= 0:  # 0 means "the model's": settled by whoever loaded it
+            raise ValueError("the scheduler needs a concrete max_model_len (the model's own or less)")
         self.config = config
         self.bs = config.block_size
         self.blocks = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)

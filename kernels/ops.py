@@ -16,14 +16,13 @@ import os
 import torch
 
 from kernels.interface import REFERENCE_OPS, KernelOps
-
-KERNEL_CHOICES = ("auto", "triton", "reference")
+from protos.config import KERNELS
 
 
 def select_ops(device: torch.device | str, kernels: str = "auto") -> KernelOps:
     """ "auto": Triton kernels on CUDA, PyTorch references elsewhere."""
-    if kernels not in KERNEL_CHOICES:
-        raise ValueError(f"kernels must be one of {KERNEL_CHOICES}, got {kernels!r}")
+    if kernels not in KERNELS:
+        raise ValueError(f"kernels must be one of {KERNELS}, got {kernels!r}")
     on_cuda = torch.device(device).type == "cuda"
     if kernels == "reference" or (kernels == "auto" and not on_cuda):
         return REFERENCE_OPS

@@ -10,6 +10,7 @@ the Python side.
 from __future__ import annotations
 
 from protos import worker_pb2 as pb
+from protos.config import SchedulerConfig, WorkerConfig
 from protos.messages import (
     CachedRequest,
     NewRequest,
@@ -20,6 +21,46 @@ from protos.messages import (
     StepResult,
     TokenLogprob,
 )
+
+# ---------------------------------------------------------------- loading
+
+
+def encode_load_request(worker: WorkerConfig, scheduler: SchedulerConfig) -> pb.LoadModelRequest:
+    """The worker's settings, and the two of the scheduler's it reads (block_size lays out
+    its pool, max_num_batched_tokens sizes the step it profiles). Placement adds rank,
+    world size and rendezvous."""
+    return pb.LoadModelRequest(
+        model_path=worker.model or "",
+        device="" if worker.device == "auto" else worker.device,
+        dtype=worker.dtype or "",
+        kernels=worker.kernels,
+        kv_cache_bytes=worker.kv_cache_memory or 0,
+        num_blocks=worker.num_kv_blocks or 0,
+        gpu_memory_utilization=worker.gpu_memory_utilization,
+        block_size=scheduler.block_size,
+        max_num_batched_tokens=scheduler.max_num_batched_tokens,
+    )
+
+
+def decode_load_request(m: pb.LoadModelRequest) -> tuple[WorkerConfig, SchedulerConfig]:
+    """A field left at 0 or "" takes its default. Raises ValueError for a value out of
+    range (a hostile head's as well as a typo)."""
+    defaults = SchedulerConfig()
+    worker = WorkerConfig(
+        model=m.model_path or None,
+        device=m.device or "auto",
+        dtype=m.dtype or None,
+        kernels=m.kernels or "auto",
+        kv_cache_memory=m.kv_cache_bytes or None,
+        num_kv_blocks=m.num_blocks or None,
+        gpu_memory_utilization=m.gpu_memory_utilization or WorkerConfig.gpu_memory_utilization,
+    )
+    scheduler = SchedulerConfig(
+        block_size=m.block_size or defaults.block_size,
+        max_num_batched_tokens=m.max_num_batched_tokens or defaults.max_num_batched_tokens,
+    )
+    return worker, scheduler
+
 
 # ---------------------------------------------------------------- sampling
 

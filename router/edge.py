@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import logging
 import os
 from dataclasses import dataclass, field
 from typing import Optional
@@ -32,6 +33,8 @@ REQUEST_ID_HEADER = b"x-request-id"
 SCOPE_KEY = "folio.api_key"
 ALWAYS_PUBLIC = frozenset({"/health"})
 OPERATOR_PATHS = frozenset({"/metrics", "/health/replicas"})
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -49,13 +52,49 @@ class ApiKey:
 
 
 @dataclass(frozen=True)
+class AccessConfig:
+    """Who may call: what the operator sets (folio serve flags)."""
+
+    api_keys: tuple[str, ...] = field(
+        default=(),
+        metadata={"help": "require 'Authorization: Bearer KEY' (repeatable; also FOLIO_API_KEY)", "flag": "--api-key"},
+    )
+    api_key_file: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": 'keys, one per line, or a JSON list of {"key", "name", "allow_priority", "cache_salt"} objects'
+        },
+    )
+    no_api_key: bool = field(
+        default=False, metadata={"help": "serve beyond loopback without API keys (a proxy in front authenticates)"}
+    )
+    prefix_cache_per_key: bool = field(
+        default=False, metadata={"help": "keep each API key's prefix-cache entries apart from every other key's"}
+    )
+    public_metrics: bool = field(default=False, metadata={"help": "serve /metrics and /health/replicas without a key"})
+    enable_priority: bool = field(
+        default=False,
+        metadata={
+            "help": "honour the request field `priority` from every client (default: only keys with allow_priority)"
+        },
+    )
+
+
+@dataclass(frozen=True)
 class AccessPolicy:
-    """Operator settings: the keys (none: open), public operator endpoints, priority for all."""
+    """The keys (none: open) and the operator's access settings."""
 
     keys: tuple[ApiKey, ...] = ()
-    public_metrics: bool = False  # /metrics and /health/replicas without a key
-    enable_priority: bool = False  # honour `priority` from every client
+    config: AccessConfig = field(default_factory=AccessConfig)
     _digests: tuple[bytes, ...] = field(default=(), init=False, repr=False, compare=False)
+
+    @property
+    def public_metrics(self) -> bool:
+        return self.config.public_metrics
+
+    @property
+    def enable_priority(self) -> bool:
+        return self.config.enable_priority
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "_digests", tuple(k.digest for k in self.keys))
@@ -121,6 +160,21 @@ def load_api_keys(
             for k in out
         ]
     return tuple(out)
+
+
+def access_policy(config: AccessConfig, host: str) -> AccessPolicy:
+    """The keys and rules for serving on host. Listening beyond loopback without a key is
+    refused unless the operator says so (no_api_key: an authenticating proxy in front)."""
+    keys = load_api_keys(list(config.api_keys), config.api_key_file, salt_per_key=config.prefix_cache_per_key)
+    if not keys and host not in ("127.0.0.1", "localhost", "::1"):
+        if not config.no_api_key:
+            raise ValueError(
+                f"folio serve: --host {host} is reachable from other machines; set "
+                "an API key (--api-key, FOLIO_API_KEY or --api-key-file), or pass "
+                "--no-api-key if a proxy in front authenticates clients"
+            )
+        log.warning("serving on %s without API keys (--no-api-key): anyone who reaches it can use it", host)
+    return AccessPolicy(keys=keys, config=config)
 
 
 class EdgeMiddleware:

@@ -49,11 +49,34 @@ DEFAULT_TEMPLATE_KWARGS = frozenset({"enable_thinking", "thinking", "reasoning_e
 class Limits:
     """What the operator sets (folio serve flags); defaults suit a public endpoint."""
 
-    max_body_bytes: int = 4 << 20  # --max-request-body
-    trust_request_chat_template: bool = False  # --trust-request-chat-template
-    chat_template_kwargs: frozenset[str] = field(default=DEFAULT_TEMPLATE_KWARGS)
-    chat_template_timeout_s: float = 5.0  # --chat-template-timeout
-    stream_keepalive_s: float = 10.0  # --stream-keepalive: SSE comment while waiting
+    max_body_bytes: int = field(
+        default=4 << 20,
+        metadata={
+            "help": "largest request body, e.g. 4MiB; larger ones get 413",
+            "flag": "--max-request-body",
+            "unit": "bytes",
+        },
+    )
+    trust_request_chat_template: bool = field(
+        default=False, metadata={"help": "accept chat templates sent with requests (they run on the head)"}
+    )
+    extra_chat_template_kwargs: tuple[str, ...] = field(
+        default=(),
+        metadata={
+            "help": f"allow this chat_template_kwargs key besides {', '.join(sorted(DEFAULT_TEMPLATE_KWARGS))} "
+            "(repeatable)",
+            "flag": "--chat-template-kwarg",
+        },
+    )
+    chat_template_timeout_s: float = field(default=5.0, metadata={"help": "seconds a chat template may render"})
+    stream_keepalive_s: float = field(
+        default=10.0, metadata={"help": "seconds of silence after which a stream gets an SSE keep-alive comment"}
+    )
+
+    @property
+    def chat_template_kwargs(self) -> frozenset[str]:
+        """The chat_template_kwargs keys a request may set."""
+        return DEFAULT_TEMPLATE_KWARGS | frozenset(self.extra_chat_template_kwargs)
 
 
 def check_token_ids(ids: Sequence[int], vocab_size: int, param: str, allow_empty: bool = False) -> None:

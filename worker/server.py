@@ -23,6 +23,7 @@ import asyncio
 import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from typing import AsyncIterator, Optional
 
 import grpc
@@ -30,7 +31,8 @@ import torch
 
 from protos import worker_pb2 as pb
 from protos import worker_pb2_grpc
-from protos.codec import decode_sampling_params, decode_step_request, encode_step_result
+from protos.codec import decode_load_request, decode_sampling_params, decode_step_request, encode_step_result
+from protos.config import default_device
 from protos.messages import RequestError, StepRequest
 from protos.security import SECRET_ENV, ClusterCredentials, SecretCheck, server_credentials
 from protos.transport import SERVER_OPTIONS
@@ -147,34 +149,17 @@ def _decode_step(m: pb.StepRequest) -> _DecodedStep:
 
 def _build_worker(request: pb.LoadModelRequest):
     from worker.parallel import TPGroup
-    from worker.worker import Worker, default_dtype  # model code loads only when asked to
+    from worker.worker import Worker  # model code loads only when asked to
 
-    device = request.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = _dtype(request.dtype or default_dtype(device))
+    config, scheduler = decode_load_request(request)
+    device = config.device if config.device != "auto" else default_device(torch.cuda.is_available())
     world = max(1, request.world_size)
     if world > 1 and not request.rendezvous:
         raise ValueError("a tensor-parallel load (world_size > 1) needs a rendezvous address")
     if not 0 <= request.rank < world:
         raise ValueError(f"rank {request.rank} is outside world_size {world}")
     tp = TPGroup.init(request.rank, world, request.rendezvous, torch.device(device))
-    return Worker(
-        request.model_path or None,
-        block_size=request.block_size or 16,
-        num_blocks=request.num_blocks or None,
-        kv_cache_bytes=request.kv_cache_bytes or None,
-        dtype=dtype,
-        device=device,
-        tp=tp,
-        gpu_memory_utilization=request.gpu_memory_utilization or None,
-        max_num_batched_tokens=request.max_num_batched_tokens or None,
-    )
-
-
-def _dtype(name: str) -> torch.dtype:
-    dtype = getattr(torch, name, None)
-    if not isinstance(dtype, torch.dtype):
-        raise ValueError(f"unknown dtype {name!r}")
-    return dtype
+    return Worker(replace(config, device=device), scheduler, tp=tp)
 
 
 async def start_server(address: str, credentials: ClusterCredentials) -> tuple[grpc.aio.Server, WorkerServicer, str]:

@@ -4,7 +4,7 @@ The head decides everything; a worker applies a StepRequest and returns a
 StepResult. The same class runs in-process (offline generation, tests) and
 behind the gRPC server (worker/server.py).
 
-The KV pool's size: num_blocks, else kv_cache_bytes, else on a GPU what
+The KV pool's size: num_kv_blocks, else kv_cache_memory, else on a GPU what
 gpu_memory_utilization of the device leaves once the weights are loaded and a
 worst-case step (max_num_batched_tokens tokens, all asking for prompt logprobs)
 has run and been measured, as vLLM does; on CPU a fixed byte budget.
@@ -18,6 +18,7 @@ from typing import Optional
 import torch
 
 from kernels.ops import select_ops
+from protos.config import SchedulerConfig, WorkerConfig, default_device, default_dtype
 from protos.messages import NewRequest, SamplingParams, StepRequest, StepResult
 from worker.kv_pool import GiB, KVPool, MemoryProfile, gpu_memory_budget
 from worker.loader import default_model_path, load_model
@@ -28,51 +29,40 @@ from worker.sampler import Sampler
 log = logging.getLogger(__name__)
 
 DEFAULT_KV_CACHE_BYTES = 1 << 30  # CPU (or a device told no fraction): a fixed budget
-DEFAULT_GPU_MEMORY_UTILIZATION = 0.9  # vLLM's default
-DEFAULT_MAX_NUM_BATCHED_TOKENS = 512  # the scheduler's default step size (cluster/config.py)
-
-
-def default_dtype(device: str) -> str:
-    """bf16 on a GPU (what serving models ship in), fp32 on CPU (exact against references)."""
-    return "bfloat16" if str(device).startswith("cuda") else "float32"
 
 
 class Worker:
     """One device's worker; with a TPGroup of several ranks, one rank of a replica.
 
     Every rank of a replica must get the same steps in the same order: the
-    model's forward is a collective over the group.
+    model's forward is a collective over the group. Of the scheduler's settings
+    the worker reads block_size (its pool's layout) and max_num_batched_tokens
+    (the step it profiles on a GPU).
     """
 
     def __init__(
         self,
-        model_path: Optional[str] = None,
+        config: Optional[WorkerConfig] = None,
+        scheduler: Optional[SchedulerConfig] = None,
         *,
-        block_size: int = 16,
-        num_blocks: Optional[int] = None,
-        kv_cache_bytes: Optional[int] = None,
-        dtype: Optional[torch.dtype] = None,
-        device: str = "cpu",
         tp: Optional[TPGroup] = None,
-        kernels: str = "auto",
-        gpu_memory_utilization: Optional[float] = None,
-        max_num_batched_tokens: Optional[int] = None,
     ):
-        self.model_path = model_path or default_model_path()
+        config, scheduler = config or WorkerConfig(), scheduler or SchedulerConfig()
+        self.config = config
+        self.model_path = config.model or default_model_path()
+        device = config.device if config.device != "auto" else default_device(torch.cuda.is_available())
         self.device = torch.device(device)
-        dtype = dtype or getattr(torch, default_dtype(device))
+        dtype = getattr(torch, config.dtype or default_dtype(device))
         self.tp = tp or TPGroup()
         self.model, self.model_config = load_model(
-            self.model_path, dtype=dtype, device=self.device, ops=select_ops(self.device, kernels), tp=self.tp
+            self.model_path, dtype=dtype, device=self.device, ops=select_ops(self.device, config.kernels), tp=self.tp
         )
         cfg = self.model_config
         kv_heads = self.model.num_kv_heads  # this rank's share
+        block_size, num_blocks, kv_cache_bytes = scheduler.block_size, config.num_kv_blocks, config.kv_cache_memory
         if num_blocks is None and kv_cache_bytes is None and self.device.type == "cuda":
             kv_cache_bytes = self._kv_bytes_from_gpu_memory(
-                gpu_memory_utilization or DEFAULT_GPU_MEMORY_UTILIZATION,
-                max_num_batched_tokens or DEFAULT_MAX_NUM_BATCHED_TOKENS,
-                block_size,
-                dtype,
+                config.gpu_memory_utilization, scheduler.max_num_batched_tokens, block_size, dtype
             )
         if num_blocks is None:
             num_blocks = KVPool.blocks_for_budget(

@@ -5,47 +5,30 @@ from __future__ import annotations
 import argparse
 import json
 
-from cluster.config import SchedulerConfig
+from cluster.entrypoints.options import add_config_args, build_config, options_from_args
+from protos.config import EngineConfig
 
 HELP = "offline batch generation in one process"
 
 
 def add_cli_args(g: argparse.ArgumentParser) -> None:
-    g.add_argument("--model", default=None, help="model dir or .gguf (default: bundled SmolLM2)")
     g.add_argument("--input", required=True, help="JSONL: {prompt | messages, max_tokens?, ...}")
     g.add_argument("--output", required=True)
     g.add_argument("--max-tokens", type=int, default=128)
     g.add_argument("--temperature", type=float, default=0.0)
-    g.add_argument("--max-num-seqs", type=int, default=SchedulerConfig.max_num_seqs)
-    g.add_argument("--max-num-batched-tokens", type=int, default=SchedulerConfig.max_num_batched_tokens)
-    g.add_argument("--max-model-len", type=int, default=None)
-    g.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    g.add_argument(
-        "--dtype",
-        choices=["float32", "bfloat16", "float16"],
-        default=None,
-        help="default: float32 on CPU, bfloat16 on CUDA",
-    )
-    g.add_argument("--kv-cache-gib", type=float, default=1.0)
+    add_config_args(g, EngineConfig)
 
 
 def main(args: argparse.Namespace) -> None:
-    import torch
-
     from cluster.entrypoints.llm import LLM
     from protos.messages import SamplingParams
-    from worker.worker import default_dtype
 
-    dtype = args.dtype or default_dtype(args.device)
-    llm = LLM(
-        args.model,
-        max_num_seqs=args.max_num_seqs,
-        max_num_batched_tokens=args.max_num_batched_tokens,
-        max_model_len=args.max_model_len,
-        device=args.device,
-        dtype=getattr(torch, dtype),
-        kv_cache_bytes=int(args.kv_cache_gib * 2**30),
-    )
+    options = options_from_args(EngineConfig, args)
+    try:
+        build_config(EngineConfig, **options)
+    except ValueError as e:
+        raise SystemExit(f"folio generate: {e}") from None
+    llm = LLM(**options)
     prompts, params, ids = [], [], []
     with open(args.input) as f:
         for n, line in enumerate(f):

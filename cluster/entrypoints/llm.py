@@ -12,16 +12,17 @@ from __future__ import annotations
 
 import itertools
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Iterable, Optional, Sequence, Union
 
-import torch
-
-from cluster.config import SchedulerConfig
 from cluster.engine import EngineCore, InProcessExecutor
+from cluster.entrypoints.options import build_config
 from cluster.scheduler import Scheduler
+from protos.config import EngineConfig
 from protos.messages import RequestOutput, SamplingParams, TokenLogprob
 from router.choices import ChoiceOutput, choice_id, choice_requests
+from router.errors import ApiError
+from router.limits import check_token_ids
 from worker.loader import load_tokenizer
 from worker.worker import Worker
 
@@ -55,48 +56,19 @@ class GenerationResult:
 
 
 class LLM:
-    # Scheduler defaults come from SchedulerConfig (their one home); dtype None: the
-    # device's default (worker.worker.default_dtype), as for `folio generate` and serve.
-    def __init__(
-        self,
-        model: Optional[str] = None,
-        *,
-        block_size: int = SchedulerConfig.block_size,
-        num_blocks: Optional[int] = None,
-        kv_cache_bytes: Optional[int] = None,
-        max_num_seqs: int = SchedulerConfig.max_num_seqs,
-        max_num_batched_tokens: int = SchedulerConfig.max_num_batched_tokens,
-        max_model_len: Optional[int] = None,
-        enable_prefix_caching: bool = SchedulerConfig.enable_prefix_caching,
-        dtype: Optional[torch.dtype] = None,
-        device: str = "cpu",
-        kernels: str = "auto",
-        num_speculative_tokens: int = SchedulerConfig.num_speculative_tokens,
-        prompt_lookup_min: int = SchedulerConfig.prompt_lookup_min,
-        prompt_lookup_max: int = SchedulerConfig.prompt_lookup_max,
-        tokenizer: bool = True,
-    ):
-        self.worker = Worker(
-            model,
-            block_size=block_size,
-            num_blocks=num_blocks,
-            kv_cache_bytes=kv_cache_bytes,
-            dtype=dtype,
-            device=device,
-            kernels=kernels,
-        )
-        cfg = self.worker.model_config
+    """LLM(model, **options): options are EngineConfig's fields by name (max_num_seqs=8,
+    num_kv_blocks=64, device="cuda", ...), the settings `folio generate` and
+    `folio serve` take as flags. tokenizer=False skips loading it (token-id prompts only)."""
+
+    def __init__(self, model: Optional[str] = None, *, tokenizer: bool = True, **options):
+        config = build_config(EngineConfig, model=model, **options)
+        self.worker = Worker(config.worker, config.scheduler)
+        model_config = self.worker.model_config
         self.tokenizer = load_tokenizer(self.worker.model_path) if tokenizer else None
-        self.config = SchedulerConfig(
-            block_size=block_size,
-            max_num_seqs=max_num_seqs,
-            max_num_batched_tokens=max_num_batched_tokens,
-            max_model_len=max_model_len or cfg.max_position_embeddings,
-            enable_prefix_caching=enable_prefix_caching,
-            eos_token_ids=tuple(cfg.eos_token_ids),
-            num_speculative_tokens=num_speculative_tokens,
-            prompt_lookup_min=prompt_lookup_min,
-            prompt_lookup_max=prompt_lookup_max,
+        self.config = replace(
+            config.scheduler,
+            max_model_len=config.scheduler.max_model_len or model_config.max_position_embeddings,
+            eos_token_ids=tuple(model_config.eos_token_ids),
         )
         self.engine = EngineCore(Scheduler(self.config, self.worker.num_blocks), InProcessExecutor(self.worker))
         self._ids = itertools.count()
@@ -133,14 +105,12 @@ class LLM:
         rid = request_id or f"req-{next(self._ids)}"
         ids = self.encode(prompt)
         vocab = self.worker.model_config.vocab_size
-        for what, tokens in (
-            ("prompt", ids),
-            ("stop_token_ids", params.stop_token_ids),
-            ("logit_bias", list(params.logit_bias)),
-        ):
-            bad = next((t for t in tokens if not 0 <= t < vocab), None)
-            if bad is not None:
-                raise ValueError(f"{what}: token id {bad} is outside the vocabulary [0, {vocab})")
+        try:  # the checks the HTTP edge makes, as ValueErrors
+            check_token_ids(ids, vocab, "prompt")
+            check_token_ids(params.stop_token_ids, vocab, "stop_token_ids", allow_empty=True)
+            check_token_ids(list(params.logit_bias), vocab, "logit_bias", allow_empty=True)
+        except ApiError as e:
+            raise ValueError(f"{e.param}: {e.message}") from None
         res = GenerationResult(rid, ids, [], arrival_time=time.monotonic())
         for i, child in enumerate(
             choice_requests(rid, [ids], params, priority=priority, arrival_time=res.arrival_time)

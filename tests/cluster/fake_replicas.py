@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from types import SimpleNamespace
 
-from cluster.frontend import Frontend
+from cluster.frontend import AdmissionConfig, Frontend
 from cluster.metrics import RequestMetrics
 from protos.messages import EngineRequest, RequestOutput, SamplingParams
 from router.engine_client import RequestFailed
@@ -77,4 +77,6 @@ async def drain(stream) -> list[RequestOutput]:
 
 def make(n_replicas: int = 2, capacity: int = 1, max_queued: int = 2):
     reps = [FakeReplica(i) for i in range(n_replicas)]
-    return reps, Frontend(reps, RequestMetrics(), max_queued=max_queued, replica_capacity=capacity)
+    return reps, Frontend(
+        reps, RequestMetrics(), AdmissionConfig(max_queued_requests=max_queued), replica_capacity=capacity
+    )

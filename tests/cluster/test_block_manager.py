@@ -37,7 +37,7 @@ def test_hash_keys_are_wide_and_the_same_in_every_process():
 
 
 def test_allocate_free_refcount_and_integrity():
-    bm = BlockManager(8, 4)
+    bm = BlockManager(8, 4, enable_prefix_caching=True)
     x = bm.allocate(3)
     y = bm.allocate(2)
     assert bm.num_free == 3 and len(set(x + y)) == 5
@@ -53,7 +53,7 @@ def test_allocate_free_refcount_and_integrity():
 
 
 def test_cached_blocks_survive_free_and_are_revived():
-    bm = BlockManager(4, 2)
+    bm = BlockManager(4, 2, enable_prefix_caching=True)
     keys = hash_blocks([1, 2, 3, 4], 2)
     blocks = bm.allocate(2)
     for b, k in zip(blocks, keys):
@@ -70,7 +70,7 @@ def test_cached_blocks_survive_free_and_are_revived():
 
 
 def test_lru_eviction_takes_least_recently_freed_first():
-    bm = BlockManager(3, 1)
+    bm = BlockManager(3, 1, enable_prefix_caching=True)
     a, b, c = bm.allocate(3)
     for blk, key in ((a, 101), (b, 102), (c, 103)):
         bm.cache(blk, key)
@@ -83,7 +83,7 @@ def test_lru_eviction_takes_least_recently_freed_first():
 
 
 def test_free_releases_tail_first_so_prefix_outlives_suffix():
-    bm = BlockManager(4, 1)
+    bm = BlockManager(4, 1, enable_prefix_caching=True)
     seq = bm.allocate(4)
     for i, blk in enumerate(seq):
         bm.cache(blk, 200 + i)
@@ -93,7 +93,7 @@ def test_free_releases_tail_first_so_prefix_outlives_suffix():
 
 
 def test_double_free_is_caught():
-    bm = BlockManager(2, 1)
+    bm = BlockManager(2, 1, enable_prefix_caching=True)
     b = bm.allocate(1)
     bm.free(b)
     with pytest.raises(AssertionError):

@@ -24,7 +24,7 @@ def test_shared_prefix_is_computed_once(tiny_model):
     prompts = [prefix + [rng.randrange(3, TINY_VOCAB) for _ in range(5)] for _ in range(6)]
 
     def run(caching: bool):
-        llm = LLM(path, block_size=8, num_blocks=64, enable_prefix_caching=caching, tokenizer=False)
+        llm = LLM(path, block_size=8, num_kv_blocks=64, enable_prefix_caching=caching, tokenizer=False)
         first = llm.generate(prompts[:1], GREEDY)  # warms the cache with the prefix
         rest = llm.generate(prompts[1:], GREEDY)
         llm.scheduler.check_integrity()
@@ -39,7 +39,7 @@ def test_shared_prefix_is_computed_once(tiny_model):
 
 
 def test_n_siblings_share_prompt_blocks_in_one_step(tiny_model):
-    llm = LLM(tiny_model("llama"), block_size=8, num_blocks=64, tokenizer=False)
+    llm = LLM(tiny_model("llama"), block_size=8, num_kv_blocks=64, tokenizer=False)
     prompt = list(range(10, 53))  # 43 tokens: 5 full blocks + 3
     [res] = llm.generate([prompt], SamplingParams(n=4, temperature=0, max_tokens=5, ignore_eos=True))
     assert len({tuple(o.token_ids) for o in res.outputs}) == 1, "greedy siblings must agree"
@@ -50,7 +50,7 @@ def test_n_siblings_share_prompt_blocks_in_one_step(tiny_model):
 
 
 def test_lower_priority_value_runs_first(tiny_model):
-    llm = LLM(tiny_model("llama"), block_size=8, num_blocks=64, max_num_seqs=1, tokenizer=False)
+    llm = LLM(tiny_model("llama"), block_size=8, num_kv_blocks=64, max_num_seqs=1, tokenizer=False)
     late = llm.add_request([5, 6, 7], GREEDY, request_id="late", priority=5)
     urgent = llm.add_request([5, 6, 8], GREEDY, request_id="urgent", priority=0)
     order = []
@@ -60,7 +60,7 @@ def test_lower_priority_value_runs_first(tiny_model):
 
 
 def test_priority_preempts_worse_running_request(tiny_model):
-    llm = LLM(tiny_model("llama"), block_size=8, num_blocks=64, max_num_seqs=1, tokenizer=False)
+    llm = LLM(tiny_model("llama"), block_size=8, num_kv_blocks=64, max_num_seqs=1, tokenizer=False)
     params = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
     llm.add_request([5, 6, 7], params, request_id="background", priority=3)
     llm.step()
@@ -73,7 +73,7 @@ def test_priority_preempts_worse_running_request(tiny_model):
 
 
 def test_abort_frees_every_block_at_any_moment(tiny_model):
-    llm = LLM(tiny_model("llama"), block_size=8, num_blocks=32, tokenizer=False)
+    llm = LLM(tiny_model("llama"), block_size=8, num_kv_blocks=32, tokenizer=False)
     ids = [llm.add_request(list(range(3, 3 + 20 + i)), SamplingParams(max_tokens=30)) for i in range(5)]
     llm.step()
     llm.step()
@@ -105,7 +105,7 @@ def test_random_arrivals_aborts_and_preemptions_keep_the_books(tiny_model, scrip
     llm = LLM(
         tiny_model("llama"),
         block_size=4,
-        num_blocks=24,
+        num_kv_blocks=24,
         max_num_seqs=max_seqs,
         max_num_batched_tokens=budget,
         num_speculative_tokens=speculate,

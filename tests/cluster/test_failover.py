@@ -9,11 +9,11 @@ import asyncio
 
 import pytest
 
-from cluster.config import SchedulerConfig
 from cluster.frontend import Frontend
 from cluster.metrics import RequestMetrics
 from cluster.replica import Replica
 from protos import worker_pb2 as pb
+from protos.config import SchedulerConfig
 from protos.messages import EngineRequest, SamplingParams
 from router.engine_client import RequestFailed
 from tests.worker_processes import CREDENTIALS, WorkerProcesses

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from cluster.frontend import Frontend
+from cluster.frontend import AdmissionConfig, Frontend
 from cluster.metrics import RequestMetrics
 from protos.messages import EngineRequest, SamplingParams
 from router.engine_client import NotReady, QueueFull, RequestFailed
@@ -78,7 +78,7 @@ def test_dead_replica_requests_resume_elsewhere_first_in_line():
 def test_a_request_resumes_at_most_max_request_retries_times():
     async def main():
         reps = [FakeReplica(i) for i in range(3)]
-        fe = Frontend(reps, RequestMetrics(), replica_capacity=1, max_request_retries=1)
+        fe = Frontend(reps, RequestMetrics(), AdmissionConfig(max_request_retries=1), replica_capacity=1)
         stream = fe.generate(req("r"))
         first = stream.replica
         first.die()
@@ -95,7 +95,7 @@ def test_a_request_resumes_at_most_max_request_retries_times():
 def test_a_request_that_only_waited_on_a_failed_replica_resumes_without_counting():
     async def main():
         reps = [FakeReplica(i) for i in range(3)]
-        fe = Frontend(reps, RequestMetrics(), replica_capacity=1, max_request_retries=1)
+        fe = Frontend(reps, RequestMetrics(), AdmissionConfig(max_request_retries=1), replica_capacity=1)
         stream = fe.generate(req("r"))
         stream.replica.die(running=False)  # it had not reached a worker: no suspect
         stream.replica.die(running=True)  # the first death that counts

@@ -12,7 +12,7 @@ import pytest
 
 import cluster.autoscaler as autoscaler_mod
 from cluster.autoscaler import AutoscalerConfig, ReplicaAutoscaler
-from cluster.frontend import Frontend
+from cluster.frontend import AdmissionConfig, Frontend
 from cluster.metrics import RequestMetrics
 from router.engine_client import NotReady
 from tests.cluster.fake_replicas import FakeReplica, drain, req
@@ -49,7 +49,7 @@ def cloud(monkeypatch):
 
 
 def _scaler(replicas, **cfg):
-    fe = Frontend(replicas, RequestMetrics(), max_queued=100)
+    fe = Frontend(replicas, RequestMetrics(), AdmissionConfig(max_queued_requests=100))
     spec = SimpleNamespace(scheduler=SimpleNamespace(max_num_seqs=2))
     config = AutoscalerConfig(
         **{"min_replicas": 1, "max_replicas": 3, "upscale_delay_s": 5, "downscale_delay_s": 10, **cfg}
@@ -60,7 +60,7 @@ def _scaler(replicas, **cfg):
 def test_drained_replica_takes_nothing_new_and_added_one_takes_the_queue():
     async def main():
         a, b = FakeReplica(0), FakeReplica(1)
-        fe = Frontend([a, b], RequestMetrics(), max_queued=10)
+        fe = Frontend([a, b], RequestMetrics(), AdmissionConfig(max_queued_requests=10))
         fe.drain_replica(b)
         streams = [fe.generate(req(f"r{i}")) for i in range(6)]
         assert len(a.sinks) == 4 and not b.sinks and fe.num_queued == 2  # capacity 2 * 2

@@ -12,12 +12,12 @@ import random
 
 import pytest
 
-from cluster.config import SchedulerConfig
 from cluster.frontend import Frontend
 from cluster.metrics import RequestMetrics
 from cluster.replica import Replica
 from cluster.routing import AffinityRouter, RoundRobinRouter, make_router
 from protos import worker_pb2 as pb
+from protos.config import SchedulerConfig
 from protos.messages import EngineRequest, SamplingParams
 from tests.prometheus import sample, samples
 from tests.worker_processes import CREDENTIALS, WorkerProcesses

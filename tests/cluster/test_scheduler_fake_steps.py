@@ -13,8 +13,8 @@ from collections import deque
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cluster.config import SchedulerConfig
 from cluster.scheduler import Scheduler
+from protos.config import SchedulerConfig
 from protos.messages import EngineRequest, SampledRequest, SamplingParams, StepRequest, StepResult
 
 EOS = 2

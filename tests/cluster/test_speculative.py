@@ -71,7 +71,7 @@ def test_greedy_with_drafts_matches_transformers(family, tiny_model):
     llm = LLM(
         path,
         block_size=8,
-        num_blocks=16,
+        num_kv_blocks=16,
         max_num_seqs=6,
         max_num_batched_tokens=24,
         num_speculative_tokens=4,
@@ -167,8 +167,8 @@ def test_draft_length_shrinks_after_misses_and_grows_back():
     """The scheduler alone, fed the worker's answers by hand: a miss shortens the
     next guess by one (never below one), a full hit lengthens it by two (up to
     num_speculative_tokens)."""
-    from cluster.config import SchedulerConfig
     from cluster.scheduler import Scheduler
+    from protos.config import SchedulerConfig
     from protos.messages import EngineRequest, SampledRequest, StepResult
 
     sched = Scheduler(

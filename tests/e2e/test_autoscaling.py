@@ -286,7 +286,7 @@ def _greedy_reference() -> dict[str, str]:
     from cluster.entrypoints.llm import LLM
     from protos.messages import SamplingParams
 
-    llm = LLM(max_model_len=512, num_blocks=128)
+    llm = LLM(max_model_len=512, num_kv_blocks=128)
     rows = _requests()
     prompts = [
         llm.chat_token_ids(r["body"]["messages"]) if "messages" in r["body"] else r["body"]["prompt"] for r in rows

@@ -26,7 +26,7 @@ def test_tiny_models_match_transformers(family, tiny_model):
     rng = random.Random(family)
     prompts = [[rng.randrange(3, TINY_VOCAB) for _ in range(rng.randint(3, 70))] for _ in range(18)]
     # 14 blocks of 8 tokens hold fewer than half the requests: preemption must happen.
-    llm = LLM(path, block_size=8, num_blocks=14, max_num_seqs=8, max_num_batched_tokens=24, tokenizer=False)
+    llm = LLM(path, block_size=8, num_kv_blocks=14, max_num_seqs=8, max_num_batched_tokens=24, tokenizer=False)
     results = run_staggered(llm, prompts, PARAMS, per_step=3)
     assert llm.scheduler.num_preemptions > 0, "the pool was meant to force preemption"
     assert_greedy_parity(path, prompts, results, NEW_TOKENS, logprob_tol=1e-4)
@@ -34,7 +34,7 @@ def test_tiny_models_match_transformers(family, tiny_model):
 
 @pytest.mark.slow
 def test_smollm2_matches_transformers(smollm2):
-    llm = LLM(smollm2, block_size=16, num_blocks=8, max_num_seqs=8, max_num_batched_tokens=64)
+    llm = LLM(smollm2, block_size=16, num_kv_blocks=8, max_num_seqs=8, max_num_batched_tokens=64)
     text = (
         "The history of the city begins with a small settlement by the river, where traders "
         "met to exchange grain, salt and cloth. Over the centuries the market grew into a town, "

@@ -12,7 +12,7 @@ def test_seed_gives_same_tokens_alone_and_in_a_mixed_batch(tiny_model):
     seeded = SamplingParams(temperature=1.0, top_p=0.95, top_k=50, seed=1234, max_tokens=12, ignore_eos=True)
     alone = LLM(path, tokenizer=False).generate([[7, 8, 9, 10]], seeded)[0].outputs[0].token_ids
 
-    llm = LLM(path, block_size=4, num_blocks=40, max_num_batched_tokens=16, tokenizer=False)
+    llm = LLM(path, block_size=4, num_kv_blocks=40, max_num_batched_tokens=16, tokenizer=False)
     prompts = [[3] * 30, [7, 8, 9, 10], [11, 12], [5] * 17]
     params = [
         SamplingParams(temperature=0.7, max_tokens=12, ignore_eos=True),
@@ -92,9 +92,9 @@ def test_streamed_chunks_hold_back_a_forming_stop_string(smol):
 def test_offline_bad_token_ids_are_refused_and_a_worker_refusal_fails_alone(tiny_model):
     from protos.messages import EngineRequest
 
-    llm = LLM(tiny_model("llama"), num_blocks=32, tokenizer=False)
+    llm = LLM(tiny_model("llama"), num_kv_blocks=32, tokenizer=False)
     for bad in (SamplingParams(logit_bias={384: 1.0}), SamplingParams(stop_token_ids=[-1])):
-        with pytest.raises(ValueError, match="outside the vocabulary"):
+        with pytest.raises(ValueError, match="out of the vocabulary"):
             llm.generate([[1, 2, 3]], bad)
     with pytest.raises(ValueError, match="prompt"):
         llm.generate([[1, 384]], SamplingParams())

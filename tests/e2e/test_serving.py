@@ -52,12 +52,18 @@ class Server:
 def server():
     import ray
 
+    from cluster.entrypoints.options import build_config
     from cluster.entrypoints.serve import ServeConfig, serve_in_background
 
     if not ray.is_initialized():
         ray.init(_node_ip_address="127.0.0.1", include_dashboard=False)
-    cfg = ServeConfig(
-        port=0, max_model_len=MAX_MODEL_LEN, num_kv_blocks=NUM_KV_BLOCKS, max_num_seqs=64, max_num_batched_tokens=512
+    cfg = build_config(
+        ServeConfig,
+        port=0,
+        max_model_len=MAX_MODEL_LEN,
+        num_kv_blocks=NUM_KV_BLOCKS,
+        max_num_seqs=64,
+        max_num_batched_tokens=512,
     )
     with serve_in_background(cfg) as bg:
         yield Server(bg.base_url, bg.deployment, bg.loop)
@@ -207,7 +213,7 @@ def test_greedy_matches_in_process_engine(client, model):
     from protos.messages import SamplingParams
 
     prompts = ["The capital of France is", "def fibonacci(n):", "List three colors:"]
-    llm = LLM(max_model_len=MAX_MODEL_LEN, num_blocks=NUM_KV_BLOCKS)
+    llm = LLM(max_model_len=MAX_MODEL_LEN, num_kv_blocks=NUM_KV_BLOCKS)
     expected = [r.outputs[0].text for r in llm.generate(prompts, SamplingParams(max_tokens=16, temperature=0))]
     served = client.completions.create(model=model, prompt=prompts, max_tokens=16, temperature=0)
     assert [c.text for c in served.choices] == expected
@@ -380,11 +386,11 @@ def test_full_queue_is_429_with_retry_after(server, client, model):
 
 def test_replica_dies_with_its_worker():
     """A worker process that dies fails its requests at once and marks the replica dead."""
-    from cluster.config import SchedulerConfig
     from cluster.frontend import Frontend
     from cluster.metrics import RequestMetrics
     from cluster.replica import Replica
     from protos import worker_pb2 as pb
+    from protos.config import SchedulerConfig
     from protos.messages import EngineRequest, SamplingParams
     from protos.security import SECRET_ENV, channel
     from protos.worker_pb2_grpc import WorkerStub

@@ -10,10 +10,10 @@ import httpx
 import openai
 import pytest
 
-from cluster.config import SchedulerConfig
 from cluster.metrics import RequestMetrics
 from cluster.replica import Replica
 from protos import worker_pb2 as pb
+from protos.config import SchedulerConfig
 from protos.messages import EngineRequest, SamplingParams
 from tests.worker_processes import CREDENTIALS, WorkerProcesses
 from worker.parallel import free_port
@@ -84,11 +84,12 @@ def test_two_rank_replica_verifies_drafts(tiny_model):
 def spec_server():
     import ray
 
+    from cluster.entrypoints.options import build_config
     from cluster.entrypoints.serve import ServeConfig, serve_in_background
 
     if not ray.is_initialized():
         ray.init(_node_ip_address="127.0.0.1", include_dashboard=False)
-    cfg = ServeConfig(port=0, max_model_len=1024, num_kv_blocks=256, num_speculative_tokens=5)
+    cfg = build_config(ServeConfig, port=0, max_model_len=1024, num_kv_blocks=256, num_speculative_tokens=5)
     with serve_in_background(cfg) as bg:
         yield bg
 
@@ -105,7 +106,7 @@ def test_served_outputs_equal_the_plain_engine(spec_server):
 
     client = openai.OpenAI(base_url=spec_server.base_url + "/v1", api_key="unused", max_retries=0)
     model = client.models.list().data[0].id
-    plain = LLM(max_model_len=1024, num_blocks=256)
+    plain = LLM(max_model_len=1024, num_kv_blocks=256)
     chat = [{"role": "user", "content": COPY}]
     [want] = plain.generate([plain.chat_token_ids(chat)], SamplingParams(temperature=0, max_tokens=40))
 

@@ -23,12 +23,12 @@ import time
 import httpx
 import pytest
 
-from cluster.config import SchedulerConfig
 from cluster.frontend import Frontend
 from cluster.metrics import RequestMetrics
 from cluster.replica import Replica
 from cluster.scheduler import Scheduler
 from protos import worker_pb2 as pb
+from protos.config import SchedulerConfig
 from protos.messages import EngineRequest, SamplingParams, StepResult
 from router.engine_client import NotReady, RequestFailed
 from tests.model_fixtures import make_tiny_model
@@ -145,11 +145,20 @@ def local_ray():
 
 
 def _serve(model: str, **flags):
+    from cluster.entrypoints.options import build_config
     from cluster.entrypoints.serve import ServeConfig, serve_in_background
 
     return serve_in_background(
-        ServeConfig(
-            model=model, port=0, replicas=2, device="cpu", cpus_per_worker=1, num_kv_blocks=64, max_num_seqs=8, **flags
+        build_config(
+            ServeConfig,
+            model=model,
+            port=0,
+            replicas=2,
+            device="cpu",
+            cpus_per_worker=1,
+            num_kv_blocks=64,
+            max_num_seqs=8,
+            **flags,
         )
     )
 

@@ -14,6 +14,7 @@ import logging
 import pytest
 import torch
 
+from protos.config import SchedulerConfig, WorkerConfig
 from tests.model_fixtures import make_gpu_model
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
@@ -36,7 +37,7 @@ def test_a_share_below_what_is_in_use_is_refused(model):
 
     _release()
     with pytest.raises(ValueError, match="no GPU memory left for the KV cache"):
-        Worker(model, dtype=torch.bfloat16, device="cuda", gpu_memory_utilization=0.001)
+        Worker(WorkerConfig(model=model, dtype="bfloat16", device="cuda", gpu_memory_utilization=0.001))
     _release()
 
 
@@ -47,12 +48,8 @@ def test_the_pool_fills_the_share_and_a_worst_case_step_stays_inside_it(model, c
     utilization = 0.5
     with caplog.at_level(logging.INFO, logger="worker.worker"):
         worker = Worker(
-            model,
-            block_size=16,
-            dtype=torch.bfloat16,
-            device="cuda",
-            gpu_memory_utilization=utilization,
-            max_num_batched_tokens=STEP_TOKENS,
+            WorkerConfig(model=model, dtype="bfloat16", device="cuda", gpu_memory_utilization=utilization),
+            SchedulerConfig(block_size=16, max_num_batched_tokens=STEP_TOKENS),
         )
     assert any("KV pool from GPU memory" in r.getMessage() for r in caplog.records)
     try:

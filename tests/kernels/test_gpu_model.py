@@ -54,7 +54,7 @@ def _run(path: str, dtype: torch.dtype, prompts: list[list[int]], speculate: int
     llm = LLM(
         path,
         block_size=16,
-        kv_cache_bytes=2 << 30,
+        kv_cache_memory=2 << 30,
         max_num_seqs=16,
         max_num_batched_tokens=512,
         dtype=dtype,

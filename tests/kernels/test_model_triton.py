@@ -36,7 +36,13 @@ def test_tiny_model_on_triton_kernels_matches_transformers(family, tiny_model):
     prompts = [shared + [rng.randrange(3, TINY_VOCAB) for _ in range(rng.randint(1, 30))] for _ in range(3)]
     prompts += [[rng.randrange(3, TINY_VOCAB) for _ in range(rng.randint(1, 40))] for _ in range(4)]
     llm = LLM(
-        path, block_size=8, num_blocks=12, max_num_seqs=4, max_num_batched_tokens=16, kernels="triton", tokenizer=False
+        path,
+        block_size=8,
+        num_kv_blocks=12,
+        max_num_seqs=4,
+        max_num_batched_tokens=16,
+        kernels="triton",
+        tokenizer=False,
     )
     assert llm.worker.model.ops.name == "triton"
     results = run_staggered(llm, prompts, PARAMS, per_step=2)

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from router.edge import AccessPolicy, ApiKey, load_api_keys
+from router.edge import AccessConfig, AccessPolicy, ApiKey, load_api_keys
 
 
 def test_keys_from_flags_environment_and_files(tmp_path, monkeypatch):
@@ -40,4 +40,4 @@ def test_match_finds_exactly_the_presented_key():
     for wrong in (None, "", "sk-", "sk-a ", "SK-A", "sk-ab", "sk-a\x00"):
         assert policy.match(wrong) is None
     assert policy.honours_priority(policy.match("sk-b")) and not policy.honours_priority(policy.match("sk-a"))
-    assert AccessPolicy(enable_priority=True).honours_priority(None)
+    assert AccessPolicy(config=AccessConfig(enable_priority=True)).honours_priority(None)

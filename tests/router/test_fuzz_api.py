@@ -27,6 +27,7 @@ EXAMPLES = 80  # per operation and generation mode
 def server(tmp_path_factory):
     import ray
 
+    from cluster.entrypoints.options import build_config
     from cluster.entrypoints.serve import ServeConfig, serve_in_background
 
     model = make_tiny_chat_model(tmp_path_factory.getbasetemp() / "models")
@@ -34,14 +35,15 @@ def server(tmp_path_factory):
         ray.init(_node_ip_address="127.0.0.1", include_dashboard=False)
     # A short context and a batch as wide as n may be keep every generated request cheap
     # on a tiny model.
-    cfg = ServeConfig(
+    cfg = build_config(
+        ServeConfig,
         model=model,
         port=0,
         max_model_len=64,
         num_kv_blocks=512,
         max_num_seqs=128,
         api_keys=(KEY,),
-        max_request_body=256 << 10,
+        max_body_bytes=256 << 10,
     )
     with serve_in_background(cfg) as bg:
         yield bg

@@ -32,6 +32,7 @@ CHAT = [{"role": "user", "content": "What is the capital of France?"}]
 def server(tmp_path_factory):
     import ray
 
+    from cluster.entrypoints.options import build_config
     from cluster.entrypoints.serve import ServeConfig, serve_in_background
 
     model = make_tiny_chat_model(tmp_path_factory.getbasetemp() / "models")
@@ -46,7 +47,8 @@ def server(tmp_path_factory):
     )
     if not ray.is_initialized():
         ray.init(_node_ip_address="127.0.0.1", include_dashboard=False)
-    cfg = ServeConfig(
+    cfg = build_config(
+        ServeConfig,
         model=model,
         port=0,
         num_kv_blocks=NUM_KV_BLOCKS,
@@ -55,7 +57,7 @@ def server(tmp_path_factory):
         api_key_file=str(keys),
         stream_keepalive_s=0.5,
         chat_template_timeout_s=1.0,
-        max_request_body=1 << 20,
+        max_body_bytes=1 << 20,
     )
     with serve_in_background(cfg) as bg:
         yield bg

@@ -11,12 +11,13 @@ import logging
 import pytest
 import torch
 
-from cluster.config import SchedulerConfig
 from cluster.entrypoints.serve import ServeConfig, add_cli_args
+from cluster.entrypoints.serve import main as serve_main
 from cluster.frontend import Frontend
 from cluster.metrics import RequestMetrics
 from cluster.replica import Replica, WorkerLoadError
 from protos import worker_pb2 as pb
+from protos.config import SchedulerConfig, WorkerConfig
 from protos.messages import EngineRequest, SamplingParams
 from tests.worker_processes import CREDENTIALS, WorkerProcesses
 from worker.kv_pool import GiB, KVPool, MemoryProfile, gpu_memory_budget
@@ -82,7 +83,7 @@ def test_the_profiling_step_is_the_token_budget_in_requests_the_model_can_hold()
 
 def test_the_profiling_step_runs_on_a_worker_model(tiny_model):
     """What the GPU worker measures must be a step its runner accepts and computes in full."""
-    worker = Worker(tiny_model("llama"), block_size=16, num_blocks=4)
+    worker = Worker(WorkerConfig(model=tiny_model("llama"), num_kv_blocks=4), SchedulerConfig(block_size=16))
     cfg = worker.model_config
     step, blocks = profile_step(300, cfg.max_position_embeddings, 16, cfg.vocab_size)
     pool = KVPool.allocate(cfg.num_layers, blocks, 16, worker.model.num_kv_heads, cfg.head_dim, torch.float32, "cpu")
@@ -96,12 +97,14 @@ def test_the_profiling_step_runs_on_a_worker_model(tiny_model):
 def test_serve_takes_a_gpu_memory_utilization():
     parser = argparse.ArgumentParser()
     add_cli_args(parser.add_subparsers().add_parser("serve"))
-    assert ServeConfig().gpu_memory_utilization == 0.9
+    assert ServeConfig().worker.gpu_memory_utilization == 0.9
     assert parser.parse_args(["serve"]).gpu_memory_utilization == 0.9
     assert parser.parse_args(["serve", "--gpu-memory-utilization", "0.5"]).gpu_memory_utilization == 0.5
-    for bad in ("0", "1.5", "nan", "x"):
-        with pytest.raises(SystemExit):
-            parser.parse_args(["serve", "--gpu-memory-utilization", bad])
+    with pytest.raises(SystemExit):
+        parser.parse_args(["serve", "--gpu-memory-utilization", "x"])
+    for bad in ("0", "1.5", "nan"):  # refused with a clear line before anything starts
+        with pytest.raises(SystemExit, match="gpu_memory_utilization must be above 0 and at most 1"):
+            serve_main(parser.parse_args(["serve", "--gpu-memory-utilization", bad]))
 
 
 # ------------------------------------------------------------------ max_model_len against the pool

@@ -13,10 +13,10 @@ import asyncio
 import pytest
 import torch
 
-from cluster.config import SchedulerConfig
 from cluster.metrics import RequestMetrics
 from cluster.replica import Replica, WorkerLoadError
 from protos import worker_pb2 as pb
+from protos.config import SchedulerConfig
 from protos.messages import EngineRequest, SamplingParams
 from tests.worker_processes import CREDENTIALS, WorkerProcesses
 from worker.config import ModelConfig

@@ -26,12 +26,12 @@ from dataclasses import replace
 import grpc
 import pytest
 
-from cluster.config import SchedulerConfig
 from cluster.frontend import Frontend
 from cluster.metrics import RequestMetrics
 from cluster.replica import Replica
 from protos import worker_pb2 as pb
 from protos.codec import decode_step_result, encode_step_request
+from protos.config import SchedulerConfig, WorkerConfig
 from protos.messages import CachedRequest, EngineRequest, NewRequest, SamplingParams, StepRequest, StepResult
 from protos.security import SECRET_ENV, ClusterCredentials, channel
 from protos.worker_pb2_grpc import WorkerStub
@@ -165,7 +165,7 @@ def llama(tiny_model):
 def _worker(path):
     from worker.worker import Worker
 
-    return Worker(path, block_size=BS, num_blocks=NUM_BLOCKS)
+    return Worker(WorkerConfig(model=path, num_kv_blocks=NUM_BLOCKS), SchedulerConfig(block_size=BS))
 
 
 @pytest.fixture(scope="module")

@@ -26,11 +26,12 @@ import json
 import logging
 import os
 import random
-from dataclasses import replace
 
 from cluster.entrypoints.bench.serve import run_load, summarize
 from cluster.entrypoints.bench.workload import SyntheticRequest, chat_like
+from cluster.entrypoints.options import build_config
 from cluster.entrypoints.serve import ServeConfig, serve_in_background
+from protos.config import SchedulerConfig
 
 
 def shared_prefix(
@@ -115,13 +116,13 @@ def main(args: argparse.Namespace) -> dict:
         ray.init(_node_ip_address="127.0.0.1", include_dashboard=False)
     model = args.model or default_model_path()
     vocab = len(load_tokenizer(model))
-    base = ServeConfig(model=model, port=0, max_num_seqs=args.concurrency, cpus_per_worker=args.cpus_per_worker)
+    base = dict(model=model, port=0, max_num_seqs=args.concurrency, cpus_per_worker=args.cpus_per_worker)
     result: dict = {}
 
     chat = chat_like(args.num_requests, vocab, args.seed, args.prompt_median, args.output_median)
     runs: dict[int, list[float]] = {1: [], 2: []}
     for n in (1, 2, 2, 1):
-        r = _deploy_and_load(replace(base, replicas=n), chat, args.concurrency)
+        r = _deploy_and_load(build_config(ServeConfig, **base, replicas=n), chat, args.concurrency)
         runs[n].append(r["output_tokens_per_s"])
         print(
             f"chat-like, {n} replica(s), concurrency {args.concurrency}: {r['output_tokens_per_s']:.1f} "
@@ -133,7 +134,7 @@ def main(args: argparse.Namespace) -> dict:
     result["throughput_ratio"] = result["replicas_2_output_tokens_per_s"] / result["replicas_1_output_tokens_per_s"]
     print(f"two replicas / one: {result['throughput_ratio']:.2f}x")
 
-    block = base.block_size
+    block = SchedulerConfig.block_size
     prefix_blocks = -(-args.prefix_len // block)
     running_blocks = args.concurrency * (-(-(args.prefix_len + args.tail_len + args.prefix_output_len) // block))
     kv_blocks = args.num_kv_blocks or running_blocks // 2 + prefix_blocks * args.num_prefixes // 2
@@ -141,9 +142,8 @@ def main(args: argparse.Namespace) -> dict:
         args.num_requests, vocab, args.num_prefixes, args.prefix_len, args.tail_len, args.prefix_output_len, args.seed
     )
     for routing in ("affinity", "round-robin"):
-        r = _deploy_and_load(
-            replace(base, replicas=2, routing=routing, num_kv_blocks=kv_blocks), reqs, args.concurrency
-        )
+        cfg = build_config(ServeConfig, **base, replicas=2, routing=routing, num_kv_blocks=kv_blocks)
+        r = _deploy_and_load(cfg, reqs, args.concurrency)
         result[f"prefix_{routing}"] = r
         print(
             f"shared prefix ({args.num_prefixes} x {args.prefix_len} tokens, {kv_blocks} KV blocks "

@@ -39,8 +39,9 @@ from typing import Optional
 
 import httpx
 
-from cluster.config import SchedulerConfig
 from cluster.entrypoints.bench.workload import SyntheticRequest, chat_like
+from cluster.entrypoints.options import add_config_args, options_from_args
+from protos.config import EngineConfig
 
 
 @dataclass
@@ -177,27 +178,12 @@ HELP = "load an OpenAI-compatible server; compare with the in-process engine"
 def add_cli_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--base-url", default="http://127.0.0.1:8000/v1")
     p.add_argument("--served-model", default=None, help="model name to send (default: the server's first)")
-    p.add_argument(
-        "--model",
-        default=None,
-        help="the same model on disk, for the workload's vocabulary and the in-process "
-        "engine (default: bundled SmolLM2)",
-    )
     p.add_argument("--num-requests", type=int, default=200)
     p.add_argument("--request-rate", type=float, default=math.inf, help="Poisson arrivals per second")
     p.add_argument("--concurrency", type=int, default=None, help="most requests in flight")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--prompt-median", type=int, default=96)
     p.add_argument("--output-median", type=int, default=64)
-    p.add_argument(
-        "--max-num-seqs", type=int, default=SchedulerConfig.max_num_seqs, help="in-process engine; match the server"
-    )
-    p.add_argument(
-        "--max-num-batched-tokens",
-        type=int,
-        default=SchedulerConfig.max_num_batched_tokens,
-        help="in-process engine; match the server",
-    )
     p.add_argument("--skip-engine", action="store_true", help="skip the in-process comparison")
     p.add_argument(
         "--api-key",
@@ -210,6 +196,8 @@ def add_cli_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--baseline-api-key", default=None, help="its key (default: --api-key)")
     p.add_argument("--rounds", type=int, default=3, help="rounds per server with --baseline-url")
     p.add_argument("--json", default=None, help="also write the results here")
+    # The model on disk (the workload's vocabulary) and the in-process engine's limits: match the server's.
+    add_config_args(p, EngineConfig, names=("model", "max_num_seqs", "max_num_batched_tokens"))
 
 
 def _compare(args: argparse.Namespace, reqs: list[SyntheticRequest]) -> dict:
@@ -270,15 +258,9 @@ def main(args: argparse.Namespace) -> dict:
         _print(result["served"])
     if not args.skip_engine:
         # The in-process engine on this machine's CPU, as the CPU server runs it.
-        engine = _in_subprocess(
-            run_folio,
-            args.model,
-            reqs,
-            Placement("cpu", "float32"),
-            args.max_num_seqs,
-            args.max_num_batched_tokens,
-            1.0,
-        )
+        where = Placement("cpu", "float32")
+        options = {**options_from_args(EngineConfig, args), "device": where.device, "dtype": where.dtype}
+        engine = _in_subprocess(run_folio, options, reqs, where)
         result["engine"] = engine
         result["ratio"] = result["served"]["output_tokens_per_s"] / engine["tokens_per_s"]
         print(f"--- folio engine in-process: {engine['tokens_per_s']:.1f} output tok/s in {engine['seconds']:.1f} s")

@@ -21,7 +21,8 @@ import io
 import json
 import time
 
-from cluster.config import SchedulerConfig
+from cluster.entrypoints.options import add_config_args, options_from_args
+from protos.config import EngineConfig
 
 OPEN = [
     "Write a short story about a lighthouse keeper.",
@@ -62,15 +63,8 @@ def _run(llm, prompts: list[list[int]], max_tokens: int, batched: bool) -> tuple
 def main(args: argparse.Namespace) -> dict:
     from cluster.entrypoints.llm import LLM
 
-    engines = {
-        k: LLM(
-            args.model,
-            num_speculative_tokens=k,
-            prompt_lookup_min=args.prompt_lookup_min,
-            prompt_lookup_max=args.prompt_lookup_max,
-        )
-        for k in (0, args.num_speculative_tokens)
-    }
+    options = options_from_args(EngineConfig, args)
+    engines = {k: LLM(**{**options, "num_speculative_tokens": k}) for k in (0, args.num_speculative_tokens)}
     rows = []
     print(
         f"{'workload':10s} {'mode':8s} {'plain tok/s':>12s} {'spec tok/s':>11s} {'ratio':>6s} "
@@ -122,11 +116,9 @@ HELP = "speculative decoding (n-gram drafts) against plain decoding"
 
 
 def add_cli_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None, help="model dir or .gguf (default: bundled SmolLM2)")
-    p.add_argument("--num-speculative-tokens", type=int, default=4)
-    p.add_argument("--prompt-lookup-min", type=int, default=SchedulerConfig.prompt_lookup_min)
-    p.add_argument("--prompt-lookup-max", type=int, default=SchedulerConfig.prompt_lookup_max)
     p.add_argument("--max-tokens", type=int, default=96)
     p.add_argument("--workload", choices=["all", "copy", "open"], default="all")
     p.add_argument("--num-prompts", type=int, default=4, help="prompts per workload (at most 4)")
     p.add_argument("--json", default=None, help="also write the results here")
+    add_config_args(p, EngineConfig)  # both engines' settings; the plain one has no drafts
+    p.set_defaults(num_speculative_tokens=4)

@@ -19,8 +19,9 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from multiprocessing import get_context
 
-from cluster.config import SchedulerConfig
 from cluster.entrypoints.bench.workload import SyntheticRequest, chat_like
+from cluster.entrypoints.options import add_config_args, options_from_args
+from protos.config import EngineConfig, default_device, default_dtype
 
 
 @dataclass(frozen=True)
@@ -45,26 +46,11 @@ def _peak_memory(device: str) -> dict:
     return peak
 
 
-def run_folio(
-    model: str | None,
-    reqs: list[SyntheticRequest],
-    where: Placement,
-    max_num_seqs: int,
-    max_num_batched_tokens: int,
-    kv_cache_gib: float,
-) -> dict:
+def run_folio(options: dict, reqs: list[SyntheticRequest], where: Placement) -> dict:
     from cluster.entrypoints.llm import LLM
     from protos.messages import SamplingParams
 
-    llm = LLM(
-        model,
-        max_num_seqs=max_num_seqs,
-        max_num_batched_tokens=max_num_batched_tokens,
-        kv_cache_bytes=int(kv_cache_gib * 2**30),
-        dtype=where.torch_dtype,
-        device=where.device,
-        tokenizer=False,
-    )
+    llm = LLM(**options, tokenizer=False)
     llm.generate([reqs[0].prompt_token_ids[:8]], SamplingParams(max_tokens=4, temperature=0))  # warm-up
     params = [SamplingParams(max_tokens=r.output_len, temperature=0, ignore_eos=True) for r in reqs]
     t0 = time.perf_counter()
@@ -145,29 +131,27 @@ HELP = "offline throughput: folio vs naive transformers generate()"
 
 
 def add_cli_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None, help="model dir or .gguf (default: bundled SmolLM2)")
     p.add_argument("--num-requests", type=int, default=200)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--prompt-median", type=int, default=96)
     p.add_argument("--output-median", type=int, default=64)
-    p.add_argument("--max-num-seqs", type=int, default=SchedulerConfig.max_num_seqs)
-    p.add_argument("--max-num-batched-tokens", type=int, default=SchedulerConfig.max_num_batched_tokens)
     p.add_argument("--baseline-batch-size", type=int, default=16)
-    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    p.add_argument(
-        "--dtype",
-        choices=["float32", "bfloat16", "float16"],
-        default=None,
-        help="both sides use it (default: float32 on CPU, bfloat16 on CUDA)",
-    )
-    p.add_argument("--kv-cache-gib", type=float, default=1.0, help="folio's KV pool")
     p.add_argument("--skip-baseline", action="store_true")
     p.add_argument("--json", default=None, help="also write the results here")
+    # folio's engine settings, as `folio generate` takes them; --model, --device and --dtype
+    # apply to the baseline too.
+    add_config_args(p, EngineConfig)
 
 
 def main(args: argparse.Namespace) -> dict:
+    import torch
+
     from worker.loader import default_model_path, load_model_config
 
+    options = options_from_args(EngineConfig, args)
+    device = options["device"] if options["device"] != "auto" else default_device(torch.cuda.is_available())
+    where = Placement(device, options["dtype"] or default_dtype(device))
+    options.update(device=where.device, dtype=where.dtype)
     cfg = load_model_config(args.model or default_model_path())
     reqs = chat_like(args.num_requests, cfg.vocab_size, args.seed, args.prompt_median, args.output_median)
     print(
@@ -175,18 +159,15 @@ def main(args: argparse.Namespace) -> dict:
         f"prompt tokens {sum(len(r.prompt_token_ids) for r in reqs)}, "
         f"output tokens {sum(r.output_len for r in reqs)}"
     )
-    from worker.worker import default_dtype
-
-    where = Placement(args.device, args.dtype or default_dtype(args.device))
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, {platform.platform()}, {_device_name(where)}")
     mem = "peak GPU MiB" if where.device == "cuda" else "peak RSS MiB"
     print(f"{'engine':52s} {'out tok/s':>10s} {'seconds':>9s} {mem:>13s}")
-    sides = [(run_folio, args.max_num_seqs, args.max_num_batched_tokens, args.kv_cache_gib)]
+    sides = [(run_folio, options, reqs, where)]
     if not args.skip_baseline:
-        sides.append((run_hf, args.baseline_batch_size))
+        sides.append((run_hf, args.model, reqs, where, args.baseline_batch_size))
     rows = []
-    for fn, *limits in sides:
-        r = _in_subprocess(fn, args.model, reqs, where, *limits)
+    for fn, *fn_args in sides:
+        r = _in_subprocess(fn, *fn_args)
         peak = r["peak_gpu_mib"] if where.device == "cuda" else r["peak_rss_mib"]
         print(f"{r['name']:52s} {r['tokens_per_s']:10.1f} {r['seconds']:9.1f} {peak:13.0f}", flush=True)
         rows.append(r)
