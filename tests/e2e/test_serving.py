@@ -256,6 +256,23 @@ def test_64_concurrent_streams(server, model):
     assert server.metric("folio_inter_token_latency_seconds_count") >= n * (max_tokens - 1)
 
 
+def test_side_by_side_bench_counts_every_token_and_refuses_a_short_run(server):
+    """`folio bench llamacpp`'s comparison (here folio against itself): each round's tokens
+    are all the workload asked for, and a server that answers less fails the run instead
+    of looking fast."""
+    from cluster.entrypoints.bench.llamacpp import compare
+    from cluster.entrypoints.bench.workload import SyntheticRequest
+
+    url = server.base_url + "/v1"
+    reqs = [SyntheticRequest([100 + i, 200 + i, 300 + i], 4 + i) for i in range(4)]
+    [row] = compare({"a": url, "b": url}, reqs, [2], rounds=2, seed=0)
+    assert row["concurrency"] == 2 and len(row["rounds"]["a"]) == len(row["rounds"]["b"]) == 2
+    assert row["a_tok_s"] > 0 and row["b_tok_s"] > 0
+    too_long = reqs + [SyntheticRequest([7] * 8, MAX_MODEL_LEN)]  # refused: cannot fit the context
+    with pytest.raises(RuntimeError, match="1 failed"):
+        compare({"a": url}, too_long, [2], rounds=1, seed=0)
+
+
 def _assert_idle_and_intact(server, timeout: float = 30):
     deadline = time.monotonic() + timeout
     while server.metric("folio_kv_cache_free_blocks") != NUM_KV_BLOCKS:
