@@ -38,6 +38,8 @@ import httpx
 
 from cluster.entrypoints.bench.serve import run_load, summarize
 from cluster.entrypoints.bench.workload import chat_like
+from cluster.entrypoints.options import build_config
+from cluster.entrypoints.serve import ServeConfig, serve_in_background  # needs Ray: no command without it
 
 LLAMA_CPP_PYTHON = "llama-cpp-python==0.3.36"  # its sdist carries llama.cpp's source (vendor/llama.cpp)
 
@@ -182,8 +184,6 @@ def add_cli_args(p: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> dict:
     import ray
 
-    from cluster.entrypoints.options import build_config
-    from cluster.entrypoints.serve import ServeConfig, serve_in_background
     from worker.loader import default_model_path, load_tokenizer
 
     model = args.model or default_model_path()
