@@ -26,6 +26,7 @@ import asyncio
 import contextlib
 import glob
 import json
+import logging
 import os
 import statistics
 import subprocess
@@ -186,6 +187,7 @@ def main(args: argparse.Namespace) -> dict:
 
     from worker.loader import default_model_path, load_tokenizer
 
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request otherwise
     model = args.model or default_model_path()
     if not model.endswith(".gguf"):
         raise SystemExit("folio bench llamacpp: --model must be a .gguf file (llama-server reads GGUF only)")

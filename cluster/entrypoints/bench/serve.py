@@ -55,6 +55,15 @@ class RequestRecord:
 
 
 async def _one(client: httpx.AsyncClient, model: str, req: SyntheticRequest) -> RequestRecord:
+    rec = await _attempt(client, model, req)
+    if rec.error and rec.error.startswith("RemoteProtocolError") and rec.ttft is None:
+        # A server may close a kept-alive connection as the next request goes out on it
+        # (llama-server does every few requests): nothing was served, so send it again.
+        rec = await _attempt(client, model, req)
+    return rec
+
+
+async def _attempt(client: httpx.AsyncClient, model: str, req: SyntheticRequest) -> RequestRecord:
     rec = RequestRecord(prompt_tokens=len(req.prompt_token_ids))
     body = {
         "model": model,
