@@ -37,12 +37,10 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
 # ---------------------------------------------------------------- /v1/completions
 
 
-def completion_chunk(envelope: dict, choice: Optional[dict], usage: Optional[dict]) -> dict:
-    """CompletionChunk: one choice (completion_choice), or (the last, with include_usage)
-    none and the usage."""
+def _chunk(kind: str, envelope: dict, choice: Optional[dict], usage: Optional[dict]) -> dict:
     chunk = {
         "id": envelope["id"],
-        "object": "text_completion",
+        "object": kind,
         "created": envelope["created"],
         "model": envelope["model"],
         "choices": [] if choice is None else [choice],
@@ -50,6 +48,12 @@ def completion_chunk(envelope: dict, choice: Optional[dict], usage: Optional[dic
     if usage is not None:
         chunk["usage"] = usage
     return chunk
+
+
+def completion_chunk(envelope: dict, choice: Optional[dict], usage: Optional[dict]) -> dict:
+    """CompletionChunk: one choice (completion_choice), or (the last, with include_usage)
+    none and the usage."""
+    return _chunk("text_completion", envelope, choice, usage)
 
 
 def completion_choice(
@@ -86,16 +90,7 @@ def completion_logprobs(
 def chat_chunk(envelope: dict, choice: Optional[dict], usage: Optional[dict]) -> dict:
     """ChatCompletionChunk: one choice (chat_chunk_choice), or (the last, with
     include_usage) none and the usage."""
-    chunk = {
-        "id": envelope["id"],
-        "object": "chat.completion.chunk",
-        "created": envelope["created"],
-        "model": envelope["model"],
-        "choices": [] if choice is None else [choice],
-    }
-    if usage is not None:
-        chunk["usage"] = usage
-    return chunk
+    return _chunk("chat.completion.chunk", envelope, choice, usage)
 
 
 def chat_chunk_choice(
