@@ -385,7 +385,12 @@ class Frontend:
         # Ahead of it: the queue, and requests bound to a replica but not yet in its batch.
         ahead = len(self._queued) + sum(max(0, r.num_unfinished - r.config.max_num_seqs) for r in self.live_replicas)
         wait = (ahead + 1) / rate if rate else None
-        if len(self._queued) < self.max_queued and (wait is None or wait <= self.max_queue_wait_s):
+        # The rate predicts a wait only while every replica is full: then requests finish
+        # as fast as the replicas can finish them. A request queued behind a replica that
+        # has room but is momentarily overdue (a long step) waits for that step alone,
+        # and a rate measured while demand was low would refuse it for nothing.
+        saturated = all(r.num_unfinished >= self.replica_capacity for r in self.live_replicas)
+        if len(self._queued) < self.max_queued and (wait is None or wait <= self.max_queue_wait_s or not saturated):
             return None
         if wait is None:  # nothing finished recently: no basis for an estimate
             return QueueFull(retry_after=max(1, min(60, ahead // max(1, self.replica_capacity))))

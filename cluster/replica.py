@@ -57,8 +57,10 @@ MAX_STEPS_IN_FLIGHT = 2
 # CPU; GPU steps take well under a second.
 # A hung step stops new routing much sooner: see Replica.overdue.
 DEFAULT_STEP_TIMEOUT_S = 300.0
-# Overdue: the current step has run longer than OVERDUE_FACTOR x the slowest of the last
-# STEP_HISTORY steps (at least OVERDUE_MIN_S, at most half the deadline).
+# Overdue: the current step has run longer than OVERDUE_FACTOR x what the last STEP_HISTORY
+# steps predict for it: the slowest of them, or, for a step of more tokens than they had
+# (a burst of prompts after a quiet spell of decodes), its tokens at their slowest
+# seconds per token. At least OVERDUE_MIN_S, at most half the deadline.
 OVERDUE_FACTOR = 4.0
 OVERDUE_MIN_S = 1.0
 STEP_HISTORY = 64
@@ -117,6 +119,7 @@ class Replica:
         self._inflight: deque[tuple[StepRequest, float]] = deque()  # (step, when sent)
         self._last_result_at = 0.0
         self._step_times: deque[float] = deque(maxlen=STEP_HISTORY)
+        self._token_times: deque[float] = deque(maxlen=STEP_HISTORY)  # seconds per scheduled token
         self._wakeup = asyncio.Event()
 
     # ---------------------------------------------------------------- lifecycle
@@ -241,6 +244,8 @@ class Replica:
 
     def _overdue_after(self) -> float:
         slowest = max(self._step_times, default=self.step_timeout)
+        if self._inflight:
+            slowest = max(slowest, max(self._token_times, default=0.0) * self._inflight[0][0].num_scheduled_tokens)
         return min(self.step_timeout / 2, max(OVERDUE_MIN_S, OVERDUE_FACTOR * slowest))
 
     # ---------------------------------------------------------------- step loop
@@ -312,9 +317,10 @@ class Replica:
         the replica takes requests again, so the frontend may bind queued ones to it."""
         took = self.step_elapsed()
         was_overdue = took > self._overdue_after()
-        self._inflight.popleft()
+        step, _ = self._inflight.popleft()
         self._last_result_at = time.monotonic()
         self._step_times.append(took)
+        self._token_times.append(took / max(1, step.num_scheduled_tokens))
         if was_overdue:
             self.on_finished(self)
 

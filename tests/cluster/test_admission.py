@@ -55,3 +55,26 @@ def test_refused_beyond_the_estimated_wait_with_retry_after_from_the_rate():
         assert fe.metrics.rejected == 3
 
     asyncio.run(main())
+
+
+def test_a_replica_with_room_that_is_only_overdue_queues_without_refusing():
+    """A long step (a burst of prompts, a noisy neighbour) makes an idle replica overdue
+    for a moment. A drain rate measured while demand was low must not turn the burst
+    away: the requests queue and bind when the step returns."""
+
+    async def main():
+        replicas, fe = make(capacity=4, max_queued=1000)
+        fe.max_queue_wait_s = 1.0
+        now = time.monotonic()
+        for i in range(4):  # a trickle: 4 finishes over 30 s
+            fe.drain_rate.note(now - 30 + 7 * i)
+        for r in replicas:
+            r.overdue = True
+        burst = [fe.generate(req(f"b{i}")) for i in range(16)]  # 16 / (4/30 s) = 2 min "wait"
+        assert fe.num_queued == 16 and fe.metrics.rejected == 0
+        for r in replicas:
+            r.overdue = False
+        fe._on_replica_room(replicas[0])
+        assert fe.num_queued == 16 - 2 * 4 and all(s.replica is not None for s in burst[:8])
+
+    asyncio.run(main())

@@ -6,6 +6,7 @@ real gRPC, one replica each, the real Frontend and Replica."""
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 
@@ -160,3 +161,28 @@ def test_a_request_on_two_replicas_that_died_is_not_resumed_again(tiny_model):
     assert r["resumed"] == 1 and 20 <= r["tokens"] < MAX_TOKENS
     assert r["error"].retryable and r["error"].suspect
     assert r["third"].num_running == r["third"].num_waiting == 0 and r["third"].prefix_query_tokens == 0
+
+
+def test_a_big_step_after_small_ones_is_not_overdue():
+    """A burst of prompts after a quiet spell of single decodes makes one long step;
+    judged by the decodes' step times alone it would be 'hung' and the frontend would
+    turn the burst away (429). Its expected time scales with its tokens instead."""
+    from protos.messages import CachedRequest, StepRequest
+    from tests.worker_processes import CREDENTIALS
+
+    replica = Replica(0, [], SchedulerConfig(), RequestMetrics(), credentials=CREDENTIALS)
+    replica.alive = True
+    replica._step_times.extend([0.06] * 8)  # single-token decodes
+    replica._token_times.extend([0.06] * 8)
+
+    def in_flight(tokens: int, seconds: float) -> None:
+        step = StepRequest(1, cached_requests=[CachedRequest("r", [], 0, tokens)])
+        replica._inflight.clear()
+        replica._inflight.append((step, time.monotonic() - seconds))
+
+    in_flight(512, 3.0)  # 512 prompt tokens: expected up to 0.06 s each
+    assert not replica.overdue
+    in_flight(1, 3.0)  # one decode token, 50x slower than any before: something is wrong
+    assert replica.overdue
+    in_flight(512, replica.step_timeout / 2 + 1)  # never later than half the deadline
+    assert replica.overdue
