@@ -5,7 +5,7 @@
 #            its reference) and tests/kernels/test_gpu_model.py (whole models on the
 #            Triton kernels against transformers on the same GPU);
 #   kernels  the kernel benchmark (cluster/entrypoints/bench/kernels.py: decode vs SDPA, prefill TFLOP/s,
-#            decode config sweep);
+#            quantized matmul vs dequantize+linear and dense, decode config sweep);
 #   throughput  `folio bench throughput` on a Llama-3.2-1B-shaped random-weight model,
 #            bf16: folio against transformers generate() on the same GPU.
 # Results under $OUT: env.txt, gpu_tests.log, gpu_tests.xml, bench.log, kernel_bench.json,

@@ -7,6 +7,7 @@ tests/kernels/test_aot_compile.py makes CI catch it.
 
 The variants compiled are the ones the wrappers launch for the model shapes
 folio serves: head dims 64 and 128, KV block sizes 16 and 32, bf16 and fp16,
+4- and 8-bit quantized matmuls at decode and prefill batch sizes,
 with each wrapper's own config functions (decode_config, prefill_config,
 rms_norm_warps, ...) so that what is checked is what runs. Pointer and stride
 arguments carry the 16-divisibility hint that Triton's JIT would give them at
@@ -35,17 +36,25 @@ from triton.backends.compiler import GPUTarget
 from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability
 from triton.compiler import ASTSource
 
-from kernels import kv_write, norm_rope_act, paged_decode, paged_prefill
+from kernels import kv_write, norm_rope_act, paged_decode, paged_prefill, quant_matmul
 
 HEAD_DIMS = (64, 128)
 BLOCK_SIZES = (16, 32)
 DTYPES = ("bf16", "fp16")
 NORM_SIZES = (1024, 4096, 8192)  # hidden sizes, rounded up to the power of two the norm tiles
+# Quantized matmul: (bits, group, tokens). Tokens 1, 64 and 2048 reach the decode,
+# middle and prefill configs; group 128 takes one scale per K step, group 16
+# several, group 48 a lookup per element (quant_matmul.groups_per_step). A few,
+# not the product: each compile costs seconds in CI.
+QUANT_IN_FEATURES = 6144  # K / group a multiple of 16 for every group here, as the stride hints claim
+QUANT_CASES = ((4, 128, 1), (4, 128, 2048))
+QUANT_EXTRA_CASES = ((8, 128, 1), (8, 128, 2048), (4, 128, 64), (4, 16, 1), (4, 48, 1))  # first dtype only
 ARCHS = (80, 90)
 
 # Pointer arguments whose element type is fixed; every other *_ptr holds the model dtype.
 _FIXED_POINTERS = {
     "slot_ptr": "*i64",
+    "codes_ptr": "*u8",
     "pos_ptr": "*i64",
     "cs_ptr": "*fp32",
     "query_start_ptr": "*i32",
@@ -110,7 +119,7 @@ def _torch_dtype(name: str):
 def variants(head_dims=HEAD_DIMS, block_sizes=BLOCK_SIZES, dtypes=DTYPES, norm_sizes=NORM_SIZES) -> list[Variant]:
     """Every (kernel, constexprs, launch options) the wrappers use at these shapes."""
     out: list[Variant] = []
-    for dt in dtypes:
+    for i, dt in enumerate(dtypes):
         tdt = _torch_dtype(dt)
         for d in head_dims:
             bd = triton.next_power_of_2(d)
@@ -185,6 +194,20 @@ def variants(head_dims=HEAD_DIMS, block_sizes=BLOCK_SIZES, dtypes=DTYPES, norm_s
         out.append(
             Variant(f"silu_and_mul {dt}", norm_rope_act._silu_and_mul_kernel, dt, dict(BLOCK=norm_rope_act.SILU_BLOCK))
         )
+        for bits, group, tokens in QUANT_CASES + (QUANT_EXTRA_CASES if i == 0 else ()):
+            cfg = quant_matmul.quant_matmul_config(tokens, tdt)
+            # bias on the 8-bit variants, so that the epilogue with bias compiles too
+            constexprs = quant_matmul.kernel_constexprs(bits, group, QUANT_IN_FEATURES, tdt, cfg, has_bias=bits == 8)
+            out.append(
+                Variant(
+                    f"quant_matmul w{bits} g{group} t{tokens} {dt}",
+                    quant_matmul._quant_matmul_kernel,
+                    dt,
+                    constexprs,
+                    cfg.num_warps,
+                    cfg.num_stages,
+                )
+            )
     return out
 
 

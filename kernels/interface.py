@@ -21,6 +21,7 @@ class KernelOps:
     rms_norm: Callable  # (x, weight, eps, residual=None, weight_offset=0.0) -> (out, residual)
     rotary_embedding: Callable  # (positions, q, k, cos_sin_cache) -> (q, k)
     silu_and_mul: Callable  # (x) -> out
+    quantized_linear: Callable  # (x, w: QuantizedWeight, bias=None) -> y
     # torch's own functions on every device (kernels/reference.py says why)
     gelu_tanh_and_mul: Callable  # (x) -> out
     gelu: Callable  # (x, approximate="none") -> out
@@ -34,6 +35,7 @@ REFERENCE_OPS = KernelOps(
     rms_norm=reference.rms_norm,
     rotary_embedding=reference.rotary_embedding,
     silu_and_mul=reference.silu_and_mul,
+    quantized_linear=reference.quantized_linear,
     gelu_tanh_and_mul=reference.gelu_tanh_and_mul,
     gelu=reference.gelu,
     layer_norm=reference.layer_norm,

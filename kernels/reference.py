@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from kernels.metadata import AttentionMetadata
+from kernels.quant import QuantizedWeight, dequantized_linear
 
 
 def write_kv(
@@ -195,3 +196,15 @@ def gelu(x: torch.Tensor, approximate: str = "none") -> torch.Tensor:
 def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
     """LayerNorm over the last dimension, with weight and bias (nn.LayerNorm's)."""
     return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
+
+
+def quantized_linear(x: torch.Tensor, w: QuantizedWeight, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """x [T, K] -> [T, N] through a group-quantized weight (kernels/quant.py), in
+    the weight's compute dtype: torch's CPU int4 kernel where the weight was
+    packed for it (CPU, bfloat16), else dequantize and multiply."""
+    if w.int4pack is None:
+        return dequantized_linear(x, w, bias)
+    if w.perm is not None:
+        x = x.index_select(-1, w.perm)
+    y = w.int4pack_matmul(x)
+    return y if bias is None else y + bias

@@ -12,6 +12,9 @@ metadata too and picks the kernel:
   once per KV head; it only lacks split-K, which matters for a long decode
   row in a step whose prefill rows are too few to fill the GPU. One launch
   keeps the step free of host-side row sorting and of a second output pass.
+
+quantized_linear is kernels/quant_matmul.py: the quantized weight is
+dequantized tile by tile inside the matmul, never materialised.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from kernels.metadata import AttentionMetadata
 from kernels.norm_rope_act import rms_norm, rotary_embedding, silu_and_mul
 from kernels.paged_decode import paged_decode_attention
 from kernels.paged_prefill import paged_prefill_attention
+from kernels.quant_matmul import quantized_linear
 
 
 def _check_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata) -> None:
@@ -83,6 +87,7 @@ TRITON_OPS = KernelOps(
     rms_norm=rms_norm,
     rotary_embedding=rotary_embedding,
     silu_and_mul=silu_and_mul,
+    quantized_linear=quantized_linear,
     # No Triton kernels for these: torch's native ones serve (see kernels/reference.py).
     gelu_tanh_and_mul=reference.gelu_tanh_and_mul,
     gelu=reference.gelu,

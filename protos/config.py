@@ -22,6 +22,10 @@ from typing import Optional
 DTYPES = ("float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda")
 KERNELS = ("auto", "triton", "reference")  # kernels/ops.py select_ops
+# Weight formats a checkpoint may be quantized in (worker/loader.py detects which);
+# "none" dequantizes at load, "auto" keeps the checkpoint's where a kernel pays.
+QUANTIZATION_SCHEMES = ("gguf", "gptq", "awq", "compressed-tensors")
+QUANTIZATIONS = ("auto", "none", *QUANTIZATION_SCHEMES)
 
 
 def default_device(cuda_available: bool) -> str:
@@ -45,6 +49,14 @@ class WorkerConfig:
     kernels: str = field(
         default="auto",
         metadata={"help": "attention kernels: Triton on CUDA, PyTorch references elsewhere", "choices": KERNELS},
+    )
+    quantization: str = field(
+        default="auto",
+        metadata={
+            "help": "keep a quantized checkpoint's weights quantized (its scheme, or auto: "
+            "yes unless on CPU in float32, where torch has no fast exact kernel) or none: dequantize at load",
+            "choices": QUANTIZATIONS,
+        },
     )
     kv_cache_memory: Optional[int] = field(
         default=None,
@@ -76,6 +88,8 @@ class WorkerConfig:
             raise ValueError(f"device must be one of {', '.join(DEVICES)}, got {self.device!r}")
         if self.kernels not in KERNELS:
             raise ValueError(f"kernels must be one of {', '.join(KERNELS)}, got {self.kernels!r}")
+        if self.quantization not in QUANTIZATIONS:
+            raise ValueError(f"quantization must be one of {', '.join(QUANTIZATIONS)}, got {self.quantization!r}")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization must be above 0 and at most 1, got {self.gpu_memory_utilization}")
         if self.num_kv_blocks is not None and self.num_kv_blocks <= 0:

@@ -363,3 +363,110 @@ def repetitive_prompts(seed: str, count: int) -> list[list[int]]:
         phrase = [rng.randrange(3, TINY_VOCAB) for _ in range(rng.randint(2, 6))]
         out.append([rng.randrange(3, TINY_VOCAB) for _ in range(rng.randint(0, 9))] + phrase * rng.randint(2, 6))
     return out
+
+
+# GGUF block types of make_tiny_quantized_gguf's tensors: every type folio keeps
+# quantized, and inside one fused projection types that cannot share a matmul
+# (Q4_K_M files store v_proj as Q6_K beside Q4_K q/k).
+QUANTIZED_GGUF_TYPES = {
+    "token_embd": "Q8_0",
+    "output": "Q6_K",
+    "blk.0.attn_q": "Q4_K",
+    "blk.0.attn_k": "Q4_K",
+    "blk.0.attn_v": "Q6_K",
+    "blk.0.attn_output": "Q5_K",
+    "blk.0.ffn_gate": "Q4_1",
+    "blk.0.ffn_up": "Q4_1",
+    "blk.0.ffn_down": "Q8_0",
+    "blk.1.attn_q": "Q5_0",
+    "blk.1.attn_k": "Q5_1",
+    "blk.1.attn_v": "Q4_0",
+    "blk.1.attn_output": "Q4_0",
+    "blk.1.ffn_gate": "Q5_K",
+    "blk.1.ffn_up": "Q6_K",
+    "blk.1.ffn_down": "Q4_K",
+}
+
+
+def make_tiny_quantized_gguf(path) -> str:
+    """A tiny random Llama stored as a llama.cpp GGUF in QUANTIZED_GGUF_TYPES.
+
+    The blocks are random bytes with their fp16 scales set so that weights have
+    a standard deviation near 0.05 (any bytes are a valid block), so every block
+    type is exercised without a quantizer for it. K-quants need 256-wide rows:
+    hidden 256, MLP 512, 4 query heads of 64, 2 KV heads, vocab 512.
+    """
+    import gguf
+
+    out = os.path.join(str(path), "tiny-quantized-gguf", "tiny-llama.mixed.gguf")
+    if os.path.isfile(out):
+        return out
+    hidden, inter, heads, kv_heads, vocab, layers = 256, 512, 4, 2, 512, 2
+    head_dim = hidden // heads
+    rng = np.random.default_rng(7)
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    w = gguf.GGUFWriter(out + ".partial", "llama")
+    w.add_block_count(layers)
+    w.add_context_length(256)
+    w.add_embedding_length(hidden)
+    w.add_feed_forward_length(inter)
+    w.add_head_count(heads)
+    w.add_head_count_kv(kv_heads)
+    w.add_rope_dimension_count(head_dim)
+    w.add_rope_freq_base(10000.0)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_vocab_size(vocab)
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    shapes = {"token_embd": (vocab, hidden), "output": (vocab, hidden)}
+    for i in range(layers):
+        shapes |= {
+            f"blk.{i}.attn_q": (hidden, hidden),
+            f"blk.{i}.attn_k": (kv_heads * head_dim, hidden),
+            f"blk.{i}.attn_v": (kv_heads * head_dim, hidden),
+            f"blk.{i}.attn_output": (hidden, hidden),
+            f"blk.{i}.ffn_gate": (inter, hidden),
+            f"blk.{i}.ffn_up": (inter, hidden),
+            f"blk.{i}.ffn_down": (hidden, inter),
+        }
+    for name, (rows, cols) in shapes.items():
+        qtype = gguf.GGMLQuantizationType[QUANTIZED_GGUF_TYPES[name]]
+        w.add_tensor(f"{name}.weight", random_gguf_blocks(qtype, rows, cols, rng), raw_dtype=qtype)
+    for name in ["output_norm"] + [f"blk.{i}.{n}" for i in range(layers) for n in ("attn_norm", "ffn_norm")]:
+        w.add_tensor(f"{name}.weight", (1.0 + 0.2 * rng.standard_normal(hidden)).astype(np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    os.replace(out + ".partial", out)
+    return out
+
+
+def random_gguf_blocks(qtype, rows: int, cols: int, rng: np.random.Generator) -> np.ndarray:
+    """uint8 [rows, bytes per row] of random `qtype` blocks whose weights have std
+    near 0.05: random codes and sub-scales, fp16 super-scales chosen per type."""
+    import gguf
+
+    block, nbytes = gguf.GGML_QUANT_SIZES[qtype]
+    b = rng.integers(0, 256, size=(rows * cols // block, nbytes), dtype=np.uint8)
+
+    def put(offset: int, values) -> None:
+        b[:, offset : offset + 2] = np.asarray(values, dtype=np.float16).reshape(-1, 1).view(np.uint8)
+
+    d = rng.uniform(0.5, 1.5, size=b.shape[0]) * rng.choice([-1.0, 1.0], size=b.shape[0])
+    name = qtype.name
+    if name in ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"):
+        spread = {"Q4_0": 4.6, "Q4_1": 4.6, "Q5_0": 9.2, "Q5_1": 9.2, "Q8_0": 74.0}[name]
+        put(0, 0.05 / spread * d)
+        if name in ("Q4_1", "Q5_1"):  # min m: centre the codes (w = d q + m)
+            put(2, -(8 if name == "Q4_1" else 16) * 0.05 / spread * d)
+    elif name in ("Q4_K", "Q5_K"):
+        half = 7.5 if name == "Q4_K" else 15.5  # dmin = half * d centres w = d sc q - dmin m
+        scale = 0.05 / (255 if name == "Q4_K" else 510) * np.abs(d)
+        put(0, scale)
+        put(2, half * scale)
+    elif name == "Q6_K":
+        put(208, 0.05 / 1370 * d)
+    else:
+        raise ValueError(f"no random blocks for {name}")
+    return b.reshape(rows, -1)

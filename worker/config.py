@@ -78,6 +78,10 @@ class ModelConfig:
     parallel_residual: bool = False  # GPT-NeoX: attention and MLP both read the layer input
     rotary_dim: Optional[int] = None  # leading features of a head that rotate; None: all
     o_bias: bool = False  # the attention output projection has a bias
+    # The scheme whose weights the model keeps quantized at run time ("gguf", "gptq",
+    # ...; worker/loader.py decides); None: dense weights (a quantized checkpoint's
+    # are dequantized at load).
+    quantization: Optional[str] = None
 
     def __post_init__(self) -> None:
         if self.architecture not in SUPPORTED_ARCHITECTURES:

@@ -1,8 +1,10 @@
 """Read a llama.cpp GGUF file: ModelConfig from its metadata, tensors by HF name.
 
-Tensors come out one at a time, dequantized to fp32 (gguf.quants handles
-Q4_1, Q8_0, K-quants, F16, ...) and renamed to Hugging Face names so the model's
-load_weight places them exactly as it places safetensors.
+Tensors come out one at a time, renamed to Hugging Face names so the model's
+load_weight places them exactly as it places safetensors: kept quantized
+(QuantizedTensor, worker/gguf_quant.py) when the model keeps its weights so and
+the block type is one folio computes with, else dequantized to fp32 by gguf-py
+(Q4_1, Q8_0, K-quants, F16, ...).
 
 llama.cpp's converter reorders the rows of Llama's q and k projections: inside
 each head it interleaves the two rotary halves (row i, row i + D/2, row i+1, ...)
@@ -19,7 +21,9 @@ import numpy as np
 import torch
 from gguf.quants import dequantize
 
+from kernels.quant import QuantizedTensor
 from worker.config import ModelConfig
+from worker.gguf_quant import KEPT_QUANTIZED, quantized_tensor
 
 
 def gguf_reader(path: str) -> gguf.GGUFReader:
@@ -85,20 +89,35 @@ def gguf_config(reader: gguf.GGUFReader) -> ModelConfig:
     )
 
 
-def gguf_tensors(reader: gguf.GGUFReader, config: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
-    """(Hugging Face name, fp32 tensor) for every weight, one at a time."""
+def gguf_quantized(reader: gguf.GGUFReader) -> bool:
+    """Whether any weight is stored in a block type folio can keep quantized."""
+    return any(t.tensor_type.name in KEPT_QUANTIZED for t in reader.tensors)
+
+
+def gguf_tensors(
+    reader: gguf.GGUFReader, config: ModelConfig, keep_quantized: bool = False
+) -> Iterator[tuple[str, torch.Tensor | QuantizedTensor]]:
+    """(Hugging Face name, tensor) for every weight, one at a time: fp32, or with
+    keep_quantized a QuantizedTensor for each 2-D weight in a block type folio keeps."""
     for t in reader.tensors:
         if t.name == "rope_freqs.weight":  # already folded into config.rope_scaling
             continue
         name = _hf_name(t.name)
-        # dequantize returns rows-major [rows, cols]; np.array copies out of the mmap.
-        tensor = torch.from_numpy(np.array(dequantize(t.data, t.tensor_type), dtype=np.float32))
+        tensor = None
+        if keep_quantized and len(t.shape) == 2:
+            tensor = quantized_tensor(t.data, t.tensor_type, rows=int(t.shape[1]), cols=int(t.shape[0]))
+        if tensor is None:
+            # dequantize returns rows-major [rows, cols]; np.array copies out of the mmap.
+            tensor = torch.from_numpy(np.array(dequantize(t.data, t.tensor_type), dtype=np.float32))
         if config.architecture in _PERMUTED_ARCHS:
-            if ".q_proj." in name:
-                tensor = _unpermute_rope_rows(tensor, config.num_q_heads)
-            elif ".k_proj." in name:
-                tensor = _unpermute_rope_rows(tensor, config.num_kv_heads)
+            heads = {"q_proj": config.num_q_heads, "k_proj": config.num_kv_heads}.get(name.split(".")[-2])
+            if heads is not None:
+                tensor = _map_rows(tensor, lambda w, h=heads: _unpermute_rope_rows(w, h))
         yield name, tensor
+
+
+def _map_rows(tensor: torch.Tensor | QuantizedTensor, fn) -> torch.Tensor | QuantizedTensor:
+    return tensor.map_rows(fn) if isinstance(tensor, QuantizedTensor) else fn(tensor)
 
 
 def _unpermute_rope_rows(w: torch.Tensor, num_heads: int) -> torch.Tensor:

@@ -12,9 +12,11 @@ checkpoints (the GPU image) does without it.
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import importlib.util
 import json
+import logging
 import os
 from typing import Iterable, Iterator, Optional
 
@@ -22,9 +24,12 @@ import torch
 from safetensors import safe_open
 
 from kernels.interface import KernelOps
+from protos.config import QUANTIZATIONS
 from worker.config import ModelConfig
 from worker.models import MODEL_CLASSES, CausalLM
 from worker.parallel import TPGroup
+
+log = logging.getLogger(__name__)
 
 
 def resolve_model_path(path: str) -> tuple[str, Optional[str]]:
@@ -66,24 +71,60 @@ def load_model(
     device: torch.device | str = "cpu",
     ops: Optional[KernelOps] = None,
     tp: Optional[TPGroup] = None,
+    quantization: str = "auto",
 ) -> tuple[CausalLM, ModelConfig]:
     """Build the model for `path` (see resolve_model_path) with all weights in place.
 
-    With a tensor-parallel group, this rank's shard only.
+    With a tensor-parallel group, this rank's shard only. `quantization` (one of
+    protos.config.QUANTIZATIONS) says whether a quantized checkpoint's weights
+    stay quantized (keep_quantized); the returned config's `quantization` says
+    what was decided.
     """
     directory, gguf_file = resolve_model_path(path)
+    device = torch.device(device)
     if gguf_file is not None:
-        from worker.gguf_loader import gguf_config, gguf_reader, gguf_tensors
+        from worker.gguf_loader import gguf_config, gguf_quantized, gguf_reader, gguf_tensors
 
         reader = gguf_reader(os.path.join(directory, gguf_file))
         config = gguf_config(reader)
-        tensors = gguf_tensors(reader, config)
+        kept = keep_quantized(quantization, "gguf" if gguf_quantized(reader) else None, device, dtype)
+        tensors = gguf_tensors(reader, config, keep_quantized=kept is not None)
     else:
-        config = _read_hf_config(directory)
+        from worker.hf_quant import decode_hf_tensors, hf_quantization
+
+        raw = _read_hf_json(directory)
+        config = ModelConfig.from_hf_config(raw)
+        hf_quant = hf_quantization(raw)
+        kept = keep_quantized(quantization, hf_quant.method if hf_quant else None, device, dtype)
         tensors = _safetensors_tensors(directory)
+        if hf_quant is not None:
+            tensors = decode_hf_tensors(tensors, hf_quant)
+    config = dataclasses.replace(config, quantization=kept)
     model = MODEL_CLASSES[config.architecture](config, dtype=dtype, device=device, ops=ops, tp=tp)
     _fill(model, tensors)
     return model.eval(), config
+
+
+def keep_quantized(requested: str, scheme: Optional[str], device: torch.device, dtype: torch.dtype) -> Optional[str]:
+    """The scheme to keep the weights in, or None to dequantize them at load.
+
+    requested: "auto", "none" or a scheme, which must be the checkpoint's. auto
+    keeps them except on CPU in float32: there torch has no fast kernel that is
+    exact in fp32 (its int4 kernel takes a scalar loop, 15-100x slower than a dense
+    matmul), so dense fp32 weights serve faster; bfloat16 keeps them quantized.
+    """
+    if requested not in QUANTIZATIONS:
+        raise ValueError(f"quantization must be one of {', '.join(QUANTIZATIONS)}, got {requested!r}")
+    if requested not in ("auto", "none") and requested != scheme:
+        raise ValueError(f"quantization {requested!r} asked for, but the checkpoint is {scheme or 'not quantized'}")
+    if scheme is None or requested == "none":
+        return None
+    if requested == "auto" and device.type == "cpu" and dtype == torch.float32:
+        log.info(
+            "%s weights dequantized to float32 at load (CPU float32; --dtype bfloat16 keeps them quantized)", scheme
+        )
+        return None
+    return scheme
 
 
 def load_model_config(path: str) -> ModelConfig:
@@ -107,6 +148,10 @@ def load_tokenizer(path: str):
 
 
 def _read_hf_config(directory: str) -> ModelConfig:
+    return ModelConfig.from_hf_config(_read_hf_json(directory))
+
+
+def _read_hf_json(directory: str) -> dict:
     with open(os.path.join(directory, "config.json")) as f:
         cfg = json.load(f)
     # Chat models often list their end-of-turn tokens only in generation_config.json
@@ -116,7 +161,7 @@ def _read_hf_config(directory: str) -> ModelConfig:
         with open(gen_path) as f:
             gen_eos = json.load(f).get("eos_token_id")
         cfg["eos_token_id"] = list(dict.fromkeys(_as_list(cfg.get("eos_token_id")) + _as_list(gen_eos)))
-    return ModelConfig.from_hf_config(cfg)
+    return cfg
 
 
 def _as_list(ids) -> list:

@@ -19,6 +19,11 @@ Every sharded layer loads through `load(part, kind, tensor)`, which copies
 only this rank's slice of a full checkpoint tensor into it: a rank's
 parameters are its shard alone (plus the small replicated norms); the loader
 holds one checkpoint tensor at a time while it is sliced.
+
+A checkpoint tensor may arrive quantized (a QuantizedTensor, kernels/quant.py).
+A layer built with `quant_ops` keeps it so: it cuts this rank's rows or
+columns from the unpacked codes, then packs (QuantizedWeight) and multiplies
+through quant_ops.quantized_linear. A layer built without dequantizes it.
 """
 
 from __future__ import annotations
@@ -26,11 +31,15 @@ from __future__ import annotations
 import socket
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Optional
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+
+from kernels.interface import KernelOps
+from kernels.quant import QuantizedTensor, QuantizedWeight
 
 
 @dataclass(frozen=True)
@@ -146,20 +155,33 @@ class ColumnParallelLinear(nn.Module):
     Output: [T, sum of lengths], local to the rank.
     """
 
-    def __init__(self, parts: list[tuple[int, int, int]], in_features: int, bias: bool, dtype, device):
+    def __init__(
+        self,
+        parts: list[tuple[int, int, int]],
+        in_features: int,
+        bias: bool,
+        dtype,
+        device,
+        quant_ops: Optional[KernelOps] = None,
+    ):
         super().__init__()
-        self.parts = parts
+        self.parts, self.in_features = parts, in_features
         self.offsets = [sum(n for *_, n in parts[:i]) for i in range(len(parts))]
         rows = sum(n for *_, n in parts)
-        self.weight = empty_parameter(rows, in_features, dtype=dtype, device=device)
+        self.weight = _weight(rows, in_features, len(parts), quant_ops, dtype, device)
         self.bias = empty_parameter(rows, dtype=dtype, device=device) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.weight, PackedWeight):
+            return self.weight(x, self.bias)
         return F.linear(x, self.weight, self.bias)
 
-    def load(self, part: int, kind: str, tensor: torch.Tensor) -> None:
+    def load(self, part: int, kind: str, tensor: torch.Tensor | QuantizedTensor) -> None:
         """Copy this rank's rows of the full checkpoint tensor for fused part `part`."""
         full, start, length = self.parts[part]
+        if kind == "weight" and isinstance(self.weight, PackedWeight):
+            _check_full(tensor, (full, self.in_features))
+            return self.weight.put(part, _narrow(tensor, 0, start, length))
         dst = getattr(self, kind).data.narrow(0, self.offsets[part], length)
         _copy_slice(dst, tensor, 0, full, start, length)
 
@@ -171,16 +193,33 @@ class RowParallelLinear(nn.Module):
     columns [start, start + length) of full_columns.
     """
 
-    def __init__(self, out_features: int, in_slice: tuple[int, int, int], tp: TPGroup, dtype, device):
+    def __init__(
+        self,
+        out_features: int,
+        in_slice: tuple[int, int, int],
+        tp: TPGroup,
+        dtype,
+        device,
+        quant_ops: Optional[KernelOps] = None,
+    ):
         super().__init__()
-        self.in_slice = in_slice
+        self.in_slice, self.out_features = in_slice, out_features
         self.tp = tp
-        self.weight = empty_parameter(out_features, in_slice[2], dtype=dtype, device=device)
+        self.weight = _weight(out_features, in_slice[2], 1, quant_ops, dtype, device)
+
+    def matmul(self, x: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """This rank's partial product, before the all-reduce."""
+        if isinstance(self.weight, PackedWeight):
+            return self.weight(x, bias)
+        return F.linear(x, self.weight, bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.tp.all_reduce(F.linear(x, self.weight))
+        return self.tp.all_reduce(self.matmul(x))
 
-    def load(self, part: int, kind: str, tensor: torch.Tensor) -> None:
+    def load(self, part: int, kind: str, tensor: torch.Tensor | QuantizedTensor) -> None:
+        if isinstance(self.weight, PackedWeight):
+            _check_full(tensor, (self.out_features, self.in_slice[0]))
+            return self.weight.put(0, _narrow(tensor, 1, *self.in_slice[1:]))
         _copy_slice(self.weight.data, tensor, 1, *self.in_slice)
 
 
@@ -191,37 +230,159 @@ class VocabParallelEmbedding(nn.Module):
     padding), so gathered logits have equal-sized pieces; padding is cut off.
     """
 
-    def __init__(self, vocab_size: int, hidden_size: int, tp: TPGroup, dtype, device):
+    def __init__(
+        self, vocab_size: int, hidden_size: int, tp: TPGroup, dtype, device, quant_ops: Optional[KernelOps] = None
+    ):
         super().__init__()
-        self.vocab_size, self.tp = vocab_size, tp
+        self.vocab_size, self.hidden_size, self.tp = vocab_size, hidden_size, tp
         self.rows = -(-vocab_size // tp.world_size)
         self.start = tp.rank * self.rows
-        self.weight = empty_parameter(self.rows, hidden_size, dtype=dtype, device=device)
+        self.weight = _weight(self.rows, hidden_size, 1, quant_ops, dtype, device, gather=True)
         self.num_real_rows = max(0, min(self.rows, vocab_size - self.start))
+
+    def _embed(self, ids: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.weight, PackedWeight):
+            return self.weight.rows(ids)
+        return F.embedding(ids, self.weight)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         """[T] token ids -> [T, hidden]."""
         if self.tp.world_size == 1:
-            return F.embedding(input_ids, self.weight)
+            return self._embed(input_ids)
         local = input_ids - self.start
         outside = (local < 0) | (local >= self.num_real_rows)
-        h = F.embedding(local.masked_fill(outside, 0), self.weight)
+        h = self._embed(local.masked_fill(outside, 0))
         h.masked_fill_(outside.unsqueeze(-1), 0.0)
         return self.tp.all_reduce(h)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[N, hidden] -> [N, vocab] fp32 on every rank."""
-        local = F.linear(hidden, self.weight).float()
+        if isinstance(self.weight, PackedWeight):
+            local = self.weight(hidden).float()
+        else:
+            local = F.linear(hidden, self.weight).float()
         return self.tp.all_gather_last(local)[:, : self.vocab_size]
 
-    def load(self, part: int, kind: str, tensor: torch.Tensor) -> None:
+    def load(self, part: int, kind: str, tensor: torch.Tensor | QuantizedTensor) -> None:
+        if isinstance(self.weight, PackedWeight):
+            _check_full(tensor, (self.vocab_size, self.hidden_size))
+            mine = _narrow(tensor, 0, self.start, self.num_real_rows)
+            return self.weight.put(0, _pad_rows(mine, self.rows))  # padding rows are zeros
         if self.num_real_rows < self.rows:
             self.weight.data[self.num_real_rows :].zero_()
         _copy_slice(self.weight.data[: self.num_real_rows], tensor, 0, self.vocab_size, self.start, self.num_real_rows)
 
 
-def _copy_slice(dst: torch.Tensor, full: torch.Tensor, dim: int, full_size: int, start: int, length: int) -> None:
+class PackedWeight(nn.Module):
+    """A linear layer's weight kept quantized: this rank's slices of its fused
+    parts, packed once all have arrived.
+
+    Consecutive parts of one layout (bits, group, column order) stack into one
+    QuantizedWeight; a part of another layout (a GGUF Q4_K_M file stores v_proj
+    as Q6_K beside Q4_K q/k) or a dense one gets its own matmul, and the
+    outputs are concatenated.
+    """
+
+    def __init__(self, num_parts: int, ops: KernelOps, dtype, device, gather: bool = False):
+        super().__init__()
+        self.ops, self.dtype, self.device, self.gather = ops, dtype, device, gather
+        self.pending: list = [None] * num_parts
+        self.runs = nn.ModuleList()
+
+    def put(self, part: int, tensor: torch.Tensor | QuantizedTensor) -> None:
+        self.pending[part] = tensor
+        if any(p is None for p in self.pending):
+            return
+        groups: list[list] = []
+        for p in self.pending:
+            prev = groups[-1][-1] if groups else None
+            quantized = isinstance(p, QuantizedTensor)
+            if (
+                prev is not None
+                and quantized == isinstance(prev, QuantizedTensor)
+                and (not quantized or prev.same_layout(p))
+            ):
+                groups[-1].append(p)
+            else:
+                groups.append([p])
+        for g in groups:
+            if isinstance(g[0], QuantizedTensor):
+                self.runs.append(QuantizedWeight(QuantizedTensor.cat_rows(g), self.dtype, self.device, self.gather))
+            else:
+                self.runs.append(_DenseWeight(torch.cat(g).to(self.dtype), self.device))
+        self.pending = []
+
+    def forward(self, x: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if len(self.runs) == 1:
+            return self._matmul(self.runs[0], x, bias)
+        y = torch.cat([self._matmul(r, x) for r in self.runs], dim=-1)
+        return y if bias is None else y + bias
+
+    def _matmul(self, run: nn.Module, x: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if isinstance(run, QuantizedWeight):
+            return self.ops.quantized_linear(x, run, bias)
+        return F.linear(x, run.weight, bias)
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """Embedding rows [len(ids), K] (a one-part weight built with gather=True)."""
+        (run,) = self.runs
+        return run.dequantize(ids) if isinstance(run, QuantizedWeight) else F.embedding(ids, run.weight)
+
+
+def _stackable(a: torch.Tensor | QuantizedTensor, b: torch.Tensor | QuantizedTensor) -> bool:
+    if isinstance(a, QuantizedTensor) and isinstance(b, QuantizedTensor):
+        return a.same_layout(b)
+    return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)
+
+
+class _DenseWeight(nn.Module):
+    def __init__(self, weight: torch.Tensor, device):
+        super().__init__()
+        self.register_buffer("weight", weight.to(device))
+
+
+def _weight(rows: int, cols: int, parts: int, quant_ops, dtype, device, gather: bool = False):
+    if quant_ops is None:
+        return empty_parameter(rows, cols, dtype=dtype, device=device)
+    return PackedWeight(parts, quant_ops, dtype, device, gather)
+
+
+def _check_full(tensor: torch.Tensor | QuantizedTensor, shape: tuple[int, int]) -> None:
+    if tuple(tensor.shape) != shape:
+        raise ValueError(f"checkpoint shape {tuple(tensor.shape)}, model expects {shape}")
+
+
+def _narrow(t: torch.Tensor | QuantizedTensor, dim: int, start: int, length: int):
+    if isinstance(t, torch.Tensor):
+        return t.narrow(dim, start, length)
+    return t.rows(start, length) if dim == 0 else t.columns(start, length)
+
+
+def _pad_rows(t: torch.Tensor | QuantizedTensor, rows: int):
+    """t with zero rows appended up to `rows` (a quantized zero row: scale = zero = 0)."""
+    extra = rows - t.shape[0]
+    if extra == 0:
+        return t
+    if isinstance(t, torch.Tensor):
+        return torch.cat([t, t.new_zeros(extra, t.shape[1])])
+    n, k = t.shape
+    pad = QuantizedTensor(
+        t.codes.new_zeros(extra, k),
+        t.scale.new_zeros(extra, t.scale.shape[1]),
+        t.zero.new_zeros(extra, t.zero.shape[1]),
+        t.bits,
+        t.group,
+        t.perm,
+    )
+    return QuantizedTensor.cat_rows([t, pad])
+
+
+def _copy_slice(
+    dst: torch.Tensor, full: torch.Tensor | QuantizedTensor, dim: int, full_size: int, start: int, length: int
+) -> None:
     """dst <- full.narrow(dim, start, length), after checking full is the whole tensor."""
+    if isinstance(full, QuantizedTensor):  # a dense layer: computes with the dequantized weight
+        full = full.dequantize()
     src = full.narrow(dim, start, length) if full.shape[dim] == full_size else None
     if src is None or dst.shape != src.shape:
         expected = list(dst.shape)

@@ -55,7 +55,12 @@ class Worker:
         dtype = getattr(torch, config.dtype or default_dtype(device))
         self.tp = tp or TPGroup()
         self.model, self.model_config = load_model(
-            self.model_path, dtype=dtype, device=self.device, ops=select_ops(self.device, config.kernels), tp=self.tp
+            self.model_path,
+            dtype=dtype,
+            device=self.device,
+            ops=select_ops(self.device, config.kernels),
+            tp=self.tp,
+            quantization=config.quantization,
         )
         cfg = self.model_config
         kv_heads = self.model.num_kv_heads  # this rank's share
@@ -72,8 +77,9 @@ class Worker:
         self.sampler = Sampler(cfg.vocab_size, cfg.eos_token_ids, device=self.device)
         self.runner = ModelRunner(self.model, self.pool, self.sampler, self.device, tp=self.tp)
         log.info(
-            "worker ready: %s, %d KV blocks of %d tokens (%.1f MiB)",
+            "worker ready: %s (%s weights), %d KV blocks of %d tokens (%.1f MiB)",
             self.model_path,
+            self.model_config.quantization or "dense",
             num_blocks,
             block_size,
             self.pool.nbytes / 2**20,

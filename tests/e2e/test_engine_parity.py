@@ -6,6 +6,7 @@ steps, in chunks, and through a pool so small that requests get preempted and
 recomputed.
 """
 
+import os
 import random
 
 import pytest
@@ -13,7 +14,7 @@ import pytest
 from cluster.entrypoints.llm import LLM
 from protos.messages import SamplingParams
 from tests.hf_reference import assert_greedy_parity, run_staggered
-from tests.model_fixtures import TINY_VOCAB
+from tests.model_fixtures import TINY_VOCAB, make_tiny_quantized_gguf
 
 NEW_TOKENS = 8
 PARAMS = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True, logprobs=0)
@@ -33,7 +34,84 @@ def test_tiny_models_match_transformers(family, tiny_model):
 
 
 @pytest.mark.slow
+def test_kept_quantized_gguf_matches_transformers(model_dir):
+    """Every GGUF block type folio keeps quantized, computed in fp32 through the
+    engine (batched, chunked, preempted), against transformers' dequantized load."""
+    path = make_tiny_quantized_gguf(model_dir)
+    rng = random.Random("quantized")
+    prompts = [[rng.randrange(3, 512) for _ in range(rng.randint(3, 70))] for _ in range(12)]
+    llm = LLM(
+        path,
+        quantization="gguf",
+        block_size=8,
+        num_kv_blocks=14,
+        max_num_seqs=8,
+        max_num_batched_tokens=24,
+        tokenizer=False,
+    )
+    results = run_staggered(llm, prompts, PARAMS, per_step=3)
+    assert llm.scheduler.num_preemptions > 0, "the pool was meant to force preemption"
+    assert_greedy_parity(path, prompts, results, NEW_TOKENS, logprob_tol=1e-4)
+
+
+# Hugging Face quantized checkpoints of the tiny Llama (tests/quant_formats.py packs them).
+HF_SCHEMES = {
+    "gptq-4bit-g32-act-order": ("gptq", dict(bits=4, group=32, desc_act=True, sym=False)),
+    "gptq-8bit-per-row": ("gptq", dict(bits=8, group=-1, desc_act=False, sym=True)),
+    "awq-g32": ("awq", dict(group=32)),
+    "compressed-tensors-W4A16-g32": ("compressed-tensors", dict(bits=4, strategy="group", group=32)),
+}
+
+
+def _hf_quantized(tiny_model, model_dir, case: str) -> tuple[str, str]:
+    """(quantized checkpoint, dense checkpoint of the weights it represents)."""
+    from tests import quant_formats as qf
+
+    method, options = HF_SCHEMES[case]
+    src, out = tiny_model("llama"), os.path.join(str(model_dir), case)
+    if method != "compressed-tensors":
+        return qf.make_packed_checkpoint(src, out, method, **options)
+    scheme = qf.ct_scheme(qf.ct_args(options["bits"], options["strategy"], options["group"], symmetric=False))
+    qf.make_ct_checkpoint(src, out, scheme, "pack-quantized")
+    dense = out + "-dense"
+    if not os.path.isdir(dense):  # compressed-tensors' own dequantization, through transformers
+        from transformers import AutoModelForCausalLM, CompressedTensorsConfig
+
+        model = AutoModelForCausalLM.from_pretrained(out, quantization_config=CompressedTensorsConfig(dequantize=True))
+        model.config.quantization_config = None
+        model.save_pretrained(dense)
+    return out, dense
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", sorted(HF_SCHEMES))
+@pytest.mark.filterwarnings("ignore:You passed `quantization_config`:UserWarning")
+def test_hf_quantized_checkpoints_match_transformers(case, tiny_model, model_dir):
+    """GPTQ (act-order too), AWQ and compressed-tensors kept quantized, in fp32
+    through the engine (batched, chunked, preempted), against transformers on
+    the weights each checkpoint represents."""
+    path, dense = _hf_quantized(tiny_model, model_dir, case)
+    rng = random.Random(case)
+    prompts = [[rng.randrange(3, TINY_VOCAB) for _ in range(rng.randint(3, 70))] for _ in range(10)]
+    method = HF_SCHEMES[case][0]
+    llm = LLM(
+        path,
+        quantization=method,
+        block_size=8,
+        num_kv_blocks=14,
+        max_num_seqs=8,
+        max_num_batched_tokens=24,
+        tokenizer=False,
+    )
+    assert llm.worker.model_config.quantization == method
+    results = run_staggered(llm, prompts, PARAMS, per_step=3)
+    assert llm.scheduler.num_preemptions > 0, "the pool was meant to force preemption"
+    assert_greedy_parity(dense, prompts, results, NEW_TOKENS, logprob_tol=1e-4)
+
+
+@pytest.mark.slow
 def test_smollm2_matches_transformers(smollm2):
+    # Kept quantized, its logits equal these (tests/worker/test_quantized.py).
     llm = LLM(smollm2, block_size=16, num_kv_blocks=8, max_num_seqs=8, max_num_batched_tokens=64)
     text = (
         "The history of the city begins with a small settlement by the river, where traders "
@@ -50,8 +128,9 @@ def test_smollm2_matches_transformers(smollm2):
     assert_greedy_parity(smollm2, prompts, results, NEW_TOKENS, logprob_tol=1e-4)
 
 
-def test_capital_of_france(smollm2):
-    llm = LLM(smollm2)
+@pytest.mark.parametrize("quantization", ["auto", pytest.param("gguf", marks=pytest.mark.slow)])
+def test_capital_of_france(smollm2, quantization):
+    llm = LLM(smollm2, quantization=quantization)
     chat = [{"role": "user", "content": "What is the capital of France?"}]
     [res] = llm.generate([llm.chat_token_ids(chat)], SamplingParams(temperature=0, max_tokens=20))
     assert res.outputs[0].text.strip() == "The capital of France is Paris."

@@ -154,3 +154,46 @@ def test_silu_and_mul_real_sizes(dtype):
 
     x = torch.randn(512, 2 * 14336, device="cuda", dtype=dtype)
     torch.testing.assert_close(silu_and_mul(x), reference.silu_and_mul(x), **TOL[dtype])
+
+
+QUANT_CASES = [
+    # dtype, bits, group, N, K, act-order: Llama-3-8B projections and GGUF/GPTQ layouts
+    pytest.param(BF16, 4, 128, 28672, 4096, False, id="bf16-w4-g128-gate-up"),
+    pytest.param(F16, 4, 32, 4096, 14336, True, id="fp16-w4-g32-act-order-down"),
+    pytest.param(BF16, 8, 128, 6144, 4096, False, id="bf16-w8-g128-qkv"),
+    pytest.param(F16, 6, 16, 4096, 4096, False, id="fp16-6bit-g16-q6k"),
+    pytest.param(BF16, 5, 48, 1000, 4608, False, id="bf16-5bit-g48-lookup"),
+]
+
+
+@pytest.mark.parametrize("dtype,bits,group,n,k,perm", QUANT_CASES)
+def test_quantized_linear_real_sizes(dtype, bits, group, n, k, perm):
+    """The kernel at decode, small-batch and prefill row counts (its three
+    configs) against the reference path and against fp32 math on the same
+    dtype-rounded weights."""
+    import torch.nn.functional as F
+
+    from kernels.quant import QuantizedTensor, QuantizedWeight
+    from kernels.triton_ops import TRITON_OPS
+
+    gen = torch.Generator().manual_seed(bits + group)
+    unit = 1.0 / ((1 << (bits - 1)) * k**0.5)  # outputs of order 1
+    qt = QuantizedTensor(
+        torch.randint(0, 1 << bits, (n, k), dtype=torch.uint8, generator=gen),
+        (torch.rand(n, k // group, generator=gen) + 0.5) * unit,
+        torch.randn(n, k // group, generator=gen) * unit,
+        bits,
+        group,
+        torch.randperm(k, generator=gen) if perm else None,
+    )
+    w = QuantizedWeight(qt, dtype, "cuda")
+    bias = (torch.randn(n, device="cuda") * 0.1).to(dtype)
+    w32 = w.dequantize().float()
+    for t in (1, 33, 600):
+        x = torch.randn(t, k, device="cuda", dtype=dtype)
+        got = TRITON_OPS.quantized_linear(x, w, bias)
+        assert got.dtype == dtype and got.shape == (t, n) and not got.isnan().any()
+        xs = x.index_select(-1, w.perm) if perm else x
+        expected = F.linear(xs.float(), w32, bias.float())
+        torch.testing.assert_close(got.float(), expected, **TOL[dtype])
+        torch.testing.assert_close(got, reference.quantized_linear(x, w, bias), **TOL[dtype])

@@ -18,6 +18,7 @@ from cluster.replica import Replica, WorkerLoadError
 from protos import worker_pb2 as pb
 from protos.config import SchedulerConfig
 from protos.messages import EngineRequest, SamplingParams
+from tests.model_fixtures import make_tiny_quantized_gguf
 from tests.worker_processes import CREDENTIALS, WorkerProcesses
 from worker.config import ModelConfig
 from worker.loader import load_model_config
@@ -30,7 +31,7 @@ PROMPTS = [[1, 17, 42, 99, 5, 250, 31, 8, 77, 120, 64, 3, 200, 11, 9, 150, 44, 3
 MAX_TOKENS = 8
 
 
-async def _generate(addresses: list[str], model_path: str) -> tuple[list, list, list]:
+async def _generate(addresses: list[str], model_path: str, quantization: str) -> tuple[list, list, list]:
     """Greedy outputs for PROMPTS on a replica of these workers (rank i at addresses[i])."""
     config = SchedulerConfig(block_size=16, max_num_seqs=4, max_model_len=0)  # 0: what fits the pool
     replica = Replica(0, addresses, config, RequestMetrics(), credentials=CREDENTIALS)
@@ -41,6 +42,7 @@ async def _generate(addresses: list[str], model_path: str) -> tuple[list, list, 
             num_blocks=64,
             dtype="float32",
             device="cpu",
+            quantization=quantization,
             rendezvous=f"tcp://127.0.0.1:{free_port('127.0.0.1')}",
         )
     )
@@ -74,9 +76,9 @@ async def _outputs(replica: Replica) -> tuple[list, list, list]:
     return tokens, logprobs, prompt_lps
 
 
-def _run(model_path: str, world_size: int):
+def _run(model_path: str, world_size: int, quantization: str = "auto"):
     with WorkerProcesses(world_size) as addresses:
-        return asyncio.run(_generate(addresses, model_path))
+        return asyncio.run(_generate(addresses, model_path, quantization))
 
 
 def _assert_close(a: list, b: list) -> None:
@@ -94,11 +96,13 @@ def _assert_close(a: list, b: list) -> None:
 @pytest.mark.slow
 # gemma: its single KV head is replicated on both ranks, which split its query heads.
 # gpt_neox: regrouped fused q/k/v, biases after row-parallel all-reduces, LayerNorms.
-@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "smollm2", "gemma", "gpt_neox"])
-def test_tp2_matches_tp1(family, tiny_model, smollm2):
-    path = smollm2 if family == "smollm2" else tiny_model(family)
-    ref_tokens, ref_lps, ref_prompt = _run(path, 1)
-    tokens, lps, prompt = _run(path, 2)
+# quantized_gguf: every kept GGUF block type, rows and columns cut before packing.
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "smollm2", "gemma", "gpt_neox", "quantized_gguf"])
+def test_tp2_matches_tp1(family, tiny_model, smollm2, model_dir):
+    path = {"smollm2": smollm2, "quantized_gguf": make_tiny_quantized_gguf(model_dir)}.get(family) or tiny_model(family)
+    quantization = "gguf" if family == "quantized_gguf" else "auto"
+    ref_tokens, ref_lps, ref_prompt = _run(path, 1, quantization)
+    tokens, lps, prompt = _run(path, 2, quantization)
     assert tokens == ref_tokens
     assert all(len(t) == MAX_TOKENS for t in tokens)
     _assert_close(lps, ref_lps)

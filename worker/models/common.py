@@ -14,16 +14,17 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from kernels.interface import KernelOps
 from kernels.metadata import AttentionMetadata
 from kernels.ops import select_ops
+from kernels.quant import QuantizedTensor
 from worker.config import ModelConfig
 from worker.models.rope import build_cos_sin_cache
 from worker.parallel import (
     ColumnParallelLinear,
+    PackedWeight,
     RowParallelLinear,
     TPGroup,
     empty_parameter,
@@ -32,17 +33,23 @@ from worker.parallel import (
 )
 
 
+def quant_ops_for(cfg: ModelConfig, ops: KernelOps) -> Optional[KernelOps]:
+    """The kernels a layer multiplies its kept-quantized weights with; None when
+    this model's weights are dense (worker/loader.py decides)."""
+    return ops if cfg.quantization is not None else None
+
+
 class RowParallelLinearWithBias(RowParallelLinear):
     """RowParallelLinear plus a replicated bias. Rank 0 alone adds it to its
     partial sum, so the all-reduce counts it once; on one rank this is exactly
     nn.Linear's fused bias-add."""
 
-    def __init__(self, out_features: int, in_slice: tuple[int, int, int], tp: TPGroup, dtype, device):
-        super().__init__(out_features, in_slice, tp, dtype, device)
+    def __init__(self, out_features: int, in_slice: tuple[int, int, int], tp: TPGroup, dtype, device, quant_ops=None):
+        super().__init__(out_features, in_slice, tp, dtype, device, quant_ops)
         self.bias = empty_parameter(out_features, dtype=dtype, device=device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.tp.all_reduce(F.linear(x, self.weight, self.bias if self.tp.rank == 0 else None))
+        return self.tp.all_reduce(self.matmul(x, self.bias if self.tp.rank == 0 else None))
 
     def load(self, part: int, kind: str, tensor: torch.Tensor) -> None:
         if kind != "bias":
@@ -62,16 +69,22 @@ class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, ops: KernelOps, tp: TPGroup, dtype, device):
         super().__init__()
         self.ops = ops
+        quant_ops = quant_ops_for(cfg, ops)
         heads = head_partition(cfg.num_q_heads, cfg.num_kv_heads, tp)
         self.hq, self.hkv, self.d = heads.num_q, heads.num_kv, cfg.head_dim  # this rank's heads
         self.qkv_sizes = (self.hq * self.d, self.hkv * self.d, self.hkv * self.d)
         d, q_rows, kv_rows = self.d, cfg.num_q_heads * self.d, cfg.num_kv_heads * self.d
         kv_part = (kv_rows, heads.kv_start * d, self.hkv * d)
         self.qkv_proj = ColumnParallelLinear(
-            [(q_rows, heads.q_start * d, self.hq * d), kv_part, kv_part], cfg.hidden_size, cfg.qkv_bias, dtype, device
+            [(q_rows, heads.q_start * d, self.hq * d), kv_part, kv_part],
+            cfg.hidden_size,
+            cfg.qkv_bias,
+            dtype,
+            device,
+            quant_ops,
         )
         o_proj = RowParallelLinearWithBias if cfg.o_bias else RowParallelLinear
-        self.o_proj = o_proj(cfg.hidden_size, (q_rows, heads.q_start * d, self.hq * d), tp, dtype, device)
+        self.o_proj = o_proj(cfg.hidden_size, (q_rows, heads.q_start * d, self.hq * d), tp, dtype, device, quant_ops)
         self.scale = self.d**-0.5
         self.sliding_window = cfg.sliding_window
 
@@ -102,8 +115,9 @@ class GatedMLP(nn.Module):
         super().__init__()
         self.act_and_mul = {"silu": ops.silu_and_mul, "gelu_pytorch_tanh": ops.gelu_tanh_and_mul}[cfg.hidden_act]
         inter = (cfg.intermediate_size, *split_range(cfg.intermediate_size, tp.world_size, tp.rank))
-        self.gate_up_proj = ColumnParallelLinear([inter, inter], cfg.hidden_size, False, dtype, device)
-        self.down_proj = RowParallelLinear(cfg.hidden_size, inter, tp, dtype, device)
+        quant_ops = quant_ops_for(cfg, ops)
+        self.gate_up_proj = ColumnParallelLinear([inter, inter], cfg.hidden_size, False, dtype, device, quant_ops)
+        self.down_proj = RowParallelLinear(cfg.hidden_size, inter, tp, dtype, device, quant_ops)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.act_and_mul(self.gate_up_proj(h)))  # [T, 2I] -> [T, hidden]
@@ -150,10 +164,13 @@ class PagedCausalLM(nn.Module):
     def expected_weight_names(self) -> set[str]:
         """Every Hugging Face tensor name a complete checkpoint must provide."""
         names = set()
-        for name, _ in self.named_parameters():
-            parent, proj, kind = split_hf_name(name)
-            parts = [p for p, (fused, _) in self.RENAMES.items() if fused == proj] or [proj]
-            names.update(".".join(filter(None, (parent, p, kind))) for p in parts)
+        for module_name, module in self.named_modules():
+            kinds = [n for n, _ in module.named_parameters(recurse=False)]
+            kinds += [n for n, child in module.named_children() if isinstance(child, PackedWeight)]
+            for kind in kinds:
+                parent, proj, kind = split_hf_name(f"{module_name}.{kind}")
+                parts = [p for p, (fused, _) in self.RENAMES.items() if fused == proj] or [proj]
+                names.update(".".join(filter(None, (parent, p, kind))) for p in parts)
         return names
 
     def is_ignored_weight(self, name: str) -> bool:
@@ -173,7 +190,7 @@ class PagedCausalLM(nn.Module):
         module_name, renamed_part = self.RENAMES.get(proj, (proj, 0))
         try:
             module = self.get_submodule(f"{parent}.{module_name}" if parent else module_name)
-            if not isinstance(getattr(module, kind), nn.Parameter):
+            if not isinstance(getattr(module, kind), (nn.Parameter, PackedWeight)):
                 raise AttributeError(kind)
         except AttributeError:
             raise KeyError(f"checkpoint tensor {name!r} has no place in {type(self).__name__}") from None
@@ -181,6 +198,8 @@ class PagedCausalLM(nn.Module):
             if hasattr(module, "load"):
                 module.load(renamed_part if part is None else part, kind, tensor)
             else:
+                if isinstance(tensor, QuantizedTensor):  # a replicated tensor (norm) is kept dense
+                    tensor = tensor.dequantize()
                 dst = getattr(module, kind).data
                 if dst.shape != tensor.shape:
                     raise ValueError(f"checkpoint shape {tuple(tensor.shape)}, model expects {tuple(dst.shape)}")

@@ -26,8 +26,9 @@ from torch import nn
 
 from kernels.interface import KernelOps
 from kernels.metadata import AttentionMetadata
+from kernels.quant import QuantizedTensor
 from worker.config import ModelConfig
-from worker.models.common import Attention, PagedCausalLM, RowParallelLinearWithBias, split_hf_name
+from worker.models.common import Attention, PagedCausalLM, RowParallelLinearWithBias, quant_ops_for, split_hf_name
 from worker.parallel import ColumnParallelLinear, TPGroup, VocabParallelEmbedding, empty_parameter, split_range
 
 
@@ -48,8 +49,9 @@ class _MLP(nn.Module):
         self.ops = ops
         self.approximate = "tanh" if cfg.hidden_act == "gelu_pytorch_tanh" else "none"
         inter = (cfg.intermediate_size, *split_range(cfg.intermediate_size, tp.world_size, tp.rank))
-        self.dense_h_to_4h = ColumnParallelLinear([inter], cfg.hidden_size, True, dtype, device)
-        self.dense_4h_to_h = RowParallelLinearWithBias(cfg.hidden_size, inter, tp, dtype, device)
+        quant_ops = quant_ops_for(cfg, ops)
+        self.dense_h_to_4h = ColumnParallelLinear([inter], cfg.hidden_size, True, dtype, device, quant_ops)
+        self.dense_4h_to_h = RowParallelLinearWithBias(cfg.hidden_size, inter, tp, dtype, device, quant_ops)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         return self.dense_4h_to_h(self.ops.gelu(self.dense_h_to_4h(h), self.approximate))
@@ -76,7 +78,9 @@ class _Layer(nn.Module):
 class _NeoXModel(nn.Module):
     def __init__(self, cfg: ModelConfig, ops: KernelOps, tp: TPGroup, dtype, device):
         super().__init__()
-        self.embed_in = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, tp, dtype, device)
+        self.embed_in = VocabParallelEmbedding(
+            cfg.vocab_size, cfg.hidden_size, tp, dtype, device, quant_ops_for(cfg, ops)
+        )
         self.layers = nn.ModuleList(_Layer(cfg, ops, tp, dtype, device) for _ in range(cfg.num_layers))
         self.final_layer_norm = _LayerNorm(cfg, ops, dtype, device)
 
@@ -102,7 +106,9 @@ class GPTNeoXForCausalLM(PagedCausalLM):
         super().__init__(config, device, ops, tp)
         self.gpt_neox = _NeoXModel(config, self.ops, self.tp, dtype, device)
         if not config.tie_word_embeddings:
-            self.embed_out = VocabParallelEmbedding(config.vocab_size, config.hidden_size, self.tp, dtype, device)
+            self.embed_out = VocabParallelEmbedding(
+                config.vocab_size, config.hidden_size, self.tp, dtype, device, quant_ops_for(config, self.ops)
+            )
 
     def forward(
         self,
@@ -133,5 +139,9 @@ class GPTNeoXForCausalLM(PagedCausalLM):
         if tensor.shape[0] != 3 * heads * d:
             raise ValueError(f"{name}: checkpoint shape {tuple(tensor.shape)}, model expects {3 * heads * d} rows")
         # Rows [heads, 3, d] -> three [heads * d] blocks q, k, v.
-        for part, rows in enumerate(tensor.unflatten(0, (heads, 3, d)).unbind(1)):
-            self.place(name, rows.flatten(0, 1), part)
+        for part in range(3):
+
+            def rows(t: torch.Tensor, part=part) -> torch.Tensor:
+                return t.unflatten(0, (heads, 3, d))[:, part].flatten(0, 1)
+
+            self.place(name, tensor.map_rows(rows) if isinstance(tensor, QuantizedTensor) else rows(tensor), part)

@@ -26,7 +26,7 @@ from torch import nn
 from kernels.interface import KernelOps
 from kernels.metadata import AttentionMetadata
 from worker.config import ModelConfig
-from worker.models.common import Attention, GatedMLP, PagedCausalLM
+from worker.models.common import Attention, GatedMLP, PagedCausalLM, quant_ops_for
 from worker.parallel import TPGroup, VocabParallelEmbedding, empty_parameter
 
 # Hugging Face projection -> (folio's fused projection, index of its row block).
@@ -65,7 +65,9 @@ class _DecoderLayer(nn.Module):
 class _LlamaModel(nn.Module):
     def __init__(self, cfg: ModelConfig, ops: KernelOps, tp: TPGroup, dtype, device):
         super().__init__()
-        self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, tp, dtype, device)
+        self.embed_tokens = VocabParallelEmbedding(
+            cfg.vocab_size, cfg.hidden_size, tp, dtype, device, quant_ops_for(cfg, ops)
+        )
         self.layers = nn.ModuleList(_DecoderLayer(cfg, ops, tp, dtype, device) for _ in range(cfg.num_layers))
         self.norm = _RMSNorm(cfg.hidden_size, dtype, device)
 
@@ -92,7 +94,9 @@ class LlamaForCausalLM(PagedCausalLM):
         super().__init__(config, device, ops, tp)
         self.model = _LlamaModel(config, self.ops, self.tp, dtype, device)
         if not config.tie_word_embeddings:
-            self.lm_head = VocabParallelEmbedding(config.vocab_size, config.hidden_size, self.tp, dtype, device)
+            self.lm_head = VocabParallelEmbedding(
+                config.vocab_size, config.hidden_size, self.tp, dtype, device, quant_ops_for(config, self.ops)
+            )
         # transformers multiplies by the multiplier cast to the model's dtype first
         # (Gemma's sqrt(3072) becomes 55.5 in bf16), so folio does too.
         self.register_buffer(

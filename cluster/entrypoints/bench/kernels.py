@@ -1,4 +1,5 @@
-"""The body of `folio bench kernels`: paged attention against contiguous SDPA.
+"""The body of `folio bench kernels`: paged attention against contiguous SDPA,
+and the quantized matmul against dequantize + F.linear.
 
 Decode: batch 1..256 x context 512..32k on a Llama-3-8B attention layer
 (32 query heads, 8 KV heads, head dim 128, bf16, KV blocks of 16 in shuffled
@@ -6,8 +7,13 @@ order). Reported: time, achieved bandwidth (K and V bytes read / time) and
 its fraction of the GPU's peak, and torch scaled_dot_product_attention on the
 same K/V laid out contiguously. Prefill: TFLOP/s of causal attention over
 fresh prompts against SDPA(is_causal), and one chunked-prefill step after a
-long cached prefix (no SDPA equivalent). A short sweep of decode configs
-closes the run, for tuning decode_config on the GPU at hand.
+long cached prefix (no SDPA equivalent). Quantized matmul: the Triton kernel
+(kernels/quant_matmul.py) on 4- and 8-bit weights with groups of 128, on the
+MLP projection shapes of a Llama-3-8B layer, for a decode step, a small batch and
+a prefill chunk, against the reference path (dequantize the weight, then
+F.linear) and against a dense F.linear of the same shape; reported with the
+weight bytes read per second (the bound at decode) and TFLOP/s. A short sweep
+of decode configs closes the run, for tuning decode_config on the GPU at hand.
 
 Times are device times of CUDA-graph replays (triton.testing.do_bench_cudagraph),
 which is how the model runner launches decode: launch overhead is excluded.
@@ -29,6 +35,8 @@ import torch.nn.functional as F
 from kernels.metadata import AttentionMetadata
 from kernels.paged_decode import DecodeConfig, decode_config, num_splits_for, paged_decode_attention
 from kernels.paged_prefill import paged_prefill_attention
+from kernels.quant import QuantizedTensor, QuantizedWeight, dequantized_linear
+from kernels.quant_matmul import quantized_linear
 
 PEAK_TBPS = (("H200", 4.8), ("H100 PCIe", 2.0), ("H100", 3.35))  # first match in the device name wins
 HQ, HKV, HEAD_DIM, BLOCK = 32, 8, 128, 16
@@ -38,6 +46,10 @@ DECODE_CONTEXTS = (512, 2048, 8192, 32768)
 MAX_DECODE_TOKENS = 1 << 21  # batch x context cap: pool + contiguous copy stay under ~25 GB
 PREFILL_CASES = ((1, 2048), (1, 8192), (4, 4096), (1, 16384))  # (batch, prompt length)
 CHUNK_CASE = (2048, 14336)  # (chunk length, cached prefix)
+QUANT_SHAPES = ((28672, 4096), (4096, 14336))  # (N, K): gate_up (wide), down (long K, few N tiles)
+QUANT_TOKENS = (1, 16, 2048)
+QUANT_BITS = (4, 8)
+QUANT_GROUP = 128
 SWEEP_SHAPES = ((1, 32768), (64, 8192))  # (batch, context) of the decode config sweep
 SWEEP = (
     DecodeConfig(64, 4, 3),
@@ -203,6 +215,48 @@ def _prefill_rows(device) -> list[dict]:
     return rows
 
 
+def _quant_weight(n: int, k: int, bits: int, device) -> QuantizedWeight:
+    codes = torch.randint(0, 1 << bits, (n, k), dtype=torch.uint8, device=device)
+    unit = 1.0 / ((1 << (bits - 1)) * k**0.5)  # outputs of order 1, as in a model
+    scale = (torch.rand(n, k // QUANT_GROUP, device=device) + 0.5) * unit
+    zero = torch.randn(n, k // QUANT_GROUP, device=device) * unit
+    return QuantizedWeight(QuantizedTensor(codes, scale, zero, bits, QUANT_GROUP), DTYPE, device)
+
+
+def _quant_rows(device, peak: Optional[float]) -> list[dict]:
+    rows = []
+    for n, k in QUANT_SHAPES:
+        dense = torch.randn(n, k, device=device, dtype=DTYPE)
+        xs = {t: torch.randn(t, k, device=device, dtype=DTYPE) for t in QUANT_TOKENS}
+        dense_ms = {t: _time_ms(functools.partial(F.linear, xs[t], dense)) for t in QUANT_TOKENS}
+        dense = None
+        for bits in QUANT_BITS:
+            w = _quant_weight(n, k, bits, device)
+            weight_bytes = sum(b.numel() * b.element_size() for b in (w.codes, w.scale, w.zero))
+            for t in QUANT_TOKENS:
+                ms = _time_ms(functools.partial(quantized_linear, xs[t], w))
+                gbps = weight_bytes / ms / 1e6
+                deq_ms = _time_ms(functools.partial(dequantized_linear, xs[t], w))
+                rows.append(
+                    dict(
+                        kind=f"quant-w{bits}",
+                        tokens=t,
+                        shape=f"{n}x{k}",
+                        ms=ms,
+                        gbps=gbps,
+                        peak_frac=gbps / (peak * 1e3) if peak else None,
+                        tflops=2 * t * n * k / ms / 1e9,
+                        dequant_ms=deq_ms,
+                        time_vs_dequant=ms / deq_ms,
+                        dense_ms=dense_ms[t],
+                        time_vs_dense=ms / dense_ms[t],
+                    )
+                )
+                print(_format(rows[-1]), flush=True)
+            w = None
+    return rows
+
+
 def _sweep_rows(device, peak: Optional[float]) -> list[dict]:
     rows = []
     scale = HEAD_DIM**-0.5
@@ -229,7 +283,18 @@ def _sweep_rows(device, peak: Optional[float]) -> list[dict]:
     return rows
 
 
+def _format_quant(r: dict) -> str:
+    head = f"{r['kind']:<15} tokens {r['tokens']:>4} {r['shape']:>10}  {r['ms'] * 1e3:9.1f} us"
+    head += f"  {r['gbps']:7.0f} GB/s"
+    head += f" ({r['peak_frac']:5.1%} of peak)" if r.get("peak_frac") is not None else ""
+    head += f"  {r['tflops']:6.1f} TFLOP/s"
+    head += f" | dequant+linear {r['dequant_ms'] * 1e3:9.1f} us  ours/that {r['time_vs_dequant']:5.2f}"
+    return head + f" | dense {r['dense_ms'] * 1e3:9.1f} us  ours/dense {r['time_vs_dense']:5.2f}"
+
+
 def _format(r: dict) -> str:
+    if r["kind"].startswith("quant"):
+        return _format_quant(r)
     head = f"{r['kind']:<15} batch {r['batch']:>3} ctx {r['context']:>6}  {r['ms'] * 1e3:9.1f} us"
     if "gbps" in r:
         head += f"  {r['gbps']:7.0f} GB/s"
@@ -261,7 +326,10 @@ def run_kernel_bench(out_dir: Optional[str] = None, peak_tbps: Optional[float] =
     )
     with torch.inference_mode():
         rows = (
-            _decode_rows(device, peak, props.multi_processor_count) + _prefill_rows(device) + _sweep_rows(device, peak)
+            _decode_rows(device, peak, props.multi_processor_count)
+            + _prefill_rows(device)
+            + _quant_rows(device, peak)
+            + _sweep_rows(device, peak)
         )
     for r in rows:
         r.update(device=props.name, peak_tbps=peak)
@@ -274,7 +342,7 @@ def run_kernel_bench(out_dir: Optional[str] = None, peak_tbps: Optional[float] =
     return rows
 
 
-HELP = "Triton paged attention against SDPA (needs a GPU)"
+HELP = "Triton paged attention against SDPA, quantized matmul against dequantize+linear (needs a GPU)"
 
 
 def add_cli_args(p: argparse.ArgumentParser) -> None:

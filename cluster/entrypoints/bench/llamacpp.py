@@ -39,8 +39,9 @@ import httpx
 
 from cluster.entrypoints.bench.serve import run_load, summarize
 from cluster.entrypoints.bench.workload import chat_like
-from cluster.entrypoints.options import build_config
+from cluster.entrypoints.options import add_config_args, build_config
 from cluster.entrypoints.serve import ServeConfig, serve_in_background  # needs Ray: no command without it
+from protos.config import WorkerConfig
 
 LLAMA_CPP_PYTHON = "llama-cpp-python==0.3.36"  # its sdist carries llama.cpp's source (vendor/llama.cpp)
 
@@ -180,6 +181,8 @@ def add_cli_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=os.cpu_count() or 2, help="llama-server's threads")
     p.add_argument("--json", default=None, help="also write the results here")
+    # How folio holds the weights: dense fp32 by default, or kept quantized in bf16 (as llama-server keeps them).
+    add_config_args(p, WorkerConfig, names=("dtype", "quantization"))
 
 
 def main(args: argparse.Namespace) -> dict:
@@ -204,7 +207,14 @@ def main(args: argparse.Namespace) -> dict:
         ray.init(_node_ip_address="127.0.0.1", include_dashboard=False)
     # llama-server splits its context evenly among its slots: each must hold the longest request.
     with llama_server(binary, model, slots, args.threads, slots * (longest + 16)) as peer_url:
-        cfg = build_config(ServeConfig, model=model, port=0, max_num_seqs=max(slots, 1))
+        cfg = build_config(
+            ServeConfig,
+            model=model,
+            port=0,
+            max_num_seqs=max(slots, 1),
+            dtype=args.dtype,
+            quantization=args.quantization,
+        )
         with serve_in_background(cfg) as folio:
             rows = compare(
                 {"folio": folio.base_url + "/v1", "llama_server": peer_url},
@@ -218,7 +228,8 @@ def main(args: argparse.Namespace) -> dict:
         row["ratio"] = row["folio_tok_s"] / row["llama_server_tok_s"]
         c, ours, theirs = row["concurrency"], row["folio_tok_s"], row["llama_server_tok_s"]
         print(f"{c:11d} {ours:12.1f} {theirs:13.1f} {row['ratio']:20.2f}x")
-    result = {"model": model, "llama_server": binary, "rows": rows}
+    result = {"model": model, "dtype": args.dtype, "quantization": args.quantization, "llama_server": binary}
+    result["rows"] = rows
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)

@@ -58,14 +58,20 @@ def run_folio(options: dict, reqs: list[SyntheticRequest], where: Placement) -> 
     elapsed = time.perf_counter() - t0
     tokens = sum(len(res.outputs[0].token_ids) for res in results)
     assert tokens == sum(r.output_len for r in reqs), "folio produced the wrong number of tokens"
+    model = llm.worker.model
     return {
-        "name": "folio",
+        "name": f"folio ({llm.worker.model_config.quantization or 'dense'} weights)",
         "output_tokens": tokens,
         "seconds": elapsed,
         "tokens_per_s": tokens / elapsed,
         **_peak_memory(where.device),
+        "weights_mib": _tensor_bytes(list(model.parameters()) + list(model.buffers())) / 2**20,
         "preemptions": llm.scheduler.num_preemptions,
     }
+
+
+def _tensor_bytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 
 def run_hf(model: str | None, reqs: list[SyntheticRequest], where: Placement, batch_size: int) -> dict:
@@ -161,7 +167,7 @@ def main(args: argparse.Namespace) -> dict:
     )
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, {platform.platform()}, {_device_name(where)}")
     mem = "peak GPU MiB" if where.device == "cuda" else "peak RSS MiB"
-    print(f"{'engine':52s} {'out tok/s':>10s} {'seconds':>9s} {mem:>13s}")
+    print(f"{'engine':52s} {'out tok/s':>10s} {'seconds':>9s} {mem:>13s} {'weights MiB':>12s}")
     sides = [(run_folio, options, reqs, where)]
     if not args.skip_baseline:
         sides.append((run_hf, args.model, reqs, where, args.baseline_batch_size))
@@ -169,7 +175,8 @@ def main(args: argparse.Namespace) -> dict:
     for fn, *fn_args in sides:
         r = _in_subprocess(fn, *fn_args)
         peak = r["peak_gpu_mib"] if where.device == "cuda" else r["peak_rss_mib"]
-        print(f"{r['name']:52s} {r['tokens_per_s']:10.1f} {r['seconds']:9.1f} {peak:13.0f}", flush=True)
+        weights = f"{r['weights_mib']:12.0f}" if "weights_mib" in r else f"{'':12s}"
+        print(f"{r['name']:52s} {r['tokens_per_s']:10.1f} {r['seconds']:9.1f} {peak:13.0f} {weights}", flush=True)
         rows.append(r)
     result = {"rows": rows, "device": _device_name(where), "dtype": where.dtype}
     if len(rows) == 2:

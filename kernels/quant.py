@@ -1,0 +1,261 @@
+"""Group-quantized weights: the one form every quantization scheme decodes to.
+
+Every scheme folio reads (GGUF's Q4_0/Q4_1/Q5_0/Q5_1/Q8_0 and K-quants, GPTQ,
+AWQ, compressed-tensors) is, per output row n and per group of `group`
+consecutive input features k,
+
+    w[n, k] = (q[n, k] - 2**(bits - 1)) * scale[n, k // group] + zero[n, k // group]
+
+with integer codes q in [0, 2**bits). The centring on 2**(bits - 1) is torch's
+int4pack convention (w = (q - 8) * scale + zero), so 4-bit weights reach
+torch's CPU kernel as they are; symmetric schemes have zero = 0.
+
+GPTQ's act-order (desc_act) puts input features into groups out of order. Its
+decoder sorts the columns by group and records `perm`: column j of the codes
+belongs to input feature perm[j], so a matmul reads x[:, perm].
+
+Two forms:
+- QuantizedTensor, on the host while loading: codes one per byte, so a
+  tensor-parallel rank can cut its rows or columns before anything is packed;
+- QuantizedWeight, on the device: 4-bit codes two per byte (low nibble = even
+  column), scale and zero in the compute dtype and, on CPU in bfloat16, torch's
+  own packed int4 form (_weight_int4pack_mm_for_cpu), whose bytes depend on the
+  CPU's instruction set and so are made at load, never stored.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# Group sizes torch's CPU int4 kernel takes.
+INT4PACK_GROUPS = (32, 64, 128, 256)
+
+
+@dataclass
+class QuantizedTensor:
+    codes: torch.Tensor  # uint8 [N, K]
+    scale: torch.Tensor  # fp32 [N, K // group]
+    zero: torch.Tensor  # fp32 [N, K // group]
+    bits: int
+    group: int
+    perm: Optional[torch.Tensor] = None  # int64 [K]: column j holds input feature perm[j]
+
+    def __post_init__(self):
+        n, k = self.codes.shape
+        if not 2 <= self.bits <= 8 or self.codes.dtype != torch.uint8:
+            raise ValueError(f"codes must be uint8 of 2 to 8 bits, got {self.codes.dtype} of {self.bits}")
+        if self.group <= 0 or k % self.group:
+            raise ValueError(f"group {self.group} does not divide {k} input features")
+        for name in ("scale", "zero"):
+            if getattr(self, name).shape != (n, k // self.group):
+                raise ValueError(f"{name} must be [{n}, {k // self.group}], got {tuple(getattr(self, name).shape)}")
+        if self.perm is not None and self.perm.shape != (k,):
+            raise ValueError(f"perm must have {k} entries, got {tuple(self.perm.shape)}")
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.codes.shape)
+
+    def dequantize(self) -> torch.Tensor:
+        """fp32 [N, K], columns in input-feature order."""
+        return _dequantize(self.codes, self.scale.float(), self.zero.float(), self.bits, self.perm)
+
+    def rows(self, start: int, length: int) -> "QuantizedTensor":
+        return QuantizedTensor(
+            self.codes[start : start + length],
+            self.scale[start : start + length],
+            self.zero[start : start + length],
+            self.bits,
+            self.group,
+            self.perm,
+        )
+
+    def columns(self, start: int, length: int) -> "QuantizedTensor":
+        """Input features [start, start + length): a row-parallel rank's slice.
+
+        Refused when it would cut a quantization group: that rank would need a
+        scale it shares with another rank.
+        """
+        n, k = self.shape
+        if self.perm is None:
+            if start % self.group or length % self.group:
+                raise ValueError(
+                    f"a tensor-parallel split at input features [{start}, {start + length}) of {k} "
+                    f"cuts quantization groups of {self.group}; choose a tensor-parallel size "
+                    f"that splits the features at multiples of {self.group}"
+                )
+            g0, ng = start // self.group, length // self.group
+            return QuantizedTensor(
+                self.codes[:, start : start + length],
+                self.scale[:, g0 : g0 + ng],
+                self.zero[:, g0 : g0 + ng],
+                self.bits,
+                self.group,
+            )
+        # act-order: this rank's features sit anywhere in the sorted columns.
+        mine = (self.perm >= start) & (self.perm < start + length)
+        counts = mine.view(-1, self.group).sum(-1)
+        if ((counts != 0) & (counts != self.group)).any():
+            raise ValueError(
+                "an act-order (desc_act) checkpoint's quantization groups are spread over all input "
+                f"features, so a tensor-parallel split at [{start}, {start + length}) cuts them; "
+                "serve it with tensor-parallel size 1 or use a checkpoint quantized without desc_act"
+            )
+        cols, groups = mine.nonzero().squeeze(1), (counts == self.group).nonzero().squeeze(1)
+        return QuantizedTensor(
+            self.codes[:, cols],
+            self.scale[:, groups],
+            self.zero[:, groups],
+            self.bits,
+            self.group,
+            self.perm[cols] - start,
+        )
+
+    def map_rows(self, fn) -> "QuantizedTensor":
+        """Apply a row reordering (any fn on [N, ...] tensors) to codes, scale and zero."""
+        return QuantizedTensor(fn(self.codes), fn(self.scale), fn(self.zero), self.bits, self.group, self.perm)
+
+    def same_layout(self, other: "QuantizedTensor") -> bool:
+        """Whether other can be stacked under self as more rows of one weight."""
+        same_perm = (self.perm is None and other.perm is None) or (
+            self.perm is not None and other.perm is not None and torch.equal(self.perm, other.perm)
+        )
+        return self.bits == other.bits and self.group == other.group and self.shape[1] == other.shape[1] and same_perm
+
+    @staticmethod
+    def cat_rows(parts: list["QuantizedTensor"]) -> "QuantizedTensor":
+        first = parts[0]
+        if not all(first.same_layout(p) for p in parts):
+            raise ValueError("only tensors of one bit width, group size and column order stack")
+        return QuantizedTensor(
+            torch.cat([p.codes for p in parts]),
+            torch.cat([p.scale for p in parts]),
+            torch.cat([p.zero for p in parts]),
+            first.bits,
+            first.group,
+            first.perm,
+        )
+
+
+def _dequantize(codes, scale, zero, bits: int, perm: Optional[torch.Tensor], dtype=torch.float32) -> torch.Tensor:
+    """[n, K] weights from one-per-byte codes; fp32 math, cast to dtype at the end."""
+    n, k = codes.shape
+    g = k // scale.shape[1]
+    q = codes.view(n, -1, g).float() - float(1 << (bits - 1))
+    w = (q * scale.float().unsqueeze(-1) + zero.float().unsqueeze(-1)).view(n, k).to(dtype)
+    if perm is None:
+        return w
+    out = torch.empty_like(w)
+    out[:, perm] = w
+    return out
+
+
+class QuantizedWeight(nn.Module):
+    """One quantized weight [N, K] on its device, ready for quantized_linear.
+
+    Buffers: codes (uint8, [N, K/2] for 4 bits and [N, K] otherwise), scale and
+    zero ([N, K/group], compute dtype), perm (act-order, else None). On CPU in
+    bfloat16, int4pack/int4pack_sz hold torch's packed form instead of codes
+    (kept too when `gather` rows is needed: an embedding table).
+    """
+
+    def __init__(self, t: QuantizedTensor, dtype: torch.dtype, device, gather: bool = False):
+        super().__init__()
+        self.out_features, self.in_features = t.shape
+        self.bits, self.group, self.dtype = t.bits, t.group, dtype
+        self.register_buffer("perm", None if t.perm is None else t.perm.to(device))
+        self.register_buffer("int4pack", None)
+        self.register_buffer("int4pack_sz", None)
+        self.int4pack_terms = 0
+        if _int4pack_fits(t, dtype, torch.device(device)):
+            self._pack_int4(t)
+        codes = t.codes
+        if t.bits == 4:
+            codes = codes[:, 0::2] | (codes[:, 1::2] << 4)
+        keep_codes = gather or self.int4pack is None
+        self.register_buffer("codes", codes.to(device).contiguous() if keep_codes else None)
+        self.register_buffer("scale", t.scale.to(device=device, dtype=dtype).contiguous())
+        self.register_buffer("zero", t.zero.to(device=device, dtype=dtype).contiguous())
+
+    def unpacked_codes(self, rows: Optional[torch.Tensor | slice] = None) -> torch.Tensor:
+        """uint8 [n, K], one code per byte (all rows, or those rows selects)."""
+        codes = _select_rows(self.codes, rows)
+        if self.bits != 4:
+            return codes
+        return torch.stack((codes & 15, codes >> 4), dim=-1).view(codes.shape[0], -1)
+
+    def dequantize(self, rows: Optional[torch.Tensor | slice] = None) -> torch.Tensor:
+        """[N, K] (or the rows an index tensor or slice selects) in the compute dtype,
+        columns in stored order (apply perm to x, not to this)."""
+        scale, zero = _select_rows(self.scale, rows), _select_rows(self.zero, rows)
+        return _dequantize(self.unpacked_codes(rows), scale, zero, self.bits, None, self.dtype)
+
+    def _pack_int4(self, t: QuantizedTensor) -> None:
+        """torch's CPU int4 form. Codes of up to 4 bits are one term; wider codes
+        q = 16h + l are two 4-bit terms over the same x, stacked along K so that
+        one kernel call computes both:
+            (q - mid) s + z = (h' - 8) 16s + [(l - 8) s + 8s + z],  h' = h + 8 - mid/16
+        h' keeps the high term centred where its codes are (a constant term
+        instead would cancel in bfloat16)."""
+        mid = float(1 << (t.bits - 1))
+        scale, zero = t.scale.float(), t.zero.float()
+        if t.bits <= 4:
+            terms = [(t.codes, scale, (8.0 - mid) * scale + zero)]
+        else:
+            high = (t.codes >> 4) + (8 - (1 << (t.bits - 5)))
+            terms = [(high, 16.0 * scale, torch.zeros_like(zero)), (t.codes & 15, scale, 8.0 * scale + zero)]
+        codes = torch.cat([c for c, _, _ in terms], dim=1).to(torch.int32)
+        sz = torch.stack([torch.cat([s for _, s, _ in terms], 1), torch.cat([z for _, _, z in terms], 1)], dim=-1)
+        self.int4pack = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.contiguous(), 1)
+        self.int4pack_sz = sz.transpose(0, 1).contiguous().to(self.dtype)  # [K'/group, N, 2]
+        self.int4pack_terms = len(terms)
+
+    def int4pack_matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """x [T, K] (columns already in stored order) -> [T, N] through torch's CPU kernel."""
+        x = x.to(self.dtype)
+        if self.int4pack_terms > 1:
+            x = torch.cat([x] * self.int4pack_terms, dim=-1)
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(x.contiguous(), self.int4pack, self.group, self.int4pack_sz)
+
+    def extra_repr(self) -> str:
+        kernel = "int4pack" if self.int4pack is not None else "dequantize"
+        return f"{self.out_features}x{self.in_features}, {self.bits} bits, group {self.group}, {kernel}"
+
+
+def _int4pack_fits(t: QuantizedTensor, dtype: torch.dtype, device: torch.device) -> bool:
+    """torch's CPU int4 kernel is vectorised for bfloat16 only (fp32 and fp16 take a
+    scalar loop 15-100x slower than a dense matmul), and wants 16-row multiples."""
+    return device.type == "cpu" and dtype == torch.bfloat16 and t.group in INT4PACK_GROUPS and t.shape[0] % 16 == 0
+
+
+def _select_rows(t: torch.Tensor, rows: Optional[torch.Tensor | slice]) -> torch.Tensor:
+    if rows is None:
+        return t
+    return t[rows] if isinstance(rows, slice) else t.index_select(0, rows)
+
+
+# Weight elements dequantized at a time: the slice stays in a core's L2 cache
+# while it is multiplied, and the transient stays small (an LM head of 49152 x
+# 576 would be 113 MB in fp32 at once).
+DEQUANTIZE_CHUNK = 1 << 18
+
+
+def dequantized_linear(x: torch.Tensor, w: QuantizedWeight, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The reference: x [T, K] @ dequantize(w)^T (+ bias), in the weight's dtype,
+    dequantizing a slice of rows at a time."""
+    if w.perm is not None:
+        x = x.index_select(-1, w.perm)
+    x = x.to(w.dtype)
+    step = max(16, DEQUANTIZE_CHUNK // w.in_features)
+    if step >= w.out_features:
+        return F.linear(x, w.dequantize(), bias)
+    parts = []
+    for r in range(0, w.out_features, step):
+        rows = slice(r, r + step)
+        parts.append(F.linear(x, w.dequantize(rows), None if bias is None else bias[rows]))
+    return torch.cat(parts, dim=-1)

@@ -1,0 +1,238 @@
+"""Weights kept quantized: GGUF blocks decoded without dequantizing, the one
+group-quantized form (kernels/quant.py), its CPU matmuls, tensor-parallel cuts,
+and whole models that keep their weights quantized.
+
+The references are independent of folio's decoding: gguf-py's own
+dequantizers for the block layouts, an fp64 matmul of the dequantized weight
+for the kernels, and folio's dense path (itself checked against transformers
+in test_models.py) for whole models.
+"""
+
+from __future__ import annotations
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from gguf.quants import dequantize
+
+from kernels.quant import QuantizedTensor, QuantizedWeight, dequantized_linear
+from kernels.reference import quantized_linear
+from tests.model_fixtures import make_tiny_quantized_gguf, random_gguf_blocks, smollm2_path
+from tests.worker.test_models import _Pool, _Seq
+from worker.gguf_quant import KEPT_QUANTIZED, quantized_tensor
+from worker.loader import keep_quantized, load_model
+from worker.parallel import PackedWeight, TPGroup
+
+# ------------------------------------------------------------------ GGUF blocks
+
+
+@pytest.mark.parametrize("qtype", KEPT_QUANTIZED)
+def test_gguf_blocks_decode_to_gguf_py_values(qtype):
+    """Every code, scale and zero lands where gguf-py's dequantizer puts it: the
+    32-wide types to the bit, K-quants (whose scale and min combine in another
+    order) to fp32 rounding."""
+    t = gguf.GGMLQuantizationType[qtype]
+    rows, cols = 24, 512
+    blocks = random_gguf_blocks(t, rows, cols, np.random.default_rng(len(qtype)))
+    want = torch.from_numpy(dequantize(blocks, t).reshape(rows, cols).astype(np.float32))
+    got = quantized_tensor(blocks, t, rows, cols)
+    assert got.shape == (rows, cols) and int(got.codes.max()) < (1 << got.bits)
+    if qtype.endswith("_K"):
+        torch.testing.assert_close(got.dequantize(), want, rtol=0, atol=want.abs().max().item() * 2**-22)
+    else:
+        assert torch.equal(got.dequantize(), want)
+
+
+def test_gguf_blocks_of_the_wrong_size_are_refused():
+    t = gguf.GGMLQuantizationType.Q4_K
+    blocks = random_gguf_blocks(t, 4, 256, np.random.default_rng(0))
+    with pytest.raises(ValueError, match="not \\[4, 512\\]"):
+        quantized_tensor(blocks, t, 4, 512)
+    assert quantized_tensor(blocks, gguf.GGMLQuantizationType.Q2_K, 4, 256) is None  # left to dequantize
+
+
+# ------------------------------------------------------------------ the form and its matmul
+
+
+def _random(bits: int, group: int, n: int = 64, k: int = 256, perm: bool = False, seed: int = 0) -> QuantizedTensor:
+    g = torch.Generator().manual_seed(seed)
+    return QuantizedTensor(
+        torch.randint(0, 1 << bits, (n, k), generator=g).to(torch.uint8),
+        torch.rand(n, k // group, generator=g) * 0.02,
+        torch.randn(n, k // group, generator=g) * 0.02,
+        bits,
+        group,
+        torch.randperm(k, generator=g) if perm else None,
+    )
+
+
+@pytest.mark.parametrize("bits,group", [(4, 32), (4, 128), (8, 32), (6, 16), (5, 64), (3, 32), (2, 256)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 7, 40])
+def test_quantized_linear_matches_fp64_of_the_dequantized_weight(bits, group, dtype, rows):
+    t = _random(bits, group, perm=bits == 4 and group == 128)
+    w = QuantizedWeight(t, dtype, "cpu")
+    # bf16 on CPU goes through torch's int4 kernel wherever the group fits it;
+    # wider codes as two 4-bit terms, which must still centre each term.
+    assert (w.int4pack is not None) == (dtype == torch.bfloat16 and group >= 32)
+    x = torch.randn(rows, 256)
+    bias = torch.randn(64)
+    want = x.double() @ t.dequantize().double().T + bias.double()
+    got = quantized_linear(x.to(dtype), w, bias.to(dtype)).double()
+    tol = 1e-6 if dtype == torch.float32 else 1e-2
+    assert (got - want).abs().max() <= tol * want.abs().max()
+
+
+def test_embedding_rows_dequantize_exactly():
+    t = _random(8, 32)
+    w = QuantizedWeight(t, torch.float32, "cpu", gather=True)
+    ids = torch.tensor([5, 0, 63, 5])
+    assert torch.equal(w.dequantize(ids), t.dequantize()[ids])
+
+
+def test_tensor_parallel_column_cuts_keep_whole_groups():
+    t = _random(4, 32)
+    right = t.columns(128, 128)
+    assert torch.equal(right.dequantize(), t.dequantize()[:, 128:])
+    with pytest.raises(ValueError, match="cuts quantization groups of 32"):
+        t.columns(0, 112)
+
+
+def test_act_order_columns_follow_their_permutation():
+    t = _random(4, 32, perm=True)
+    x = torch.randn(3, 256)
+    w = QuantizedWeight(t, torch.float32, "cpu")
+    torch.testing.assert_close(dequantized_linear(x, w), x @ t.dequantize().T, rtol=0, atol=1e-5)
+    # Groups spread over all features cannot be cut by a row-parallel split...
+    with pytest.raises(ValueError, match="desc_act"):
+        t.columns(0, 128)
+    # ...unless the permutation keeps each half's groups inside it.
+    halves = torch.cat([torch.randperm(128), 128 + torch.randperm(128)])
+    t = QuantizedTensor(t.codes, t.scale, t.zero, 4, 32, halves)
+    assert torch.equal(t.columns(128, 128).dequantize(), t.dequantize()[:, 128:])
+
+
+def test_parts_of_different_layouts_get_their_own_matmuls():
+    """A fused q/k/v whose v is 6-bit in groups of 16 beside 4-bit q/k: two runs."""
+    from kernels.interface import REFERENCE_OPS
+
+    parts = [_random(4, 32, n=32, seed=1), _random(4, 32, n=16, seed=2), _random(6, 16, n=16, seed=3)]
+    packed = PackedWeight(3, REFERENCE_OPS, torch.float32, "cpu")
+    for i, p in enumerate(parts):
+        packed.put(i, p)
+    assert [r.bits for r in packed.runs] == [4, 6] and [r.out_features for r in packed.runs] == [48, 16]
+    x = torch.randn(5, 256)
+    want = x @ torch.cat([p.dequantize() for p in parts]).T
+    torch.testing.assert_close(packed(x), want, rtol=0, atol=1e-5)
+
+
+# ------------------------------------------------------------------ the decision
+
+
+def test_keep_quantized_decides_by_device_dtype_and_request():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert keep_quantized("auto", "gguf", cpu, torch.float32) is None  # no fast exact fp32 kernel
+    assert keep_quantized("auto", "gguf", cpu, torch.bfloat16) == "gguf"
+    assert keep_quantized("auto", "gptq", cuda, torch.float16) == "gptq"
+    assert keep_quantized("gguf", "gguf", cpu, torch.float32) == "gguf"  # asked for: low memory, exact
+    assert keep_quantized("none", "awq", cuda, torch.float16) is None
+    assert keep_quantized("auto", None, cpu, torch.float32) is None
+    with pytest.raises(ValueError, match="the checkpoint is gguf"):
+        keep_quantized("gptq", "gguf", cpu, torch.float32)
+    with pytest.raises(ValueError, match="not quantized"):
+        keep_quantized("awq", None, cpu, torch.float32)
+    with pytest.raises(ValueError, match="quantization must be one of"):
+        keep_quantized("int3", "gguf", cpu, torch.float32)
+
+
+# ------------------------------------------------------------------ whole models
+
+
+def _bytes(model: torch.nn.Module) -> int:
+    tensors = list(model.parameters()) + [b for b in model.buffers() if b is not None]
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+@pytest.fixture(scope="module")
+def smollm2_dense():
+    return load_model(smollm2_path(), dtype=torch.float32, quantization="none")
+
+
+@pytest.mark.slow
+def test_smollm2_kept_quantized_in_fp32_computes_the_dense_model(smollm2_dense):
+    """Q4_1 layers and the Q8_0 tied embedding kept quantized, computed in fp32 by
+    dequantizing each layer as it runs: the dense model's logits (the weights are
+    bit-identical), in under a quarter of its memory."""
+    dense, cfg = smollm2_dense
+    model, qcfg = load_model(smollm2_path(), dtype=torch.float32, quantization="gguf")
+    assert qcfg.quantization == "gguf" and cfg.quantization is None
+    assert _bytes(dense) / _bytes(model) > 4.0
+    tokens = torch.randint(3, cfg.vocab_size, (21,), generator=torch.Generator().manual_seed(0))
+    (want,) = _Pool(cfg).step(dense, [(_Seq(tokens), 21)])
+    seq, pool = _Seq(tokens), _Pool(cfg)
+    got = torch.cat([pool.step(model, [(seq, n)])[0] for n in (13, 1, 7)])
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
+    assert torch.equal(got.argmax(-1), want.argmax(-1))
+
+
+@pytest.mark.slow
+def test_smollm2_kept_quantized_in_bf16_is_as_close_to_fp32_as_dense_bf16(smollm2_dense):
+    """torch's int4 kernel on bf16 activations, bf16 scales: on real text its
+    next-token logprobs stray from the fp32 model's no more than 1.5x as far as
+    the dense bf16 model's do, and it keeps more than 3x less memory."""
+    dense, cfg = smollm2_dense
+    from worker.loader import load_tokenizer
+
+    text = (
+        "The history of the city begins with a small settlement by the river, where traders met "
+        "to exchange grain, salt and cloth. Over the centuries the market grew into a town"
+    )
+    tokens = torch.tensor(load_tokenizer(smollm2_path()).encode(text))
+    (truth,) = _Pool(cfg).step(dense, [(_Seq(tokens), len(tokens))])
+    truth = truth.log_softmax(-1)
+    errors = {}
+    for q in ("gguf", "none"):
+        model, _ = load_model(smollm2_path(), dtype=torch.bfloat16, quantization=q)
+        (out,) = _Pool(cfg, dtype=torch.bfloat16).step(model, [(_Seq(tokens), len(tokens))])
+        out = out.float().log_softmax(-1)
+        top = truth.argmax(-1, keepdim=True)
+        errors[q] = (out.gather(1, top) - truth.gather(1, top)).abs().mean().item()
+        assert (out.argmax(-1) == truth.argmax(-1)).float().mean() > 0.9
+        if q == "gguf":
+            assert _bytes(dense) / _bytes(model) > 3.0
+    assert errors["gguf"] < 1.5 * errors["none"], errors
+
+
+def test_mixed_block_types_match_transformers_gguf_loader(model_dir):
+    """Every kept block type in one model (Q4_K q/k beside Q6_K v, ...), against
+    transformers reading the same file through gguf-py."""
+    import os
+
+    from transformers import AutoModelForCausalLM
+
+    path = make_tiny_quantized_gguf(model_dir)
+    hf = AutoModelForCausalLM.from_pretrained(
+        os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32, attn_implementation="eager"
+    ).eval()
+    model, cfg = load_model(path, dtype=torch.float32, quantization="gguf")
+    qkv = model.model.layers[0].self_attn.qkv_proj.weight
+    assert [r.bits for r in qkv.runs] == [4, 6]  # Q4_K q/k, Q6_K v
+    tokens = torch.randint(3, cfg.vocab_size, (30,), generator=torch.Generator().manual_seed(3))
+    seq, pool = _Seq(tokens), _Pool(cfg)
+    got = torch.cat([pool.step(model, [(seq, n)])[0] for n in (11, 1, 18)])
+    with torch.inference_mode():
+        want = hf(tokens[None]).logits[0].float()
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
+    assert torch.equal(got.argmax(-1), want.argmax(-1))
+
+
+def test_a_rank_keeps_only_its_shard_of_the_packed_weights(model_dir):
+    path = make_tiny_quantized_gguf(model_dir)
+    whole, _ = load_model(path, dtype=torch.float32, quantization="gguf")
+    halves = [load_model(path, dtype=torch.float32, quantization="gguf", tp=TPGroup(r, 2))[0] for r in (0, 1)]
+    for model in halves:
+        down = model.model.layers[0].mlp.down_proj.weight.runs[0]
+        assert (down.out_features, down.in_features) == (256, 256)  # 512 input features split
+    # Norms are replicated; every packed byte is split.
+    assert sum(_bytes(m) for m in halves) < 1.1 * _bytes(whole)
