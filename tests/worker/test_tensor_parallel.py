@@ -31,7 +31,7 @@ PROMPTS = [[1, 17, 42, 99, 5, 250, 31, 8, 77, 120, 64, 3, 200, 11, 9, 150, 44, 3
 MAX_TOKENS = 8
 
 
-async def _generate(addresses: list[str], model_path: str, quantization: str) -> tuple[list, list, list]:
+async def _generate(addresses: list[str], model_path: str, quantization: str = "auto") -> tuple[list, list, list]:
     """Greedy outputs for PROMPTS on a replica of these workers (rank i at addresses[i])."""
     config = SchedulerConfig(block_size=16, max_num_seqs=4, max_model_len=0)  # 0: what fits the pool
     replica = Replica(0, addresses, config, RequestMetrics(), credentials=CREDENTIALS)
