@@ -90,7 +90,8 @@ def load_model(
         kept = keep_quantized(quantization, "gguf" if gguf_quantized(reader) else None, device, dtype)
         tensors = gguf_tensors(reader, config, keep_quantized=kept is not None)
     else:
-        from worker.hf_quant import decode_hf_tensors, hf_quantization
+        from worker.hf_quant import decode_hf_tensors
+        from worker.hf_quant_config import hf_quantization
 
         raw = _read_hf_json(directory)
         config = ModelConfig.from_hf_config(raw)

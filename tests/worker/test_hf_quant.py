@@ -1,4 +1,5 @@
-"""worker/hf_quant.py against checkpoints packed without it (tests/quant_formats.py).
+"""worker/hf_quant.py and hf_quant_config.py against checkpoints packed without them
+(tests/quant_formats.py).
 
 Exactness. GPTQ and AWQ store fp16 scales: (q - z) * s and the decoder's
 (q - 2**(bits-1)) * s + (2**(bits-1) - z) * s are both exact in fp32, so the
@@ -26,16 +27,8 @@ import torch
 from kernels.quant import QuantizedTensor, QuantizedWeight, dequantized_linear
 from tests import quant_formats as qf
 from worker import hf_quant
-from worker.hf_quant import (
-    AWQ,
-    CT_INT,
-    CT_PACKED,
-    GPTQ,
-    GPTQ_V2,
-    LinearScheme,
-    decode_hf_tensors,
-    hf_quantization,
-)
+from worker.hf_quant import decode_hf_tensors
+from worker.hf_quant_config import AWQ, CT_INT, CT_PACKED, GPTQ, GPTQ_V2, LinearScheme, hf_quantization
 
 N, K = 64, 256  # K = 2 groups of 128, 8 of 32
 LAYER = "model.layers.0.self_attn.q_proj"
