@@ -142,6 +142,11 @@ class QuantizedTensor:
         )
 
 
+def map_rows(tensor: torch.Tensor | QuantizedTensor, fn) -> torch.Tensor | QuantizedTensor:
+    """fn (a row reordering of [N, ...] tensors) applied to a dense or a quantized weight."""
+    return tensor.map_rows(fn) if isinstance(tensor, QuantizedTensor) else fn(tensor)
+
+
 def _dequantize(codes, scale, zero, bits: int, perm: Optional[torch.Tensor], dtype=torch.float32) -> torch.Tensor:
     """[n, K] weights from one-per-byte codes; fp32 math, cast to dtype at the end."""
     n, k = codes.shape

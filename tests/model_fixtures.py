@@ -234,7 +234,6 @@ def make_tiny_gguf(family: str, path) -> str:
     """make_tiny_model(family) converted to an F32 GGUF file, as llama.cpp would:
     q/k rows of Llama interleaved per head, llama3 scaling as a rope_freqs tensor.
     Families: "llama", "llama3", "qwen2". Returns the .gguf file path."""
-    import gguf
     from safetensors.torch import load_file
     from transformers import AutoConfig
 
@@ -245,33 +244,59 @@ def make_tiny_gguf(family: str, path) -> str:
     config = AutoConfig.from_pretrained(src)
     arch = "qwen2" if family == "qwen2" else "llama"
     heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
-    head_dim = config.hidden_size // heads
+
+    def tensors():
+        if family == "llama3":
+            yield "rope_freqs.weight", _llama3_freq_factors(config), None
+        for name, t in load_file(os.path.join(src, "model.safetensors")).items():
+            if arch == "llama" and (".q_proj." in name or ".k_proj." in name):
+                t = _interleave_rope_rows(t, heads if ".q_proj." in name else kv_heads)
+            yield _gguf_name(name), t.numpy(), None
+
+    hparams = dict(
+        layers=config.num_hidden_layers,
+        context=config.max_position_embeddings,
+        hidden=config.hidden_size,
+        inter=config.intermediate_size,
+        heads=heads,
+        kv_heads=kv_heads,
+        head_dim=config.hidden_size // heads,
+        rope_theta=config.rope_parameters["rope_theta"],
+        eps=config.rms_norm_eps,
+        vocab=config.vocab_size,
+        bos=config.bos_token_id,
+        eos=config.eos_token_id,
+    )
+    _write_gguf(out, arch, hparams, tensors())
+    return out
+
+
+def _write_gguf(out: str, arch: str, hp: dict, tensors) -> None:
+    """A GGUF file at `out` (written beside it, then moved in place) with a Llama-style
+    model's hyperparameters hp and tensors: (GGUF name, array, raw ggml type or None)."""
+    import gguf
+
     os.makedirs(os.path.dirname(out), exist_ok=True)
     w = gguf.GGUFWriter(out + ".partial", arch)
-    w.add_block_count(config.num_hidden_layers)
-    w.add_context_length(config.max_position_embeddings)
-    w.add_embedding_length(config.hidden_size)
-    w.add_feed_forward_length(config.intermediate_size)
-    w.add_head_count(heads)
-    w.add_head_count_kv(kv_heads)
-    w.add_rope_dimension_count(head_dim)
-    w.add_rope_freq_base(config.rope_parameters["rope_theta"])
-    w.add_layer_norm_rms_eps(config.rms_norm_eps)
-    w.add_vocab_size(config.vocab_size)
-    w.add_bos_token_id(config.bos_token_id)
-    w.add_eos_token_id(config.eos_token_id)
-    if family == "llama3":
-        w.add_tensor("rope_freqs.weight", _llama3_freq_factors(config))
-    for name, t in load_file(os.path.join(src, "model.safetensors")).items():
-        if arch == "llama" and (".q_proj." in name or ".k_proj." in name):
-            t = _interleave_rope_rows(t, heads if ".q_proj." in name else kv_heads)
-        w.add_tensor(_gguf_name(name), t.numpy())
+    w.add_block_count(hp["layers"])
+    w.add_context_length(hp["context"])
+    w.add_embedding_length(hp["hidden"])
+    w.add_feed_forward_length(hp["inter"])
+    w.add_head_count(hp["heads"])
+    w.add_head_count_kv(hp["kv_heads"])
+    w.add_rope_dimension_count(hp["head_dim"])
+    w.add_rope_freq_base(hp["rope_theta"])
+    w.add_layer_norm_rms_eps(hp["eps"])
+    w.add_vocab_size(hp["vocab"])
+    w.add_bos_token_id(hp["bos"])
+    w.add_eos_token_id(hp["eos"])
+    for name, array, raw_dtype in tensors:
+        w.add_tensor(name, array, raw_dtype=raw_dtype)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
     os.replace(out + ".partial", out)
-    return out
 
 
 def make_tiny_chat_model(path) -> str:
@@ -404,20 +429,6 @@ def make_tiny_quantized_gguf(path) -> str:
     hidden, inter, heads, kv_heads, vocab, layers = 256, 512, 4, 2, 512, 2
     head_dim = hidden // heads
     rng = np.random.default_rng(7)
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    w = gguf.GGUFWriter(out + ".partial", "llama")
-    w.add_block_count(layers)
-    w.add_context_length(256)
-    w.add_embedding_length(hidden)
-    w.add_feed_forward_length(inter)
-    w.add_head_count(heads)
-    w.add_head_count_kv(kv_heads)
-    w.add_rope_dimension_count(head_dim)
-    w.add_rope_freq_base(10000.0)
-    w.add_layer_norm_rms_eps(1e-5)
-    w.add_vocab_size(vocab)
-    w.add_bos_token_id(1)
-    w.add_eos_token_id(2)
     shapes = {"token_embd": (vocab, hidden), "output": (vocab, hidden)}
     for i in range(layers):
         shapes |= {
@@ -429,16 +440,29 @@ def make_tiny_quantized_gguf(path) -> str:
             f"blk.{i}.ffn_up": (inter, hidden),
             f"blk.{i}.ffn_down": (hidden, inter),
         }
-    for name, (rows, cols) in shapes.items():
-        qtype = gguf.GGMLQuantizationType[QUANTIZED_GGUF_TYPES[name]]
-        w.add_tensor(f"{name}.weight", random_gguf_blocks(qtype, rows, cols, rng), raw_dtype=qtype)
-    for name in ["output_norm"] + [f"blk.{i}.{n}" for i in range(layers) for n in ("attn_norm", "ffn_norm")]:
-        w.add_tensor(f"{name}.weight", (1.0 + 0.2 * rng.standard_normal(hidden)).astype(np.float32))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    os.replace(out + ".partial", out)
+
+    def tensors():
+        for name, (rows, cols) in shapes.items():
+            qtype = gguf.GGMLQuantizationType[QUANTIZED_GGUF_TYPES[name]]
+            yield f"{name}.weight", random_gguf_blocks(qtype, rows, cols, rng), qtype
+        for name in ["output_norm"] + [f"blk.{i}.{n}" for i in range(layers) for n in ("attn_norm", "ffn_norm")]:
+            yield f"{name}.weight", (1.0 + 0.2 * rng.standard_normal(hidden)).astype(np.float32), None
+
+    hparams = dict(
+        layers=layers,
+        context=256,
+        hidden=hidden,
+        inter=inter,
+        heads=heads,
+        kv_heads=kv_heads,
+        head_dim=head_dim,
+        rope_theta=10000.0,
+        eps=1e-5,
+        vocab=vocab,
+        bos=1,
+        eos=2,
+    )
+    _write_gguf(out, "llama", hparams, tensors())
     return out
 
 

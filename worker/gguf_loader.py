@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from gguf.quants import dequantize
 
-from kernels.quant import QuantizedTensor
+from kernels.quant import QuantizedTensor, map_rows
 from worker.config import ModelConfig
 from worker.gguf_quant import KEPT_QUANTIZED, quantized_tensor
 
@@ -112,12 +112,8 @@ def gguf_tensors(
         if config.architecture in _PERMUTED_ARCHS:
             heads = {"q_proj": config.num_q_heads, "k_proj": config.num_kv_heads}.get(name.split(".")[-2])
             if heads is not None:
-                tensor = _map_rows(tensor, lambda w, h=heads: _unpermute_rope_rows(w, h))
+                tensor = map_rows(tensor, lambda w, h=heads: _unpermute_rope_rows(w, h))
         yield name, tensor
-
-
-def _map_rows(tensor: torch.Tensor | QuantizedTensor, fn) -> torch.Tensor | QuantizedTensor:
-    return tensor.map_rows(fn) if isinstance(tensor, QuantizedTensor) else fn(tensor)
 
 
 def _unpermute_rope_rows(w: torch.Tensor, num_heads: int) -> torch.Tensor:

@@ -172,9 +172,7 @@ class ColumnParallelLinear(nn.Module):
         self.bias = empty_parameter(rows, dtype=dtype, device=device) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if isinstance(self.weight, PackedWeight):
-            return self.weight(x, self.bias)
-        return F.linear(x, self.weight, self.bias)
+        return _linear(x, self.weight, self.bias)
 
     def load(self, part: int, kind: str, tensor: torch.Tensor | QuantizedTensor) -> None:
         """Copy this rank's rows of the full checkpoint tensor for fused part `part`."""
@@ -209,9 +207,7 @@ class RowParallelLinear(nn.Module):
 
     def matmul(self, x: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
         """This rank's partial product, before the all-reduce."""
-        if isinstance(self.weight, PackedWeight):
-            return self.weight(x, bias)
-        return F.linear(x, self.weight, bias)
+        return _linear(x, self.weight, bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.tp.all_reduce(self.matmul(x))
@@ -257,10 +253,7 @@ class VocabParallelEmbedding(nn.Module):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[N, hidden] -> [N, vocab] fp32 on every rank."""
-        if isinstance(self.weight, PackedWeight):
-            local = self.weight(hidden).float()
-        else:
-            local = F.linear(hidden, self.weight).float()
+        local = _linear(hidden, self.weight).float()
         return self.tp.all_gather_last(local)[:, : self.vocab_size]
 
     def load(self, part: int, kind: str, tensor: torch.Tensor | QuantizedTensor) -> None:
@@ -295,13 +288,7 @@ class PackedWeight(nn.Module):
             return
         groups: list[list] = []
         for p in self.pending:
-            prev = groups[-1][-1] if groups else None
-            quantized = isinstance(p, QuantizedTensor)
-            if (
-                prev is not None
-                and quantized == isinstance(prev, QuantizedTensor)
-                and (not quantized or prev.same_layout(p))
-            ):
+            if groups and _stackable(groups[-1][-1], p):
                 groups[-1].append(p)
             else:
                 groups.append([p])
@@ -339,6 +326,13 @@ class _DenseWeight(nn.Module):
     def __init__(self, weight: torch.Tensor, device):
         super().__init__()
         self.register_buffer("weight", weight.to(device))
+
+
+def _linear(x: torch.Tensor, weight, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """x @ weight^T (+ bias) for a dense parameter or a PackedWeight."""
+    if isinstance(weight, PackedWeight):
+        return weight(x, bias)
+    return F.linear(x, weight, bias)
 
 
 def _weight(rows: int, cols: int, parts: int, quant_ops, dtype, device, gather: bool = False):

@@ -26,11 +26,20 @@ def test_tiny_models_match_transformers(family, tiny_model):
     path = tiny_model(family)
     rng = random.Random(family)
     prompts = [[rng.randrange(3, TINY_VOCAB) for _ in range(rng.randint(3, 70))] for _ in range(18)]
-    # 14 blocks of 8 tokens hold fewer than half the requests: preemption must happen.
-    llm = LLM(path, block_size=8, num_kv_blocks=14, max_num_seqs=8, max_num_batched_tokens=24, tokenizer=False)
+    _assert_parity_under_preemption(path, prompts, reference=path)
+
+
+def _assert_parity_under_preemption(path: str, prompts: list[list[int]], reference: str, **options) -> LLM:
+    """prompts through LLM(path, **options), staggered and chunked in a pool too small
+    for them (14 blocks of 8 tokens hold fewer than half: preemption must happen),
+    against transformers' greedy tokens on `reference`. -> the LLM."""
+    llm = LLM(
+        path, block_size=8, num_kv_blocks=14, max_num_seqs=8, max_num_batched_tokens=24, tokenizer=False, **options
+    )
     results = run_staggered(llm, prompts, PARAMS, per_step=3)
     assert llm.scheduler.num_preemptions > 0, "the pool was meant to force preemption"
-    assert_greedy_parity(path, prompts, results, NEW_TOKENS, logprob_tol=1e-4)
+    assert_greedy_parity(reference, prompts, results, NEW_TOKENS, logprob_tol=1e-4)
+    return llm
 
 
 @pytest.mark.slow
@@ -40,18 +49,7 @@ def test_kept_quantized_gguf_matches_transformers(model_dir):
     path = make_tiny_quantized_gguf(model_dir)
     rng = random.Random("quantized")
     prompts = [[rng.randrange(3, 512) for _ in range(rng.randint(3, 70))] for _ in range(12)]
-    llm = LLM(
-        path,
-        quantization="gguf",
-        block_size=8,
-        num_kv_blocks=14,
-        max_num_seqs=8,
-        max_num_batched_tokens=24,
-        tokenizer=False,
-    )
-    results = run_staggered(llm, prompts, PARAMS, per_step=3)
-    assert llm.scheduler.num_preemptions > 0, "the pool was meant to force preemption"
-    assert_greedy_parity(path, prompts, results, NEW_TOKENS, logprob_tol=1e-4)
+    _assert_parity_under_preemption(path, prompts, reference=path, quantization="gguf")
 
 
 # Hugging Face quantized checkpoints of the tiny Llama (tests/quant_formats.py packs them).
@@ -94,19 +92,8 @@ def test_hf_quantized_checkpoints_match_transformers(case, tiny_model, model_dir
     rng = random.Random(case)
     prompts = [[rng.randrange(3, TINY_VOCAB) for _ in range(rng.randint(3, 70))] for _ in range(10)]
     method = HF_SCHEMES[case][0]
-    llm = LLM(
-        path,
-        quantization=method,
-        block_size=8,
-        num_kv_blocks=14,
-        max_num_seqs=8,
-        max_num_batched_tokens=24,
-        tokenizer=False,
-    )
+    llm = _assert_parity_under_preemption(path, prompts, reference=dense, quantization=method)
     assert llm.worker.model_config.quantization == method
-    results = run_staggered(llm, prompts, PARAMS, per_step=3)
-    assert llm.scheduler.num_preemptions > 0, "the pool was meant to force preemption"
-    assert_greedy_parity(dense, prompts, results, NEW_TOKENS, logprob_tol=1e-4)
 
 
 @pytest.mark.slow

@@ -26,7 +26,7 @@ from torch import nn
 
 from kernels.interface import KernelOps
 from kernels.metadata import AttentionMetadata
-from kernels.quant import QuantizedTensor
+from kernels.quant import map_rows
 from worker.config import ModelConfig
 from worker.models.common import Attention, PagedCausalLM, RowParallelLinearWithBias, quant_ops_for, split_hf_name
 from worker.parallel import ColumnParallelLinear, TPGroup, VocabParallelEmbedding, empty_parameter, split_range
@@ -144,4 +144,4 @@ class GPTNeoXForCausalLM(PagedCausalLM):
             def rows(t: torch.Tensor, part=part) -> torch.Tensor:
                 return t.unflatten(0, (heads, 3, d))[:, part].flatten(0, 1)
 
-            self.place(name, tensor.map_rows(rows) if isinstance(tensor, QuantizedTensor) else rows(tensor), part)
+            self.place(name, map_rows(tensor, rows), part)
