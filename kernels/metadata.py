@@ -16,7 +16,7 @@ is block_id * block_size + offset (slot_mapping gives it for the new tokens).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -33,6 +33,10 @@ class AttentionMetadata:
     # Host-side copies, so CPU code never has to sync on a device tensor.
     query_lens_list: tuple[int, ...] = ()
     seq_lens_list: tuple[int, ...] = ()
+    # What a kernel set derives from the above once per step and reuses in every
+    # layer (the CPU path's gather indices and masks), keyed by its own names.
+    # Every layer sees the same metadata, so deriving it per layer is wasted work.
+    derived: dict = field(default_factory=dict, init=False, compare=False, repr=False)
 
     @property
     def num_seqs(self) -> int:

@@ -9,6 +9,7 @@ Query head h reads KV head h // (num_q_heads // num_kv_heads) (GQA).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -57,24 +58,32 @@ def paged_attention(
     """Causal attention of every new token over its sequence's paged context.
 
     The new tokens' K/V must already be written to the pool (write_kv).
-    Returns [T, num_q_heads, head_dim] in q's dtype; math in fp32.
+    Returns [T, num_q_heads, head_dim] in q's dtype. Prefill chunks compute in
+    fp32; decode rows compute in the pool's dtype through torch's fused
+    attention, which accumulates in fp32 and rounds only the softmax weights
+    to a 16-bit dtype (as transformers' own SDPA path does in bf16).
     """
     T, hq, d = q.shape
-    hkv = k_cache.shape[2]
-    bs = k_cache.shape[1]
+    groups = _decode_plan(meta, k_cache.shape[1], sliding_window, k_cache.dtype)
+    if len(groups) == 1 and groups[0].tokens is None:  # a pure-decode step, rows in order
+        return _decode_group(q, k_cache, v_cache, groups[0], scale, hq != k_cache.shape[2]).to(q.dtype)
     out = torch.empty_like(q)
-    qlens, slens = meta.query_lens_list, meta.seq_lens_list
-    for rows in _length_groups(
-        sorted((i for i, n in enumerate(qlens) if n == 1), key=lambda i: slens[i]), slens, k_cache.shape[1]
-    ):
-        _decode_batch(q, k_cache, v_cache, meta, scale, sliding_window, rows, out)
+    for g in groups:
+        o = _decode_group(q.index_select(0, g.tokens), k_cache, v_cache, g, scale, hq != k_cache.shape[2])
+        out.index_copy_(0, g.tokens, o.to(out.dtype))
+    _prefill(q, k_cache, v_cache, meta, scale, sliding_window, out)
+    return out
+
+
+def _prefill(q, k_cache, v_cache, meta, scale, sliding_window, out) -> None:
+    """Every sequence with more than one new token, one masked SDPA each, in fp32."""
+    hq, hkv, bs = q.shape[1], k_cache.shape[2], k_cache.shape[1]
     starts = meta.query_start_loc.tolist()
-    for i, n in enumerate(qlens):
+    for i, n in enumerate(meta.query_lens_list):
         if n <= 1:
             continue
-        s = slens[i]
-        nblocks = (s + bs - 1) // bs
-        blocks = meta.block_tables[i, :nblocks].long()
+        s = meta.seq_lens_list[i]
+        blocks = meta.block_tables[i, : (s + bs - 1) // bs].long()
         k = _gather(k_cache, blocks, s).float().transpose(0, 1)  # [hkv, s, d]
         v = _gather(v_cache, blocks, s).float().transpose(0, 1)
         qi = q[starts[i] : starts[i] + n].float().transpose(0, 1)  # [hq, n, d]
@@ -85,7 +94,64 @@ def paged_attention(
             qi.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), attn_mask=mask, scale=scale, enable_gqa=hq != hkv
         )
         out[starts[i] : starts[i] + n] = o[0].transpose(0, 1).to(q.dtype)
-    return out
+
+
+@dataclass(frozen=True)
+class _DecodeGroup:
+    """Single-token sequences attended to in one padded batch."""
+
+    tokens: Optional[torch.Tensor]  # [B] their query rows; None when they are rows 0..B-1
+    blocks: torch.Tensor  # [B * nb] pool blocks, each sequence's first nb blocks in turn
+    padded_len: int  # nb * block_size keys per sequence
+    mask: Optional[torch.Tensor]  # [B, 1, 1, padded_len] additive, None when every key is visible
+
+
+def _decode_plan(meta: AttentionMetadata, block_size: int, sliding_window, dtype) -> list[_DecodeGroup]:
+    """The step's decode groups, built once and reused by every layer (meta.derived)."""
+    key = ("reference-decode", block_size, sliding_window, dtype)
+    plan = meta.derived.get(key)
+    if plan is None:
+        qlens, slens = meta.query_lens_list, meta.seq_lens_list
+        rows = [i for i, n in enumerate(qlens) if n == 1]
+        groups = _length_groups(sorted(rows, key=lambda i: slens[i]), slens, block_size)
+        if len(groups) == 1:
+            groups = [rows]  # one group needs no sorting; in order, a pure-decode step needs no scatter
+        in_order = len(groups) == 1 and len(rows) == len(qlens) == meta.num_tokens
+        plan = [_decode_group_plan(meta, g, block_size, sliding_window, dtype, in_order) for g in groups]
+        meta.derived[key] = plan
+    return plan
+
+
+def _decode_group_plan(meta, rows, block_size, sliding_window, dtype, in_order) -> _DecodeGroup:
+    idx = torch.tensor(rows, dtype=torch.long)
+    lens = [meta.seq_lens_list[i] for i in rows]
+    nb = (max(lens) + block_size - 1) // block_size
+    blocks = meta.block_tables.index_select(0, idx)[:, :nb].reshape(-1).long()
+    S = nb * block_size
+    mask = None
+    if sliding_window is not None and max(lens) > sliding_window or min(lens) < S:
+        seq_lens = torch.tensor(lens).unsqueeze(1)  # [B, 1]
+        allowed = _allowed(seq_lens - 1, torch.arange(S).unsqueeze(0), seq_lens, sliding_window)
+        mask = torch.zeros(len(rows), 1, 1, S, dtype=dtype).masked_fill_(~allowed[:, None, None, :], float("-inf"))
+    tokens = None if in_order else meta.query_start_loc[idx].long()
+    return _DecodeGroup(tokens, blocks, S, mask)
+
+
+def _decode_group(q, k_cache, v_cache, g: _DecodeGroup, scale: float, gqa: bool) -> torch.Tensor:
+    """q [B, hq, d] -> [B, hq, d]: one gather per cache, one SDPA.
+
+    index_select of whole blocks is a row copy (3-10x faster than advanced
+    indexing here); SDPA reads the gathered K/V through a transposed view, where
+    an einsum would copy them once more.
+    """
+    B, hq, d = q.shape
+    hkv = k_cache.shape[2]
+    k = k_cache.index_select(0, g.blocks).view(B, g.padded_len, hkv, d).transpose(1, 2)  # [B, hkv, S, d]
+    v = v_cache.index_select(0, g.blocks).view(B, g.padded_len, hkv, d).transpose(1, 2)
+    o = F.scaled_dot_product_attention(
+        q.to(k.dtype).view(B, hq, 1, d), k, v, attn_mask=g.mask, scale=scale, enable_gqa=gqa
+    )
+    return o.view(B, hq, d)
 
 
 def _length_groups(rows: list[int], seq_lens, block_size: int) -> list[list[int]]:
@@ -103,30 +169,6 @@ def _length_groups(rows: list[int], seq_lens, block_size: int) -> list[list[int]
     return groups
 
 
-def _decode_batch(q, k_cache, v_cache, meta, scale, sliding_window, rows, out) -> None:
-    """All single-token sequences at once: one padded gather, one masked SDPA.
-
-    SDPA reads the gathered K/V through a transposed view; an einsum here
-    would copy them once more, and on CPU that copy was half the step.
-    """
-    hq, d = q.shape[1], q.shape[2]
-    hkv, bs = k_cache.shape[2], k_cache.shape[1]
-    idx = torch.tensor(rows, dtype=torch.long)
-    seq_lens = meta.seq_lens.index_select(0, idx).long()  # [B]
-    nblocks = (int(seq_lens.max()) + bs - 1) // bs
-    bt = meta.block_tables.index_select(0, idx)[:, :nblocks].long()  # [B, nb]
-    B, S = len(rows), nblocks * bs
-    k = k_cache[bt].reshape(B, S, hkv, d).transpose(1, 2).float()  # [B, hkv, S, d]
-    v = v_cache[bt].reshape(B, S, hkv, d).transpose(1, 2).float()
-    tok = meta.query_start_loc.index_select(0, idx).long()
-    qd = q.index_select(0, tok).float().view(B, hq, 1, d)
-    k_pos = torch.arange(S).unsqueeze(0)  # [1, S]
-    q_pos = (seq_lens - 1).unsqueeze(1)  # [B, 1]
-    mask = _allowed(q_pos, k_pos, seq_lens.unsqueeze(1), sliding_window)  # [B, S]
-    o = F.scaled_dot_product_attention(qd, k, v, attn_mask=mask[:, None, None, :], scale=scale, enable_gqa=hq != hkv)
-    out.index_copy_(0, tok, o.view(B, hq, d).to(out.dtype))
-
-
 def rms_norm(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -142,10 +184,14 @@ def rms_norm(
     """
     if residual is not None:
         x = x + residual
-    h = x.float()
-    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    # The no-op casts are skipped and the temporaries updated in place: at decode
+    # sizes each torch call costs more in dispatch than in arithmetic.
+    h = x if x.dtype == torch.float32 else x.float()
+    h = h * h.pow(2).mean(-1, keepdim=True).add_(eps).rsqrt_()
     if weight_offset:
         return (h * (weight.float() + weight_offset)).to(x.dtype), x
+    if x.dtype == torch.float32:
+        return h.mul_(weight), x
     return weight * h.to(x.dtype), x
 
 
@@ -163,12 +209,31 @@ def rotary_embedding(
     cos, sin = cs[:, :half].unsqueeze(1), cs[:, half:].unsqueeze(1)
 
     def rot(x: torch.Tensor) -> torch.Tensor:
-        xr, xp = x[..., : 2 * half].float(), x[..., 2 * half :]
+        xr, xp = x[..., : 2 * half], x[..., 2 * half :]
+        if xr.dtype != torch.float32:
+            xr = xr.float()
         x1, x2 = xr[..., :half], xr[..., half:]
-        y = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
+        y = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+        if y.dtype != x.dtype:
+            y = y.to(x.dtype)
         return torch.cat((y, xp), dim=-1) if xp.shape[-1] else y
 
-    return rot(q), rot(k)
+    qk = _adjacent_heads(q, k)
+    if qk is None:
+        return rot(q), rot(k)
+    return rot(qk).split((q.shape[1], k.shape[1]), dim=1)  # one pass for both
+
+
+def _adjacent_heads(q: torch.Tensor, k: torch.Tensor) -> Optional[torch.Tensor]:
+    """q and k as one [T, Hq + Hkv, D] view when k's heads follow q's in memory,
+    as they do when both are column blocks of one fused qkv output."""
+    if q.dtype != k.dtype or q.shape[0] != k.shape[0] or q.shape[2] != k.shape[2] or q.stride() != k.stride():
+        return None
+    if q.stride(2) != 1 or q.stride(1) != q.shape[2]:
+        return None
+    if k.data_ptr() != q.data_ptr() + q.shape[1] * q.stride(1) * q.element_size():
+        return None
+    return q.as_strided((q.shape[0], q.shape[1] + k.shape[1], q.shape[2]), q.stride())
 
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,126 @@
+"""The PyTorch references against plain per-token arithmetic in fp64.
+
+The references are the CPU serving path as well as the Triton kernels' ground
+truth, so their shortcuts (a decode plan shared by every layer, q and k
+rotated as one tensor) are checked here against code that takes none.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from kernels import reference
+
+F32, BF16 = torch.float32, torch.bfloat16
+TOL = {F32: dict(atol=1e-5, rtol=1e-5), BF16: dict(atol=2e-2, rtol=2e-2)}
+
+
+def _attention_per_token(case, window):
+    """Each new token's softmax over the keys it may see, one token at a time, in fp64."""
+    meta, bs = case.meta, case.ref_k_cache.shape[1]
+    hq, hkv = case.q.shape[1], case.ref_k_cache.shape[2]
+    out = torch.zeros(case.q.shape, dtype=torch.float64)
+    starts = meta.query_start_loc.tolist()
+    for i, (n, s) in enumerate(zip(meta.query_lens_list, meta.seq_lens_list)):
+        table = meta.block_tables[i].tolist()
+        keys = [(table[j // bs], j % bs) for j in range(s)]
+        k = torch.stack([case.ref_k_cache[b, o] for b, o in keys]).double()  # [s, hkv, d]
+        v = torch.stack([case.ref_v_cache[b, o] for b, o in keys]).double()
+        for t in range(n):
+            pos = s - n + t
+            visible = [j for j in range(pos + 1) if window is None or pos - j < window]
+            for h in range(hq):
+                g = h // (hq // hkv)
+                scores = torch.stack([case.q[starts[i] + t, h].double() @ k[j, g] * case.scale for j in visible])
+                w = torch.softmax(scores, 0)
+                out[starts[i] + t, h] = (w[:, None] * v[visible, g]).sum(0)
+    return out
+
+
+@pytest.mark.parametrize("dtype", [F32, BF16])
+@pytest.mark.parametrize(
+    "query_lens,context_lens,window",
+    [
+        pytest.param([1, 1, 1, 1], [5, 16, 17, 40], None, id="pure-decode"),
+        pytest.param([1, 1, 1], [3, 90, 20], None, id="decode-length-groups"),
+        pytest.param([1, 7, 1, 3], [30, 0, 2, 12], None, id="decode-and-prefill"),
+        pytest.param([1, 1, 5], [50, 9, 20], 12, id="sliding-window"),
+    ],
+)
+def test_paged_attention_matches_per_token_softmax(paged_case, dtype, query_lens, context_lens, window):
+    case = paged_case(query_lens, context_lens, block_size=8, num_q_heads=6, num_kv_heads=2, head_dim=16, dtype=dtype)
+    got = reference.paged_attention(case.q, case.ref_k_cache, case.ref_v_cache, case.meta, case.scale, window)
+    assert got.dtype == dtype and got.shape == case.q.shape
+    torch.testing.assert_close(got.double(), _attention_per_token(case, window), **TOL[dtype])
+
+
+def test_decode_plan_is_built_once_per_step_and_per_window(paged_case):
+    """Every layer passes the same metadata: the gather indices and masks are
+    derived once and reused, and a layer with another window gets its own."""
+    case = paged_case([1, 1, 1], [4, 20, 33], block_size=8, num_q_heads=4, num_kv_heads=2, head_dim=8, dtype=F32)
+    attend = lambda window: reference.paged_attention(  # noqa: E731
+        case.q, case.ref_k_cache, case.ref_v_cache, case.meta, case.scale, window
+    )
+    first = attend(None)
+    assert len(case.meta.derived) == 1
+    (plan,) = case.meta.derived.values()
+    torch.testing.assert_close(attend(None), first, rtol=0, atol=0)
+    assert next(iter(case.meta.derived.values())) is plan
+    attend(10)
+    assert len(case.meta.derived) == 2
+
+
+def _rope_per_element(positions, x, cos_sin_cache):
+    """Hugging Face's rotate-half formula, spelled out per feature pair in fp64."""
+    half = cos_sin_cache.shape[-1] // 2
+    out = x.double().clone()
+    for t, p in enumerate(positions.tolist()):
+        for j in range(half):
+            c, s = cos_sin_cache[p, j].double(), cos_sin_cache[p, half + j].double()
+            a, b = x[t, :, j].double(), x[t, :, half + j].double()
+            out[t, :, j], out[t, :, half + j] = a * c - b * s, b * c + a * s
+    return out
+
+
+@pytest.mark.parametrize("dtype", [F32, BF16])
+@pytest.mark.parametrize("rot_dim", [16, 8], ids=["full", "partial"])
+def test_rotary_on_a_fused_qkv_output_matches_separate_heads(dtype, rot_dim):
+    """q and k cut from one fused projection are rotated as one tensor; the
+    result equals rotating contiguous copies, and the per-element formula."""
+    gen = torch.Generator().manual_seed(0)
+    T, hq, hkv, d = 5, 6, 2, 16
+    qkv = torch.randn(T, (hq + 2 * hkv) * d, generator=gen).to(dtype)
+    q, k, _ = qkv.split((hq * d, hkv * d, hkv * d), dim=-1)
+    q, k = q.view(T, hq, d), k.view(T, hkv, d)
+    assert reference._adjacent_heads(q, k) is not None
+    positions = torch.tensor([0, 3, 17, 4, 63])
+    freqs = torch.arange(rot_dim // 2) / (rot_dim // 2)
+    angles = torch.arange(64)[:, None] * 10000.0 ** (-freqs)[None, :]
+    cache = torch.cat((angles.cos(), angles.sin()), dim=-1)
+
+    fused_q, fused_k = reference.rotary_embedding(positions, q, k, cache)
+    apart_q, apart_k = reference.rotary_embedding(positions, q.contiguous(), k.contiguous(), cache)
+    assert reference._adjacent_heads(q.contiguous(), k.contiguous()) is None
+    torch.testing.assert_close(fused_q, apart_q, rtol=0, atol=0)
+    torch.testing.assert_close(fused_k, apart_k, rtol=0, atol=0)
+    tol = dict(atol=1e-6, rtol=1e-6) if dtype == F32 else dict(atol=4e-2, rtol=1e-2)
+    for got, x in ((fused_q, q), (fused_k, k)):
+        expected = _rope_per_element(positions, x, cache)
+        torch.testing.assert_close(got.double(), expected, **tol)
+        # features past rot_dim pass through untouched
+        torch.testing.assert_close(got[..., rot_dim:], x[..., rot_dim:], rtol=0, atol=0)
+
+
+def test_rms_norm_matches_the_formula():
+    gen = torch.Generator().manual_seed(1)
+    x, res, w = (torch.randn(3, 32, generator=gen) for _ in range(3))
+    w = w[0]
+    normed, new_res = reference.rms_norm(x, w, 1e-6, res)
+    h = (x + res).double()
+    expected = w.double() * h / torch.sqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)
+    torch.testing.assert_close(new_res, x + res, rtol=0, atol=0)
+    torch.testing.assert_close(normed.double(), expected, atol=1e-5, rtol=1e-5)
+    assert not math.isnan(normed.sum().item())
