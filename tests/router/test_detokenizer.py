@@ -235,8 +235,12 @@ def test_stop_strings_behave_as_before(smol, sp, text, data, include, min_tokens
         for _ in range(data.draw(st.integers(0, 3))):
             ids.insert(data.draw(st.integers(0, len(ids))), data.draw(st.sampled_from(specials)))
         whole = tok.decode(ids, skip_special_tokens=True)
-        if whole.endswith("\ufffd"):
-            continue  # the reference dropped an unfinished last character; see below
+        if "\ufffd" in whole:
+            # A special token inside a character leaves bytes that never complete.
+            # The reference dropped an unfinished last character (see below) and held
+            # back a run of them without bound; past its pending cap, folio hands
+            # the settled U+FFFDs out (test_a_long_run_of_stray_bytes_keeps_the_character_that_ends_it).
+            continue
         stops = []
         for _ in range(data.draw(st.integers(1, 3))):
             i = data.draw(st.integers(0, len(whole)))
