@@ -63,13 +63,13 @@ def paged_attention(
     attention, which accumulates in fp32 and rounds only the softmax weights
     to a 16-bit dtype (as transformers' own SDPA path does in bf16).
     """
-    T, hq, d = q.shape
+    gqa = q.shape[1] != k_cache.shape[2]
     groups = _decode_plan(meta, k_cache.shape[1], sliding_window, k_cache.dtype)
-    if len(groups) == 1 and groups[0].tokens is None:  # a pure-decode step, rows in order
-        return _decode_group(q, k_cache, v_cache, groups[0], scale, hq != k_cache.shape[2]).to(q.dtype)
+    if groups and groups[0].tokens is None:  # a pure-decode step, rows in order
+        return _decode_group(q, k_cache, v_cache, groups[0], scale, gqa).to(q.dtype)
     out = torch.empty_like(q)
     for g in groups:
-        o = _decode_group(q.index_select(0, g.tokens), k_cache, v_cache, g, scale, hq != k_cache.shape[2])
+        o = _decode_group(q.index_select(0, g.tokens), k_cache, v_cache, g, scale, gqa)
         out.index_copy_(0, g.tokens, o.to(out.dtype))
     _prefill(q, k_cache, v_cache, meta, scale, sliding_window, out)
     return out
@@ -100,7 +100,7 @@ def _prefill(q, k_cache, v_cache, meta, scale, sliding_window, out) -> None:
 class _DecodeGroup:
     """Single-token sequences attended to in one padded batch."""
 
-    tokens: Optional[torch.Tensor]  # [B] their query rows; None when they are rows 0..B-1
+    tokens: Optional[torch.Tensor]  # [B] their query rows; None for the one group of an in-order pure-decode step
     blocks: torch.Tensor  # [B * nb] pool blocks, each sequence's first nb blocks in turn
     padded_len: int  # nb * block_size keys per sequence
     mask: Optional[torch.Tensor]  # [B, 1, 1, padded_len] additive, None when every key is visible
@@ -129,7 +129,7 @@ def _decode_group_plan(meta, rows, block_size, sliding_window, dtype, in_order) 
     blocks = meta.block_tables.index_select(0, idx)[:, :nb].reshape(-1).long()
     S = nb * block_size
     mask = None
-    if sliding_window is not None and max(lens) > sliding_window or min(lens) < S:
+    if min(lens) < S or (sliding_window is not None and max(lens) > sliding_window):
         seq_lens = torch.tensor(lens).unsqueeze(1)  # [B, 1]
         allowed = _allowed(seq_lens - 1, torch.arange(S).unsqueeze(0), seq_lens, sliding_window)
         mask = torch.zeros(len(rows), 1, 1, S, dtype=dtype).masked_fill_(~allowed[:, None, None, :], float("-inf"))
