@@ -205,18 +205,23 @@ def rotary_embedding(
     frequencies. Only the first rot_dim features of each head rotate.
     """
     cs = cos_sin_cache.index_select(0, positions.long())  # [T, rot]
-    half = cs.shape[-1] // 2
-    cos, sin = cs[:, :half].unsqueeze(1), cs[:, half:].unsqueeze(1)
+    T, rot_dim = cs.shape
+    half = rot_dim // 2
+    cs = cs.view(T, 1, 2, half)
+    cos, sin = cs[:, :, :1], cs[:, :, 1:]  # [T, 1, 1, half], broadcast over heads and halves
 
     def rot(x: torch.Tensor) -> torch.Tensor:
-        xr, xp = x[..., : 2 * half], x[..., 2 * half :]
-        if xr.dtype != torch.float32:
-            xr = xr.float()
-        x1, x2 = xr[..., :half], xr[..., half:]
-        y = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+        # (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin) as x * cos + flip(x) * (-sin, sin):
+        # nine torch calls where slicing out each half took sixteen.
+        heads, d = x.shape[1], x.shape[2]
+        xr = x if rot_dim == d else x[..., :rot_dim]
+        x4 = xr.float().reshape(T, heads, 2, half)
+        y = x4.flip(2) * sin
+        y[:, :, 0].neg_()
+        y = torch.addcmul(y, x4, cos).view(T, heads, rot_dim)
         if y.dtype != x.dtype:
             y = y.to(x.dtype)
-        return torch.cat((y, xp), dim=-1) if xp.shape[-1] else y
+        return y if rot_dim == d else torch.cat((y, x[..., rot_dim:]), dim=-1)
 
     qk = _adjacent_heads(q, k)
     if qk is None:
@@ -227,9 +232,13 @@ def rotary_embedding(
 def _adjacent_heads(q: torch.Tensor, k: torch.Tensor) -> Optional[torch.Tensor]:
     """q and k as one [T, Hq + Hkv, D] view when k's heads follow q's in memory,
     as they do when both are column blocks of one fused qkv output."""
-    if q.dtype != k.dtype or q.shape[0] != k.shape[0] or q.shape[2] != k.shape[2] or q.stride() != k.stride():
+    if q.dtype != k.dtype or q.shape[0] != k.shape[0] or q.shape[2] != k.shape[2] or q.stride()[1:] != k.stride()[1:]:
+        return None
+    if q.shape[0] > 1 and q.stride(0) != k.stride(0):  # one token's views may carry any row stride
         return None
     if q.stride(2) != 1 or q.stride(1) != q.shape[2]:
+        return None
+    if k.untyped_storage().data_ptr() != q.untyped_storage().data_ptr():  # adjacent allocations are not one tensor
         return None
     if k.data_ptr() != q.data_ptr() + q.shape[1] * q.stride(1) * q.element_size():
         return None

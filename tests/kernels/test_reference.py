@@ -87,23 +87,25 @@ def _rope_per_element(positions, x, cos_sin_cache):
 
 @pytest.mark.parametrize("dtype", [F32, BF16])
 @pytest.mark.parametrize("rot_dim", [16, 8], ids=["full", "partial"])
-def test_rotary_on_a_fused_qkv_output_matches_separate_heads(dtype, rot_dim):
+@pytest.mark.parametrize("T", [5, 1], ids=["tokens", "one-token"])
+def test_rotary_on_a_fused_qkv_output_matches_separate_heads(dtype, rot_dim, T):
     """q and k cut from one fused projection are rotated as one tensor; the
     result equals rotating contiguous copies, and the per-element formula."""
     gen = torch.Generator().manual_seed(0)
-    T, hq, hkv, d = 5, 6, 2, 16
+    hq, hkv, d = 6, 2, 16
     qkv = torch.randn(T, (hq + 2 * hkv) * d, generator=gen).to(dtype)
     q, k, _ = qkv.split((hq * d, hkv * d, hkv * d), dim=-1)
     q, k = q.view(T, hq, d), k.view(T, hkv, d)
+    # one token's views have different row strides (torch picks any for a size-1 dim)
     assert reference._adjacent_heads(q, k) is not None
-    positions = torch.tensor([0, 3, 17, 4, 63])
+    positions = torch.tensor([0, 3, 17, 4, 63])[-T:]
     freqs = torch.arange(rot_dim // 2) / (rot_dim // 2)
     angles = torch.arange(64)[:, None] * 10000.0 ** (-freqs)[None, :]
     cache = torch.cat((angles.cos(), angles.sin()), dim=-1)
 
     fused_q, fused_k = reference.rotary_embedding(positions, q, k, cache)
-    apart_q, apart_k = reference.rotary_embedding(positions, q.contiguous(), k.contiguous(), cache)
-    assert reference._adjacent_heads(q.contiguous(), k.contiguous()) is None
+    apart_q, apart_k = reference.rotary_embedding(positions, q.clone(), k.clone(), cache)
+    assert reference._adjacent_heads(q.clone(), k.clone()) is None
     torch.testing.assert_close(fused_q, apart_q, rtol=0, atol=0)
     torch.testing.assert_close(fused_k, apart_k, rtol=0, atol=0)
     tol = dict(atol=1e-6, rtol=1e-6) if dtype == F32 else dict(atol=4e-2, rtol=1e-2)
