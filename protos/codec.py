@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from protos import worker_pb2 as pb
 from protos.config import SchedulerConfig, WorkerConfig
+from protos.grammar import Grammar
 from protos.messages import (
     CachedRequest,
     NewRequest,
@@ -85,6 +86,7 @@ def encode_sampling_params(p: SamplingParams) -> pb.SamplingParams:
         min_tokens=p.min_tokens,
         stop_token_ids=p.stop_token_ids,
         ignore_eos=p.ignore_eos,
+        grammar=None if p.grammar is None else pb.Grammar(kind=p.grammar.kind, spec=p.grammar.spec),
     )
 
 
@@ -106,6 +108,7 @@ def decode_sampling_params(m: pb.SamplingParams) -> SamplingParams:
         min_tokens=m.min_tokens,
         stop_token_ids=list(m.stop_token_ids),
         ignore_eos=m.ignore_eos,
+        grammar=Grammar(m.grammar.kind, m.grammar.spec) if m.HasField("grammar") else None,
     )
 
 

@@ -18,6 +18,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Optional
 
+from protos.grammar import Grammar
+
 
 @dataclass
 class SamplingParams:
@@ -46,6 +48,7 @@ class SamplingParams:
     ignore_eos: bool = False
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
+    grammar: Optional[Grammar] = None  # what the output must spell (protos/grammar.py)
 
     def __post_init__(self) -> None:
         if self.top_k == -1:
@@ -81,6 +84,9 @@ class SamplingParams:
         )
         for tok, bias in self.logit_bias.items():
             check(-100.0 <= bias <= 100.0, f"logit_bias values must be in [-100, 100], got {bias} for {tok}")
+        # A grammar ends its output with EOS once complete; these would forbid that end.
+        check(self.grammar is None or not self.ignore_eos, "ignore_eos cannot be combined with a structured output")
+        check(self.grammar is None or self.min_tokens == 0, "min_tokens cannot be combined with a structured output")
 
     def for_choice(self, index: int) -> "SamplingParams":
         """The params of choice `index` of n: one sequence, its own seed (seed + index).

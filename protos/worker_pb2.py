@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13protos/worker.proto\x12\x0c\x66olio.worker\"\xf9\x03\n\x0eSamplingParams\x12\t\n\x01n\x18\x01 \x01(\x05\x12\x13\n\x0btemperature\x18\x02 \x01(\x01\x12\r\n\x05top_p\x18\x03 \x01(\x01\x12\r\n\x05top_k\x18\x04 \x01(\x05\x12\r\n\x05min_p\x18\x05 \x01(\x01\x12\x11\n\x04seed\x18\x06 \x01(\x03H\x00\x88\x01\x01\x12\x18\n\x10presence_penalty\x18\x07 \x01(\x01\x12\x19\n\x11\x66requency_penalty\x18\x08 \x01(\x01\x12\x1a\n\x12repetition_penalty\x18\t \x01(\x01\x12?\n\nlogit_bias\x18\n \x03(\x0b\x32+.folio.worker.SamplingParams.LogitBiasEntry\x12\x15\n\x08logprobs\x18\x0b \x01(\x05H\x01\x88\x01\x01\x12\x1c\n\x0fprompt_logprobs\x18\x0c \x01(\x05H\x02\x88\x01\x01\x12\x12\n\nmax_tokens\x18\r \x01(\x05\x12\x12\n\nmin_tokens\x18\x0e \x01(\x05\x12\x16\n\x0estop_token_ids\x18\x10 \x03(\x05\x12\x12\n\nignore_eos\x18\x11 \x01(\x08\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\x05\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x42\x07\n\x05_seedB\x0b\n\t_logprobsB\x12\n\x10_prompt_logprobsJ\x04\x08\x0f\x10\x10J\x04\x08\x12\x10\x13J\x04\x08\x13\x10\x14\"l\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x01\x12\x0c\n\x04rank\x18\x03 \x01(\x05\x12\x15\n\rtop_token_ids\x18\x04 \x03(\x05\x12\x14\n\x0ctop_logprobs\x18\x05 \x03(\x01\"\xee\x01\n\nNewRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x19\n\x11num_prompt_tokens\x18\x03 \x01(\x05\x12\x35\n\x0fsampling_params\x18\x04 \x01(\x0b\x32\x1c.folio.worker.SamplingParams\x12\x11\n\tblock_ids\x18\x05 \x03(\x05\x12\x1b\n\x13num_computed_tokens\x18\x06 \x01(\x05\x12\x1c\n\x14num_scheduled_tokens\x18\x07 \x01(\x05\x12\x19\n\x11num_output_tokens\x18\x08 \x01(\x05\"\x8e\x01\n\rCachedRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x15\n\rnew_block_ids\x18\x02 \x03(\x05\x12\x1b\n\x13num_computed_tokens\x18\x03 \x01(\x05\x12\x1c\n\x14num_scheduled_tokens\x18\x04 \x01(\x05\x12\x17\n\x0f\x64raft_token_ids\x18\x05 \x03(\x05\"\x9a\x01\n\x0bStepRequest\x12\x0f\n\x07step_id\x18\x01 \x01(\x03\x12.\n\x0cnew_requests\x18\x02 \x03(\x0b\x32\x18.folio.worker.NewRequest\x12\x34\n\x0f\x63\x61\x63hed_requests\x18\x03 \x03(\x0b\x32\x1b.folio.worker.CachedRequest\x12\x14\n\x0c\x66inished_ids\x18\x04 \x03(\t\"\xa6\x01\n\x0eSampledRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x05 \x03(\x05\x12,\n\x08logprobs\x18\x06 \x03(\x0b\x32\x1a.folio.worker.TokenLogprob\x12\x33\n\x0fprompt_logprobs\x18\x04 \x03(\x0b\x32\x1a.folio.worker.TokenLogprobJ\x04\x08\x02\x10\x03J\x04\x08\x03\x10\x04\"3\n\x0cRequestError\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\"~\n\nStepResult\x12\x0f\n\x07step_id\x18\x01 \x01(\x03\x12-\n\x07outputs\x18\x02 \x03(\x0b\x32\x1c.folio.worker.SampledRequest\x12*\n\x06\x65rrors\x18\x04 \x03(\x0b\x32\x1a.folio.worker.RequestErrorJ\x04\x08\x03\x10\x04\"\xa2\x02\n\x10LoadModelRequest\x12\x12\n\nmodel_path\x18\x01 \x01(\t\x12\x12\n\nblock_size\x18\x02 \x01(\x05\x12\x12\n\nnum_blocks\x18\x03 \x01(\x03\x12\x16\n\x0ekv_cache_bytes\x18\x04 \x01(\x03\x12\r\n\x05\x64type\x18\x05 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x06 \x01(\t\x12\x0c\n\x04rank\x18\x07 \x01(\x05\x12\x12\n\nworld_size\x18\x08 \x01(\x05\x12\x12\n\nrendezvous\x18\t \x01(\t\x12\x1e\n\x16gpu_memory_utilization\x18\n \x01(\x01\x12\x1e\n\x16max_num_batched_tokens\x18\x0b \x01(\x05\x12\x0f\n\x07kernels\x18\x0c \x01(\t\x12\x14\n\x0cquantization\x18\r \x01(\t\"\x97\x01\n\x11LoadModelResponse\x12\x12\n\nnum_blocks\x18\x01 \x01(\x03\x12\x12\n\nblock_size\x18\x02 \x01(\x05\x12\x1f\n\x17max_position_embeddings\x18\x03 \x01(\x05\x12\x12\n\nvocab_size\x18\x04 \x01(\x05\x12\x15\n\reos_token_ids\x18\x05 \x03(\x05\x12\x0e\n\x06\x64\x65vice\x18\x06 \x01(\t\"\x0f\n\rHealthRequest\">\n\x0eHealthResponse\x12\x14\n\x0cmodel_loaded\x18\x01 \x01(\x08\x12\x16\n\x0esteps_executed\x18\x02 \x01(\x03\"\x11\n\x0fShutdownRequest\"\x12\n\x10ShutdownResponse2\xaf\x02\n\x06Worker\x12L\n\tLoadModel\x12\x1e.folio.worker.LoadModelRequest\x1a\x1f.folio.worker.LoadModelResponse\x12G\n\x0c\x45xecuteSteps\x12\x19.folio.worker.StepRequest\x1a\x18.folio.worker.StepResult(\x01\x30\x01\x12\x43\n\x06Health\x12\x1b.folio.worker.HealthRequest\x1a\x1c.folio.worker.HealthResponse\x12I\n\x08Shutdown\x12\x1d.folio.worker.ShutdownRequest\x1a\x1e.folio.worker.ShutdownResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13protos/worker.proto\x12\x0c\x66olio.worker\"\xb2\x04\n\x0eSamplingParams\x12\t\n\x01n\x18\x01 \x01(\x05\x12\x13\n\x0btemperature\x18\x02 \x01(\x01\x12\r\n\x05top_p\x18\x03 \x01(\x01\x12\r\n\x05top_k\x18\x04 \x01(\x05\x12\r\n\x05min_p\x18\x05 \x01(\x01\x12\x11\n\x04seed\x18\x06 \x01(\x03H\x00\x88\x01\x01\x12\x18\n\x10presence_penalty\x18\x07 \x01(\x01\x12\x19\n\x11\x66requency_penalty\x18\x08 \x01(\x01\x12\x1a\n\x12repetition_penalty\x18\t \x01(\x01\x12?\n\nlogit_bias\x18\n \x03(\x0b\x32+.folio.worker.SamplingParams.LogitBiasEntry\x12\x15\n\x08logprobs\x18\x0b \x01(\x05H\x01\x88\x01\x01\x12\x1c\n\x0fprompt_logprobs\x18\x0c \x01(\x05H\x02\x88\x01\x01\x12\x12\n\nmax_tokens\x18\r \x01(\x05\x12\x12\n\nmin_tokens\x18\x0e \x01(\x05\x12\x16\n\x0estop_token_ids\x18\x10 \x03(\x05\x12\x12\n\nignore_eos\x18\x11 \x01(\x08\x12+\n\x07grammar\x18\x14 \x01(\x0b\x32\x15.folio.worker.GrammarH\x03\x88\x01\x01\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\x05\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x42\x07\n\x05_seedB\x0b\n\t_logprobsB\x12\n\x10_prompt_logprobsB\n\n\x08_grammarJ\x04\x08\x0f\x10\x10J\x04\x08\x12\x10\x13J\x04\x08\x13\x10\x14\"%\n\x07Grammar\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x0c\n\x04spec\x18\x02 \x01(\t\"l\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x01\x12\x0c\n\x04rank\x18\x03 \x01(\x05\x12\x15\n\rtop_token_ids\x18\x04 \x03(\x05\x12\x14\n\x0ctop_logprobs\x18\x05 \x03(\x01\"\xee\x01\n\nNewRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x19\n\x11num_prompt_tokens\x18\x03 \x01(\x05\x12\x35\n\x0fsampling_params\x18\x04 \x01(\x0b\x32\x1c.folio.worker.SamplingParams\x12\x11\n\tblock_ids\x18\x05 \x03(\x05\x12\x1b\n\x13num_computed_tokens\x18\x06 \x01(\x05\x12\x1c\n\x14num_scheduled_tokens\x18\x07 \x01(\x05\x12\x19\n\x11num_output_tokens\x18\x08 \x01(\x05\"\x8e\x01\n\rCachedRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x15\n\rnew_block_ids\x18\x02 \x03(\x05\x12\x1b\n\x13num_computed_tokens\x18\x03 \x01(\x05\x12\x1c\n\x14num_scheduled_tokens\x18\x04 \x01(\x05\x12\x17\n\x0f\x64raft_token_ids\x18\x05 \x03(\x05\"\x9a\x01\n\x0bStepRequest\x12\x0f\n\x07step_id\x18\x01 \x01(\x03\x12.\n\x0cnew_requests\x18\x02 \x03(\x0b\x32\x18.folio.worker.NewRequest\x12\x34\n\x0f\x63\x61\x63hed_requests\x18\x03 \x03(\x0b\x32\x1b.folio.worker.CachedRequest\x12\x14\n\x0c\x66inished_ids\x18\x04 \x03(\t\"\xa6\x01\n\x0eSampledRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x05 \x03(\x05\x12,\n\x08logprobs\x18\x06 \x03(\x0b\x32\x1a.folio.worker.TokenLogprob\x12\x33\n\x0fprompt_logprobs\x18\x04 \x03(\x0b\x32\x1a.folio.worker.TokenLogprobJ\x04\x08\x02\x10\x03J\x04\x08\x03\x10\x04\"3\n\x0cRequestError\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\"~\n\nStepResult\x12\x0f\n\x07step_id\x18\x01 \x01(\x03\x12-\n\x07outputs\x18\x02 \x03(\x0b\x32\x1c.folio.worker.SampledRequest\x12*\n\x06\x65rrors\x18\x04 \x03(\x0b\x32\x1a.folio.worker.RequestErrorJ\x04\x08\x03\x10\x04\"\xa2\x02\n\x10LoadModelRequest\x12\x12\n\nmodel_path\x18\x01 \x01(\t\x12\x12\n\nblock_size\x18\x02 \x01(\x05\x12\x12\n\nnum_blocks\x18\x03 \x01(\x03\x12\x16\n\x0ekv_cache_bytes\x18\x04 \x01(\x03\x12\r\n\x05\x64type\x18\x05 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x06 \x01(\t\x12\x0c\n\x04rank\x18\x07 \x01(\x05\x12\x12\n\nworld_size\x18\x08 \x01(\x05\x12\x12\n\nrendezvous\x18\t \x01(\t\x12\x1e\n\x16gpu_memory_utilization\x18\n \x01(\x01\x12\x1e\n\x16max_num_batched_tokens\x18\x0b \x01(\x05\x12\x0f\n\x07kernels\x18\x0c \x01(\t\x12\x14\n\x0cquantization\x18\r \x01(\t\"\x97\x01\n\x11LoadModelResponse\x12\x12\n\nnum_blocks\x18\x01 \x01(\x03\x12\x12\n\nblock_size\x18\x02 \x01(\x05\x12\x1f\n\x17max_position_embeddings\x18\x03 \x01(\x05\x12\x12\n\nvocab_size\x18\x04 \x01(\x05\x12\x15\n\reos_token_ids\x18\x05 \x03(\x05\x12\x0e\n\x06\x64\x65vice\x18\x06 \x01(\t\"\x0f\n\rHealthRequest\">\n\x0eHealthResponse\x12\x14\n\x0cmodel_loaded\x18\x01 \x01(\x08\x12\x16\n\x0esteps_executed\x18\x02 \x01(\x03\"\x11\n\x0fShutdownRequest\"\x12\n\x10ShutdownResponse2\xaf\x02\n\x06Worker\x12L\n\tLoadModel\x12\x1e.folio.worker.LoadModelRequest\x1a\x1f.folio.worker.LoadModelResponse\x12G\n\x0c\x45xecuteSteps\x12\x19.folio.worker.StepRequest\x1a\x18.folio.worker.StepResult(\x01\x30\x01\x12\x43\n\x06Health\x12\x1b.folio.worker.HealthRequest\x1a\x1c.folio.worker.HealthResponse\x12I\n\x08Shutdown\x12\x1d.folio.worker.ShutdownRequest\x1a\x1e.folio.worker.ShutdownResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,35 +34,37 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._loaded_options = None
   _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_options = b'8\001'
   _globals['_SAMPLINGPARAMS']._serialized_start=38
-  _globals['_SAMPLINGPARAMS']._serialized_end=543
-  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_start=435
-  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_end=483
-  _globals['_TOKENLOGPROB']._serialized_start=545
-  _globals['_TOKENLOGPROB']._serialized_end=653
-  _globals['_NEWREQUEST']._serialized_start=656
-  _globals['_NEWREQUEST']._serialized_end=894
-  _globals['_CACHEDREQUEST']._serialized_start=897
-  _globals['_CACHEDREQUEST']._serialized_end=1039
-  _globals['_STEPREQUEST']._serialized_start=1042
-  _globals['_STEPREQUEST']._serialized_end=1196
-  _globals['_SAMPLEDREQUEST']._serialized_start=1199
-  _globals['_SAMPLEDREQUEST']._serialized_end=1365
-  _globals['_REQUESTERROR']._serialized_start=1367
-  _globals['_REQUESTERROR']._serialized_end=1418
-  _globals['_STEPRESULT']._serialized_start=1420
-  _globals['_STEPRESULT']._serialized_end=1546
-  _globals['_LOADMODELREQUEST']._serialized_start=1549
-  _globals['_LOADMODELREQUEST']._serialized_end=1839
-  _globals['_LOADMODELRESPONSE']._serialized_start=1842
-  _globals['_LOADMODELRESPONSE']._serialized_end=1993
-  _globals['_HEALTHREQUEST']._serialized_start=1995
-  _globals['_HEALTHREQUEST']._serialized_end=2010
-  _globals['_HEALTHRESPONSE']._serialized_start=2012
-  _globals['_HEALTHRESPONSE']._serialized_end=2074
-  _globals['_SHUTDOWNREQUEST']._serialized_start=2076
-  _globals['_SHUTDOWNREQUEST']._serialized_end=2093
-  _globals['_SHUTDOWNRESPONSE']._serialized_start=2095
-  _globals['_SHUTDOWNRESPONSE']._serialized_end=2113
-  _globals['_WORKER']._serialized_start=2116
-  _globals['_WORKER']._serialized_end=2419
+  _globals['_SAMPLINGPARAMS']._serialized_end=600
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_start=480
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_end=528
+  _globals['_GRAMMAR']._serialized_start=602
+  _globals['_GRAMMAR']._serialized_end=639
+  _globals['_TOKENLOGPROB']._serialized_start=641
+  _globals['_TOKENLOGPROB']._serialized_end=749
+  _globals['_NEWREQUEST']._serialized_start=752
+  _globals['_NEWREQUEST']._serialized_end=990
+  _globals['_CACHEDREQUEST']._serialized_start=993
+  _globals['_CACHEDREQUEST']._serialized_end=1135
+  _globals['_STEPREQUEST']._serialized_start=1138
+  _globals['_STEPREQUEST']._serialized_end=1292
+  _globals['_SAMPLEDREQUEST']._serialized_start=1295
+  _globals['_SAMPLEDREQUEST']._serialized_end=1461
+  _globals['_REQUESTERROR']._serialized_start=1463
+  _globals['_REQUESTERROR']._serialized_end=1514
+  _globals['_STEPRESULT']._serialized_start=1516
+  _globals['_STEPRESULT']._serialized_end=1642
+  _globals['_LOADMODELREQUEST']._serialized_start=1645
+  _globals['_LOADMODELREQUEST']._serialized_end=1935
+  _globals['_LOADMODELRESPONSE']._serialized_start=1938
+  _globals['_LOADMODELRESPONSE']._serialized_end=2089
+  _globals['_HEALTHREQUEST']._serialized_start=2091
+  _globals['_HEALTHREQUEST']._serialized_end=2106
+  _globals['_HEALTHRESPONSE']._serialized_start=2108
+  _globals['_HEALTHRESPONSE']._serialized_end=2170
+  _globals['_SHUTDOWNREQUEST']._serialized_start=2172
+  _globals['_SHUTDOWNREQUEST']._serialized_end=2189
+  _globals['_SHUTDOWNRESPONSE']._serialized_start=2191
+  _globals['_SHUTDOWNRESPONSE']._serialized_end=2209
+  _globals['_WORKER']._serialized_start=2212
+  _globals['_WORKER']._serialized_end=2515
 # @@protoc_insertion_point(module_scope)

@@ -69,6 +69,13 @@ class Limits:
         },
     )
     chat_template_timeout_s: float = field(default=5.0, metadata={"help": "seconds a chat template may render"})
+    grammar_compile_timeout_s: float = field(
+        default=5.0,
+        metadata={
+            "help": "seconds a request's output constraint (JSON schema, regex, grammar) may take to compile",
+            "flag": "--grammar-compile-timeout",
+        },
+    )
     stream_keepalive_s: float = field(
         default=10.0, metadata={"help": "seconds of silence after which a stream gets an SSE keep-alive comment"}
     )

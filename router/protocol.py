@@ -19,16 +19,53 @@ from typing import Annotated, Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from protos.grammar import MAX_SPEC_CHARS
 from router import limits as L
 
 Name = Annotated[str, Field(max_length=L.MAX_NAME_CHARS)]
 StopString = Annotated[str, Field(max_length=L.MAX_STOP_CHARS)]
 TokenId = Annotated[int, Field(ge=0, le=L.INT32_MAX)]
+GrammarText = Annotated[str, Field(max_length=MAX_SPEC_CHARS)]
+Schema = Union[dict[str, Any], GrammarText]  # a JSON schema, as an object or as JSON text
+Choices = Annotated[
+    list[Annotated[str, Field(max_length=L.MAX_STOP_CHARS)]], Field(min_length=1, max_length=L.MAX_CHOICES)
+]
 Count = Annotated[int, Field(ge=0, le=L.INT32_MAX)]
 
 
 class _Body(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore", allow_inf_nan=False)
+
+
+class JsonSchemaFormat(_Body):
+    name: Optional[Name] = None
+    description: Optional[GrammarText] = None
+    schema_: Optional[dict[str, Any]] = Field(None, alias="schema")
+    strict: Optional[bool] = None  # folio's schemas are always strict: no property the schema does not name
+
+
+class ResponseFormat(_Body):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: Optional[JsonSchemaFormat] = None
+
+
+class StructuredOutputs(BaseModel):
+    """vLLM's structured_outputs (router/structured.py). Unknown keys are refused, not ignored:
+    each names a constraint."""
+
+    model_config = ConfigDict(strict=True, extra="forbid", allow_inf_nan=False)
+    json_: Optional[Schema] = Field(None, alias="json")
+    regex: Optional[GrammarText] = None
+    choice: Optional[Choices] = None
+    grammar: Optional[GrammarText] = None
+    json_object: Optional[bool] = None
+    whitespace_pattern: Optional[GrammarText] = None
+    structural_tag: Optional[Any] = None
+    # What these ask for is what folio always does: no fallback to unconstrained
+    # decoding, no free whitespace, no properties a schema does not name.
+    disable_fallback: Optional[bool] = None
+    disable_any_whitespace: Optional[bool] = None
+    disable_additional_properties: Optional[bool] = None
 
 
 class StreamOptions(_Body):
@@ -72,6 +109,15 @@ class _Sampling(_Body):
     priority: Optional[int] = Field(None, ge=-L.INT32_MAX, le=L.INT32_MAX)
     # Keeps this request's prefix-cache entries apart from requests without the same salt.
     cache_salt: Optional[Annotated[str, Field(min_length=1, max_length=L.MAX_NAME_CHARS)]] = None
+    # Structured output (router/structured.py): OpenAI's field, then vLLM's.
+    response_format: Optional[ResponseFormat] = None
+    guided_json: Optional[Schema] = None
+    guided_regex: Optional[GrammarText] = None
+    guided_choice: Optional[Choices] = None
+    guided_grammar: Optional[GrammarText] = None
+    guided_decoding_backend: Optional[Name] = None
+    guided_whitespace_pattern: Optional[GrammarText] = None
+    structured_outputs: Optional[StructuredOutputs] = None
 
 
 PromptInput = Union[
@@ -109,10 +155,6 @@ class ChatMessage(BaseModel):
     name: Optional[Name] = None
 
 
-class ResponseFormat(_Body):
-    type: Literal["text", "json_object", "json_schema"]
-
-
 class ChatCompletionRequest(_Sampling):
     """POST /v1/chat/completions."""
 
@@ -121,9 +163,11 @@ class ChatCompletionRequest(_Sampling):
     max_completion_tokens: Optional[int] = Field(None, ge=1, le=L.INT32_MAX)
     logprobs: Optional[bool] = None
     top_logprobs: Optional[int] = Field(None, ge=0, le=L.MAX_LOGPROBS)
-    response_format: Optional[ResponseFormat] = None
     tools: Optional[list[dict[str, Any]]] = None
     tool_choice: Union[str, dict[str, Any], None] = None
+    # OpenAI's deprecated form of tools: refused while folio does not call tools
+    functions: Optional[list[Any]] = None
+    function_call: Union[str, dict[str, Any], None] = None
     # vLLM extensions
     add_generation_prompt: Optional[bool] = None
     continue_final_message: Optional[bool] = None

@@ -7,6 +7,8 @@ Choosing a request's token, in order (OpenAI / vLLM semantics):
   3. repetition_penalty (HF: for tokens in prompt + output, a positive logit is divided by it,
      any other multiplied), then frequency_penalty x (count in output) and presence_penalty
      (if in output) are subtracted.
+  3b. A request with a grammar (structured output) has every token its grammar does not allow
+     next set to -inf; once the grammar is complete only EOS is allowed.
   4. temperature < 1e-5 takes the argmax. Otherwise: divide by temperature, keep the top_k,
      keep the smallest most-likely set with probability >= top_p, drop tokens with probability
      below min_p x the largest, and sample from what is left.
@@ -22,6 +24,12 @@ Per-step cost: Python work is a few list comprehensions over the batch; each sta
 tensor ops over only the rows that need it, so a greedy batch without bias or penalties is one
 argmax (plus a log_softmax over the rows that ask for logprobs).
 
+Grammars: each constrained request owns an xgrammar matcher, advanced by every token recorded
+for it. A preempted request rebuilt with its outputs replays them into a new matcher, and
+verify() samples drafts one position at a time through sample(), so a draft the grammar forbids
+is never accepted and the matcher has only ever seen accepted tokens: there is nothing to roll
+back. Every child of n > 1 is its own request, with its own matcher.
+
 Invariants, for every request id held:
   - _Request.num_outputs is the number of output tokens the request has: those passed to
     add_request plus one per sample() row since.
@@ -32,15 +40,29 @@ Invariants, for every request id held:
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 from torch import Tensor
 
+from protos.grammar import GrammarCompiler
 from protos.messages import SamplingParams, TokenLogprob
 
+log = logging.getLogger(__name__)
+
 _MASK64 = (1 << 64) - 1
+
+
+class _Ended:
+    """The matcher of a request whose grammar engine failed: it may only end (EOS)."""
+
+    def is_terminated(self) -> bool:
+        return True
+
+
+_ENDED = _Ended()
 # prompt_logprobs works through this many positions at a time to bound its [rows, V] temporaries.
 _PROMPT_LOGPROBS_CHUNK = 512
 
@@ -53,6 +75,7 @@ class _Request:
     min_tokens_ids: list[int]  # banned while num_outputs < params.min_tokens
     bias_ids: list[int]
     bias_values: list[float]
+    matcher: Any = None  # xgrammar.GrammarMatcher of a request with a grammar
 
 
 class Sampler:
@@ -63,11 +86,20 @@ class Sampler:
     remove_request when the request finishes or is dropped.
     """
 
-    def __init__(self, vocab_size: int, eos_token_ids: Sequence[int], device="cpu", seed: Optional[int] = None):
+    def __init__(
+        self,
+        vocab_size: int,
+        eos_token_ids: Sequence[int],
+        device="cpu",
+        seed: Optional[int] = None,
+        grammars: Optional[GrammarCompiler] = None,
+    ):
         """vocab_size: width of the logits (the model's, padding included).
         seed: seeds the generator that unseeded requests share; None draws one from the OS.
-        Tensor-parallel ranks that each sample must pass the same seed to agree."""
+        Tensor-parallel ranks that each sample must pass the same seed to agree.
+        grammars compiles the grammars of structured-output requests; without it they are refused."""
         self.vocab_size = vocab_size
+        self.grammars = grammars
         self.eos_token_ids = list(eos_token_ids)
         self.device = torch.device(device)
         self._requests: dict[str, _Request] = {}
@@ -103,6 +135,7 @@ class Sampler:
             if not params.ignore_eos:
                 stops.update(self.eos_token_ids)
             min_tokens_ids = sorted(t for t in stops if 0 <= t < self.vocab_size)
+        matcher = self._matcher(params, output_token_ids) if params.grammar is not None else None
         slot = -1
         if params.needs_penalties:
             slot = self._allocate_slot()
@@ -117,7 +150,20 @@ class Sampler:
             min_tokens_ids=min_tokens_ids,
             bias_ids=[int(t) for t in params.logit_bias],
             bias_values=[float(b) for b in params.logit_bias.values()],
+            matcher=matcher,
         )
+
+    def _matcher(self, params: SamplingParams, output_token_ids: Sequence[int]):
+        """A matcher for the request's grammar that has seen its outputs so far."""
+        if self.grammars is None:
+            raise ValueError("this worker has no grammar engine: structured output is not served here")
+        import xgrammar
+
+        matcher = xgrammar.GrammarMatcher(self.grammars.compile(params.grammar))
+        for t in output_token_ids:
+            if not matcher.accept_token(int(t)):
+                raise ValueError("the tokens already generated do not fit the request's grammar")
+        return matcher
 
     def remove_request(self, request_id: str) -> None:
         """Forget a request (finished, aborted, or preempted). Unknown ids are ignored."""
@@ -224,6 +270,38 @@ class Sampler:
         if penalty_rows:
             penalized = [requests[i] for i in penalty_rows]
             x = _map_rows(x, penalty_rows, lambda rows: self._penalize(rows, penalized))
+        grammar_rows = [i for i, r in enumerate(requests) if r.matcher is not None]
+        if grammar_rows:
+            x = self._mask_by_grammar(x.clone() if x is logits else x, grammar_rows, requests)
+        return x
+
+    def _mask_by_grammar(self, x: Tensor, rows: list[int], requests: list[_Request]) -> Tensor:
+        """Step 3b, in place on x [N, V] (a copy of the logits): -inf where a row's grammar
+        forbids the token."""
+        import xgrammar
+
+        bitmask = xgrammar.allocate_token_bitmask(x.shape[0], self.vocab_size)
+        masked, ended = [], []
+        for i in rows:
+            m = requests[i].matcher
+            try:
+                if not m.is_terminated():
+                    m.fill_next_token_bitmask(bitmask, i)
+                    masked.append(i)
+                    continue
+            except RuntimeError:  # the engine's own failure fails this request alone, below
+                log.exception("grammar mask failed; the request ends")
+                requests[i].matcher = _ENDED
+            ended.append(i)
+        if masked:
+            xgrammar.apply_token_bitmask_inplace(x, bitmask.to(x.device), indices=masked)
+        if ended:
+            # A complete grammar allows only EOS. The head may have scheduled one more
+            # step before it saw the EOS that completed it; that step's token is dropped.
+            ended_rows = self._long(ended)
+            x[ended_rows] = float("-inf")
+            if self.eos_token_ids:
+                x[ended_rows[:, None], self._long(self.eos_token_ids[:1])] = 0.0
         return x
 
     def _penalize(self, x: Tensor, requests: list[_Request]) -> Tensor:
@@ -336,6 +414,16 @@ class Sampler:
             self._seen[slots, sampled] = True
         for r in requests:
             r.num_outputs += 1
+        if not any(r.matcher is not None for r in requests):
+            return
+        for r, token in zip(requests, tokens.tolist()):
+            # The mask allowed only tokens the grammar accepts, so this fails only for a row
+            # the mask left empty (a grammar with a dead end): the request then goes on
+            # with its matcher where it was, and its output no longer fits the grammar.
+            if r.matcher is None or r.matcher is _ENDED or r.matcher.is_terminated():
+                continue
+            if not r.matcher.accept_token(token):
+                log.warning("a sampled token does not fit its request's grammar: %d", token)
 
     # ------------------------------------------------------------------ small tensor helpers
 

@@ -19,9 +19,10 @@ import torch
 
 from kernels.ops import select_ops
 from protos.config import SchedulerConfig, WorkerConfig, default_device, default_dtype
+from protos.grammar import GrammarCompiler
 from protos.messages import NewRequest, SamplingParams, StepRequest, StepResult
 from worker.kv_pool import GiB, KVPool, MemoryProfile, gpu_memory_budget
-from worker.loader import default_model_path, load_model
+from worker.loader import default_model_path, load_model, load_tokenizer
 from worker.model_runner import ModelRunner
 from worker.parallel import TPGroup
 from worker.sampler import Sampler
@@ -74,7 +75,8 @@ class Worker:
                 kv_cache_bytes or DEFAULT_KV_CACHE_BYTES, cfg.num_layers, kv_heads, cfg.head_dim, block_size, dtype
             )
         self.pool = KVPool.allocate(cfg.num_layers, num_blocks, block_size, kv_heads, cfg.head_dim, dtype, self.device)
-        self.sampler = Sampler(cfg.vocab_size, cfg.eos_token_ids, device=self.device)
+        grammars = GrammarCompiler(lambda: load_tokenizer(self.model_path), cfg.vocab_size, cfg.eos_token_ids)
+        self.sampler = Sampler(cfg.vocab_size, cfg.eos_token_ids, device=self.device, grammars=grammars)
         self.runner = ModelRunner(self.model, self.pool, self.sampler, self.device, tp=self.tp)
         log.info(
             "worker ready: %s (%s weights), %d KV blocks of %d tokens (%.1f MiB)",

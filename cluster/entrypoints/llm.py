@@ -111,6 +111,8 @@ class LLM:
             check_token_ids(list(params.logit_bias), vocab, "logit_bias", allow_empty=True)
         except ApiError as e:
             raise ValueError(f"{e.param}: {e.message}") from None
+        if params.grammar is not None and self.worker.sampler.grammars is not None:
+            self.worker.sampler.grammars.compile(params.grammar)  # a ValueError saying why it does not compile
         res = GenerationResult(rid, ids, [], arrival_time=time.monotonic())
         for i, child in enumerate(
             choice_requests(rid, [ids], params, priority=priority, arrival_time=res.arrival_time)

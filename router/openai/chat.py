@@ -28,10 +28,9 @@ class ChatCompletions:
         model.check_model(req.model)
         if req.tools and req.tool_choice != "none":
             raise ApiError(400, 'tool calling is not supported; send tool_choice "none"', param="tools")
-        if req.response_format is not None and req.response_format.type != "text":
-            raise ApiError(
-                400, f"response_format {req.response_format.type!r} is not supported", param="response_format"
-            )
+        for legacy in ("functions", "function_call"):
+            if getattr(req, legacy) is not None:
+                raise ApiError(400, f"{legacy} is not supported; folio does not call tools yet", param=legacy)
         if req.top_logprobs is not None and not req.logprobs:
             raise ApiError(400, "top_logprobs needs logprobs set to true", param="top_logprobs")
         check_choices(1, req.n or 1)
@@ -41,12 +40,15 @@ class ChatCompletions:
         model.sampling_params(
             req, max_tokens=INT32_MAX if max_tokens is None else max_tokens, logprobs=logprobs, prompt_logprobs=None
         )
+        grammar = await model.grammar(req)
         prompt = Prompt(await chat_token_ids(model, req), None)
         check_token_ids(prompt.token_ids, model.vocab_size, "messages")
         if max_tokens is None:
             # As much as is left of the room one request has: always admissible.
             max_tokens = max(1, model.frontend.max_request_tokens - len(prompt.token_ids))
-        params = model.sampling_params(req, max_tokens=max_tokens, logprobs=logprobs, prompt_logprobs=None)
+        params = model.sampling_params(
+            req, max_tokens=max_tokens, logprobs=logprobs, prompt_logprobs=None, grammar=grammar
+        )
         choices, streams = generation.submit(model, [prompt], params, caller, req)
         # What the body and every chunk of this response carry alike.
         envelope = dict(id=f"chatcmpl-{caller.display_id}", created=int(time.time()), model=model.model_name)

@@ -32,11 +32,18 @@ class Completions:
         if req.best_of is not None and req.best_of != n:
             raise ApiError(400, "best_of must equal n (folio returns every sequence it samples)", param="best_of")
         check_choices(len(req.prompt) if _is_prompt_list(req.prompt) else 1, n)
+        model.sampling_params(  # every plain field checked before the grammar compiles
+            req,
+            max_tokens=16 if req.max_tokens is None else req.max_tokens,
+            logprobs=req.logprobs,
+            prompt_logprobs=None,
+        )
         params = model.sampling_params(
             req,
             max_tokens=16 if req.max_tokens is None else req.max_tokens,
             logprobs=req.logprobs,
             prompt_logprobs=req.logprobs if req.echo else None,
+            grammar=await model.grammar(req),
         )
         prompts = await completion_prompts(model, req)
         choices, streams = generation.submit(model, prompts, params, caller, req)

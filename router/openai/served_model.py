@@ -8,11 +8,13 @@ from __future__ import annotations
 
 from typing import Optional
 
+from protos.grammar import Grammar
 from protos.messages import SamplingParams
 from router.engine_client import EngineClient
 from router.errors import ApiError
 from router.limits import Limits, check_token_ids, check_top_k, logit_bias_ids
 from router.protocol import _Sampling
+from router.structured import GrammarCheck, requested_grammar
 from router.templating import Templater
 
 
@@ -29,6 +31,7 @@ class ServedModel:
         self.limits = limits or Limits()
         self.max_token_chars = longest_token_chars(tokenizer)
         self.templater = Templater(tokenizer, self.limits, self.max_chars)
+        self.grammars = GrammarCheck(tokenizer, vocab_size, self.limits.grammar_compile_timeout_s)
         self._token_text: dict[int, str] = {}
 
     @property
@@ -45,8 +48,21 @@ class ServedModel:
                 code="model_not_found",
             )
 
+    async def grammar(self, req: _Sampling) -> Optional[Grammar]:
+        """The request's output constraint (router/structured.py), compiled once to be sure it can be."""
+        grammar, param = requested_grammar(req)
+        if grammar is not None:
+            await self.grammars.check(grammar, param)
+        return grammar
+
     def sampling_params(
-        self, req: _Sampling, *, max_tokens: int, logprobs: Optional[int], prompt_logprobs: Optional[int]
+        self,
+        req: _Sampling,
+        *,
+        max_tokens: int,
+        logprobs: Optional[int],
+        prompt_logprobs: Optional[int],
+        grammar: Optional[Grammar] = None,
     ) -> SamplingParams:
         """The request's sampling fields, checked against the model (the schema bounded the rest)."""
 
@@ -78,6 +94,7 @@ class ServedModel:
                 ignore_eos=bool(req.ignore_eos),
                 include_stop_str_in_output=bool(req.include_stop_str_in_output),
                 skip_special_tokens=pick(req.skip_special_tokens, True),
+                grammar=grammar,
             )
         except ValueError as e:
             raise ApiError(400, str(e)) from e

@@ -115,6 +115,7 @@ def test_offline_commands_load_without_ray_or_the_http_stack():
     r = subprocess.run(
         [sys.executable, "-c", _WITHOUT_SERVING_STACK], capture_output=True, text=True, timeout=300, check=True
     )
-    assert r.stdout.split("\n")[0] == "['batch', 'bench', 'generate'] ['kernels', 'serve', 'spec', 'throughput']", (
-        r.stdout
-    )
+    assert (
+        r.stdout.split("\n")[0]
+        == "['batch', 'bench', 'generate'] ['kernels', 'serve', 'spec', 'structured', 'throughput']"
+    ), r.stdout

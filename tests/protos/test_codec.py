@@ -9,6 +9,7 @@ from dataclasses import replace
 import pytest
 
 from protos import codec
+from protos.grammar import Grammar
 from protos.messages import (
     CachedRequest,
     NewRequest,
@@ -55,6 +56,8 @@ def _wire(msg):
             skip_special_tokens=False,
         ),
         SamplingParams(seed=2**62, logprobs=5, temperature=1e-300),
+        SamplingParams(grammar=Grammar("json_schema", '{"type": "object", "title": "é"}')),
+        SamplingParams(grammar=Grammar("json_object")),
     ],
 )
 def test_sampling_params_round_trip(params):
@@ -70,6 +73,14 @@ def test_unset_optionals_stay_none():
     assert not m.HasField("seed") and not m.HasField("logprobs")
     back = codec.decode_sampling_params(m)
     assert back.seed is None and back.logprobs is None and back.prompt_logprobs is None
+    assert not m.HasField("grammar") and back.grammar is None
+
+
+def test_a_bad_grammar_on_the_wire_is_a_value_error():
+    m = _wire(codec.encode_sampling_params(SamplingParams(grammar=Grammar("regex", "a+"))))
+    m.grammar.kind = "yaml"
+    with pytest.raises(ValueError, match="grammar kind"):
+        codec.decode_sampling_params(m)
 
 
 def test_step_request_round_trip():

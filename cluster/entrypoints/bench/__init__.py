@@ -11,7 +11,7 @@ import argparse
 
 from cluster.entrypoints import optional_module
 
-BENCHMARKS = ("throughput", "serve", "spec", "replicas", "kernels", "llamacpp")
+BENCHMARKS = ("throughput", "serve", "spec", "structured", "replicas", "kernels", "llamacpp")
 
 
 def add_subcommands(sub: argparse._SubParsersAction) -> None:

@@ -1,0 +1,177 @@
+"""Structured output in the engine, on the bundled SmolLM2: every constrained output parses
+and validates against its schema, whatever runs beside it and whatever happens to it
+(batching with free requests, preemption, n > 1, speculative drafts); free requests in
+the same batch get exactly the tokens they get alone."""
+
+from __future__ import annotations
+
+import json
+
+import jsonschema
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from cluster.entrypoints.llm import LLM
+from protos.grammar import Grammar
+from protos.messages import SamplingParams
+
+pytestmark = pytest.mark.slow
+
+MAX_TOKENS = 160
+FREE_PROMPTS = ["The capital of France is", "def fibonacci(n):"]
+KEYS = ["name", "id", "tags", "color", "size", "ok", "note", "kind"]
+
+# Bounded leaves, so that a small greedy model finishes every value: integers in a
+# range, strings of at most a dozen characters, enums, booleans, null.
+_leaf = st.one_of(
+    st.just({"type": "boolean"}),
+    st.just({"type": "null"}),
+    st.builds(
+        lambda lo, span: {"type": "integer", "minimum": lo, "maximum": lo + span},
+        st.integers(-100, 100),
+        st.integers(0, 1000),
+    ),
+    st.integers(1, 12).map(lambda n: {"type": "string", "maxLength": n}),
+    st.lists(st.sampled_from(["red", "green", "blue", "amber"]), min_size=1, max_size=4, unique=True).map(
+        lambda xs: {"enum": xs}
+    ),
+)
+
+
+def _object(children):
+    return st.dictionaries(st.sampled_from(KEYS), children, min_size=1, max_size=3).map(
+        lambda props: {"type": "object", "properties": props, "required": sorted(props), "additionalProperties": False}
+    )
+
+
+def _array(children):
+    return children.map(lambda item: {"type": "array", "items": item, "maxItems": 3})
+
+
+SCHEMAS = st.recursive(_leaf, lambda ch: st.one_of(_object(ch), _array(ch)), max_leaves=5).map(
+    lambda s: s if s.get("type") == "object" else {"type": "object", "properties": {"value": s}, "required": ["value"]}
+)
+
+
+def _prompt(schema: dict) -> str:
+    return f"Reply with a JSON value for this schema: {json.dumps(schema)}\nJSON:"
+
+
+def _constrained(schema: dict, max_tokens: int = MAX_TOKENS) -> SamplingParams:
+    return SamplingParams(max_tokens=max_tokens, temperature=0.0, grammar=Grammar("json_schema", json.dumps(schema)))
+
+
+def _check(schema: dict, out) -> None:
+    assert out.finish_reason == "stop", f"did not finish within {MAX_TOKENS} tokens: {out.text!r}"
+    jsonschema.validate(json.loads(out.text), schema)
+
+
+@pytest.fixture(scope="module")
+def llm(smollm2):
+    return LLM(smollm2)
+
+
+@pytest.fixture(scope="module")
+def free_alone(llm):
+    params = SamplingParams(max_tokens=24, temperature=0.0)
+    return [r.outputs[0].token_ids for r in llm.generate(FREE_PROMPTS, params)]
+
+
+@settings(max_examples=3, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+@given(schemas=st.lists(SCHEMAS, min_size=2, max_size=3))
+def test_constrained_outputs_validate_and_free_requests_are_unchanged(llm, free_alone, schemas):
+    prompts = [_prompt(s) for s in schemas] + FREE_PROMPTS
+    params = [_constrained(s) for s in schemas] + [SamplingParams(max_tokens=24, temperature=0.0)] * 2
+    results = llm.generate(prompts, params)
+    for schema, r in zip(schemas, results):
+        _check(schema, r.outputs[0])
+    assert [r.outputs[0].token_ids for r in results[len(schemas) :]] == free_alone
+
+
+FIXED = [
+    {
+        "type": "object",
+        "properties": {
+            "name": {"type": "string", "maxLength": 10},
+            "tags": {"type": "array", "items": {"enum": ["red", "green", "blue"]}, "maxItems": 3},
+            "size": {"type": "integer", "minimum": 0, "maximum": 99},
+        },
+        "required": ["name", "tags", "size"],
+        "additionalProperties": False,
+    },
+    {
+        "type": "object",
+        "properties": {"ok": {"type": "boolean"}, "kind": {"enum": ["cat", "dog"]}},
+        "required": ["ok", "kind"],
+        "additionalProperties": False,
+    },
+]
+
+
+@pytest.fixture(scope="module")
+def fixed_outputs(llm):
+    results = llm.generate([_prompt(s) for s in FIXED], [_constrained(s) for s in FIXED])
+    for schema, r in zip(FIXED, results):
+        _check(schema, r.outputs[0])
+    return [r.outputs[0].token_ids for r in results]
+
+
+def test_preempted_requests_replay_their_grammar(llm, smollm2):
+    prompts = [prefix + _prompt(s) for prefix in ("", "Again. ") for s in FIXED]
+    params = [_constrained(s, max_tokens=60) for _ in range(2) for s in FIXED]
+    want = [r.outputs[0].token_ids for r in llm.generate(prompts, params)]
+    # 200 tokens of KV for four requests of 110 to 180: some are preempted and recomputed.
+    small = LLM(smollm2, block_size=4, num_kv_blocks=50, max_num_batched_tokens=64)
+    results = small.generate(prompts, params)
+    assert small.scheduler.num_preemptions > 0
+    assert [r.outputs[0].token_ids for r in results] == want
+
+
+def test_speculative_drafts_are_checked_against_the_grammar(smollm2, fixed_outputs):
+    spec = LLM(smollm2, num_speculative_tokens=4, prompt_lookup_min=1)
+    results = spec.generate([_prompt(s) for s in FIXED], [_constrained(s) for s in FIXED])
+    assert spec.scheduler.num_draft_tokens > 0
+    assert [r.outputs[0].token_ids for r in results] == fixed_outputs
+
+
+def test_each_of_n_samples_has_its_own_grammar_state(llm):
+    schema = FIXED[1]
+    params = SamplingParams(
+        n=4, max_tokens=MAX_TOKENS, temperature=1.0, seed=11, grammar=Grammar("json_schema", json.dumps(schema))
+    )
+    outs = llm.generate([_prompt(schema)], params)[0].outputs
+    assert len(outs) == 4
+    for out in outs:
+        _check(schema, out)
+
+
+@pytest.mark.parametrize(
+    "grammar, allowed",
+    [
+        (Grammar.choice(["yes", "no", "maybe"]), {"yes", "no", "maybe"}),
+        (Grammar("regex", r"[0-9]{3}-[0-9]{4}"), None),
+        (Grammar("ebnf", 'root ::= "(" [a-z]+ ")"'), None),
+    ],
+    ids=["choice", "regex", "ebnf"],
+)
+def test_choice_regex_and_ebnf_constrain_the_text(llm, grammar, allowed):
+    import re
+
+    out = llm.generate(["Answer:"], SamplingParams(max_tokens=24, temperature=0.7, seed=1, grammar=grammar))[0]
+    text = out.outputs[0].text
+    assert out.outputs[0].finish_reason == "stop"
+    if allowed is not None:
+        assert text in allowed
+    elif grammar.kind == "regex":
+        assert re.fullmatch(grammar.spec, text), text
+    else:
+        assert re.fullmatch(r"\([a-z]+\)", text), text
+
+
+def test_a_grammar_that_does_not_compile_fails_its_request_alone(llm):
+    bad = SamplingParams(max_tokens=4, grammar=Grammar("regex", "(unclosed"))
+    good = SamplingParams(max_tokens=4, temperature=0.0)
+    with pytest.raises(ValueError, match="parenthesis"):
+        llm.generate(["x", "y"], [bad, good])
+    assert llm.generate(["y"], good)[0].outputs[0].token_ids  # the engine still serves

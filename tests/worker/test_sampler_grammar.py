@@ -1,0 +1,109 @@
+"""The sampler's grammar masks on SmolLM2's vocabulary, with logits chosen by the test: the
+grammar wins over any logit, drafts it forbids are rejected, a rebuilt request replays its
+outputs, and a request whose grammar is complete can only end."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from protos.grammar import Grammar, GrammarCompiler
+from protos.messages import SamplingParams
+from worker.loader import load_tokenizer
+from worker.sampler import Sampler
+
+VOCAB = 49152
+EOS = 2  # SmolLM2-Instruct's <|im_end|>
+
+
+@pytest.fixture(scope="module")
+def tok(smollm2):
+    return load_tokenizer(smollm2)
+
+
+@pytest.fixture
+def sampler(tok):
+    return Sampler(VOCAB, [EOS], grammars=GrammarCompiler(lambda: tok, VOCAB, [EOS]))
+
+
+def _ids(tok, text: str) -> list[int]:
+    return tok.encode(text, add_special_tokens=False)
+
+
+def _favouring(*token_ids: int, rows: int = 1) -> torch.Tensor:
+    """Logits where token_ids[i] is row i's clear favourite."""
+    logits = torch.zeros(rows, VOCAB)
+    for row, t in enumerate(token_ids):
+        logits[row, t] = 50.0
+    return logits
+
+
+CHOICE = Grammar.choice(["yes", "no"])
+
+
+def test_the_grammar_overrides_the_logits_and_leaves_free_rows_alone(sampler, tok):
+    sampler.add_request("free", SamplingParams(temperature=0.0), [5])
+    sampler.add_request("bound", SamplingParams(temperature=0.0, grammar=CHOICE), [5])
+    maybe = _ids(tok, "maybe")[0]
+    logits = _favouring(maybe, maybe, rows=2)
+    (free, _), (bound, _) = sampler.sample(logits.clone(), ["free", "bound"])
+    assert free == maybe
+    assert tok.decode([bound]) in ("yes", "no", "y", "n")
+    # logprobs stay those of the model's own logits
+    sampler.add_request("lp", SamplingParams(temperature=0.0, grammar=CHOICE, logprobs=0), [5])
+    ((_, lp),) = sampler.sample(logits[:1].clone(), ["lp"])
+    assert lp.logprob == pytest.approx(torch.log_softmax(logits[0], -1)[lp.token_id].item(), abs=1e-5)
+
+
+def test_a_draft_the_grammar_forbids_is_rejected(sampler, tok):
+    yes = _ids(tok, "yes")
+    assert len(yes) == 1
+    sampler.add_request("r", SamplingParams(temperature=0.0, grammar=CHOICE), [5])
+    maybe = _ids(tok, "maybe")[0]
+    # Row 0 favours the draft "maybe", which the grammar forbids: rejected, and the
+    # token sampled instead comes from the grammar's set.
+    (picked,) = sampler.verify(_favouring(maybe, EOS, rows=2), ["r"], [[maybe]])
+    assert len(picked) == 1 and picked[0][0] != maybe
+    assert tok.decode([picked[0][0]]) in ("yes", "no", "y", "n")
+
+
+def test_an_allowed_draft_is_kept_and_the_grammar_then_ends_the_output(sampler, tok):
+    (yes,) = _ids(tok, "yes")
+    sampler.add_request("r", SamplingParams(temperature=0.0, grammar=CHOICE), [5])
+    (picked,) = sampler.verify(_favouring(yes, yes, rows=2), ["r"], [[yes]])
+    # "yes" accepted; after it the grammar is complete, so EOS wins over the logits.
+    assert [t for t, _ in picked] == [yes, EOS]
+    # A step the head scheduled before it saw the EOS: still only EOS, no error.
+    assert sampler.sample(_favouring(yes), ["r"])[0][0] == EOS
+
+
+def test_a_rebuilt_request_replays_its_outputs(sampler, tok):
+    grammar = Grammar("regex", "(ab)+c")
+    a, b, c = (_ids(tok, x)[0] for x in "abc")
+    sampler.add_request("r", SamplingParams(temperature=0.0, grammar=grammar), [5, 6], [a, b, a])
+    # after "aba" only "b" fits, whatever the logits favour
+    assert sampler.sample(_favouring(c), ["r"])[0][0] == b
+    with pytest.raises(ValueError, match="do not fit"):
+        sampler.add_request("s", SamplingParams(grammar=grammar), [5, 6], [b])
+
+
+def test_a_bad_grammar_is_refused_with_the_reason(sampler):
+    for grammar, reason in [
+        (Grammar("regex", "(a"), "parenthesis"),
+        (Grammar("json_schema", '{"type": "string", "minLength": 3, "maxLength": 1}'), "minLength"),
+        (Grammar("json_schema", "{nope"), "property name"),
+        (Grammar("ebnf", "root ::= missing"), "not defined"),
+    ]:
+        with pytest.raises(ValueError, match=reason):
+            sampler.add_request("r", SamplingParams(grammar=grammar), [5])
+    with pytest.raises(ValueError, match="no grammar engine"):
+        Sampler(VOCAB, [EOS]).add_request("r", SamplingParams(grammar=CHOICE), [5])
+
+
+def test_params_that_would_forbid_the_grammars_end_are_refused():
+    with pytest.raises(ValueError, match="ignore_eos"):
+        SamplingParams(grammar=CHOICE, ignore_eos=True)
+    with pytest.raises(ValueError, match="min_tokens"):
+        SamplingParams(grammar=CHOICE, min_tokens=2)
+    with pytest.raises(ValueError, match="grammar kind"):
+        Grammar("yaml", "")
