@@ -36,8 +36,10 @@ from router.openai.responses import (
     Completion,
     CompletionChunk,
     DetokenizeResponse,
+    ModelCard,
     ModelList,
     TokenizeResponse,
+    TokenizerInfo,
 )
 from router.openai_serving import Caller, OpenAIServing, StreamingResult
 from router.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
@@ -106,6 +108,14 @@ def build_app(serving: OpenAIServing, frontend: EngineClient, policy: Optional[A
     async def models() -> Response:
         return JSONResponse(serving.models().model_dump())
 
+    @app.get("/v1/models/{model_id:path}", responses=_ok(ModelCard))
+    async def model(model_id: str) -> Response:
+        return JSONResponse(serving.model(model_id).model_dump())
+
+    @app.get("/tokenizer_info", responses=_ok(TokenizerInfo))
+    async def tokenizer_info() -> Response:
+        return JSONResponse(serving.tokenizer_info().model_dump())
+
     @app.post("/tokenize", openapi_extra=_json_body(TokenizeRequest), responses=_ok(TokenizeResponse))
     async def tokenize(request: Request) -> Response:
         return JSONResponse((await serving.tokenize(await _parse(request, TokenizeRequest))).model_dump())
@@ -114,7 +124,9 @@ def build_app(serving: OpenAIServing, frontend: EngineClient, policy: Optional[A
     async def detokenize(request: Request) -> Response:
         return JSONResponse((await serving.detokenize(await _parse(request, DetokenizeRequest))).model_dump())
 
+    # HEAD as well: load balancers and uptime checks probe with it.
     @app.get("/health", responses={503: _ERRORS[503]})
+    @app.head("/health", responses={503: _ERRORS[503]})
     async def health() -> Response:
         """200 while some replica can serve; load balancers route on this."""
         if not frontend.ready:
@@ -127,6 +139,7 @@ def build_app(serving: OpenAIServing, frontend: EngineClient, policy: Optional[A
         return {"ready": frontend.ready, "replicas": _replica_states(frontend)}
 
     @app.get("/metrics", responses=_ERRORS)
+    @app.head("/metrics", responses=_ERRORS)
     async def metrics() -> Response:
         return PlainTextResponse(frontend.metrics_text(), media_type="text/plain; version=0.0.4; charset=utf-8")
 

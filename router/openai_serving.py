@@ -30,4 +30,6 @@ class OpenAIServing(ServedModel):
         self.chat = ChatCompletions(self).create
         tokenization = Tokenization(self)
         self.tokenize, self.detokenize = tokenization.tokenize, tokenization.detokenize
-        self.models = Models(self).model_list
+        self.tokenizer_info = tokenization.info
+        models = Models(self)
+        self.models, self.model = models.model_list, models.retrieve

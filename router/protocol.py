@@ -132,7 +132,7 @@ class CompletionRequest(_Sampling):
     """POST /v1/completions."""
 
     prompt: PromptInput
-    max_tokens: Optional[int] = Field(None, ge=1, le=L.INT32_MAX)  # default 16, as OpenAI's
+    max_tokens: Optional[int] = Field(None, ge=0, le=L.INT32_MAX)  # default 16, as OpenAI's; 0 with echo scores
     logprobs: Optional[int] = Field(None, ge=0, le=L.MAX_LOGPROBS)  # alternatives per token (0: chosen only)
     echo: Optional[bool] = None
     best_of: Optional[int] = Field(None, ge=1, le=L.MAX_N)

@@ -25,12 +25,13 @@ def finite_logprob(logprob: float) -> float:
     return logprob if logprob >= LOGPROB_FLOOR else LOGPROB_FLOOR  # NaN, too, becomes the floor
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict:
-    """Usage."""
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict:
+    """Usage; cached_tokens: prompt tokens whose K/V came from the prefix cache."""
     return {
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": cached_tokens},
     }
 
 

@@ -32,15 +32,17 @@ class Completions:
         if req.best_of is not None and req.best_of != n:
             raise ApiError(400, "best_of must equal n (folio returns every sequence it samples)", param="best_of")
         check_choices(len(req.prompt) if _is_prompt_list(req.prompt) else 1, n)
-        model.sampling_params(  # every plain field checked before the grammar compiles
-            req,
-            max_tokens=16 if req.max_tokens is None else req.max_tokens,
-            logprobs=req.logprobs,
-            prompt_logprobs=None,
-        )
+        # max_tokens 0 with echo scores the prompt (its logprobs) and generates nothing
+        # the client sees: the engine samples one token, which the response leaves out.
+        score_only = req.max_tokens == 0
+        if score_only and not req.echo:
+            raise ApiError(400, "max_tokens 0 needs echo: true (it returns the prompt scored)", param="max_tokens")
+        max_tokens = 16 if req.max_tokens is None else max(1, req.max_tokens)
+        # every plain field checked before the grammar compiles
+        model.sampling_params(req, max_tokens=max_tokens, logprobs=req.logprobs, prompt_logprobs=None)
         params = model.sampling_params(
             req,
-            max_tokens=16 if req.max_tokens is None else req.max_tokens,
+            max_tokens=max_tokens,
             logprobs=req.logprobs,
             prompt_logprobs=req.logprobs if req.echo else None,
             grammar=await model.grammar(req),
@@ -50,25 +52,25 @@ class Completions:
         # What the body and every chunk of this response carry alike.
         envelope = dict(id=f"cmpl-{caller.display_id}", created=int(time.time()), model=model.model_name)
         if req.stream:
-            chunks = self._chunks(req, envelope, prompts, choices, streams)
+            chunks = self._chunks(req, envelope, prompts, choices, streams, score_only)
             return streaming(chunks, streams, model.limits.stream_keepalive_s)
 
         await generation.finish(choices, streams)
         echo = bool(req.echo)
         out = []
         for c in choices:
-            text = (await prompt_text(model, c.prompt) if echo else "") + c.output.text
-            logprobs = self._logprobs(c, c.logprobs, echo) if c.want_logprobs else None
+            text = (await prompt_text(model, c.prompt) if echo else "") + ("" if score_only else c.output.text)
+            logprobs = self._logprobs(c, [] if score_only else c.logprobs, echo) if c.want_logprobs else None
             out.append(
                 CompletionChoice(
                     index=c.index,
                     text=text,
                     logprobs=logprobs,
-                    finish_reason=c.finish_reason,
-                    stop_reason=c.stop_reason,
+                    finish_reason="length" if score_only else c.finish_reason,
+                    stop_reason=None if score_only else c.stop_reason,
                 )
             )
-        return Completion(**envelope, choices=out, usage=generation.usage(prompts, choices))
+        return Completion(**envelope, choices=out, usage=generation.usage(prompts, choices, not score_only))
 
     async def _chunks(
         self,
@@ -77,27 +79,26 @@ class Completions:
         prompts: list[Prompt],
         choices: list[Choice],
         streams: list[RequestStream],
+        score_only: bool,
     ) -> AsyncIterator[str]:
         opts = req.stream_options
         continuous_usage = opts is not None and bool(opts.continuous_usage_stats)
         async for ev in generation.events(choices, streams):
             c = ev.choice
-            text = ev.text
+            text = "" if score_only else ev.text
             with_prompt = bool(req.echo) and ev.first
             if with_prompt:
                 text = await prompt_text(self.model, c.prompt) + text
-            logprobs = self._logprobs(c, ev.logprobs, with_prompt) if c.want_logprobs else None
-            choice = chunks.completion_choice(
-                c.index,
-                text,
-                logprobs,
-                c.finish_reason if ev.finished else None,
-                c.stop_reason if ev.finished else None,
+            lps = [] if score_only else ev.logprobs
+            logprobs = self._logprobs(c, lps, with_prompt) if c.want_logprobs else None
+            finish, stop = (
+                (("length", None) if score_only else (c.finish_reason, c.stop_reason)) if ev.finished else (None, None)
             )
-            usage = generation.usage(prompts, choices) if continuous_usage else None
+            choice = chunks.completion_choice(c.index, text, logprobs, finish, stop)
+            usage = generation.usage(prompts, choices, not score_only) if continuous_usage else None
             yield sse(chunks.completion_chunk(envelope, choice, usage))
         if opts is not None and opts.include_usage:
-            yield sse(chunks.completion_chunk(envelope, None, generation.usage(prompts, choices)))
+            yield sse(chunks.completion_chunk(envelope, None, generation.usage(prompts, choices, not score_only)))
         yield DONE
 
     def _logprobs(self, c: Choice, lps: list[TokenLogprob], with_prompt: bool) -> dict:

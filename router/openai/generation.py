@@ -50,6 +50,7 @@ class Choice:
     prompt_logprobs: Optional[list[Optional[TokenLogprob]]] = None
     started: bool = False
     text_offset: int = 0  # characters streamed so far, for completion logprobs
+    cached_tokens: int = 0  # of its prompt, from the prefix cache when it was first admitted
 
     @property
     def finish_reason(self) -> Optional[str]:
@@ -171,9 +172,18 @@ async def finish(choices: list[Choice], streams: list[RequestStream]) -> None:
         pass
 
 
-def usage(prompts: list[Prompt], choices: list[Choice]) -> dict:
-    """Usage, as a dict (chunks.py): a chunk carries it as it is, a body's model validates it."""
-    return chunks.usage(sum(len(p.token_ids) for p in prompts), sum(len(c.output.tokens) for c in choices))
+def usage(prompts: list[Prompt], choices: list[Choice], completion: bool = True) -> dict:
+    """Usage, as a dict (chunks.py): a chunk carries it as it is, a body's model validates it.
+    A prompt's cached tokens are its choices' best hit (n choices share one prompt);
+    completion=False counts no output (a prompt scored with echo and max_tokens 0)."""
+    cached: dict[int, int] = {}
+    for c in choices:
+        cached[id(c.prompt)] = max(cached.get(id(c.prompt), 0), c.cached_tokens)
+    return chunks.usage(
+        sum(len(p.token_ids) for p in prompts),
+        sum(len(c.output.tokens) for c in choices) if completion else 0,
+        sum(cached.values()),
+    )
 
 
 def _apply(c: Choice, out: RequestOutput, stream: RequestStream) -> Event:
@@ -181,6 +191,7 @@ def _apply(c: Choice, out: RequestOutput, stream: RequestStream) -> Event:
     c.started = True
     if out.prompt_logprobs is not None:
         c.prompt_logprobs = out.prompt_logprobs
+    c.cached_tokens = max(c.cached_tokens, out.num_cached_tokens)
     step = c.output.add(out)
     new_lps = (out.logprobs or [])[: step.kept] if c.want_logprobs else []
     c.logprobs.extend(new_lps)

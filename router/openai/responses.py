@@ -31,10 +31,15 @@ def _omitted_while_none():
 StopReason = Union[int, str, None]  # the stop token id or stop string that ended the choice (vLLM's field)
 
 
+class PromptTokensDetails(_Response):
+    cached_tokens: int  # prompt tokens whose K/V the prefix cache held
+
+
 class Usage(_Response):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails
 
 
 # ---------------------------------------------------------------- /v1/completions
@@ -165,6 +170,21 @@ class TokenizeResponse(_Response):
     tokens: list[int]
     count: int
     max_model_len: int
+
+
+class TokenizerInfo(_Response):
+    tokenizer_class: str
+    vocab_size: int
+    model_max_length: int  # the served context, not the tokenizer file's own figure
+    chat_template: Optional[str] = None
+    bos_token: Optional[str] = None
+    bos_token_id: Optional[int] = None
+    eos_token: Optional[str] = None
+    eos_token_id: Optional[int] = None
+    pad_token: Optional[str] = None
+    pad_token_id: Optional[int] = None
+    unk_token: Optional[str] = None
+    unk_token_id: Optional[int] = None
 
 
 class DetokenizeResponse(_Response):

@@ -1,12 +1,13 @@
 """POST /tokenize and /detokenize (vLLM's): the served tokenizer and chat template,
-under the same bounds as generation."""
+under the same bounds as generation; GET /tokenizer_info, what clients without the
+tokenizer (lm-eval's remote tokenizer, Captum) need to know of it."""
 
 from __future__ import annotations
 
 from router.errors import ApiError
 from router.limits import check_text_fits, check_token_ids
 from router.openai.prompts import chat_token_ids
-from router.openai.responses import DetokenizeResponse, TokenizeResponse
+from router.openai.responses import DetokenizeResponse, TokenizeResponse, TokenizerInfo
 from router.openai.served_model import ServedModel
 from router.protocol import DetokenizeRequest, TokenizeRequest
 
@@ -40,3 +41,23 @@ class Tokenization:
             )
         check_token_ids(req.tokens, model.vocab_size, "tokens", allow_empty=True)
         return DetokenizeResponse(prompt=await model.templater.decode(req.tokens))
+
+    def info(self) -> TokenizerInfo:
+        tok = self.model.tokenizer
+
+        def special(name: str) -> dict:
+            return {
+                f"{name}_token": getattr(tok, f"{name}_token", None),
+                f"{name}_token_id": getattr(tok, f"{name}_token_id", None),
+            }
+
+        return TokenizerInfo(
+            tokenizer_class=type(tok).__name__,
+            vocab_size=self.model.vocab_size,
+            model_max_length=self.model.frontend.max_model_len,
+            chat_template=getattr(tok, "chat_template", None),
+            **special("bos"),
+            **special("eos"),
+            **special("pad"),
+            **special("unk"),
+        )

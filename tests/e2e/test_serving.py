@@ -446,3 +446,63 @@ def test_replica_dies_with_its_worker():
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_models_retrieve_and_an_unknown_id(client, model):
+    assert client.models.retrieve(model).id == model
+    for other in ("nope", "org/some-model"):
+        with pytest.raises(openai.NotFoundError) as e:
+            client.models.retrieve(other)
+        assert e.value.body["code"] == "model_not_found"
+
+
+def test_tokenizer_info_names_the_special_tokens_and_template(server):
+    from worker.loader import default_model_path, load_tokenizer
+
+    tok = load_tokenizer(default_model_path())
+    info = httpx.get(server.base_url + "/tokenizer_info").json()
+    assert (info["eos_token"], info["eos_token_id"]) == (tok.eos_token, tok.eos_token_id)
+    assert info["chat_template"] == tok.chat_template and info["model_max_length"] == MAX_MODEL_LEN
+    assert info["vocab_size"] >= len(tok)
+
+
+def test_head_probes_answer_without_a_body(server):
+    for path in ("/health", "/metrics"):
+        r = httpx.head(server.base_url + path)
+        assert r.status_code == 200 and r.content == b"", path
+
+
+def test_usage_counts_prompt_tokens_from_the_prefix_cache(client, model):
+    prompt = "A unique opening for the cache test: " + " ".join(f"w{i}" for i in range(120))
+    first = client.completions.create(model=model, prompt=prompt, max_tokens=2, temperature=0)
+    again = client.completions.create(model=model, prompt=prompt, max_tokens=2, temperature=0)
+    assert first.usage.prompt_tokens_details.cached_tokens == 0
+    cached = again.usage.prompt_tokens_details.cached_tokens
+    # every full block but the last, which must run for its logits
+    assert 0 < cached < again.usage.prompt_tokens and cached % 16 == 0
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_echo_with_max_tokens_0_scores_the_prompt(client, model, stream):
+    prompt = "The quick brown fox jumps over the lazy dog"
+    kw = dict(model=model, prompt=prompt, max_tokens=0, echo=True, logprobs=1, temperature=0)
+    if stream:
+        parts = [c for c in client.completions.create(stream=True, stream_options={"include_usage": True}, **kw)]
+        text = "".join(c.choices[0].text for c in parts if c.choices)
+        tokens = [t for c in parts if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.tokens]
+        finish = [c.choices[0].finish_reason for c in parts if c.choices and c.choices[0].finish_reason]
+        usage = parts[-1].usage
+    else:
+        r = client.completions.create(**kw)
+        text, tokens, finish, usage = (
+            r.choices[0].text,
+            r.choices[0].logprobs.tokens,
+            [r.choices[0].finish_reason],
+            r.usage,
+        )
+        lps = r.choices[0].logprobs.token_logprobs
+        assert lps[0] is None and all(lp is not None and lp <= 0 for lp in lps[1:])
+    assert text == prompt and "".join(tokens) == prompt
+    assert finish == ["length"] and usage.completion_tokens == 0
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(model=model, prompt=prompt, max_tokens=0)

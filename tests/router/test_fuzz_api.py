@@ -64,11 +64,15 @@ OPERATIONS = [
     ("POST", "/v1/completions"),
     ("POST", "/v1/chat/completions"),
     ("GET", "/v1/models"),
+    ("GET", "/v1/models/{model_id}"),
     ("POST", "/tokenize"),
     ("POST", "/detokenize"),
+    ("GET", "/tokenizer_info"),
     ("GET", "/health"),
+    ("HEAD", "/health"),
     ("GET", "/health/replicas"),
     ("GET", "/metrics"),
+    ("HEAD", "/metrics"),
 ]
 
 
