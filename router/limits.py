@@ -35,6 +35,7 @@ MAX_LOGIT_BIAS_VALUE = 100.0
 MAX_TEMPERATURE = 100.0
 MAX_REPETITION_PENALTY = 100.0
 MAX_MESSAGES = 4096
+MAX_TOOLS = 128  # OpenAI's bound on tools per request
 MAX_NAME_CHARS = 256  # model, user, role, name, cache_salt, template kwargs strings
 MAX_REQUEST_ID_BYTES = 256  # x-request-id header
 SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1  # any signed or unsigned 64-bit seed

@@ -155,6 +155,30 @@ class ChatMessage(BaseModel):
     name: Optional[Name] = None
 
 
+ToolName = Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]  # OpenAI's rule for function names
+
+
+class FunctionDefinition(_Body):
+    name: ToolName
+    description: Optional[GrammarText] = None
+    parameters: Optional[dict[str, Any]] = None  # a JSON schema of type object (router/tools.py checks)
+    strict: Optional[bool] = None  # folio's forced calls are always strict
+
+
+class Tool(_Body):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(_Body):
+    name: ToolName
+
+
+class NamedToolChoice(_Body):
+    type: Literal["function"]
+    function: NamedFunction
+
+
 class ChatCompletionRequest(_Sampling):
     """POST /v1/chat/completions."""
 
@@ -163,8 +187,9 @@ class ChatCompletionRequest(_Sampling):
     max_completion_tokens: Optional[int] = Field(None, ge=1, le=L.INT32_MAX)
     logprobs: Optional[bool] = None
     top_logprobs: Optional[int] = Field(None, ge=0, le=L.MAX_LOGPROBS)
-    tools: Optional[list[dict[str, Any]]] = None
-    tool_choice: Union[str, dict[str, Any], None] = None
+    tools: Optional[Annotated[list[Tool], Field(max_length=L.MAX_TOOLS)]] = None
+    tool_choice: Union[Literal["none", "auto", "required"], NamedToolChoice, None] = None
+    parallel_tool_calls: Optional[bool] = None
     # OpenAI's deprecated form of tools: refused while folio does not call tools
     functions: Optional[list[Any]] = None
     function_call: Union[str, dict[str, Any], None] = None

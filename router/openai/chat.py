@@ -17,6 +17,7 @@ from router.openai.responses import ChatCompletion, ChatCompletionChoice, ChatCo
 from router.openai.served_model import ServedModel
 from router.openai.sse import DONE, StreamingResult, sse, streaming
 from router.protocol import ChatCompletionRequest
+from router.tools import ForcedCall, forced_call, tool_call
 
 
 class ChatCompletions:
@@ -26,8 +27,6 @@ class ChatCompletions:
     async def create(self, req: ChatCompletionRequest, caller: Caller) -> Union[ChatCompletion, StreamingResult]:
         model = self.model
         model.check_model(req.model)
-        if req.tools and req.tool_choice != "none":
-            raise ApiError(400, 'tool calling is not supported; send tool_choice "none"', param="tools")
         for legacy in ("functions", "function_call"):
             if getattr(req, legacy) is not None:
                 raise ApiError(400, f"{legacy} is not supported; folio does not call tools yet", param=legacy)
@@ -41,6 +40,12 @@ class ChatCompletions:
             req, max_tokens=INT32_MAX if max_tokens is None else max_tokens, logprobs=logprobs, prompt_logprobs=None
         )
         grammar = await model.grammar(req)
+        forced = forced_call(req)
+        if forced is not None:
+            if grammar is not None:
+                raise ApiError(400, "a forced tool call takes no other output constraint", param="tool_choice")
+            await model.grammars.check(forced.grammar, "tool_choice")
+            grammar = forced.grammar
         prompt = Prompt(await chat_token_ids(model, req), None)
         check_token_ids(prompt.token_ids, model.vocab_size, "messages")
         if max_tokens is None:
@@ -53,20 +58,27 @@ class ChatCompletions:
         # What the body and every chunk of this response carry alike.
         envelope = dict(id=f"chatcmpl-{caller.display_id}", created=int(time.time()), model=model.model_name)
         if req.stream:
-            chunks = self._chunks(req, envelope, prompt, choices, streams)
+            chunks = self._chunks(req, envelope, prompt, choices, streams, forced)
             return streaming(chunks, streams, model.limits.stream_keepalive_s)
 
         await generation.finish(choices, streams)
-        out = [
-            ChatCompletionChoice(
-                index=c.index,
-                message=ChatCompletionMessage(content=c.output.text),
-                logprobs=self._logprobs(c.logprobs) if c.want_logprobs else None,
-                finish_reason=c.finish_reason,
-                stop_reason=c.stop_reason,
+        out = []
+        for c in choices:
+            message, finish = ChatCompletionMessage(content=c.output.text), c.finish_reason
+            if forced is not None and finish == "stop":  # complete: the grammar made it a call
+                message, finish = (
+                    ChatCompletionMessage(content=None, tool_calls=forced.calls(c.output.text)),
+                    "tool_calls",
+                )
+            out.append(
+                ChatCompletionChoice(
+                    index=c.index,
+                    message=message,
+                    logprobs=self._logprobs(c.logprobs) if c.want_logprobs else None,
+                    finish_reason=finish,
+                    stop_reason=None if finish == "tool_calls" else c.stop_reason,
+                )
             )
-            for c in choices
-        ]
         return ChatCompletion(**envelope, choices=out, usage=generation.usage([prompt], choices))
 
     async def _chunks(
@@ -76,28 +88,36 @@ class ChatCompletions:
         prompt: Prompt,
         choices: list[Choice],
         streams: list[RequestStream],
+        forced: Optional[ForcedCall],
     ) -> AsyncIterator[str]:
         opts = req.stream_options
         continuous_usage = opts is not None and bool(opts.continuous_usage_stats)
 
         def chunk(c: Choice, delta: dict, lps: Optional[list[TokenLogprob]], finished: bool) -> str:
+            finish = c.finish_reason if finished else None
+            if forced is not None and finish == "stop":
+                finish = "tool_calls"
             choice = chunks.chat_chunk_choice(
                 c.index,
                 delta,
                 self._logprobs(lps) if lps is not None else None,
-                c.finish_reason if finished else None,
-                c.stop_reason if finished else None,
+                finish,
+                c.stop_reason if finished and finish != "tool_calls" else None,
             )
             usage = generation.usage([prompt], choices) if continuous_usage else None
             return sse(chunks.chat_chunk(envelope, choice, usage))
 
+        calls = {c.index: _StreamedCall(forced) for c in choices} if forced is not None else {}
         for c in choices:  # the role first, before any token is ready
-            yield chunk(c, chunks.chat_delta(role="assistant", content=""), None, False)
+            yield chunk(c, chunks.chat_delta(role="assistant", content=None if calls else ""), None, False)
         async for ev in generation.events(choices, streams):
             c = ev.choice
             lps = ev.logprobs if c.want_logprobs else None
-            # A choice that ends with no new text ends on an empty delta.
-            delta = chunks.chat_delta(content=ev.text) if ev.text or not ev.finished else chunks.chat_delta()
+            if calls:
+                delta = calls[c.index].delta(ev.text, ev.finished, ev.finished and c.finish_reason == "stop")
+            else:
+                # A choice that ends with no new text ends on an empty delta.
+                delta = chunks.chat_delta(content=ev.text) if ev.text or not ev.finished else chunks.chat_delta()
             yield chunk(c, delta, lps, ev.finished)
         if opts is not None and opts.include_usage:
             yield sse(chunks.chat_chunk(envelope, None, generation.usage([prompt], choices)))
@@ -112,5 +132,40 @@ class ChatCompletions:
             [
                 token_logprob(text_of(t.token_id), t.logprob, [top_logprob(text_of(tok), lp) for tok, lp in t.top])
                 for t in lps
+            ]
+        )
+
+
+class _StreamedCall:
+    """One choice's forced tool call as stream deltas. A named function's call opens with
+    its id and name, then each piece of text is argument text (cut short by max_tokens,
+    it ends unfinished, with finish_reason "length"). "required" calls are sent whole once
+    the array is complete, or as content if max_tokens cut it short."""
+
+    def __init__(self, forced: ForcedCall):
+        self.forced = forced
+        self.text = ""
+        self.opened = False
+
+    def delta(self, text: str, finished: bool, complete: bool) -> dict:
+        self.text += text
+        fn = self.forced.function
+        if fn is not None:
+            pieces = []
+            if not self.opened:
+                self.opened = True
+                pieces.append(chunks.tool_call_delta(0, tool_call(fn, "")["id"], fn, ""))
+            if text:
+                pieces.append(chunks.tool_call_delta(0, arguments=text))
+            return chunks.chat_delta(tool_calls=pieces) if pieces else chunks.chat_delta()
+        if not finished:
+            return chunks.chat_delta()
+        if not complete:  # cut short: no call to make of it
+            return chunks.chat_delta(content=self.text)
+        calls = self.forced.calls(self.text)
+        return chunks.chat_delta(
+            tool_calls=[
+                chunks.tool_call_delta(i, call["id"], call["function"]["name"], call["function"]["arguments"])
+                for i, call in enumerate(calls)
             ]
         )

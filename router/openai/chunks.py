@@ -107,13 +107,32 @@ def chat_chunk_choice(
     }
 
 
-def chat_delta(role: Optional[str] = None, content: Optional[str] = None) -> dict:
-    """ChatCompletionDelta: each key left out while None."""
+def chat_delta(role: Optional[str] = None, content: Optional[str] = None, tool_calls: Optional[list] = None) -> dict:
+    """ChatCompletionDelta: each key left out while None; tool_calls as tool_call_delta builds them."""
     delta = {}
     if role is not None:
         delta["role"] = role
     if content is not None:
         delta["content"] = content
+    if tool_calls is not None:
+        delta["tool_calls"] = tool_calls
+    return delta
+
+
+def tool_call_delta(
+    index: int, call_id: Optional[str] = None, name: Optional[str] = None, arguments: Optional[str] = None
+) -> dict:
+    """ToolCallDelta: the first piece of a call has its id, type and name; later ones argument text."""
+    delta: dict = {"index": index}
+    if call_id is not None:
+        delta["id"] = call_id
+        delta["type"] = "function"
+    function = {}
+    if name is not None:
+        function["name"] = name
+    if arguments is not None:
+        function["arguments"] = arguments
+    delta["function"] = function
     return delta
 
 

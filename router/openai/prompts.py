@@ -60,7 +60,7 @@ async def chat_token_ids(model: ServedModel, req: Union[ChatCompletionRequest, T
             messages,
             add_generation_prompt=(not continue_final) if add_gen is None else add_gen,
             continue_final_message=continue_final,
-            tools=getattr(req, "tools", None) or None,
+            tools=[t.model_dump(exclude_none=True) for t in getattr(req, "tools", None) or []] or None,
             template=template,
             kwargs=kwargs,
         )

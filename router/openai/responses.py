@@ -104,9 +104,21 @@ class ChatCompletionLogprobs(_Response):
     content: list[ChatTokenLogprob]
 
 
+class FunctionCall(_Response):
+    name: str
+    arguments: str  # JSON text
+
+
+class ToolCall(_Response):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatCompletionMessage(_Response):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: Optional[str]  # None when the message is tool calls
+    tool_calls: Optional[list[ToolCall]] = _omitted_while_none()
 
 
 class ChatCompletionChoice(_Response):
@@ -126,11 +138,26 @@ class ChatCompletion(_Response):
     usage: Usage
 
 
+class FunctionCallDelta(_Response):
+    name: Optional[str] = _omitted_while_none()
+    arguments: Optional[str] = _omitted_while_none()
+
+
+class ToolCallDelta(_Response):
+    """A call streamed in pieces: the id, type and name come first, then argument text."""
+
+    index: int
+    id: Optional[str] = _omitted_while_none()
+    type: Optional[Literal["function"]] = _omitted_while_none()
+    function: FunctionCallDelta
+
+
 class ChatCompletionDelta(_Response):
     """What a chunk adds to the message: the role once, first; then text."""
 
     role: Optional[Literal["assistant"]] = _omitted_while_none()
     content: Optional[str] = _omitted_while_none()
+    tool_calls: Optional[list[ToolCallDelta]] = _omitted_while_none()
 
 
 class ChatCompletionChunkChoice(_Response):

@@ -1,12 +1,14 @@
-"""Structured output through the HTTP API, with the openai SDK as the client: what
-agent frameworks send (response_format with a Pydantic model, vLLM's guided_* fields),
-streamed and not, and the 400s for constraints that cannot be honoured."""
+"""Structured output and forced tool calls through the HTTP API, with the openai SDK as
+the client: what agent frameworks send (response_format with a Pydantic model, vLLM's
+guided_* fields, tools with tool_choice "required" or a named function, the tool's
+result sent back), streamed and not, and the 400s for what cannot be honoured."""
 
 from __future__ import annotations
 
 import json
 import re
 
+import jsonschema
 import openai
 import pydantic
 import pytest
@@ -82,6 +84,38 @@ BAD = [
     ({"guided_whitespace_pattern": " "}, "guided_whitespace_pattern", "not supported"),
     ({"guided_json": {"type": "object"}, "ignore_eos": True}, None, "ignore_eos"),
     ({"functions": [{"name": "f", "parameters": {"type": "object"}}]}, "functions", "not supported"),
+    (
+        {
+            "tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "string"}}}],
+            "tool_choice": "required",
+        },
+        "tools",
+        "type object",
+    ),
+    (
+        {
+            "tools": [{"type": "function", "function": {"name": "f"}}],
+            "tool_choice": {"type": "function", "function": {"name": "g"}},
+        },
+        "tool_choice",
+        "not among the tools",
+    ),
+    ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tool_choice", '"auto" is not supported'),
+    ({"tool_choice": "required"}, "tool_choice", "needs tools"),
+    (
+        {
+            "tools": [{"type": "function", "function": {"name": "f"}}, {"type": "function", "function": {"name": "f"}}],
+            "tool_choice": "required",
+        },
+        "tools",
+        "two tools",
+    ),
+    (
+        {"tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": "required", "guided_regex": "a"},
+        "tool_choice",
+        "no other output constraint",
+    ),
+    ({"tools": [{"type": "function", "function": {"name": "bad name!"}}], "tool_choice": "none"}, "tools", "pattern"),
     ({"function_call": "auto"}, "function_call", "not supported"),
 ]
 
@@ -99,3 +133,97 @@ def test_constraints_that_cannot_be_honoured_are_refused(client, model, body, pa
     # ...and the server goes on serving
     ok = client.chat.completions.create(model=model, messages=[{"role": "user", "content": "hi"}], max_tokens=2)
     assert ok.choices[0].message.content is not None
+
+
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "The weather in a city",
+            "parameters": {
+                "type": "object",
+                "properties": {"city": {"type": "string", "maxLength": 20}, "unit": {"enum": ["c", "f"]}},
+                "required": ["city", "unit"],
+            },
+        },
+    },
+    {
+        "type": "function",
+        "function": {
+            "name": "add",
+            "parameters": {
+                "type": "object",
+                "properties": {
+                    "a": {"type": "integer", "minimum": 0, "maximum": 99},
+                    "b": {"type": "integer", "minimum": 0, "maximum": 99},
+                },
+                "required": ["a", "b"],
+            },
+        },
+    },
+]
+SCHEMAS = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}
+ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
+NAMED = {"type": "function", "function": {"name": "get_weather"}}
+
+
+def _check_call(call) -> None:
+    assert call.type == "function" and call.id.startswith("call_")
+    jsonschema.validate(json.loads(call.function.arguments), SCHEMAS[call.function.name])
+
+
+@pytest.mark.parametrize("parallel", [None, False])
+def test_required_tool_choice_returns_valid_calls(client, model, parallel):  # noqa: F811
+    extra = {} if parallel is None else {"parallel_tool_calls": parallel}
+    r = client.chat.completions.create(
+        model=model, messages=ASK, tools=TOOLS, tool_choice="required", max_tokens=80, temperature=0, **extra
+    )
+    choice = r.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    assert choice.message.tool_calls
+    if parallel is False:
+        assert len(choice.message.tool_calls) == 1
+    for call in choice.message.tool_calls:
+        _check_call(call)
+
+
+def test_a_named_tool_is_called_and_its_result_goes_back(client, model):  # noqa: F811
+    r = client.chat.completions.create(
+        model=model, messages=ASK, tools=TOOLS, tool_choice=NAMED, max_tokens=80, temperature=0
+    )
+    (call,) = r.choices[0].message.tool_calls
+    assert call.function.name == "get_weather"
+    _check_call(call)
+    history = ASK + [
+        {"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+        {"role": "tool", "tool_call_id": call.id, "content": json.dumps({"temperature": 18})},
+    ]
+    answer = client.chat.completions.create(
+        model=model, messages=history, tools=TOOLS, tool_choice="none", max_tokens=16
+    )
+    assert answer.choices[0].message.content and not answer.choices[0].message.tool_calls
+
+
+def test_streamed_tool_calls_open_with_id_and_name_then_arguments(client, model):  # noqa: F811
+    whole = client.chat.completions.create(
+        model=model, messages=ASK, tools=TOOLS, tool_choice=NAMED, max_tokens=80, temperature=0
+    )
+    stream = client.chat.completions.create(
+        model=model, messages=ASK, tools=TOOLS, tool_choice=NAMED, max_tokens=80, temperature=0, stream=True
+    )
+    pieces = [p for c in stream if c.choices for p in (c.choices[0].delta.tool_calls or [])]
+    first, rest = pieces[0], pieces[1:]
+    assert first.id and first.function.name == "get_weather" and first.type == "function"
+    assert all(p.id is None and p.function.name is None and p.index == 0 for p in rest)
+    assert (
+        "".join(p.function.arguments or "" for p in pieces) == whole.choices[0].message.tool_calls[0].function.arguments
+    )
+    # "required": the calls come whole, once the array is complete
+    stream = client.chat.completions.create(
+        model=model, messages=ASK, tools=TOOLS, tool_choice="required", max_tokens=80, temperature=0, stream=True
+    )
+    chunks = [c for c in stream if c.choices]
+    calls = [p for c in chunks for p in (c.choices[0].delta.tool_calls or [])]
+    assert calls and all(p.id and p.function.name in SCHEMAS for p in calls)
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
