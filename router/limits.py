@@ -77,6 +77,14 @@ class Limits:
             "flag": "--grammar-compile-timeout",
         },
     )
+    tool_call_parser: str = field(
+        default="auto",
+        metadata={
+            "help": 'how tool_choice "auto" reads the model\'s tool calls: hermes, mistral, llama3_json, '
+            "or auto (from the chat template)",
+            "choices": ("auto", "hermes", "mistral", "llama3_json"),
+        },
+    )
     stream_keepalive_s: float = field(
         default=10.0, metadata={"help": "seconds of silence after which a stream gets an SSE keep-alive comment"}
     )

@@ -13,8 +13,9 @@ The message then has `tool_calls` and no content, and finish_reason "tool_calls"
 forced call cut short by max_tokens is returned as content, finish_reason "length".
 
 `tool_choice` "none" renders the tools into the template and calls nothing. "auto"
-needs a parser of the model's own tool-call text, which folio does not have yet
-(issue 13): it is refused with a 400, never answered as if no tools were declared.
+(the default with tools) lets the model choose, and reads its own tool-call text
+back into calls (router/tool_parsers.py); a model whose format folio cannot tell
+gets a 400, never an answer as if no tools were declared.
 """
 
 from __future__ import annotations
@@ -54,16 +55,34 @@ def tool_call(name: str, arguments: str, call_id: Optional[str] = None) -> dict:
     }
 
 
+def wants_auto_calls(req: ChatCompletionRequest) -> bool:
+    """Tools with tool_choice "auto" (OpenAI's default when tools are sent)."""
+    return bool(req.tools) and req.tool_choice in (None, "auto")
+
+
 def forced_call(req: ChatCompletionRequest) -> Optional[ForcedCall]:
-    """The constrained form of the request's tool_choice; None when it calls nothing.
-    Raises a 400 for tool choices folio cannot honour and tools it cannot call."""
+    """The constrained form of the request's tool_choice; None when it forces no call
+    ("none", "auto", no tools). Raises a 400 for tools folio cannot call."""
     choice = req.tool_choice
     if choice is None and not req.tools:
         return None
-    if isinstance(choice, str) and choice == "none":
-        return None
     if not req.tools:
+        if choice == "none":
+            return None
         raise ApiError(400, "tool_choice needs tools", param="tool_choice")
+    params = _tool_schemas(req)
+    if choice in (None, "auto", "none"):
+        return None
+    if choice == "required":
+        return _required(params, single=req.parallel_tool_calls is False)
+    name = choice.function.name
+    if name not in params:
+        raise ApiError(400, f"tool_choice names {name!r}, which is not among the tools", param="tool_choice")
+    return ForcedCall(Grammar("json_schema", json.dumps(params[name])), name, single=True)
+
+
+def _tool_schemas(req: ChatCompletionRequest) -> dict[str, dict]:
+    """Each tool's parameters schema by name; a 400 for one that is not an object schema."""
     params = {}
     for t in req.tools:
         schema = t.function.parameters if t.function.parameters is not None else {"type": "object", "properties": {}}
@@ -74,18 +93,7 @@ def forced_call(req: ChatCompletionRequest) -> Optional[ForcedCall]:
         if t.function.name in params:
             raise ApiError(400, f"two tools are named {t.function.name!r}", param="tools")
         params[t.function.name] = schema
-    if choice is None or choice == "auto":
-        raise ApiError(
-            400,
-            'tool_choice "auto" is not supported yet; send "required", a named function, or "none"',
-            param="tool_choice",
-        )
-    if choice == "required":
-        return _required(params, single=req.parallel_tool_calls is False)
-    name = choice.function.name
-    if name not in params:
-        raise ApiError(400, f"tool_choice names {name!r}, which is not among the tools", param="tool_choice")
-    return ForcedCall(Grammar("json_schema", json.dumps(params[name])), name, single=True)
+    return params
 
 
 def _required(params: dict[str, dict], single: bool) -> ForcedCall:

@@ -17,7 +17,9 @@ from router.openai.responses import ChatCompletion, ChatCompletionChoice, ChatCo
 from router.openai.served_model import ServedModel
 from router.openai.sse import DONE, StreamingResult, sse, streaming
 from router.protocol import ChatCompletionRequest
-from router.tools import ForcedCall, forced_call, tool_call
+from router.tool_parsers import StreamingToolParser
+from router.tool_parsers import parse as parse_tool_calls
+from router.tools import ForcedCall, forced_call, tool_call, wants_auto_calls
 
 
 class ChatCompletions:
@@ -41,6 +43,17 @@ class ChatCompletions:
         )
         grammar = await model.grammar(req)
         forced = forced_call(req)
+        parser = None
+        if wants_auto_calls(req):
+            parser = model.tool_parser
+            if parser is None:
+                raise ApiError(
+                    400,
+                    "tool_choice \"auto\" needs to read the model's own tool calls, and this model's chat template "
+                    "shows no format folio knows (the operator can name one with --tool-call-parser); send "
+                    '"required", a named function or "none"',
+                    param="tool_choice",
+                )
         if forced is not None:
             if grammar is not None:
                 raise ApiError(400, "a forced tool call takes no other output constraint", param="tool_choice")
@@ -58,7 +71,7 @@ class ChatCompletions:
         # What the body and every chunk of this response carry alike.
         envelope = dict(id=f"chatcmpl-{caller.display_id}", created=int(time.time()), model=model.model_name)
         if req.stream:
-            chunks = self._chunks(req, envelope, prompt, choices, streams, forced)
+            chunks = self._chunks(req, envelope, prompt, choices, streams, forced, parser)
             return streaming(chunks, streams, model.limits.stream_keepalive_s)
 
         await generation.finish(choices, streams)
@@ -70,6 +83,12 @@ class ChatCompletions:
                     ChatCompletionMessage(content=None, tool_calls=forced.calls(c.output.text)),
                     "tool_calls",
                 )
+            elif parser is not None:
+                parsed = parse_tool_calls(parser, c.output.text)
+                if parsed.calls:
+                    calls = [tool_call(p.name, p.arguments) for p in parsed.calls]
+                    message = ChatCompletionMessage(content=parsed.content or None, tool_calls=calls)
+                    finish = "tool_calls"
             out.append(
                 ChatCompletionChoice(
                     index=c.index,
@@ -89,13 +108,14 @@ class ChatCompletions:
         choices: list[Choice],
         streams: list[RequestStream],
         forced: Optional[ForcedCall],
+        parser: Optional[str],
     ) -> AsyncIterator[str]:
         opts = req.stream_options
         continuous_usage = opts is not None and bool(opts.continuous_usage_stats)
 
         def chunk(c: Choice, delta: dict, lps: Optional[list[TokenLogprob]], finished: bool) -> str:
             finish = c.finish_reason if finished else None
-            if forced is not None and finish == "stop":
+            if finish is not None and (forced is not None and finish == "stop" or c.index in called):
                 finish = "tool_calls"
             choice = chunks.chat_chunk_choice(
                 c.index,
@@ -108,12 +128,18 @@ class ChatCompletions:
             return sse(chunks.chat_chunk(envelope, choice, usage))
 
         calls = {c.index: _StreamedCall(forced) for c in choices} if forced is not None else {}
+        readers = {c.index: StreamingToolParser(parser) for c in choices} if parser is not None else {}
+        called: set[int] = set()  # choices that made a call: they finish with "tool_calls"
         for c in choices:  # the role first, before any token is ready
             yield chunk(c, chunks.chat_delta(role="assistant", content=None if calls else ""), None, False)
         async for ev in generation.events(choices, streams):
             c = ev.choice
             lps = ev.logprobs if c.want_logprobs else None
-            if calls:
+            if readers:
+                delta = _read_calls(readers[c.index], ev.text, ev.finished)
+                if "tool_calls" in delta:
+                    called.add(c.index)
+            elif calls:
                 delta = calls[c.index].delta(ev.text, ev.finished, ev.finished and c.finish_reason == "stop")
             else:
                 # A choice that ends with no new text ends on an empty delta.
@@ -169,3 +195,17 @@ class _StreamedCall:
                 for i, call in enumerate(calls)
             ]
         )
+
+
+def _read_calls(reader: StreamingToolParser, text: str, finished: bool) -> dict:
+    """The delta of one piece of "auto" output: the content that is settled, and each call
+    the model completed, whole (id, name and arguments in one piece)."""
+    content, calls = reader.feed(text)
+    if finished:
+        more, late = reader.finish()
+        content, calls = content + more, calls + late
+    first = reader.calls_sent - len(calls)
+    pieces = [
+        chunks.tool_call_delta(first + i, tool_call(c.name, "")["id"], c.name, c.arguments) for i, c in enumerate(calls)
+    ]
+    return chunks.chat_delta(content=content or None, tool_calls=pieces or None)

@@ -16,6 +16,7 @@ from router.limits import Limits, check_token_ids, check_top_k, logit_bias_ids
 from router.protocol import _Sampling
 from router.structured import GrammarCheck, requested_grammar
 from router.templating import Templater
+from router.tool_parsers import detect_parser
 
 
 class ServedModel:
@@ -33,6 +34,13 @@ class ServedModel:
         self.templater = Templater(tokenizer, self.limits, self.max_chars)
         self.grammars = GrammarCheck(tokenizer, vocab_size, self.limits.grammar_compile_timeout_s)
         self._token_text: dict[int, str] = {}
+
+    @property
+    def tool_parser(self) -> Optional[str]:
+        """The tool-call format tool_choice "auto" reads (router/tool_parsers.py), or None."""
+        if self.limits.tool_call_parser != "auto":
+            return self.limits.tool_call_parser
+        return detect_parser(getattr(self.tokenizer, "chat_template", None))
 
     @property
     def max_chars(self) -> int:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import replace
 
 import jsonschema
 import openai
@@ -100,7 +101,7 @@ BAD = [
         "tool_choice",
         "not among the tools",
     ),
-    ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tool_choice", '"auto" is not supported'),
+    ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tool_choice", "--tool-call-parser"),
     ({"tool_choice": "required"}, "tool_choice", "needs tools"),
     (
         {
@@ -227,3 +228,30 @@ def test_streamed_tool_calls_open_with_id_and_name_then_arguments(client, model)
     calls = [p for c in chunks for p in (c.choices[0].delta.tool_calls or [])]
     assert calls and all(p.id and p.function.name in SCHEMAS for p in calls)
     assert chunks[-1].choices[0].finish_reason == "tool_calls"
+
+
+def test_auto_tool_choice_reads_the_models_own_calls(server, client, model):  # noqa: F811
+    # SmolLM2's template shows its model no tool-call format: "auto" is refused, never ignored.
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=model, messages=ASK, tools=TOOLS, max_tokens=8)
+    assert e.value.body["param"] == "tool_choice" and "--tool-call-parser" in e.value.body["message"]
+    serving = server.deployment.serving
+    before = serving.limits
+    server.call(lambda: setattr(serving, "limits", replace(before, tool_call_parser="hermes")))
+    try:
+        # The regex makes SmolLM2 write a Hermes call, as a model trained on the format would.
+        text = 'Adding. <tool_call>{"name": "add", "arguments": {"a": 1, "b": 2}}</tool_call>'
+        ask = dict(model=model, messages=ASK, tools=TOOLS, max_tokens=60, extra_body={"guided_regex": re.escape(text)})
+        r = client.chat.completions.create(**ask)
+        assert r.choices[0].finish_reason == "tool_calls"
+        assert r.choices[0].message.content == "Adding."
+        (call,) = r.choices[0].message.tool_calls
+        assert call.function.name == "add" and json.loads(call.function.arguments) == {"a": 1, "b": 2}
+        chunks = [c for c in client.chat.completions.create(stream=True, **ask) if c.choices]
+        content = "".join(c.choices[0].delta.content or "" for c in chunks)
+        pieces = [p for c in chunks for p in (c.choices[0].delta.tool_calls or [])]
+        assert content.strip() == "Adding." and "<tool_call>" not in content
+        assert [(p.function.name, json.loads(p.function.arguments)) for p in pieces] == [("add", {"a": 1, "b": 2})]
+        assert pieces[0].id and chunks[-1].choices[0].finish_reason == "tool_calls"
+    finally:
+        server.call(lambda: setattr(serving, "limits", before))
