@@ -255,3 +255,21 @@ def test_auto_tool_choice_reads_the_models_own_calls(server, client, model):  # 
         assert pieces[0].id and chunks[-1].choices[0].finish_reason == "tool_calls"
     finally:
         server.call(lambda: setattr(serving, "limits", before))
+
+
+def test_langchain_structured_output_and_bound_tools(server, model):  # noqa: F811
+    from langchain_core.tools import tool
+    from langchain_openai import ChatOpenAI
+
+    llm = ChatOpenAI(base_url=server.base_url + "/v1", api_key="unused", model=model, temperature=0, max_tokens=80)
+    pet = llm.with_structured_output(Pet).invoke("Describe a pet.")
+    assert isinstance(pet, Pet)
+
+    @tool
+    def add(a: int, b: int) -> int:
+        """Add two integers."""
+        return a + b
+
+    for choice in ("add", "required"):
+        calls = llm.bind_tools([add], tool_choice=choice).invoke("What is 2 plus 3?").tool_calls
+        assert calls and all(c["name"] == "add" and set(c["args"]) == {"a", "b"} for c in calls)
