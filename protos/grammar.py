@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import re
 import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
 
@@ -62,6 +63,7 @@ class GrammarCompiler:
         self._cache_bytes = cache_bytes
         self._compiler = None
         self._lock = threading.Lock()
+        self._pool: Optional[ThreadPoolExecutor] = None
 
     def _engine(self):
         with self._lock:
@@ -76,6 +78,13 @@ class GrammarCompiler:
                     info, max_threads=1, cache_enabled=True, cache_limit_bytes=self._cache_bytes
                 )
             return self._compiler
+
+    def compile_async(self, grammar: Grammar) -> Future:
+        """compile() on a thread of this compiler's own: a Future of the CompiledGrammar."""
+        with self._lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(1, thread_name_prefix="grammar-compile")
+        return self._pool.submit(self.compile, grammar)
 
     def compile(self, grammar: Grammar):
         """The xgrammar CompiledGrammar. Raises ValueError saying why a grammar does not

@@ -238,18 +238,29 @@ class ModelRunner:
         # Rows whose logits we need: the last token of each request that samples (and
         # the positions of its drafts before it), and every prompt-predicting position
         # of requests that asked for prompt logprobs.
-        sample_idx, sample_ids, prompt_jobs = [], [], []
+        sampling, prompt_jobs = [], []
         end = 0
         for rid, n in order:
             st = self.states[rid]
             start, end = end, end + n
             c = st.num_computed_tokens
             if c + n == len(st.token_ids):
-                sample_idx.extend(range(end - 1 - st.num_drafts, end))
-                sample_ids.append(rid)
+                sampling.append((rid, range(end - 1 - st.num_drafts, end)))
             if st.params.prompt_logprobs is not None and c + 1 < st.num_prompt_tokens:
                 last = min(c + n, st.num_prompt_tokens - 1)  # positions c .. last-1 predict a prompt token
                 prompt_jobs.append((rid, start, last - c, c))
+        # Grammars compile on their own thread from the moment their request arrives; the
+        # forward pass above ran meanwhile, so the batch waits only for what outlasts it.
+        failed = self.sampler.ready([rid for rid, _ in sampling])
+        if failed:
+            errors = errors + [RequestError(rid, why) for rid, why in failed.items()]
+            for rid in failed:
+                self._drop(rid)
+            sampling = [s for s in sampling if s[0] not in failed]
+            prompt_jobs = [j for j in prompt_jobs if j[0] not in failed]
+            order = [o for o in order if o[0] not in failed]
+        sample_ids = [rid for rid, _ in sampling]
+        sample_idx = [i for _, rows in sampling for i in rows]
         outputs = {rid: SampledRequest(request_id=rid) for rid, _ in order}
         if sample_idx:
             logits = self.model.compute_logits(hidden[torch.tensor(sample_idx, device=hidden.device)])

@@ -41,6 +41,7 @@ Invariants, for every request id held:
 from __future__ import annotations
 
 import logging
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
 
@@ -75,15 +76,16 @@ class _Request:
     min_tokens_ids: list[int]  # banned while num_outputs < params.min_tokens
     bias_ids: list[int]
     bias_values: list[float]
-    matcher: Any = None  # xgrammar.GrammarMatcher of a request with a grammar
+    matcher: Any = None  # xgrammar.GrammarMatcher of a request with a grammar, once compiled
+    pending: Optional[tuple[Future, tuple[int, ...]]] = None  # its compile, and the outputs to replay
 
 
 class Sampler:
     """Samples one token per request per step and keeps the per-request state that needs.
 
     The model runner calls add_request when a request arrives (or is rebuilt after preemption,
-    with its outputs so far), sample once per step for each request whose logits are ready, and
-    remove_request when the request finishes or is dropped.
+    with its outputs so far), ready and then sample once per step for each request whose logits
+    are ready, and remove_request when the request finishes or is dropped.
     """
 
     def __init__(
@@ -135,7 +137,11 @@ class Sampler:
             if not params.ignore_eos:
                 stops.update(self.eos_token_ids)
             min_tokens_ids = sorted(t for t in stops if 0 <= t < self.vocab_size)
-        matcher = self._matcher(params, output_token_ids) if params.grammar is not None else None
+        pending = None
+        if params.grammar is not None:
+            if self.grammars is None:
+                raise ValueError("this worker has no grammar engine: structured output is not served here")
+            pending = (self.grammars.compile_async(params.grammar), tuple(output_token_ids))
         slot = -1
         if params.needs_penalties:
             slot = self._allocate_slot()
@@ -150,16 +156,33 @@ class Sampler:
             min_tokens_ids=min_tokens_ids,
             bias_ids=[int(t) for t in params.logit_bias],
             bias_values=[float(b) for b in params.logit_bias.values()],
-            matcher=matcher,
+            pending=pending,
         )
 
-    def _matcher(self, params: SamplingParams, output_token_ids: Sequence[int]):
-        """A matcher for the request's grammar that has seen its outputs so far."""
-        if self.grammars is None:
-            raise ValueError("this worker has no grammar engine: structured output is not served here")
+    def ready(self, request_ids: Sequence[str]) -> dict[str, str]:
+        """Wait for the grammars of these requests to compile (each began compiling on a
+        thread of its own when its request arrived, so a step's forward pass hides most of
+        it) and give each a matcher that has seen its outputs so far. Returns the requests
+        whose grammar failed, with the reason; they are forgotten."""
+        failed = {}
+        for rid in request_ids:
+            r = self._requests[rid]
+            if r.pending is None:
+                continue
+            future, outputs = r.pending
+            try:
+                r.matcher = self._matcher(future.result(), outputs)
+                r.pending = None
+            except ValueError as e:
+                failed[rid] = str(e)
+                self.remove_request(rid)
+        return failed
+
+    @staticmethod
+    def _matcher(compiled, output_token_ids: Sequence[int]):
         import xgrammar
 
-        matcher = xgrammar.GrammarMatcher(self.grammars.compile(params.grammar))
+        matcher = xgrammar.GrammarMatcher(compiled)
         for t in output_token_ids:
             if not matcher.accept_token(int(t)):
                 raise ValueError("the tokens already generated do not fit the request's grammar")
@@ -193,6 +216,8 @@ class Sampler:
                 f"logits {tuple(logits.shape)} do not match {len(request_ids)} requests x vocab {self.vocab_size}"
             )
         requests = [self._requests[r] for r in request_ids]
+        if any(r.pending is not None for r in requests):
+            raise ValueError("sample() before ready(): a request's grammar has not been waited for")
         adjusted = self._adjust(logits, requests)  # [N, V]
         tokens = self._choose(adjusted, requests)  # [N] long
         logprobs = self._sampled_logprobs(logits, tokens, requests)

@@ -175,3 +175,21 @@ def test_a_grammar_that_does_not_compile_fails_its_request_alone(llm):
     with pytest.raises(ValueError, match="parenthesis"):
         llm.generate(["x", "y"], [bad, good])
     assert llm.generate(["y"], good)[0].outputs[0].token_ids  # the engine still serves
+
+
+def test_past_the_offline_checks_the_worker_fails_a_bad_grammar_alone(llm):
+    from protos.messages import EngineRequest
+
+    good = SamplingParams(max_tokens=4, temperature=0.0)
+    want = llm.generate(["y"], good)[0].outputs[0].token_ids
+    bad = SamplingParams(max_tokens=4, grammar=Grammar("regex", "(unclosed"))
+    llm.engine.add_request(EngineRequest("poison", llm.encode("x"), bad))
+    rid = llm.add_request("y", good)
+    outs, done = [], []
+    while llm.has_unfinished():
+        step_outs = llm.engine.step()
+        outs += step_outs
+        done += llm._apply(step_outs)
+    assert [o.finish_reason for o in outs if o.request_id == "poison"] == ["abort"]
+    assert [r.outputs[0].token_ids for r in done if r.request_id == rid] == [want]
+    llm.scheduler.check_integrity()

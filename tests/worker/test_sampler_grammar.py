@@ -26,6 +26,12 @@ def sampler(tok):
     return Sampler(VOCAB, [EOS], grammars=GrammarCompiler(lambda: tok, VOCAB, [EOS]))
 
 
+def _add(sampler, rid: str, params: SamplingParams, outputs=()) -> None:
+    """add_request, then wait for its grammar as the model runner does before sampling."""
+    sampler.add_request(rid, params, [5], list(outputs))
+    assert sampler.ready([rid]) == {}
+
+
 def _ids(tok, text: str) -> list[int]:
     return tok.encode(text, add_special_tokens=False)
 
@@ -42,15 +48,15 @@ CHOICE = Grammar.choice(["yes", "no"])
 
 
 def test_the_grammar_overrides_the_logits_and_leaves_free_rows_alone(sampler, tok):
-    sampler.add_request("free", SamplingParams(temperature=0.0), [5])
-    sampler.add_request("bound", SamplingParams(temperature=0.0, grammar=CHOICE), [5])
+    _add(sampler, "free", SamplingParams(temperature=0.0))
+    _add(sampler, "bound", SamplingParams(temperature=0.0, grammar=CHOICE))
     maybe = _ids(tok, "maybe")[0]
     logits = _favouring(maybe, maybe, rows=2)
     (free, _), (bound, _) = sampler.sample(logits.clone(), ["free", "bound"])
     assert free == maybe
     assert tok.decode([bound]) in ("yes", "no", "y", "n")
     # logprobs stay those of the model's own logits
-    sampler.add_request("lp", SamplingParams(temperature=0.0, grammar=CHOICE, logprobs=0), [5])
+    _add(sampler, "lp", SamplingParams(temperature=0.0, grammar=CHOICE, logprobs=0))
     ((_, lp),) = sampler.sample(logits[:1].clone(), ["lp"])
     assert lp.logprob == pytest.approx(torch.log_softmax(logits[0], -1)[lp.token_id].item(), abs=1e-5)
 
@@ -58,7 +64,7 @@ def test_the_grammar_overrides_the_logits_and_leaves_free_rows_alone(sampler, to
 def test_a_draft_the_grammar_forbids_is_rejected(sampler, tok):
     yes = _ids(tok, "yes")
     assert len(yes) == 1
-    sampler.add_request("r", SamplingParams(temperature=0.0, grammar=CHOICE), [5])
+    _add(sampler, "r", SamplingParams(temperature=0.0, grammar=CHOICE))
     maybe = _ids(tok, "maybe")[0]
     # Row 0 favours the draft "maybe", which the grammar forbids: rejected, and the
     # token sampled instead comes from the grammar's set.
@@ -69,7 +75,7 @@ def test_a_draft_the_grammar_forbids_is_rejected(sampler, tok):
 
 def test_an_allowed_draft_is_kept_and_the_grammar_then_ends_the_output(sampler, tok):
     (yes,) = _ids(tok, "yes")
-    sampler.add_request("r", SamplingParams(temperature=0.0, grammar=CHOICE), [5])
+    _add(sampler, "r", SamplingParams(temperature=0.0, grammar=CHOICE))
     (picked,) = sampler.verify(_favouring(yes, yes, rows=2), ["r"], [[yes]])
     # "yes" accepted; after it the grammar is complete, so EOS wins over the logits.
     assert [t for t, _ in picked] == [yes, EOS]
@@ -80,11 +86,11 @@ def test_an_allowed_draft_is_kept_and_the_grammar_then_ends_the_output(sampler, 
 def test_a_rebuilt_request_replays_its_outputs(sampler, tok):
     grammar = Grammar("regex", "(ab)+c")
     a, b, c = (_ids(tok, x)[0] for x in "abc")
-    sampler.add_request("r", SamplingParams(temperature=0.0, grammar=grammar), [5, 6], [a, b, a])
+    _add(sampler, "r", SamplingParams(temperature=0.0, grammar=grammar), [a, b, a])
     # after "aba" only "b" fits, whatever the logits favour
     assert sampler.sample(_favouring(c), ["r"])[0][0] == b
-    with pytest.raises(ValueError, match="do not fit"):
-        sampler.add_request("s", SamplingParams(grammar=grammar), [5, 6], [b])
+    sampler.add_request("s", SamplingParams(grammar=grammar), [5, 6], [b])
+    assert "do not fit" in sampler.ready(["s"])["s"]
 
 
 def test_a_bad_grammar_is_refused_with_the_reason(sampler):
@@ -94,8 +100,10 @@ def test_a_bad_grammar_is_refused_with_the_reason(sampler):
         (Grammar("json_schema", "{nope"), "property name"),
         (Grammar("ebnf", "root ::= missing"), "not defined"),
     ]:
-        with pytest.raises(ValueError, match=reason):
-            sampler.add_request("r", SamplingParams(grammar=grammar), [5])
+        sampler.add_request("r", SamplingParams(grammar=grammar), [5])
+        with pytest.raises(ValueError, match="before ready"):
+            sampler.sample(_favouring(EOS), ["r"])
+        assert reason in sampler.ready(["r"])["r"]
     with pytest.raises(ValueError, match="no grammar engine"):
         Sampler(VOCAB, [EOS]).add_request("r", SamplingParams(grammar=CHOICE), [5])
 
