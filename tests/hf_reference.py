@@ -67,6 +67,17 @@ def run_staggered(llm, prompts: list[list[int]], params, per_step: int) -> list:
     return [results[i] for i in ids]
 
 
+def drain_engine(llm) -> tuple[list, list]:
+    """Step the engine itself until nothing is left: (every RequestOutput, every finished
+    GenerationResult), for tests that put requests straight into the engine."""
+    outs, done = [], []
+    while llm.has_unfinished():
+        step_outs = llm.engine.step()
+        outs += step_outs
+        done += llm._apply(step_outs)
+    return outs, done
+
+
 def assert_greedy_parity(
     path: str, prompts: list[list[int]], results: list, n: int, logprob_tol: float, **hf_kwargs
 ) -> None:

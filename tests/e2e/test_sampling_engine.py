@@ -5,6 +5,7 @@ import pytest
 from cluster.entrypoints.llm import LLM
 from protos.messages import SamplingParams
 from router.detokenizer import Detokenizer
+from tests.hf_reference import drain_engine
 
 
 def test_seed_gives_same_tokens_alone_and_in_a_mixed_batch(tiny_model):
@@ -103,11 +104,7 @@ def test_offline_bad_token_ids_are_refused_and_a_worker_refusal_fails_alone(tiny
     want = llm.generate([[5, 6, 7]], greedy)[0].outputs[0].token_ids
     llm.engine.add_request(EngineRequest("poison", [1, 2, 3], SamplingParams(logit_bias={999: 1.0})))
     rid = llm.add_request([5, 6, 7], greedy)
-    outs, done = [], []
-    while llm.has_unfinished():
-        step_outs = llm.engine.step()
-        outs += step_outs
-        done += llm._apply(step_outs)
+    outs, done = drain_engine(llm)
     assert [o.finish_reason for o in outs if o.request_id == "poison"] == ["abort"]
     assert [r.outputs[0].token_ids for r in done if r.request_id == rid] == [want]
     llm.scheduler.check_integrity()

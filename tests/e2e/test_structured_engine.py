@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from cluster.entrypoints.llm import LLM
 from protos.grammar import Grammar
 from protos.messages import SamplingParams
+from tests.hf_reference import drain_engine
 
 pytestmark = pytest.mark.slow
 
@@ -185,11 +186,7 @@ def test_past_the_offline_checks_the_worker_fails_a_bad_grammar_alone(llm):
     bad = SamplingParams(max_tokens=4, grammar=Grammar("regex", "(unclosed"))
     llm.engine.add_request(EngineRequest("poison", llm.encode("x"), bad))
     rid = llm.add_request("y", good)
-    outs, done = [], []
-    while llm.has_unfinished():
-        step_outs = llm.engine.step()
-        outs += step_outs
-        done += llm._apply(step_outs)
+    outs, done = drain_engine(llm)
     assert [o.finish_reason for o in outs if o.request_id == "poison"] == ["abort"]
     assert [r.outputs[0].token_ids for r in done if r.request_id == rid] == [want]
     llm.scheduler.check_integrity()
