@@ -30,6 +30,17 @@ from router.protocol import _Sampling
 from router.templating import run_with_deadline
 
 _REMEMBERED = 512  # grammars known to compile
+# The request fields that may carry an output constraint.
+STRUCTURED_FIELDS = (
+    "response_format",
+    "guided_json",
+    "guided_regex",
+    "guided_choice",
+    "guided_grammar",
+    "guided_decoding_backend",
+    "guided_whitespace_pattern",
+    "structured_outputs",
+)
 
 
 def requested_grammar(req: _Sampling) -> tuple[Optional[Grammar], str]:

@@ -12,7 +12,13 @@ HELP = "offline batch generation in one process"
 
 
 def add_cli_args(g: argparse.ArgumentParser) -> None:
-    g.add_argument("--input", required=True, help="JSONL: {prompt | messages, max_tokens?, ...}")
+    g.add_argument(
+        "--input",
+        required=True,
+        help="JSONL: {prompt | messages, max_tokens?, temperature?, top_p?, top_k?, seed?, stop?, and one output "
+        "constraint as the HTTP API takes it: response_format?, guided_json?, guided_regex?, guided_choice?, "
+        "guided_grammar?, structured_outputs?}",
+    )
     g.add_argument("--output", required=True)
     g.add_argument("--max-tokens", type=int, default=128)
     g.add_argument("--temperature", type=float, default=0.0)
@@ -48,9 +54,13 @@ def main(args: argparse.Namespace) -> None:
                     top_k=row.get("top_k", 0),
                     seed=row.get("seed"),
                     stop=row.get("stop") or [],
+                    grammar=_grammar(row, n + 1),
                 )
             )
-    results = llm.generate(prompts, params, use_tqdm=True)
+    try:
+        results = llm.generate(prompts, params, use_tqdm=True)
+    except ValueError as e:  # a request the engine refuses (a grammar that does not compile, ...)
+        raise SystemExit(f"folio generate: {e}") from None
     with open(args.output, "w") as f:
         for rid, res in zip(ids, results):
             out = res.outputs[0]
@@ -61,3 +71,21 @@ def main(args: argparse.Namespace) -> None:
                 + "\n"
             )
     print(f"wrote {len(results)} completions to {args.output}")
+
+
+def _grammar(row: dict, line: int):
+    """The row's output constraint, read as the HTTP API reads it (router/structured.py)."""
+    from pydantic import ValidationError
+
+    from router.errors import ApiError
+    from router.protocol import _Sampling
+    from router.structured import STRUCTURED_FIELDS, requested_grammar
+
+    fields = {k: row[k] for k in STRUCTURED_FIELDS if k in row}
+    if not fields:
+        return None
+    try:
+        grammar, _ = requested_grammar(_Sampling.model_validate(fields))
+    except (ApiError, ValidationError) as e:
+        raise SystemExit(f"folio generate: line {line}: {getattr(e, 'message', e)}") from None
+    return grammar

@@ -24,14 +24,41 @@ def test_generate_writes_one_completion_per_line(tmp_path):
         {"id": "chat", "messages": [{"role": "user", "content": "What is the capital of France?"}], "max_tokens": 12},
         {"id": "plain", "prompt": "One, two, three,", "max_tokens": 5},
         {"id": "stop", "prompt": "One, two, three,", "max_tokens": 12, "stop": [","]},
+        {"id": "choice", "prompt": "Is the sky blue?", "max_tokens": 8, "guided_choice": ["yes", "no"]},
+        {
+            "id": "json",
+            "prompt": "A city as JSON:",
+            "max_tokens": 40,
+            "response_format": {
+                "type": "json_schema",
+                "json_schema": {
+                    "name": "city",
+                    "schema": {
+                        "type": "object",
+                        "properties": {"name": {"type": "string", "maxLength": 12}},
+                        "required": ["name"],
+                    },
+                },
+            },
+        },
     ]
     src.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     _folio("generate", "--input", str(src), "--output", str(dst))
     out = {r["id"]: r for r in map(json.loads, dst.read_text().splitlines())}
-    assert set(out) == {"chat", "plain", "stop"}
+    assert set(out) == {"chat", "plain", "stop", "choice", "json"}
+    assert out["choice"]["text"] in ("yes", "no")
+    assert set(json.loads(out["json"]["text"])) == {"name"}
     assert out["chat"]["text"].startswith("The capital of France is Paris")
     assert len(out["plain"]["token_ids"]) == 5 and out["plain"]["finish_reason"] == "length"
     assert "," not in out["stop"]["text"] and out["stop"]["finish_reason"] == "stop"
+
+
+def test_generate_refuses_a_row_with_a_bad_constraint(tmp_path):
+    src = tmp_path / "in.jsonl"
+    src.write_text(json.dumps({"prompt": "x", "guided_choice": [], "guided_regex": "a"}) + "\n")
+    with pytest.raises(subprocess.CalledProcessError) as e:
+        _folio("generate", "--input", str(src), "--output", str(tmp_path / "out.jsonl"), "--num-kv-blocks", "16")
+    assert "line 1" in e.value.stderr
 
 
 @pytest.mark.slow
