@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import sys
@@ -38,3 +39,52 @@ class WorkerProcesses:
         for p in self.procs:
             p.kill()
             p.wait()
+
+
+async def replica_outputs(
+    addresses: list[str], model_path: str, prompts: list[list[int]], params, speculate: int = 0
+) -> tuple[list[list[int]], object]:
+    """Each prompt's output tokens from one Replica over the workers at `addresses` (one
+    replica: its ranks are tensor-parallel), and the replica's scheduler stats.
+    params: one SamplingParams for all, or a list with one per prompt."""
+    # Imported here: only the tests that run a replica need the head's modules.
+    from cluster.metrics import RequestMetrics
+    from cluster.replica import Replica
+    from protos import worker_pb2 as pb
+    from protos.config import SchedulerConfig
+    from protos.messages import EngineRequest
+    from worker.parallel import free_port
+
+    config = SchedulerConfig(
+        block_size=16, max_num_seqs=8, num_speculative_tokens=speculate, prompt_lookup_min=1, prompt_lookup_max=3
+    )
+    replica = Replica(0, addresses, config, RequestMetrics(), credentials=CREDENTIALS)
+    await replica.start(
+        pb.LoadModelRequest(
+            model_path=model_path,
+            block_size=16,
+            num_blocks=64,
+            dtype="float32",
+            device="cpu",
+            rendezvous=f"tcp://127.0.0.1:{free_port('127.0.0.1')}",
+        )
+    )
+    loop = asyncio.get_running_loop()
+    done = [loop.create_future() for _ in prompts]
+    tokens: list[list[int]] = [[] for _ in prompts]
+
+    def sink(i):
+        def put(item):
+            tokens[i].extend(getattr(item, "new_token_ids", []))
+            if getattr(item, "finished", True) and not done[i].done():
+                done[i].set_result(None)
+
+        return put
+
+    try:
+        for i, p in enumerate(prompts):
+            replica.add_request(EngineRequest(f"r{i}", p, params[i] if isinstance(params, list) else params), sink(i))
+        await asyncio.wait_for(asyncio.gather(*done), 180)
+        return tokens, replica.stats()
+    finally:
+        await replica.close()

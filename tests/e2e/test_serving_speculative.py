@@ -10,13 +10,8 @@ import httpx
 import openai
 import pytest
 
-from cluster.metrics import RequestMetrics
-from cluster.replica import Replica
-from protos import worker_pb2 as pb
-from protos.config import SchedulerConfig
-from protos.messages import EngineRequest, SamplingParams
-from tests.worker_processes import CREDENTIALS, WorkerProcesses
-from worker.parallel import free_port
+from protos.messages import SamplingParams
+from tests.worker_processes import WorkerProcesses, replica_outputs
 
 pytestmark = pytest.mark.slow
 
@@ -24,44 +19,6 @@ COPY = (
     "Repeat the following text word for word, three times:\n\nThe river runs past the old mill, "
     "under the stone bridge, and out to the sea."
 )
-
-
-async def _replica_outputs(
-    addresses: list[str], model_path: str, prompts: list[list[int]], params: SamplingParams, speculate: int
-) -> tuple[list[list[int]], object]:
-    config = SchedulerConfig(
-        block_size=16, max_num_seqs=8, num_speculative_tokens=speculate, prompt_lookup_min=1, prompt_lookup_max=3
-    )
-    replica = Replica(0, addresses, config, RequestMetrics(), credentials=CREDENTIALS)
-    await replica.start(
-        pb.LoadModelRequest(
-            model_path=model_path,
-            block_size=16,
-            num_blocks=64,
-            dtype="float32",
-            device="cpu",
-            rendezvous=f"tcp://127.0.0.1:{free_port('127.0.0.1')}",
-        )
-    )
-    loop = asyncio.get_running_loop()
-    done = [loop.create_future() for _ in prompts]
-    tokens: list[list[int]] = [[] for _ in prompts]
-
-    def sink(i):
-        def put(item):
-            tokens[i].extend(getattr(item, "new_token_ids", []))
-            if getattr(item, "finished", True) and not done[i].done():
-                done[i].set_result(None)
-
-        return put
-
-    try:
-        for i, p in enumerate(prompts):
-            replica.add_request(EngineRequest(f"r{i}", p, params), sink(i))
-        await asyncio.wait_for(asyncio.gather(*done), 180)
-        return tokens, replica.stats()
-    finally:
-        await replica.close()
 
 
 def test_two_rank_replica_verifies_drafts(tiny_model):
@@ -73,9 +30,9 @@ def test_two_rank_replica_verifies_drafts(tiny_model):
     prompts = repetitive_prompts("tp", 5)
     params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
     with WorkerProcesses(1) as one:
-        want, _ = asyncio.run(_replica_outputs(one, path, prompts, params, speculate=0))
+        want, _ = asyncio.run(replica_outputs(one, path, prompts, params, speculate=0))
     with WorkerProcesses(2) as two:
-        got, stats = asyncio.run(_replica_outputs(two, path, prompts, params, speculate=4))
+        got, stats = asyncio.run(replica_outputs(two, path, prompts, params, speculate=4))
     assert got == want
     assert 0 < stats.num_accepted_tokens < stats.num_draft_tokens
 

@@ -5,6 +5,7 @@ the same batch get exactly the tokens they get alone."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import jsonschema
@@ -190,3 +191,17 @@ def test_past_the_offline_checks_the_worker_fails_a_bad_grammar_alone(llm):
     assert [o.finish_reason for o in outs if o.request_id == "poison"] == ["abort"]
     assert [r.outputs[0].token_ids for r in done if r.request_id == rid] == [want]
     llm.scheduler.check_integrity()
+
+
+def test_two_tensor_parallel_ranks_keep_constrained_outputs_valid(llm, smollm2):
+    """Rank 0 masks and samples, the other rank takes its tokens: over real gRPC, the
+    outputs still parse and validate."""
+    from tests.worker_processes import WorkerProcesses, replica_outputs
+
+    prompts = [llm.encode(_prompt(s)) for s in FIXED]
+    params = [_constrained(s, max_tokens=60) for s in FIXED]
+    with WorkerProcesses(2) as ranks:
+        outputs, _ = asyncio.run(replica_outputs(ranks, smollm2, prompts, params))
+    for schema, ids in zip(FIXED, outputs):
+        assert ids[-1] in llm.worker.model_config.eos_token_ids, "did not finish"
+        jsonschema.validate(json.loads(llm.tokenizer.decode(ids, skip_special_tokens=True)), schema)
