@@ -47,28 +47,13 @@ async def replica_outputs(
     """Each prompt's output tokens from one Replica over the workers at `addresses` (one
     replica: its ranks are tensor-parallel), and the replica's scheduler stats.
     params: one SamplingParams for all, or a list with one per prompt."""
-    # Imported here: only the tests that run a replica need the head's modules.
-    from cluster.metrics import RequestMetrics
-    from cluster.replica import Replica
-    from protos import worker_pb2 as pb
     from protos.config import SchedulerConfig
     from protos.messages import EngineRequest
-    from worker.parallel import free_port
 
     config = SchedulerConfig(
         block_size=16, max_num_seqs=8, num_speculative_tokens=speculate, prompt_lookup_min=1, prompt_lookup_max=3
     )
-    replica = Replica(0, addresses, config, RequestMetrics(), credentials=CREDENTIALS)
-    await replica.start(
-        pb.LoadModelRequest(
-            model_path=model_path,
-            block_size=16,
-            num_blocks=64,
-            dtype="float32",
-            device="cpu",
-            rendezvous=f"tcp://127.0.0.1:{free_port('127.0.0.1')}",
-        )
-    )
+    replica = await start_replica(addresses, model_path, config)
     loop = asyncio.get_running_loop()
     done = [loop.create_future() for _ in prompts]
     tokens: list[list[int]] = [[] for _ in prompts]
@@ -88,3 +73,27 @@ async def replica_outputs(
         return tokens, replica.stats()
     finally:
         await replica.close()
+
+
+async def start_replica(addresses: list[str], model_path: str, config, quantization: str = "auto"):
+    """A started Replica (cluster/replica.py) over the workers at `addresses`, rank i at
+    addresses[i]: fp32 on CPU, 64 blocks of 16 tokens. Close it when done."""
+    # Imported here: only the tests that run a replica need the head's modules.
+    from cluster.metrics import RequestMetrics
+    from cluster.replica import Replica
+    from protos import worker_pb2 as pb
+    from worker.parallel import free_port
+
+    replica = Replica(0, addresses, config, RequestMetrics(), credentials=CREDENTIALS)
+    await replica.start(
+        pb.LoadModelRequest(
+            model_path=model_path,
+            block_size=16,
+            num_blocks=64,
+            dtype="float32",
+            device="cpu",
+            quantization=quantization,
+            rendezvous=f"tcp://127.0.0.1:{free_port('127.0.0.1')}",
+        )
+    )
+    return replica

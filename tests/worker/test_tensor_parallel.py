@@ -19,13 +19,13 @@ from protos import worker_pb2 as pb
 from protos.config import SchedulerConfig
 from protos.messages import EngineRequest, SamplingParams
 from tests.model_fixtures import make_tiny_quantized_gguf
-from tests.worker_processes import CREDENTIALS, WorkerProcesses
+from tests.worker_processes import WorkerProcesses, start_replica
 from worker.config import ModelConfig
 from worker.loader import load_model_config
 from worker.models import MODEL_CLASSES
 from worker.models.common import RowParallelLinearWithBias
 from worker.models.llama import LlamaForCausalLM
-from worker.parallel import TPGroup, free_port, head_partition
+from worker.parallel import TPGroup, head_partition
 
 PROMPTS = [[1, 17, 42, 99, 5, 250, 31, 8, 77, 120, 64, 3, 200, 11, 9, 150, 44, 302, 18, 6], [1, 300, 12, 12, 87, 45]]
 MAX_TOKENS = 8
@@ -34,18 +34,7 @@ MAX_TOKENS = 8
 async def _generate(addresses: list[str], model_path: str, quantization: str = "auto") -> tuple[list, list, list]:
     """Greedy outputs for PROMPTS on a replica of these workers (rank i at addresses[i])."""
     config = SchedulerConfig(block_size=16, max_num_seqs=4, max_model_len=0)  # 0: what fits the pool
-    replica = Replica(0, addresses, config, RequestMetrics(), credentials=CREDENTIALS)
-    await replica.start(
-        pb.LoadModelRequest(
-            model_path=model_path,
-            block_size=16,
-            num_blocks=64,
-            dtype="float32",
-            device="cpu",
-            quantization=quantization,
-            rendezvous=f"tcp://127.0.0.1:{free_port('127.0.0.1')}",
-        )
-    )
+    replica = await start_replica(addresses, model_path, config, quantization)
     try:
         return await _outputs(replica)
     finally:
