@@ -190,7 +190,7 @@ class ChatCompletionRequest(_Sampling):
     tools: Optional[Annotated[list[Tool], Field(max_length=L.MAX_TOOLS)]] = None
     tool_choice: Union[Literal["none", "auto", "required"], NamedToolChoice, None] = None
     parallel_tool_calls: Optional[bool] = None
-    # OpenAI's deprecated form of tools: refused while folio does not call tools
+    # OpenAI's deprecated form of tools: refused (router/openai/chat.py), never ignored
     functions: Optional[list[Any]] = None
     function_call: Union[str, dict[str, Any], None] = None
     # vLLM extensions

@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 from typing import AsyncIterator, Optional, Sequence, Union
 
+from protos.grammar import Grammar
 from protos.messages import TokenLogprob
 from router.engine_client import RequestStream
 from router.errors import ApiError
@@ -31,7 +32,7 @@ class ChatCompletions:
         model.check_model(req.model)
         for legacy in ("functions", "function_call"):
             if getattr(req, legacy) is not None:
-                raise ApiError(400, f"{legacy} is not supported; folio does not call tools yet", param=legacy)
+                raise ApiError(400, f"{legacy} is not supported; send its current form, tools", param=legacy)
         if req.top_logprobs is not None and not req.logprobs:
             raise ApiError(400, "top_logprobs needs logprobs set to true", param="top_logprobs")
         check_choices(1, req.n or 1)
@@ -41,24 +42,7 @@ class ChatCompletions:
         model.sampling_params(
             req, max_tokens=INT32_MAX if max_tokens is None else max_tokens, logprobs=logprobs, prompt_logprobs=None
         )
-        grammar = await model.grammar(req)
-        forced = forced_call(req)
-        parser = None
-        if wants_auto_calls(req):
-            parser = model.tool_parser
-            if parser is None:
-                raise ApiError(
-                    400,
-                    "tool_choice \"auto\" needs to read the model's own tool calls, and this model's chat template "
-                    "shows no format folio knows (the operator can name one with --tool-call-parser); send "
-                    '"required", a named function or "none"',
-                    param="tool_choice",
-                )
-        if forced is not None:
-            if grammar is not None:
-                raise ApiError(400, "a forced tool call takes no other output constraint", param="tool_choice")
-            await model.grammars.check(forced.grammar, "tool_choice")
-            grammar = forced.grammar
+        grammar, forced, parser = await self._output_form(req)
         prompt = Prompt(await chat_token_ids(model, req), None)
         check_token_ids(prompt.token_ids, model.vocab_size, "messages")
         if max_tokens is None:
@@ -99,6 +83,32 @@ class ChatCompletions:
                 )
             )
         return ChatCompletion(**envelope, choices=out, usage=generation.usage([prompt], choices))
+
+    async def _output_form(
+        self, req: ChatCompletionRequest
+    ) -> tuple[Optional[Grammar], Optional[ForcedCall], Optional[str]]:
+        """What shapes the reply: its grammar (a structured output, or a forced tool call's),
+        the forced call, and the parser that reads "auto" tool calls back."""
+        model = self.model
+        grammar = await model.grammar(req)
+        forced = forced_call(req)
+        parser = None
+        if wants_auto_calls(req):
+            parser = model.tool_parser
+            if parser is None:
+                raise ApiError(
+                    400,
+                    "tool_choice \"auto\" needs to read the model's own tool calls, and this model's chat template "
+                    "shows no format folio knows (the operator can name one with --tool-call-parser); send "
+                    '"required", a named function or "none"',
+                    param="tool_choice",
+                )
+        if forced is not None:
+            if grammar is not None:
+                raise ApiError(400, "a forced tool call takes no other output constraint", param="tool_choice")
+            await model.grammars.check(forced.grammar, "tool_choice")
+            grammar = forced.grammar
+        return grammar, forced, parser
 
     async def _chunks(
         self,
