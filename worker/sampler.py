@@ -54,6 +54,8 @@ from protos.messages import SamplingParams, TokenLogprob
 log = logging.getLogger(__name__)
 
 _MASK64 = (1 << 64) - 1
+# prompt_logprobs works through this many positions at a time to bound its [rows, V] temporaries.
+_PROMPT_LOGPROBS_CHUNK = 512
 
 
 class _Ended:
@@ -64,8 +66,6 @@ class _Ended:
 
 
 _ENDED = _Ended()
-# prompt_logprobs works through this many positions at a time to bound its [rows, V] temporaries.
-_PROMPT_LOGPROBS_CHUNK = 512
 
 
 @dataclass
@@ -105,6 +105,7 @@ class Sampler:
         self.eos_token_ids = list(eos_token_ids)
         self.device = torch.device(device)
         self._requests: dict[str, _Request] = {}
+        self._pending: set[str] = set()  # requests whose grammar ready() has not waited for yet
         self._shared_generator = torch.Generator(self.device)
         if seed is None:
             self._shared_generator.seed()
@@ -142,6 +143,7 @@ class Sampler:
             if self.grammars is None:
                 raise ValueError("this worker has no grammar engine: structured output is not served here")
             pending = (self.grammars.compile_async(params.grammar), tuple(output_token_ids))
+            self._pending.add(request_id)
         slot = -1
         if params.needs_penalties:
             slot = self._allocate_slot()
@@ -164,12 +166,15 @@ class Sampler:
         thread of its own when its request arrived, so a step's forward pass hides most of
         it) and give each a matcher that has seen its outputs so far. Returns the requests
         whose grammar failed, with the reason; they are forgotten."""
-        failed = {}
+        failed: dict[str, str] = {}
+        if not self._pending:  # the usual step: nothing to wait for, no work per request
+            return failed
         for rid in request_ids:
-            r = self._requests[rid]
-            if r.pending is None:
+            if rid not in self._pending:
                 continue
+            r = self._requests[rid]
             future, outputs = r.pending
+            self._pending.discard(rid)
             try:
                 r.matcher = self._matcher(future.result(), outputs)
                 r.pending = None
@@ -191,6 +196,7 @@ class Sampler:
     def remove_request(self, request_id: str) -> None:
         """Forget a request (finished, aborted, or preempted). Unknown ids are ignored."""
         request = self._requests.pop(request_id, None)
+        self._pending.discard(request_id)
         if request is not None and request.slot >= 0:
             self._free_slots.append(request.slot)
 
@@ -216,7 +222,7 @@ class Sampler:
                 f"logits {tuple(logits.shape)} do not match {len(request_ids)} requests x vocab {self.vocab_size}"
             )
         requests = [self._requests[r] for r in request_ids]
-        if any(r.pending is not None for r in requests):
+        if self._pending and any(r in self._pending for r in request_ids):
             raise ValueError("sample() before ready(): a request's grammar has not been waited for")
         adjusted = self._adjust(logits, requests)  # [N, V]
         tokens = self._choose(adjusted, requests)  # [N] long
@@ -445,7 +451,7 @@ class Sampler:
             # The mask allowed only tokens the grammar accepts, so this fails only for a row
             # the mask left empty (a grammar with a dead end): the request then goes on
             # with its matcher where it was, and its output no longer fits the grammar.
-            if r.matcher is None or r.matcher is _ENDED or r.matcher.is_terminated():
+            if r.matcher is None or r.matcher.is_terminated():
                 continue
             if not r.matcher.accept_token(token):
                 log.warning("a sampled token does not fit its request's grammar: %d", token)
