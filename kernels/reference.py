@@ -58,13 +58,14 @@ def paged_attention(
     """Causal attention of every new token over its sequence's paged context.
 
     The new tokens' K/V must already be written to the pool (write_kv).
-    Returns [T, num_q_heads, head_dim] in q's dtype. Prefill chunks compute in
-    fp32; decode rows compute in the pool's dtype through torch's fused
-    attention, which accumulates in fp32 and rounds only the softmax weights
-    to a 16-bit dtype (as transformers' own SDPA path does in bf16).
+    Returns [T, num_q_heads, head_dim] in q's dtype. Every row computes in
+    fp32, a 16-bit pool's K/V widened after the gather: torch's CPU SDPA at one
+    query row is 2-4x slower in bf16 than the gather, the widening and an fp32
+    SDPA together (`folio bench kernels` on a machine without a GPU measures
+    both), and the result is rounded once, at the end.
     """
     gqa = q.shape[1] != k_cache.shape[2]
-    groups = _decode_plan(meta, k_cache.shape[1], sliding_window, k_cache.dtype)
+    groups = _decode_plan(meta, k_cache.shape[1], sliding_window)
     if groups and groups[0].tokens is None:  # a pure-decode step, rows in order
         return _decode_group(q, k_cache, v_cache, groups[0], scale, gqa).to(q.dtype)
     out = torch.empty_like(q)
@@ -106,9 +107,9 @@ class _DecodeGroup:
     mask: Optional[torch.Tensor]  # [B, 1, 1, padded_len] additive, None when every key is visible
 
 
-def _decode_plan(meta: AttentionMetadata, block_size: int, sliding_window, dtype) -> list[_DecodeGroup]:
+def _decode_plan(meta: AttentionMetadata, block_size: int, sliding_window) -> list[_DecodeGroup]:
     """The step's decode groups, built once and reused by every layer (meta.derived)."""
-    key = ("reference-decode", block_size, sliding_window, dtype)
+    key = ("reference-decode", block_size, sliding_window)
     plan = meta.derived.get(key)
     if plan is None:
         qlens, slens = meta.query_lens_list, meta.seq_lens_list
@@ -117,12 +118,12 @@ def _decode_plan(meta: AttentionMetadata, block_size: int, sliding_window, dtype
         if len(groups) == 1:
             groups = [rows]  # one group needs no sorting; in order, a pure-decode step needs no scatter
         in_order = len(groups) == 1 and len(rows) == len(qlens) == meta.num_tokens
-        plan = [_decode_group_plan(meta, g, block_size, sliding_window, dtype, in_order) for g in groups]
+        plan = [_decode_group_plan(meta, g, block_size, sliding_window, in_order) for g in groups]
         meta.derived[key] = plan
     return plan
 
 
-def _decode_group_plan(meta, rows, block_size, sliding_window, dtype, in_order) -> _DecodeGroup:
+def _decode_group_plan(meta, rows, block_size, sliding_window, in_order) -> _DecodeGroup:
     idx = torch.tensor(rows, dtype=torch.long)
     lens = [meta.seq_lens_list[i] for i in rows]
     nb = (max(lens) + block_size - 1) // block_size
@@ -132,13 +133,13 @@ def _decode_group_plan(meta, rows, block_size, sliding_window, dtype, in_order) 
     if min(lens) < S or (sliding_window is not None and max(lens) > sliding_window):
         seq_lens = torch.tensor(lens).unsqueeze(1)  # [B, 1]
         allowed = _allowed(seq_lens - 1, torch.arange(S).unsqueeze(0), seq_lens, sliding_window)
-        mask = torch.zeros(len(rows), 1, 1, S, dtype=dtype).masked_fill_(~allowed[:, None, None, :], float("-inf"))
+        mask = torch.zeros(len(rows), 1, 1, S).masked_fill_(~allowed[:, None, None, :], float("-inf"))
     tokens = None if in_order else meta.query_start_loc[idx].long()
     return _DecodeGroup(tokens, blocks, S, mask)
 
 
 def _decode_group(q, k_cache, v_cache, g: _DecodeGroup, scale: float, gqa: bool) -> torch.Tensor:
-    """q [B, hq, d] -> [B, hq, d]: one gather per cache, one SDPA.
+    """q [B, hq, d] -> [B, hq, d] fp32: one gather per cache, one fp32 SDPA.
 
     index_select of whole blocks is a row copy (3-10x faster than advanced
     indexing here); SDPA reads the gathered K/V through a transposed view, where
@@ -146,12 +147,16 @@ def _decode_group(q, k_cache, v_cache, g: _DecodeGroup, scale: float, gqa: bool)
     """
     B, hq, d = q.shape
     hkv = k_cache.shape[2]
-    k = k_cache.index_select(0, g.blocks).view(B, g.padded_len, hkv, d).transpose(1, 2)  # [B, hkv, S, d]
-    v = v_cache.index_select(0, g.blocks).view(B, g.padded_len, hkv, d).transpose(1, 2)
+    k = _as_fp32(k_cache.index_select(0, g.blocks)).view(B, g.padded_len, hkv, d).transpose(1, 2)  # [B, hkv, S, d]
+    v = _as_fp32(v_cache.index_select(0, g.blocks)).view(B, g.padded_len, hkv, d).transpose(1, 2)
     o = F.scaled_dot_product_attention(
-        q.to(k.dtype).view(B, hq, 1, d), k, v, attn_mask=g.mask, scale=scale, enable_gqa=gqa
+        _as_fp32(q).view(B, hq, 1, d), k, v, attn_mask=g.mask, scale=scale, enable_gqa=gqa
     )
     return o.view(B, hq, d)
+
+
+def _as_fp32(x: torch.Tensor) -> torch.Tensor:
+    return x if x.dtype == torch.float32 else x.float()
 
 
 def _length_groups(rows: list[int], seq_lens, block_size: int) -> list[list[int]]:

@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 
 def _folio(*args, timeout=600):
@@ -146,3 +147,18 @@ def test_offline_commands_load_without_ray_or_the_http_stack():
         r.stdout.split("\n")[0]
         == "['batch', 'bench', 'generate'] ['kernels', 'serve', 'spec', 'structured', 'throughput']"
     ), r.stdout
+
+
+def test_kernel_bench_without_a_gpu_times_cpu_decode_attention(tmp_path, monkeypatch):
+    """Without CUDA, `folio bench kernels` times the CPU decode attention against
+    bf16 SDPA on the same K/V and writes both, with how far apart they are."""
+    from cluster.entrypoints.bench import cpu_attention
+    from cluster.entrypoints.bench.kernels import run_kernel_bench
+
+    monkeypatch.setattr(cpu_attention, "CASES", ((2, 40),))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    [row] = run_kernel_bench(str(tmp_path))
+    assert json.loads((tmp_path / "kernel_bench.json").read_text()) == [row]
+    assert (row["batch"], row["context"]) == (2, 40)
+    assert row["folio_us"] > 0 and row["bf16_sdpa_us"] > 0
+    assert 0 < row["max_abs_diff"] < 2e-2  # the two differ by bf16 rounding only

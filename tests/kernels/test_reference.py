@@ -57,6 +57,18 @@ def test_paged_attention_matches_per_token_softmax(paged_case, dtype, query_lens
     torch.testing.assert_close(got.double(), _attention_per_token(case, window), **TOL[dtype])
 
 
+def test_bf16_decode_rounds_once(paged_case):
+    """A bf16 pool's decode rows compute in fp32 and round only the output:
+    nearly every element equals the fp64 answer rounded to bf16. (torch's bf16
+    SDPA, which rounds the softmax weights too, matched on about two thirds.)"""
+    case = paged_case(
+        [1, 1, 1, 1], [5, 16, 17, 40], block_size=8, num_q_heads=6, num_kv_heads=2, head_dim=16, dtype=BF16
+    )
+    got = reference.paged_attention(case.q, case.ref_k_cache, case.ref_v_cache, case.meta, case.scale)
+    exact = _attention_per_token(case, None).to(BF16)
+    assert (got == exact).float().mean() > 0.99
+
+
 def test_decode_plan_is_built_once_per_step_and_per_window(paged_case):
     """Every layer passes the same metadata: the gather indices and masks are
     derived once and reused, and a layer with another window gets its own."""

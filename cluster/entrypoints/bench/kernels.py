@@ -1,5 +1,6 @@
 """The body of `folio bench kernels`: paged attention against contiguous SDPA,
-and the quantized matmul against dequantize + F.linear.
+and the quantized matmul against dequantize + F.linear. Without a GPU it runs
+the CPU decode attention section instead (cpu_attention.py).
 
 Decode: batch 1..256 x context 512..32k on a Llama-3-8B attention layer
 (32 query heads, 8 KV heads, head dim 128, bf16, KV blocks of 16 in shuffled
@@ -314,7 +315,9 @@ def run_kernel_bench(out_dir: Optional[str] = None, peak_tbps: Optional[float] =
     """Run every section on the current CUDA device, print one line per
     measurement, and write kernel_bench.json and kernel_bench.txt to out_dir."""
     if not torch.cuda.is_available():
-        raise RuntimeError("the kernel benchmark needs a CUDA device")
+        from cluster.entrypoints.bench.cpu_attention import run_cpu_attention_bench
+
+        return _write(run_cpu_attention_bench(), out_dir, json.dumps)
     device = torch.device("cuda")
     props = torch.cuda.get_device_properties(device)
     peak = peak_bandwidth_tbps(props.name, peak_tbps)
@@ -333,16 +336,23 @@ def run_kernel_bench(out_dir: Optional[str] = None, peak_tbps: Optional[float] =
         )
     for r in rows:
         r.update(device=props.name, peak_tbps=peak)
+    return _write(rows, out_dir, _format)
+
+
+def _write(rows: list[dict], out_dir: Optional[str], fmt: Callable[[dict], str]) -> list[dict]:
     if out_dir:
         os.makedirs(out_dir, exist_ok=True)
         with open(os.path.join(out_dir, "kernel_bench.json"), "w") as f:
             json.dump(rows, f, indent=1)
         with open(os.path.join(out_dir, "kernel_bench.txt"), "w") as f:
-            f.write("\n".join(_format(r) for r in rows) + "\n")
+            f.write("\n".join(fmt(r) for r in rows) + "\n")
     return rows
 
 
-HELP = "Triton paged attention against SDPA, quantized matmul against dequantize+linear (needs a GPU)"
+HELP = (
+    "Triton paged attention against SDPA, quantized matmul against dequantize+linear (GPU); "
+    "without a GPU, the CPU decode attention against bf16 SDPA"
+)
 
 
 def add_cli_args(p: argparse.ArgumentParser) -> None:
