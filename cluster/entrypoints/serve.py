@@ -30,7 +30,7 @@ from cluster.autoscaler import AutoscalerConfig, ReplicaAutoscaler
 from cluster.entrypoints.options import add_config_args, config_from_args
 from cluster.frontend import AdmissionConfig, Frontend
 from cluster.metrics import RequestMetrics
-from cluster.placement import ReplicaHandle, ReplicaSpec, launch_replicas, release_replica
+from cluster.placement import ReplicaHandle, ReplicaSpec, launch_replicas, release_replica, start_local_ray
 from cluster.replica import DEFAULT_STEP_TIMEOUT_S, WorkerLoadError
 from cluster.routing import ROUTING_POLICIES, make_router
 from protos.codec import encode_load_request
@@ -293,7 +293,7 @@ def _connect_ray(address: Optional[str]) -> None:
     if address:
         ray.init(address=address)
     else:
-        ray.init(_node_ip_address="127.0.0.1", include_dashboard=False)
+        start_local_ray()
 
 
 HELP = "serve the OpenAI API on a Ray cluster"

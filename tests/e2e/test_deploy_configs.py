@@ -41,6 +41,9 @@ def test_ray_up_config_passes_ray_validation(path):
     head_cmds = " ".join(prepared["head_start_ray_commands"])
     assert "ray start --head" in head_cmds and "--autoscaling-config=~/ray_bootstrap_config.yaml" in head_cmds
     assert head_cmds.index("ray start --head") < head_cmds.index("folio serve")
+    # CPU workers at Ray's default niceness 15 stall behind any busy process (cluster/placement.py)
+    for cmds in (prepared["head_start_ray_commands"], prepared["worker_start_ray_commands"]):
+        assert all("RAY_worker_niceness=0 ray start" in c for c in cmds if "ray start" in c)
     assert any("pip install" in c and "folio" in c for c in prepared["setup_commands"])
 
 

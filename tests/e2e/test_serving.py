@@ -56,7 +56,9 @@ def server():
     from cluster.entrypoints.serve import ServeConfig, serve_in_background
 
     if not ray.is_initialized():
-        ray.init(_node_ip_address="127.0.0.1", include_dashboard=False)
+        from cluster.placement import start_local_ray
+
+        start_local_ray()
     cfg = build_config(
         ServeConfig,
         port=0,
@@ -506,3 +508,20 @@ def test_echo_with_max_tokens_0_scores_the_prompt(client, model, stream):
     assert finish == ["length"] and usage.completion_tokens == 0
     with pytest.raises(openai.BadRequestError):
         client.completions.create(model=model, prompt=prompt, max_tokens=0)
+
+
+def test_worker_processes_run_at_the_niceness_folio_gives_them(server):
+    """Ray would start them at 15, where any busy process on the node stalls the
+    torch threads' barriers (cluster/placement.py, WORKER_NICENESS)."""
+    from cluster.placement import WORKER_NICENESS
+
+    workers = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if f.read().startswith(b"ray::WorkerActor"):
+                    workers.append(int(pid))
+        except OSError:
+            continue
+    assert workers, "no worker actor process found"
+    assert {os.getpriority(os.PRIO_PROCESS, pid) for pid in workers} == {WORKER_NICENESS}

@@ -45,7 +45,9 @@ def spec_server():
     from cluster.entrypoints.serve import ServeConfig, serve_in_background
 
     if not ray.is_initialized():
-        ray.init(_node_ip_address="127.0.0.1", include_dashboard=False)
+        from cluster.placement import start_local_ray
+
+        start_local_ray()
     cfg = build_config(ServeConfig, port=0, max_model_len=1024, num_kv_blocks=256, num_speculative_tokens=5)
     with serve_in_background(cfg) as bg:
         yield bg

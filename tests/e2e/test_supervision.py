@@ -141,7 +141,9 @@ def local_ray():
     import ray
 
     if not ray.is_initialized():
-        ray.init(_node_ip_address="127.0.0.1", include_dashboard=False)
+        from cluster.placement import start_local_ray
+
+        start_local_ray()
 
 
 def _serve(model: str, **flags):

@@ -32,7 +32,9 @@ def server(tmp_path_factory):
 
     model = make_tiny_chat_model(tmp_path_factory.getbasetemp() / "models")
     if not ray.is_initialized():
-        ray.init(_node_ip_address="127.0.0.1", include_dashboard=False)
+        from cluster.placement import start_local_ray
+
+        start_local_ray()
     # A short context and a batch as wide as n may be keep every generated request cheap
     # on a tiny model.
     cfg = build_config(

@@ -46,7 +46,9 @@ def server(tmp_path_factory):
         )
     )
     if not ray.is_initialized():
-        ray.init(_node_ip_address="127.0.0.1", include_dashboard=False)
+        from cluster.placement import start_local_ray
+
+        start_local_ray()
     cfg = build_config(
         ServeConfig,
         model=model,

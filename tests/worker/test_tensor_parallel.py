@@ -188,7 +188,9 @@ def test_ray_replica_with_two_ranks(tiny_model):
     path = tiny_model("qwen2")
     ref_tokens, ref_lps, _ = _run(path, 1)
     if not ray.is_initialized():
-        ray.init(_node_ip_address="127.0.0.1", include_dashboard=False)
+        from cluster.placement import start_local_ray
+
+        start_local_ray()
     spec = ReplicaSpec(
         load=pb.LoadModelRequest(model_path=path, block_size=16, num_blocks=64, dtype="float32", device="cpu"),
         scheduler=SchedulerConfig(block_size=16, max_num_seqs=4),

@@ -41,6 +41,7 @@ from cluster.entrypoints.bench.serve import run_load, summarize
 from cluster.entrypoints.bench.workload import chat_like
 from cluster.entrypoints.options import add_config_args, build_config
 from cluster.entrypoints.serve import ServeConfig, serve_in_background  # needs Ray: no command without it
+from cluster.placement import start_local_ray
 from protos.config import WorkerConfig
 
 LLAMA_CPP_PYTHON = "llama-cpp-python==0.3.36"  # its sdist carries llama.cpp's source (vendor/llama.cpp)
@@ -204,7 +205,7 @@ def main(args: argparse.Namespace) -> dict:
         f"llama-server: {slots} slots, {args.threads} threads"
     )
     if not ray.is_initialized():
-        ray.init(_node_ip_address="127.0.0.1", include_dashboard=False)
+        start_local_ray()
     # llama-server splits its context evenly among its slots: each must hold the longest request.
     with llama_server(binary, model, slots, args.threads, slots * (longest + 16)) as peer_url:
         cfg = build_config(

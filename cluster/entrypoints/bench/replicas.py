@@ -31,6 +31,7 @@ from cluster.entrypoints.bench.serve import run_load, summarize
 from cluster.entrypoints.bench.workload import SyntheticRequest, chat_like
 from cluster.entrypoints.options import build_config
 from cluster.entrypoints.serve import ServeConfig, serve_in_background
+from cluster.placement import start_local_ray
 from protos.config import SchedulerConfig
 
 
@@ -113,7 +114,7 @@ def main(args: argparse.Namespace) -> dict:
     logging.getLogger("httpx").setLevel(logging.WARNING)
     if not ray.is_initialized():
         # Here, on the main thread, so the four deployments share one Ray that outlives each.
-        ray.init(_node_ip_address="127.0.0.1", include_dashboard=False)
+        start_local_ray()
     model = args.model or default_model_path()
     vocab = len(load_tokenizer(model))
     base = dict(model=model, port=0, max_num_seqs=args.concurrency, cpus_per_worker=args.cpus_per_worker)
