@@ -206,7 +206,7 @@ def add_cli_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rounds", type=int, default=3, help="rounds per server with --baseline-url")
     p.add_argument("--json", default=None, help="also write the results here")
     # The model on disk (the workload's vocabulary) and the in-process engine's limits: match the server's.
-    add_config_args(p, EngineConfig, names=("model", "max_num_seqs", "max_num_batched_tokens"))
+    add_config_args(p, EngineConfig, names=("model", "dtype", "quantization", "max_num_seqs", "max_num_batched_tokens"))
 
 
 def _compare(args: argparse.Namespace, reqs: list[SyntheticRequest]) -> dict:
@@ -267,7 +267,7 @@ def main(args: argparse.Namespace) -> dict:
         _print(result["served"])
     if not args.skip_engine:
         # The in-process engine on this machine's CPU, as the CPU server runs it.
-        where = Placement("cpu", "float32")
+        where = Placement("cpu", args.dtype or "float32")
         options = {**options_from_args(EngineConfig, args), "device": where.device, "dtype": where.dtype}
         engine = _in_subprocess(run_folio, options, reqs, where)
         result["engine"] = engine
