@@ -139,6 +139,11 @@ _PER_REPLICA: tuple[tuple[str, str, Callable[[SchedulerStats], float]], ...] = (
         "Speculative draft tokens the model accepted.",
         lambda s: s.num_accepted_tokens,
     ),
+    (
+        "folio_grammar_deferred_samples_total",
+        "Steps in which a constrained request could not sample yet: its grammar was still compiling.",
+        lambda s: s.num_deferred_samples,
+    ),
 )
 
 

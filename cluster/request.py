@@ -57,6 +57,7 @@ class Request:
     prompt_logprobs: list[Optional[TokenLogprob]] = field(default_factory=list)
     ngrams: Optional[NgramIndex] = None  # speculative decoding's draft source, built lazily
     draft_len: int = 0  # drafts to propose next (0: the configured maximum)
+    grammar_ready: bool = False  # the worker has sampled this request under its grammar since it last joined
     cache_root: Optional[BlockHash] = None  # parent of the first block's key: the cache salt
 
     @staticmethod

@@ -19,6 +19,12 @@ back past the rejected drafts. Drafts need the last token, so with
 speculation on a decoding request waits for its previous step to return
 rather than overlap it.
 
+Structured output: the worker samples a constrained request only once its
+grammar has compiled (on the worker's own thread). Until then it defers the
+sample, answering the step with no token, and the request's last token is
+scheduled again. Until its first sample returns, such a request does not
+overlap its own in-flight step, whose sample may yet be deferred.
+
 Blocks are published to the prefix cache when the step that computes them is
 scheduled, not when it returns. That is safe because a worker runs steps in
 order and, within a layer, writes all of a step's new K/V before any attention
@@ -90,6 +96,7 @@ class SchedulerStats:
     num_preemptions: int
     num_draft_tokens: int = 0
     num_accepted_tokens: int = 0
+    num_deferred_samples: int = 0
 
     @property
     def prefix_hit_rate(self) -> float:
@@ -120,6 +127,7 @@ class Scheduler:
         self.computed_tokens_total = 0  # tokens sent for compute, over the lifetime
         self.num_draft_tokens = 0  # speculative drafts sent / accepted, over the lifetime
         self.num_accepted_tokens = 0
+        self.num_deferred_samples = 0  # samples the worker put off, a grammar still compiling
 
     # ---------------------------------------------------------------- intake
     def add_request(self, req: EngineRequest) -> None:
@@ -192,6 +200,8 @@ class Scheduler:
             n = min(r.num_tokens - r.num_computed_tokens, plan.left)
             if n <= 0:
                 continue
+            if r.num_pending and r.params.grammar is not None and not r.grammar_ready:
+                continue  # the in-flight step may defer its sample (the grammar still compiling)
             drafts = None
             if self.config.num_speculative_tokens and r.num_tokens - r.num_computed_tokens == 1:
                 if r.num_pending:
@@ -339,6 +349,7 @@ class Scheduler:
         self.blocks.free(r.block_ids)
         r.block_ids = []
         r.num_computed_tokens = r.num_pending = r.num_published_blocks = r.num_sent_blocks = 0
+        r.grammar_ready = False  # the worker builds its matcher anew
         r.epoch += 1
         r.num_preemptions += 1
         self.num_preemptions += 1
@@ -374,6 +385,11 @@ class Scheduler:
             if not s.samples:
                 continue
             r.num_pending -= 1
+            if not o.token_ids:  # deferred: its grammar is still compiling on the worker
+                r.num_computed_tokens -= 1 + s.num_drafts
+                self.num_deferred_samples += 1
+                continue
+            r.grammar_ready = True
             accepted = len(o.token_ids) - 1  # drafts the worker kept
             r.num_computed_tokens -= s.num_drafts - accepted
             self.num_accepted_tokens += accepted
@@ -453,6 +469,7 @@ class Scheduler:
             num_preemptions=self.num_preemptions,
             num_draft_tokens=self.num_draft_tokens,
             num_accepted_tokens=self.num_accepted_tokens,
+            num_deferred_samples=self.num_deferred_samples,
         )
 
     # ---------------------------------------------------------------- questions

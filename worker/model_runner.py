@@ -12,10 +12,18 @@ and the one token sampled after them; num_computed_tokens stops after the
 accepted drafts, so the K/V written for rejected ones is simply overwritten
 later.
 
+Structured output: a request whose grammar is still compiling (on the
+sampler's thread) when it would sample is deferred, not waited for: it gets no
+token this step and counts its last token as not computed, so the scheduler
+(which sees the empty sample) schedules that token again. A step where every
+request is deferred waits up to GRAMMAR_WAIT_S first, since nothing else would
+run meanwhile.
+
 Under tensor parallelism every rank runs the same steps; only rank 0 samples
 and it broadcasts the sampled ids, so every rank appends the same tokens even
 for unseeded random sampling (per-process random state would otherwise
-diverge). Rank 0's StepResult is the one the head reads.
+diverge), and every rank defers or fails the requests rank 0 deferred or
+failed. Rank 0's StepResult is the one the head reads.
 
 Nothing in a step is trusted: before a request's diff is applied, every block
 id is checked against the pool, every token id against the vocabulary, and its
@@ -29,6 +37,7 @@ same requests and the ranks' batches stay identical.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -48,6 +57,10 @@ from worker.parallel import TPGroup
 from worker.sampler import Sampler
 
 MAX_REQUEST_ID_CHARS = 1024
+# A step whose every request waits for its grammar may wait this long for it; a step
+# with other work never waits (the request is deferred to a later step instead).
+GRAMMAR_WAIT_S = 0.05
+_FAILED = -2  # in the tensor-parallel broadcast of sampled ids: the request's grammar failed
 
 
 class Refused(ValueError):
@@ -249,22 +262,21 @@ class ModelRunner:
             if st.params.prompt_logprobs is not None and c + 1 < st.num_prompt_tokens:
                 last = min(c + n, st.num_prompt_tokens - 1)  # positions c .. last-1 predict a prompt token
                 prompt_jobs.append((rid, start, last - c, c))
-        # Grammars compile on their own thread from the moment their request arrives; the
-        # forward pass above ran meanwhile, so the batch waits only for what outlasts it.
-        failed = self.sampler.ready([rid for rid, _ in sampling])
-        if failed:
-            errors = errors + [RequestError(rid, why) for rid, why in failed.items()]
-            for rid in failed:
-                self._drop(rid)
-            sampling = [s for s in sampling if s[0] not in failed]
-            prompt_jobs = [j for j in prompt_jobs if j[0] not in failed]
-            order = [o for o in order if o[0] not in failed]
-        sample_ids = [rid for rid, _ in sampling]
         sample_idx = [i for _, rows in sampling for i in rows]
         outputs = {rid: SampledRequest(request_id=rid) for rid, _ in order}
+        deferred: set[str] = set()
         if sample_idx:
             logits = self.model.compute_logits(hidden[torch.tensor(sample_idx, device=hidden.device)])
-            self._sample(logits, sample_ids, outputs)
+            # Grammars compile on their own thread from the moment their request arrives;
+            # a request whose grammar is not ready yet is deferred, not waited for (below).
+            wait_s = GRAMMAR_WAIT_S if len(sampling) == len(order) else 0.0
+            deferred, failed = self._sample(logits, sampling, outputs, wait_s)
+            if failed:
+                errors = errors + [RequestError(rid, why) for rid, why in failed.items()]
+                for rid in failed:
+                    self._drop(rid)
+                prompt_jobs = [j for j in prompt_jobs if j[0] not in failed]
+                order = [o for o in order if o[0] not in failed]
         for rid, start, count, c in prompt_jobs:
             st = self.states[rid]
             logits = self.model.compute_logits(hidden[start : start + count])  # a collective: every rank
@@ -275,28 +287,58 @@ class ModelRunner:
         for rid, n in order:
             st = self.states[rid]
             tokens = outputs[rid].token_ids
-            if st.num_drafts:  # keep the accepted drafts, then the new token
-                del st.token_ids[len(st.token_ids) - st.num_drafts :]
+            if rid in deferred:  # nothing sampled: its last token is computed again when it can sample
+                n -= 1 + st.num_drafts
+            elif st.num_drafts:  # keep the accepted drafts, then the new token
                 n -= st.num_drafts - (len(tokens) - 1)
+            if st.num_drafts:
+                del st.token_ids[len(st.token_ids) - st.num_drafts :]
                 st.num_drafts = 0
             st.num_computed_tokens += n
             st.token_ids.extend(tokens)
         return StepResult(step_id=step.step_id, outputs=[outputs[rid] for rid, _ in order], errors=errors)
 
-    def _sample(self, logits: torch.Tensor, request_ids: list[str], outputs: dict[str, SampledRequest]) -> None:
-        """Rank 0 samples (verifying drafts); every rank ends with the token ids in outputs."""
-        drafts = [self.states[rid].drafts for rid in request_ids]
+    def _sample(
+        self, logits: torch.Tensor, sampling: list[tuple[str, range]], outputs: dict[str, SampledRequest], wait_s: float
+    ) -> tuple[set[str], dict[str, str]]:
+        """Rank 0 samples (verifying drafts); every rank ends with the token ids in outputs.
+        logits has the rows of `sampling`, in order. Returns the requests deferred because
+        their grammar is still compiling and those whose grammar failed, as rank 0 saw
+        them: every rank acts on rank 0's view, so their states stay the same."""
+        request_ids = [rid for rid, _ in sampling]
+        deferred: set[str] = set()
+        failed: dict[str, str] = {}
         if self.tp.rank == 0:
+            deferred, failed = self.sampler.ready(request_ids, wait_s)
+            if deferred or failed:  # sample only the rows of the requests that are ready
+                keep = [i for i, (rid, _) in enumerate(sampling) if rid not in deferred and rid not in failed]
+                starts = list(itertools.accumulate((len(rows) for _, rows in sampling), initial=0))
+                rows = [r for i in keep for r in range(starts[i], starts[i + 1])]
+                logits = logits[torch.tensor(rows, dtype=torch.long, device=logits.device)]
+                request_ids = [request_ids[i] for i in keep]
+            drafts = [self.states[rid].drafts for rid in request_ids]
             for rid, picked in zip(request_ids, self.sampler.verify(logits, request_ids, drafts)):
                 outputs[rid].token_ids = [tok for tok, _ in picked]
                 outputs[rid].logprobs = [lp for _, lp in picked if lp is not None]
         if self.tp.world_size > 1:
-            # [R, 1 + most drafts], -1 past each request's tokens: the same shape on every rank.
-            ids = torch.full((len(request_ids), 1 + max(map(len, drafts))), -1, dtype=torch.long)
-            for i, rid in enumerate(request_ids):
-                ids[i, : len(outputs[rid].token_ids)] = torch.tensor(outputs[rid].token_ids)
-            for rid, row in zip(request_ids, self.tp.broadcast_from_first(ids.to(logits.device)).tolist()):
-                outputs[rid].token_ids = [t for t in row if t >= 0]
+            # [R, 1 + most drafts], -1 past each request's tokens (a deferred request has
+            # none), FAILED first for a failed one: the same shape on every rank.
+            all_ids = [rid for rid, _ in sampling]
+            width = 1 + max(self.states[rid].num_drafts for rid in all_ids)
+            ids = torch.full((len(all_ids), width), -1, dtype=torch.long)
+            for i, rid in enumerate(all_ids):
+                if rid in failed:
+                    ids[i, 0] = _FAILED
+                elif outputs[rid].token_ids:
+                    ids[i, : len(outputs[rid].token_ids)] = torch.tensor(outputs[rid].token_ids)
+            for rid, row in zip(all_ids, self.tp.broadcast_from_first(ids.to(logits.device)).tolist()):
+                if row[0] == _FAILED:
+                    failed.setdefault(rid, "the request's grammar failed on rank 0")
+                elif row[0] < 0:
+                    deferred.add(rid)
+                else:
+                    outputs[rid].token_ids = [t for t in row if t >= 0]
+        return deferred, failed
 
     def _prepare(self, order: list[tuple[str, int]]):
         """Flatten the step's tokens and describe them for attention."""

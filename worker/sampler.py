@@ -28,7 +28,10 @@ Grammars: each constrained request owns an xgrammar matcher, advanced by every t
 for it. A preempted request rebuilt with its outputs replays them into a new matcher, and
 verify() samples drafts one position at a time through sample(), so a draft the grammar forbids
 is never accepted and the matcher has only ever seen accepted tokens: there is nothing to roll
-back. Every child of n > 1 is its own request, with its own matcher.
+back. Every child of n > 1 is its own request, with its own matcher. A grammar still compiling
+when its request would sample makes ready() report the request as not ready; the model runner
+then leaves it out of that step's sampling (see worker/model_runner.py), so one slow compile
+delays only its own request.
 
 Invariants, for every request id held:
   - _Request.num_outputs is the number of output tokens the request has: those passed to
@@ -41,6 +44,7 @@ Invariants, for every request id held:
 from __future__ import annotations
 
 import logging
+import time
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
@@ -161,27 +165,42 @@ class Sampler:
             pending=pending,
         )
 
-    def ready(self, request_ids: Sequence[str]) -> dict[str, str]:
-        """Wait for the grammars of these requests to compile (each began compiling on a
-        thread of its own when its request arrived, so a step's forward pass hides most of
-        it) and give each a matcher that has seen its outputs so far. Returns the requests
-        whose grammar failed, with the reason; they are forgotten."""
+    def ready(self, request_ids: Sequence[str], wait_s: float = 0.0) -> tuple[set[str], dict[str, str]]:
+        """Give each of these requests whose grammar has compiled a matcher that has seen its
+        outputs so far. Each grammar began compiling on a thread of its own when its request
+        arrived; they are waited for only when none of these requests could sample
+        otherwise, and then at most wait_s in all, so a slow compile never holds up the
+        batch. Returns (the requests still compiling: not to be sampled this step, the
+        requests whose grammar failed, with the reason: they are forgotten)."""
+        compiling: set[str] = set()
         failed: dict[str, str] = {}
         if not self._pending:  # the usual step: nothing to wait for, no work per request
-            return failed
+            return compiling, failed
+        if any(rid not in self._pending for rid in request_ids):
+            wait_s = 0.0  # others can sample now: waiting would hold them up
+        deadline = time.monotonic() + wait_s
         for rid in request_ids:
             if rid not in self._pending:
                 continue
             r = self._requests[rid]
             future, outputs = r.pending
+            try:
+                compiled = future.result(timeout=max(0.0, deadline - time.monotonic()))
+            except TimeoutError:
+                compiling.add(rid)
+                continue
+            except ValueError as e:
+                failed[rid] = str(e)
+                self.remove_request(rid)
+                continue
             self._pending.discard(rid)
             try:
-                r.matcher = self._matcher(future.result(), outputs)
+                r.matcher = self._matcher(compiled, outputs)
                 r.pending = None
             except ValueError as e:
                 failed[rid] = str(e)
                 self.remove_request(rid)
-        return failed
+        return compiling, failed
 
     @staticmethod
     def _matcher(compiled, output_token_ids: Sequence[int]):

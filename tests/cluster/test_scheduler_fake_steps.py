@@ -2,8 +2,9 @@
 can afford many examples. The fake worker keeps each request's tokens as the real
 model runner does and "samples" a token that depends only on (request, position),
 so whatever the scheduler does (chunked prefill, prefix hits, preemption and
-recompute, aborts, priorities, one or two steps in flight) every request must end
-with exactly the tokens a one-at-a-time run gives it."""
+recompute, aborts, priorities, one or two steps in flight, samples deferred while
+a request's grammar compiles) every request must end with exactly the tokens a
+one-at-a-time run gives it."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from hypothesis import strategies as st
 
 from cluster.scheduler import Scheduler
 from protos.config import SchedulerConfig
+from protos.grammar import Grammar
 from protos.messages import EngineRequest, SampledRequest, SamplingParams, StepRequest, StepResult
 
 EOS = 2
@@ -40,10 +42,14 @@ def reference(request_id: str, prompt: list[int], params: SamplingParams, max_mo
 
 
 class FakeWorker:
-    """Per-request token lists, kept as worker/model_runner.py keeps them."""
+    """Per-request token lists, kept as worker/model_runner.py keeps them. A request
+    in `deferrals` has its first that-many samples after each time it joins deferred,
+    as a grammar still compiling defers them."""
 
-    def __init__(self) -> None:
+    def __init__(self, deferrals: dict[str, int]) -> None:
         self.tokens: dict[str, list[int]] = {}
+        self.deferrals = deferrals
+        self.to_defer: dict[str, int] = {}
 
     def execute(self, step: StepRequest) -> StepResult:
         for rid in step.finished_ids:
@@ -54,6 +60,7 @@ class FakeWorker:
             assert r.num_scheduled_tokens > 0, f"{r.request_id} is scheduled with no token to compute"
         for r in step.new_requests:
             self.tokens[r.request_id] = list(r.token_ids)
+            self.to_defer[r.request_id] = self.deferrals.get(r.request_id, 0)
             assert r.num_computed_tokens + r.num_scheduled_tokens <= len(r.token_ids)
             if r.num_computed_tokens + r.num_scheduled_tokens == len(r.token_ids):
                 out.append(self._sample(r.request_id))
@@ -66,6 +73,9 @@ class FakeWorker:
         return StepResult(step.step_id, out)
 
     def _sample(self, rid: str) -> SampledRequest:
+        if self.to_defer[rid]:
+            self.to_defer[rid] -= 1
+            return SampledRequest(rid, [])
         tok = token_at(rid, len(self.tokens[rid]))
         self.tokens[rid].append(tok)
         return SampledRequest(rid, [tok])
@@ -80,6 +90,7 @@ requests_strategy = st.lists(
         st.booleans(),  # ignore_eos
         st.integers(0, 12),  # arrives before this step
         st.one_of(st.none(), st.integers(0, 30)),  # aborted at this step, if at all
+        st.one_of(st.none(), st.integers(0, 3)),  # with a grammar: samples deferred per join
     ),
     min_size=1,
     max_size=24,
@@ -107,15 +118,20 @@ def test_every_request_gets_the_tokens_of_a_run_alone(
         enable_prefix_caching=prefix_caching,
         eos_token_ids=(EOS,),
     )
-    sched, worker = Scheduler(config, num_blocks), FakeWorker()
+    deferrals: dict[str, int] = {}
+    sched, worker = Scheduler(config, num_blocks), FakeWorker(deferrals)
     prefixes = [[5 + i] * 16 + list(range(7, 23)) for i in range(4)]
     want, got, finish = {}, {}, {}
     arrivals: dict[int, list[EngineRequest]] = {}
     aborts: dict[int, list[str]] = {}
-    for i, (n, shared, max_tokens, priority, ignore_eos, arrive, abort_at) in enumerate(reqs):
+    for i, (n, shared, max_tokens, priority, ignore_eos, arrive, abort_at, defer) in enumerate(reqs):
         rid = f"r{i}"
         prompt = (prefixes[shared] + [50 + i] * n)[: max(1, min(n + 8, max_model_len - max_tokens - 1))]
-        params = SamplingParams(max_tokens=max_tokens, ignore_eos=ignore_eos)
+        if defer is None:
+            params = SamplingParams(max_tokens=max_tokens, ignore_eos=ignore_eos)
+        else:  # the fake model ignores the grammar; the scheduler only knows there is one
+            params = SamplingParams(max_tokens=max_tokens, grammar=Grammar("regex", "[a-z]+"))
+            deferrals[rid] = defer
         req = EngineRequest(rid, prompt, params, priority)
         if -(-min(max_model_len, len(prompt) + max_tokens) // BLOCK) > num_blocks:
             continue  # can never fit: add_request refuses it (tested elsewhere)

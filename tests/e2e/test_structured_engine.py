@@ -6,7 +6,10 @@ the same batch get exactly the tokens they get alone."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import jsonschema
 import pytest
@@ -119,6 +122,46 @@ def fixed_outputs(llm):
     return [r.outputs[0].token_ids for r in results]
 
 
+@contextlib.contextmanager
+def _grammars_held_back(llm):
+    """The worker's grammar compiles wait until the test lets them go (the real compile
+    then runs): a grammar that takes as long as the test likes to compile."""
+    grammars, gate = llm.worker.sampler.grammars, threading.Event()
+
+    def gated(grammar):
+        return pool.submit(lambda: gate.wait(60) and grammars.compile(grammar))
+
+    with ThreadPoolExecutor(1) as pool:
+        grammars.compile_async = gated
+        try:
+            yield gate
+        finally:
+            gate.set()
+            del grammars.compile_async
+
+
+def test_a_grammar_still_compiling_holds_up_only_its_own_request(llm, free_alone, fixed_outputs):
+    """The batch runs on while a grammar compiles: the free request finishes, the
+    constrained one waits without a token, then produces exactly its usual output."""
+    before = llm.scheduler.num_deferred_samples
+    with _grammars_held_back(llm) as gate:
+        constrained = llm.add_request(_prompt(FIXED[0]), _constrained(FIXED[0]))
+        free = llm.add_request(FREE_PROMPTS[0], SamplingParams(max_tokens=24, temperature=0.0))
+        done = []
+        for _ in range(100):
+            done += llm.step()
+            if any(r.request_id == free for r in done):
+                break
+        assert [r.outputs[0].token_ids for r in done] == [free_alone[0]]
+        assert not llm._results[constrained].outputs[0].token_ids
+        assert llm.scheduler.num_deferred_samples > before
+        gate.set()
+        while llm.has_unfinished():
+            done += llm.step()
+    assert [r.outputs[0].token_ids for r in done if r.request_id == constrained] == [fixed_outputs[0]]
+    llm.scheduler.check_integrity()
+
+
 def test_preempted_requests_replay_their_grammar(llm, smollm2):
     prompts = [prefix + _prompt(s) for prefix in ("", "Again. ") for s in FIXED]
     params = [_constrained(s, max_tokens=60) for _ in range(2) for s in FIXED]
@@ -195,13 +238,16 @@ def test_past_the_offline_checks_the_worker_fails_a_bad_grammar_alone(llm):
 
 def test_two_tensor_parallel_ranks_keep_constrained_outputs_valid(llm, smollm2):
     """Rank 0 masks and samples, the other rank takes its tokens: over real gRPC, the
-    outputs still parse and validate."""
+    outputs still parse and validate, and a grammar that fails on rank 0 fails its
+    request alone on both ranks (the other rank learns of it from rank 0)."""
     from tests.worker_processes import WorkerProcesses, replica_outputs
 
-    prompts = [llm.encode(_prompt(s)) for s in FIXED]
+    prompts = [llm.encode(_prompt(s)) for s in FIXED] + [llm.encode("x")]
     params = [_constrained(s, max_tokens=60) for s in FIXED]
+    params.append(SamplingParams(max_tokens=4, grammar=Grammar("regex", "(unclosed")))
     with WorkerProcesses(2) as ranks:
         outputs, _ = asyncio.run(replica_outputs(ranks, smollm2, prompts, params))
+    assert outputs[-1] == []
     for schema, ids in zip(FIXED, outputs):
         assert ids[-1] in llm.worker.model_config.eos_token_ids, "did not finish"
         jsonschema.validate(json.loads(llm.tokenizer.decode(ids, skip_special_tokens=True)), schema)

@@ -4,6 +4,8 @@ outputs, and a request whose grammar is complete can only end."""
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 
@@ -27,9 +29,9 @@ def sampler(tok):
 
 
 def _add(sampler, rid: str, params: SamplingParams, outputs=()) -> None:
-    """add_request, then wait for its grammar as the model runner does before sampling."""
+    """add_request, then wait for its grammar to compile."""
     sampler.add_request(rid, params, [5], list(outputs))
-    assert sampler.ready([rid]) == {}
+    assert sampler.ready([rid], wait_s=60) == (set(), {})
 
 
 def _ids(tok, text: str) -> list[int]:
@@ -90,7 +92,25 @@ def test_a_rebuilt_request_replays_its_outputs(sampler, tok):
     # after "aba" only "b" fits, whatever the logits favour
     assert sampler.sample(_favouring(c), ["r"])[0][0] == b
     sampler.add_request("s", SamplingParams(grammar=grammar), [5, 6], [b])
-    assert "do not fit" in sampler.ready(["s"])["s"]
+    assert "do not fit" in sampler.ready(["s"], wait_s=60)[1]["s"]
+
+
+def test_a_grammar_still_compiling_is_reported_not_waited_for(tok):
+    gate = threading.Event()
+    grammars = GrammarCompiler(lambda: tok, VOCAB, [EOS])
+    real = grammars.compile
+    grammars.compile = lambda g: gate.wait(60) and real(g)
+    sampler = Sampler(VOCAB, [EOS], grammars=grammars)
+    sampler.add_request("r", SamplingParams(temperature=0.0, grammar=CHOICE), [5])
+    sampler.add_request("free", SamplingParams(temperature=0.0), [5])
+    assert sampler.ready(["r", "free"], wait_s=0.01) == ({"r"}, {})
+    with pytest.raises(ValueError, match="before ready"):
+        sampler.sample(_favouring(EOS), ["r"])
+    assert sampler.sample(_favouring(7), ["free"])[0][0] == 7
+    gate.set()
+    assert sampler.ready(["r"], wait_s=60) == (set(), {})
+    ((token, _),) = sampler.sample(_favouring(_ids(tok, "maybe")[0]), ["r"])
+    assert tok.decode([token]) in ("yes", "no", "y", "n")
 
 
 def test_a_bad_grammar_is_refused_with_the_reason(sampler):
@@ -103,7 +123,7 @@ def test_a_bad_grammar_is_refused_with_the_reason(sampler):
         sampler.add_request("r", SamplingParams(grammar=grammar), [5])
         with pytest.raises(ValueError, match="before ready"):
             sampler.sample(_favouring(EOS), ["r"])
-        assert reason in sampler.ready(["r"])["r"]
+        assert reason in sampler.ready(["r"], wait_s=60)[1]["r"]
     with pytest.raises(ValueError, match="no grammar engine"):
         Sampler(VOCAB, [EOS]).add_request("r", SamplingParams(grammar=CHOICE), [5])
 
