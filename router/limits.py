@@ -81,8 +81,9 @@ class Limits:
         default="auto",
         metadata={
             "help": 'how tool_choice "auto" reads the model\'s tool calls: hermes, mistral, llama3_json, '
-            "or auto (from the chat template)",
-            "choices": ("auto", "hermes", "mistral", "llama3_json"),
+            "generic (folio shows the tools and a JSON reply form), or auto (from the chat template; "
+            "generic where it shows no format)",
+            "choices": ("auto", "hermes", "mistral", "llama3_json", "generic"),
         },
     )
     stream_keepalive_s: float = field(

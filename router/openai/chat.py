@@ -3,6 +3,7 @@ with their top alternatives."""
 
 from __future__ import annotations
 
+import json
 import time
 from typing import AsyncIterator, Optional, Sequence, Union
 
@@ -20,7 +21,15 @@ from router.openai.sse import DONE, StreamingResult, sse, streaming
 from router.protocol import ChatCompletionRequest
 from router.tool_parsers import StreamingToolParser
 from router.tool_parsers import parse as parse_tool_calls
-from router.tools import ForcedCall, forced_call, tool_call, wants_auto_calls
+from router.tools import (
+    ForcedCall,
+    GenericReply,
+    forced_call,
+    generic_reply,
+    tool_call,
+    tools_prompt,
+    wants_auto_calls,
+)
 
 
 class ChatCompletions:
@@ -42,8 +51,8 @@ class ChatCompletions:
         model.sampling_params(
             req, max_tokens=INT32_MAX if max_tokens is None else max_tokens, logprobs=logprobs, prompt_logprobs=None
         )
-        grammar, forced, parser = await self._output_form(req)
-        prompt = Prompt(await chat_token_ids(model, req), None)
+        grammar, forced, parser, generic = await self._output_form(req)
+        prompt = Prompt(await chat_token_ids(model, req, tools_prompt(req) if generic else None), None)
         check_token_ids(prompt.token_ids, model.vocab_size, "messages")
         if max_tokens is None:
             # As much as is left of the room one request has: always admissible.
@@ -55,7 +64,7 @@ class ChatCompletions:
         # What the body and every chunk of this response carry alike.
         envelope = dict(id=f"chatcmpl-{caller.display_id}", created=int(time.time()), model=model.model_name)
         if req.stream:
-            chunks = self._chunks(req, envelope, prompt, choices, streams, forced, parser)
+            chunks = self._chunks(req, envelope, prompt, choices, streams, forced or generic, parser)
             return streaming(chunks, streams, model.limits.stream_keepalive_s)
 
         await generation.finish(choices, streams)
@@ -67,6 +76,13 @@ class ChatCompletions:
                     ChatCompletionMessage(content=None, tool_calls=forced.calls(c.output.text)),
                     "tool_calls",
                 )
+            elif generic is not None:
+                if finish == "stop":  # complete: a JSON object of the reply form
+                    content, calls = generic.read(c.output.text)
+                else:  # cut short: the answer as far as it went, or the text
+                    content, calls = generic.answer_so_far(c.output.text) or c.output.text, []
+                message = ChatCompletionMessage(content=content, tool_calls=calls or None)
+                finish = "tool_calls" if calls else finish
             elif parser is not None:
                 parsed = parse_tool_calls(parser, c.output.text)
                 if parsed.calls:
@@ -86,29 +102,26 @@ class ChatCompletions:
 
     async def _output_form(
         self, req: ChatCompletionRequest
-    ) -> tuple[Optional[Grammar], Optional[ForcedCall], Optional[str]]:
-        """What shapes the reply: its grammar (a structured output, or a forced tool call's),
-        the forced call, and the parser that reads "auto" tool calls back."""
+    ) -> tuple[Optional[Grammar], Optional[ForcedCall], Optional[str], Optional[GenericReply]]:
+        """What shapes the reply: its grammar (a structured output, a forced tool call's or
+        the generic reply form's), the forced call, the parser that reads a model's own
+        "auto" tool calls back, and the generic reply form of a model that has none."""
         model = self.model
         grammar = await model.grammar(req)
         forced = forced_call(req)
-        parser = None
+        parser = generic = None
         if wants_auto_calls(req):
             parser = model.tool_parser
-            if parser is None:
-                raise ApiError(
-                    400,
-                    "tool_choice \"auto\" needs to read the model's own tool calls, and this model's chat template "
-                    "shows no format folio knows (the operator can name one with --tool-call-parser); send "
-                    '"required", a named function or "none"',
-                    param="tool_choice",
-                )
+            if parser == "generic":
+                generic = generic_reply(req, _answer_schema(grammar))
+                await model.grammars.check(generic.grammar, "tools")
+                return generic.grammar, None, None, generic
         if forced is not None:
             if grammar is not None:
                 raise ApiError(400, "a forced tool call takes no other output constraint", param="tool_choice")
             await model.grammars.check(forced.grammar, "tool_choice")
             grammar = forced.grammar
-        return grammar, forced, parser
+        return grammar, forced, parser, generic
 
     async def _chunks(
         self,
@@ -117,7 +130,7 @@ class ChatCompletions:
         prompt: Prompt,
         choices: list[Choice],
         streams: list[RequestStream],
-        forced: Optional[ForcedCall],
+        forced: Union[ForcedCall, GenericReply, None],
         parser: Optional[str],
     ) -> AsyncIterator[str]:
         opts = req.stream_options
@@ -125,7 +138,7 @@ class ChatCompletions:
 
         def chunk(c: Choice, delta: dict, lps: Optional[list[TokenLogprob]], finished: bool) -> str:
             finish = c.finish_reason if finished else None
-            if finish is not None and (forced is not None and finish == "stop" or c.index in called):
+            if finish is not None and (isinstance(forced, ForcedCall) and finish == "stop" or c.index in called):
                 finish = "tool_calls"
             choice = chunks.chat_chunk_choice(
                 c.index,
@@ -137,7 +150,10 @@ class ChatCompletions:
             usage = generation.usage([prompt], choices) if continuous_usage else None
             return sse(chunks.chat_chunk(envelope, choice, usage))
 
-        calls = {c.index: _StreamedCall(forced) for c in choices} if forced is not None else {}
+        if isinstance(forced, GenericReply):
+            calls = {c.index: _StreamedGenericReply(forced) for c in choices}
+        else:
+            calls = {c.index: _StreamedCall(forced) for c in choices} if forced is not None else {}
         readers = {c.index: StreamingToolParser(parser) for c in choices} if parser is not None else {}
         called: set[int] = set()  # choices that made a call: they finish with "tool_calls"
         for c in choices:  # the role first, before any token is ready
@@ -151,6 +167,8 @@ class ChatCompletions:
                     called.add(c.index)
             elif calls:
                 delta = calls[c.index].delta(ev.text, ev.finished, ev.finished and c.finish_reason == "stop")
+                if delta.get("tool_calls"):
+                    called.add(c.index)
             else:
                 # A choice that ends with no new text ends on an empty delta.
                 delta = chunks.chat_delta(content=ev.text) if ev.text or not ev.finished else chunks.chat_delta()
@@ -205,6 +223,54 @@ class _StreamedCall:
                 for i, call in enumerate(calls)
             ]
         )
+
+
+class _StreamedGenericReply:
+    """One choice's generic reply form as stream deltas. A text answer streams as it is
+    generated (GenericReply.answer_so_far). Calls, or an answer in a response_format
+    schema, are sent once the JSON object is complete; cut short by max_tokens, such
+    an output goes out as content, the text it was."""
+
+    def __init__(self, reply: GenericReply):
+        self.reply = reply
+        self.text = ""
+        self.sent = 0  # characters of the answer sent as content
+
+    def delta(self, text: str, finished: bool, complete: bool) -> dict:
+        self.text += text
+        if finished and complete:
+            content, calls = self.reply.read(self.text)
+            if calls:
+                return chunks.chat_delta(tool_calls=_whole_calls(calls))
+            return chunks.chat_delta(content=content[self.sent :] or None)
+        answer = self.reply.answer_so_far(self.text)
+        if answer is None:
+            return chunks.chat_delta(content=self.text) if finished else chunks.chat_delta()
+        piece, self.sent = answer[self.sent :], len(answer)
+        return chunks.chat_delta(content=piece or None)
+
+
+def _whole_calls(calls: list[dict]) -> list[dict]:
+    return [
+        chunks.tool_call_delta(i, call["id"], call["function"]["name"], call["function"]["arguments"])
+        for i, call in enumerate(calls)
+    ]
+
+
+def _answer_schema(grammar: Optional[Grammar]) -> Optional[dict]:
+    """The JSON schema an "auto" reply's answer takes from the request's own constraint."""
+    if grammar is None:
+        return None
+    if grammar.kind == "json_schema":
+        return json.loads(grammar.spec)
+    if grammar.kind == "json_object":
+        return {"type": "object"}
+    raise ApiError(
+        400,
+        'with tools and tool_choice "auto", this model replies in JSON: its answer can take a JSON schema '
+        f"or json_object, not a {grammar.kind} constraint",
+        param="tool_choice",
+    )
 
 
 def _read_calls(reader: StreamingToolParser, text: str, finished: bool) -> dict:

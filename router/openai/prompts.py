@@ -15,6 +15,7 @@ from router.limits import check_text_fits, check_token_ids
 from router.openai.served_model import ServedModel
 from router.protocol import ChatCompletionRequest, ChatMessage, CompletionRequest, TokenizeRequest
 from router.templating import ChatInput
+from router.tools import generic_history
 
 
 @dataclass
@@ -42,10 +43,19 @@ async def completion_prompts(model: ServedModel, req: CompletionRequest) -> list
     return prompts
 
 
-async def chat_token_ids(model: ServedModel, req: Union[ChatCompletionRequest, TokenizeRequest]) -> list[int]:
+async def chat_token_ids(
+    model: ServedModel, req: Union[ChatCompletionRequest, TokenizeRequest], tools_system: Optional[str] = None
+) -> list[int]:
     """The conversation through the chat template, tokenized; refused before any work when
-    its text alone could not fit."""
+    its text alone could not fit. tools_system: the tools as text for a model whose
+    template shows none (router/tools.py), put first in the system message."""
     messages = [_message_dict(m) for m in req.messages or []]
+    if tools_system is not None:
+        messages = generic_history(messages)
+        if messages and messages[0].get("role") == "system":
+            messages[0] = dict(messages[0], content=f"{tools_system}\n\n{messages[0]['content']}")
+        else:
+            messages.insert(0, {"role": "system", "content": tools_system})
     check_text_fits(sum(_text_chars(m) for m in messages), model.max_chars, model.frontend.max_model_len, "messages")
     kwargs = dict(getattr(req, "chat_template_kwargs", None) or {})
     template = getattr(req, "chat_template", None)

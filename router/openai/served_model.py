@@ -36,11 +36,12 @@ class ServedModel:
         self._token_text: dict[int, str] = {}
 
     @property
-    def tool_parser(self) -> Optional[str]:
-        """The tool-call format tool_choice "auto" reads (router/tool_parsers.py), or None."""
+    def tool_parser(self) -> str:
+        """The tool-call format tool_choice "auto" reads (router/tool_parsers.py), or
+        "generic" for a model without one (router/tools.py)."""
         if self.limits.tool_call_parser != "auto":
             return self.limits.tool_call_parser
-        return detect_parser(getattr(self.tokenizer, "chat_template", None))
+        return detect_parser(getattr(self.tokenizer, "chat_template", None)) or "generic"
 
     @property
     def max_chars(self) -> int:

@@ -101,7 +101,7 @@ BAD = [
         "tool_choice",
         "not among the tools",
     ),
-    ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tool_choice", "--tool-call-parser"),
+    ({"tools": [{"type": "function", "function": {"name": "f"}}], "guided_regex": "a"}, "tool_choice", "not a regex"),
     ({"tool_choice": "required"}, "tool_choice", "needs tools"),
     (
         {
@@ -230,11 +230,70 @@ def test_streamed_tool_calls_open_with_id_and_name_then_arguments(client, model)
     assert chunks[-1].choices[0].finish_reason == "tool_calls"
 
 
+def _reply(message) -> tuple:
+    """A chat reply as (content, [(tool name, arguments)]), each call checked."""
+    for call in message.tool_calls or []:
+        _check_call(call)
+    return message.content, [(c.function.name, json.loads(c.function.arguments)) for c in message.tool_calls or []]
+
+
+def _streamed_reply(chunks) -> tuple:
+    content = "".join(c.choices[0].delta.content or "" for c in chunks)
+    pieces = [p for c in chunks for p in (c.choices[0].delta.tool_calls or [])]
+    assert all(p.id and p.function.name in SCHEMAS for p in pieces)  # each call whole
+    return content or None, [(p.function.name, json.loads(p.function.arguments)) for p in pieces]
+
+
+@pytest.mark.parametrize(
+    "messages",
+    [
+        ASK,
+        [{"role": "user", "content": "Write one short sentence about the sea."}],
+        ASK
+        + [
+            {
+                "role": "assistant",
+                "content": None,
+                "tool_calls": [
+                    {
+                        "id": "call_1",
+                        "type": "function",
+                        "function": {"name": "get_weather", "arguments": '{"city": "Paris", "unit": "c"}'},
+                    }
+                ],
+            },
+            {"role": "tool", "tool_call_id": "call_1", "content": "18 C and sunny"},
+        ],
+    ],
+    ids=["weather", "no-tool", "tool-result"],
+)
+def test_auto_tool_choice_without_a_template_format_replies_in_the_generic_form(client, model, messages):  # noqa: F811
+    """SmolLM2's template shows its model no tool-call format: folio shows it the tools and
+    constrains its reply to calls or an answer, streamed or not, the same either way."""
+    ask = dict(model=model, messages=messages, tools=TOOLS, max_tokens=60, temperature=0)
+    r = client.chat.completions.create(**ask)
+    choice = r.choices[0]
+    content, calls = _reply(choice.message)
+    assert (choice.finish_reason == "tool_calls") == bool(calls)
+    assert bool(calls) != bool(content)  # a call or an answer, and an answer is text, not JSON
+    assert calls or not content.lstrip().startswith('{"response"')
+    chunks = [c for c in client.chat.completions.create(stream=True, **ask) if c.choices]
+    assert _streamed_reply(chunks) == (content, calls)
+    assert chunks[-1].choices[0].finish_reason == choice.finish_reason
+    # with response_format, an answer is JSON of its schema
+    capital = {
+        "type": "object",
+        "properties": {"capital": {"type": "string", "maxLength": 20}},
+        "required": ["capital"],
+    }
+    rf = {"type": "json_schema", "json_schema": {"name": "capital", "schema": capital}}
+    r = client.chat.completions.create(response_format=rf, **ask)
+    content, calls = _reply(r.choices[0].message)
+    if not calls:
+        jsonschema.validate(json.loads(content), capital)
+
+
 def test_auto_tool_choice_reads_the_models_own_calls(server, client, model):  # noqa: F811
-    # SmolLM2's template shows its model no tool-call format: "auto" is refused, never ignored.
-    with pytest.raises(openai.BadRequestError) as e:
-        client.chat.completions.create(model=model, messages=ASK, tools=TOOLS, max_tokens=8)
-    assert e.value.body["param"] == "tool_choice" and "--tool-call-parser" in e.value.body["message"]
     serving = server.deployment.serving
     before = serving.limits
     server.call(lambda: setattr(serving, "limits", replace(before, tool_call_parser="hermes")))
