@@ -6,8 +6,10 @@ real gRPC, one replica each, the real Frontend and Replica."""
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 
+import jsonschema
 import pytest
 
 from cluster.frontend import Frontend
@@ -15,9 +17,12 @@ from cluster.metrics import RequestMetrics
 from cluster.replica import Replica
 from protos import worker_pb2 as pb
 from protos.config import SchedulerConfig
+from protos.grammar import Grammar
 from protos.messages import EngineRequest, SamplingParams
 from router.engine_client import RequestFailed
+from tests.model_fixtures import make_tiny_chat_model
 from tests.worker_processes import CREDENTIALS, WorkerProcesses
+from worker.loader import load_tokenizer
 
 pytestmark = pytest.mark.slow
 
@@ -40,7 +45,7 @@ async def _collect(stream, kill_after: int = 0, kill=None) -> tuple[list[int], i
     return tokens, logprobs
 
 
-async def _scenario(addresses: list[str], model: str, kill_first) -> dict:
+async def _scenario(addresses: list[str], model: str, kill_first, params: list[SamplingParams] = PARAMS) -> dict:
     metrics = RequestMetrics()
     replicas = [
         Replica(i, [a], SchedulerConfig(block_size=16, max_num_seqs=8), metrics, credentials=CREDENTIALS)
@@ -63,14 +68,9 @@ async def _scenario(addresses: list[str], model: str, kill_first) -> dict:
         fe = Frontend(replicas, metrics, policy=prefer("doomed"))
         # Reference: the same requests on the second replica, nothing failing.
         want = await asyncio.gather(
-            *(
-                _collect(fe.generate(EngineRequest(f"ref{i}", p, params)))
-                for i, (p, params) in enumerate(zip(PROMPTS, PARAMS))
-            )
+            *(_collect(fe.generate(EngineRequest(f"ref{i}", p, ps))) for i, (p, ps) in enumerate(zip(PROMPTS, params)))
         )
-        doomed = [
-            fe.generate(EngineRequest(f"doomed{i}", p, params)) for i, (p, params) in enumerate(zip(PROMPTS, PARAMS))
-        ]
+        doomed = [fe.generate(EngineRequest(f"doomed{i}", p, ps)) for i, (p, ps) in enumerate(zip(PROMPTS, params))]
         assert all(s.replica is first for s in doomed)
         got = await asyncio.gather(_collect(doomed[0], kill_after=10, kill=kill_first), _collect(doomed[1]))
         second.scheduler.check_integrity()
@@ -97,6 +97,25 @@ def test_requests_resume_on_another_replica_when_a_worker_dies(tiny_model):
         assert len(got_tokens) == MAX_TOKENS
         assert got_tokens == want_tokens
         assert got_lps == want_lps
+
+
+def test_a_constrained_request_resumes_under_its_grammar(model_dir):
+    """The other replica rebuilds the grammar's state from the tokens already streamed:
+    the output goes on exactly as unbroken and still fits its schema."""
+    model = make_tiny_chat_model(model_dir)  # random weights, SmolLM2's real vocabulary
+    schema = {"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": 999}, "minItems": 24}
+    schema["maxItems"] = 24
+    constrained = SamplingParams(
+        temperature=0, max_tokens=MAX_TOKENS, grammar=Grammar("json_schema", json.dumps(schema))
+    )
+    workers = WorkerProcesses(2)
+    with workers as addresses:
+        result = asyncio.run(_scenario(addresses, model, workers.procs[0].kill, [constrained, PARAMS[0]]))
+    assert not result["first_alive"] and result["resumed"] == 2 and all(result["moved"])
+    assert [tokens for tokens, _ in result["got"]] == [tokens for tokens, _ in result["want"]]
+    tokens = result["got"][0][0]
+    assert len(tokens) > 10  # it was cut mid-output
+    jsonschema.validate(json.loads(load_tokenizer(model).decode(tokens, skip_special_tokens=True)), schema)
 
 
 def test_without_a_live_replica_the_stream_fails(tiny_model):
