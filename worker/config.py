@@ -18,6 +18,7 @@ _FAMILIES = {
     "llama": ("rms", ("silu",)),
     "mistral": ("rms", ("silu",)),
     "qwen2": ("rms", ("silu",)),
+    "qwen3": ("rms", ("silu",)),
     "gemma": ("rms", ("gelu_pytorch_tanh",)),
     "gpt_neox": ("layer", ("gelu", "gelu_pytorch_tanh")),
 }
@@ -78,6 +79,7 @@ class ModelConfig:
     parallel_residual: bool = False  # GPT-NeoX: attention and MLP both read the layer input
     rotary_dim: Optional[int] = None  # leading features of a head that rotate; None: all
     o_bias: bool = False  # the attention output projection has a bias
+    qk_norm: bool = False  # each head's q and k are RMS-normed before rope (Qwen3)
     # The scheme whose weights the model keeps quantized at run time ("gguf", "gptq",
     # ...; worker/loader.py decides); None: dense weights (a quantized checkpoint's
     # are dequantized at load).
@@ -132,7 +134,7 @@ class ModelConfig:
 
 
 def _llama(arch: str, cfg: dict) -> dict:
-    """llama, mistral, qwen2."""
+    """llama, mistral, qwen2, qwen3."""
     if cfg.get("hidden_act", "silu") != "silu":
         raise ValueError(f"unsupported hidden_act {cfg['hidden_act']!r}; folio's MLP is SiLU-gated")
     if cfg.get("mlp_bias", False):
@@ -150,8 +152,9 @@ def _llama(arch: str, cfg: dict) -> dict:
         tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
         # Qwen2 always has q/k/v biases; Llama-style configs say so explicitly.
         qkv_bias=arch == "qwen2" or bool(cfg.get("attention_bias", False)),
-        # transformers' Llama biases o_proj with q/k/v; Mistral and Qwen2 never do.
-        o_bias=arch == "llama" and bool(cfg.get("attention_bias", False)),
+        # transformers' Llama and Qwen3 bias o_proj with q/k/v; Mistral and Qwen2 never do.
+        o_bias=arch in ("llama", "qwen3") and bool(cfg.get("attention_bias", False)),
+        qk_norm=arch == "qwen3",
     )
 
 
@@ -257,8 +260,8 @@ def _rope(cfg: dict, default_theta: float = 10000.0) -> tuple[float, Optional[di
 def _sliding_window(arch: str, cfg: dict) -> Optional[int]:
     """One window for all layers, or None. Mixed full/sliding stacks are refused."""
     window = cfg.get("sliding_window")
-    if arch == "qwen2":
-        # Qwen2 only slides when asked to, and then only from max_window_layers up.
+    if arch in ("qwen2", "qwen3"):
+        # Qwen2 and 3 only slide when asked to, and then only from max_window_layers up.
         layer_types = cfg.get("layer_types")
         if layer_types is None:
             sliding = [
@@ -270,7 +273,7 @@ def _sliding_window(arch: str, cfg: dict) -> Optional[int]:
         if not any(sliding):
             return None
         if not all(sliding):
-            raise ValueError("Qwen2 with sliding window on only some layers is not supported")
+            raise ValueError(f"{arch} with sliding window on only some layers is not supported")
     if arch == "llama":
         return None
     return int(window) if window else None

@@ -59,8 +59,17 @@ class RowParallelLinearWithBias(RowParallelLinear):
         self.bias.data.copy_(tensor)
 
 
+class RMSNormWeight(nn.Module):
+    """The weight of an RMSNorm (the norm itself is KernelOps.rms_norm)."""
+
+    def __init__(self, size: int, dtype, device):
+        super().__init__()
+        self.weight = empty_parameter(size, dtype=dtype, device=device)
+
+
 class Attention(nn.Module):
-    """Fused q/k/v, rope, paged KV write and attention, output projection.
+    """Fused q/k/v, (Qwen3) per-head q/k norms, rope, paged KV write and attention,
+    output projection.
 
     Rope rotates the first cos_sin_cache.shape[-1] features of each head (all of
     them but for GPT-NeoX's partial rotary).
@@ -87,6 +96,10 @@ class Attention(nn.Module):
         self.o_proj = o_proj(cfg.hidden_size, (q_rows, heads.q_start * d, self.hq * d), tp, dtype, device, quant_ops)
         self.scale = self.d**-0.5
         self.sliding_window = cfg.sliding_window
+        self.eps = cfg.rms_norm_eps
+        if cfg.qk_norm:  # over head_dim, shared by all heads: replicated on every rank
+            self.q_norm = RMSNormWeight(self.d, dtype, device)
+            self.k_norm = RMSNormWeight(self.d, dtype, device)
 
     def forward(
         self,
@@ -102,10 +115,18 @@ class Attention(nn.Module):
         q = q.view(T, self.hq, self.d)
         k = k.view(T, self.hkv, self.d)
         v = v.view(T, self.hkv, self.d)
+        if hasattr(self, "q_norm"):
+            q = self._head_norm(q, self.q_norm.weight)
+            k = self._head_norm(k, self.k_norm.weight)
         q, k = self.ops.rotary_embedding(positions, q, k, cos_sin_cache)
         self.ops.write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
         o = self.ops.paged_attention(q, k_cache, v_cache, meta, self.scale, self.sliding_window)
         return self.o_proj(o.reshape(T, self.hq * self.d))  # [T, hidden]
+
+    def _head_norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """RMSNorm of each head's features: [T, H, D] -> [T, H, D]."""
+        T, H, D = x.shape
+        return self.ops.rms_norm(x.reshape(T * H, D), weight, self.eps)[0].view(T, H, D)
 
 
 class GatedMLP(nn.Module):

@@ -1,7 +1,8 @@
-"""The Llama family (Llama 2/3, Mistral, Qwen2, and Gemma 1) over folio's paged KV pool.
+"""The Llama family (Llama 2/3, Mistral, Qwen2 and 3, and Gemma 1) over folio's paged KV pool.
 
 Differences between them are configuration, not code: Qwen2 adds q/k/v
-biases (ModelConfig.qkv_bias), Mistral a sliding window, Llama-3 rope scaling
+biases (ModelConfig.qkv_bias), Qwen3 RMS-norms each head's q and k
+(qk_norm), Mistral a sliding window, Llama-3 rope scaling
 (worker/models/rope.py), small models tie lm_head to the embedding; Gemma
 scales its norms by (1 + weight), its embeddings by sqrt(hidden_size), and
 gates its MLP with the tanh GELU (worker/models/gemma.py).
@@ -26,8 +27,8 @@ from torch import nn
 from kernels.interface import KernelOps
 from kernels.metadata import AttentionMetadata
 from worker.config import ModelConfig
-from worker.models.common import Attention, GatedMLP, PagedCausalLM, quant_ops_for
-from worker.parallel import TPGroup, VocabParallelEmbedding, empty_parameter
+from worker.models.common import Attention, GatedMLP, PagedCausalLM, RMSNormWeight, quant_ops_for
+from worker.parallel import TPGroup, VocabParallelEmbedding
 
 # Hugging Face projection -> (folio's fused projection, index of its row block).
 _FUSED = {
@@ -39,19 +40,13 @@ _FUSED = {
 }
 
 
-class _RMSNorm(nn.Module):
-    def __init__(self, size: int, dtype, device):
-        super().__init__()
-        self.weight = empty_parameter(size, dtype=dtype, device=device)
-
-
 class _DecoderLayer(nn.Module):
     def __init__(self, cfg: ModelConfig, ops: KernelOps, tp: TPGroup, dtype, device):
         super().__init__()
         self.ops, self.eps, self.offset = ops, cfg.rms_norm_eps, cfg.norm_weight_offset
-        self.input_layernorm = _RMSNorm(cfg.hidden_size, dtype, device)
+        self.input_layernorm = RMSNormWeight(cfg.hidden_size, dtype, device)
         self.self_attn = Attention(cfg, ops, tp, dtype, device)
-        self.post_attention_layernorm = _RMSNorm(cfg.hidden_size, dtype, device)
+        self.post_attention_layernorm = RMSNormWeight(cfg.hidden_size, dtype, device)
         self.mlp = GatedMLP(cfg, ops, tp, dtype, device)
 
     def forward(self, positions, h, residual, meta, k_cache, v_cache, cos_sin_cache):
@@ -69,11 +64,11 @@ class _LlamaModel(nn.Module):
             cfg.vocab_size, cfg.hidden_size, tp, dtype, device, quant_ops_for(cfg, ops)
         )
         self.layers = nn.ModuleList(_DecoderLayer(cfg, ops, tp, dtype, device) for _ in range(cfg.num_layers))
-        self.norm = _RMSNorm(cfg.hidden_size, dtype, device)
+        self.norm = RMSNormWeight(cfg.hidden_size, dtype, device)
 
 
 class LlamaForCausalLM(PagedCausalLM):
-    """A CausalLM (see worker/models/__init__.py) for llama, mistral, qwen2 and gemma.
+    """A CausalLM (see worker/models/__init__.py) for llama, mistral, qwen2, qwen3 and gemma.
 
     Parameters are created uninitialised on `device` in `dtype`; fill them with
     load_weight (worker/loader.py does) before calling forward. With a `tp`
