@@ -23,7 +23,7 @@ import random
 import numpy as np
 import torch
 
-TINY_FAMILIES = ("llama", "llama3", "mistral", "qwen2", "gemma", "gpt_neox", "gpt_neox_sequential", "qwen3")
+TINY_FAMILIES = ("llama", "llama3", "mistral", "qwen2", "gemma", "gpt_neox", "gpt_neox_sequential", "qwen3", "phi3")
 TINY_VOCAB = 384
 MISTRAL_WINDOW = 8  # smaller than the test prompts, so the window matters
 
@@ -42,7 +42,15 @@ _COMMON = dict(
 
 
 def _hf_config(family: str):
-    from transformers import GemmaConfig, GPTNeoXConfig, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+    from transformers import (
+        GemmaConfig,
+        GPTNeoXConfig,
+        LlamaConfig,
+        MistralConfig,
+        Phi3Config,
+        Qwen2Config,
+        Qwen3Config,
+    )
 
     if family == "llama":
         return LlamaConfig(**_COMMON, rope_theta=10000.0, tie_word_embeddings=False)
@@ -70,6 +78,23 @@ def _hf_config(family: str):
     if family == "qwen3":
         # Real Qwen3 has no attention biases; these test that o_proj's follows q/k/v's.
         return Qwen3Config(**_COMMON, head_dim=16, rope_theta=1000000.0, attention_bias=True, tie_word_embeddings=True)
+    if family == "phi3":
+        # Phi-3.5/4-mini's switches: LongRoPE (folio serves its original context, 128 here,
+        # where the short factors apply), half of each head rotating, and a sliding window.
+        return Phi3Config(
+            **_COMMON,
+            pad_token_id=0,
+            sliding_window=MISTRAL_WINDOW,
+            original_max_position_embeddings=128,
+            rope_parameters={
+                "rope_type": "longrope",
+                "rope_theta": 10000.0,
+                "partial_rotary_factor": 0.5,
+                "short_factor": [1.0, 1.3, 2.1, 3.7],
+                "long_factor": [1.5, 2.5, 4.0, 9.0],
+            },
+            tie_word_embeddings=False,
+        )
     if family == "gemma":
         # MQA, and head_dim 32 so that the query width (128) differs from hidden_size.
         return GemmaConfig(
@@ -128,7 +153,8 @@ def make_tiny_model(family: str, path) -> str:
     tied), "gpt_neox" (Pythia-like: parallel residual, rotary_pct 0.25, biases,
     untied embed_out), "gpt_neox_sequential" (sequential residual, rotary_pct
     0.5, tanh GELU, no attention biases, tied), "qwen3" (per-head q/k norms,
-    attention biases on q/k/v and o, tied). 3 layers, hidden 64, 4 query
+    attention biases on q/k/v and o, tied), "phi3" (fused qkv and gate_up
+    tensors, LongRoPE, partial rotary 0.5, sliding window MISTRAL_WINDOW). 3 layers, hidden 64, 4 query
     heads, 2 KV heads (4 for GPT-NeoX, which has no GQA), head_dim 16 unless
     said, vocab TINY_VOCAB.
     """

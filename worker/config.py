@@ -19,6 +19,7 @@ _FAMILIES = {
     "mistral": ("rms", ("silu",)),
     "qwen2": ("rms", ("silu",)),
     "qwen3": ("rms", ("silu",)),
+    "phi3": ("rms", ("silu",)),
     "gemma": ("rms", ("gelu_pytorch_tanh",)),
     "gpt_neox": ("layer", ("gelu", "gelu_pytorch_tanh")),
 }
@@ -119,8 +120,8 @@ class ModelConfig:
         cfg = {**_HF_DEFAULTS.get(arch, {}), **cfg}
         eos = cfg.get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, list) else () if eos is None else (eos,)
-        family = {"gemma": _gemma, "gpt_neox": _gpt_neox}.get(arch, _llama)
-        return ModelConfig(
+        family = {"gemma": _gemma, "gpt_neox": _gpt_neox, "phi3": _phi3}.get(arch, _llama)
+        fields = dict(
             architecture=arch,
             vocab_size=cfg["vocab_size"],
             hidden_size=cfg["hidden_size"],
@@ -129,8 +130,8 @@ class ModelConfig:
             max_position_embeddings=cfg.get("max_position_embeddings", 2048),
             bos_token_id=cfg.get("bos_token_id"),
             eos_token_ids=eos_ids,
-            **family(arch, cfg),
         )
+        return ModelConfig(**{**fields, **family(arch, cfg)})  # a family may narrow the context
 
 
 def _llama(arch: str, cfg: dict) -> dict:
@@ -156,6 +157,58 @@ def _llama(arch: str, cfg: dict) -> dict:
         o_bias=arch in ("llama", "qwen3") and bool(cfg.get("attention_bias", False)),
         qk_norm=arch == "qwen3",
     )
+
+
+def _phi3(arch: str, cfg: dict) -> dict:
+    """Phi-3 and Phi-3.5/4-mini: the Llama layer with a partial rotary and LongRoPE.
+
+    LongRoPE switches a sequence to its long factors once it outgrows the original
+    context, which changes the keys already cached; folio serves the original
+    context only, with the short factors, which is exactly what transformers
+    computes for every sequence that fits it."""
+    if cfg.get("hidden_act", "silu") != "silu":
+        raise ValueError(f"unsupported hidden_act {cfg['hidden_act']!r}; folio's MLP is SiLU-gated")
+    num_q = cfg["num_attention_heads"]
+    head_dim = cfg["hidden_size"] // num_q
+    theta, scaling = _rope(cfg)
+    params = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+    rotary_dim = int(head_dim * params.get("partial_rotary_factor", cfg.get("partial_rotary_factor", 1.0)))
+    if rotary_dim % 2 or rotary_dim == 0:
+        raise ValueError(f"Phi-3 partial rotary factor gives {rotary_dim} rotary features; folio needs an even number")
+    context = cfg.get("max_position_embeddings", 4096)
+    if scaling is not None:
+        if scaling["rope_type"] not in ("longrope", "su", "yarn"):  # transformers reads all three as LongRoPE
+            raise ValueError(f"unsupported Phi-3 rope type {scaling['rope_type']!r} (folio runs default and longrope)")
+        scaling, context = _longrope(scaling, cfg, context, rotary_dim)
+    return dict(
+        num_q_heads=num_q,
+        num_kv_heads=cfg.get("num_key_value_heads") or num_q,
+        head_dim=head_dim,
+        rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-5)),
+        rope_theta=theta,
+        rope_scaling=scaling,
+        sliding_window=int(cfg["sliding_window"]) if cfg.get("sliding_window") else None,
+        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        qkv_bias=False,
+        rotary_dim=None if rotary_dim == head_dim else rotary_dim,
+        max_position_embeddings=context,
+    )
+
+
+def _longrope(scaling: dict, cfg: dict, context: int, rotary_dim: int) -> tuple[dict, int]:
+    """(the short-factor rope folio computes, the original context it is exact within)."""
+    original = scaling.get("original_max_position_embeddings") or cfg.get("original_max_position_embeddings")
+    if not original:
+        raise ValueError("longrope needs original_max_position_embeddings")
+    short = [float(f) for f in scaling["short_factor"]]
+    if len(short) != rotary_dim // 2:
+        raise ValueError(f"longrope short_factor has {len(short)} entries, expected {rotary_dim // 2}")
+    factor = scaling.get("factor") or context / original
+    attention_factor = scaling.get("attention_factor")
+    if attention_factor is None:  # as transformers derives it
+        attention_factor = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
+    rope = {"rope_type": "longrope", "short_factor": short, "attention_factor": float(attention_factor)}
+    return rope, min(context, int(original))
 
 
 def _gemma(arch: str, cfg: dict) -> dict:

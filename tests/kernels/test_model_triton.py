@@ -28,17 +28,17 @@ pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="the interpret
 
 @pytest.mark.slow
 # gpt_neox: partial rotary (a quarter of each head) through the rotary kernel.
-@pytest.mark.parametrize("family", ["mistral", "qwen2", "qwen3", "gpt_neox"])
+@pytest.mark.parametrize("family", ["mistral", "qwen2", "qwen3", "phi3", "gpt_neox"])
 def test_tiny_model_on_triton_kernels_matches_transformers(family, tiny_model):
     path = tiny_model(family)
     rng = random.Random(f"triton-{family}")
     shared = [rng.randrange(3, TINY_VOCAB) for _ in range(16)]  # two full blocks: prefix hits
     prompts = [shared + [rng.randrange(3, TINY_VOCAB) for _ in range(rng.randint(1, 30))] for _ in range(3)]
-    prompts += [[rng.randrange(3, TINY_VOCAB) for _ in range(rng.randint(1, 40))] for _ in range(4)]
+    prompts += [[rng.randrange(3, TINY_VOCAB) for _ in range(rng.randint(12, 40))] for _ in range(4)]
     llm = LLM(
         path,
         block_size=8,
-        num_kv_blocks=12,
+        num_kv_blocks=10,
         max_num_seqs=4,
         max_num_batched_tokens=16,
         kernels="triton",

@@ -256,13 +256,14 @@ def test_config_from_hf_dir(model_dir, family):
     assert (cfg.vocab_size, cfg.num_layers, cfg.num_q_heads) == (TINY_VOCAB, 3, 4)
     assert cfg.num_kv_heads == (1 if family == "gemma" else 4 if neox else 2)
     assert cfg.head_dim == (32 if family == "gemma" else 16)
-    assert cfg.sliding_window == (MISTRAL_WINDOW if family == "mistral" else None)
+    assert cfg.sliding_window == (MISTRAL_WINDOW if family in ("mistral", "phi3") else None)
     assert cfg.qkv_bias == (family in ("qwen2", "gpt_neox", "qwen3"))
     assert cfg.o_bias == (family in ("gpt_neox", "qwen3"))
     assert cfg.qk_norm == (family == "qwen3")
     assert cfg.tie_word_embeddings == (family in ("llama3", "qwen2", "gemma", "gpt_neox_sequential", "qwen3"))
-    assert (cfg.rope_scaling or {}).get("rope_type") == ("llama3" if family == "llama3" else None)
-    assert cfg.rotary_dim == {"gpt_neox": 4, "gpt_neox_sequential": 8}.get(family)
+    assert (cfg.rope_scaling or {}).get("rope_type") == {"llama3": "llama3", "phi3": "longrope"}.get(family)
+    assert cfg.rotary_dim == {"gpt_neox": 4, "gpt_neox_sequential": 8, "phi3": 8}.get(family)
+    assert cfg.max_position_embeddings == (128 if family == "phi3" else 256)  # LongRoPE: its original context
     assert cfg.parallel_residual == (family == "gpt_neox")
     assert cfg.norm_kind == ("layer" if neox else "rms")
     assert cfg.hidden_act == {
@@ -293,6 +294,18 @@ def test_config_rejects_what_folio_cannot_run():
         )
     with pytest.raises(ValueError, match="parallel residual"):
         dataclasses.replace(ModelConfig.from_hf_config(base), parallel_residual=True)
+    phi3 = {**base, "model_type": "phi3", "num_hidden_layers": 2}
+    with pytest.raises(ValueError, match="rope type 'dynamic'"):
+        ModelConfig.from_hf_config({**phi3, "rope_scaling": {"type": "dynamic", "factor": 2.0}})
+    longrope = {"type": "su", "short_factor": [1.0, 2.0], "long_factor": [1.0, 2.0]}
+    with pytest.raises(ValueError, match="original_max_position_embeddings"):
+        ModelConfig.from_hf_config({**phi3, "rope_scaling": longrope})
+    with pytest.raises(ValueError, match="short_factor has 1"):
+        ModelConfig.from_hf_config(
+            {**phi3, "rope_scaling": {**longrope, "short_factor": [1.0]}, "original_max_position_embeddings": 64}
+        )
+    with pytest.raises(ValueError, match="architecture"):
+        ModelConfig.from_hf_config({**base, "model_type": "phi3small"})
 
 
 @pytest.mark.parametrize(

@@ -14,6 +14,7 @@ from kernels.metadata import AttentionMetadata
 from worker.models.gemma import GemmaForCausalLM
 from worker.models.gpt_neox import GPTNeoXForCausalLM
 from worker.models.llama import LlamaForCausalLM
+from worker.models.phi3 import Phi3ForCausalLM
 
 
 class CausalLM(Protocol):
@@ -49,6 +50,7 @@ MODEL_CLASSES: dict[str, type] = {
     "mistral": LlamaForCausalLM,
     "qwen2": LlamaForCausalLM,
     "qwen3": LlamaForCausalLM,
+    "phi3": Phi3ForCausalLM,
     "gemma": GemmaForCausalLM,
     "gpt_neox": GPTNeoXForCausalLM,
 }

@@ -11,8 +11,10 @@ Scaling types (ModelConfig.rope_scaling["rope_type"]):
   llama3          Llama-3.1's wavelength-dependent interpolation
   freq_factors    inv_freq / factors[i], factors given per frequency: how GGUF
                   files store Llama-3.1 scaling (the rope_freqs tensor)
-Others (dynamic NTK, YaRN, LongRoPE) depend on sequence length or rescale
-attention, so they are refused rather than computed wrongly.
+  longrope        inv_freq / short_factor[i], cos and sin times attention_factor:
+                  Phi-3's LongRoPE within its original context (worker/config.py)
+Others (dynamic NTK, YaRN) depend on sequence length or rescale attention, so
+they are refused rather than computed wrongly.
 """
 
 from __future__ import annotations
@@ -34,12 +36,16 @@ def inverse_frequencies(head_dim: int, theta: float, scaling: Optional[dict]) ->
         return inv_freq / scaling["factor"]
     if kind == "llama3":
         return _llama3(inv_freq, scaling)
-    if kind == "freq_factors":
-        factors = torch.tensor(scaling["factors"], dtype=torch.float32)
+    if kind in ("freq_factors", "longrope"):
+        key = "factors" if kind == "freq_factors" else "short_factor"
+        factors = torch.tensor(scaling[key], dtype=torch.float32)
         if factors.shape != inv_freq.shape:
-            raise ValueError(f"rope freq_factors has {factors.numel()} entries, expected {inv_freq.numel()}")
-        return inv_freq / factors
-    raise NotImplementedError(f"rope scaling type {kind!r} is not supported (supported: default, linear, llama3)")
+            raise ValueError(f"rope {key} has {factors.numel()} entries, expected {inv_freq.numel()}")
+        # transformers' own order of operations for each, so the tables agree to the bit
+        return inv_freq / factors if kind == "freq_factors" else 1.0 / (factors * theta**exponents)
+    raise NotImplementedError(
+        f"rope scaling type {kind!r} is not supported (supported: default, linear, llama3, longrope)"
+    )
 
 
 def _llama3(inv_freq: torch.Tensor, s: dict) -> torch.Tensor:
@@ -60,4 +66,6 @@ def build_cos_sin_cache(
     """[max_positions, head_dim] fp32: cat(cos, sin) of position * inv_freq."""
     inv_freq = inverse_frequencies(head_dim, theta, scaling)
     angles = torch.outer(torch.arange(max_positions, dtype=torch.float32), inv_freq)  # [P, D/2]
-    return torch.cat((angles.cos(), angles.sin()), dim=-1).to(device)
+    table = torch.cat((angles.cos(), angles.sin()), dim=-1)
+    attention_factor = (scaling or {}).get("attention_factor", 1.0)
+    return (table if attention_factor == 1.0 else table * attention_factor).to(device)
