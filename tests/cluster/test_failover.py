@@ -111,7 +111,9 @@ def test_a_constrained_request_resumes_under_its_grammar(model_dir):
     workers = WorkerProcesses(2)
     with workers as addresses:
         result = asyncio.run(_scenario(addresses, model, workers.procs[0].kill, [constrained, PARAMS[0]]))
-    assert not result["first_alive"] and result["resumed"] == 2 and all(result["moved"])
+    # The free request beside it may finish before the kill (the constrained one waits for
+    # its grammar on the new worker meanwhile); the constrained one is always cut mid-way.
+    assert not result["first_alive"] and result["resumed"] >= 1 and result["moved"][0]
     assert [tokens for tokens, _ in result["got"]] == [tokens for tokens, _ in result["want"]]
     tokens = result["got"][0][0]
     assert len(tokens) > 10  # it was cut mid-output
