@@ -23,7 +23,18 @@ import random
 import numpy as np
 import torch
 
-TINY_FAMILIES = ("llama", "llama3", "mistral", "qwen2", "gemma", "gpt_neox", "gpt_neox_sequential", "qwen3", "phi3")
+TINY_FAMILIES = (
+    "llama",
+    "llama3",
+    "mistral",
+    "qwen2",
+    "gemma",
+    "gpt_neox",
+    "gpt_neox_sequential",
+    "qwen3",
+    "phi3",
+    "gemma3",
+)
 TINY_VOCAB = 384
 MISTRAL_WINDOW = 8  # smaller than the test prompts, so the window matters
 
@@ -43,6 +54,7 @@ _COMMON = dict(
 
 def _hf_config(family: str):
     from transformers import (
+        Gemma3TextConfig,
         GemmaConfig,
         GPTNeoXConfig,
         LlamaConfig,
@@ -95,6 +107,21 @@ def _hf_config(family: str):
             },
             tie_word_embeddings=False,
         )
+    if family == "gemma3":
+        # Two sliding layers (their own rope) and a full one with linear rope scaling,
+        # and a query scale that is not head_dim's.
+        return Gemma3TextConfig(
+            **_COMMON,
+            head_dim=16,
+            sliding_window=MISTRAL_WINDOW,
+            layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+            query_pre_attn_scalar=24,
+            rope_parameters={
+                "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1000000.0},
+                "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+            },
+            tie_word_embeddings=True,
+        )
     if family == "gemma":
         # MQA, and head_dim 32 so that the query width (128) differs from hidden_size.
         return GemmaConfig(
@@ -132,7 +159,7 @@ def _hf_config(family: str):
 def _randomize(model: torch.nn.Module, seed: int) -> None:
     gen = torch.Generator().manual_seed(seed)
     # Gemma's norms scale by (1 + weight): the same effective scales as the others'.
-    norm_base = -0.5 if model.config.model_type == "gemma" else 0.5
+    norm_base = -0.5 if model.config.model_type in ("gemma", "gemma3_text") else 0.5
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("bias"):  # LayerNorm's too
@@ -154,7 +181,9 @@ def make_tiny_model(family: str, path) -> str:
     untied embed_out), "gpt_neox_sequential" (sequential residual, rotary_pct
     0.5, tanh GELU, no attention biases, tied), "qwen3" (per-head q/k norms,
     attention biases on q/k/v and o, tied), "phi3" (fused qkv and gate_up
-    tensors, LongRoPE, partial rotary 0.5, sliding window MISTRAL_WINDOW). 3 layers, hidden 64, 4 query
+    tensors, LongRoPE, partial rotary 0.5, sliding window MISTRAL_WINDOW),
+    "gemma3" (sandwich norms, q/k norms, two sliding layers and a full one with
+    linear rope scaling, query_pre_attn_scalar 24). 3 layers, hidden 64, 4 query
     heads, 2 KV heads (4 for GPT-NeoX, which has no GQA), head_dim 16 unless
     said, vocab TINY_VOCAB.
     """

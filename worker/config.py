@@ -21,6 +21,7 @@ _FAMILIES = {
     "qwen3": ("rms", ("silu",)),
     "phi3": ("rms", ("silu",)),
     "gemma": ("rms", ("gelu_pytorch_tanh",)),
+    "gemma3_text": ("rms", ("gelu_pytorch_tanh",)),
     "gpt_neox": ("layer", ("gelu", "gelu_pytorch_tanh")),
 }
 SUPPORTED_ARCHITECTURES = tuple(_FAMILIES)
@@ -42,6 +43,9 @@ _GEMMA2_KEYS = (
 # config.json of these families may leave out.
 _HF_DEFAULTS = {
     "gemma": dict(head_dim=256, tie_word_embeddings=True, max_position_embeddings=8192, bos_token_id=2, eos_token_id=1),
+    "gemma3_text": dict(
+        head_dim=256, tie_word_embeddings=True, max_position_embeddings=131072, bos_token_id=2, eos_token_id=1
+    ),
     "gpt_neox": dict(
         bos_token_id=0,
         eos_token_id=2,
@@ -80,7 +84,12 @@ class ModelConfig:
     parallel_residual: bool = False  # GPT-NeoX: attention and MLP both read the layer input
     rotary_dim: Optional[int] = None  # leading features of a head that rotate; None: all
     o_bias: bool = False  # the attention output projection has a bias
-    qk_norm: bool = False  # each head's q and k are RMS-normed before rope (Qwen3)
+    qk_norm: bool = False  # each head's q and k are RMS-normed before rope (Qwen3, Gemma 3)
+    attn_scale: Optional[float] = None  # scores times this; None: head_dim ** -0.5
+    # Per layer, "sliding_attention" (sliding_window keys, rope at local_rope_theta) or
+    # "full_attention"; None: every layer alike (Gemma 3 interleaves them).
+    layer_types: Optional[tuple[str, ...]] = None
+    local_rope_theta: Optional[float] = None  # the sliding layers' rope (unscaled)
     # The scheme whose weights the model keeps quantized at run time ("gguf", "gptq",
     # ...; worker/loader.py decides); None: dense weights (a quantized checkpoint's
     # are dequantized at load).
@@ -103,6 +112,13 @@ class ModelConfig:
             raise ValueError(f"{self.architecture} uses {norm_kind} norms, not {self.norm_kind!r}")
         if self.parallel_residual and self.architecture != "gpt_neox":
             raise ValueError("parallel residual is implemented for gpt_neox only")
+        if self.layer_types is not None and (
+            len(self.layer_types) != self.num_layers
+            or not set(self.layer_types) <= {"sliding_attention", "full_attention"}
+        ):
+            raise ValueError(
+                f"layer_types must give sliding_attention or full_attention for each of {self.num_layers} layers"
+            )
         if self.rotary_dim is not None and not (0 < self.rotary_dim <= self.head_dim and self.rotary_dim % 2 == 0):
             raise ValueError(f"rotary_dim {self.rotary_dim} must be even and in (0, head_dim {self.head_dim}]")
 
@@ -120,7 +136,7 @@ class ModelConfig:
         cfg = {**_HF_DEFAULTS.get(arch, {}), **cfg}
         eos = cfg.get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, list) else () if eos is None else (eos,)
-        family = {"gemma": _gemma, "gpt_neox": _gpt_neox, "phi3": _phi3}.get(arch, _llama)
+        family = {"gemma": _gemma, "gemma3_text": _gemma3, "gpt_neox": _gpt_neox, "phi3": _phi3}.get(arch, _llama)
         fields = dict(
             architecture=arch,
             vocab_size=cfg["vocab_size"],
@@ -246,6 +262,65 @@ def _gemma(arch: str, cfg: dict) -> dict:
         norm_weight_offset=1.0,
         embedding_multiplier=math.sqrt(cfg["hidden_size"]),
     )
+
+
+def _gemma3(arch: str, cfg: dict) -> dict:
+    """Gemma 3 (text): Gemma's norms, embeddings and GeGLU; q/k norms, a query scale of
+    its own, and sliding layers with their own rope between full ones."""
+    for key in ("attn_logit_softcapping", "final_logit_softcapping"):
+        if cfg.get(key) is not None:
+            raise ValueError(f"Gemma 3 config sets {key}: logit softcapping (Gemma 2's) is not implemented")
+    if cfg.get("use_bidirectional_attention"):
+        raise ValueError("bidirectional attention (an embedding model's) is not supported")
+    act = cfg.get("hidden_activation") or cfg.get("hidden_act") or "gelu_pytorch_tanh"
+    if act != "gelu_pytorch_tanh":
+        raise ValueError(f"unsupported Gemma 3 activation {act!r}; folio's Gemma MLP is GeGLU with gelu_pytorch_tanh")
+    n = cfg["num_hidden_layers"]
+    layer_types = cfg.get("layer_types")
+    if layer_types is None:  # 4.x configs before layer_types: every pattern-th layer is full
+        pattern = cfg.get("sliding_window_pattern") or cfg.get("_sliding_window_pattern") or 6
+        layer_types = ["full_attention" if (i + 1) % pattern == 0 else "sliding_attention" for i in range(n)]
+    params = cfg.get("rope_parameters") or {}
+    if "full_attention" in params or "sliding_attention" in params:  # 5.x: one rope per layer type
+        full, local = dict(params.get("full_attention") or {}), dict(params.get("sliding_attention") or {})
+    else:  # 4.x: rope_theta and rope_scaling for full layers, rope_local_base_freq for sliding ones
+        full = {**(cfg.get("rope_scaling") or {}), "rope_theta": cfg.get("rope_theta", 1000000.0)}
+        local = {"rope_type": "default", "rope_theta": cfg.get("rope_local_base_freq", 10000.0)}
+    theta, scaling = _rope({"rope_parameters": full})
+    local_theta, local_scaling = _rope({"rope_parameters": local}, default_theta=10000.0)
+    if local_scaling is not None:
+        raise ValueError(f"Gemma 3 sliding layers with rope scaling {local_scaling} are not supported")
+    if not cfg.get("tie_word_embeddings", True):
+        raise ValueError("Gemma 3 with an untied LM head is not supported")
+    num_q = cfg["num_attention_heads"]
+    bias = bool(cfg.get("attention_bias", False))
+    return dict(
+        num_q_heads=num_q,
+        num_kv_heads=cfg.get("num_key_value_heads") or num_q,
+        head_dim=cfg["head_dim"],
+        rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+        rope_theta=theta,
+        rope_scaling=scaling,
+        sliding_window=_window_of_sliding_layers(cfg, layer_types),
+        tie_word_embeddings=True,
+        qkv_bias=bias,
+        o_bias=bias,
+        hidden_act="gelu_pytorch_tanh",
+        norm_weight_offset=1.0,
+        embedding_multiplier=math.sqrt(cfg["hidden_size"]),
+        qk_norm=True,
+        attn_scale=float(cfg.get("query_pre_attn_scalar", 256)) ** -0.5,
+        layer_types=tuple(layer_types),
+        local_rope_theta=local_theta,
+    )
+
+
+def _window_of_sliding_layers(cfg: dict, layer_types) -> Optional[int]:
+    if "sliding_attention" not in layer_types:
+        return None
+    if not cfg.get("sliding_window"):
+        raise ValueError("layer_types has sliding_attention layers but sliding_window is not set")
+    return int(cfg["sliding_window"])
 
 
 def _gpt_neox(arch: str, cfg: dict) -> dict:

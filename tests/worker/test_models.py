@@ -256,22 +256,30 @@ def test_config_from_hf_dir(model_dir, family):
     assert (cfg.vocab_size, cfg.num_layers, cfg.num_q_heads) == (TINY_VOCAB, 3, 4)
     assert cfg.num_kv_heads == (1 if family == "gemma" else 4 if neox else 2)
     assert cfg.head_dim == (32 if family == "gemma" else 16)
-    assert cfg.sliding_window == (MISTRAL_WINDOW if family in ("mistral", "phi3") else None)
+    assert cfg.sliding_window == (MISTRAL_WINDOW if family in ("mistral", "phi3", "gemma3") else None)
     assert cfg.qkv_bias == (family in ("qwen2", "gpt_neox", "qwen3"))
     assert cfg.o_bias == (family in ("gpt_neox", "qwen3"))
-    assert cfg.qk_norm == (family == "qwen3")
-    assert cfg.tie_word_embeddings == (family in ("llama3", "qwen2", "gemma", "gpt_neox_sequential", "qwen3"))
-    assert (cfg.rope_scaling or {}).get("rope_type") == {"llama3": "llama3", "phi3": "longrope"}.get(family)
+    assert cfg.qk_norm == (family in ("qwen3", "gemma3"))
+    assert cfg.tie_word_embeddings == (family in ("llama3", "qwen2", "gemma", "gpt_neox_sequential", "qwen3", "gemma3"))
+    assert (cfg.rope_scaling or {}).get("rope_type") == {
+        "llama3": "llama3",
+        "phi3": "longrope",
+        "gemma3": "linear",
+    }.get(family)
+    gemma3 = family == "gemma3"
+    assert cfg.layer_types == (("sliding_attention",) * 2 + ("full_attention",) if gemma3 else None)
+    assert (cfg.attn_scale, cfg.local_rope_theta) == ((24**-0.5, 10000.0) if gemma3 else (None, None))
     assert cfg.rotary_dim == {"gpt_neox": 4, "gpt_neox_sequential": 8, "phi3": 8}.get(family)
     assert cfg.max_position_embeddings == (128 if family == "phi3" else 256)  # LongRoPE: its original context
     assert cfg.parallel_residual == (family == "gpt_neox")
     assert cfg.norm_kind == ("layer" if neox else "rms")
     assert cfg.hidden_act == {
         "gemma": "gelu_pytorch_tanh",
+        "gemma3": "gelu_pytorch_tanh",
         "gpt_neox": "gelu",
         "gpt_neox_sequential": "gelu_pytorch_tanh",
     }.get(family, "silu")
-    gemma_scales = (1.0, 8.0) if family == "gemma" else (0.0, 1.0)  # (1 + w) norms, sqrt(64)
+    gemma_scales = (1.0, 8.0) if family in ("gemma", "gemma3") else (0.0, 1.0)  # (1 + w) norms, sqrt(64)
     assert (cfg.norm_weight_offset, cfg.embedding_multiplier) == gemma_scales
 
 
@@ -321,6 +329,13 @@ def test_config_rejects_what_folio_cannot_run():
         # Exact GELU in transformers 4.x, the tanh one in 5.x: folio cannot be both.
         ({"hidden_activation": "gelu"}, "activation"),
         ({"hidden_act": "relu"}, "activation"),
+        # Gemma 3 (text) runs, but not Gemma 2's softcapping nor what it never had.
+        ({"model_type": "gemma3_text", "attn_logit_softcapping": 50.0}, "softcapping"),
+        ({"model_type": "gemma3_text", "final_logit_softcapping": 30.0}, "softcapping"),
+        ({"model_type": "gemma3_text", "tie_word_embeddings": False}, "untied"),
+        ({"model_type": "gemma3_text", "layer_types": ["global"]}, "layer_types"),
+        ({"model_type": "gemma3_text", "layer_types": ["sliding_attention"]}, "sliding_window"),
+        ({"model_type": "gemma3", "architectures": ["Gemma3ForConditionalGeneration"]}, "architecture"),
     ],
 )
 def test_config_rejects_gemma_variants(change, message):

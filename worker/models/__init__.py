@@ -12,6 +12,7 @@ import torch
 
 from kernels.metadata import AttentionMetadata
 from worker.models.gemma import GemmaForCausalLM
+from worker.models.gemma3 import Gemma3ForCausalLM
 from worker.models.gpt_neox import GPTNeoXForCausalLM
 from worker.models.llama import LlamaForCausalLM
 from worker.models.phi3 import Phi3ForCausalLM
@@ -52,5 +53,6 @@ MODEL_CLASSES: dict[str, type] = {
     "qwen3": LlamaForCausalLM,
     "phi3": Phi3ForCausalLM,
     "gemma": GemmaForCausalLM,
+    "gemma3_text": Gemma3ForCausalLM,
     "gpt_neox": GPTNeoXForCausalLM,
 }

@@ -94,9 +94,9 @@ class Attention(nn.Module):
         )
         o_proj = RowParallelLinearWithBias if cfg.o_bias else RowParallelLinear
         self.o_proj = o_proj(cfg.hidden_size, (q_rows, heads.q_start * d, self.hq * d), tp, dtype, device, quant_ops)
-        self.scale = self.d**-0.5
+        self.scale = cfg.attn_scale or self.d**-0.5
         self.sliding_window = cfg.sliding_window
-        self.eps = cfg.rms_norm_eps
+        self.eps, self.norm_offset = cfg.rms_norm_eps, cfg.norm_weight_offset
         if cfg.qk_norm:  # over head_dim, shared by all heads: replicated on every rank
             self.q_norm = RMSNormWeight(self.d, dtype, device)
             self.k_norm = RMSNormWeight(self.d, dtype, device)
@@ -126,7 +126,7 @@ class Attention(nn.Module):
     def _head_norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """RMSNorm of each head's features: [T, H, D] -> [T, H, D]."""
         T, H, D = x.shape
-        return self.ops.rms_norm(x.reshape(T * H, D), weight, self.eps)[0].view(T, H, D)
+        return self.ops.rms_norm(x.reshape(T * H, D), weight, self.eps, None, self.norm_offset)[0].view(T, H, D)
 
 
 class GatedMLP(nn.Module):
