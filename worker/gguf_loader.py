@@ -9,11 +9,20 @@ the block type is one folio computes with, else dequantized to fp32 by gguf-py
 llama.cpp's converter reorders the rows of Llama's q and k projections: inside
 each head it interleaves the two rotary halves (row i, row i + D/2, row i+1, ...)
 because llama.cpp rotates adjacent pairs, while folio (like HF) rotates halves.
-gguf_tensors puts the rows back. Qwen2 files are converted without reordering.
+gguf_tensors puts the rows back. Qwen2 and Gemma 3 files are converted without
+reordering.
+
+Gemma 3 files hold only what differs from Gemma 3's defaults, and llama.cpp
+fills in the rest as transformers' config does: full attention on every sixth
+layer, 10000 as the sliding layers' rope base, and queries scaled by head_dim
+(by hidden_size / heads on the 62-layer 27B). Their norm weights are stored as
+1 + weight, the factor Gemma's norm applies; folio keeps weight, as
+transformers does, and subtracts the 1 back out.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Iterator, Optional
 
 import gguf
@@ -42,6 +51,17 @@ _LAYER_NAMES = {
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
 }
+# Gemma 3 normalizes each block's input and output, so its ffn_norm is the MLP's input norm.
+_GEMMA3_LAYER_NAMES = {
+    **_LAYER_NAMES,
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
+    "post_attention_norm": "post_attention_layernorm",
+    "ffn_norm": "pre_feedforward_layernorm",
+    "post_ffw_norm": "post_feedforward_layernorm",
+}
+# GGUF general.architecture -> folio's (Hugging Face's) model_type.
+_ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2", "gemma3": "gemma3_text"}
 _TOP_NAMES = {
     "token_embd": "model.embed_tokens",
     "output_norm": "model.norm",
@@ -54,8 +74,8 @@ _PERMUTED_ARCHS = ("llama",)
 def gguf_config(reader: gguf.GGUFReader) -> ModelConfig:
     """ModelConfig from GGUF metadata ({arch}.* and tokenizer.ggml.* keys)."""
     arch = _field(reader, "general.architecture")
-    if arch not in ("llama", "qwen2"):
-        raise ValueError(f"unsupported GGUF architecture {arch!r} (folio reads llama and qwen2)")
+    if arch not in _ARCHITECTURES:
+        raise ValueError(f"unsupported GGUF architecture {arch!r} (folio reads {', '.join(_ARCHITECTURES)})")
 
     def meta(key: str, default=None):
         return _field(reader, f"{arch}.{key}", default)
@@ -68,8 +88,9 @@ def gguf_config(reader: gguf.GGUFReader) -> ModelConfig:
     if rot_dim != head_dim:
         raise ValueError(f"partial rotary (rope dims {rot_dim} of head_dim {head_dim}) is not supported")
     eos = [_field(reader, f"tokenizer.ggml.{k}_token_id") for k in ("eos", "eot", "eom")]
-    return ModelConfig(
-        architecture=arch,
+    family = _gemma3_fields(reader, hidden, num_q, head_dim) if arch == "gemma3" else {}
+    fields = dict(
+        architecture=_ARCHITECTURES[arch],
         vocab_size=int(tensors["token_embd.weight"].shape[1]),  # GGUF shapes are [cols, rows]
         hidden_size=hidden,
         num_layers=meta("block_count"),
@@ -87,6 +108,23 @@ def gguf_config(reader: gguf.GGUFReader) -> ModelConfig:
         bos_token_id=_field(reader, "tokenizer.ggml.bos_token_id"),
         eos_token_ids=tuple(dict.fromkeys(e for e in eos if e is not None)),
     )
+    return ModelConfig(**{**fields, **family})
+
+
+def _gemma3_fields(reader: gguf.GGUFReader, hidden: int, num_q: int, head_dim: int) -> dict:
+    """What a Gemma 3 file leaves to llama.cpp's defaults (see the module docstring)."""
+    layers = _field(reader, "gemma3.block_count")
+    window = _field(reader, "gemma3.attention.sliding_window")
+    return dict(
+        sliding_window=int(window),
+        hidden_act="gelu_pytorch_tanh",
+        norm_weight_offset=1.0,
+        embedding_multiplier=math.sqrt(hidden),
+        qk_norm=True,
+        attn_scale=(hidden / num_q if layers == 62 else head_dim) ** -0.5,
+        layer_types=tuple("full_attention" if (i + 1) % 6 == 0 else "sliding_attention" for i in range(layers)),
+        local_rope_theta=10000.0,
+    )
 
 
 def gguf_quantized(reader: gguf.GGUFReader) -> bool:
@@ -102,13 +140,15 @@ def gguf_tensors(
     for t in reader.tensors:
         if t.name == "rope_freqs.weight":  # already folded into config.rope_scaling
             continue
-        name = _hf_name(t.name)
+        name = _hf_name(t.name, config.architecture)
         tensor = None
         if keep_quantized and len(t.shape) == 2:
             tensor = quantized_tensor(t.data, t.tensor_type, rows=int(t.shape[1]), cols=int(t.shape[0]))
         if tensor is None:
             # dequantize returns rows-major [rows, cols]; np.array copies out of the mmap.
             tensor = torch.from_numpy(np.array(dequantize(t.data, t.tensor_type), dtype=np.float32))
+        if config.architecture == "gemma3_text" and name.endswith("norm.weight"):
+            tensor = tensor - 1.0  # stored as 1 + weight
         if config.architecture in _PERMUTED_ARCHS:
             heads = {"q_proj": config.num_q_heads, "k_proj": config.num_kv_heads}.get(name.split(".")[-2])
             if heads is not None:
@@ -123,12 +163,13 @@ def _unpermute_rope_rows(w: torch.Tensor, num_heads: int) -> torch.Tensor:
     return w.reshape(num_heads, half, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
-def _hf_name(gguf_name: str) -> str:
+def _hf_name(gguf_name: str, architecture: str) -> str:
     base, _, kind = gguf_name.rpartition(".")  # kind: weight | bias
     if base.startswith("blk."):
         _, layer, part = base.split(".", 2)
-        if part in _LAYER_NAMES:
-            return f"model.layers.{layer}.{_LAYER_NAMES[part]}.{kind}"
+        names = _GEMMA3_LAYER_NAMES if architecture == "gemma3_text" else _LAYER_NAMES
+        if part in names:
+            return f"model.layers.{layer}.{names[part]}.{kind}"
     elif base in _TOP_NAMES:
         return f"{_TOP_NAMES[base]}.{kind}"
     raise KeyError(f"GGUF tensor {gguf_name!r} has no place in folio's model")
