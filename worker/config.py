@@ -244,8 +244,15 @@ def _gemma(arch: str, cfg: dict) -> dict:
             f"unsupported Gemma activation (hidden_act {act!r}, hidden_activation "
             f"{declared!r}); folio's Gemma MLP is GeGLU with gelu_pytorch_tanh"
         )
-    num_q = cfg["num_attention_heads"]
     theta, scaling = _rope(cfg)
+    return dict(
+        _gemma_fields(cfg, theta, scaling), sliding_window=None, tie_word_embeddings=bool(cfg["tie_word_embeddings"])
+    )
+
+
+def _gemma_fields(cfg: dict, theta: float, scaling: Optional[dict]) -> dict:
+    """What Gemma 1 and 3 share: (1 + weight) norms, embeddings times sqrt(hidden), GeGLU."""
+    num_q = cfg["num_attention_heads"]
     bias = bool(cfg.get("attention_bias", False))
     return dict(
         num_q_heads=num_q,
@@ -254,8 +261,6 @@ def _gemma(arch: str, cfg: dict) -> dict:
         rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
         rope_theta=theta,
         rope_scaling=scaling,
-        sliding_window=None,
-        tie_word_embeddings=bool(cfg["tie_word_embeddings"]),
         qkv_bias=bias,
         o_bias=bias,
         hidden_act="gelu_pytorch_tanh",
@@ -292,22 +297,10 @@ def _gemma3(arch: str, cfg: dict) -> dict:
         raise ValueError(f"Gemma 3 sliding layers with rope scaling {local_scaling} are not supported")
     if not cfg.get("tie_word_embeddings", True):
         raise ValueError("Gemma 3 with an untied LM head is not supported")
-    num_q = cfg["num_attention_heads"]
-    bias = bool(cfg.get("attention_bias", False))
     return dict(
-        num_q_heads=num_q,
-        num_kv_heads=cfg.get("num_key_value_heads") or num_q,
-        head_dim=cfg["head_dim"],
-        rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
-        rope_theta=theta,
-        rope_scaling=scaling,
+        _gemma_fields(cfg, theta, scaling),
         sliding_window=_window_of_sliding_layers(cfg, layer_types),
         tie_word_embeddings=True,
-        qkv_bias=bias,
-        o_bias=bias,
-        hidden_act="gelu_pytorch_tanh",
-        norm_weight_offset=1.0,
-        embedding_multiplier=math.sqrt(cfg["hidden_size"]),
         qk_norm=True,
         attn_scale=float(cfg.get("query_pre_attn_scalar", 256)) ** -0.5,
         layer_types=tuple(layer_types),
