@@ -34,6 +34,9 @@ TINY_FAMILIES = (
     "qwen3",
     "phi3",
     "gemma3",
+    "falcon",
+    "falcon_new",
+    "falcon_rw",
 )
 TINY_VOCAB = 384
 MISTRAL_WINDOW = 8  # smaller than the test prompts, so the window matters
@@ -54,6 +57,7 @@ _COMMON = dict(
 
 def _hf_config(family: str):
     from transformers import (
+        FalconConfig,
         Gemma3TextConfig,
         GemmaConfig,
         GPTNeoXConfig,
@@ -107,6 +111,15 @@ def _hf_config(family: str):
             },
             tie_word_embeddings=False,
         )
+    falcon = {k: v for k, v in _COMMON.items() if k not in ("num_key_value_heads", "rms_norm_eps", "intermediate_size")}
+    if family == "falcon":  # Falcon-7B: one KV head, attention beside the MLP, one shared norm
+        return FalconConfig(**falcon, multi_query=True, parallel_attn=True, bias=False, ffn_hidden_size=128)
+    if family == "falcon_new":  # Falcon-40B: grouped KV heads, a norm each for attention and MLP
+        return FalconConfig(
+            **falcon, new_decoder_architecture=True, num_kv_heads=2, bias=True, tie_word_embeddings=False
+        )
+    if family == "falcon_rw":  # Falcon-RW: a KV head per query head, attention then MLP
+        return FalconConfig(**falcon, multi_query=False, parallel_attn=False, bias=True)
     if family == "gemma3":
         # Two sliding layers (their own rope) and a full one with linear rope scaling,
         # and a query scale that is not head_dim's.
@@ -183,7 +196,10 @@ def make_tiny_model(family: str, path) -> str:
     attention biases on q/k/v and o, tied), "phi3" (fused qkv and gate_up
     tensors, LongRoPE, partial rotary 0.5, sliding window MISTRAL_WINDOW),
     "gemma3" (sandwich norms, q/k norms, two sliding layers and a full one with
-    linear rope scaling, query_pre_attn_scalar 24). 3 layers, hidden 64, 4 query
+    linear rope scaling, query_pre_attn_scalar 24), "falcon" (multi-query,
+    parallel, one shared norm, no biases, tied), "falcon_new" (the new decoder
+    architecture: 2 KV heads, two norms, biases, untied, 4x MLP), "falcon_rw"
+    (per-head q/k/v, sequential, biases, tied). 3 layers, hidden 64, 4 query
     heads, 2 KV heads (4 for GPT-NeoX, which has no GQA), head_dim 16 unless
     said, vocab TINY_VOCAB.
     """

@@ -23,6 +23,7 @@ _FAMILIES = {
     "gemma": ("rms", ("gelu_pytorch_tanh",)),
     "gemma3_text": ("rms", ("gelu_pytorch_tanh",)),
     "gpt_neox": ("layer", ("gelu", "gelu_pytorch_tanh")),
+    "falcon": ("layer", ("gelu",)),
 }
 SUPPORTED_ARCHITECTURES = tuple(_FAMILIES)
 
@@ -46,6 +47,7 @@ _HF_DEFAULTS = {
     "gemma3_text": dict(
         head_dim=256, tie_word_embeddings=True, max_position_embeddings=131072, bos_token_id=2, eos_token_id=1
     ),
+    "falcon": dict(bos_token_id=11, eos_token_id=11, tie_word_embeddings=True, max_position_embeddings=2048),
     "gpt_neox": dict(
         bos_token_id=0,
         eos_token_id=2,
@@ -90,6 +92,11 @@ class ModelConfig:
     # "full_attention"; None: every layer alike (Gemma 3 interleaves them).
     layer_types: Optional[tuple[str, ...]] = None
     local_rope_theta: Optional[float] = None  # the sliding layers' rope (unscaled)
+    # Falcon: how the checkpoint's fused query_key_value rows are laid out ("blocks": q
+    # then k then v; "per_head": [heads, 3, head_dim]; "per_kv_group": [kv heads, q heads
+    # per kv head + 2, head_dim]), and whether attention and MLP share one input norm.
+    qkv_layout: str = "blocks"
+    shared_input_norm: bool = False
     # The scheme whose weights the model keeps quantized at run time ("gguf", "gptq",
     # ...; worker/loader.py decides); None: dense weights (a quantized checkpoint's
     # are dequantized at load).
@@ -110,8 +117,8 @@ class ModelConfig:
             )
         if self.norm_kind != norm_kind:
             raise ValueError(f"{self.architecture} uses {norm_kind} norms, not {self.norm_kind!r}")
-        if self.parallel_residual and self.architecture != "gpt_neox":
-            raise ValueError("parallel residual is implemented for gpt_neox only")
+        if self.parallel_residual and self.architecture not in ("gpt_neox", "falcon"):
+            raise ValueError("parallel residual is implemented for gpt_neox and falcon only")
         if self.layer_types is not None and (
             len(self.layer_types) != self.num_layers
             or not set(self.layer_types) <= {"sliding_attention", "full_attention"}
@@ -134,9 +141,12 @@ class ModelConfig:
         if arch not in SUPPORTED_ARCHITECTURES:
             raise ValueError(f"unsupported architecture {arch!r}; folio runs {', '.join(SUPPORTED_ARCHITECTURES)}")
         cfg = {**_HF_DEFAULTS.get(arch, {}), **cfg}
+        if arch == "falcon":
+            cfg = _falcon_names(cfg)
         eos = cfg.get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, list) else () if eos is None else (eos,)
-        family = {"gemma": _gemma, "gemma3_text": _gemma3, "gpt_neox": _gpt_neox, "phi3": _phi3}.get(arch, _llama)
+        family = {"gemma": _gemma, "gemma3_text": _gemma3, "gpt_neox": _gpt_neox, "phi3": _phi3, "falcon": _falcon}
+        family = family.get(arch, _llama)
         fields = dict(
             architecture=arch,
             vocab_size=cfg["vocab_size"],
@@ -305,6 +315,61 @@ def _gemma3(arch: str, cfg: dict) -> dict:
         attn_scale=float(cfg.get("query_pre_attn_scalar", 256)) ** -0.5,
         layer_types=tuple(layer_types),
         local_rope_theta=local_theta,
+    )
+
+
+def _falcon_names(cfg: dict) -> dict:
+    """Falcon configs' own spellings (n_embed, n_layer, n_head, ffn_hidden_size) as the rest's."""
+    hidden = cfg.get("hidden_size") or cfg["n_embed"]
+    return {
+        **cfg,
+        "hidden_size": hidden,
+        "num_hidden_layers": cfg.get("num_hidden_layers") or cfg["n_layer"],
+        "num_attention_heads": cfg.get("num_attention_heads") or cfg["n_head"],
+        "intermediate_size": cfg.get("ffn_hidden_size") or 4 * hidden,
+    }
+
+
+def _falcon(arch: str, cfg: dict) -> dict:
+    """Falcon: the new decoder architecture (40B/180B: grouped KV heads, a norm each for
+    attention and MLP) and the old one (7B: one KV head, one shared norm; RW: per-head
+    q/k/v, attention then MLP). Rotary only: ALiBi is refused."""
+    if cfg.get("alibi"):
+        raise ValueError("Falcon with ALiBi (alibi=true) is not supported: folio's attention is rotary")
+    if cfg.get("activation", "gelu") != "gelu":
+        raise ValueError(f"unsupported Falcon activation {cfg['activation']!r}; folio's Falcon MLP is GELU")
+    hidden, num_q = cfg["hidden_size"], cfg["num_attention_heads"]
+    new = bool(cfg.get("new_decoder_architecture", False))
+    parallel = bool(cfg.get("parallel_attn", True))
+    if new and not parallel:
+        raise ValueError("Falcon's new decoder architecture without parallel_attn is not supported")
+    if new:
+        num_kv, layout = cfg.get("num_kv_heads") or num_q, "per_kv_group"
+        shared = (cfg.get("num_ln_in_parallel_attn") or 2) == 1
+    elif cfg.get("multi_query", True):
+        num_kv, layout, shared = 1, "blocks", parallel
+    else:
+        num_kv, layout, shared = num_q, "per_head", parallel
+        if (cfg.get("num_kv_heads") or num_q) != num_q:
+            raise ValueError("Falcon without multi_query or the new architecture has a KV head per query head")
+    theta, scaling = _rope(cfg)
+    bias = bool(cfg.get("bias", False))
+    return dict(
+        num_q_heads=num_q,
+        num_kv_heads=num_kv,
+        head_dim=hidden // num_q,
+        rms_norm_eps=float(cfg.get("layer_norm_epsilon", 1e-5)),
+        rope_theta=theta,
+        rope_scaling=scaling,
+        sliding_window=None,
+        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", True)),
+        qkv_bias=bias,
+        o_bias=bias,
+        hidden_act="gelu",
+        norm_kind="layer",
+        parallel_residual=parallel,
+        qkv_layout=layout,
+        shared_input_norm=shared,
     )
 
 

@@ -23,7 +23,21 @@ PARAMS = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True, l
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "family",
-    ["llama", "llama3", "mistral", "qwen2", "qwen3", "phi3", "gemma3", "gemma", "gpt_neox", "gpt_neox_sequential"],
+    [
+        "llama",
+        "llama3",
+        "mistral",
+        "qwen2",
+        "qwen3",
+        "phi3",
+        "gemma3",
+        "gemma",
+        "gpt_neox",
+        "gpt_neox_sequential",
+        "falcon",
+        "falcon_new",
+        "falcon_rw",
+    ],
 )
 def test_tiny_models_match_transformers(family, tiny_model):
     path = tiny_model(family)

@@ -248,39 +248,86 @@ def test_gguf_config_matches_hf_config(loaded):
     assert (cfg.bos_token_id, cfg.eos_token_ids) == (1, (2,))
 
 
+# What each tiny family's config.json must read as (tests/model_fixtures.py builds them):
+# the fields that differ from a plain Llama's.
+_PLAIN = dict(
+    vocab_size=TINY_VOCAB,
+    num_layers=3,
+    num_q_heads=4,
+    num_kv_heads=2,
+    head_dim=16,
+    sliding_window=None,
+    qkv_bias=False,
+    o_bias=False,
+    qk_norm=False,
+    tie_word_embeddings=False,
+    rope_type=None,
+    layer_types=None,
+    attn_scale=None,
+    local_rope_theta=None,
+    rotary_dim=None,
+    max_position_embeddings=256,
+    parallel_residual=False,
+    norm_kind="rms",
+    hidden_act="silu",
+    norm_weight_offset=0.0,
+    embedding_multiplier=1.0,
+    qkv_layout="blocks",
+    shared_input_norm=False,
+)
+_GEMMA = dict(
+    tie_word_embeddings=True, hidden_act="gelu_pytorch_tanh", norm_weight_offset=1.0, embedding_multiplier=8.0
+)
+_FALCON = dict(norm_kind="layer", hidden_act="gelu", tie_word_embeddings=True)
+_EXPECTED = {
+    "llama": {},
+    "llama3": dict(tie_word_embeddings=True, rope_type="llama3"),
+    "mistral": dict(sliding_window=MISTRAL_WINDOW),
+    "qwen2": dict(qkv_bias=True, tie_word_embeddings=True),
+    "gemma": dict(_GEMMA, num_kv_heads=1, head_dim=32),
+    "gpt_neox": dict(
+        num_kv_heads=4,
+        qkv_bias=True,
+        o_bias=True,
+        rotary_dim=4,
+        parallel_residual=True,
+        norm_kind="layer",
+        hidden_act="gelu",
+    ),
+    "gpt_neox_sequential": dict(
+        num_kv_heads=4, tie_word_embeddings=True, rotary_dim=8, norm_kind="layer", hidden_act="gelu_pytorch_tanh"
+    ),
+    "qwen3": dict(qkv_bias=True, o_bias=True, qk_norm=True, tie_word_embeddings=True),
+    "phi3": dict(sliding_window=MISTRAL_WINDOW, rope_type="longrope", rotary_dim=8, max_position_embeddings=128),
+    "gemma3": dict(
+        _GEMMA,
+        sliding_window=MISTRAL_WINDOW,
+        qk_norm=True,
+        rope_type="linear",
+        layer_types=("sliding_attention",) * 2 + ("full_attention",),
+        attn_scale=24**-0.5,
+        local_rope_theta=10000.0,
+    ),
+    "falcon": dict(_FALCON, num_kv_heads=1, parallel_residual=True, shared_input_norm=True),
+    "falcon_new": dict(
+        _FALCON,
+        qkv_bias=True,
+        o_bias=True,
+        tie_word_embeddings=False,
+        parallel_residual=True,
+        qkv_layout="per_kv_group",
+    ),
+    "falcon_rw": dict(_FALCON, num_kv_heads=4, qkv_bias=True, o_bias=True, qkv_layout="per_head"),
+}
+
+
 @pytest.mark.parametrize("family", TINY_FAMILIES)
 def test_config_from_hf_dir(model_dir, family):
     with open(os.path.join(make_tiny_model(family, model_dir), "config.json")) as f:
         cfg = ModelConfig.from_hf_config(json.load(f))
-    neox = family.startswith("gpt_neox")
-    assert (cfg.vocab_size, cfg.num_layers, cfg.num_q_heads) == (TINY_VOCAB, 3, 4)
-    assert cfg.num_kv_heads == (1 if family == "gemma" else 4 if neox else 2)
-    assert cfg.head_dim == (32 if family == "gemma" else 16)
-    assert cfg.sliding_window == (MISTRAL_WINDOW if family in ("mistral", "phi3", "gemma3") else None)
-    assert cfg.qkv_bias == (family in ("qwen2", "gpt_neox", "qwen3"))
-    assert cfg.o_bias == (family in ("gpt_neox", "qwen3"))
-    assert cfg.qk_norm == (family in ("qwen3", "gemma3"))
-    assert cfg.tie_word_embeddings == (family in ("llama3", "qwen2", "gemma", "gpt_neox_sequential", "qwen3", "gemma3"))
-    assert (cfg.rope_scaling or {}).get("rope_type") == {
-        "llama3": "llama3",
-        "phi3": "longrope",
-        "gemma3": "linear",
-    }.get(family)
-    gemma3 = family == "gemma3"
-    assert cfg.layer_types == (("sliding_attention",) * 2 + ("full_attention",) if gemma3 else None)
-    assert (cfg.attn_scale, cfg.local_rope_theta) == ((24**-0.5, 10000.0) if gemma3 else (None, None))
-    assert cfg.rotary_dim == {"gpt_neox": 4, "gpt_neox_sequential": 8, "phi3": 8}.get(family)
-    assert cfg.max_position_embeddings == (128 if family == "phi3" else 256)  # LongRoPE: its original context
-    assert cfg.parallel_residual == (family == "gpt_neox")
-    assert cfg.norm_kind == ("layer" if neox else "rms")
-    assert cfg.hidden_act == {
-        "gemma": "gelu_pytorch_tanh",
-        "gemma3": "gelu_pytorch_tanh",
-        "gpt_neox": "gelu",
-        "gpt_neox_sequential": "gelu_pytorch_tanh",
-    }.get(family, "silu")
-    gemma_scales = (1.0, 8.0) if family in ("gemma", "gemma3") else (0.0, 1.0)  # (1 + w) norms, sqrt(64)
-    assert (cfg.norm_weight_offset, cfg.embedding_multiplier) == gemma_scales
+    got = {k: getattr(cfg, k) for k in _PLAIN if k != "rope_type"}
+    got["rope_type"] = (cfg.rope_scaling or {}).get("rope_type")
+    assert got == {**_PLAIN, **_EXPECTED[family]}
 
 
 def test_config_rejects_what_folio_cannot_run():
@@ -314,6 +361,32 @@ def test_config_rejects_what_folio_cannot_run():
         )
     with pytest.raises(ValueError, match="architecture"):
         ModelConfig.from_hf_config({**base, "model_type": "phi3small"})
+    falcon = {
+        "model_type": "falcon",
+        "vocab_size": 8,
+        "hidden_size": 8,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+    }
+    for change, message in [
+        ({"alibi": True}, "ALiBi"),
+        ({"activation": "relu"}, "activation"),
+        ({"new_decoder_architecture": True, "parallel_attn": False}, "parallel_attn"),
+        ({"multi_query": False, "num_kv_heads": 1}, "KV head per query head"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            ModelConfig.from_hf_config({**falcon, **change})
+    legacy = {
+        "model_type": "falcon",
+        "vocab_size": 8,
+        "n_embed": 8,
+        "n_layer": 2,
+        "n_head": 2,
+    }  # Falcon's own spellings
+    assert (ModelConfig.from_hf_config(legacy).num_layers, ModelConfig.from_hf_config(legacy).intermediate_size) == (
+        2,
+        32,
+    )
 
 
 @pytest.mark.parametrize(

@@ -87,7 +87,21 @@ def _assert_close(a: list, b: list) -> None:
 # gpt_neox: regrouped fused q/k/v, biases after row-parallel all-reduces, LayerNorms.
 # quantized_gguf: every kept GGUF block type, rows and columns cut before packing.
 @pytest.mark.parametrize(
-    "family", ["llama", "mistral", "qwen2", "qwen3", "phi3", "gemma3", "smollm2", "gemma", "gpt_neox", "quantized_gguf"]
+    "family",
+    [
+        "llama",
+        "mistral",
+        "qwen2",
+        "qwen3",
+        "phi3",
+        "gemma3",
+        "falcon",
+        "falcon_new",
+        "smollm2",
+        "gemma",
+        "gpt_neox",
+        "quantized_gguf",
+    ],
 )
 def test_tp2_matches_tp1(family, tiny_model, smollm2, model_dir):
     path = {"smollm2": smollm2, "quantized_gguf": make_tiny_quantized_gguf(model_dir)}.get(family) or tiny_model(family)

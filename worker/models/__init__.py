@@ -11,6 +11,7 @@ from typing import Protocol
 import torch
 
 from kernels.metadata import AttentionMetadata
+from worker.models.falcon import FalconForCausalLM
 from worker.models.gemma import GemmaForCausalLM
 from worker.models.gemma3 import Gemma3ForCausalLM
 from worker.models.gpt_neox import GPTNeoXForCausalLM
@@ -55,4 +56,5 @@ MODEL_CLASSES: dict[str, type] = {
     "gemma": GemmaForCausalLM,
     "gemma3_text": Gemma3ForCausalLM,
     "gpt_neox": GPTNeoXForCausalLM,
+    "falcon": FalconForCausalLM,
 }

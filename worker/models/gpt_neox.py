@@ -29,10 +29,19 @@ from kernels.metadata import AttentionMetadata
 from kernels.quant import map_rows
 from worker.config import ModelConfig
 from worker.models.common import Attention, PagedCausalLM, RowParallelLinearWithBias, quant_ops_for, split_hf_name
-from worker.parallel import ColumnParallelLinear, TPGroup, VocabParallelEmbedding, empty_parameter, split_range
+from worker.parallel import (
+    ColumnParallelLinear,
+    RowParallelLinear,
+    TPGroup,
+    VocabParallelEmbedding,
+    empty_parameter,
+    split_range,
+)
 
 
-class _LayerNorm(nn.Module):
+class LayerNorm(nn.Module):
+    """LayerNorm with weight and bias (GPT-NeoX's and Falcon's)."""
+
     def __init__(self, cfg: ModelConfig, ops: KernelOps, dtype, device):
         super().__init__()
         self.ops, self.eps = ops, cfg.rms_norm_eps
@@ -43,15 +52,18 @@ class _LayerNorm(nn.Module):
         return self.ops.layer_norm(x, self.weight, self.bias, self.eps)
 
 
-class _MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig, ops: KernelOps, tp: TPGroup, dtype, device):
+class GeluMLP(nn.Module):
+    """dense_4h_to_h(gelu(dense_h_to_4h(x))): GPT-NeoX's MLP (biased) and Falcon's."""
+
+    def __init__(self, cfg: ModelConfig, ops: KernelOps, tp: TPGroup, dtype, device, bias: bool = True):
         super().__init__()
         self.ops = ops
         self.approximate = "tanh" if cfg.hidden_act == "gelu_pytorch_tanh" else "none"
         inter = (cfg.intermediate_size, *split_range(cfg.intermediate_size, tp.world_size, tp.rank))
         quant_ops = quant_ops_for(cfg, ops)
-        self.dense_h_to_4h = ColumnParallelLinear([inter], cfg.hidden_size, True, dtype, device, quant_ops)
-        self.dense_4h_to_h = RowParallelLinearWithBias(cfg.hidden_size, inter, tp, dtype, device, quant_ops)
+        self.dense_h_to_4h = ColumnParallelLinear([inter], cfg.hidden_size, bias, dtype, device, quant_ops)
+        down = RowParallelLinearWithBias if bias else RowParallelLinear
+        self.dense_4h_to_h = down(cfg.hidden_size, inter, tp, dtype, device, quant_ops)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         return self.dense_4h_to_h(self.ops.gelu(self.dense_h_to_4h(h), self.approximate))
@@ -61,10 +73,10 @@ class _Layer(nn.Module):
     def __init__(self, cfg: ModelConfig, ops: KernelOps, tp: TPGroup, dtype, device):
         super().__init__()
         self.parallel_residual = cfg.parallel_residual
-        self.input_layernorm = _LayerNorm(cfg, ops, dtype, device)
-        self.post_attention_layernorm = _LayerNorm(cfg, ops, dtype, device)
+        self.input_layernorm = LayerNorm(cfg, ops, dtype, device)
+        self.post_attention_layernorm = LayerNorm(cfg, ops, dtype, device)
         self.attention = Attention(cfg, ops, tp, dtype, device)
-        self.mlp = _MLP(cfg, ops, tp, dtype, device)
+        self.mlp = GeluMLP(cfg, ops, tp, dtype, device)
 
     def forward(self, positions, h, meta, k_cache, v_cache, cos_sin_cache):
         attn = self.attention(positions, self.input_layernorm(h), meta, k_cache, v_cache, cos_sin_cache)
@@ -82,7 +94,7 @@ class _NeoXModel(nn.Module):
             cfg.vocab_size, cfg.hidden_size, tp, dtype, device, quant_ops_for(cfg, ops)
         )
         self.layers = nn.ModuleList(_Layer(cfg, ops, tp, dtype, device) for _ in range(cfg.num_layers))
-        self.final_layer_norm = _LayerNorm(cfg, ops, dtype, device)
+        self.final_layer_norm = LayerNorm(cfg, ops, dtype, device)
 
 
 class GPTNeoXForCausalLM(PagedCausalLM):
