@@ -308,7 +308,7 @@ def make_gpu_model(family: str, path, num_layers: int = 4) -> str:
 def make_tiny_gguf(family: str, path) -> str:
     """make_tiny_model(family) converted to an F32 GGUF file, as llama.cpp would:
     q/k rows of Llama interleaved per head, llama3 scaling as a rope_freqs tensor.
-    Families: "llama", "llama3", "qwen2". Returns the .gguf file path."""
+    Families: "llama", "llama3", "qwen2", "qwen3". Returns the .gguf file path."""
     from safetensors.torch import load_file
     from transformers import AutoConfig
 
@@ -317,7 +317,7 @@ def make_tiny_gguf(family: str, path) -> str:
         return out
     src = make_tiny_model(family, path)
     config = AutoConfig.from_pretrained(src)
-    arch = "qwen2" if family == "qwen2" else "llama"
+    arch = family if family in ("qwen2", "qwen3") else "llama"
     heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
 
     def tensors():
@@ -447,6 +447,8 @@ def _gguf_name(hf: str) -> str:
         "mlp.gate_proj": "ffn_gate",
         "mlp.up_proj": "ffn_up",
         "mlp.down_proj": "ffn_down",
+        "self_attn.q_norm": "attn_q_norm",
+        "self_attn.k_norm": "attn_k_norm",
     }
     base, _, kind = hf.rpartition(".")
     if base.startswith("model.layers."):

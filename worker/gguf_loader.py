@@ -9,8 +9,8 @@ the block type is one folio computes with, else dequantized to fp32 by gguf-py
 llama.cpp's converter reorders the rows of Llama's q and k projections: inside
 each head it interleaves the two rotary halves (row i, row i + D/2, row i+1, ...)
 because llama.cpp rotates adjacent pairs, while folio (like HF) rotates halves.
-gguf_tensors puts the rows back. Qwen2 and Gemma 3 files are converted without
-reordering.
+gguf_tensors puts the rows back. Qwen2, Qwen3 and Gemma 3 files are converted
+without reordering.
 
 Gemma 3 files hold only what differs from Gemma 3's defaults, and llama.cpp
 fills in the rest as transformers' config does: full attention on every sixth
@@ -50,18 +50,18 @@ _LAYER_NAMES = {
     "ffn_gate": "mlp.gate_proj",
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
+    "attn_q_norm": "self_attn.q_norm",  # Qwen3's and Gemma 3's per-head norms
+    "attn_k_norm": "self_attn.k_norm",
 }
 # Gemma 3 normalizes each block's input and output, so its ffn_norm is the MLP's input norm.
 _GEMMA3_LAYER_NAMES = {
     **_LAYER_NAMES,
-    "attn_q_norm": "self_attn.q_norm",
-    "attn_k_norm": "self_attn.k_norm",
     "post_attention_norm": "post_attention_layernorm",
     "ffn_norm": "pre_feedforward_layernorm",
     "post_ffw_norm": "post_feedforward_layernorm",
 }
 # GGUF general.architecture -> folio's (Hugging Face's) model_type.
-_ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2", "gemma3": "gemma3_text"}
+_ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma3": "gemma3_text"}
 _TOP_NAMES = {
     "token_embd": "model.embed_tokens",
     "output_norm": "model.norm",
@@ -89,6 +89,8 @@ def gguf_config(reader: gguf.GGUFReader) -> ModelConfig:
         raise ValueError(f"partial rotary (rope dims {rot_dim} of head_dim {head_dim}) is not supported")
     eos = [_field(reader, f"tokenizer.ggml.{k}_token_id") for k in ("eos", "eot", "eom")]
     family = _gemma3_fields(reader, hidden, num_q, head_dim) if arch == "gemma3" else {}
+    if arch == "qwen3":  # q/k norms; attention_bias biases o_proj too
+        family = dict(qk_norm=True, o_bias="blk.0.attn_output.bias" in tensors)
     fields = dict(
         architecture=_ARCHITECTURES[arch],
         vocab_size=int(tensors["token_embd.weight"].shape[1]),  # GGUF shapes are [cols, rows]

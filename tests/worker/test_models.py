@@ -180,7 +180,7 @@ def test_ragged_batch_with_decodes(loaded, family):
         _check(torch.cat(rows[id(seq)]), _hf_logits(hf, seq.tokens), atol)
 
 
-@pytest.mark.parametrize("family", ["llama", "llama3", "qwen2"])
+@pytest.mark.parametrize("family", ["llama", "llama3", "qwen2", "qwen3"])
 def test_gguf_conversion_matches_hf(loaded, model_dir, family):
     """llama.cpp-style GGUF (q/k rows interleaved, llama3 scaling as rope_freqs)."""
     _, _, hf, vocab, _ = loaded(family)
