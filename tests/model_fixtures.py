@@ -37,6 +37,9 @@ TINY_FAMILIES = (
     "falcon",
     "falcon_new",
     "falcon_rw",
+    "mixtral",
+    "qwen2_moe",
+    "qwen3_moe",
 )
 TINY_VOCAB = 384
 MISTRAL_WINDOW = 8  # smaller than the test prompts, so the window matters
@@ -59,6 +62,9 @@ def _hf_config(family: str):
     from transformers import (
         FalconConfig,
         Gemma3TextConfig,
+        MixtralConfig,
+        Qwen2MoeConfig,
+        Qwen3MoeConfig,
         GemmaConfig,
         GPTNeoXConfig,
         LlamaConfig,
@@ -120,6 +126,23 @@ def _hf_config(family: str):
         )
     if family == "falcon_rw":  # Falcon-RW: a KV head per query head, attention then MLP
         return FalconConfig(**falcon, multi_query=False, parallel_attn=False, bias=True)
+    moe = dict(num_experts_per_tok=2, tie_word_embeddings=False)
+    if family == "mixtral":  # 4 experts of 32, top 2, renormalized
+        return MixtralConfig(**{**_COMMON, "intermediate_size": 32}, num_local_experts=4, **moe)
+    if family == "qwen2_moe":  # plus a shared expert; layer 1's MLP is dense; weights not renormalized
+        return Qwen2MoeConfig(
+            **_COMMON,
+            num_experts=4,
+            moe_intermediate_size=32,
+            shared_expert_intermediate_size=48,
+            mlp_only_layers=[1],
+            norm_topk_prob=False,
+            **moe,
+        )
+    if family == "qwen3_moe":  # q/k norms, renormalized top 2 of 4
+        return Qwen3MoeConfig(
+            **_COMMON, head_dim=16, num_experts=4, moe_intermediate_size=32, norm_topk_prob=True, **moe
+        )
     if family == "gemma3":
         # Two sliding layers (their own rope) and a full one with linear rope scaling,
         # and a query scale that is not head_dim's.
@@ -199,7 +222,8 @@ def make_tiny_model(family: str, path) -> str:
     linear rope scaling, query_pre_attn_scalar 24), "falcon" (multi-query,
     parallel, one shared norm, no biases, tied), "falcon_new" (the new decoder
     architecture: 2 KV heads, two norms, biases, untied, 4x MLP), "falcon_rw"
-    (per-head q/k/v, sequential, biases, tied). 3 layers, hidden 64, 4 query
+    (per-head q/k/v, sequential, biases, tied), "mixtral", "qwen2_moe" (shared
+    expert, a dense layer), "qwen3_moe" (mixtures of 4 experts, top 2). 3 layers, hidden 64, 4 query
     heads, 2 KV heads (4 for GPT-NeoX, which has no GQA), head_dim 16 unless
     said, vocab TINY_VOCAB.
     """

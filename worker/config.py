@@ -19,6 +19,9 @@ _FAMILIES = {
     "mistral": ("rms", ("silu",)),
     "qwen2": ("rms", ("silu",)),
     "qwen3": ("rms", ("silu",)),
+    "mixtral": ("rms", ("silu",)),
+    "qwen2_moe": ("rms", ("silu",)),
+    "qwen3_moe": ("rms", ("silu",)),
     "phi3": ("rms", ("silu",)),
     "gemma": ("rms", ("gelu_pytorch_tanh",)),
     "gemma3_text": ("rms", ("gelu_pytorch_tanh",)),
@@ -97,6 +100,13 @@ class ModelConfig:
     # per kv head + 2, head_dim]), and whether attention and MLP share one input norm.
     qkv_layout: str = "blocks"
     shared_input_norm: bool = False
+    # Mixture of experts (worker/models/moe.py); num_experts 0: every MLP is dense.
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0  # each expert's
+    norm_topk_prob: bool = False  # renormalize the top-k router weights to sum to 1
+    shared_expert_intermediate_size: int = 0  # Qwen2-MoE's always-on expert; 0: none
+    dense_layers: tuple[int, ...] = ()  # layers whose MLP is dense in a MoE model
     # The scheme whose weights the model keeps quantized at run time ("gguf", "gptq",
     # ...; worker/loader.py decides); None: dense weights (a quantized checkpoint's
     # are dequantized at load).
@@ -128,6 +138,9 @@ class ModelConfig:
             )
         if self.rotary_dim is not None and not (0 < self.rotary_dim <= self.head_dim and self.rotary_dim % 2 == 0):
             raise ValueError(f"rotary_dim {self.rotary_dim} must be even and in (0, head_dim {self.head_dim}]")
+
+    def is_moe_layer(self, layer: int) -> bool:
+        return self.num_experts > 0 and layer not in self.dense_layers
 
     @property
     def rope_dim(self) -> int:
@@ -161,7 +174,7 @@ class ModelConfig:
 
 
 def _llama(arch: str, cfg: dict) -> dict:
-    """llama, mistral, qwen2, qwen3."""
+    """llama, mistral, qwen2, qwen3, and their mixtures of experts (mixtral, qwen2_moe, qwen3_moe)."""
     if cfg.get("hidden_act", "silu") != "silu":
         raise ValueError(f"unsupported hidden_act {cfg['hidden_act']!r}; folio's MLP is SiLU-gated")
     if cfg.get("mlp_bias", False):
@@ -178,10 +191,11 @@ def _llama(arch: str, cfg: dict) -> dict:
         sliding_window=_sliding_window(arch, cfg),
         tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
         # Qwen2 always has q/k/v biases; Llama-style configs say so explicitly.
-        qkv_bias=arch == "qwen2" or bool(cfg.get("attention_bias", False)),
+        qkv_bias=arch in ("qwen2", "qwen2_moe") or bool(cfg.get("attention_bias", False)),
         # transformers' Llama and Qwen3 bias o_proj with q/k/v; Mistral and Qwen2 never do.
-        o_bias=arch in ("llama", "qwen3") and bool(cfg.get("attention_bias", False)),
-        qk_norm=arch == "qwen3",
+        o_bias=arch in ("llama", "qwen3", "qwen3_moe") and bool(cfg.get("attention_bias", False)),
+        qk_norm=arch in ("qwen3", "qwen3_moe"),
+        **(_moe(arch, cfg) if arch in ("mixtral", "qwen2_moe", "qwen3_moe") else {}),
     )
 
 
@@ -318,6 +332,29 @@ def _gemma3(arch: str, cfg: dict) -> dict:
     )
 
 
+def _moe(arch: str, cfg: dict) -> dict:
+    """Mixtral's and Qwen2/3-MoE's expert settings."""
+    if arch == "mixtral":
+        experts, inter, renorm = cfg["num_local_experts"], cfg["intermediate_size"], True
+        dense: tuple[int, ...] = ()
+    else:
+        experts = cfg["num_experts"] if "num_experts" in cfg else cfg["num_local_experts"]  # 4.x, 5.x spellings
+        inter, renorm = cfg["moe_intermediate_size"], bool(cfg.get("norm_topk_prob"))
+        step, only = cfg.get("decoder_sparse_step", 1), set(cfg.get("mlp_only_layers") or ())
+        n = cfg["num_hidden_layers"]
+        dense = tuple(i for i in range(n) if i in only or experts == 0 or (i + 1) % step)
+    if not 0 < cfg["num_experts_per_tok"] <= experts:
+        raise ValueError(f"num_experts_per_tok {cfg['num_experts_per_tok']} must be in 1..{experts}")
+    return dict(
+        num_experts=experts,
+        num_experts_per_tok=cfg["num_experts_per_tok"],
+        moe_intermediate_size=inter,
+        norm_topk_prob=renorm,
+        shared_expert_intermediate_size=(cfg.get("shared_expert_intermediate_size") or 0) if arch == "qwen2_moe" else 0,
+        dense_layers=dense,
+    )
+
+
 def _falcon_names(cfg: dict) -> dict:
     """Falcon configs' own spellings (n_embed, n_layer, n_head, ffn_hidden_size) as the rest's."""
     hidden = cfg.get("hidden_size") or cfg["n_embed"]
@@ -446,7 +483,7 @@ def _rope(cfg: dict, default_theta: float = 10000.0) -> tuple[float, Optional[di
 def _sliding_window(arch: str, cfg: dict) -> Optional[int]:
     """One window for all layers, or None. Mixed full/sliding stacks are refused."""
     window = cfg.get("sliding_window")
-    if arch in ("qwen2", "qwen3"):
+    if arch in ("qwen2", "qwen3", "qwen2_moe", "qwen3_moe"):
         # Qwen2 and 3 only slide when asked to, and then only from max_window_layers up.
         layer_types = cfg.get("layer_types")
         if layer_types is None:

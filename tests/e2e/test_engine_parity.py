@@ -37,6 +37,9 @@ PARAMS = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True, l
         "falcon",
         "falcon_new",
         "falcon_rw",
+        "mixtral",
+        "qwen2_moe",
+        "qwen3_moe",
     ],
 )
 def test_tiny_models_match_transformers(family, tiny_model):

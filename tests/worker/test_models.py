@@ -274,7 +274,14 @@ _PLAIN = dict(
     embedding_multiplier=1.0,
     qkv_layout="blocks",
     shared_input_norm=False,
+    num_experts=0,
+    num_experts_per_tok=0,
+    moe_intermediate_size=0,
+    norm_topk_prob=False,
+    shared_expert_intermediate_size=0,
+    dense_layers=(),
 )
+_MOE = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32)
 _GEMMA = dict(
     tie_word_embeddings=True, hidden_act="gelu_pytorch_tanh", norm_weight_offset=1.0, embedding_multiplier=8.0
 )
@@ -318,6 +325,9 @@ _EXPECTED = {
         qkv_layout="per_kv_group",
     ),
     "falcon_rw": dict(_FALCON, num_kv_heads=4, qkv_bias=True, o_bias=True, qkv_layout="per_head"),
+    "mixtral": dict(_MOE, norm_topk_prob=True),
+    "qwen2_moe": dict(_MOE, qkv_bias=True, shared_expert_intermediate_size=48, dense_layers=(1,)),
+    "qwen3_moe": dict(_MOE, qk_norm=True, norm_topk_prob=True),
 }
 
 

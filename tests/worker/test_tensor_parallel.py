@@ -97,6 +97,8 @@ def _assert_close(a: list, b: list) -> None:
         "gemma3",
         "falcon",
         "falcon_new",
+        "mixtral",
+        "qwen2_moe",
         "smollm2",
         "gemma",
         "gpt_neox",

@@ -15,7 +15,7 @@ from worker.models.falcon import FalconForCausalLM
 from worker.models.gemma import GemmaForCausalLM
 from worker.models.gemma3 import Gemma3ForCausalLM
 from worker.models.gpt_neox import GPTNeoXForCausalLM
-from worker.models.llama import LlamaForCausalLM
+from worker.models.llama import LlamaForCausalLM, MoeForCausalLM
 from worker.models.phi3 import Phi3ForCausalLM
 
 
@@ -52,6 +52,9 @@ MODEL_CLASSES: dict[str, type] = {
     "mistral": LlamaForCausalLM,
     "qwen2": LlamaForCausalLM,
     "qwen3": LlamaForCausalLM,
+    "mixtral": MoeForCausalLM,
+    "qwen2_moe": MoeForCausalLM,
+    "qwen3_moe": MoeForCausalLM,
     "phi3": Phi3ForCausalLM,
     "gemma": GemmaForCausalLM,
     "gemma3_text": Gemma3ForCausalLM,

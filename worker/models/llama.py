@@ -28,6 +28,7 @@ from kernels.interface import KernelOps
 from kernels.metadata import AttentionMetadata
 from worker.config import ModelConfig
 from worker.models.common import Attention, GatedMLP, PagedCausalLM, RMSNormWeight, quant_ops_for
+from worker.models.moe import EXPERT_PROJECTIONS, SparseMoE
 from worker.parallel import TPGroup, VocabParallelEmbedding
 
 # Hugging Face projection -> (folio's fused projection, index of its row block).
@@ -41,13 +42,13 @@ _FUSED = {
 
 
 class _DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, ops: KernelOps, tp: TPGroup, dtype, device):
+    def __init__(self, cfg: ModelConfig, ops: KernelOps, tp: TPGroup, dtype, device, moe: bool = False):
         super().__init__()
         self.ops, self.eps, self.offset = ops, cfg.rms_norm_eps, cfg.norm_weight_offset
         self.input_layernorm = RMSNormWeight(cfg.hidden_size, dtype, device)
         self.self_attn = Attention(cfg, ops, tp, dtype, device)
         self.post_attention_layernorm = RMSNormWeight(cfg.hidden_size, dtype, device)
-        self.mlp = GatedMLP(cfg, ops, tp, dtype, device)
+        self.mlp = (SparseMoE if moe else GatedMLP)(cfg, ops, tp, dtype, device)
 
     def forward(self, positions, h, residual, meta, k_cache, v_cache, cos_sin_cache):
         # The residual stream is carried separately so each norm fuses its add.
@@ -63,7 +64,9 @@ class _LlamaModel(nn.Module):
         self.embed_tokens = VocabParallelEmbedding(
             cfg.vocab_size, cfg.hidden_size, tp, dtype, device, quant_ops_for(cfg, ops)
         )
-        self.layers = nn.ModuleList(_DecoderLayer(cfg, ops, tp, dtype, device) for _ in range(cfg.num_layers))
+        self.layers = nn.ModuleList(
+            _DecoderLayer(cfg, ops, tp, dtype, device, cfg.is_moe_layer(i)) for i in range(cfg.num_layers)
+        )
         self.norm = RMSNormWeight(cfg.hidden_size, dtype, device)
 
 
@@ -135,3 +138,37 @@ class LlamaForCausalLM(PagedCausalLM):
     def num_kv_heads(self) -> int:
         """KV heads this rank holds (its KV pool's width)."""
         return self.model.layers[0].self_attn.hkv
+
+
+class MoeForCausalLM(LlamaForCausalLM):
+    """Mixtral, Qwen2-MoE and Qwen3-MoE: the Llama family's model with SparseMoE MLPs
+    (ModelConfig.is_moe_layer). Checkpoints name each expert's tensors; they are
+    placed into the stacked expert weights here. Mixtral calls the block
+    block_sparse_moe where folio (like Qwen) says mlp."""
+
+    def load_weight(self, name: str, tensor: torch.Tensor) -> None:
+        name = name.replace(".block_sparse_moe.", ".mlp.")
+        parts = name.split(".")
+        if "experts" not in parts:
+            return self.place(name, tensor)
+        i = parts.index("experts")  # model.layers.L.mlp.experts.E.proj.weight
+        moe = self.get_submodule(".".join(parts[:i]))
+        if not isinstance(moe, SparseMoE) or parts[-1] != "weight" or parts[i + 2] not in EXPERT_PROJECTIONS:
+            raise KeyError(f"checkpoint tensor {name!r} has no place in {type(self).__name__}")
+        try:
+            moe.load_expert(int(parts[i + 1]), parts[i + 2], tensor)
+        except (ValueError, IndexError) as e:
+            raise ValueError(f"{name}: {e}") from None
+
+    def expected_weight_names(self) -> set[str]:
+        mixtral = self.config.architecture == "mixtral"
+        names = set()
+        for name in super().expected_weight_names():
+            if name.endswith((".mlp.w13", ".mlp.w2")):
+                continue  # the stacked experts: named per expert below
+            names.add(name.replace(".mlp.gate.", ".block_sparse_moe.gate.") if mixtral else name)
+        for i, layer in enumerate(self.model.layers):
+            if isinstance(layer.mlp, SparseMoE):
+                block = "block_sparse_moe" if mixtral else "mlp"
+                names |= layer.mlp.expert_names(f"model.layers.{i}.{block}", self.config.num_experts, mixtral)
+        return names
