@@ -62,16 +62,16 @@ def _hf_config(family: str):
     from transformers import (
         FalconConfig,
         Gemma3TextConfig,
-        MixtralConfig,
-        Qwen2MoeConfig,
-        Qwen3MoeConfig,
         GemmaConfig,
         GPTNeoXConfig,
         LlamaConfig,
         MistralConfig,
+        MixtralConfig,
         Phi3Config,
         Qwen2Config,
+        Qwen2MoeConfig,
         Qwen3Config,
+        Qwen3MoeConfig,
     )
 
     if family == "llama":

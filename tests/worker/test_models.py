@@ -386,6 +386,9 @@ def test_config_rejects_what_folio_cannot_run():
     ]:
         with pytest.raises(ValueError, match=message):
             ModelConfig.from_hf_config({**falcon, **change})
+    mixtral = {**base, "model_type": "mixtral", "num_local_experts": 4}
+    with pytest.raises(ValueError, match="num_experts_per_tok 5 must be in 1..4"):
+        ModelConfig.from_hf_config({**mixtral, "num_experts_per_tok": 5})
     legacy = {
         "model_type": "falcon",
         "vocab_size": 8,
