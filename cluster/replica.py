@@ -171,6 +171,7 @@ class Replica:
             block_size=info.block_size,
             max_model_len=max_model_len,
             eos_token_ids=tuple(info.eos_token_ids),
+            draft_model=info.draft_model,
         )
         self.scheduler = Scheduler(self.config, num_blocks)
         self.vocab_size = info.vocab_size

@@ -13,11 +13,15 @@ tokens that in-flight steps will sample are counted in Request.num_pending.
 
 Speculative decoding (config.num_speculative_tokens > 0): a decoding request
 whose last token is known gets up to k draft tokens from its n-gram index
-(cluster/ngram.py) and computes 1 + k tokens; the result carries the drafts
+(cluster/ngram.py), or with a draft model (config.draft_model) asks the worker
+to draft k itself, and computes 1 + k tokens; the result carries the drafts
 the worker accepted plus one sampled token, and num_computed_tokens rolls
 back past the rejected drafts. Drafts need the last token, so with
 speculation on a decoding request waits for its previous step to return
-rather than overlap it.
+rather than overlap it. Speculation pauses while more than
+config.speculative_max_batch requests run: a step that large is bound by
+compute, so verifying drafts costs more than the steps they save, and the
+requests overlap their steps again instead.
 
 Structured output: the worker samples a constrained request only once its
 grammar has compiled (on the worker's own thread). Until then it defers the
@@ -72,17 +76,21 @@ class _Plan:
     def __init__(self, budget: int):
         self.tokens: dict[Request, int] = {}
         self.drafts: dict[Request, list[int]] = {}
+        self.model_drafts: dict[Request, int] = {}  # drafts the worker's draft model proposes
         self.left = budget
 
-    def add(self, r: Request, n: int, drafts: Optional[list[int]] = None) -> None:
+    def add(self, r: Request, n: int, drafts: Optional[list[int]] = None, model_drafts: int = 0) -> None:
         self.tokens[r] = n
         if drafts:
             self.drafts[r] = drafts
+        if model_drafts:
+            self.model_drafts[r] = model_drafts
         self.left -= n
 
     def drop(self, r: Request) -> None:
         self.left += self.tokens.pop(r, 0)
         self.drafts.pop(r, None)
+        self.model_drafts.pop(r, None)
 
 
 @dataclass(frozen=True)
@@ -190,6 +198,7 @@ class Scheduler:
     def schedule(self) -> StepRequest:
         plan = _Plan(self.config.max_num_batched_tokens)
         preempted = False
+        speculate = self.config.num_speculative_tokens and len(self.running) <= self.config.speculative_max_batch
 
         # Running requests first, best priority first; the worst give way when blocks run out.
         for r in list(self.running):
@@ -202,15 +211,19 @@ class Scheduler:
                 continue
             if r.num_pending and r.params.grammar is not None and not r.grammar_ready:
                 continue  # the in-flight step may defer its sample (the grammar still compiling)
-            drafts = None
-            if self.config.num_speculative_tokens and r.num_tokens - r.num_computed_tokens == 1:
+            drafts, model_drafts = None, 0
+            if speculate and r.num_tokens - r.num_computed_tokens == 1:
                 if r.num_pending:
                     continue  # drafts need the token the in-flight step samples
-                drafts = self._propose(r, plan.left - 1)
-                n += len(drafts)
+                k = self._draft_len(r, plan.left - 1)
+                if self.config.draft_model:
+                    model_drafts = k
+                elif k > 0:
+                    drafts = self._ngram_drafts(r, k)
+                n += model_drafts + len(drafts or ())
             need = self._num_blocks(r.num_computed_tokens + n) - len(r.block_ids)
-            if drafts and not self.blocks.can_allocate(need):
-                drafts, n = None, 1  # a guess never preempts anyone
+            if (drafts or model_drafts) and not self.blocks.can_allocate(need):
+                drafts, model_drafts, n = None, 0, 1  # a guess never preempts anyone
                 need = self._num_blocks(r.num_computed_tokens + n) - len(r.block_ids)
             while not self.blocks.can_allocate(need):
                 victim = self.running[-1]
@@ -220,7 +233,7 @@ class Scheduler:
                     break
             else:
                 r.block_ids.extend(self.blocks.allocate(need))
-                plan.add(r, n, drafts)
+                plan.add(r, n, drafts, model_drafts)
 
         # Then waiting requests in (priority, arrival) order, unless someone was just preempted.
         while not preempted and plan.left > 0:
@@ -250,17 +263,20 @@ class Scheduler:
     def _num_blocks(self, num_tokens: int) -> int:
         return -(-num_tokens // self.bs)
 
-    def _propose(self, r: Request, budget: int) -> list[int]:
-        """Draft tokens for a decoding request: as many as allowed, none past its
-        max_tokens or the context limit (a step computes 1 + len(drafts) positions)."""
-        k = min(
-            r.draft_len or self.config.num_speculative_tokens,
-            budget,
-            r.params.max_tokens - r.num_output_tokens - 1,
-            self.config.max_model_len - len(r.token_ids) - 1,
+    def _draft_len(self, r: Request, budget: int) -> int:
+        """How many drafts a decoding request may have: its adapted length, none past its
+        max_tokens or the context limit (a step computes 1 + drafts positions)."""
+        return max(
+            0,
+            min(
+                r.draft_len or self.config.num_speculative_tokens,
+                budget,
+                r.params.max_tokens - r.num_output_tokens - 1,
+                self.config.max_model_len - len(r.token_ids) - 1,
+            ),
         )
-        if k <= 0:
-            return []
+
+    def _ngram_drafts(self, r: Request, k: int) -> list[int]:
         if r.ngrams is None:
             r.ngrams = NgramIndex(self.config.prompt_lookup_min, self.config.prompt_lookup_max)
         return r.ngrams.propose(r.token_ids, k)
@@ -299,6 +315,8 @@ class Scheduler:
         record = []
         for r, n in plan.tokens.items():
             drafts = plan.drafts.get(r, [])
+            model_drafts = plan.model_drafts.get(r, 0)
+            num_drafts = len(drafts) + model_drafts
             if r.on_worker:
                 step.cached_requests.append(
                     CachedRequest(
@@ -307,6 +325,7 @@ class Scheduler:
                         num_computed_tokens=r.num_computed_tokens,
                         num_scheduled_tokens=n,
                         draft_token_ids=drafts,
+                        num_model_drafts=model_drafts,
                     )
                 )
             else:
@@ -326,10 +345,10 @@ class Scheduler:
             r.num_sent_blocks = len(r.block_ids)
             r.num_computed_tokens += n
             self.computed_tokens_total += n
-            self.num_draft_tokens += len(drafts)
-            samples = r.num_computed_tokens - len(drafts) == r.num_tokens
+            self.num_draft_tokens += num_drafts
+            samples = r.num_computed_tokens - num_drafts == r.num_tokens
             r.num_pending += samples
-            record.append(_Scheduled(r, r.epoch, samples, len(drafts)))
+            record.append(_Scheduled(r, r.epoch, samples, num_drafts))
             self._publish_blocks(r, r.num_computed_tokens)
         self._inflight[step.step_id] = record
         return step

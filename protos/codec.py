@@ -36,6 +36,7 @@ def encode_load_request(worker: WorkerConfig, scheduler: SchedulerConfig) -> pb.
         dtype=worker.dtype or "",
         kernels=worker.kernels,
         quantization=worker.quantization,
+        speculative_model=worker.speculative_model or "",
         kv_cache_bytes=worker.kv_cache_memory or 0,
         num_blocks=worker.num_kv_blocks or 0,
         gpu_memory_utilization=worker.gpu_memory_utilization,
@@ -54,6 +55,7 @@ def decode_load_request(m: pb.LoadModelRequest) -> tuple[WorkerConfig, Scheduler
         dtype=m.dtype or None,
         kernels=m.kernels or "auto",
         quantization=m.quantization or "auto",
+        speculative_model=m.speculative_model or None,
         kv_cache_memory=m.kv_cache_bytes or None,
         num_kv_blocks=m.num_blocks or None,
         gpu_memory_utilization=m.gpu_memory_utilization or WorkerConfig.gpu_memory_utilization,
@@ -154,6 +156,7 @@ def encode_step_request(s: StepRequest) -> pb.StepRequest:
                 num_computed_tokens=r.num_computed_tokens,
                 num_scheduled_tokens=r.num_scheduled_tokens,
                 draft_token_ids=r.draft_token_ids,
+                num_model_drafts=r.num_model_drafts,
             )
             for r in s.cached_requests
         ],
@@ -184,6 +187,7 @@ def decode_step_request(m: pb.StepRequest) -> StepRequest:
                 num_computed_tokens=r.num_computed_tokens,
                 num_scheduled_tokens=r.num_scheduled_tokens,
                 draft_token_ids=list(r.draft_token_ids),
+                num_model_drafts=r.num_model_drafts,
             )
             for r in m.cached_requests
         ],

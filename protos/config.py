@@ -19,6 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
+MAX_SPECULATIVE_TOKENS = 16  # drafts per request per step; workers refuse more
 DTYPES = ("float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda")
 KERNELS = ("auto", "triton", "reference")  # kernels/ops.py select_ops
@@ -56,6 +57,14 @@ class WorkerConfig:
             "help": "keep a quantized checkpoint's weights quantized (its scheme, or auto: "
             "yes unless on CPU in float32, where torch has no fast exact kernel) or none: dequantize at load",
             "choices": QUANTIZATIONS,
+        },
+    )
+    speculative_model: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": "speculative decoding with a draft model (dir or .gguf, the same tokenizer as --model): "
+            "it proposes up to --num-speculative-tokens tokens per step, in its own KV cache on the "
+            "first worker of each replica (default: n-gram drafts)"
         },
     )
     kv_cache_memory: Optional[int] = field(
@@ -118,10 +127,18 @@ class SchedulerConfig:
     num_speculative_tokens: int = field(
         default=0,
         metadata={
-            "help": "speculative decoding: up to this many n-gram (prompt lookup) draft tokens "
-            "verified per step; 0 turns it off"
+            "help": "speculative decoding: up to this many draft tokens (n-gram prompt lookup, or "
+            "--speculative-model's) verified per step; 0 turns it off"
         },
     )
+    speculative_max_batch: int = field(
+        default=8,
+        metadata={
+            "help": "speculate only while at most this many requests run: in a larger batch a "
+            "step is compute-bound and verifying drafts costs more than they save"
+        },
+    )
+    draft_model: bool = False  # drafts come from the workers' draft model: set once they load
     prompt_lookup_min: int = field(default=2, metadata={"help": "shortest suffix n-gram looked up for drafts"})
     prompt_lookup_max: int = field(default=4, metadata={"help": "longest suffix n-gram looked up (tried first)"})
 
@@ -130,8 +147,10 @@ class SchedulerConfig:
             raise ValueError("block_size, max_num_seqs and max_num_batched_tokens must be positive")
         if self.max_model_len < 0:
             raise ValueError(f"max_model_len must be positive, or 0 for the model's own, got {self.max_model_len}")
-        if self.num_speculative_tokens < 0:
-            raise ValueError("num_speculative_tokens must be non-negative")
+        if self.num_speculative_tokens < 0 or self.speculative_max_batch < 0:
+            raise ValueError("num_speculative_tokens and speculative_max_batch must be non-negative")
+        if self.num_speculative_tokens > MAX_SPECULATIVE_TOKENS:
+            raise ValueError(f"num_speculative_tokens is at most {MAX_SPECULATIVE_TOKENS}")
         if not 1 <= self.prompt_lookup_min <= self.prompt_lookup_max:
             raise ValueError(
                 f"need 1 <= prompt_lookup_min <= prompt_lookup_max, got "
@@ -145,3 +164,11 @@ class EngineConfig:
 
     worker: WorkerConfig = field(default_factory=WorkerConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+
+    def __post_init__(self) -> None:
+        check_speculation(self.worker, self.scheduler)
+
+
+def check_speculation(worker: WorkerConfig, scheduler: SchedulerConfig) -> None:
+    if worker.speculative_model and not scheduler.num_speculative_tokens:
+        raise ValueError("--speculative-model needs --num-speculative-tokens: how many tokens it drafts per step")

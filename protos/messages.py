@@ -177,13 +177,16 @@ class CachedRequest:
     With draft_token_ids (speculative decoding) the step computes the last
     known token and the drafts (num_scheduled_tokens = 1 + len(drafts)); the
     worker keeps the drafts its sampler agrees with and reports the tokens it
-    accepted, and the head rolls num_computed_tokens back past the rest."""
+    accepted, and the head rolls num_computed_tokens back past the rest.
+    With num_model_drafts instead, the worker's own draft model proposes that
+    many drafts (num_scheduled_tokens = 1 + num_model_drafts); the rest is the same."""
 
     request_id: str
     new_block_ids: list[int]
     num_computed_tokens: int  # the head's count before this step; the worker checks it
     num_scheduled_tokens: int
     draft_token_ids: list[int] = field(default_factory=list)
+    num_model_drafts: int = 0
 
 
 @dataclass

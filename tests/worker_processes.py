@@ -75,7 +75,9 @@ async def replica_outputs(
         await replica.close()
 
 
-async def start_replica(addresses: list[str], model_path: str, config, quantization: str = "auto"):
+async def start_replica(
+    addresses: list[str], model_path: str, config, quantization: str = "auto", speculative_model: str = ""
+):
     """A started Replica (cluster/replica.py) over the workers at `addresses`, rank i at
     addresses[i]: fp32 on CPU, 64 blocks of 16 tokens. Close it when done."""
     # Imported here: only the tests that run a replica need the head's modules.
@@ -93,6 +95,7 @@ async def start_replica(addresses: list[str], model_path: str, config, quantizat
             dtype="float32",
             device="cpu",
             quantization=quantization,
+            speculative_model=speculative_model,
             rendezvous=f"tcp://127.0.0.1:{free_port('127.0.0.1')}",
         )
     )

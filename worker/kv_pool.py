@@ -59,17 +59,6 @@ class KVPool:
         return 2 * num_layers * block_size * num_kv_heads * head_dim * elem
 
     @staticmethod
-    def blocks_for_budget(
-        budget_bytes: int, num_layers: int, num_kv_heads: int, head_dim: int, block_size: int, dtype: torch.dtype
-    ) -> int:
-        """How many blocks a memory budget holds."""
-        per = KVPool.bytes_per_block(num_layers, num_kv_heads, head_dim, block_size, dtype)
-        n = budget_bytes // per
-        if n < 1:
-            raise ValueError(f"KV cache budget of {budget_bytes} bytes is below one block ({per} bytes)")
-        return int(n)
-
-    @staticmethod
     def allocate(
         num_layers: int,
         num_blocks: int,

@@ -12,6 +12,12 @@ and the one token sampled after them; num_computed_tokens stops after the
 accepted drafts, so the K/V written for rejected ones is simply overwritten
 later.
 
+With a draft model (worker/drafter.py) a CachedRequest carries num_model_drafts
+instead: rank 0's drafter proposes them at the start of the step, every rank
+appends them as if the head had sent them, and verification then proceeds as
+above, rejection-sampling the unseeded random rows against the draft's own
+distributions.
+
 Structured output: a request whose grammar is still compiling (on the
 sampler's thread) when it would sample is deferred, not waited for: it gets no
 token this step and counts its last token as not computed, so the scheduler
@@ -43,6 +49,7 @@ from dataclasses import dataclass
 import torch
 
 from kernels.metadata import attention_metadata
+from protos.config import MAX_SPECULATIVE_TOKENS
 from protos.messages import (
     CachedRequest,
     NewRequest,
@@ -52,6 +59,7 @@ from protos.messages import (
     StepRequest,
     StepResult,
 )
+from worker.drafter import Drafter, DraftJob
 from worker.kv_pool import KVPool
 from worker.parallel import TPGroup
 from worker.sampler import Sampler
@@ -78,6 +86,7 @@ class _State:
     num_blocks: int
     num_computed_tokens: int
     num_drafts: int = 0  # this step's drafts, at the end of token_ids until verified
+    num_model_drafts: int = 0  # drafts this step asks of the draft model, until it proposes them
 
     @property
     def drafts(self) -> list[int]:
@@ -94,13 +103,19 @@ class ModelRunner:
         max_blocks_per_seq: int = 128,
         tp: TPGroup | None = None,
         max_positions: int | None = None,
+        drafter: Drafter | None = None,
+        draft_model: bool = False,
     ):
         """max_positions: positions the model can encode (default: its config's
-        max_position_embeddings); no request may compute past it."""
+        max_position_embeddings); no request may compute past it.
+        draft_model: steps may ask for model drafts; rank 0 then has the drafter."""
         self.model = model
         self.tp = tp or TPGroup()
         self.pool = pool
         self.sampler = sampler
+        self.drafter = drafter
+        self.draft_model = draft_model or drafter is not None
+        self._draft_probs: dict[str, list] = {}  # this step's draft distributions, rank 0
         self.device = torch.device(device)
         self.bs = pool.block_size
         self.max_positions = max_positions or model.config.max_position_embeddings
@@ -140,6 +155,8 @@ class ModelRunner:
         if st is not None:
             self._free_rows.append(st.row)
             self.sampler.remove_request(request_id)
+            if self.drafter is not None:
+                self.drafter.drop(request_id)
 
     def _add(self, r: NewRequest) -> None:
         self._check_new(r)
@@ -156,6 +173,7 @@ class ModelRunner:
         if c.draft_token_ids:
             st.token_ids.extend(c.draft_token_ids)
             st.num_drafts = len(c.draft_token_ids)
+        st.num_model_drafts = c.num_model_drafts
         self._write_blocks(st, c.new_block_ids)
 
     # ---------------------------------------------------------------- checks
@@ -188,11 +206,18 @@ class ModelRunner:
                 f"the head says {c.num_computed_tokens} tokens computed, the worker has {st.num_computed_tokens}"
             )
         known = len(st.token_ids)
-        if c.draft_token_ids:
-            if c.num_computed_tokens + 1 != known or c.num_scheduled_tokens != 1 + len(c.draft_token_ids):
+        drafts = len(c.draft_token_ids) + c.num_model_drafts
+        if drafts:
+            if c.draft_token_ids and c.num_model_drafts:
+                raise Refused("draft tokens and model drafts in one step")
+            if c.num_model_drafts and not self.draft_model:
+                raise Refused("model drafts asked of a worker without a draft model")
+            if not 0 < drafts <= MAX_SPECULATIVE_TOKENS:
+                raise Refused(f"{drafts} drafts: at most {MAX_SPECULATIVE_TOKENS} per step")
+            if c.num_computed_tokens + 1 != known or c.num_scheduled_tokens != 1 + drafts:
                 raise Refused("draft tokens must follow its last token")
             self._check_token_ids("draft token", c.draft_token_ids)
-            known += len(c.draft_token_ids)
+            known += drafts
         self._check_blocks(c.new_block_ids, st.num_blocks)
         self._check_span(c.num_computed_tokens, c.num_scheduled_tokens, known, st.num_blocks + len(c.new_block_ids))
         return st
@@ -245,6 +270,8 @@ class ModelRunner:
         order, errors = self._apply_diff(step)
         if not order:
             return StepResult(step_id=step.step_id, errors=errors)
+        if self.draft_model and any(self.states[rid].num_model_drafts for rid, _ in order):
+            order = self._propose_drafts(order)
         input_ids, positions, meta = self._prepare(order)
         hidden = self.model(input_ids, positions, meta, self.pool.caches)  # [T, H]
 
@@ -296,6 +323,9 @@ class ModelRunner:
                 st.num_drafts = 0
             st.num_computed_tokens += n
             st.token_ids.extend(tokens)
+            if self.drafter is not None:
+                self.drafter.rollback(rid, st.num_computed_tokens)
+        self._draft_probs.clear()
         return StepResult(step_id=step.step_id, outputs=[outputs[rid] for rid, _ in order], errors=errors)
 
     def _sample(
@@ -317,7 +347,8 @@ class ModelRunner:
                 logits = logits[torch.tensor(rows, dtype=torch.long, device=logits.device)]
                 request_ids = [request_ids[i] for i in keep]
             drafts = [self.states[rid].drafts for rid in request_ids]
-            for rid, picked in zip(request_ids, self.sampler.verify(logits, request_ids, drafts)):
+            probs = [self._draft_probs.get(rid) for rid in request_ids] if self._draft_probs else None
+            for rid, picked in zip(request_ids, self.sampler.verify(logits, request_ids, drafts, probs)):
                 outputs[rid].token_ids = [tok for tok, _ in picked]
                 outputs[rid].logprobs = [lp for _, lp in picked if lp is not None]
         if self.tp.world_size > 1:
@@ -339,6 +370,35 @@ class ModelRunner:
                 else:
                     outputs[rid].token_ids = [t for t in row if t >= 0]
         return deferred, failed
+
+    def _propose_drafts(self, order: list[tuple[str, int]]) -> list[tuple[str, int]]:
+        """Turn each request's num_model_drafts into drafts at the end of its tokens, the
+        same on every rank (rank 0 drafts and broadcasts them). Returns the order with each
+        request's token count cut to what was drafted (the drafter may propose fewer)."""
+        asked = [rid for rid, _ in order if self.states[rid].num_model_drafts]
+        if self.tp.rank == 0:
+            jobs = [
+                DraftJob(rid, self.states[rid].token_ids, self.states[rid].row, self.states[rid].num_model_drafts)
+                for rid in asked
+            ]
+            proposed = self.drafter.propose(jobs, self.block_table, self.sampler, self.sampler.vocab_size)
+            drafts = [tokens for tokens, _ in proposed]
+            for rid, (_, probs) in zip(asked, proposed):
+                if any(q is not None for q in probs):
+                    self._draft_probs[rid] = torch.stack(probs) if all(q is not None for q in probs) else None
+        if self.tp.world_size > 1:
+            ids = torch.full((len(asked), MAX_SPECULATIVE_TOKENS), -1, dtype=torch.long)
+            if self.tp.rank == 0:
+                for i, d in enumerate(drafts):
+                    ids[i, : len(d)] = torch.tensor(d, dtype=torch.long)
+            rows = self.tp.broadcast_from_first(ids.to(self.device)).tolist()
+            drafts = [[t for t in row if t >= 0] for row in rows]
+        for rid, d in zip(asked, drafts):
+            st = self.states[rid]
+            st.token_ids.extend(d)
+            st.num_drafts, st.num_model_drafts = len(d), 0
+        cut = {rid: 1 + len(d) for rid, d in zip(asked, drafts)}
+        return [(rid, cut.get(rid, n)) for rid, n in order]
 
     def _prepare(self, order: list[tuple[str, int]]):
         """Flatten the step's tokens and describe them for attention."""

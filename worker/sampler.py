@@ -47,7 +47,7 @@ import logging
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -82,6 +82,13 @@ class _Request:
     bias_values: list[float]
     matcher: Any = None  # xgrammar.GrammarMatcher of a request with a grammar, once compiled
     pending: Optional[tuple[Future, tuple[int, ...]]] = None  # its compile, and the outputs to replay
+
+
+class Proposal(NamedTuple):
+    """A draft model's token for one position and the distribution ([V]) it was drawn from."""
+
+    token: int
+    probs: Tensor
 
 
 class Sampler:
@@ -230,11 +237,15 @@ class Sampler:
 
     # ------------------------------------------------------------------ sampling
 
-    def sample(self, logits: Tensor, request_ids: list[str]) -> list[tuple[int, Optional[TokenLogprob]]]:
+    def sample(
+        self, logits: Tensor, request_ids: list[str], proposals: Optional[list[Optional[Proposal]]] = None
+    ) -> list[tuple[int, Optional[TokenLogprob]]]:
         """Sample one token per row. logits: [N, V] float32, row i belongs to request_ids[i]
         (each id at most once). Returns (token id, TokenLogprob or None) per row; the TokenLogprob
         is present when that request's params.logprobs is not None. Records every sampled token
-        in its request's state, so each row must be a real next token of its request."""
+        in its request's state, so each row must be a real next token of its request.
+        proposals[i], when given for an unseeded random row, is a draft model's token and the
+        distribution it was drawn from: the row then rejection-samples (_rejection_sample)."""
         n, vocab = logits.shape
         if vocab != self.vocab_size or len(request_ids) != n:
             raise ValueError(
@@ -244,13 +255,17 @@ class Sampler:
         if self._pending and any(r in self._pending for r in request_ids):
             raise ValueError("sample() before ready(): a request's grammar has not been waited for")
         adjusted = self._adjust(logits, requests)  # [N, V]
-        tokens = self._choose(adjusted, requests)  # [N] long
+        tokens = self._choose(adjusted, requests, proposals)  # [N] long
         logprobs = self._sampled_logprobs(logits, tokens, requests)
         self._record(tokens, requests)
         return list(zip(tokens.tolist(), logprobs))
 
     def verify(
-        self, logits: Tensor, request_ids: list[str], drafts: list[list[int]]
+        self,
+        logits: Tensor,
+        request_ids: list[str],
+        drafts: list[list[int]],
+        draft_probs: Optional[list[Optional[Tensor]]] = None,
     ) -> list[list[tuple[int, Optional[TokenLogprob]]]]:
         """Speculative decoding. Request i owns 1 + len(drafts[i]) consecutive rows of logits
         (in request order); its row j predicts the token after its first j drafts. Rows are
@@ -261,6 +276,9 @@ class Sampler:
         exact rejection sampling: the draft is kept with probability p(draft), and otherwise
         the sample is drawn from p without the draft. Greedy and seeded requests therefore get
         the very tokens they would get without drafts.
+        draft_probs[i] ([len(drafts[i]), V]), for an unseeded random request whose drafts a
+        draft model sampled: row j is the distribution draft j was drawn from, and position j
+        keeps the draft with probability min(1, p/q) (standard speculative sampling).
         Returns, per request, the accepted drafts and then one sampled token, with logprobs."""
         starts, row = [], 0
         for d in drafts:
@@ -270,11 +288,16 @@ class Sampler:
             raise ValueError(f"{logits.shape[0]} logits rows for {row} positions")
         if row == len(request_ids):  # no drafts: one plain sample each
             return [[picked] for picked in self.sample(logits, request_ids)]
+        probs = draft_probs or [None] * len(request_ids)
         out: list[list[tuple[int, Optional[TokenLogprob]]]] = [[] for _ in request_ids]
         alive, j = list(range(len(request_ids))), 0
         while alive:
             rows = logits[self._long([starts[i] + j for i in alive])]
-            picked = self.sample(rows, [request_ids[i] for i in alive])
+            proposals = [
+                Proposal(drafts[i][j], probs[i][j]) if probs[i] is not None and j < len(drafts[i]) else None
+                for i in alive
+            ]
+            picked = self.sample(rows, [request_ids[i] for i in alive], proposals)
             still = []
             for i, (token, logprob) in zip(alive, picked):
                 out[i].append((token, logprob))
@@ -282,6 +305,29 @@ class Sampler:
                     still.append(i)
             alive, j = still, j + 1
         return out
+
+    def propose(self, logits: Tensor, request_ids: list[str], index: int) -> tuple[list[int], list[Optional[Tensor]]]:
+        """A draft model's token for each row of logits ([N, V]), to be output token
+        num_outputs + index of its request. Greedy rows take the argmax. Random rows sample
+        from the temperature / top-k / top-p / min-p distribution of the draft's logits
+        (penalties and grammars are left to verification); a seeded row uses the very noise
+        its target sample at that index will use, so a draft close to the target is usually
+        the token the target picks. Returns the tokens and, for unseeded random rows (the
+        ones verify() rejection-samples), the distribution q ([V]) each was drawn from.
+        Changes no request state."""
+        requests = [self._requests[r] for r in request_ids]
+        tokens = logits.argmax(-1)
+        q: list[Optional[Tensor]] = [None] * len(requests)
+        random_rows = [i for i, r in enumerate(requests) if not r.params.greedy]
+        if random_rows:
+            randoms = [requests[i] for i in random_rows]
+            probs = self._probs(logits[self._long(random_rows)], [r.params for r in randoms])
+            noise = self._exponential_noise(randoms, vocab=probs.shape[1], offset=index)
+            tokens[self._long(random_rows)] = (probs / noise).argmax(-1)
+            for row, i in enumerate(random_rows):
+                if requests[i].params.seed is None:
+                    q[i] = probs[row]
+        return tokens.tolist(), q
 
     def prompt_logprobs(self, logits: Tensor, target_token_ids: Tensor, num_top: int) -> list[TokenLogprob]:
         """Logprob and rank of each target under the raw logits, with the num_top most likely
@@ -368,24 +414,56 @@ class Sampler:
             x = x - self._column(frequency) * counts - self._column(presence) * (counts > 0)
         return x
 
-    def _choose(self, x: Tensor, requests: list[_Request]) -> Tensor:
+    def _choose(self, x: Tensor, requests: list[_Request], proposals: Optional[list[Optional[Proposal]]]) -> Tensor:
         """Step 4 for every row of x [N, V]: argmax for greedy rows, a sample for the rest."""
         random_rows = [i for i, r in enumerate(requests) if not r.params.greedy]
         if not random_rows:
             return x.argmax(-1)
         randoms = [requests[i] for i in random_rows]
+        offered = [proposals[i] for i in random_rows] if proposals else None
         if len(random_rows) == len(requests):
-            return self._sample_random(x, randoms)
+            return self._sample_random(x, randoms, offered)
         greedy_rows = self._long([i for i, r in enumerate(requests) if r.params.greedy])
         rows = self._long(random_rows)
         tokens = torch.empty(len(requests), dtype=torch.long, device=x.device)
         tokens[greedy_rows] = x[greedy_rows].argmax(-1)
-        tokens[rows] = self._sample_random(x[rows], randoms)
+        tokens[rows] = self._sample_random(x[rows], randoms, offered)
         return tokens
 
-    def _sample_random(self, x: Tensor, requests: list[_Request]) -> Tensor:
+    def _sample_random(
+        self, x: Tensor, requests: list[_Request], proposals: Optional[list[Optional[Proposal]]] = None
+    ) -> Tensor:
         """x: [R, V] adjusted logits of non-greedy requests -> [R] sampled token ids."""
-        params = [r.params for r in requests]
+        probs = self._probs(x, [r.params for r in requests])
+        tokens = (probs / self._exponential_noise(requests, vocab=x.shape[1])).argmax(-1)
+        checked = [
+            i for i, r in enumerate(requests) if proposals and proposals[i] is not None and r.params.seed is None
+        ]
+        if checked:
+            index = self._long(checked)
+            drafted = self._long([proposals[i].token for i in checked])
+            q = torch.stack([proposals[i].probs for i in checked]).to(probs.device)
+            tokens[index] = self._rejection_sample(probs[index], q, drafted)
+        return tokens
+
+    def _rejection_sample(self, p: Tensor, q: Tensor, drafted: Tensor) -> Tensor:
+        """Speculative sampling (Leviathan et al., Chen et al.): p, q [R, V] the target's and
+        the draft's distributions, drafted [R] tokens drawn from q. Keeps a draft with
+        probability min(1, p/q), else draws from the residual max(0, p - q) normalized, so the
+        result is distributed as p whatever q is. Returns [R] token ids."""
+        p_d = p.gather(-1, drafted[:, None])[:, 0]
+        q_d = q.gather(-1, drafted[:, None])[:, 0]
+        u = torch.rand(p.shape[0], generator=self._shared_generator, device=self.device)
+        keep = u * q_d < p_d  # u < p/q without dividing by a q that rounds to 0
+        residual = (p - q).clamp_min_(0.0)
+        # p == q to rounding leaves no residual; then the draft is kept (p_d >= q_d) anyway.
+        residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, p)
+        noise = torch.empty_like(p).exponential_(generator=self._shared_generator).clamp_min_(torch.finfo(p.dtype).tiny)
+        return torch.where(keep, drafted, (residual / noise).argmax(-1))
+
+    def _probs(self, x: Tensor, params: list[SamplingParams]) -> Tensor:
+        """The distribution a random row samples from: x [R, V] logits -> [R, V] probabilities
+        after temperature, top_k, top_p and min_p."""
         x = x / self._column([p.temperature for p in params])
         truncated = [i for i, p in enumerate(params) if p.top_k > 0 or p.top_p < 1.0]
         if truncated:
@@ -401,8 +479,7 @@ class Sampler:
                 min_p_rows,
                 lambda rows: rows.masked_fill(rows < rows.amax(-1, keepdim=True) + min_p.log(), float("-inf")),
             )
-        probs = x.softmax(-1)
-        return (probs / self._exponential_noise(requests, vocab=x.shape[1])).argmax(-1)
+        return x.softmax(-1)
 
     def _top_k_top_p(self, x: Tensor, top_k: list[int], top_p: list[float]) -> Tensor:
         """x: [T, V] temperature-scaled logits -> new [T, V] with tokens outside the top_k, then
@@ -420,9 +497,9 @@ class Sampler:
             sorted_x.masked_fill_(mass_before >= p, float("-inf"))  # position 0 always stays
         return torch.empty_like(x).scatter_(-1, order, sorted_x)
 
-    def _exponential_noise(self, requests: list[_Request], vocab: int) -> Tensor:
+    def _exponential_noise(self, requests: list[_Request], vocab: int, offset: int = 0) -> Tensor:
         """[R, V] of Exp(1) draws: a seeded row's come from (seed, index of the token being
-        sampled), the others from the shared generator."""
+        sampled: its num_outputs + offset), the others from the shared generator."""
         q = torch.empty(len(requests), vocab, device=self.device)
         seeded = [i for i, r in enumerate(requests) if r.params.seed is not None]
         if not seeded:
@@ -434,7 +511,7 @@ class Sampler:
             )
         for i in seeded:
             r = requests[i]
-            self._seeded_generator.manual_seed(_mix_seed(r.params.seed, r.num_outputs))
+            self._seeded_generator.manual_seed(_mix_seed(r.params.seed, r.num_outputs + offset))
             q[i].exponential_(generator=self._seeded_generator)
         # exponential_ can return exactly 0; p / 0 would be inf (or nan for a banned token).
         return q.clamp_min_(torch.finfo(q.dtype).tiny)

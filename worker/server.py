@@ -70,6 +70,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             vocab_size=cfg.vocab_size,
             eos_token_ids=cfg.eos_token_ids,
             device=str(self.worker.device),
+            draft_model=self.worker.speculative_model,
         )
 
     async def ExecuteSteps(self, request_iterator, context) -> AsyncIterator[pb.StepResult]:

@@ -21,6 +21,7 @@ from kernels.ops import select_ops
 from protos.config import SchedulerConfig, WorkerConfig, default_device, default_dtype
 from protos.grammar import GrammarCompiler
 from protos.messages import NewRequest, SamplingParams, StepRequest, StepResult
+from worker.drafter import load_draft
 from worker.kv_pool import GiB, KVPool, MemoryProfile, gpu_memory_budget
 from worker.loader import default_model_path, load_model, load_tokenizer
 from worker.model_runner import ModelRunner
@@ -55,29 +56,41 @@ class Worker:
         self.device = torch.device(device)
         dtype = getattr(torch, config.dtype or default_dtype(device))
         self.tp = tp or TPGroup()
+        ops = select_ops(self.device, config.kernels)
         self.model, self.model_config = load_model(
             self.model_path,
             dtype=dtype,
             device=self.device,
-            ops=select_ops(self.device, config.kernels),
+            ops=ops,
             tp=self.tp,
             quantization=config.quantization,
         )
         cfg = self.model_config
         kv_heads = self.model.num_kv_heads  # this rank's share
         block_size, num_blocks, kv_cache_bytes = scheduler.block_size, config.num_kv_blocks, config.kv_cache_memory
+        self.draft = None
+        if config.speculative_model:
+            self.draft = load_draft(
+                config.speculative_model, self.model_path, dtype, self.device, ops, self.tp.rank, config.quantization
+            )
+        # A draft's pool has as many blocks as the target's, so a block costs both.
+        per_block = KVPool.bytes_per_block(cfg.num_layers, kv_heads, cfg.head_dim, block_size, dtype)
+        per_block += self.draft.bytes_per_block(block_size) if self.draft else 0
         if num_blocks is None and kv_cache_bytes is None and self.device.type == "cuda":
             kv_cache_bytes = self._kv_bytes_from_gpu_memory(
-                config.gpu_memory_utilization, scheduler.max_num_batched_tokens, block_size, dtype
+                config.gpu_memory_utilization, scheduler.max_num_batched_tokens, block_size, dtype, per_block
             )
         if num_blocks is None:
-            num_blocks = KVPool.blocks_for_budget(
-                kv_cache_bytes or DEFAULT_KV_CACHE_BYTES, cfg.num_layers, kv_heads, cfg.head_dim, block_size, dtype
-            )
+            num_blocks = (kv_cache_bytes or DEFAULT_KV_CACHE_BYTES) // per_block
+            if num_blocks < 1:
+                raise ValueError(f"KV cache budget of {kv_cache_bytes} bytes is below one block ({per_block} bytes)")
         self.pool = KVPool.allocate(cfg.num_layers, num_blocks, block_size, kv_heads, cfg.head_dim, dtype, self.device)
         grammars = GrammarCompiler(lambda: load_tokenizer(self.model_path), cfg.vocab_size, cfg.eos_token_ids)
         self.sampler = Sampler(cfg.vocab_size, cfg.eos_token_ids, device=self.device, grammars=grammars)
-        self.runner = ModelRunner(self.model, self.pool, self.sampler, self.device, tp=self.tp)
+        drafter = self.draft.drafter(num_blocks, block_size, scheduler.max_num_batched_tokens) if self.draft else None
+        self.runner = ModelRunner(
+            self.model, self.pool, self.sampler, self.device, tp=self.tp, drafter=drafter, draft_model=bool(self.draft)
+        )
         log.info(
             "worker ready: %s (%s weights), %d KV blocks of %d tokens (%.1f MiB)",
             self.model_path,
@@ -88,11 +101,9 @@ class Worker:
         )
 
     def _kv_bytes_from_gpu_memory(
-        self, utilization: float, step_tokens: int, block_size: int, dtype: torch.dtype
+        self, utilization: float, step_tokens: int, block_size: int, dtype: torch.dtype, per_block: int
     ) -> int:
-        cfg = self.model_config
         profile = self._profile_gpu_memory(step_tokens, block_size, dtype)
-        per_block = KVPool.bytes_per_block(cfg.num_layers, self.model.num_kv_heads, cfg.head_dim, block_size, dtype)
         budget = gpu_memory_budget(profile, utilization, per_block)
         log.info(
             "KV pool from GPU memory: %g of %.2f GiB, less %.2f GiB in use and %.2f GiB at "
@@ -137,6 +148,10 @@ class Worker:
         torch.cuda.empty_cache()
         free, total = torch.cuda.mem_get_info(dev)
         return MemoryProfile(total=total, in_use=total - free, step_peak=step_peak)
+
+    @property
+    def speculative_model(self) -> bool:
+        return self.draft is not None
 
     @property
     def num_blocks(self) -> int:

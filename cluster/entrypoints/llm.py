@@ -69,6 +69,7 @@ class LLM:
             config.scheduler,
             max_model_len=config.scheduler.max_model_len or model_config.max_position_embeddings,
             eos_token_ids=tuple(model_config.eos_token_ids),
+            draft_model=self.worker.speculative_model,
         )
         self.engine = EngineCore(Scheduler(self.config, self.worker.num_blocks), InProcessExecutor(self.worker))
         self._ids = itertools.count()

@@ -34,7 +34,7 @@ from cluster.placement import ReplicaHandle, ReplicaSpec, launch_replicas, relea
 from cluster.replica import DEFAULT_STEP_TIMEOUT_S, WorkerLoadError
 from cluster.routing import ROUTING_POLICIES, make_router
 from protos.codec import encode_load_request
-from protos.config import SchedulerConfig, WorkerConfig
+from protos.config import SchedulerConfig, WorkerConfig, check_speculation
 from protos.security import ClusterCredentials
 from router.app import build_app
 from router.edge import AccessConfig, access_policy
@@ -109,6 +109,9 @@ class ServeConfig:
     worker_tls_server_name: Optional[str] = field(
         default=None, metadata={"help": "name the head expects in worker certificates (default: each worker's IP)"}
     )
+
+    def __post_init__(self) -> None:
+        check_speculation(self.worker, self.scheduler)
 
     @property
     def model_path(self) -> str:

@@ -334,3 +334,63 @@ def test_prompt_logprobs():
         for i in (0, 1, 511, 512, rows - 1):
             check_logprob(entries[i], logits[i], targets[i].item(), num_top)
     assert all(math.isfinite(e.logprob) for e in entries)
+
+
+# ---------------------------------------------------------------- draft-model speculation
+
+# Six tokens; the draft favours what the target does not, so a wrong residual shows.
+SPEC_P = [[0.50, 0.30, 0.10, 0.05, 0.03, 0.02], [0.05, 0.10, 0.40, 0.25, 0.15, 0.05]]
+SPEC_Q = [[0.05, 0.05, 0.10, 0.30, 0.30, 0.20], [0.30, 0.30, 0.05, 0.05, 0.20, 0.10]]
+CHI2_DF5_P001 = 20.515  # chi-square critical value, 5 degrees of freedom, p = 0.001
+
+
+def _chi2(counts: torch.Tensor, probs: list[float]) -> float:
+    expected = torch.tensor(probs, dtype=torch.float64) * counts.sum()
+    return float(((counts.double() - expected) ** 2 / expected).sum())
+
+
+def test_rejection_sampling_against_a_draft_keeps_the_target_distribution():
+    """Two drafts per request drawn from q, verified against p by verify(): the first
+    output token is distributed as p[0], and the second (present when the first draft was
+    kept) as p[1]. Resampling a rejected position from p instead of the residual
+    max(0, p - q), or keeping a draft with probability p instead of min(1, p/q), fails."""
+    n = 6000
+    sampler = Sampler(vocab_size=6, eos_token_ids=[], seed=3)
+    ids = [f"r{i}" for i in range(n)]
+    for rid in ids:
+        sampler.add_request(rid, SamplingParams(temperature=1.0, max_tokens=8), [1])
+    p, q = torch.tensor(SPEC_P), torch.tensor(SPEC_Q)
+    # Per request: a row per draft (temperature 1: the target samples exactly p) and one after.
+    logits = torch.cat([p.log(), torch.zeros(1, 6)]).repeat(n, 1)
+    gen = torch.Generator().manual_seed(5)
+    drafts = torch.multinomial(q, n, replacement=True, generator=gen).T.tolist()  # [n, 2], row j ~ q[j]
+    out = sampler.verify(logits, ids, drafts, [q] * n)
+    first = torch.bincount(torch.tensor([o[0][0] for o in out]), minlength=6)
+    second = torch.bincount(torch.tensor([o[1][0] for o in out if len(o) > 1]), minlength=6)
+    assert second.sum() > 1000, "too few first drafts kept to test the second position"
+    assert _chi2(first, SPEC_P[0]) < CHI2_DF5_P001
+    assert _chi2(second, SPEC_P[1]) < CHI2_DF5_P001
+    # The draft is kept exactly with probability sum(min(p, q)).
+    kept = sum(len(o) > 1 for o in out) / n
+    assert kept == pytest.approx(float(torch.minimum(p[0], q[0]).sum()), abs=0.02)
+
+
+def test_seeded_drafts_share_the_targets_noise():
+    """A draft model identical to the target proposes, for a seeded request, exactly the
+    tokens the target then samples (same noise at the same output index), so every
+    draft is kept; a greedy request's drafts are the argmax."""
+    sampler = Sampler(vocab_size=V, eos_token_ids=[EOS], seed=0)
+    sampler.add_request("s", SamplingParams(temperature=0.9, seed=21, max_tokens=8), [1])
+    sampler.add_request("g", SamplingParams(temperature=0.0, max_tokens=8), [1])
+    rows = torch.randn(3, V, generator=torch.Generator().manual_seed(1))
+    drafts = {"s": [], "g": []}
+    for j in range(3):
+        tokens, probs = sampler.propose(rows[j : j + 1].repeat(2, 1), ["s", "g"], j)
+        assert probs == [None, None], "seeded and greedy drafts are verified by comparison"
+        drafts["s"].append(tokens[0])
+        drafts["g"].append(tokens[1])
+    assert drafts["g"] == rows.argmax(-1).tolist()
+    logits = torch.cat([rows, rows[-1:], rows, rows[-1:]])  # each request: 3 drafts + 1 row
+    out = sampler.verify(logits, ["s", "g"], [drafts["s"], drafts["g"]])
+    assert [t for t, _ in out[0][:3]] == drafts["s"] and len(out[0]) == 4
+    assert [t for t, _ in out[1][:3]] == drafts["g"] and len(out[1]) == 4

@@ -126,6 +126,12 @@ BAD = {
         "victim",
         f"draft token id {TINY_VOCAB}",
     ),
+    "model drafts without a draft model": (
+        [],
+        [CachedRequest("victim", [], 20, 3, num_model_drafts=2)],
+        "victim",
+        "without a draft model",
+    ),
     "new block past the pool": (
         [],
         [CachedRequest("victim", [NUM_BLOCKS + 7], 20, 1)],

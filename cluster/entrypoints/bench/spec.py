@@ -47,6 +47,37 @@ def workloads() -> dict[str, list[str]]:
     return {"copy": copy, "open": OPEN}
 
 
+def early_exit_draft(target: str, num_layers: int, out: str) -> str:
+    """A draft model cut from the target: its first num_layers layers under its own final
+    norm and LM head (a self-speculative, LayerSkip-style draft), saved as a transformers
+    checkpoint with the target's tokenizer in `out` (reused when there). Needs no second
+    model on disk; an untrained cut agrees with the target less than a trained draft."""
+    import os
+
+    from transformers import AutoModelForCausalLM
+
+    from worker.loader import load_tokenizer, resolve_model_path
+
+    if os.path.isfile(os.path.join(out, "config.json")):
+        return out
+    directory, gguf_file = resolve_model_path(target)
+    model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=gguf_file, dtype="float32")
+    if not 0 < num_layers < model.config.num_hidden_layers:
+        raise ValueError(f"a draft keeps 1 to {model.config.num_hidden_layers - 1} layers, not {num_layers}")
+    model.model.layers = model.model.layers[:num_layers]
+    model.config.num_hidden_layers = num_layers
+    if getattr(model.config, "layer_types", None):
+        model.config.layer_types = model.config.layer_types[:num_layers]
+    tmp = out + ".partial"
+    model.save_pretrained(tmp)
+    try:
+        load_tokenizer(target).save_pretrained(tmp)
+    except (OSError, ValueError):
+        pass  # a token-id-only target: the draft has no tokenizer either
+    os.replace(tmp, out)
+    return out
+
+
 def _run(llm, prompts: list[list[int]], max_tokens: int, batched: bool) -> tuple[float, int, list]:
     from protos.messages import SamplingParams
 
