@@ -595,3 +595,40 @@ def random_gguf_blocks(qtype, rows: int, cols: int, rng: np.random.Generator) ->
     else:
         raise ValueError(f"no random blocks for {name}")
     return b.reshape(rows, -1)
+
+
+def early_exit_draft(target: str, num_layers: int, out: str) -> str:
+    """A draft model cut from the target: its first num_layers layers under its own final
+    norm and LM head (a self-speculative, LayerSkip-style draft), saved as a transformers
+    checkpoint with the target's tokenizer in `out` (reused when there). Needs no second
+    model on disk; an untrained cut agrees with the target less than a trained draft."""
+    import os
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from worker.loader import load_tokenizer, resolve_model_path
+
+    if os.path.isfile(os.path.join(out, "config.json")):
+        return out
+    directory, gguf_file = resolve_model_path(target)
+    model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=gguf_file, dtype="float32")
+    if not 0 < num_layers < model.config.num_hidden_layers:
+        raise ValueError(f"a draft keeps 1 to {model.config.num_hidden_layers - 1} layers, not {num_layers}")
+    config = model.config
+    config.num_hidden_layers = num_layers
+    if getattr(config, "layer_types", None):
+        config.layer_types = config.layer_types[:num_layers]
+    if hasattr(config, "quantization_config"):  # read from GGUF: the weights are dense now
+        del config.quantization_config
+    draft = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    kept = {k: v for k, v in model.state_dict().items() if k in draft.state_dict()}
+    draft.load_state_dict(kept)
+    tmp = out + ".partial"
+    draft.save_pretrained(tmp)
+    try:
+        load_tokenizer(target).save_pretrained(tmp)
+    except (OSError, ValueError):
+        pass  # a token-id-only target: the draft has no tokenizer either
+    os.replace(tmp, out)
+    return out

@@ -173,11 +173,11 @@ class DraftModel:
         return Drafter(self.model, pool, self.device, max_chunk_tokens)
 
 
-def load_draft(
-    path: str, target_path: str, dtype: torch.dtype, device: torch.device, ops, rank: int, quantization: str
-) -> DraftModel:
+def load_draft(path: str, target_path: str, dtype: torch.dtype, device: torch.device, ops, rank: int) -> DraftModel:
     """The draft model at `path`, checked to share the target's tokenizer. ValueError
-    (the reason) when it does not, or when it cannot be loaded."""
+    (the reason) when it does not, or when it cannot be loaded. A quantized draft keeps
+    its weights quantized wherever a kernel pays (quantization "auto"), whatever the
+    target does: a draft is there to be cheap."""
     from worker.loader import load_model, load_model_config
 
     why = tokenizer_mismatch(target_path, path)
@@ -185,7 +185,7 @@ def load_draft(
         raise ValueError(f"the speculative model {path} cannot draft for {target_path}: {why}")
     if rank != 0:
         return DraftModel(load_model_config(path), None, device, dtype)
-    model, config = load_model(path, dtype=dtype, device=device, ops=ops, quantization=quantization)
+    model, config = load_model(path, dtype=dtype, device=device, ops=ops, quantization="auto")
     return DraftModel(config, model, device, dtype)
 
 

@@ -70,9 +70,7 @@ class Worker:
         block_size, num_blocks, kv_cache_bytes = scheduler.block_size, config.num_kv_blocks, config.kv_cache_memory
         self.draft = None
         if config.speculative_model:
-            self.draft = load_draft(
-                config.speculative_model, self.model_path, dtype, self.device, ops, self.tp.rank, config.quantization
-            )
+            self.draft = load_draft(config.speculative_model, self.model_path, dtype, self.device, ops, self.tp.rank)
         # A draft's pool has as many blocks as the target's, so a block costs both.
         per_block = KVPool.bytes_per_block(cfg.num_layers, kv_heads, cfg.head_dim, block_size, dtype)
         per_block += self.draft.bytes_per_block(block_size) if self.draft else 0

@@ -1,8 +1,8 @@
 """Speculative decoding with a draft model: the target's tokens, fewer steps.
 
 The draft is cut from the target (its first layers under the target's head,
-cluster/entrypoints/bench/spec.py early_exit_draft), so it agrees with the
-target often but not always: drafts are both accepted and rejected. Greedy
+tests/model_fixtures.py early_exit_draft), so on these tiny models it agrees
+with the target often but not always: drafts are both accepted and rejected. Greedy
 requests must match transformers, seeded ones must get the tokens they get
 without speculation, and unseeded ones are rejection-sampled against the
 draft's distribution (its statistics: tests/worker/test_sampler.py).
@@ -14,12 +14,11 @@ import asyncio
 
 import pytest
 
-from cluster.entrypoints.bench.spec import early_exit_draft
 from cluster.entrypoints.llm import LLM
 from protos.config import SchedulerConfig
 from protos.messages import EngineRequest, SamplingParams
 from tests.hf_reference import assert_greedy_parity, hf_greedy, run_staggered
-from tests.model_fixtures import make_tiny_chat_model, repetitive_prompts
+from tests.model_fixtures import early_exit_draft, make_tiny_chat_model, repetitive_prompts
 from tests.worker_processes import WorkerProcesses, start_replica
 
 

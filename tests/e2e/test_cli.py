@@ -90,10 +90,11 @@ def test_bench_throughput_prints_both_sides_and_their_ratio(tmp_path, tiny_model
 def test_bench_spec_compares_plain_and_speculative_decoding(tmp_path):
     report = tmp_path / "spec.json"
     res = _folio(
-        "bench", "spec", "--max-tokens", "12", "--workload", "copy", "--num-prompts", "2", "--json", str(report)
-    )
+        "bench", "spec", "--max-tokens", "12", "--workload", "copy", "--num-prompts", "2", "--concurrency", "1", "2",
+        "--json", str(report),
+    )  # fmt: skip
     rows = json.loads(report.read_text())["rows"]
-    assert [(r["workload"], r["mode"]) for r in rows] == [("copy", "single"), ("copy", "batch")]
+    assert [(r["workload"], r["concurrency"]) for r in rows] == [("copy", 1), ("copy", 2)]
     assert all(r["plain_tok_s"] > 0 and r["spec_tok_s"] > 0 for r in rows)
     copy = rows[0]
     assert copy["acceptance"] > 0.5 and copy["tokens_per_step"] > 1.5, "copying should accept drafts"

@@ -1,14 +1,24 @@
-"""`folio bench spec`: speculative decoding with n-gram drafts against plain decoding.
+"""`folio bench spec`: speculative decoding against plain decoding.
+
+Drafts come from n-gram prompt lookup (`--drafts ngram`, the default) or from a
+draft model (`--drafts model`): `--speculative-model PATH`, by default the
+target's own file. That pays when the target is a quantized GGUF served dense
+(`--quantization none`) while the draft keeps its quantized weights (drafts
+always do where a kernel pays, i.e. with `--dtype bfloat16` on CPU): a
+quantized self-draft, cheaper per token and nearly always right.
 
 Two workloads on the same model, greedy, each run with speculation off (the
 baseline) and on, in this process:
 - copy: prompts that ask the model to repeat or quote lines given in the
   prompt (what summaries, code edits and RAG answers do in part), where
   prompt lookup should pay off;
-- open: prompts with nothing to copy, where drafts are mostly wrong and
-  speculation can only cost.
-Each workload runs one request at a time (latency) and all at once (batch).
-Greedy outputs are identical with and without speculation (tests/cluster/test_speculative.py);
+- open: prompts with nothing to copy, where n-gram drafts are mostly wrong and
+  only a draft model can help.
+Each workload runs at each `--concurrency` (requests generated together; 1 is
+single-stream latency). Speculation is not paused in large batches here
+(--speculative-max-batch defaults high), so the table shows where it stops
+paying, which is what --speculative-max-batch should be set below.
+Greedy outputs are identical with and without speculation (tests/cluster/test_speculative*.py);
 the benchmark checks that too.
 """
 
@@ -47,84 +57,60 @@ def workloads() -> dict[str, list[str]]:
     return {"copy": copy, "open": OPEN}
 
 
-def early_exit_draft(target: str, num_layers: int, out: str) -> str:
-    """A draft model cut from the target: its first num_layers layers under its own final
-    norm and LM head (a self-speculative, LayerSkip-style draft), saved as a transformers
-    checkpoint with the target's tokenizer in `out` (reused when there). Needs no second
-    model on disk; an untrained cut agrees with the target less than a trained draft."""
-    import os
-
-    from transformers import AutoModelForCausalLM
-
-    from worker.loader import load_tokenizer, resolve_model_path
-
-    if os.path.isfile(os.path.join(out, "config.json")):
-        return out
-    directory, gguf_file = resolve_model_path(target)
-    model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=gguf_file, dtype="float32")
-    if not 0 < num_layers < model.config.num_hidden_layers:
-        raise ValueError(f"a draft keeps 1 to {model.config.num_hidden_layers - 1} layers, not {num_layers}")
-    model.model.layers = model.model.layers[:num_layers]
-    model.config.num_hidden_layers = num_layers
-    if getattr(model.config, "layer_types", None):
-        model.config.layer_types = model.config.layer_types[:num_layers]
-    tmp = out + ".partial"
-    model.save_pretrained(tmp)
-    try:
-        load_tokenizer(target).save_pretrained(tmp)
-    except (OSError, ValueError):
-        pass  # a token-id-only target: the draft has no tokenizer either
-    os.replace(tmp, out)
-    return out
-
-
-def _run(llm, prompts: list[list[int]], max_tokens: int, batched: bool) -> tuple[float, int, list]:
+def _run(llm, prompts: list[list[int]], max_tokens: int, streams: int) -> tuple[float, int, list]:
     from protos.messages import SamplingParams
 
     params = SamplingParams(temperature=0, max_tokens=max_tokens)
     t0 = time.perf_counter()
-    if batched:
-        results = llm.generate(prompts, params)
-    else:
-        results = [r for p in prompts for r in llm.generate([p], params)]
+    results = [r for i in range(0, len(prompts), streams) for r in llm.generate(prompts[i : i + streams], params)]
     seconds = time.perf_counter() - t0
     return seconds, sum(len(r.outputs[0].token_ids) for r in results), [r.outputs[0].token_ids for r in results]
 
 
 def main(args: argparse.Namespace) -> dict:
     from cluster.entrypoints.llm import LLM
+    from worker.loader import default_model_path
 
     options = options_from_args(EngineConfig, args)
-    engines = {k: LLM(**{**options, "num_speculative_tokens": k}) for k in (0, args.num_speculative_tokens)}
+    k = args.num_speculative_tokens
+    plain = LLM(**{**options, "num_speculative_tokens": 0, "speculative_model": None})
+    if args.drafts == "model" and not options.get("speculative_model"):
+        options["speculative_model"] = options.get("model") or default_model_path()
+    if args.drafts == "ngram":
+        options["speculative_model"] = None
+    engines = {0: plain, k: LLM(**options)}
+    draft = options.get("speculative_model")
+    print(f"drafts: {'model ' + draft if draft else 'n-gram prompt lookup'}, up to {k} per step")
     rows = []
     print(
-        f"{'workload':10s} {'mode':8s} {'plain tok/s':>12s} {'spec tok/s':>11s} {'ratio':>6s} "
+        f"{'workload':10s} {'streams':>7s} {'plain tok/s':>12s} {'spec tok/s':>11s} {'ratio':>6s} "
         f"{'accepted':>9s} {'tokens/step':>12s}"
     )
     for name, texts in workloads().items():
         if args.workload not in ("all", name):
             continue
-        prompts = [engines[0].chat_token_ids([{"role": "user", "content": t}]) for t in texts[: args.num_prompts]]
-        for batched in (False, True):
+        base = [plain.chat_token_ids([{"role": "user", "content": t}]) for t in texts[: args.num_prompts]]
+        for streams in args.concurrency:
+            prompts = (base * streams)[: max(streams, len(base))]
             figures = {}
-            for k, llm in engines.items():
+            for key, llm in engines.items():
                 llm.generate([prompts[0][:8]])  # warm-up
                 before = llm.scheduler.stats()
-                seconds, tokens, outs = _run(llm, prompts, args.max_tokens, batched)
+                seconds, tokens, outs = _run(llm, prompts, args.max_tokens, streams)
                 after = llm.scheduler.stats()
-                figures[k] = dict(
+                figures[key] = dict(
                     seconds=seconds,
                     tokens=tokens,
                     outputs=outs,
                     drafts=after.num_draft_tokens - before.num_draft_tokens,
                     accepted=after.num_accepted_tokens - before.num_accepted_tokens,
                 )
-            plain, spec = figures[0], figures[args.num_speculative_tokens]
-            assert plain["outputs"] == spec["outputs"], "speculation changed greedy outputs"
+            baseline, spec = figures[0], figures[k]
+            assert baseline["outputs"] == spec["outputs"], "speculation changed greedy outputs"
             row = {
                 "workload": name,
-                "mode": "batch" if batched else "single",
-                "plain_tok_s": plain["tokens"] / plain["seconds"],
+                "concurrency": streams,
+                "plain_tok_s": baseline["tokens"] / baseline["seconds"],
                 "spec_tok_s": spec["tokens"] / spec["seconds"],
                 "acceptance": spec["accepted"] / spec["drafts"] if spec["drafts"] else 0.0,
             }
@@ -133,23 +119,31 @@ def main(args: argparse.Namespace) -> dict:
             row["tokens_per_step"] = spec["tokens"] / max(1, spec["tokens"] - spec["accepted"])
             rows.append(row)
             print(
-                f"{name:10s} {row['mode']:8s} {row['plain_tok_s']:12.1f} {row['spec_tok_s']:11.1f} "
+                f"{name:10s} {streams:7d} {row['plain_tok_s']:12.1f} {row['spec_tok_s']:11.1f} "
                 f"{row['ratio']:5.2f}x {row['acceptance']:9.2f} {row['tokens_per_step']:12.2f}",
                 flush=True,
             )
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"num_speculative_tokens": args.num_speculative_tokens, "rows": rows}, f, indent=2)
+            json.dump({"num_speculative_tokens": k, "drafts": draft or "ngram", "rows": rows}, f, indent=2)
     return {"rows": rows}
 
 
-HELP = "speculative decoding (n-gram drafts) against plain decoding"
+HELP = "speculative decoding (n-gram or draft-model drafts) against plain decoding"
 
 
 def add_cli_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-tokens", type=int, default=96)
     p.add_argument("--workload", choices=["all", "copy", "open"], default="all")
+    p.add_argument("--drafts", choices=["ngram", "model"], default="ngram", help="where drafts come from")
+    p.add_argument(
+        "--draft-layers",
+        type=int,
+        default=8,
+        help="--drafts model without --speculative-model: layers of the target kept",
+    )
+    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 32], help="requests generated together")
     p.add_argument("--num-prompts", type=int, default=4, help="prompts per workload (at most 4)")
     p.add_argument("--json", default=None, help="also write the results here")
     add_config_args(p, EngineConfig)  # both engines' settings; the plain one has no drafts
-    p.set_defaults(num_speculative_tokens=4)
+    p.set_defaults(num_speculative_tokens=4, speculative_max_batch=1 << 20)
