@@ -22,7 +22,17 @@ import pytest
 from kernels.aot import ARCHS
 
 REPO = Path(__file__).resolve().parents[2]
-KINDS = ("decode", "decode-reduce", "prefill", "write_kv", "rotary", "rms_norm", "silu_and_mul", "quant_matmul")
+KINDS = (
+    "decode",
+    "decode-reduce",
+    "prefill",
+    "write_kv",
+    "rotary",
+    "rms_norm",
+    "silu_and_mul",
+    "quant_matmul",
+    "fused_moe",
+)
 
 
 @pytest.mark.slow
