@@ -5,7 +5,8 @@
 #            its reference) and tests/kernels/test_gpu_model.py (whole models on the
 #            Triton kernels against transformers on the same GPU);
 #   kernels  the kernel benchmark (cluster/entrypoints/bench/kernels.py: decode vs SDPA, prefill TFLOP/s,
-#            quantized matmul vs dequantize+linear and dense, decode config sweep);
+#            quantized matmul vs dequantize+linear and dense, fused MoE vs the per-expert loop,
+#            decode config sweep);
 #   throughput  `folio bench throughput` on a Llama-3.2-1B-shaped random-weight model,
 #            bf16: folio against transformers generate() on the same GPU.
 # Results under $OUT: env.txt, gpu_tests.log, gpu_tests.xml, bench.log, kernel_bench.json,
@@ -69,7 +70,7 @@ if wants tests; then
 fi
 
 if wants kernels; then
-    timeout 140 "$PY" -c "from cluster.entrypoints.bench.kernels import run_kernel_bench; run_kernel_bench('$OUT')" \
+    timeout 180 "$PY" -c "from cluster.entrypoints.bench.kernels import run_kernel_bench; run_kernel_bench('$OUT')" \
         2>&1 | tee "$OUT/bench.log"
     [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 fi

@@ -7,7 +7,8 @@ tests/kernels/test_aot_compile.py makes CI catch it.
 
 The variants compiled are the ones the wrappers launch for the model shapes
 folio serves: head dims 64 and 128, KV block sizes 16 and 32, bf16 and fp16,
-4- and 8-bit quantized matmuls at decode and prefill batch sizes,
+4- and 8-bit quantized matmuls at decode and prefill batch sizes, the fused
+MoE GEMMs on Mixtral- and Qwen-MoE-shaped experts (whole and TP-sliced),
 with each wrapper's own config functions (decode_config, prefill_config,
 rms_norm_warps, ...) so that what is checked is what runs. Pointer and stride
 arguments carry the 16-divisibility hint that Triton's JIT would give them at
@@ -36,7 +37,7 @@ from triton.backends.compiler import GPUTarget
 from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability
 from triton.compiler import ASTSource
 
-from kernels import kv_write, norm_rope_act, paged_decode, paged_prefill, quant_matmul
+from kernels import fused_moe, kv_write, norm_rope_act, paged_decode, paged_prefill, quant_matmul
 
 HEAD_DIMS = (64, 128)
 BLOCK_SIZES = (16, 32)
@@ -49,6 +50,18 @@ NORM_SIZES = (1024, 4096, 8192)  # hidden sizes, rounded up to the power of two 
 QUANT_IN_FEATURES = 6144  # K / group a multiple of 16 for every group here, as the stride hints claim
 QUANT_CASES = ((4, 128, 1), (4, 128, 2048))
 QUANT_EXTRA_CASES = ((8, 128, 1), (8, 128, 2048), (4, 128, 64), (4, 16, 1), (4, 48, 1))  # first dtype only
+# Fused MoE: (model, hidden, intermediate slice, experts, top-k, tokens). Mixtral-8x7B's
+# experts halved by TP 2, Qwen3-30B-A3B's whole (768) and Qwen1.5-MoE-A2.7B's (1408);
+# tokens 1 and 2048 reach the decode and prefill configs, 256 over 8 experts the middle.
+MOE_CASES = (
+    ("mixtral-tp2", 4096, 7168, 8, 2, 1),
+    ("mixtral-tp2", 4096, 7168, 8, 2, 256),
+    ("mixtral-tp2", 4096, 7168, 8, 2, 2048),
+    ("qwen3-30b", 2048, 768, 128, 8, 1),
+    ("qwen3-30b", 2048, 768, 128, 8, 2048),
+)
+# first dtype only; TP 4's 192-wide slice is a multiple of no 128-wide K step (EVEN_K off)
+MOE_EXTRA_CASES = (("qwen1.5-moe", 2048, 1408, 60, 4, 2048), ("qwen3-30b-tp4", 2048, 192, 128, 8, 1))
 ARCHS = (80, 90)
 
 # Pointer arguments whose element type is fixed; every other *_ptr holds the model dtype.
@@ -63,6 +76,10 @@ _FIXED_POINTERS = {
     "part_acc_ptr": "*fp32",
     "part_m_ptr": "*fp32",
     "part_l_ptr": "*fp32",
+    "topk_weights_ptr": "*fp32",
+    "sorted_ids_ptr": "*i32",
+    "expert_ids_ptr": "*i32",
+    "num_padded_ptr": "*i32",
 }
 _FLOAT_ARGS = {"qk_scale", "eps", "weight_offset"}
 
@@ -208,6 +225,20 @@ def variants(head_dims=HEAD_DIMS, block_sizes=BLOCK_SIZES, dtypes=DTYPES, norm_s
                     cfg.num_stages,
                 )
             )
+        for model, hidden, inter, experts, top_k, tokens in MOE_CASES + (MOE_EXTRA_CASES if i == 0 else ()):
+            cfg = fused_moe.fused_moe_config(tokens * top_k, experts, tdt)
+            # gate/up reads hidden-wide rows of x; down reads the intermediate slice
+            for gemm, k_in in (("gate_up", hidden), ("down", inter)):
+                out.append(
+                    Variant(
+                        f"fused_moe {gemm} {model} t{tokens} {dt}",
+                        fused_moe._fused_moe_kernel,
+                        dt,
+                        fused_moe.kernel_constexprs(cfg, k_in, gemm == "gate_up", tdt),
+                        cfg.num_warps,
+                        cfg.num_stages,
+                    )
+                )
     return out
 
 

@@ -22,6 +22,7 @@ class KernelOps:
     rotary_embedding: Callable  # (positions, q, k, cos_sin_cache) -> (q, k)
     silu_and_mul: Callable  # (x) -> out
     quantized_linear: Callable  # (x, w: QuantizedWeight, bias=None) -> y
+    fused_moe: Callable  # (x, w13, w2, topk_weights, topk_ids) -> out
     # torch's own functions on every device (kernels/reference.py says why)
     gelu_tanh_and_mul: Callable  # (x) -> out
     gelu: Callable  # (x, approximate="none") -> out
@@ -36,6 +37,7 @@ REFERENCE_OPS = KernelOps(
     rotary_embedding=reference.rotary_embedding,
     silu_and_mul=reference.silu_and_mul,
     quantized_linear=reference.quantized_linear,
+    fused_moe=reference.fused_moe,
     gelu_tanh_and_mul=reference.gelu_tanh_and_mul,
     gelu=reference.gelu,
     layer_norm=reference.layer_norm,

@@ -256,6 +256,26 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
+def fused_moe(
+    x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor
+) -> torch.Tensor:
+    """Mixture-of-experts SwiGLU MLPs: x [T, H], w13 [E, 2I, H] (gate rows, then up
+    rows), w2 [E, H, I], the router's topk_weights and topk_ids [T, k] -> [T, H],
+    each token's k expert outputs scaled by their weights and summed.
+
+    One F.linear pair per expert that has tokens, so the Python work follows the
+    batch, not the expert count; experts in ascending order, as transformers
+    sums them. kernels/fused_moe.py is the GPU's grouped-GEMM form of this.
+    """
+    out = torch.zeros_like(x)
+    for e in torch.unique(topk_ids).tolist():
+        tokens, slot = torch.where(topk_ids == e)  # [n] each: the (token, slot) pairs routed to e
+        y = silu_and_mul(F.linear(x[tokens], w13[e]))  # [n, I]
+        y = F.linear(y, w2[e]) * topk_weights[tokens, slot, None]  # [n, H]
+        out.index_add_(0, tokens, y.to(out.dtype))
+    return out
+
+
 # The ops below are torch's own functions, on every device: they are what
 # transformers calls, so folio computes the same values to the last bit, and
 # on a GPU torch's fused kernels for them are already memory-bound.

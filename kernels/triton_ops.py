@@ -14,7 +14,9 @@ metadata too and picks the kernel:
   keeps the step free of host-side row sorting and of a second output pass.
 
 quantized_linear is kernels/quant_matmul.py: the quantized weight is
-dequantized tile by tile inside the matmul, never materialised.
+dequantized tile by tile inside the matmul, never materialised. fused_moe is
+kernels/fused_moe.py: the routed rows sorted by expert, then two grouped GEMMs
+(gate/up with SiLU fused, down with the router weight) over every expert at once.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from typing import Optional
 import torch
 
 from kernels import reference
+from kernels.fused_moe import fused_moe
 from kernels.interface import KernelOps
 from kernels.kv_write import write_kv
 from kernels.metadata import AttentionMetadata
@@ -88,6 +91,7 @@ TRITON_OPS = KernelOps(
     rotary_embedding=rotary_embedding,
     silu_and_mul=silu_and_mul,
     quantized_linear=quantized_linear,
+    fused_moe=fused_moe,
     # No Triton kernels for these: torch's native ones serve (see kernels/reference.py).
     gelu_tanh_and_mul=reference.gelu_tanh_and_mul,
     gelu=reference.gelu,

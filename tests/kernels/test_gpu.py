@@ -197,3 +197,34 @@ def test_quantized_linear_real_sizes(dtype, bits, group, n, k, perm):
         expected = F.linear(xs.float(), w32, bias.float())
         torch.testing.assert_close(got.float(), expected, **TOL[dtype])
         torch.testing.assert_close(got, reference.quantized_linear(x, w, bias), **TOL[dtype])
+
+
+MOE_CASES = [
+    # dtype, hidden, intermediate slice, experts, top-k: Mixtral-8x7B under TP 2, Qwen3-30B-A3B, Qwen1.5-MoE
+    pytest.param(BF16, 4096, 7168, 8, 2, id="bf16-mixtral-tp2"),
+    pytest.param(F16, 2048, 768, 128, 8, id="fp16-qwen3-30b"),
+    pytest.param(BF16, 2048, 1408, 60, 4, id="bf16-qwen1.5-moe"),
+    pytest.param(BF16, 2048, 192, 128, 8, id="bf16-qwen3-30b-tp4-uneven-k"),
+]
+
+
+@pytest.mark.parametrize("dtype,hidden,inter,experts,top_k", MOE_CASES)
+def test_fused_moe_real_sizes(dtype, hidden, inter, experts, top_k):
+    """The fused MoE kernels at decode, small-batch and prefill token counts
+    (their three configs) against the per-expert loop in the same dtype and
+    against fp32 math on the same weights."""
+    from kernels.triton_ops import TRITON_OPS
+
+    gen = torch.Generator(device="cuda").manual_seed(hidden + experts)
+    w13 = (torch.randn(experts, 2 * inter, hidden, device="cuda", generator=gen) * hidden**-0.5).to(dtype)
+    w2 = (torch.randn(experts, hidden, inter, device="cuda", generator=gen) * inter**-0.5 * 2).to(dtype)
+    for t in (1, 33, 600):
+        x = torch.randn(t, hidden, device="cuda", dtype=dtype, generator=gen)
+        logits = torch.randn(t, experts, device="cuda", generator=gen)
+        weights, ids = torch.topk(torch.softmax(logits, -1), top_k, dim=-1)  # [T, k] each
+        weights /= weights.sum(-1, keepdim=True)  # renormalized, as Mixtral does: outputs of order 1
+        got = TRITON_OPS.fused_moe(x, w13, w2, weights, ids)
+        assert got.dtype == dtype and got.shape == (t, hidden) and not got.isnan().any()
+        torch.testing.assert_close(got, reference.fused_moe(x, w13, w2, weights, ids), **TOL[dtype])
+        expected = reference.fused_moe(x.float(), w13.float(), w2.float(), weights, ids)
+        torch.testing.assert_close(got.float(), expected, **TOL[dtype])

@@ -10,10 +10,16 @@ Experts are stored stacked ([experts, 2 * I, hidden] gate/up rows and
 [experts, hidden, I] down), and under tensor parallelism every rank holds its
 slice of every expert's intermediate dimension, as the dense MLP is split: the
 expert sum is a partial sum, all-reduced once. The router and the shared
-expert's gate are replicated. The loop runs over the experts that have tokens
-this step, so its Python work follows the batch, not the expert count; a GPU
-would want a grouped-GEMM kernel here (not written yet: see the README).
-Quantized expert weights are refused at load.
+expert's gate are replicated.
+
+The experts run through KernelOps.fused_moe. The reference (CPU) is one
+F.linear pair per expert that has tokens this step (kernels/reference.py), so
+its Python work follows the batch, not the expert count. The Triton form (on
+CUDA, or kernels="triton") is kernels/fused_moe.py: the (token, slot) rows
+sorted by expert and padded per expert to the GEMM tile, then two grouped GEMMs
+over all experts at once, SiLU(gate) * up fused into the first and the router
+weight into the second, and each token's k slots summed. Quantized expert
+weights are refused at load.
 """
 
 from __future__ import annotations
@@ -71,13 +77,7 @@ class SparseMoE(nn.Module):
             weights /= weights.sum(dim=-1, keepdim=True)
         if self.weights_in_model_dtype:
             weights = weights.to(x.dtype)
-        out = torch.zeros_like(x)
-        for e in torch.unique(experts).tolist():  # ascending, as transformers sums them
-            tokens, slot = torch.where(experts == e)
-            y = self.ops.silu_and_mul(F.linear(x[tokens], self.w13[e]))
-            y = F.linear(y, self.w2[e]) * weights[tokens, slot, None]
-            out.index_add_(0, tokens, y.to(out.dtype))
-        out = self.tp.all_reduce(out)
+        out = self.tp.all_reduce(self.ops.fused_moe(x, self.w13, self.w2, weights, experts))  # [T, hidden]
         if hasattr(self, "shared_expert"):
             out = out + torch.sigmoid(F.linear(x, self.shared_expert_gate.weight)) * self.shared_expert(x)
         return out

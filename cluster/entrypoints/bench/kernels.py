@@ -13,11 +13,14 @@ long cached prefix (no SDPA equivalent). Quantized matmul: the Triton kernel
 MLP projection shapes of a Llama-3-8B layer, for a decode step, a small batch and
 a prefill chunk, against the reference path (dequantize the weight, then
 F.linear) and against a dense F.linear of the same shape; reported with the
-weight bytes read per second (the bound at decode) and TFLOP/s. A short sweep
-of decode configs closes the run, for tuning decode_config on the GPU at hand.
+weight bytes read per second (the bound at decode) and TFLOP/s. Fused MoE
+(moe_kernels.py): kernels/fused_moe.py against the per-expert loop on Mixtral
+and Qwen3-MoE layers. A short sweep of decode configs closes the run, for
+tuning decode_config on the GPU at hand.
 
 Times are device times of CUDA-graph replays (triton.testing.do_bench_cudagraph),
-which is how the model runner launches decode: launch overhead is excluded.
+which is how the model runner launches decode: launch overhead is excluded
+(except in the MoE section, whose docstring says why).
 
     folio bench kernels [--out DIR] [--peak-tbps 3.35]
 """
@@ -33,6 +36,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
+from cluster.entrypoints.bench.moe_kernels import format_moe, moe_rows
 from kernels.metadata import AttentionMetadata
 from kernels.paged_decode import DecodeConfig, decode_config, num_splits_for, paged_decode_attention
 from kernels.paged_prefill import paged_prefill_attention
@@ -296,6 +300,8 @@ def _format_quant(r: dict) -> str:
 def _format(r: dict) -> str:
     if r["kind"].startswith("quant"):
         return _format_quant(r)
+    if r["kind"] == "fused-moe":
+        return format_moe(r)
     head = f"{r['kind']:<15} batch {r['batch']:>3} ctx {r['context']:>6}  {r['ms'] * 1e3:9.1f} us"
     if "gbps" in r:
         head += f"  {r['gbps']:7.0f} GB/s"
@@ -332,6 +338,7 @@ def run_kernel_bench(out_dir: Optional[str] = None, peak_tbps: Optional[float] =
             _decode_rows(device, peak, props.multi_processor_count)
             + _prefill_rows(device)
             + _quant_rows(device, peak)
+            + moe_rows(device)
             + _sweep_rows(device, peak)
         )
     for r in rows:
@@ -350,7 +357,8 @@ def _write(rows: list[dict], out_dir: Optional[str], fmt: Callable[[dict], str])
 
 
 HELP = (
-    "Triton paged attention against SDPA, quantized matmul against dequantize+linear (GPU); "
+    "Triton paged attention against SDPA, quantized matmul against dequantize+linear, "
+    "fused MoE against the per-expert loop (GPU); "
     "without a GPU, the CPU decode attention against bf16 SDPA"
 )
 
