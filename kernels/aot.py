@@ -7,6 +7,7 @@ tests/kernels/test_aot_compile.py makes CI catch it.
 
 The variants compiled are the ones the wrappers launch for the model shapes
 folio serves: head dims 64 and 128, KV block sizes 16 and 32, bf16 and fp16,
+attention with and without Gemma 2's score soft-capping,
 4- and 8-bit quantized matmuls at decode and prefill batch sizes, the fused
 MoE GEMMs on Mixtral- and Qwen-MoE-shaped experts (whole and TP-sliced),
 with each wrapper's own config functions (decode_config, prefill_config,
@@ -81,7 +82,7 @@ _FIXED_POINTERS = {
     "expert_ids_ptr": "*i32",
     "num_padded_ptr": "*i32",
 }
-_FLOAT_ARGS = {"qk_scale", "eps", "weight_offset"}
+_FLOAT_ARGS = {"qk_scale", "softcap", "eps", "weight_offset"}
 
 
 @dataclass(frozen=True)
@@ -142,45 +143,11 @@ def variants(head_dims=HEAD_DIMS, block_sizes=BLOCK_SIZES, dtypes=DTYPES, norm_s
             bd = triton.next_power_of_2(d)
             dc = paged_decode.decode_config(d, tdt)
             pc = paged_prefill.prefill_config(d, tdt)
-            prec = paged_decode.dot_precision(tdt)
             for bs in block_sizes:
-                for partials in (False, True):
-                    out.append(
-                        Variant(
-                            f"decode d{d} bs{bs} {dt} {'split' if partials else 'direct'}",
-                            paged_decode._decode_kernel,
-                            dt,
-                            # every GQA group up to 16 heads shares the one 16-row tile
-                            dict(
-                                BLOCK_SIZE=bs,
-                                HEAD_DIM=d,
-                                BLOCK_D=bd,
-                                BLOCK_G=paged_decode.group_tile(1),
-                                BLOCK_N=dc.block_n,
-                                USE_PARTIALS=partials,
-                                DOT_PRECISION=prec,
-                            ),
-                            dc.num_warps,
-                            dc.num_stages,
-                        )
-                    )
-                out.append(
-                    Variant(
-                        f"prefill d{d} bs{bs} {dt}",
-                        paged_prefill._prefill_kernel,
-                        dt,
-                        dict(
-                            BLOCK_SIZE=bs,
-                            HEAD_DIM=d,
-                            BLOCK_D=bd,
-                            BLOCK_M=pc.block_m,
-                            BLOCK_N=pc.block_n,
-                            DOT_PRECISION=prec,
-                        ),
-                        pc.num_warps,
-                        pc.num_stages,
-                    )
-                )
+                # Gemma 2's soft-capped scores: one dtype, one block size (the cap is a
+                # few instructions on the score tile, alike at every other shape).
+                for softcap in (False, True) if i == 0 and bs == block_sizes[0] else (False,):
+                    out += _attention_variants(d, bs, dt, dc, pc, softcap)
             out.append(
                 Variant(
                     f"decode-reduce d{d} {dt}",
@@ -239,6 +206,42 @@ def variants(head_dims=HEAD_DIMS, block_sizes=BLOCK_SIZES, dtypes=DTYPES, norm_s
                         cfg.num_stages,
                     )
                 )
+    return out
+
+
+def _attention_variants(d: int, bs: int, dt: str, dc, pc, softcap: bool) -> list[Variant]:
+    """The decode kernel (direct and split-K) and the prefill kernel at one shape."""
+    tdt = _torch_dtype(dt)
+    common = dict(
+        BLOCK_SIZE=bs,
+        HEAD_DIM=d,
+        BLOCK_D=triton.next_power_of_2(d),
+        SOFTCAP=softcap,
+        DOT_PRECISION=paged_decode.dot_precision(tdt),
+    )
+    tail = " softcap" if softcap else ""
+    out = [
+        Variant(
+            f"decode d{d} bs{bs} {dt} {'split' if partials else 'direct'}{tail}",
+            paged_decode._decode_kernel,
+            dt,
+            # every GQA group up to 16 heads shares the one 16-row tile
+            dict(common, BLOCK_G=paged_decode.group_tile(1), BLOCK_N=dc.block_n, USE_PARTIALS=partials),
+            dc.num_warps,
+            dc.num_stages,
+        )
+        for partials in (False, True)
+    ]
+    out.append(
+        Variant(
+            f"prefill d{d} bs{bs} {dt}{tail}",
+            paged_prefill._prefill_kernel,
+            dt,
+            dict(common, BLOCK_M=pc.block_m, BLOCK_N=pc.block_n),
+            pc.num_warps,
+            pc.num_stages,
+        )
+    )
     return out
 
 

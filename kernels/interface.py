@@ -17,7 +17,7 @@ from kernels import reference
 class KernelOps:
     name: str
     write_kv: Callable  # (k, v, k_cache, v_cache, slot_mapping) -> None
-    paged_attention: Callable  # (q, k_cache, v_cache, meta, scale, sliding_window) -> out
+    paged_attention: Callable  # (q, k_cache, v_cache, meta, scale, sliding_window=None, softcap=None) -> out
     rms_norm: Callable  # (x, weight, eps, residual=None, weight_offset=0.0) -> (out, residual)
     rotary_embedding: Callable  # (positions, q, k, cos_sin_cache) -> (q, k)
     silu_and_mul: Callable  # (x) -> out

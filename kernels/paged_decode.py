@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 
 from kernels.metadata import AttentionMetadata
-from kernels.paged_tile import online_softmax_step, paged_kv_tile
+from kernels.paged_tile import online_softmax_step, paged_kv_tile, softcap_scores
 
 LOG2E = 1.4426950408889634
 NO_WINDOW = 1 << 30  # sliding window used when there is none: larger than any context
@@ -74,6 +74,7 @@ def _decode_kernel(
     block_tables_ptr,
     qk_scale,
     sliding_window,
+    softcap,
     split_tokens,
     group,
     stride_qt,
@@ -93,6 +94,7 @@ def _decode_kernel(
     BLOCK_G: tl.constexpr,
     BLOCK_N: tl.constexpr,
     USE_PARTIALS: tl.constexpr,
+    SOFTCAP: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     """Grid (num_seqs, num_kv_heads, num_splits).
@@ -100,9 +102,11 @@ def _decode_kernel(
     Program (s, kvh, j) attends query heads kvh*group ... kvh*group+group-1
     of sequence s's one new token over the j-th split_tokens-long piece of
     the visible span [max(seq_len - sliding_window, 0), seq_len).
-    qk_scale is the softmax scale times log2(e). Partials m, l are indexed
-    [s, q head, j] (stride_ps, stride_ph, stride_pk) and contiguous, so the
-    partial acc row of the same index starts at that index times HEAD_DIM.
+    qk_scale is the softmax scale times log2(e); with SOFTCAP the scaled scores
+    are capped at softcap (the model's cap times log2(e)) before masking.
+    Partials m, l are indexed [s, q head, j] (stride_ps, stride_ph, stride_pk)
+    and contiguous, so the partial acc row of the same index starts at that
+    index times HEAD_DIM.
     """
     seq = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -139,6 +143,8 @@ def _decode_kernel(
         kv_off, kv_mask = paged_kv_tile(table, pos, ok, d, d_ok, head_off, stride_cb, stride_cs, BLOCK_SIZE)
         k = tl.load(k_cache_ptr + kv_off, mask=kv_mask, other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_G, BLOCK_N]
+        if SOFTCAP:
+            s = softcap_scores(s, softcap)
         s = tl.where(ok[None, :], s, float("-inf"))
         v = tl.load(v_cache_ptr + kv_off, mask=kv_mask, other=0.0)
         m, l, acc = online_softmax_step(m, l, acc, s, v, DOT_PRECISION)
@@ -233,6 +239,7 @@ def paged_decode_attention(
     meta: AttentionMetadata,
     scale: float,
     sliding_window: Optional[int] = None,
+    softcap: Optional[float] = None,
     *,
     num_splits: Optional[int] = None,
     config: Optional[DecodeConfig] = None,
@@ -242,8 +249,10 @@ def paged_decode_attention(
     q: [T, Hq, D] (unit feature stride), T = number of sequences with one token;
     k_cache, v_cache: [num_blocks, block_size, Hkv, D], same strides, unit
     feature stride, block_size a power of two; the new tokens' K/V already
-    written. Returns [T, Hq, D] in q's dtype. num_splits and config override
-    the heuristics (tests use them to force split-K on small shapes).
+    written. softcap: scores become softcap * tanh(scores / softcap) before the
+    causal and window masks (Gemma 2); None: uncapped. Returns [T, Hq, D] in
+    q's dtype. num_splits and config override the heuristics (tests use them
+    to force split-K on small shapes).
     meta.max_seq_len only needs to bound every sequence's length (the grid
     depends on it, so a CUDA-graph runner may pass its bucket's bound).
     """
@@ -282,6 +291,7 @@ def paged_decode_attention(
         meta.block_tables,
         scale * LOG2E,
         sliding_window or NO_WINDOW,
+        (softcap or 0.0) * LOG2E,
         split_tokens,
         group,
         q.stride(0),
@@ -301,6 +311,7 @@ def paged_decode_attention(
         BLOCK_G=group_tile(group),
         BLOCK_N=cfg.block_n,
         USE_PARTIALS=use_partials,
+        SOFTCAP=softcap is not None,
         DOT_PRECISION=dot_precision(k_cache.dtype),
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,

@@ -27,7 +27,7 @@ import triton.language as tl
 
 from kernels.metadata import AttentionMetadata
 from kernels.paged_decode import LOG2E, NO_WINDOW, dot_precision
-from kernels.paged_tile import online_softmax_step, paged_kv_tile
+from kernels.paged_tile import online_softmax_step, paged_kv_tile, softcap_scores
 
 
 @dataclass(frozen=True)
@@ -60,6 +60,7 @@ def _prefill_kernel(
     block_tables_ptr,
     qk_scale,
     sliding_window,
+    softcap,
     group,
     tokens_per_tile,
     stride_qt,
@@ -75,6 +76,7 @@ def _prefill_kernel(
     BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    SOFTCAP: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     """Grid (num_seqs, cdiv(max_query_len, tokens_per_tile), num_kv_heads).
@@ -83,7 +85,8 @@ def _prefill_kernel(
     (tokens_per_tile = BLOCK_M // group), rows r -> token r // group, head
     kvh*group + r % group. Rows past the sequence's tokens or past
     tokens_per_tile*group are computed on zeros and never stored.
-    qk_scale is the softmax scale times log2(e).
+    qk_scale is the softmax scale times log2(e); with SOFTCAP the scaled scores
+    are capped at softcap (the model's cap times log2(e)) before masking.
     """
     seq = tl.program_id(0)
     tile = tl.program_id(1)
@@ -123,6 +126,8 @@ def _prefill_kernel(
         kv_off, kv_mask = paged_kv_tile(table, pos, ok, d, d_ok, head_off, stride_cb, stride_cs, BLOCK_SIZE)
         k = tl.load(k_cache_ptr + kv_off, mask=kv_mask, other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N]
+        if SOFTCAP:
+            s = softcap_scores(s, softcap)
         dist = q_pos[:, None] - pos[None, :]
         visible = ok[None, :] & (dist >= 0) & (dist < sliding_window)
         s = tl.where(visible, s, float("-inf"))
@@ -142,6 +147,7 @@ def paged_prefill_attention(
     meta: AttentionMetadata,
     scale: float,
     sliding_window: Optional[int] = None,
+    softcap: Optional[float] = None,
     *,
     config: Optional[PrefillConfig] = None,
 ) -> torch.Tensor:
@@ -150,8 +156,10 @@ def paged_prefill_attention(
     q: [T, Hq, D] (unit feature stride); k_cache, v_cache: [num_blocks,
     block_size, Hkv, D], same strides, unit feature stride, block_size a power
     of two; all new tokens' K/V already written. Any mix of query lengths,
-    zero included. Returns [T, Hq, D] in q's dtype. config overrides the
-    heuristic (tests use small tiles to cross tile edges on small shapes).
+    zero included. softcap: scores become softcap * tanh(scores / softcap)
+    before the causal and window masks (Gemma 2); None: uncapped. Returns
+    [T, Hq, D] in q's dtype. config overrides the heuristic (tests use small
+    tiles to cross tile edges on small shapes).
     """
     T, hq, d = q.shape
     hkv, bs = k_cache.shape[2], k_cache.shape[1]
@@ -174,6 +182,7 @@ def paged_prefill_attention(
         meta.block_tables,
         scale * LOG2E,
         sliding_window or NO_WINDOW,
+        (softcap or 0.0) * LOG2E,
         group,
         tokens_per_tile,
         q.stride(0),
@@ -189,6 +198,7 @@ def paged_prefill_attention(
         BLOCK_D=triton.next_power_of_2(d),
         BLOCK_M=cfg.block_m,
         BLOCK_N=cfg.block_n,
+        SOFTCAP=softcap is not None,
         DOT_PRECISION=dot_precision(k_cache.dtype),
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,

@@ -33,3 +33,19 @@ def online_softmax_step(m, l, acc, s, v, DOT_PRECISION: tl.constexpr):
     l = l * alpha + tl.sum(p, axis=1)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
     return m_new, l, acc
+
+
+@triton.jit
+def softcap_scores(s, softcap):
+    """softcap * tanh(s / softcap), elementwise, for finite s (apply it before any
+    masking: a hidden key's -inf would come out as -softcap, visible).
+
+    Scores are base-2 logits, so `softcap` is the model's cap times log2(e): the
+    cap commutes with the change of base. tanh is spelled with exp2, which
+    compiles everywhere and runs in the interpreter (libdevice's does not), as
+    tanh(y) = 2 / (1 + e^(-2y)) - 1: e^(-2y) overflowing to inf still gives -1,
+    and the absolute error is a few fp32 ulps of 1, times softcap. (The form
+    with |y| and a sign select spilled registers in split-K decode on sm_90.)
+    """
+    e = tl.exp2(s * (-2.8853900817779268 / softcap))  # e^(-2 s / softcap); -2.885 = -2 log2(e)
+    return (2.0 / (1.0 + e) - 1.0) * softcap

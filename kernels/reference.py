@@ -54,30 +54,59 @@ def paged_attention(
     meta: AttentionMetadata,
     scale: float,
     sliding_window: Optional[int] = None,
+    softcap: Optional[float] = None,
 ) -> torch.Tensor:
     """Causal attention of every new token over its sequence's paged context.
 
     The new tokens' K/V must already be written to the pool (write_kv).
+    softcap (Gemma 2's attn_logit_softcapping): the scaled scores become
+    softcap * tanh(scores / softcap) before the causal and window masks, as
+    transformers computes them; None: uncapped.
     Returns [T, num_q_heads, head_dim] in q's dtype. Every row computes in
     fp32, a 16-bit pool's K/V widened after the gather: torch's CPU SDPA at one
     query row is 2-4x slower in bf16 than the gather, the widening and an fp32
     SDPA together (`folio bench kernels` on a machine without a GPU measures
     both), and the result is rounded once, at the end.
     """
+    check_softcap(softcap)
     gqa = q.shape[1] != k_cache.shape[2]
     groups = _decode_plan(meta, k_cache.shape[1], sliding_window)
     if groups and groups[0].tokens is None:  # a pure-decode step, rows in order
-        return _decode_group(q, k_cache, v_cache, groups[0], scale, gqa).to(q.dtype)
+        return _decode_group(q, k_cache, v_cache, groups[0], scale, softcap, gqa).to(q.dtype)
     out = torch.empty_like(q)
     for g in groups:
-        o = _decode_group(q.index_select(0, g.tokens), k_cache, v_cache, g, scale, gqa)
+        o = _decode_group(q.index_select(0, g.tokens), k_cache, v_cache, g, scale, softcap, gqa)
         out.index_copy_(0, g.tokens, o.to(out.dtype))
-    _prefill(q, k_cache, v_cache, meta, scale, sliding_window, out)
+    _prefill(q, k_cache, v_cache, meta, scale, sliding_window, softcap, out)
     return out
 
 
-def _prefill(q, k_cache, v_cache, meta, scale, sliding_window, out) -> None:
-    """Every sequence with more than one new token, one masked SDPA each, in fp32."""
+def check_softcap(softcap: Optional[float]) -> None:
+    """A cap of zero or below would divide by zero or flip the scores' sign."""
+    if softcap is not None and not softcap > 0:
+        raise ValueError(f"softcap must be positive or None, got {softcap}")
+
+
+def _attend(q, k, v, mask, scale: float, softcap: Optional[float], gqa: bool) -> torch.Tensor:
+    """q [B, hq, n, d], k and v [B, hkv, S, d], mask (bool, True where visible, or
+    additive) broadcastable to [B, hq, n, S] or None -> [B, hq, n, d], all fp32."""
+    if softcap is None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
+    # SDPA cannot cap scores: spelled out, in transformers' eager order (scale, cap,
+    # then mask, so that a hidden key stays -inf rather than becoming -softcap).
+    B, hq, n, d = q.shape
+    hkv = k.shape[1]
+    qg = q.reshape(B, hkv, hq // hkv, n, d)  # each KV head's query group
+    s = torch.matmul(qg, k.unsqueeze(2).transpose(-1, -2)) * scale  # [B, hkv, group, n, S]
+    s = (torch.tanh(s / softcap) * softcap).view(B, hq, n, -1)
+    if mask is not None:
+        s = s.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else s + mask
+    p = torch.softmax(s, dim=-1).view(B, hkv, hq // hkv, n, -1)
+    return torch.matmul(p, v.unsqueeze(2)).view(B, hq, n, d)
+
+
+def _prefill(q, k_cache, v_cache, meta, scale, sliding_window, softcap, out) -> None:
+    """Every sequence with more than one new token, one masked attention each, in fp32."""
     hq, hkv, bs = q.shape[1], k_cache.shape[2], k_cache.shape[1]
     starts = meta.query_start_loc.tolist()
     for i, n in enumerate(meta.query_lens_list):
@@ -91,9 +120,7 @@ def _prefill(q, k_cache, v_cache, meta, scale, sliding_window, out) -> None:
         q_pos = torch.arange(s - n, s).unsqueeze(1)
         k_pos = torch.arange(s).unsqueeze(0)
         mask = _allowed(q_pos, k_pos, torch.tensor(s), sliding_window)
-        o = F.scaled_dot_product_attention(
-            qi.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), attn_mask=mask, scale=scale, enable_gqa=hq != hkv
-        )
+        o = _attend(qi.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), mask, scale, softcap, hq != hkv)
         out[starts[i] : starts[i] + n] = o[0].transpose(0, 1).to(q.dtype)
 
 
@@ -138,8 +165,8 @@ def _decode_group_plan(meta, rows, block_size, sliding_window, in_order) -> _Dec
     return _DecodeGroup(tokens, blocks, S, mask)
 
 
-def _decode_group(q, k_cache, v_cache, g: _DecodeGroup, scale: float, gqa: bool) -> torch.Tensor:
-    """q [B, hq, d] -> [B, hq, d] fp32: one gather per cache, one fp32 SDPA.
+def _decode_group(q, k_cache, v_cache, g: _DecodeGroup, scale: float, softcap, gqa: bool) -> torch.Tensor:
+    """q [B, hq, d] -> [B, hq, d] fp32: one gather per cache, one fp32 attention.
 
     index_select of whole blocks is a row copy (3-10x faster than advanced
     indexing here); SDPA reads the gathered K/V through a transposed view, where
@@ -149,9 +176,7 @@ def _decode_group(q, k_cache, v_cache, g: _DecodeGroup, scale: float, gqa: bool)
     hkv = k_cache.shape[2]
     k = _as_fp32(k_cache.index_select(0, g.blocks)).view(B, g.padded_len, hkv, d).transpose(1, 2)  # [B, hkv, S, d]
     v = _as_fp32(v_cache.index_select(0, g.blocks)).view(B, g.padded_len, hkv, d).transpose(1, 2)
-    o = F.scaled_dot_product_attention(
-        _as_fp32(q).view(B, hq, 1, d), k, v, attn_mask=g.mask, scale=scale, enable_gqa=gqa
-    )
+    o = _attend(_as_fp32(q).view(B, hq, 1, d), k, v, g.mask, scale, softcap, gqa)
     return o.view(B, hq, d)
 
 

@@ -75,12 +75,14 @@ def paged_attention(
     meta: AttentionMetadata,
     scale: float,
     sliding_window: Optional[int] = None,
+    softcap: Optional[float] = None,
 ) -> torch.Tensor:
     """Same contract as reference.paged_attention; see the module docstring for the split."""
     _check_attention(q, k_cache, v_cache, meta)
+    reference.check_softcap(softcap)
     if meta.max_query_len <= 1:
-        return paged_decode_attention(q, k_cache, v_cache, meta, scale, sliding_window)
-    return paged_prefill_attention(q, k_cache, v_cache, meta, scale, sliding_window)
+        return paged_decode_attention(q, k_cache, v_cache, meta, scale, sliding_window, softcap)
+    return paged_prefill_attention(q, k_cache, v_cache, meta, scale, sliding_window, softcap)
 
 
 TRITON_OPS = KernelOps(

@@ -40,9 +40,11 @@ TINY_FAMILIES = (
     "mixtral",
     "qwen2_moe",
     "qwen3_moe",
+    "gemma2",
 )
 TINY_VOCAB = 384
 MISTRAL_WINDOW = 8  # smaller than the test prompts, so the window matters
+GEMMA2_ATTN_SOFTCAP = 5.0
 
 _COMMON = dict(
     vocab_size=TINY_VOCAB,
@@ -61,6 +63,7 @@ _COMMON = dict(
 def _hf_config(family: str):
     from transformers import (
         FalconConfig,
+        Gemma2Config,
         Gemma3TextConfig,
         GemmaConfig,
         GPTNeoXConfig,
@@ -158,6 +161,19 @@ def _hf_config(family: str):
             },
             tie_word_embeddings=True,
         )
+    if family == "gemma2":
+        # Sliding, full, sliding layers (transformers' default: even layers slide), a
+        # query scale that is not head_dim's, an attention cap that bends these scores,
+        # and transformers' default final cap (30) under logits that reach past it.
+        return Gemma2Config(
+            **_COMMON,
+            head_dim=16,
+            sliding_window=MISTRAL_WINDOW,
+            query_pre_attn_scalar=24,
+            attn_logit_softcapping=GEMMA2_ATTN_SOFTCAP,
+            final_logit_softcapping=30.0,
+            tie_word_embeddings=True,
+        )
     if family == "gemma":
         # MQA, and head_dim 32 so that the query width (128) differs from hidden_size.
         return GemmaConfig(
@@ -195,7 +211,7 @@ def _hf_config(family: str):
 def _randomize(model: torch.nn.Module, seed: int) -> None:
     gen = torch.Generator().manual_seed(seed)
     # Gemma's norms scale by (1 + weight): the same effective scales as the others'.
-    norm_base = -0.5 if model.config.model_type in ("gemma", "gemma3_text") else 0.5
+    norm_base = -0.5 if model.config.model_type in ("gemma", "gemma2", "gemma3_text") else 0.5
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("bias"):  # LayerNorm's too
@@ -223,7 +239,10 @@ def make_tiny_model(family: str, path) -> str:
     parallel, one shared norm, no biases, tied), "falcon_new" (the new decoder
     architecture: 2 KV heads, two norms, biases, untied, 4x MLP), "falcon_rw"
     (per-head q/k/v, sequential, biases, tied), "mixtral", "qwen2_moe" (shared
-    expert, a dense layer), "qwen3_moe" (mixtures of 4 experts, top 2). 3 layers, hidden 64, 4 query
+    expert, a dense layer), "qwen3_moe" (mixtures of 4 experts, top 2), "gemma2"
+    (sandwich norms, sliding/full/sliding layers with window MISTRAL_WINDOW,
+    attention scores capped at GEMMA2_ATTN_SOFTCAP, logits at 30,
+    query_pre_attn_scalar 24, tied). 3 layers, hidden 64, 4 query
     heads, 2 KV heads (4 for GPT-NeoX, which has no GQA), head_dim 16 unless
     said, vocab TINY_VOCAB.
     """

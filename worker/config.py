@@ -2,9 +2,9 @@
 
 Built from a Hugging Face config.json (from_hf_config) or from GGUF metadata
 (worker/gguf_loader.py). Anything folio's model code cannot run exactly
-(another activation, MLP biases on a Llama, mixed full/sliding layers, Gemma 2's
-logit softcapping) is rejected here, so a model that loads is a model that
-computes what transformers computes.
+(another activation, MLP biases on a Llama, mixed full/sliding layers in a
+family without them, logit softcapping outside Gemma 2) is rejected here, so
+a model that loads is a model that computes what transformers computes.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ _FAMILIES = {
     "qwen3_moe": ("rms", ("silu",)),
     "phi3": ("rms", ("silu",)),
     "gemma": ("rms", ("gelu_pytorch_tanh",)),
+    "gemma2": ("rms", ("gelu_pytorch_tanh",)),
     "gemma3_text": ("rms", ("gelu_pytorch_tanh",)),
     "gpt_neox": ("layer", ("gelu", "gelu_pytorch_tanh")),
     "falcon": ("layer", ("gelu",)),
@@ -47,6 +48,20 @@ _GEMMA2_KEYS = (
 # config.json of these families may leave out.
 _HF_DEFAULTS = {
     "gemma": dict(head_dim=256, tie_word_embeddings=True, max_position_embeddings=8192, bos_token_id=2, eos_token_id=1),
+    # Gemma2Config's defaults for what changes the computation; a config.json may
+    # leave them out, and an explicit null (no cap) overrides them.
+    "gemma2": dict(
+        head_dim=256,
+        num_key_value_heads=4,
+        tie_word_embeddings=True,
+        max_position_embeddings=8192,
+        bos_token_id=2,
+        eos_token_id=1,
+        query_pre_attn_scalar=256,
+        sliding_window=4096,
+        attn_logit_softcapping=50.0,
+        final_logit_softcapping=30.0,
+    ),
     "gemma3_text": dict(
         head_dim=256, tie_word_embeddings=True, max_position_embeddings=131072, bos_token_id=2, eos_token_id=1
     ),
@@ -92,9 +107,13 @@ class ModelConfig:
     qk_norm: bool = False  # each head's q and k are RMS-normed before rope (Qwen3, Gemma 3)
     attn_scale: Optional[float] = None  # scores times this; None: head_dim ** -0.5
     # Per layer, "sliding_attention" (sliding_window keys, rope at local_rope_theta) or
-    # "full_attention"; None: every layer alike (Gemma 3 interleaves them).
+    # "full_attention"; None: every layer alike (Gemma 2 and 3 interleave them).
     layer_types: Optional[tuple[str, ...]] = None
-    local_rope_theta: Optional[float] = None  # the sliding layers' rope (unscaled)
+    local_rope_theta: Optional[float] = None  # the sliding layers' rope (unscaled); None: the full layers'
+    # Gemma 2's soft caps, c * tanh(x / c): on the scaled attention scores before the
+    # mask, and on the LM head's logits; None: uncapped.
+    attn_logit_softcapping: Optional[float] = None
+    final_logit_softcapping: Optional[float] = None
     # Falcon: how the checkpoint's fused query_key_value rows are laid out ("blocks": q
     # then k then v; "per_head": [heads, 3, head_dim]; "per_kv_group": [kv heads, q heads
     # per kv head + 2, head_dim]), and whether attention and MLP share one input norm.
@@ -136,6 +155,11 @@ class ModelConfig:
             raise ValueError(
                 f"layer_types must give sliding_attention or full_attention for each of {self.num_layers} layers"
             )
+        for cap in (self.attn_logit_softcapping, self.final_logit_softcapping):
+            if cap is not None and not cap > 0:
+                raise ValueError(f"logit softcapping must be positive or None, got {cap}")
+        if self.final_logit_softcapping is not None and self.architecture != "gemma2":
+            raise ValueError("final logit softcapping is implemented for gemma2 only")
         if self.rotary_dim is not None and not (0 < self.rotary_dim <= self.head_dim and self.rotary_dim % 2 == 0):
             raise ValueError(f"rotary_dim {self.rotary_dim} must be even and in (0, head_dim {self.head_dim}]")
 
@@ -158,8 +182,14 @@ class ModelConfig:
             cfg = _falcon_names(cfg)
         eos = cfg.get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, list) else () if eos is None else (eos,)
-        family = {"gemma": _gemma, "gemma3_text": _gemma3, "gpt_neox": _gpt_neox, "phi3": _phi3, "falcon": _falcon}
-        family = family.get(arch, _llama)
+        family = {
+            "gemma": _gemma,
+            "gemma2": _gemma2,
+            "gemma3_text": _gemma3,
+            "gpt_neox": _gpt_neox,
+            "phi3": _phi3,
+            "falcon": _falcon,
+        }.get(arch, _llama)
         fields = dict(
             architecture=arch,
             vocab_size=cfg["vocab_size"],
@@ -256,7 +286,8 @@ def _gemma(arch: str, cfg: dict) -> dict:
     present = [k for k in _GEMMA2_KEYS if cfg.get(k) not in (None, False)]
     if present:
         raise ValueError(
-            f"Gemma config sets {', '.join(present)}: Gemma 2/3 features folio does not implement (it runs Gemma 1)"
+            f"Gemma config sets {', '.join(present)}: Gemma 2/3 features that transformers' Gemma (1) "
+            "ignores; a Gemma 2 or 3 checkpoint says model_type gemma2 or gemma3_text"
         )
     # transformers 4.x reads hidden_activation (None meaning the tanh GELU) and ignores
     # hidden_act; 5.x reads hidden_act and maps the legacy "gelu" to the tanh GELU.
@@ -275,7 +306,7 @@ def _gemma(arch: str, cfg: dict) -> dict:
 
 
 def _gemma_fields(cfg: dict, theta: float, scaling: Optional[dict]) -> dict:
-    """What Gemma 1 and 3 share: (1 + weight) norms, embeddings times sqrt(hidden), GeGLU."""
+    """What Gemma 1, 2 and 3 share: (1 + weight) norms, embeddings times sqrt(hidden), GeGLU."""
     num_q = cfg["num_attention_heads"]
     bias = bool(cfg.get("attention_bias", False))
     return dict(
@@ -293,12 +324,44 @@ def _gemma_fields(cfg: dict, theta: float, scaling: Optional[dict]) -> dict:
     )
 
 
+def _gemma2(arch: str, cfg: dict) -> dict:
+    """Gemma 2: Gemma's norms, embeddings and GeGLU in Gemma 3's layer without q/k norms;
+    query_pre_attn_scalar, sliding layers between full ones (one rope for all), and
+    soft caps on the attention scores and the final logits."""
+    if cfg.get("use_bidirectional_attention"):
+        raise ValueError("bidirectional attention (an embedding model's) is not supported")
+    # transformers' Gemma 2 reads hidden_activation alone (hidden_act, often beside it, is unused).
+    act = cfg.get("hidden_activation") or "gelu_pytorch_tanh"
+    if act != "gelu_pytorch_tanh":
+        raise ValueError(f"unsupported Gemma 2 activation {act!r}; folio's Gemma MLP is GeGLU with gelu_pytorch_tanh")
+    n = cfg["num_hidden_layers"]
+    layer_types = cfg.get("layer_types")
+    if layer_types is None:  # configs before layer_types: even layers slide, odd ones are full
+        layer_types = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(n)]
+    if not cfg.get("tie_word_embeddings", True):
+        raise ValueError("Gemma 2 with an untied LM head is not supported")
+    theta, scaling = _rope(cfg)
+    return dict(
+        _gemma_fields(cfg, theta, scaling),
+        sliding_window=_window_of_sliding_layers(cfg, layer_types),
+        tie_word_embeddings=True,
+        attn_scale=float(cfg["query_pre_attn_scalar"]) ** -0.5,
+        layer_types=tuple(layer_types),
+        attn_logit_softcapping=_optional_float(cfg.get("attn_logit_softcapping")),
+        final_logit_softcapping=_optional_float(cfg.get("final_logit_softcapping")),
+    )
+
+
+def _optional_float(x) -> Optional[float]:
+    return None if x is None else float(x)
+
+
 def _gemma3(arch: str, cfg: dict) -> dict:
     """Gemma 3 (text): Gemma's norms, embeddings and GeGLU; q/k norms, a query scale of
     its own, and sliding layers with their own rope between full ones."""
     for key in ("attn_logit_softcapping", "final_logit_softcapping"):
         if cfg.get(key) is not None:
-            raise ValueError(f"Gemma 3 config sets {key}: logit softcapping (Gemma 2's) is not implemented")
+            raise ValueError(f"Gemma 3 config sets {key}: folio implements logit softcapping for Gemma 2 only")
     if cfg.get("use_bidirectional_attention"):
         raise ValueError("bidirectional attention (an embedding model's) is not supported")
     act = cfg.get("hidden_activation") or cfg.get("hidden_act") or "gelu_pytorch_tanh"

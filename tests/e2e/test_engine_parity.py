@@ -31,6 +31,7 @@ PARAMS = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True, l
         "qwen3",
         "phi3",
         "gemma3",
+        "gemma2",
         "gemma",
         "gpt_neox",
         "gpt_neox_sequential",

@@ -32,9 +32,9 @@ def _cpu(meta):
     )
 
 
-def _check_attention(case, dtype, window, got):
+def _check_attention(case, dtype, window, got, softcap=None):
     expected = reference.paged_attention(
-        case.q.cpu(), case.ref_k_cache.cpu(), case.ref_v_cache.cpu(), _cpu(case.meta), case.scale, window
+        case.q.cpu(), case.ref_k_cache.cpu(), case.ref_v_cache.cpu(), _cpu(case.meta), case.scale, window, softcap
     )
     assert not got.isnan().any()
     torch.testing.assert_close(got.cpu().float(), expected.float(), **TOL[dtype])
@@ -101,6 +101,24 @@ def test_prefill_real_sizes(paged_case, dtype, block_size, head_dim, hq, hkv, wi
     )
     got = TRITON_OPS.paged_attention(case.q, case.k_cache, case.v_cache, case.meta, case.scale, window)
     _check_attention(case, dtype, window, got)
+
+
+@pytest.mark.parametrize("dtype", [BF16, F16])
+@pytest.mark.parametrize(
+    "qlens,contexts",
+    [([1] * 6, [0, 17, 511, 4095, 5000, 300]), ([700, 1, 129, 1], [2048, 3000, 7, 0])],
+    ids=["decode", "prefill"],
+)
+def test_softcap_real_sizes(paged_case, dtype, qlens, contexts):
+    """Gemma 2's soft-capped scores at Gemma-2-27B's heads (32 of 128, 16 KV), with
+    its 4096-token window; a cap of 1.5 bends scores of this size (Gemma 2's 50 would not)."""
+    from kernels.triton_ops import TRITON_OPS
+
+    case = paged_case(
+        qlens, contexts, block_size=16, num_q_heads=32, num_kv_heads=16, head_dim=128, dtype=dtype, device="cuda"
+    )
+    got = TRITON_OPS.paged_attention(case.q, case.k_cache, case.v_cache, case.meta, case.scale, 4096, 1.5)
+    _check_attention(case, dtype, 4096, got, 1.5)
 
 
 @pytest.mark.parametrize("dtype", [BF16, F16])

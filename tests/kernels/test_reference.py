@@ -18,8 +18,9 @@ F32, BF16 = torch.float32, torch.bfloat16
 TOL = {F32: dict(atol=1e-5, rtol=1e-5), BF16: dict(atol=2e-2, rtol=2e-2)}
 
 
-def _attention_per_token(case, window):
-    """Each new token's softmax over the keys it may see, one token at a time, in fp64."""
+def _attention_per_token(case, window, softcap=None):
+    """Each new token's softmax over the keys it may see, one token at a time, in fp64;
+    with softcap, each visible key's scaled score capped at softcap * tanh(score / softcap)."""
     meta, bs = case.meta, case.ref_k_cache.shape[1]
     hq, hkv = case.q.shape[1], case.ref_k_cache.shape[2]
     out = torch.zeros(case.q.shape, dtype=torch.float64)
@@ -35,26 +36,47 @@ def _attention_per_token(case, window):
             for h in range(hq):
                 g = h // (hq // hkv)
                 scores = torch.stack([case.q[starts[i] + t, h].double() @ k[j, g] * case.scale for j in visible])
+                if softcap is not None:
+                    scores = softcap * torch.tanh(scores / softcap)
                 w = torch.softmax(scores, 0)
                 out[starts[i] + t, h] = (w[:, None] * v[visible, g]).sum(0)
     return out
 
 
+# A cap of 1.5 bends scores of this test's size (|q.k| * scale up to ~4) hard, so
+# ignoring it, or capping after the mask (hidden keys at -1.5, not -inf), fails.
+SOFTCAP = 1.5
+
+
 @pytest.mark.parametrize("dtype", [F32, BF16])
 @pytest.mark.parametrize(
-    "query_lens,context_lens,window",
+    "query_lens,context_lens,window,softcap",
     [
-        pytest.param([1, 1, 1, 1], [5, 16, 17, 40], None, id="pure-decode"),
-        pytest.param([1, 1, 1], [3, 90, 20], None, id="decode-length-groups"),
-        pytest.param([1, 7, 1, 3], [30, 0, 2, 12], None, id="decode-and-prefill"),
-        pytest.param([1, 1, 5], [50, 9, 20], 12, id="sliding-window"),
+        pytest.param([1, 1, 1, 1], [5, 16, 17, 40], None, None, id="pure-decode"),
+        pytest.param([1, 1, 1], [3, 90, 20], None, None, id="decode-length-groups"),
+        pytest.param([1, 7, 1, 3], [30, 0, 2, 12], None, None, id="decode-and-prefill"),
+        pytest.param([1, 1, 5], [50, 9, 20], 12, None, id="sliding-window"),
+        pytest.param([1, 1, 1], [3, 90, 20], None, SOFTCAP, id="softcap-pure-decode"),
+        pytest.param([1, 7, 1, 3], [30, 0, 2, 12], None, SOFTCAP, id="softcap-decode-and-prefill"),
+        pytest.param([1, 1, 5], [50, 9, 20], 12, SOFTCAP, id="softcap-sliding-window"),
     ],
 )
-def test_paged_attention_matches_per_token_softmax(paged_case, dtype, query_lens, context_lens, window):
+def test_paged_attention_matches_per_token_softmax(paged_case, dtype, query_lens, context_lens, window, softcap):
     case = paged_case(query_lens, context_lens, block_size=8, num_q_heads=6, num_kv_heads=2, head_dim=16, dtype=dtype)
-    got = reference.paged_attention(case.q, case.ref_k_cache, case.ref_v_cache, case.meta, case.scale, window)
+    got = reference.paged_attention(case.q, case.ref_k_cache, case.ref_v_cache, case.meta, case.scale, window, softcap)
     assert got.dtype == dtype and got.shape == case.q.shape
-    torch.testing.assert_close(got.double(), _attention_per_token(case, window), **TOL[dtype])
+    torch.testing.assert_close(got.double(), _attention_per_token(case, window, softcap), **TOL[dtype])
+
+
+def test_softcap_changes_attention_and_must_be_positive(paged_case):
+    """The capped cases above are not vacuous: the cap moves the outputs."""
+    case = paged_case([1, 7], [30, 0], block_size=8, num_q_heads=6, num_kv_heads=2, head_dim=16, dtype=F32)
+    attend = lambda softcap: reference.paged_attention(  # noqa: E731
+        case.q, case.ref_k_cache, case.ref_v_cache, case.meta, case.scale, None, softcap
+    )
+    assert (attend(SOFTCAP) - attend(None)).abs().max() > 0.1
+    with pytest.raises(ValueError, match="softcap"):
+        attend(0.0)
 
 
 def test_bf16_decode_rounds_once(paged_case):

@@ -5,8 +5,8 @@ cases sample the grid rather than take its product, but together they cover
 every value of every axis: block size 16/32, head dim 64/128, GQA 1/4/8,
 fp32/fp16, zero-context and single-token sequences, sequences idle this
 step, lengths ending mid-block and on a block edge, prefixes of zero and
-several blocks, sliding windows, split-K on and off, and tiles small enough
-that queries and keys cross tile edges. The pool holds NaN wherever no
+several blocks, sliding windows, split-K on and off, tiles small enough
+that queries and keys cross tile edges, and soft-capped scores. The pool holds NaN wherever no
 sequence has a token (conftest.build_paged_case), so an unmasked read fails.
 
 On a GPU machine the same code runs compiled in test_gpu.py instead.
@@ -142,6 +142,43 @@ def test_prefill_grid(paged_case, block_size, head_dim, group, dtype):
     assert_close(got, expected, dtype)
 
 
+# A cap of 1.5 bends this test's scores (|q.k| * scale up to ~4) hard: a kernel that
+# ignored it, or capped after masking (hidden keys at -1.5, not -inf), fails.
+SOFTCAP = 1.5
+SOFTCAP_CASES = [
+    # kernel, block, head_dim, group, kv heads, dtype, window, splits or tiles, query lens, context lens
+    pytest.param("decode", 16, 64, 4, 2, F32, None, 1, [1] * 4, [0, 5, 16, 47], id="decode-f32-direct"),
+    pytest.param("decode", 32, 128, 8, 1, F16, 24, 3, [1] * 3, [3, 70, 129], id="decode-f16-window-split3"),
+    pytest.param("prefill", 16, 64, 4, 2, F32, 19, SMALL_TILES, [40, 1, 12], [0, 7, 50], id="prefill-f32-window"),
+    pytest.param("prefill", 32, 128, 1, 2, F16, None, None, [20, 9, 1], [64, 0, 33], id="prefill-f16-prefix"),
+]
+
+
+@pytest.mark.parametrize("kernel,block_size,head_dim,group,hkv,dtype,window,tiling,qlens,contexts", SOFTCAP_CASES)
+def test_softcap_matches_reference(
+    paged_case, kernel, block_size, head_dim, group, hkv, dtype, window, tiling, qlens, contexts
+):
+    """Gemma 2's attention logit soft-capping, in both kernels."""
+    case = paged_case(
+        qlens,
+        contexts,
+        block_size=block_size,
+        num_q_heads=group * hkv,
+        num_kv_heads=hkv,
+        head_dim=head_dim,
+        dtype=dtype,
+    )
+    args = (case.q, case.k_cache, case.v_cache, case.meta, case.scale, window, SOFTCAP)
+    if kernel == "decode":
+        got = paged_decode.paged_decode_attention(*args, num_splits=tiling, config=DecodeConfig(16, 4, 1))
+    else:
+        got = paged_prefill.paged_prefill_attention(*args, config=tiling)
+    ref = (case.q, case.ref_k_cache, case.ref_v_cache, case.meta, case.scale, window)
+    expected = reference.paged_attention(*ref, SOFTCAP)
+    assert_close(got, expected, dtype)
+    assert (expected - reference.paged_attention(*ref)).abs().max() > 0.1, "the cap was meant to matter"
+
+
 def test_decode_skips_idle_sequences(paged_case):
     """A step where some sequences bring no token is still a decode step."""
     case = paged_case([1, 0, 1], [20, 7, 0], block_size=16, num_q_heads=4, num_kv_heads=1, head_dim=64, dtype=F32)
@@ -188,6 +225,7 @@ def test_prefill_matches_reference(
 
 
 def test_triton_ops_picks_decode_or_prefill(paged_case, monkeypatch):
+    """Each step goes to the kernel its query lengths call for, window and softcap passed on."""
     calls = []
     for name in ("paged_decode_attention", "paged_prefill_attention"):
         real = getattr(triton_ops, name)
@@ -197,8 +235,8 @@ def test_triton_ops_picks_decode_or_prefill(paged_case, monkeypatch):
     assert select_ops("cuda") is triton_ops.TRITON_OPS
     for qlens, expect in (([1, 1], "paged_decode_attention"), ([3, 1], "paged_prefill_attention")):
         case = paged_case(qlens, [17, 4], block_size=16, num_q_heads=4, num_kv_heads=2, head_dim=64, dtype=F32)
-        got = triton_ops.TRITON_OPS.paged_attention(case.q, case.k_cache, case.v_cache, case.meta, case.scale)
-        expected = reference.paged_attention(case.q, case.ref_k_cache, case.ref_v_cache, case.meta, case.scale)
+        got = triton_ops.TRITON_OPS.paged_attention(case.q, case.k_cache, case.v_cache, case.meta, case.scale, 9, 2.0)
+        expected = reference.paged_attention(case.q, case.ref_k_cache, case.ref_v_cache, case.meta, case.scale, 9, 2.0)
         assert calls[-1] == expect
         assert_close(got, expected, F32)
 

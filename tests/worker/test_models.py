@@ -25,6 +25,7 @@ import pytest
 import torch
 
 from tests.model_fixtures import (
+    GEMMA2_ATTN_SOFTCAP,
     MISTRAL_WINDOW,
     TINY_FAMILIES,
     TINY_VOCAB,
@@ -265,6 +266,8 @@ _PLAIN = dict(
     layer_types=None,
     attn_scale=None,
     local_rope_theta=None,
+    attn_logit_softcapping=None,
+    final_logit_softcapping=None,
     rotary_dim=None,
     max_position_embeddings=256,
     parallel_residual=False,
@@ -314,6 +317,14 @@ _EXPECTED = {
         layer_types=("sliding_attention",) * 2 + ("full_attention",),
         attn_scale=24**-0.5,
         local_rope_theta=10000.0,
+    ),
+    "gemma2": dict(
+        _GEMMA,
+        sliding_window=MISTRAL_WINDOW,
+        layer_types=("sliding_attention", "full_attention", "sliding_attention"),
+        attn_scale=24**-0.5,
+        attn_logit_softcapping=GEMMA2_ATTN_SOFTCAP,
+        final_logit_softcapping=30.0,
     ),
     "falcon": dict(_FALCON, num_kv_heads=1, parallel_residual=True, shared_input_norm=True),
     "falcon_new": dict(
@@ -405,8 +416,14 @@ def test_config_rejects_what_folio_cannot_run():
 @pytest.mark.parametrize(
     "change,message",
     [
-        ({"model_type": "gemma2"}, "architecture"),
-        ({"model_type": None, "architectures": ["Gemma2ForCausalLM"]}, "architecture"),
+        # Gemma 2 runs, but not what its transformers class would compute differently.
+        ({"model_type": "gemma2", "hidden_activation": "gelu"}, "activation"),
+        ({"model_type": "gemma2", "tie_word_embeddings": False}, "untied"),
+        ({"model_type": "gemma2", "use_bidirectional_attention": True}, "bidirectional"),
+        ({"model_type": "gemma2", "sliding_window": None}, "sliding_window"),
+        ({"model_type": "gemma2", "layer_types": ["chunked_attention"]}, "layer_types"),
+        ({"model_type": "gemma2", "attn_logit_softcapping": 0.0}, "softcapping must be positive"),
+        ({"model_type": "gemma2", "final_logit_softcapping": -30.0}, "softcapping must be positive"),
         ({"final_logit_softcapping": 30.0}, "final_logit_softcapping"),
         ({"attn_logit_softcapping": 50.0}, "attn_logit_softcapping"),
         ({"query_pre_attn_scalar": 256}, "query_pre_attn_scalar"),
@@ -513,8 +530,44 @@ def test_config_rejects_gpt_neox_variants(change, message):
             "eos_token_id": 1,
             "pad_token_id": 0,
         },
+        # Gemma-2-27B's config.json as transformers 4.42 wrote it (no layer_types: even
+        # layers slide; rope_theta at the top level; hidden_act beside hidden_activation).
+        {
+            "architectures": ["Gemma2ForCausalLM"],
+            "model_type": "gemma2",
+            "attention_bias": False,
+            "attn_logit_softcapping": 50.0,
+            "bos_token_id": 2,
+            "cache_implementation": "hybrid",
+            "eos_token_id": 1,
+            "final_logit_softcapping": 30.0,
+            "head_dim": 128,
+            "hidden_act": "gelu_pytorch_tanh",
+            "hidden_activation": "gelu_pytorch_tanh",
+            "hidden_size": 4608,
+            "intermediate_size": 36864,
+            "max_position_embeddings": 8192,
+            "num_attention_heads": 32,
+            "num_hidden_layers": 46,
+            "num_key_value_heads": 16,
+            "pad_token_id": 0,
+            "query_pre_attn_scalar": 144,
+            "rms_norm_eps": 1e-06,
+            "rope_theta": 10000.0,
+            "sliding_window": 4096,
+            "vocab_size": 256000,
+        },
+        # A Gemma 2 config.json that leaves every Gemma 2 default out (caps, window, query scale).
+        {
+            "model_type": "gemma2",
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_attention_heads": 8,
+            "num_hidden_layers": 5,
+            "vocab_size": 100,
+        },
     ],
-    ids=["pythia-4.x", "neox-defaults", "gemma-2b"],
+    ids=["pythia-4.x", "neox-defaults", "gemma-2b", "gemma-2-27b", "gemma2-defaults"],
 )
 def test_older_config_layouts_read_as_transformers_reads_them(raw):
     """transformers normalizes a config.json on load (5.x folds the rotary settings
@@ -524,6 +577,16 @@ def test_older_config_layouts_read_as_transformers_reads_them(raw):
 
     normalized = AutoConfig.for_model(**raw).to_dict()
     assert ModelConfig.from_hf_config(raw) == ModelConfig.from_hf_config(normalized)
+    if raw["model_type"] == "gemma2":  # and as Gemma 2's own code reads its config
+        cfg, hf = ModelConfig.from_hf_config(raw), AutoConfig.for_model(**raw)
+        assert (
+            cfg.layer_types
+            == tuple(hf.layer_types)
+            == ("sliding_attention", "full_attention") * 2 + cfg.layer_types[4:]
+        )
+        assert (cfg.attn_logit_softcapping, cfg.final_logit_softcapping) == (50.0, 30.0)
+        assert (cfg.attn_scale, cfg.sliding_window) == (hf.query_pre_attn_scalar**-0.5, 4096)
+        assert (cfg.num_kv_heads, cfg.head_dim) == (hf.num_key_value_heads, hf.head_dim)
 
 
 # ------------------------------------------------------------------ rope

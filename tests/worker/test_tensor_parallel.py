@@ -95,6 +95,7 @@ def _assert_close(a: list, b: list) -> None:
         "qwen3",
         "phi3",
         "gemma3",
+        "gemma2",
         "falcon",
         "falcon_new",
         "mixtral",

@@ -13,6 +13,7 @@ import torch
 from kernels.metadata import AttentionMetadata
 from worker.models.falcon import FalconForCausalLM
 from worker.models.gemma import GemmaForCausalLM
+from worker.models.gemma2 import Gemma2ForCausalLM
 from worker.models.gemma3 import Gemma3ForCausalLM
 from worker.models.gpt_neox import GPTNeoXForCausalLM
 from worker.models.llama import LlamaForCausalLM, MoeForCausalLM
@@ -57,6 +58,7 @@ MODEL_CLASSES: dict[str, type] = {
     "qwen3_moe": MoeForCausalLM,
     "phi3": Phi3ForCausalLM,
     "gemma": GemmaForCausalLM,
+    "gemma2": Gemma2ForCausalLM,
     "gemma3_text": Gemma3ForCausalLM,
     "gpt_neox": GPTNeoXForCausalLM,
     "falcon": FalconForCausalLM,

@@ -68,8 +68,8 @@ class RMSNormWeight(nn.Module):
 
 
 class Attention(nn.Module):
-    """Fused q/k/v, (Qwen3) per-head q/k norms, rope, paged KV write and attention,
-    output projection.
+    """Fused q/k/v, (Qwen3, Gemma 3) per-head q/k norms, rope, paged KV write and
+    attention (scores soft-capped where the config says: Gemma 2), output projection.
 
     Rope rotates the first cos_sin_cache.shape[-1] features of each head (all of
     them but for GPT-NeoX's partial rotary).
@@ -96,6 +96,7 @@ class Attention(nn.Module):
         self.o_proj = o_proj(cfg.hidden_size, (q_rows, heads.q_start * d, self.hq * d), tp, dtype, device, quant_ops)
         self.scale = cfg.attn_scale or self.d**-0.5
         self.sliding_window = cfg.sliding_window
+        self.softcap = cfg.attn_logit_softcapping
         self.eps, self.norm_offset = cfg.rms_norm_eps, cfg.norm_weight_offset
         if cfg.qk_norm:  # over head_dim, shared by all heads: replicated on every rank
             self.q_norm = RMSNormWeight(self.d, dtype, device)
@@ -120,7 +121,7 @@ class Attention(nn.Module):
             k = self._head_norm(k, self.k_norm.weight)
         q, k = self.ops.rotary_embedding(positions, q, k, cos_sin_cache)
         self.ops.write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
-        o = self.ops.paged_attention(q, k_cache, v_cache, meta, self.scale, self.sliding_window)
+        o = self.ops.paged_attention(q, k_cache, v_cache, meta, self.scale, self.sliding_window, self.softcap)
         return self.o_proj(o.reshape(T, self.hq * self.d))  # [T, hidden]
 
     def _head_norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

@@ -10,8 +10,8 @@ field that the Llama family's code (worker/models/llama.py) reads:
 - head_dim is explicit (Gemma-7B: 16 x 256 = 4096 query features on a 3072
   hidden size), KV heads may be one (MQA, Gemma-2B), the LM head is tied.
 
-Gemma 3 is worker/models/gemma3.py; Gemma 2 (logit softcapping) is not run,
-and worker/config.py refuses its features in a Gemma config.
+Gemma 2 and 3 are worker/models/gemma2.py and gemma3.py; worker/config.py
+refuses their features in a Gemma (1) config.
 """
 
 from __future__ import annotations

@@ -10,6 +10,8 @@
   own cos/sin table.
 Everything else (attention, GeGLU MLP, embeddings times sqrt(hidden), tied LM
 head, tensor parallelism) is the shared code in worker/models/common.py.
+Gemma 2 (worker/models/gemma2.py) is this model without q/k norms, with one
+rope for every layer (local_rope_theta None) and soft-capped logits.
 """
 
 from __future__ import annotations
@@ -83,9 +85,12 @@ class Gemma3ForCausalLM(PagedCausalLM):
     ):
         super().__init__(config, device, ops, tp)  # cos_sin_cache: the full layers' rope
         self.model = _Gemma3Model(config, self.ops, self.tp, dtype, device)
+        local = config.local_rope_theta  # None: the sliding layers share the full layers' rope (Gemma 2)
         self.register_buffer(
             "local_cos_sin_cache",
-            build_cos_sin_cache(config.rope_dim, config.max_position_embeddings, config.local_rope_theta, None, device),
+            self.cos_sin_cache
+            if local is None
+            else build_cos_sin_cache(config.rope_dim, config.max_position_embeddings, local, None, device),
             persistent=False,
         )
         # transformers casts sqrt(hidden) to the model's dtype before multiplying (Gemma's rule)
