@@ -175,14 +175,20 @@ class DraftModel:
 
 def load_draft(path: str, target_path: str, dtype: torch.dtype, device: torch.device, ops, rank: int) -> DraftModel:
     """The draft model at `path`, checked to share the target's tokenizer. ValueError
-    (the reason) when it does not, or when it cannot be loaded. A quantized draft keeps
-    its weights quantized wherever a kernel pays (quantization "auto"), whatever the
-    target does: a draft is there to be cheap."""
-    from worker.loader import load_model, load_model_config
+    (the reason) when it does not, or when it cannot be loaded.
+
+    A draft is there to be cheap, and its precision cannot change the output (every
+    draft is verified exactly): a quantized draft keeps its weights quantized wherever a
+    kernel pays (quantization "auto"), whatever the target does, and on CPU runs in
+    bfloat16 even beside a float32 target, since torch's CPU kernels for quantized
+    weights want bfloat16 activations."""
+    from worker.loader import load_model, load_model_config, quantization_scheme
 
     why = tokenizer_mismatch(target_path, path)
     if why:
         raise ValueError(f"the speculative model {path} cannot draft for {target_path}: {why}")
+    if device.type == "cpu" and dtype == torch.float32 and quantization_scheme(path) is not None:
+        dtype = torch.bfloat16
     if rank != 0:
         return DraftModel(load_model_config(path), None, device, dtype)
     model, config = load_model(path, dtype=dtype, device=device, ops=ops, quantization="auto")

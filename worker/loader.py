@@ -131,6 +131,19 @@ def keep_quantized(requested: str, scheme: Optional[str], device: torch.device, 
     return scheme
 
 
+def quantization_scheme(path: str) -> Optional[str]:
+    """The scheme of the checkpoint's quantized weights ("gguf", "gptq", ...), or None."""
+    directory, gguf_file = resolve_model_path(path)
+    if gguf_file is not None:
+        from worker.gguf_loader import gguf_quantized, gguf_reader
+
+        return "gguf" if gguf_quantized(gguf_reader(os.path.join(directory, gguf_file))) else None
+    from worker.hf_quant_config import hf_quantization
+
+    hf_quant = hf_quantization(_read_hf_json(directory))
+    return hf_quant.method if hf_quant else None
+
+
 def load_model_config(path: str) -> ModelConfig:
     """The model's configuration alone, without building it."""
     directory, gguf_file = resolve_model_path(path)

@@ -2,10 +2,10 @@
 
 Drafts come from n-gram prompt lookup (`--drafts ngram`, the default) or from a
 draft model (`--drafts model`): `--speculative-model PATH`, by default the
-target's own file. That pays when the target is a quantized GGUF served dense
-(`--quantization none`) while the draft keeps its quantized weights (drafts
-always do where a kernel pays, i.e. with `--dtype bfloat16` on CPU): a
-quantized self-draft, cheaper per token and nearly always right.
+target's own file. For the bundled GGUF on CPU that is a quantized self-draft:
+the target serves dense float32 weights (the CPU default) while the draft keeps
+the 4-bit ones and runs in bfloat16 (worker/drafter.py load_draft): cheaper per
+token and nearly always right.
 
 Two workloads on the same model, greedy, each run with speculation off (the
 baseline) and on, in this process:
