@@ -41,6 +41,7 @@ TINY_FAMILIES = (
     "qwen2_moe",
     "qwen3_moe",
     "gemma2",
+    "gemma3_capped",
 )
 TINY_VOCAB = 384
 MISTRAL_WINDOW = 8  # smaller than the test prompts, so the window matters
@@ -146,11 +147,15 @@ def _hf_config(family: str):
         return Qwen3MoeConfig(
             **_COMMON, head_dim=16, num_experts=4, moe_intermediate_size=32, norm_topk_prob=True, **moe
         )
-    if family == "gemma3":
+    if family in ("gemma3", "gemma3_capped"):
         # Two sliding layers (their own rope) and a full one with linear rope scaling,
-        # and a query scale that is not head_dim's.
+        # and a query scale that is not head_dim's. Capped: Gemma 2's soft caps, which
+        # Gemma 3 configs may set too (transformers applies only the final one).
+        caps = family == "gemma3_capped"
         return Gemma3TextConfig(
             **_COMMON,
+            attn_logit_softcapping=GEMMA2_ATTN_SOFTCAP if caps else None,
+            final_logit_softcapping=30.0 if caps else None,
             head_dim=16,
             sliding_window=MISTRAL_WINDOW,
             layer_types=["sliding_attention", "sliding_attention", "full_attention"],

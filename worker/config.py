@@ -158,8 +158,8 @@ class ModelConfig:
         for cap in (self.attn_logit_softcapping, self.final_logit_softcapping):
             if cap is not None and not cap > 0:
                 raise ValueError(f"logit softcapping must be positive or None, got {cap}")
-        if self.final_logit_softcapping is not None and self.architecture != "gemma2":
-            raise ValueError("final logit softcapping is implemented for gemma2 only")
+        if self.final_logit_softcapping is not None and self.architecture not in ("gemma2", "gemma3_text"):
+            raise ValueError("final logit softcapping is implemented for Gemma 2 and 3 only")
         if self.rotary_dim is not None and not (0 < self.rotary_dim <= self.head_dim and self.rotary_dim % 2 == 0):
             raise ValueError(f"rotary_dim {self.rotary_dim} must be even and in (0, head_dim {self.head_dim}]")
 
@@ -359,9 +359,6 @@ def _optional_float(x) -> Optional[float]:
 def _gemma3(arch: str, cfg: dict) -> dict:
     """Gemma 3 (text): Gemma's norms, embeddings and GeGLU; q/k norms, a query scale of
     its own, and sliding layers with their own rope between full ones."""
-    for key in ("attn_logit_softcapping", "final_logit_softcapping"):
-        if cfg.get(key) is not None:
-            raise ValueError(f"Gemma 3 config sets {key}: folio implements logit softcapping for Gemma 2 only")
     if cfg.get("use_bidirectional_attention"):
         raise ValueError("bidirectional attention (an embedding model's) is not supported")
     act = cfg.get("hidden_activation") or cfg.get("hidden_act") or "gelu_pytorch_tanh"
@@ -392,6 +389,9 @@ def _gemma3(arch: str, cfg: dict) -> dict:
         attn_scale=float(cfg.get("query_pre_attn_scalar", 256)) ** -0.5,
         layer_types=tuple(layer_types),
         local_rope_theta=local_theta,
+        # transformers' Gemma 3 applies a final logit cap its config sets but never
+        # passes attn_logit_softcapping to its attention: folio computes the same.
+        final_logit_softcapping=_optional_float(cfg.get("final_logit_softcapping")),
     )
 
 

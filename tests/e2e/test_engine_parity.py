@@ -1,9 +1,10 @@
-"""Greedy parity with transformers under continuous batching, chunked prefill and preemption.
+"""Greedy parity with transformers under continuous batching, chunked prefill,
+prefix-cache hits and preemption.
 
 Every prompt must get exactly the tokens transformers gives it alone, with
 logprobs within 1e-4, although folio runs them batched, arriving at different
-steps, in chunks, and through a pool so small that requests get preempted and
-recomputed.
+steps, in chunks, starting from blocks another prompt computed, and through a
+pool so small that requests get preempted and recomputed.
 """
 
 import os
@@ -47,7 +48,13 @@ def test_tiny_models_match_transformers(family, tiny_model):
     path = tiny_model(family)
     rng = random.Random(family)
     prompts = [[rng.randrange(3, TINY_VOCAB) for _ in range(rng.randint(3, 70))] for _ in range(18)]
-    _assert_parity_under_preemption(path, prompts, reference=path)
+    # Every third prompt continues the first one's opening blocks: prefix-cache hits.
+    shared = prompts[0][:32] + [rng.randrange(3, TINY_VOCAB) for _ in range(32 - len(prompts[0][:32]))]
+    prompts[0] = shared + prompts[0][32:]
+    for i in range(3, 18, 3):
+        prompts[i] = shared[: rng.randint(17, 32)] + prompts[i][:20]
+    llm = _assert_parity_under_preemption(path, prompts, reference=path)
+    assert llm.scheduler.stats().prefix_hit_tokens >= 16, "the shared openings were meant to hit the cache"
 
 
 def _assert_parity_under_preemption(path: str, prompts: list[list[int]], reference: str, **options) -> LLM:

@@ -318,6 +318,16 @@ _EXPECTED = {
         attn_scale=24**-0.5,
         local_rope_theta=10000.0,
     ),
+    "gemma3_capped": dict(
+        _GEMMA,
+        sliding_window=MISTRAL_WINDOW,
+        qk_norm=True,
+        rope_type="linear",
+        layer_types=("sliding_attention",) * 2 + ("full_attention",),
+        attn_scale=24**-0.5,
+        local_rope_theta=10000.0,
+        final_logit_softcapping=30.0,  # and no attention cap: transformers' Gemma 3 ignores it
+    ),
     "gemma2": dict(
         _GEMMA,
         sliding_window=MISTRAL_WINDOW,
@@ -433,8 +443,6 @@ def test_config_rejects_what_folio_cannot_run():
         ({"hidden_activation": "gelu"}, "activation"),
         ({"hidden_act": "relu"}, "activation"),
         # Gemma 3 (text) runs, but not Gemma 2's softcapping nor what it never had.
-        ({"model_type": "gemma3_text", "attn_logit_softcapping": 50.0}, "softcapping"),
-        ({"model_type": "gemma3_text", "final_logit_softcapping": 30.0}, "softcapping"),
         ({"model_type": "gemma3_text", "tie_word_embeddings": False}, "untied"),
         ({"model_type": "gemma3_text", "layer_types": ["global"]}, "layer_types"),
         ({"model_type": "gemma3_text", "layer_types": ["sliding_attention"]}, "sliding_window"),

@@ -10,20 +10,14 @@ predate the field). What differs:
   attn_logit_softcapping, before the causal and window masks: a kernel
   argument (ops.paged_attention's softcap), carried by the shared Attention;
 - the LM head's logits are soft-capped likewise with final_logit_softcapping.
+(transformers' Gemma 3 applies the final cap too when its config sets one,
+which released ones do not; so that code lives in Gemma 3's.)
 """
 
 from __future__ import annotations
-
-import torch
 
 from worker.models.gemma3 import Gemma3ForCausalLM
 
 
 class Gemma2ForCausalLM(Gemma3ForCausalLM):
     """A CausalLM (see worker/models/__init__.py) for model_type "gemma2"."""
-
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """[N, hidden] -> [N, vocab] fp32 (on every rank), soft-capped as transformers does."""
-        logits = super().compute_logits(hidden)
-        cap = self.config.final_logit_softcapping
-        return logits if cap is None else torch.tanh(logits / cap) * cap

@@ -115,8 +115,12 @@ class Gemma3ForCausalLM(PagedCausalLM):
         return h
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """[N, hidden] -> [N, vocab] fp32 (on every rank); the LM head is the embedding."""
-        return self.model.embed_tokens.logits(hidden)
+        """[N, hidden] -> [N, vocab] fp32 (on every rank); the LM head is the embedding.
+        With final_logit_softcapping (Gemma 2's, and Gemma 3's when its config sets it)
+        the logits are soft-capped as transformers does: cap * tanh(logits / cap)."""
+        logits = self.model.embed_tokens.logits(hidden)
+        cap = self.config.final_logit_softcapping
+        return logits if cap is None else torch.tanh(logits / cap) * cap
 
     @property
     def num_kv_heads(self) -> int:
