@@ -288,6 +288,15 @@ _MOE = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32)
 _GEMMA = dict(
     tie_word_embeddings=True, hidden_act="gelu_pytorch_tanh", norm_weight_offset=1.0, embedding_multiplier=8.0
 )
+_GEMMA3 = dict(
+    _GEMMA,
+    sliding_window=MISTRAL_WINDOW,
+    qk_norm=True,
+    rope_type="linear",
+    layer_types=("sliding_attention",) * 2 + ("full_attention",),
+    attn_scale=24**-0.5,
+    local_rope_theta=10000.0,
+)
 _FALCON = dict(norm_kind="layer", hidden_act="gelu", tie_word_embeddings=True)
 _EXPECTED = {
     "llama": {},
@@ -309,25 +318,9 @@ _EXPECTED = {
     ),
     "qwen3": dict(qkv_bias=True, o_bias=True, qk_norm=True, tie_word_embeddings=True),
     "phi3": dict(sliding_window=MISTRAL_WINDOW, rope_type="longrope", rotary_dim=8, max_position_embeddings=128),
-    "gemma3": dict(
-        _GEMMA,
-        sliding_window=MISTRAL_WINDOW,
-        qk_norm=True,
-        rope_type="linear",
-        layer_types=("sliding_attention",) * 2 + ("full_attention",),
-        attn_scale=24**-0.5,
-        local_rope_theta=10000.0,
-    ),
-    "gemma3_capped": dict(
-        _GEMMA,
-        sliding_window=MISTRAL_WINDOW,
-        qk_norm=True,
-        rope_type="linear",
-        layer_types=("sliding_attention",) * 2 + ("full_attention",),
-        attn_scale=24**-0.5,
-        local_rope_theta=10000.0,
-        final_logit_softcapping=30.0,  # and no attention cap: transformers' Gemma 3 ignores it
-    ),
+    "gemma3": _GEMMA3,
+    # and no attention cap: transformers' Gemma 3 ignores the config's
+    "gemma3_capped": dict(_GEMMA3, final_logit_softcapping=30.0),
     "gemma2": dict(
         _GEMMA,
         sliding_window=MISTRAL_WINDOW,
