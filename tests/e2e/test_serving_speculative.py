@@ -1,6 +1,7 @@
 """Speculative decoding on the serving path: drafts and accepted tokens over real
 gRPC, across two tensor-parallel ranks, and through the HTTP server with the
-openai SDK. Outputs must equal those of a replica that does not speculate."""
+openai SDK, with n-gram drafts and with a draft model. Outputs must equal those
+of a replica that does not speculate."""
 
 from __future__ import annotations
 
@@ -37,8 +38,10 @@ def test_two_rank_replica_verifies_drafts(tiny_model):
     assert 0 < stats.num_accepted_tokens < stats.num_draft_tokens
 
 
-@pytest.fixture(scope="module")
-def spec_server():
+# ngram: prompt lookup. model: the bundled SmolLM2 GGUF drafting for itself, the
+# target dense float32, the draft its 4-bit weights in bfloat16 on the first worker.
+@pytest.fixture(scope="module", params=["ngram", "model"])
+def spec_server(request, smollm2):
     import ray
 
     from cluster.entrypoints.options import build_config
@@ -48,7 +51,10 @@ def spec_server():
         from cluster.placement import start_local_ray
 
         start_local_ray()
-    cfg = build_config(ServeConfig, port=0, max_model_len=1024, num_kv_blocks=256, num_speculative_tokens=5)
+    draft = smollm2 if request.param == "model" else None
+    cfg = build_config(
+        ServeConfig, port=0, max_model_len=1024, num_kv_blocks=256, num_speculative_tokens=5, speculative_model=draft
+    )
     with serve_in_background(cfg) as bg:
         yield bg
 

@@ -42,7 +42,7 @@ from cluster.entrypoints.bench.workload import chat_like
 from cluster.entrypoints.options import add_config_args, build_config
 from cluster.entrypoints.serve import ServeConfig, serve_in_background  # needs Ray: no command without it
 from cluster.placement import start_local_ray
-from protos.config import WorkerConfig
+from protos.config import SchedulerConfig, WorkerConfig
 
 LLAMA_CPP_PYTHON = "llama-cpp-python==0.3.36"  # its sdist carries llama.cpp's source (vendor/llama.cpp)
 
@@ -183,7 +183,8 @@ def add_cli_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=os.cpu_count() or 2, help="llama-server's threads")
     p.add_argument("--json", default=None, help="also write the results here")
     # How folio holds the weights: dense fp32 by default, or kept quantized in bf16 (as llama-server keeps them).
-    add_config_args(p, WorkerConfig, names=("dtype", "quantization"))
+    add_config_args(p, WorkerConfig, names=("dtype", "quantization", "speculative_model"))
+    add_config_args(p, SchedulerConfig, names=("num_speculative_tokens", "speculative_max_batch"))
 
 
 def main(args: argparse.Namespace) -> dict:
@@ -215,6 +216,9 @@ def main(args: argparse.Namespace) -> dict:
             max_num_seqs=max(slots, 1),
             dtype=args.dtype,
             quantization=args.quantization,
+            speculative_model=args.speculative_model,
+            num_speculative_tokens=args.num_speculative_tokens,
+            speculative_max_batch=args.speculative_max_batch,
         )
         with serve_in_background(cfg) as folio:
             rows = compare(
@@ -230,6 +234,7 @@ def main(args: argparse.Namespace) -> dict:
         c, ours, theirs = row["concurrency"], row["folio_tok_s"], row["llama_server_tok_s"]
         print(f"{c:11d} {ours:12.1f} {theirs:13.1f} {row['ratio']:20.2f}x")
     result = {"model": model, "dtype": args.dtype, "quantization": args.quantization, "llama_server": binary}
+    result["speculative_model"], result["num_speculative_tokens"] = args.speculative_model, args.num_speculative_tokens
     result["rows"] = rows
     if args.json:
         with open(args.json, "w") as f:
