@@ -34,12 +34,18 @@ ARCHS = {
     "mixtral": "llama",
     "qwen2_moe": "qwen2moe",
     "qwen3_moe": "qwen3moe",
+    # The tiny Qwen2-MoE as it is, dense layer 1 included: what llama.cpp's converter
+    # writes for it (ffn_gate/up/down, no router), which llama.cpp itself cannot run.
+    "qwen2_moe_mlp_only": "qwen2moe",
 }
+_AS = {"qwen2_moe_mlp_only": "qwen2_moe"}
 # Families whose file stores these weights as Q8_0 blocks (the rest F32): every 2-D
-# weight of Gemma 2; Qwen3-MoE's stacked experts and attention.
+# weight of Gemma 2; Phi-3's fused ones among others; Qwen3-MoE's stacked experts
+# and attention (k left F32 beside Q8_0 q and v).
 Q8_0_PARTS = {
     "gemma2": ("token_embd", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down"),
-    "qwen3_moe": ("attn_q", "attn_v", "ffn_gate_exps", "ffn_up_exps", "ffn_down_exps"),
+    "phi3": ("attn_qkv", "attn_output", "ffn_up", "ffn_down"),
+    "qwen3_moe": ("attn_q", "attn_v", "attn_output", "ffn_gate_exps", "ffn_up_exps", "ffn_down_exps"),
 }
 
 
@@ -50,6 +56,8 @@ def gguf_source(family: str, path) -> str:
     Falcon-7B's MLP width (llama.cpp assumes 4 * hidden), Falcon-40B's biases
     (llama.cpp's Falcon has none), Qwen2-MoE's dense layer (llama.cpp's qwen2moe
     has experts in every layer)."""
+    if family in _AS:
+        return make_tiny_model(_AS[family], path)
     config = _hf_config(family)
     if family == "gemma2":
         config.query_pre_attn_scalar = config.head_dim
@@ -75,7 +83,7 @@ def convert(family: str, path) -> str:
         return out
     src = gguf_source(family, path)
     config = AutoConfig.from_pretrained(src)
-    arch = ARCHS[family]
+    arch, family = ARCHS[family], _AS.get(family, family)
     state = load_file(os.path.join(src, "model.safetensors"))
     if arch == "falcon":
         tensors = _falcon_tensors(state, config)

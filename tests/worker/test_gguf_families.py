@@ -15,8 +15,9 @@ independent reading of the layout, not a round trip of our writer.
 Where transformers cannot read the layout, the reference is the HF checkpoint
 the file was converted from: Gemma 1 (no gemma GGUF arch in transformers),
 Falcon (it reads attn_qkv without undoing the converter's q/k/v regrouping, so
-Falcon-40B files come out wrong there) and Mixtral (its llama arch reader drops
-the experts). That is still an independent check because the writer follows
+Falcon-40B files come out wrong there), Mixtral (its llama arch reader drops
+the experts) and Qwen2-MoE with a dense layer (its qwen2moe reader has no
+dense MLP names). That is still an independent check because the writer follows
 llama.cpp's convert script step by step (norm + 1, the q/k row interleave of
 llama-arch files, Falcon's regrouping, stacked experts): folio must undo each
 transform, in the file's own terms, to reproduce the original model.
@@ -95,17 +96,21 @@ def test_gguf_file_matches_transformers(model_dir, family):
 
 
 @pytest.mark.parametrize("family", list(Q8_0_PARTS))
-def test_kept_quantized_computes_the_dequantized_model(model_dir, family):
+def test_kept_quantized_computes_the_dequantized_model(model_dir, family, caplog):
     """Q8_0 blocks kept quantized (Gemma 2: every 2-D weight, the embedding too;
-    Qwen3-MoE: attention kept, the stacked experts dequantized at load): in fp32
-    the dense model's logits; in bfloat16 its greedy tokens and logits within bf16 noise."""
+    Phi-3: o and down kept, its fused qkv and gate_up dequantized at load; Qwen3-MoE:
+    attention kept, the stacked experts dequantized at load): in fp32 the dense
+    model's logits; in bfloat16 its greedy tokens and logits within bf16 noise."""
     path = make_tiny_gguf(family, model_dir)
     dense, cfg = load_model(path, quantization="none")
     tokens = _prompt(cfg.vocab_size, 24, seed=6)
     (want,) = _Pool(cfg).step(dense, [(_Seq(tokens), len(tokens))])
-    exact, qcfg = load_model(path, quantization="gguf")
+    with caplog.at_level("INFO", logger="worker.gguf_loader"):
+        exact, qcfg = load_model(path, quantization="gguf")
     assert qcfg.quantization == "gguf"
-    assert isinstance(exact.model.layers[0].self_attn.qkv_proj.weight, PackedWeight)
+    assert ("expert weights dequantized" in caplog.text) == (family == "qwen3_moe")
+    o_proj = exact.model.layers[0].self_attn.o_proj.weight
+    assert isinstance(o_proj, PackedWeight) and [r.bits for r in o_proj.runs] == [8]
     (got,) = _Pool(qcfg).step(exact, [(_Seq(tokens), len(tokens))])
     torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
     bf16, bcfg = load_model(path, dtype=torch.bfloat16, quantization="gguf")
@@ -113,3 +118,38 @@ def test_kept_quantized_computes_the_dequantized_model(model_dir, family):
     # bf16 activations: ~0.4% per op; these logits reach ~10-30.
     torch.testing.assert_close(low.float().log_softmax(-1), want.log_softmax(-1), atol=0.25, rtol=0)
     assert _greedy(bf16, bcfg, tokens[:12]) == _greedy(dense, cfg, tokens[:12])
+
+
+def _header_only(path: str, arch: str, meta: dict, tensor_names: list[str]) -> str:
+    """A GGUF file with these metadata keys and small zero tensors, for the config reader."""
+    import gguf
+    import numpy as np
+
+    w = gguf.GGUFWriter(path, arch)
+    for key, value in meta.items():
+        w.add_uint32(f"{arch}.{key}", value)
+    for name in tensor_names:
+        w.add_tensor(name, np.zeros((8, 64), dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+@pytest.mark.parametrize(
+    "arch, extra, tensors, reason",
+    [
+        ("starcoder2", {}, [], "unsupported GGUF architecture 'starcoder2'"),
+        ("falcon", {}, ["blk.0.attn_qkv.bias"], "Falcon GGUF with linear biases"),
+        ("qwen2", {"rope.dimension_count": 8}, [], "partial rotary"),
+        ("qwen2moe", {"expert_count": 4, "expert_used_count": 6}, [], "not a mixture of experts"),
+    ],
+)
+def test_what_llama_cpp_computes_otherwise_is_refused(tmp_path, arch, extra, tensors, reason):
+    from worker.gguf_loader import gguf_config, gguf_reader
+
+    meta = {"embedding_length": 64, "attention.head_count": 4, "block_count": 1, "feed_forward_length": 128}
+    path = _header_only(str(tmp_path / "f.gguf"), arch, meta | extra, ["token_embd.weight", *tensors])
+    with pytest.raises(ValueError, match=reason):
+        gguf_config(gguf_reader(path))
