@@ -161,7 +161,10 @@ def _moe_fields(reader: gguf.GGUFReader, arch: str, tensors: dict, layers: int) 
     top_k = field(reader, f"{arch}.expert_used_count")
     if not experts or not top_k or top_k > experts:
         raise ValueError(f"GGUF expert_count {experts} / expert_used_count {top_k} are not a mixture of experts")
-    up = tensors["blk.0.ffn_up_exps.weight"] if "blk.0.ffn_up_exps.weight" in tensors else None
+    gating = field(reader, f"{arch}.expert_gating_func")
+    if gating not in (None, gguf.ExpertGatingFuncType.SOFTMAX):  # folio's routers are softmax top-k
+        raise ValueError(f"GGUF expert gating function {gating} is not supported (folio routes by softmax)")
+    up = tensors.get("blk.0.ffn_up_exps.weight")
     if up is None:
         raise ValueError("GGUF mixture of experts without stacked ffn_*_exps tensors is not supported")
     shared = tensors.get("blk.0.ffn_up_shexp.weight")

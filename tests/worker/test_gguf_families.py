@@ -144,6 +144,8 @@ def _header_only(path: str, arch: str, meta: dict, tensor_names: list[str]) -> s
         ("falcon", {}, ["blk.0.attn_qkv.bias"], "Falcon GGUF with linear biases"),
         ("qwen2", {"rope.dimension_count": 8}, [], "partial rotary"),
         ("qwen2moe", {"expert_count": 4, "expert_used_count": 6}, [], "not a mixture of experts"),
+        ("qwen3moe", {"expert_count": 4, "expert_used_count": 2, "expert_gating_func": 2}, [], "gating function 2"),
+        ("llama", {"expert_count": 4, "expert_used_count": 2}, ["blk.0.ffn_gate_inp.weight"], "without stacked"),
     ],
 )
 def test_what_llama_cpp_computes_otherwise_is_refused(tmp_path, arch, extra, tensors, reason):
