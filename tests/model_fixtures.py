@@ -356,10 +356,16 @@ def make_gpu_model(family: str, path, num_layers: int = 4) -> str:
 def make_tiny_gguf(family: str, path) -> str:
     """make_tiny_model(family) converted to an F32 GGUF file, as llama.cpp would:
     q/k rows of Llama interleaved per head, llama3 scaling as a rope_freqs tensor.
-    Families: "llama", "llama3", "qwen2", "qwen3". Returns the .gguf file path."""
+    Families: "llama", "llama3", "qwen2", "qwen3", and those of tests/gguf_convert.py
+    (gemma, gemma2, phi3, falcon, falcon_new, mixtral, qwen2_moe, qwen3_moe).
+    Returns the .gguf file path."""
     from safetensors.torch import load_file
     from transformers import AutoConfig
 
+    from tests import gguf_convert
+
+    if family in gguf_convert.ARCHS:
+        return gguf_convert.convert(family, path)
     out = os.path.join(str(path), f"{family}-gguf", f"tiny-{family}.F32.gguf")
     if os.path.isfile(out):
         return out

@@ -1,4 +1,4 @@
-"""Read a llama.cpp GGUF file: ModelConfig from its metadata, tensors by HF name.
+"""Read a llama.cpp GGUF file's tensors by Hugging Face name (its config: worker/gguf_config.py).
 
 Tensors come out one at a time, renamed to Hugging Face names so the model's
 load_weight places them exactly as it places safetensors: kept quantized
@@ -6,24 +6,23 @@ load_weight places them exactly as it places safetensors: kept quantized
 the block type is one folio computes with, else dequantized to fp32 by gguf-py
 (Q4_1, Q8_0, K-quants, F16, ...).
 
-llama.cpp's converter reorders the rows of Llama's q and k projections: inside
-each head it interleaves the two rotary halves (row i, row i + D/2, row i+1, ...)
-because llama.cpp rotates adjacent pairs, while folio (like HF) rotates halves.
-gguf_tensors puts the rows back. Qwen2, Qwen3 and Gemma 3 files are converted
-without reordering.
-
-Gemma 3 files hold only what differs from Gemma 3's defaults, and llama.cpp
-fills in the rest as transformers' config does: full attention on every sixth
-layer, 10000 as the sliding layers' rope base, and queries scaled by head_dim
-(by hidden_size / heads on the 62-layer 27B). Their norm weights are stored as
-1 + weight, the factor Gemma's norm applies; folio keeps weight, as
-transformers does, and subtracts the 1 back out.
+Where llama.cpp's converter changed a tensor, gguf_tensors undoes it:
+- Llama's (and Mixtral's) q and k rows: inside each head the two rotary halves
+  are interleaved (row i, row i + D/2, row i+1, ...) because llama.cpp rotates
+  adjacent pairs, while folio (like HF) rotates halves. Other archs are converted
+  without reordering (Falcon's q/k/v regrouping is read as ModelConfig.qkv_layout).
+- Gemma's norm weights are stored as 1 + weight, the factor Gemma's norm
+  applies; folio keeps weight, as transformers does, and subtracts the 1.
+- Experts are stacked, [experts, rows, cols] per projection (ffn_*_exps); they
+  are yielded per expert, dense: folio's expert kernels take no quantized
+  weights, so quantized experts are dequantized at load while the file's other
+  layers may stay quantized.
 """
 
 from __future__ import annotations
 
-import math
-from typing import Iterator, Optional
+import logging
+from typing import Iterator
 
 import gguf
 import numpy as np
@@ -32,7 +31,12 @@ from gguf.quants import dequantize
 
 from kernels.quant import QuantizedTensor, map_rows
 from worker.config import ModelConfig
+from worker.gguf_config import gguf_config
 from worker.gguf_quant import KEPT_QUANTIZED, quantized_tensor
+
+__all__ = ["gguf_config", "gguf_quantized", "gguf_reader", "gguf_tensors"]
+
+log = logging.getLogger(__name__)
 
 
 def gguf_reader(path: str) -> gguf.GGUFReader:
@@ -52,81 +56,48 @@ _LAYER_NAMES = {
     "ffn_down": "mlp.down_proj",
     "attn_q_norm": "self_attn.q_norm",  # Qwen3's and Gemma 3's per-head norms
     "attn_k_norm": "self_attn.k_norm",
+    "ffn_gate_inp": "mlp.gate",  # the MoE router
+    "ffn_gate_shexp": "mlp.shared_expert.gate_proj",  # Qwen2-MoE's shared expert
+    "ffn_up_shexp": "mlp.shared_expert.up_proj",
+    "ffn_down_shexp": "mlp.shared_expert.down_proj",
+    "ffn_gate_inp_shexp": "mlp.shared_expert_gate",
 }
-# Gemma 3 normalizes each block's input and output, so its ffn_norm is the MLP's input norm.
-_GEMMA3_LAYER_NAMES = {
+# Gemma 2 and 3 normalize each block's input and output, so ffn_norm is the MLP's input norm.
+_SANDWICH_NAMES = {
     **_LAYER_NAMES,
     "post_attention_norm": "post_attention_layernorm",
     "ffn_norm": "pre_feedforward_layernorm",
     "post_ffw_norm": "post_feedforward_layernorm",
 }
-# GGUF general.architecture -> folio's (Hugging Face's) model_type.
-_ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma3": "gemma3_text"}
-_TOP_NAMES = {
-    "token_embd": "model.embed_tokens",
-    "output_norm": "model.norm",
-    "output": "lm_head",
+# Phi-3 stores q/k/v fused, and gate/up fused in ffn_up.
+_PHI3_NAMES = {**_LAYER_NAMES, "attn_qkv": "self_attn.qkv_proj", "ffn_up": "mlp.gate_up_proj"}
+_FALCON_NAMES = {
+    "attn_norm": "ln_attn",  # input_layernorm where one norm serves both (7B)
+    "attn_norm_2": "ln_mlp",
+    "attn_qkv": "self_attention.query_key_value",
+    "attn_output": "self_attention.dense",
+    "ffn_up": "mlp.dense_h_to_4h",
+    "ffn_down": "mlp.dense_4h_to_h",
+}
+_LAYER_TABLES = {
+    "gemma2": _SANDWICH_NAMES,
+    "gemma3_text": _SANDWICH_NAMES,
+    "phi3": _PHI3_NAMES,
+    "falcon": _FALCON_NAMES,
+}
+_TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+_FALCON_TOP = {"token_embd": "transformer.word_embeddings", "output_norm": "transformer.ln_f", "output": "lm_head"}
+# Stacked experts -> the projection each expert's slice is (Mixtral's own names beside).
+_EXPERTS = {
+    "ffn_gate_exps": ("gate_proj", "w1"),
+    "ffn_up_exps": ("up_proj", "w3"),
+    "ffn_down_exps": ("down_proj", "w2"),
 }
 # Architectures whose q/k rows llama.cpp interleaved for its pairwise rope.
-_PERMUTED_ARCHS = ("llama",)
-
-
-def gguf_config(reader: gguf.GGUFReader) -> ModelConfig:
-    """ModelConfig from GGUF metadata ({arch}.* and tokenizer.ggml.* keys)."""
-    arch = _field(reader, "general.architecture")
-    if arch not in _ARCHITECTURES:
-        raise ValueError(f"unsupported GGUF architecture {arch!r} (folio reads {', '.join(_ARCHITECTURES)})")
-
-    def meta(key: str, default=None):
-        return _field(reader, f"{arch}.{key}", default)
-
-    tensors = {t.name: t for t in reader.tensors}
-    hidden = meta("embedding_length")
-    num_q = meta("attention.head_count")
-    head_dim = meta("attention.key_length") or hidden // num_q
-    rot_dim = meta("rope.dimension_count", head_dim)
-    if rot_dim != head_dim:
-        raise ValueError(f"partial rotary (rope dims {rot_dim} of head_dim {head_dim}) is not supported")
-    eos = [_field(reader, f"tokenizer.ggml.{k}_token_id") for k in ("eos", "eot", "eom")]
-    family = _gemma3_fields(reader, hidden, num_q, head_dim) if arch == "gemma3" else {}
-    if arch == "qwen3":  # q/k norms; attention_bias biases o_proj too
-        family = dict(qk_norm=True, o_bias="blk.0.attn_output.bias" in tensors)
-    fields = dict(
-        architecture=_ARCHITECTURES[arch],
-        vocab_size=int(tensors["token_embd.weight"].shape[1]),  # GGUF shapes are [cols, rows]
-        hidden_size=hidden,
-        num_layers=meta("block_count"),
-        num_q_heads=num_q,
-        num_kv_heads=meta("attention.head_count_kv", num_q),
-        head_dim=head_dim,
-        intermediate_size=meta("feed_forward_length"),
-        rms_norm_eps=float(meta("attention.layer_norm_rms_epsilon")),
-        rope_theta=float(meta("rope.freq_base", 10000.0)),
-        rope_scaling=_rope_scaling(reader, arch, tensors),
-        max_position_embeddings=meta("context_length"),
-        sliding_window=None,
-        tie_word_embeddings="output.weight" not in tensors,
-        qkv_bias="blk.0.attn_q.bias" in tensors,
-        bos_token_id=_field(reader, "tokenizer.ggml.bos_token_id"),
-        eos_token_ids=tuple(dict.fromkeys(e for e in eos if e is not None)),
-    )
-    return ModelConfig(**{**fields, **family})
-
-
-def _gemma3_fields(reader: gguf.GGUFReader, hidden: int, num_q: int, head_dim: int) -> dict:
-    """What a Gemma 3 file leaves to llama.cpp's defaults (see the module docstring)."""
-    layers = _field(reader, "gemma3.block_count")
-    window = _field(reader, "gemma3.attention.sliding_window")
-    return dict(
-        sliding_window=int(window),
-        hidden_act="gelu_pytorch_tanh",
-        norm_weight_offset=1.0,
-        embedding_multiplier=math.sqrt(hidden),
-        qk_norm=True,
-        attn_scale=(hidden / num_q if layers == 62 else head_dim) ** -0.5,
-        layer_types=tuple("full_attention" if (i + 1) % 6 == 0 else "sliding_attention" for i in range(layers)),
-        local_rope_theta=10000.0,
-    )
+_PERMUTED_ARCHS = ("llama", "mixtral")
+_GEMMA_ARCHS = ("gemma", "gemma2", "gemma3_text")
+# Folded into the config (rope_freqs: Llama 3.1's divisors; Phi-3's LongRoPE factors).
+_CONFIG_TENSORS = ("rope_freqs.weight", "rope_factors_long.weight", "rope_factors_short.weight")
 
 
 def gguf_quantized(reader: gguf.GGUFReader) -> bool:
@@ -139,23 +110,53 @@ def gguf_tensors(
 ) -> Iterator[tuple[str, torch.Tensor | QuantizedTensor]]:
     """(Hugging Face name, tensor) for every weight, one at a time: fp32, or with
     keep_quantized a QuantizedTensor for each 2-D weight in a block type folio keeps."""
+    arch = config.architecture
+    dequantized_experts = False
     for t in reader.tensors:
-        if t.name == "rope_freqs.weight":  # already folded into config.rope_scaling
+        if t.name in _CONFIG_TENSORS:
             continue
-        name = _hf_name(t.name, config.architecture)
+        base, _, kind = t.name.rpartition(".")
+        part = base.split(".", 2)[-1]
+        if part in _EXPERTS:
+            dequantized_experts |= t.tensor_type.name in KEPT_QUANTIZED
+            yield from _experts(t, config)
+            continue
+        name = _hf_name(t.name, config)
         tensor = None
-        if keep_quantized and len(t.shape) == 2:
+        # Phi-3's fused projections are cut into blocks by its model, dense only.
+        fused = arch == "phi3" and part in ("attn_qkv", "ffn_up")
+        if keep_quantized and len(t.shape) == 2 and not fused:
             tensor = quantized_tensor(t.data, t.tensor_type, rows=int(t.shape[1]), cols=int(t.shape[0]))
         if tensor is None:
-            # dequantize returns rows-major [rows, cols]; np.array copies out of the mmap.
-            tensor = torch.from_numpy(np.array(dequantize(t.data, t.tensor_type), dtype=np.float32))
-        if config.architecture == "gemma3_text" and name.endswith("norm.weight"):
+            tensor = _dense(t)
+        if arch in _GEMMA_ARCHS and name.endswith("norm.weight"):
             tensor = tensor - 1.0  # stored as 1 + weight
-        if config.architecture in _PERMUTED_ARCHS:
+        if part == "ffn_gate_inp_shexp":
+            tensor = tensor.reshape(1, -1)  # a vector in some files; HF's is [1, hidden]
+        if arch in _PERMUTED_ARCHS:
             heads = {"q_proj": config.num_q_heads, "k_proj": config.num_kv_heads}.get(name.split(".")[-2])
             if heads is not None:
                 tensor = map_rows(tensor, lambda w, h=heads: _unpermute_rope_rows(w, h))
         yield name, tensor
+    if dequantized_experts and keep_quantized:
+        log.info("quantized expert weights dequantized at load (folio's expert kernels take dense weights)")
+
+
+def _dense(t) -> torch.Tensor:
+    # dequantize returns rows-major [..., rows, cols]; np.array copies out of the mmap.
+    return torch.from_numpy(np.array(dequantize(t.data, t.tensor_type), dtype=np.float32))
+
+
+def _experts(t, config: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
+    """blk.L.ffn_{gate,up,down}_exps [experts, rows, cols] -> one dense tensor per expert."""
+    _, layer, part = t.name.rpartition(".")[0].split(".", 2)
+    stacked = _dense(t)
+    if stacked.dim() != 3 or stacked.shape[0] != config.num_experts:
+        raise ValueError(f"GGUF tensor {t.name!r} of shape {tuple(stacked.shape)} is not {config.num_experts} experts")
+    hf, mixtral = _EXPERTS[part]
+    block, proj = ("block_sparse_moe", mixtral) if config.architecture == "mixtral" else ("mlp", hf)
+    for e in range(config.num_experts):
+        yield f"model.layers.{layer}.{block}.experts.{e}.{proj}.weight", stacked[e]
 
 
 def _unpermute_rope_rows(w: torch.Tensor, num_heads: int) -> torch.Tensor:
@@ -165,30 +166,23 @@ def _unpermute_rope_rows(w: torch.Tensor, num_heads: int) -> torch.Tensor:
     return w.reshape(num_heads, half, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
-def _hf_name(gguf_name: str, architecture: str) -> str:
+def _hf_name(gguf_name: str, config: ModelConfig) -> str:
     base, _, kind = gguf_name.rpartition(".")  # kind: weight | bias
+    arch = config.architecture
+    falcon = arch == "falcon"
     if base.startswith("blk."):
         _, layer, part = base.split(".", 2)
-        names = _GEMMA3_LAYER_NAMES if architecture == "gemma3_text" else _LAYER_NAMES
+        names = _LAYER_TABLES.get(arch, _LAYER_NAMES)
+        if falcon and part == "attn_norm" and config.shared_input_norm:
+            return f"transformer.h.{layer}.input_layernorm.{kind}"
         if part in names:
+            if falcon:
+                return f"transformer.h.{layer}.{names[part]}.{kind}"
+            if arch == "mixtral" and part == "ffn_gate_inp":
+                return f"model.layers.{layer}.block_sparse_moe.gate.{kind}"
             return f"model.layers.{layer}.{names[part]}.{kind}"
-    elif base in _TOP_NAMES:
-        return f"{_TOP_NAMES[base]}.{kind}"
+    else:
+        top = _FALCON_TOP if falcon else _TOP_NAMES
+        if base in top:
+            return f"{top[base]}.{kind}"
     raise KeyError(f"GGUF tensor {gguf_name!r} has no place in folio's model")
-
-
-def _rope_scaling(reader: gguf.GGUFReader, arch: str, tensors: dict) -> Optional[dict]:
-    if "rope_freqs.weight" in tensors:
-        # Llama-3.1-style scaling, stored by llama.cpp as one divisor per frequency.
-        factors = tensors["rope_freqs.weight"].data
-        return {"rope_type": "freq_factors", "factors": [float(x) for x in factors]}
-    kind = _field(reader, f"{arch}.rope.scaling.type", "none")
-    if kind == "none":
-        return None
-    # Anything but linear is refused by worker/models/rope.py with a clear error.
-    return {"rope_type": kind, "factor": float(_field(reader, f"{arch}.rope.scaling.factor", 1.0))}
-
-
-def _field(reader: gguf.GGUFReader, key: str, default=None):
-    field = reader.get_field(key)
-    return default if field is None else field.contents()
