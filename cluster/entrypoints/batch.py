@@ -249,7 +249,10 @@ def add_cli_args(b: argparse.ArgumentParser) -> None:
         f"{API_KEY_ENV}); the key itself never goes through Ray's job API",
     )
     s.add_argument(
-        "--python", default="python", help="the head's Python with folio installed, as the job's shell finds it"
+        "--python",
+        default=None,
+        help="the head's Python with folio installed, as the job's shell finds it (default: "
+        "$FOLIO_PYTHON in the head's Ray environment, which the deploy configs set, else python)",
     )
     s.add_argument("--job-id", default=None, help="submission id (default: Ray picks one)")
     s.set_defaults(

@@ -89,12 +89,13 @@ def entrypoint(
     concurrency: int,
     max_line_attempts: int,
     api_key_file: Optional[str],
-    python: str,
+    python: Optional[str],
 ) -> str:
     """The job's shell command. `python` is the head's Python with folio installed, as
-    the job's shell (Ray's environment on the head) finds it: not this machine's."""
+    the job's shell (Ray's environment on the head) finds it: not this machine's. None:
+    FOLIO_PYTHON in the head's Ray environment (the deploy configs set it on `ray start`,
+    so the job runs in folio's environment whatever the job's PATH is), else `python`."""
     args = [
-        python,
         "-m",
         "cluster.entrypoints.batch",
         "run",
@@ -110,7 +111,9 @@ def entrypoint(
     ]
     if api_key_file:
         args += ["--api-key-file", api_key_file]
-    return " ".join(shlex.quote(a) for a in args)
+    # Expanded by the job's shell on the head, not here.
+    head_python = shlex.quote(python) if python else '"${FOLIO_PYTHON:-python}"'
+    return " ".join([head_python] + [shlex.quote(a) for a in args])
 
 
 def submit(
@@ -122,7 +125,7 @@ def submit(
     concurrency: int,
     max_line_attempts: int,
     api_key_file: Optional[str] = None,
-    python: str = "python",
+    python: Optional[str] = None,
     submission_id: Optional[str] = None,
 ) -> str:
     """Submit the batch as a Ray job; returns its id. Paths are as the head sees them:

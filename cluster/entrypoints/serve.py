@@ -19,6 +19,7 @@ import logging
 import os
 import re
 import signal
+import sys
 import threading
 from dataclasses import dataclass, field, replace
 from typing import Callable, Optional
@@ -31,6 +32,7 @@ from cluster.entrypoints.options import add_config_args, config_from_args
 from cluster.frontend import AdmissionConfig, Frontend
 from cluster.metrics import RequestMetrics
 from cluster.placement import ReplicaHandle, ReplicaSpec, launch_replicas, release_replica, start_local_ray
+from cluster.ray_watch import DEFAULT_WATCH, ClusterWatch, WatchConfig
 from cluster.replica import DEFAULT_STEP_TIMEOUT_S, WorkerLoadError
 from cluster.routing import ROUTING_POLICIES, make_router
 from protos.codec import encode_load_request
@@ -43,6 +45,13 @@ from router.openai_serving import OpenAIServing
 from worker.loader import default_model_path, load_tokenizer
 
 log = logging.getLogger(__name__)
+
+# Once the cluster is gone, releasing the replicas can only time out: bounded, then exit.
+LOST_CLUSTER_SHUTDOWN_S = 10.0
+
+
+class ClusterLost(RuntimeError):
+    """The Ray cluster this server ran on went away (stopped, restarted or torn down)."""
 
 
 @dataclass(frozen=True)
@@ -186,11 +195,33 @@ async def deploy(cfg: ServeConfig) -> Deployment:
     return Deployment(cfg, frontend, serving, spec, handles)
 
 
-async def serve(cfg: ServeConfig, on_ready: Optional[Callable[[Deployment], None]] = None) -> None:
-    """Deploy, then serve HTTP until the server is told to exit (signal or should_exit)."""
+async def serve(
+    cfg: ServeConfig,
+    on_ready: Optional[Callable[[Deployment], None]] = None,
+    watch: WatchConfig = DEFAULT_WATCH,
+    hard_exit: bool = False,
+) -> None:
+    """Deploy, then serve HTTP until the server is told to exit (signal or should_exit).
+    Raises ClusterLost when the Ray cluster goes away under it (ray_watch.py): the port
+    is freed for the server a restarted cluster starts. hard_exit (the CLI): if that
+    takes too long, the process exits with status 1 regardless."""
     policy = access_policy(cfg.access, cfg.host)  # a bad key setting fails before any worker starts
     dep = await deploy(cfg)
     scaler = _start_autoscaler(cfg, dep)
+
+    loop = asyncio.get_running_loop()
+
+    def on_lost(reason: str) -> None:  # on the watch's thread
+        log.error("folio serve: lost its Ray cluster (%s); exiting", reason)
+        if hard_exit:  # a backstop: the loop may be stuck in a Ray call that waits for the cluster
+            timer = threading.Timer(LOST_CLUSTER_SHUTDOWN_S * 2, os._exit, (1,))
+            timer.daemon = True
+            timer.start()
+        if dep.server is not None:
+            loop.call_soon_threadsafe(setattr, dep.server, "should_exit", True)
+
+    watcher = ClusterWatch(on_lost, watch)
+    watcher.start()
     try:
         app = build_app(dep.serving, dep.frontend, policy)
         dep.server = _Server(uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level="info", access_log=False))
@@ -213,8 +244,15 @@ async def serve(cfg: ServeConfig, on_ready: Optional[Callable[[Deployment], None
                 on_ready(dep)
         await task
     finally:
+        watcher.stop()
         await scaler.stop()
-        await dep.shutdown()
+        if watcher.lost is None:
+            await dep.shutdown()
+        else:  # the actors went with the cluster; Ray's calls would only wait for it
+            with contextlib.suppress(Exception, asyncio.TimeoutError):
+                await asyncio.wait_for(dep.shutdown(), LOST_CLUSTER_SHUTDOWN_S)
+    if watcher.lost is not None:
+        raise ClusterLost(watcher.lost)
 
 
 def _start_autoscaler(cfg: ServeConfig, dep: Deployment) -> ReplicaAutoscaler:
@@ -313,6 +351,12 @@ def main(args: argparse.Namespace) -> None:
     except (ValueError, OSError) as e:  # settings and keys: a clear line, before anything starts
         raise SystemExit(f"{e}" if str(e).startswith("folio serve") else f"folio serve: {e}") from None
     try:
-        asyncio.run(serve(cfg))
+        asyncio.run(serve(cfg, hard_exit=True))
     except WorkerLoadError as e:  # the message says why; a traceback would not help
         raise SystemExit(f"folio serve: {e}") from None
+    except ClusterLost as e:
+        # Non-zero, so a supervisor (systemd, a container runtime) sees a failure; and
+        # os._exit, because Ray's exit hooks would wait for the cluster that is gone.
+        print(f"folio serve: lost its Ray cluster ({e}); exiting", file=sys.stderr, flush=True)
+        logging.shutdown()
+        os._exit(1)

@@ -407,8 +407,20 @@ def test_submit_and_status_present_rays_token_from_home(tmp_path, endpoint):
     ports = RayHeadPorts()
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}
     env.update(PYTHONPATH=ROOT, RAY_USAGE_STATS_ENABLED="0")
+    # The head's Ray finds folio's Python through FOLIO_PYTHON, as the deploy configs set it;
+    # the job's PATH leads to no Python with folio (the job must not depend on it).
+    venv_bin = os.path.dirname(sys.executable)
+    head_path = os.pathsep.join(d for d in env.get("PATH", "").split(os.pathsep) if d and d != venv_bin)
     head = start_ray_head(
-        ports, workdir, {**env, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(home / ".ray" / "auth_token")}
+        ports,
+        workdir,
+        {
+            **env,
+            "PATH": head_path,
+            "FOLIO_PYTHON": sys.executable,
+            "RAY_AUTH_MODE": "token",
+            "RAY_AUTH_TOKEN_PATH": str(home / ".ray" / "auth_token"),
+        },
     )
     address = f"http://127.0.0.1:{ports.dashboard}"
     endpoint.api_key = "sk-ray-job"
@@ -447,8 +459,6 @@ def test_submit_and_status_present_rays_token_from_home(tmp_path, endpoint):
             endpoint.url,
             "--api-key-file",
             str(key_file),
-            "--python",
-            sys.executable,
         )
         refused = folio_batch(*submit_args, home_dir=empty_home)
         assert refused.returncode != 0 and "~/.ray/auth_token" in refused.stderr, refused.stderr[-2000:]
@@ -461,6 +471,7 @@ def test_submit_and_status_present_rays_token_from_home(tmp_path, endpoint):
             assert time.monotonic() < deadline + 120, api.get_job_logs(job_id)[-3000:]
             time.sleep(1)
         assert state == JobStatus.SUCCEEDED, api.get_job_logs(job_id)[-3000:]
+        assert f"batch runner: {sys.executable}" in api.get_job_logs(job_id)
         _check_one_result_each(_records(out), rows)
         assert "sk-ray-job" not in repr(api.list_jobs())  # what `ray job list` shows
 

@@ -47,6 +47,78 @@ def test_ray_up_config_passes_ray_validation(path):
     assert any("pip install" in c and "folio" in c for c in prepared["setup_commands"])
 
 
+@pytest.mark.parametrize("path", RAY_UP_CONFIGS)
+def test_setup_installs_only_from_the_package_registry(path):
+    """No installer fetched from the web and piped to a shell: pip and the registry (or
+    the mirror PIP_INDEX_URL names) are all a node needs."""
+    [config] = _load(path)
+    for cmd in config["setup_commands"] + config["head_setup_commands"]:
+        assert not re.search(r"\b(curl|wget)\b|\|\s*(ba)?sh\b|https?://|\buv\b", cmd), cmd
+        if "install" in cmd:
+            assert re.search(r"-m pip install (-e |--no-deps )", cmd), cmd
+
+
+@pytest.mark.parametrize("path", RAY_UP_CONFIGS)
+def test_start_commands_replace_folio_serve_cleanly(path):
+    """`folio serve` is stopped before `ray stop` (while it can release its replicas) and
+    started detached through deploy/serve-ctl.sh; no start command relies on ~/.bashrc;
+    Ray on the head carries FOLIO_PYTHON for batch jobs."""
+    [config] = _load(path)
+    head = [" ".join(c.split()) for c in config["head_start_ray_commands"]]
+    ctl = next(c for c in head if c.endswith("deploy/serve-ctl.sh stop"))
+    stop = next(c for c in head if c.endswith("ray stop"))
+    start = next(c for c in head if "folio serve" in c)
+    assert head.index(ctl) < head.index(stop) < head.index(start)
+    assert "deploy/serve-ctl.sh start folio serve" in start
+    assert os.access(os.path.join(ROOT, "deploy/serve-ctl.sh"), os.X_OK)
+    [ray_head] = [c for c in head if "ray start --head" in c]
+    assert "FOLIO_PYTHON=$HOME/folio-env/bin/python" in ray_head
+    for c in [c for c in head if c != ctl] + config["worker_start_ray_commands"]:
+        assert "~/folio-env/bin/ray stop" in c or "export PATH=$HOME/folio-env/bin:$PATH" in c, c
+
+
+def test_serve_ctl_replaces_and_stops_the_previous_server(tmp_path):
+    """serve-ctl.sh start stops the server its pid file names before starting another;
+    stop ends it; a pid file naming some other process leaves that process alone."""
+    import subprocess
+    import sys
+    import time
+
+    ctl = os.path.join(ROOT, "deploy/serve-ctl.sh")
+    env = dict(os.environ, FOLIO_SERVE_PIDFILE=str(tmp_path / "serve.pid"), FOLIO_SERVE_LOG=str(tmp_path / "log"))
+    server = [sys.executable, "-c", "import time; time.sleep(600)", "folio"]  # "folio" in its cmdline
+
+    def run(*args):
+        subprocess.run([ctl, *args], env=env, check=True, timeout=90)
+        return int((tmp_path / "serve.pid").read_text()) if (tmp_path / "serve.pid").exists() else None
+
+    def alive(pid):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                return f.read().split(")")[1].split()[0] != "Z"
+        except FileNotFoundError:
+            return False
+
+    first = run("start", *server)
+    time.sleep(0.5)
+    second = run("start", *server)
+    try:
+        assert first != second and not alive(first) and alive(second)
+        assert run("stop") is None and not alive(second)
+        other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+        try:
+            (tmp_path / "serve.pid").write_text(str(other.pid))
+            run("stop")
+            assert other.poll() is None  # not folio's: left running
+        finally:
+            other.kill()
+            other.wait()
+    finally:
+        for pid in (first, second):
+            if alive(pid):
+                os.kill(pid, 9)
+
+
 def test_validation_rejects_a_broken_config():
     """The check above can fail: a misspelled field and a missing head type are refused."""
     [config] = _load("deploy/aws-gpu.yaml")
@@ -129,18 +201,32 @@ def test_kuberay_manifest_shape():
     assert rc["apiVersion"] == "ray.io/v1"
     spec = rc["spec"]
     assert spec["enableInTreeAutoscaling"] is True
+    # The dashboard and job API answer only with Ray's token, and only on the pod's loopback.
+    assert spec["authOptions"] == {"mode": "token", "secretName": "folio-ray-token"}
     head = spec["headGroupSpec"]
     assert head["rayStartParams"]["num-gpus"] == "0"
-    [head_container] = head["template"]["spec"]["containers"]
-    assert 8000 in [p["containerPort"] for p in head_container["ports"]]
-    [key] = [e for e in head_container["env"] if e["name"] == "FOLIO_API_KEY"]
-    assert key["valueFrom"]["secretKeyRef"] == {"name": "folio-api-key", "key": "api-key"}
     assert head["rayStartParams"]["dashboard-host"] == "127.0.0.1"
+    containers = {c["name"]: c for c in head["template"]["spec"]["containers"]}
+    ray_head, serve = containers["ray-head"], containers["folio-serve"]
+    assert list(containers)[0] == "ray-head"  # KubeRay runs Ray in the first container
+    # folio serve is its own container's process (exec): when it exits on losing Ray, the
+    # kubelet restarts it; a postStart hook's background process would stay dead.
+    assert "exec folio serve" in " ".join(serve["command"][-1].split())
+    assert head["template"]["spec"].get("restartPolicy", "Always") == "Always"
+    assert 8000 in [p["containerPort"] for p in serve["ports"]]
+    assert 8265 not in [p["containerPort"] for c in containers.values() for p in c["ports"]]
+    env = {e["name"]: e for e in serve["env"]}
+    assert env["FOLIO_API_KEY"]["valueFrom"]["secretKeyRef"] == {"name": "folio-api-key", "key": "api-key"}
+    assert env["RAY_AUTH_MODE"]["value"] == "token"
+    assert env["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": "folio-ray-token", "key": "auth_token"}
+    assert {e["name"]: e["value"] for e in ray_head["env"]}["FOLIO_PYTHON"] == "/usr/local/bin/python"
+    mounts = [{m["mountPath"] for m in c["volumeMounts"]} for c in (ray_head, serve)]
+    assert all("/tmp/ray" in m for m in mounts)  # Ray's session files, for --ray-address auto
     gpus = []
     for group in spec["workerGroupSpecs"]:
         assert 0 <= group["minReplicas"] <= group["replicas"] <= group["maxReplicas"]
         [c] = group["template"]["spec"]["containers"]
-        assert c["image"] == head_container["image"]
+        assert c["image"] == ray_head["image"] == serve["image"]
         assert c["resources"]["limits"]["nvidia.com/gpu"] == c["resources"]["requests"]["nvidia.com/gpu"]
         gpus.append(c["resources"]["limits"]["nvidia.com/gpu"])
     assert sorted(gpus) == [1, 4, 8]

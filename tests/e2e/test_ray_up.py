@@ -1,0 +1,153 @@
+"""`ray up` of deploy/local-cluster.yaml, for real, over SSH to this machine.
+
+sshd runs in a throwaway configuration (its own host key and authorized key under the
+test's directory, 127.0.0.1:22) inside new PID and mount namespaces together with
+everything else the test starts: `ray stop`, which the config runs, sees only this
+test's processes; ~ (a bind mount) and /tmp (a tmpfs) are the test's own, so the
+machine's SSH setup, Ray sessions and ~/.ray/auth_token are never touched. The cluster
+config is the shipped file with only addresses, user, key and CPU settings changed.
+The phases (tests/e2e/ray_up_driver.py): ray up; an OpenAI chat request; a batch
+through the job API with Ray's token authentication on, checked line by line against
+the in-process engine's greedy output; ray up --restart-only, serving again on the
+same port; ray down, leaving no Ray or folio process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+
+import pytest
+import yaml
+
+from tests import REPO_ROOT
+from tests.e2e.test_autoscaling import MAX_TOKENS, _greedy_reference, _requests
+
+pytestmark = pytest.mark.slow
+ROOT = str(REPO_ROOT)
+SSHD = "/usr/sbin/sshd"
+PORTS = (22, 6379, 8265, 8000)  # sshd, and the config's own Ray and folio ports
+
+
+def _sshd_or_skip() -> None:
+    if not os.path.exists(SSHD) and os.geteuid() == 0 and shutil.which("apt-get"):
+        subprocess.run(["apt-get", "install", "-y", "-q", "openssh-server", "rsync"], capture_output=True)
+    if not os.path.exists(SSHD) or not shutil.which("rsync"):
+        pytest.skip("sshd (openssh-server) and rsync are not installed and could not be installed")
+
+
+def _derive_config(path: str, key: str) -> dict:
+    """The shipped config with addresses, user, key and CPU settings substituted."""
+    with open(os.path.join(ROOT, "deploy/local-cluster.yaml")) as f:
+        config = yaml.safe_load(f)
+    config["provider"].update(head_ip="127.0.0.1", worker_ips=[])
+    config["max_workers"] = 0
+    config["auth"] = {"ssh_user": "root", "ssh_private_key": key}
+
+    def cpu(cmd: str) -> str:
+        cmd = cmd.replace("--device cuda", "--device cpu").replace("--max-replicas 3", "--max-replicas 1")
+        if "pip install -e" in cmd:  # the CPU build of torch, as .ci/setup installs it
+            cmd = cmd.replace("pip install -e ~/folio", "pip install -c ~/folio/.ci/constraints-cpu.txt -e ~/folio")
+        return cmd
+
+    for k in ("setup_commands", "head_start_ray_commands"):
+        config[k] = [cpu(c) for c in config[k]]
+    with open(path, "w") as f:
+        yaml.safe_dump(config, f)
+    return config
+
+
+def _sshd_config(work: str) -> str:
+    # The machine's pip settings (a local wheel folder for the CPU torch build) reach the
+    # nodes' setup commands as they would through a login's environment.
+    env = [f"{k}={v}" for k, v in os.environ.items() if k.startswith("PIP_") or k.startswith("SSL_CERT")]
+    lines = [
+        "Port 22",
+        "ListenAddress 127.0.0.1",
+        f"HostKey {work}/host_key",
+        f"AuthorizedKeysFile {work}/authorized_keys",
+        "PermitRootLogin prohibit-password",
+        "PasswordAuthentication no",
+        "KbdInteractiveAuthentication no",
+        "UsePAM no",
+        "StrictModes no",
+        f"PidFile {work}/sshd.pid",
+        "SetEnv " + " ".join(env),
+    ]
+    with open(f"{work}/sshd_config", "w") as f:
+        f.write("\n".join(lines) + "\n")
+    return f"{work}/sshd_config"
+
+
+def test_ray_up_local_cluster():
+    _sshd_or_skip()
+    for port in PORTS:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                pytest.fail(f"127.0.0.1:{port} is taken; the config's ports must be free for this test")
+    work = tempfile.mkdtemp(prefix="folio-rayup-", dir="/var/tmp")  # /tmp is replaced in the namespace
+    try:
+        os.makedirs(f"{work}/home")
+        for name in ("host_key", "client_key"):
+            subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", f"{work}/{name}"], check=True)
+        shutil.copy(f"{work}/client_key.pub", f"{work}/authorized_keys")
+        config = _derive_config(f"{work}/cluster.yaml", f"{work}/client_key")
+        assert "--device cpu" in " ".join(config["head_start_ray_commands"])
+        with open(f"{work}/batch.jsonl", "w") as f:
+            for row in _requests()[:8]:
+                f.write(json.dumps(row) + "\n")
+        sshd_config = _sshd_config(work)
+        home = os.path.expanduser("~")
+        # The test's Python may live under ~ (pyenv): it stays visible in the new ~.
+        keep = ""
+        real = os.path.realpath(sys.executable)
+        if real.startswith(home + "/"):
+            top = os.path.join(home, os.path.relpath(real, home).split("/")[0])
+            inner = os.path.join(work, "home", os.path.basename(top))
+            os.makedirs(inner)
+            keep = f"mount --bind {top} {inner}; "
+        script = (
+            f"set -e; mount -t tmpfs tmpfs /tmp; {keep}mount --rbind {work}/home {home}; mkdir -p /run/sshd; "
+            f"{SSHD} -f {sshd_config} -E {work}/sshd.log; "
+            f"PYTHONPATH={ROOT} {sys.executable} {ROOT}/tests/e2e/ray_up_driver.py {work}"
+        )
+        # Everything started in the namespace dies with its first process.
+        run = subprocess.run(
+            ["unshare", "--pid", "--mount", "--fork", "--mount-proc", "--propagation", "private", "bash", "-c", script],
+            capture_output=True,
+            text=True,
+            timeout=1800,
+        )
+        result = json.load(open(f"{work}/result.json")) if os.path.exists(f"{work}/result.json") else {}
+        print(json.dumps(result, indent=2))
+        assert run.returncode == 0, (run.stderr[-3000:], result, _tail(work))
+        assert result["batch_status"]["status"] == "SUCCEEDED", result
+        expected = _greedy_reference()
+        lines = [json.loads(ln) for ln in open(f"{work}/batch_out.jsonl")]
+        assert sorted(r["custom_id"] for r in lines) == sorted(r["custom_id"] for r in _requests()[:8])
+        for r in lines:
+            choice = r["response"]["body"]["choices"][0]
+            text = choice["message"]["content"] if "message" in choice else choice["text"]
+            assert text == expected[r["custom_id"]], (r["custom_id"], text, MAX_TOKENS)
+        old, new = result["serve_pids"]
+        assert old != new  # a new folio serve took the port
+        if result["left_after_down"]:
+            # Known, not yet fixed: Ray's local provider answers "Head node of cluster
+            # (folio-local) not found" on `ray down` and stops nothing (issue item 5).
+            pytest.xfail(f"ray down left the cluster running: {result['left_after_down']}")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _tail(work: str) -> dict:
+    out = {}
+    for name in ("ray_up.log", "restart.log", "ray_down.log", "sshd.log"):
+        p = os.path.join(work, name)
+        if os.path.exists(p):
+            out[name] = open(p).read()[-2500:]
+    return out
