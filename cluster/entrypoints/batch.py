@@ -3,8 +3,9 @@
     folio batch submit requests.jsonl --output results.jsonl    # prints the job id
     folio batch status JOB_ID                                   # state and progress
 
-`submit` (batch_job.py) hands Ray's job API an entrypoint, `python -m
-cluster.entrypoints.batch run ...`, which Ray runs on the head node. That process, this
+`submit` (batch_job.py) hands Ray's job API an entrypoint, `"${FOLIO_PYTHON:-python}" -m
+cluster.entrypoints.batch run ...`, which Ray runs on the head node in folio's own
+interpreter (the deploy configs set FOLIO_PYTHON on `ray start`). That process, this
 module, checks the input (batch_input.py), resumes from the output
 (batch_output.py), sends every line still to do to the cluster's OpenAI
 endpoint with bounded concurrency and appends one output line per input line.
