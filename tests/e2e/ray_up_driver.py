@@ -106,11 +106,16 @@ def main() -> None:
     result["serve_pids"] = [pid_before, open(os.path.expanduser("~/.folio/serve.pid")).read().strip()]
     save()
 
+    state = "/tmp/ray/cluster-folio-local.state"  # the local provider's node tags, for a failing down
+    result["provider_state_before_down"] = open(state).read() if os.path.exists(state) else None
     sh("ray_down", ray, "down", "-y", config)
     time.sleep(20)  # folio serve notices its cluster is gone within ~15 s
-    ps = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
+    ps = subprocess.run(["ps", "-eo", "pid,stat,args"], capture_output=True, text=True).stdout
     markers = ("raylet", "gcs_server", "ray::", "dashboard", "folio serve", "monitor.py", "log_monitor")
-    result["left_after_down"] = [ln for ln in ps.splitlines()[1:] if any(m in ln for m in markers)]
+    # A zombie (stat Z) has exited and holds nothing; the namespace's first process, a
+    # shell, reaps it only when it ends.
+    alive = [ln for ln in ps.splitlines()[1:] if ln.split(None, 2)[1][:1] != "Z"]
+    result["left_after_down"] = [ln for ln in alive if any(m in ln for m in markers)]
     save()
 
 

@@ -103,17 +103,10 @@ def test_ray_up_local_cluster():
                 f.write(json.dumps(row) + "\n")
         sshd_config = _sshd_config(work)
         home = os.path.expanduser("~")
-        # The test's Python may live under ~ (pyenv): it stays visible in the new ~.
-        keep = ""
-        real = os.path.realpath(sys.executable)
-        if real.startswith(home + "/"):
-            top = os.path.join(home, os.path.relpath(real, home).split("/")[0])
-            inner = os.path.join(work, "home", os.path.basename(top))
-            os.makedirs(inner)
-            keep = f"mount --bind {top} {inner}; "
+        stash, restore = _keep_visible(work, home)
         script = (
-            f"set -e; mount -t tmpfs tmpfs /tmp; {keep}mount --rbind {work}/home {home}; mkdir -p /run/sshd; "
-            f"{SSHD} -f {sshd_config} -E {work}/sshd.log; "
+            f"set -e; {stash}mount -t tmpfs tmpfs /tmp; mount --rbind {work}/home {home}; {restore}"
+            f"mkdir -p /run/sshd; {SSHD} -f {sshd_config} -E {work}/sshd.log; "
             f"PYTHONPATH={ROOT} {sys.executable} {ROOT}/tests/e2e/ray_up_driver.py {work}"
         )
         # Everything started in the namespace dies with its first process.
@@ -142,6 +135,22 @@ def test_ray_up_local_cluster():
             pytest.xfail(f"ray down left the cluster running: {result['left_after_down']}")
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _keep_visible(work: str, home: str) -> tuple[str, str]:
+    """Shell commands that keep the repository and this Python visible in the namespace
+    when they live under /tmp or ~ (a CI clone, a pyenv), which the namespace replaces:
+    each is bind-mounted aside under `work` first and back in place afterwards."""
+    base = os.path.dirname(os.path.dirname(os.path.realpath(sys.executable)))
+    hidden = {p for p in (ROOT, sys.prefix, base) if p == "/tmp" or p.startswith(("/tmp/", home + "/"))}
+    outer = sorted(p for p in hidden if not any(p.startswith(q + "/") for q in hidden))
+    stash = restore = ""
+    for i, path in enumerate(outer):
+        aside = f"{work}/visible{i}"
+        os.makedirs(aside)
+        stash += f"mount --bind {path} {aside}; "
+        restore += f"mkdir -p {path}; mount --bind {aside} {path}; "
+    return stash, restore
 
 
 def _tail(work: str) -> dict:

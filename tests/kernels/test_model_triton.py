@@ -29,10 +29,10 @@ pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="the interpret
 @pytest.mark.slow
 # gpt_neox: partial rotary (a quarter of each head) through the rotary kernel.
 # gemma2: soft-capped scores in both attention kernels, beside a sliding window.
-# qwen2_moe, qwen3_moe: the fused MoE kernels (shared expert and dense layers; renormalized top-k).
+# qwen2_moe: the fused MoE kernels beside a shared expert and a dense layer (Mixtral's and
+# Qwen3-MoE's renormalized top-k differ only in the router, which CPU parity covers).
 @pytest.mark.parametrize(
-    "family",
-    ["mistral", "qwen2", "qwen3", "phi3", "gemma3", "gemma2", "falcon_new", "gpt_neox", "qwen2_moe", "qwen3_moe"],
+    "family", ["mistral", "qwen2", "qwen3", "phi3", "gemma3", "gemma2", "falcon_new", "gpt_neox", "qwen2_moe"]
 )
 def test_tiny_model_on_triton_kernels_matches_transformers(family, tiny_model):
     path = tiny_model(family)
