@@ -384,8 +384,8 @@ class ModelRunner:
             proposed = self.drafter.propose(jobs, self.block_table, self.sampler, self.sampler.vocab_size)
             drafts = [tokens for tokens, _ in proposed]
             for rid, (_, probs) in zip(asked, proposed):
-                if any(q is not None for q in probs):
-                    self._draft_probs[rid] = torch.stack(probs) if all(q is not None for q in probs) else None
+                if probs and probs[0] is not None:  # a request's rows all have q or none do
+                    self._draft_probs[rid] = torch.stack(probs)
         if self.tp.world_size > 1:
             ids = torch.full((len(asked), MAX_SPECULATIVE_TOKENS), -1, dtype=torch.long)
             if self.tp.rank == 0:

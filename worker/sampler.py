@@ -435,15 +435,23 @@ class Sampler:
     ) -> Tensor:
         """x: [R, V] adjusted logits of non-greedy requests -> [R] sampled token ids."""
         probs = self._probs(x, [r.params for r in requests])
-        tokens = (probs / self._exponential_noise(requests, vocab=x.shape[1])).argmax(-1)
         checked = [
             i for i, r in enumerate(requests) if proposals and proposals[i] is not None and r.params.seed is None
         ]
-        if checked:
-            index = self._long(checked)
-            drafted = self._long([proposals[i].token for i in checked])
-            q = torch.stack([proposals[i].probs for i in checked]).to(probs.device)
-            tokens[index] = self._rejection_sample(probs[index], q, drafted)
+        if not checked:
+            return (probs / self._exponential_noise(requests, vocab=x.shape[1])).argmax(-1)
+        # Rows with a draft model's proposal are rejection-sampled; only the rest draw noise.
+        tokens = torch.empty(len(requests), dtype=torch.long, device=probs.device)
+        kept = set(checked)
+        plain = [i for i in range(len(requests)) if i not in kept]
+        if plain:
+            rows = self._long(plain)
+            noise = self._exponential_noise([requests[i] for i in plain], vocab=x.shape[1])
+            tokens[rows] = (probs[rows] / noise).argmax(-1)
+        index = self._long(checked)
+        drafted = self._long([proposals[i].token for i in checked])
+        q = torch.stack([proposals[i].probs for i in checked]).to(probs.device)
+        tokens[index] = self._rejection_sample(probs[index], q, drafted)
         return tokens
 
     def _rejection_sample(self, p: Tensor, q: Tensor, drafted: Tensor) -> Tensor:

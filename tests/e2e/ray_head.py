@@ -6,6 +6,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from dataclasses import dataclass, field
 
 
@@ -47,3 +48,15 @@ def start_ray_head(ports: RayHeadPorts, workdir: str, env: dict, *extra_args: st
         stderr=subprocess.STDOUT,
         start_new_session=True,
     )
+
+
+def wait_for_head(head: subprocess.Popen, workdir: str, timeout: float = 90) -> str:
+    """Until the head has written its address file (it is up), or fail the test.
+    Returns the address (host:port) its file holds."""
+    address_file = os.path.join(workdir, "ray", "ray_current_cluster")
+    deadline = time.monotonic() + timeout
+    while not os.path.exists(address_file):
+        assert head.poll() is None and time.monotonic() < deadline, "ray start failed"
+        time.sleep(0.5)
+    with open(address_file) as f:
+        return f.read().strip()

@@ -34,7 +34,7 @@ import pytest
 import yaml
 
 from tests import REPO_ROOT
-from tests.e2e.ray_head import RayHeadPorts, free_port, start_ray_head
+from tests.e2e.ray_head import RayHeadPorts, free_port, start_ray_head, wait_for_head
 from tests.prometheus import samples
 
 pytestmark = pytest.mark.slow
@@ -180,11 +180,7 @@ def cluster():
     serve = None
     stop = threading.Event()
     try:
-        address_file = os.path.join(workdir, "ray", "ray_current_cluster")
-        deadline = time.monotonic() + 90
-        while not os.path.exists(address_file):
-            assert head.poll() is None and time.monotonic() < deadline, "ray start failed"
-            time.sleep(0.5)
+        address = wait_for_head(head, workdir)
         c = Cluster(f"http://127.0.0.1:{ports.dashboard}", f"http://127.0.0.1:{port}/v1", workdir)
         c.wait_for(lambda: _up(c.dashboard + "/api/version"), 60, "the dashboard did not come up")
         serve = subprocess.Popen(
@@ -194,7 +190,7 @@ def cluster():
                 "cluster.entrypoints.cli",
                 "serve",
                 "--ray-address",
-                open(address_file).read().strip(),
+                address,
                 "--port",
                 str(port),
                 "--device",

@@ -20,7 +20,7 @@ import httpx
 import pytest
 
 from tests import REPO_ROOT
-from tests.e2e.ray_head import RayHeadPorts, free_port, start_ray_head
+from tests.e2e.ray_head import RayHeadPorts, free_port, start_ray_head, wait_for_head
 from tests.e2e.test_autoscaling import _env, _stop_group, _up
 
 pytestmark = pytest.mark.slow
@@ -33,14 +33,10 @@ def test_serve_exits_when_its_cluster_stops():
     serve = None
     log_path = os.path.join(workdir, "serve.log")
     try:
-        address_file = os.path.join(workdir, "ray", "ray_current_cluster")
-        deadline = time.monotonic() + 90
-        while not os.path.exists(address_file):
-            assert head.poll() is None and time.monotonic() < deadline, "ray start failed"
-            time.sleep(0.5)
+        address = wait_for_head(head, workdir)
         serve = subprocess.Popen(
             [sys.executable, "-m", "cluster.entrypoints.cli", "serve", "--ray-address"]
-            + [open(address_file).read().strip(), "--port", str(port), "--device", "cpu"]
+            + [address, "--port", str(port), "--device", "cpu"]
             + ["--worker-host", "127.0.0.1", "--cpus-per-worker", "1", "--max-num-seqs", "2"]
             + ["--max-model-len", "256", "--num-kv-blocks", "32"],
             cwd=str(REPO_ROOT),
