@@ -12,15 +12,24 @@ set -eu
 pidfile=${FOLIO_SERVE_PIDFILE:-$HOME/.folio/serve.pid}
 log=${FOLIO_SERVE_LOG:-$HOME/folio-serve.log}
 
+# Alive and not a zombie: an exited server whose new parent (an init that does not reap,
+# as a container's shell can be) has not collected it yet holds nothing, not even its port.
+running() {
+    kill -0 "$1" 2>/dev/null || return 1
+    state=$(sed 's/.*) //' "/proc/$1/stat" 2>/dev/null | cut -d' ' -f1)
+    [ "$state" != Z ]
+}
+
 stop() {
     [ -s "$pidfile" ] || return 0
     pid=$(cat "$pidfile")
     # Only our folio serve: after a reboot the pid may belong to something else.
     if kill -0 "$pid" 2>/dev/null && grep -q "folio" "/proc/$pid/cmdline" 2>/dev/null; then
+        echo "=== $(date -u '+%Y-%m-%dT%H:%M:%SZ') serve-ctl stop: SIGTERM to $pid" >>"$log"
         kill -TERM "$pid"
         i=0
-        while kill -0 "$pid" 2>/dev/null && [ "$i" -lt 60 ]; do sleep 1; i=$((i + 1)); done
-        if kill -0 "$pid" 2>/dev/null; then kill -KILL "$pid"; fi
+        while running "$pid" && [ "$i" -lt 60 ]; do sleep 1; i=$((i + 1)); done
+        if running "$pid"; then kill -KILL "$pid"; fi
     fi
     rm -f "$pidfile"
 }
@@ -32,7 +41,8 @@ case "${1:-}" in
         stop
         mkdir -p "$(dirname "$pidfile")"
         # Detached from `ray up`'s SSH session: no terminal, every stream redirected.
-        nohup "$@" >"$log" 2>&1 </dev/null &
+        echo "=== $(date -u '+%Y-%m-%dT%H:%M:%SZ') serve-ctl start: $*" >>"$log"
+        nohup "$@" >>"$log" 2>&1 </dev/null &
         echo $! >"$pidfile"
         ;;
     *) echo "usage: $0 start COMMAND... | stop" >&2; exit 2 ;;

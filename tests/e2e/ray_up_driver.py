@@ -109,14 +109,20 @@ def main() -> None:
     state = "/tmp/ray/cluster-folio-local.state"  # the local provider's node tags, for a failing down
     result["provider_state_before_down"] = open(state).read() if os.path.exists(state) else None
     sh("ray_down", ray, "down", "-y", config)
-    time.sleep(20)  # folio serve notices its cluster is gone within ~15 s
+    # `ray down` runs `ray stop` on the head; folio serve then notices its cluster is
+    # gone (cluster/ray_watch.py, within ~15 s) and exits.
+    t, deadline = time.monotonic(), time.monotonic() + 60
+    while (left := _ray_or_folio_processes()) and time.monotonic() < deadline:
+        time.sleep(1)
+    result["phases"]["down_to_no_process"] = round(time.monotonic() - t, 1)
+    result["left_after_down"] = left
+    save()
+
+
+def _ray_or_folio_processes() -> list[str]:
     ps = subprocess.run(["ps", "-eo", "pid,stat,args"], capture_output=True, text=True).stdout
     markers = ("raylet", "gcs_server", "ray::", "dashboard", "folio serve", "monitor.py", "log_monitor")
-    # A zombie (stat Z) has exited and holds nothing; the namespace's first process, a
-    # shell, reaps it only when it ends.
-    alive = [ln for ln in ps.splitlines()[1:] if ln.split(None, 2)[1][:1] != "Z"]
-    result["left_after_down"] = [ln for ln in alive if any(m in ln for m in markers)]
-    save()
+    return [ln for ln in ps.splitlines()[1:] if any(m in ln for m in markers)]
 
 
 if __name__ == "__main__":

@@ -260,3 +260,28 @@ def test_readme_cluster_section_names_files_that_exist():
     } <= paths
     for p in paths | set(re.findall(r"\b(?:cluster|tests)/\w+\.py", section)):
         assert os.path.exists(os.path.join(ROOT, p)), p
+
+
+def test_serve_ctl_stop_does_not_wait_for_an_exited_server_nobody_reaped(tmp_path):
+    """A server that exited on SIGTERM but whose parent has not collected it (an init
+    that does not reap, as a container's shell can be) is a zombie: kill -0 still
+    succeeds on it, and stop waited its full 60 s before a restart could go on."""
+    import subprocess
+    import sys
+    import time
+
+    env = dict(os.environ, FOLIO_SERVE_PIDFILE=str(tmp_path / "serve.pid"), FOLIO_SERVE_LOG=str(tmp_path / "log"))
+    # This test's own child, never waited for until the end: a zombie once it exits.
+    server = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)", "folio"])
+    try:
+        time.sleep(0.5)
+        (tmp_path / "serve.pid").write_text(str(server.pid))
+        t = time.monotonic()
+        subprocess.run([os.path.join(ROOT, "deploy/serve-ctl.sh"), "stop"], env=env, check=True, timeout=90)
+        assert time.monotonic() - t < 10
+        with open(f"/proc/{server.pid}/stat") as f:
+            assert f.read().split(")")[1].split()[0] == "Z"  # exited, not yet reaped
+        assert "SIGTERM" in (tmp_path / "log").read_text()
+    finally:
+        server.kill()
+        server.wait()
