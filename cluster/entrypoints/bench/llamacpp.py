@@ -34,6 +34,7 @@ import sys
 import tarfile
 import tempfile
 import time
+from typing import Optional
 
 import httpx
 
@@ -140,6 +141,74 @@ def llama_server(binary: str, model: str, slots: int, threads: int, context: int
         log.close()
 
 
+# Short prompts whose continuations are mostly confident: where two servers part on
+# them, it is arithmetic, not a coin flip between equally likely words.
+GREEDY_PROMPTS = (
+    "The capital of France is",
+    "Here is a Python function that returns the factorial of n:\n",
+    "The three primary colors are",
+    "Once upon a time, in a small village by the sea,",
+    "Water boils at a temperature of",
+    "1, 2, 3, 4, 5,",
+)
+
+
+def greedy_agreement(servers: dict[str, str], tokenizer, max_tokens: int = 48) -> list[dict]:
+    """Each of GREEDY_PROMPTS continued greedily (temperature 0, the same token-id prompt)
+    by every server, and how many leading tokens of their texts agree (both texts encoded
+    with the model's tokenizer). Both servers read the same quantized weights but do not
+    compute alike (llama.cpp rounds the activations to 8 bits for its dot products; folio
+    multiplies them in bf16 or fp32), so near-ties can go either way, and the texts part
+    there."""
+    rows = []
+    with httpx.Client(timeout=300) as client:
+        models = {name: client.get(f"{url}/models").json()["data"][0]["id"] for name, url in servers.items()}
+        for prompt in GREEDY_PROMPTS:
+            ids = tokenizer.encode(prompt, add_special_tokens=False)
+            texts = {}
+            for name, url in servers.items():
+                body = {"model": models[name], "prompt": ids, "max_tokens": max_tokens, "temperature": 0}
+                r = client.post(f"{url}/completions", json=body)
+                r.raise_for_status()
+                texts[name] = r.json()["choices"][0]["text"]
+            encoded = [tokenizer.encode(t, add_special_tokens=False) for t in texts.values()]
+            shared = shared_prefix(encoded)
+            row = {"prompt": prompt, "texts": texts, "shared_tokens": shared, "tokens": [len(e) for e in encoded]}
+            if "folio" in servers and len(set(texts.values())) > 1:
+                row["folio_margin"] = _margin(client, servers["folio"], models["folio"], ids + encoded[0][:shared])
+            rows.append(row)
+    return rows
+
+
+def shared_prefix(seqs: list[list[int]]) -> int:
+    """How many leading items all of seqs have in common."""
+    n = 0
+    while all(len(s) > n for s in seqs) and len({s[n] for s in seqs}) == 1:
+        n += 1
+    return n
+
+
+def _margin(client: httpx.Client, url: str, model: str, ids: list[int]) -> Optional[float]:
+    """folio's logprob gap between its first and second choice where the texts part: a
+    small gap is a near-tie, which other arithmetic may well decide the other way."""
+    body = {"model": model, "prompt": ids, "max_tokens": 1, "temperature": 0, "logprobs": 2}
+    top = client.post(f"{url}/completions", json=body).json()["choices"][0]["logprobs"]["top_logprobs"][0]
+    best = sorted(top.values(), reverse=True)
+    return round(best[0] - best[1], 3) if len(best) > 1 else None
+
+
+def print_agreement(rows: list[dict]) -> None:
+    for row in rows:
+        identical = len(set(row["texts"].values())) == 1
+        same = "identical" if identical else f"first {row['shared_tokens']} tokens agree"
+        if row.get("folio_margin") is not None:
+            same += f"; there folio's top two choices are {row['folio_margin']} nats apart"
+        print(f"  {row['prompt']!r}: {same}")
+        if not identical:
+            for name, text in row["texts"].items():
+                print(f"    {name:12s} {text!r}")
+
+
 def compare(servers: dict[str, str], reqs, concurrencies: list[int], rounds: int, seed: int) -> list[dict]:
     """Each server at each concurrency, rounds alternating; one row per concurrency."""
     rows = []
@@ -197,7 +266,8 @@ def main(args: argparse.Namespace) -> dict:
     if not model.endswith(".gguf"):
         raise SystemExit("folio bench llamacpp: --model must be a .gguf file (llama-server reads GGUF only)")
     binary = args.llama_server or build_llama_server(args.build_dir)
-    reqs = chat_like(args.num_requests, len(load_tokenizer(model)), args.seed, args.prompt_median, args.output_median)
+    tokenizer = load_tokenizer(model)
+    reqs = chat_like(args.num_requests, len(tokenizer), args.seed, args.prompt_median, args.output_median)
     longest = max(len(r.prompt_token_ids) + r.output_len for r in reqs)
     slots = max(args.concurrency)
     print(
@@ -221,8 +291,12 @@ def main(args: argparse.Namespace) -> dict:
             speculative_max_batch=args.speculative_max_batch,
         )
         with serve_in_background(cfg) as folio:
+            servers = {"folio": folio.base_url + "/v1", "llama_server": peer_url}
+            print(f"greedy continuations of {len(GREEDY_PROMPTS)} prompts, folio against llama-server:")
+            agreement = greedy_agreement(servers, tokenizer)
+            print_agreement(agreement)
             rows = compare(
-                {"folio": folio.base_url + "/v1", "llama_server": peer_url},
+                servers,
                 reqs,
                 args.concurrency,
                 args.rounds,
@@ -235,7 +309,7 @@ def main(args: argparse.Namespace) -> dict:
         print(f"{c:11d} {ours:12.1f} {theirs:13.1f} {row['ratio']:20.2f}x")
     result = {"model": model, "dtype": args.dtype, "quantization": args.quantization, "llama_server": binary}
     result["speculative_model"], result["num_speculative_tokens"] = args.speculative_model, args.num_speculative_tokens
-    result["rows"] = rows
+    result["rows"], result["greedy_agreement"] = rows, agreement
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)
