@@ -275,6 +275,20 @@ def test_side_by_side_bench_counts_every_token_and_refuses_a_short_run(server):
         compare({"a": url}, too_long, [2], rounds=1, seed=0)
 
 
+def test_greedy_agreement_compares_texts_token_by_token(server):
+    """`folio bench llamacpp`'s greedy check (here folio against itself): every prompt's
+    continuation is identical on both, all its tokens shared."""
+    from cluster.entrypoints.bench.llamacpp import GREEDY_PROMPTS, greedy_agreement, shared_prefix
+
+    url = server.base_url + "/v1"
+    rows = greedy_agreement({"folio": url, "again": url}, server.deployment.serving.tokenizer, max_tokens=6)
+    assert [r["prompt"] for r in rows] == list(GREEDY_PROMPTS)
+    for r in rows:
+        assert len(set(r["texts"].values())) == 1 and r["texts"]["folio"]
+        assert r["shared_tokens"] == r["tokens"][0] == r["tokens"][1] and "folio_margin" not in r
+    assert shared_prefix([[1, 2, 3], [1, 2, 4], [1, 2]]) == 2 and shared_prefix([[5], [6]]) == 0
+
+
 def _assert_idle_and_intact(server, timeout: float = 30):
     deadline = time.monotonic() + timeout
     while server.metric("folio_kv_cache_free_blocks") != NUM_KV_BLOCKS:
