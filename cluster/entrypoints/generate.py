@@ -34,17 +34,14 @@ def main(args: argparse.Namespace) -> None:
         build_config(EngineConfig, **options)
     except ValueError as e:
         raise SystemExit(f"folio generate: {e}") from None
-    llm = LLM(**options)
-    prompts, params, ids = [], [], []
+    # Every row is read and checked before the model loads: a bad line costs a second.
+    rows, params, ids = [], [], []
     with open(args.input) as f:
         for n, line in enumerate(f):
             if not line.strip():
                 continue
             row = json.loads(line)
-            if "messages" in row:
-                prompts.append(llm.chat_token_ids(row["messages"]))
-            else:
-                prompts.append(row["prompt"])
+            rows.append(row)
             ids.append(row.get("id", n))
             params.append(
                 SamplingParams(
@@ -57,6 +54,8 @@ def main(args: argparse.Namespace) -> None:
                     grammar=_grammar(row, n + 1),
                 )
             )
+    llm = LLM(**options)
+    prompts = [llm.chat_token_ids(row["messages"]) if "messages" in row else row["prompt"] for row in rows]
     try:
         results = llm.generate(prompts, params, use_tqdm=True)
     except ValueError as e:  # a request the engine refuses (a grammar that does not compile, ...)

@@ -1,4 +1,5 @@
-"""Autoscaling and batch jobs on a real Ray cluster with Ray's fake multi-node provider.
+"""Autoscaling and batch jobs on a real Ray cluster with Ray's fake multi-node provider,
+and `folio serve` exiting when that cluster goes away.
 
 One machine plays a cluster: `ray start --head` with an autoscaling config whose
 worker nodes are extra raylets started on demand. Only worker nodes have the
@@ -6,7 +7,8 @@ worker nodes are extra raylets started on demand. Only worker nodes have the
 replica-capable node and every replica makes Ray's autoscaler add a node.
 `folio serve` (min 1, max 2 replicas) and `folio batch submit` run as the
 operator would run them, in their own processes; the batch goes through Ray's
-job submission API and folio's HTTP endpoint.
+job submission API and folio's HTTP endpoint. The last test stops the cluster
+under the server (one cluster and one server start serve all three tests).
 
 Ray itself binds the machine's routable address (it replaces 127.0.0.1 for its
 own processes); folio's workers and HTTP server bind 127.0.0.1, and the test
@@ -22,19 +24,22 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import Optional
 
 import httpx
 import pytest
 import yaml
 
 from tests import REPO_ROOT
-from tests.e2e.ray_head import RayHeadPorts, free_port, start_ray_head, wait_for_head
+from tests.e2e.ray_head import RayHeadPorts, free_port, start_ray_head, stop_group, wait_for_head
+from tests.e2e.reference import reference_llm
 from tests.prometheus import samples
 
 pytestmark = pytest.mark.slow
@@ -43,8 +48,7 @@ ROOT = str(REPO_ROOT)
 NUM_LINES = 64
 MAX_TOKENS = 16
 RESUMED = 16  # lines the resumed job finds already done
-# `folio batch` imports torch (the serve parser): on a loaded 2-core machine it
-# took over 60 s from start to exit, with the job already submitted.
+# `folio batch` starts in well under a second; this bounds a loaded 2-core machine.
 CLI_TIMEOUT = 180
 
 
@@ -58,24 +62,6 @@ def _env(**extra) -> dict:
     )
     env.update(extra)
     return env
-
-
-def _stop_group(proc: subprocess.Popen, grace: float = 20) -> None:
-    """SIGTERM the process group the test started, then SIGKILL what is left."""
-    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5)):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            proc.wait(wait)
-        except subprocess.TimeoutExpired:
-            continue
-        time.sleep(1)  # children of the group may outlive the leader briefly
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
 
 
 def _cluster_config(gcs_port: int) -> dict:
@@ -122,7 +108,11 @@ class Cluster:
     dashboard: str  # http://127.0.0.1:port, the job API
     endpoint: str  # folio's http://127.0.0.1:port/v1
     workdir: str
+    head: subprocess.Popen  # `ray start --head --block`, leader of the cluster's process group
+    serve: Optional[subprocess.Popen] = None  # `folio serve`, in its own process group
     timeline: list = field(default_factory=list)  # (seconds, alive nodes, folio replicas)
+    _sampler: Optional[threading.Thread] = None
+    _stop_sampling: threading.Event = field(default_factory=threading.Event)
     t0: float = field(default_factory=time.monotonic)
     t0_wall: float = field(default_factory=time.time)
 
@@ -153,8 +143,17 @@ class Cluster:
             time.sleep(0.5)
         return time.monotonic() - self.t0
 
-    def sample_forever(self, stop: threading.Event) -> None:
-        while not stop.wait(0.5):
+    def start_sampling(self) -> None:
+        self._sampler = threading.Thread(target=self._sample_forever, daemon=True)
+        self._sampler.start()
+
+    def stop_sampling(self) -> None:
+        self._stop_sampling.set()
+        if self._sampler is not None:
+            self._sampler.join(30)
+
+    def _sample_forever(self) -> None:
+        while not self._stop_sampling.wait(0.5):
             try:
                 self.timeline.append((round(time.monotonic() - self.t0, 1), self.nodes(), self.replicas()))
             except Exception:  # noqa: BLE001 - a missed sample is fine
@@ -177,13 +176,12 @@ def cluster():
         _env(RAY_FAKE_CLUSTER="1", AUTOSCALER_UPDATE_INTERVAL_S="1"),
         f"--autoscaling-config={config_path}",
     )
-    serve = None
-    stop = threading.Event()
+    serve = c = None
     try:
         address = wait_for_head(head, workdir)
-        c = Cluster(f"http://127.0.0.1:{ports.dashboard}", f"http://127.0.0.1:{port}/v1", workdir)
+        c = Cluster(f"http://127.0.0.1:{ports.dashboard}", f"http://127.0.0.1:{port}/v1", workdir, head)
         c.wait_for(lambda: _up(c.dashboard + "/api/version"), 60, "the dashboard did not come up")
-        serve = subprocess.Popen(
+        serve = c.serve = subprocess.Popen(
             [
                 sys.executable,
                 "-m",
@@ -224,7 +222,7 @@ def cluster():
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-        threading.Thread(target=c.sample_forever, args=(stop,), daemon=True).start()
+        c.start_sampling()
         c.wait_for(
             lambda: (
                 serve.poll() is None and _up(c.endpoint.removesuffix("/v1") + "/health") or serve.poll() is not None
@@ -235,10 +233,11 @@ def cluster():
         assert serve.poll() is None, open(os.path.join(workdir, "serve.log")).read()[-3000:]
         yield c
     finally:
-        stop.set()
+        if c is not None:
+            c.stop_sampling()
         if serve is not None:
-            _stop_group(serve)
-        _stop_group(head)
+            stop_group(serve)
+        stop_group(head)
         shutil.rmtree(workdir, ignore_errors=True)
 
 
@@ -279,10 +278,9 @@ def _requests() -> list[dict]:
 
 def _greedy_reference() -> dict[str, str]:
     """Greedy text per custom_id from the in-process engine on the same model."""
-    from cluster.entrypoints.llm import LLM
     from protos.messages import SamplingParams
 
-    llm = LLM(max_model_len=512, num_kv_blocks=128)
+    llm = reference_llm()
     rows = _requests()
     prompts = [
         llm.chat_token_ids(r["body"]["messages"]) if "messages" in r["body"] else r["body"]["prompt"] for r in rows
@@ -291,12 +289,26 @@ def _greedy_reference() -> dict[str, str]:
     return {r["custom_id"]: res.outputs[0].text for r, res in zip(rows, results)}
 
 
+def _on_one_torch_thread(fn):
+    """fn() with torch on one thread. Beside the cluster's busy processes, torch's threads
+    wait on each other at every op whenever one is descheduled: on a loaded 2-core machine
+    the reference took minutes on two threads and seconds on one."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # in the thread that runs fn: OpenMP's setting is per thread
+    try:
+        return fn()
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def expected():
     """The reference, computed on a thread while the cluster starts (tests list this
     fixture before `cluster`); .result() waits for it."""
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        yield pool.submit(_greedy_reference)
+        yield pool.submit(_on_one_torch_thread, _greedy_reference)
 
 
 def _write_input(cluster: Cluster, name: str) -> str:
@@ -355,7 +367,7 @@ def _wait_job(cluster: Cluster, job_id: str, timeout: float) -> dict:
     deadline = time.monotonic() + timeout
     while (status := client.get_job_status(job_id)) not in {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}:
         assert time.monotonic() < deadline, client.get_job_logs(job_id)[-3000:]
-        time.sleep(1)
+        time.sleep(0.25)
     assert status == JobStatus.SUCCEEDED, client.get_job_logs(job_id)[-3000:]
     return _status(cluster, job_id)
 
@@ -460,3 +472,33 @@ def _same_session(pid: int, cluster: Cluster) -> bool:
         return any(cluster.workdir in os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd"))
     except OSError:
         return False
+
+
+def test_serve_exits_when_its_cluster_stops(cluster):
+    """Stopping the head's process group (GCS, raylets, the worker nodes and folio's workers)
+    is what `ray stop` does to a cluster. The server must log why, exit non-zero and leave
+    the port to the server a new cluster starts, instead of answering 503 forever (issue:
+    `ray up --restart-only`). Last in this module: it ends the cluster the others ran on."""
+    port = int(cluster.endpoint.removesuffix("/v1").rsplit(":", 1)[1])
+    log_path = os.path.join(cluster.workdir, "serve.log")
+    assert cluster.serve.poll() is None, open(log_path).read()[-3000:]
+    cluster.stop_sampling()  # no request of ours is open on the port as the server exits
+    stop_group(cluster.head)
+    stopped = time.monotonic()
+    try:
+        code = cluster.serve.wait(90)
+    except subprocess.TimeoutExpired:
+        pytest.fail("folio serve kept running without its cluster:\n" + open(log_path).read()[-3000:])
+    took = time.monotonic() - stopped
+    log = open(log_path).read()
+    assert code != 0, log[-3000:]
+    assert "lost its Ray cluster" in log, log[-3000:]
+    # The port is free for the next server: it binds and listens there as uvicorn does, with
+    # SO_REUSEADDR, which the batch jobs' connections that linger in TIME_WAIT do not stop.
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind(("127.0.0.1", port))
+        s.listen()
+    print(f"folio serve exited {code} {took:.1f} s after its cluster stopped")
+    with pytest.raises(httpx.HTTPError):
+        httpx.get(f"http://127.0.0.1:{port}/health", timeout=2)

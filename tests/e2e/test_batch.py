@@ -12,7 +12,6 @@ import json
 import os
 import secrets
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -30,7 +29,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from cluster.entrypoints.batch import EndpointRefused, run_batch
 from cluster.entrypoints.batch_input import PLAIN_REQUEST_ID
 from tests import REPO_ROOT
-from tests.e2e.ray_head import RayHeadPorts, start_ray_head
+from tests.e2e.ray_head import RayHeadPorts, start_ray_head, stop_group
 
 ROOT = str(REPO_ROOT)
 
@@ -434,7 +433,7 @@ def test_submit_and_status_present_rays_token_from_home(tmp_path, endpoint):
                 api = JobSubmissionClient(address, headers={"Authorization": f"Bearer {token}"})
                 break
             except Exception:  # noqa: BLE001 - not up yet
-                time.sleep(1)
+                time.sleep(0.25)
         key_file = tmp_path / "key"
         key_file.write_text("sk-ray-job")
         rows = [_line(f"j{i}") for i in range(4)]
@@ -469,7 +468,7 @@ def test_submit_and_status_present_rays_token_from_home(tmp_path, endpoint):
         job_id = submitted.stdout.strip().splitlines()[-1]
         while (state := api.get_job_status(job_id)) not in {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}:
             assert time.monotonic() < deadline + 120, api.get_job_logs(job_id)[-3000:]
-            time.sleep(1)
+            time.sleep(0.25)
         assert state == JobStatus.SUCCEEDED, api.get_job_logs(job_id)[-3000:]
         assert f"batch runner: {sys.executable}" in api.get_job_logs(job_id)
         _check_one_result_each(_records(out), rows)
@@ -480,18 +479,5 @@ def test_submit_and_status_present_rays_token_from_home(tmp_path, endpoint):
         assert json.loads(shown.stdout)["progress"].startswith("progress: 4/4 done")
     finally:
         endpoint.api_key = None
-        for sig, wait in ((signal.SIGTERM, 20), (signal.SIGKILL, 5)):
-            try:
-                os.killpg(head.pid, sig)
-                head.wait(wait)
-                break
-            except ProcessLookupError:
-                break
-            except subprocess.TimeoutExpired:
-                continue
-        time.sleep(1)
-        try:
-            os.killpg(head.pid, signal.SIGKILL)  # what outlived the leader
-        except ProcessLookupError:
-            pass
+        stop_group(head)
         shutil.rmtree(workdir, ignore_errors=True)

@@ -12,10 +12,14 @@ import openai
 import pytest
 
 from protos.messages import SamplingParams
+from tests.e2e.reference import reference_llm
 from tests.worker_processes import WorkerProcesses, replica_outputs
 
 pytestmark = pytest.mark.slow
 
+# The head (this process) works while the worker computes: a worker on both cores of a
+# 2-core machine stalls whenever the head takes one (see tests/e2e/serving/server.py).
+WORKER_THREADS = 1
 COPY = (
     "Repeat the following text word for word, three times:\n\nThe river runs past the old mill, "
     "under the stone bridge, and out to the sea."
@@ -53,10 +57,28 @@ def spec_server(request, smollm2):
         start_local_ray()
     draft = smollm2 if request.param == "model" else None
     cfg = build_config(
-        ServeConfig, port=0, max_model_len=1024, num_kv_blocks=256, num_speculative_tokens=5, speculative_model=draft
+        ServeConfig,
+        port=0,
+        max_model_len=1024,
+        num_kv_blocks=256,
+        num_speculative_tokens=5,
+        speculative_model=draft,
+        cpus_per_worker=WORKER_THREADS,
     )
     with serve_in_background(cfg) as bg:
         yield bg
+
+
+GREEDY = SamplingParams(temperature=0, max_tokens=40)
+SEEDED = SamplingParams(temperature=0.8, seed=5, max_tokens=30, logprobs=1)
+
+
+@pytest.fixture(scope="module")
+def plain():
+    """The texts of the engine that does not speculate, in this process: once for both kinds of drafts."""
+    llm = reference_llm()
+    prompt = llm.chat_token_ids([{"role": "user", "content": COPY}])
+    return [llm.generate([prompt], params)[0].outputs[0].text for params in (GREEDY, SEEDED)]
 
 
 def _metric(base_url: str, name: str) -> float:
@@ -66,31 +88,34 @@ def _metric(base_url: str, name: str) -> float:
     raise AssertionError(f"{name} not in /metrics")
 
 
-def test_served_outputs_equal_the_plain_engine(spec_server):
-    from cluster.entrypoints.llm import LLM
-
+def test_served_outputs_equal_the_plain_engine(spec_server, plain):
     client = openai.OpenAI(base_url=spec_server.base_url + "/v1", api_key="unused", max_retries=0)
     model = client.models.list().data[0].id
-    plain = LLM(max_model_len=1024, num_kv_blocks=256)
     chat = [{"role": "user", "content": COPY}]
-    [want] = plain.generate([plain.chat_token_ids(chat)], SamplingParams(temperature=0, max_tokens=40))
+    greedy, seeded = plain
 
-    reply = client.chat.completions.create(model=model, messages=chat, temperature=0, max_tokens=40)
-    assert reply.choices[0].message.content == want.outputs[0].text
+    reply = client.chat.completions.create(model=model, messages=chat, temperature=0, max_tokens=GREEDY.max_tokens)
+    assert reply.choices[0].message.content == greedy
     streamed = "".join(
         ch.choices[0].delta.content or ""
-        for ch in client.chat.completions.create(model=model, messages=chat, temperature=0, max_tokens=40, stream=True)
+        for ch in client.chat.completions.create(
+            model=model, messages=chat, temperature=0, max_tokens=GREEDY.max_tokens, stream=True
+        )
         if ch.choices
     )
-    assert streamed == want.outputs[0].text
+    assert streamed == greedy
 
     # Seeded sampling with logprobs: the same tokens, and a logprob for each.
-    seeded = SamplingParams(temperature=0.8, seed=5, max_tokens=30, logprobs=1)
-    [want] = plain.generate([plain.chat_token_ids(chat)], seeded)
     reply = client.chat.completions.create(
-        model=model, messages=chat, temperature=0.8, seed=5, max_tokens=30, logprobs=True, top_logprobs=1
+        model=model,
+        messages=chat,
+        temperature=SEEDED.temperature,
+        seed=SEEDED.seed,
+        max_tokens=SEEDED.max_tokens,
+        logprobs=True,
+        top_logprobs=1,
     )
-    assert reply.choices[0].message.content == want.outputs[0].text
+    assert reply.choices[0].message.content == seeded
     assert len(reply.choices[0].logprobs.content) == reply.usage.completion_tokens
 
     drafts = _metric(spec_server.base_url, "folio_spec_decode_draft_tokens_total")

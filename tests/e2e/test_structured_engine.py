@@ -20,6 +20,7 @@ from cluster.entrypoints.llm import LLM
 from protos.grammar import Grammar
 from protos.messages import SamplingParams
 from tests.hf_reference import drain_engine
+from worker.sampler import Sampler
 
 pytestmark = pytest.mark.slow
 
@@ -162,21 +163,50 @@ def test_a_grammar_still_compiling_holds_up_only_its_own_request(llm, free_alone
     llm.scheduler.check_integrity()
 
 
-def test_preempted_requests_replay_their_grammar(llm, smollm2):
+@pytest.fixture(scope="module")
+def tight(smollm2):
+    """A second engine for what the first does not do, both at once (each test below checks
+    that its part happened): n-gram drafts (prompt lookup) to verify, and 180 tokens of KV.
+    The prompts of FIXED (112 and 60 tokens) fit in it together, their outputs do not: the
+    later one is preempted with tokens out, and rebuilt, it replays them into its grammar."""
+    return LLM(
+        smollm2,
+        block_size=4,
+        num_kv_blocks=45,
+        max_num_batched_tokens=64,
+        num_speculative_tokens=4,
+        prompt_lookup_min=1,
+    )
+
+
+@pytest.fixture
+def replays(monkeypatch) -> list[int]:
+    """How many output tokens each grammar matcher built from now on replayed (the real ones are built)."""
+    seen, build = [], Sampler._matcher
+
+    def spy(compiled, output_token_ids):
+        seen.append(len(output_token_ids))
+        return build(compiled, output_token_ids)
+
+    monkeypatch.setattr(Sampler, "_matcher", staticmethod(spy))
+    return seen
+
+
+def test_preempted_requests_replay_their_grammar(llm, tight, replays):
     prompts = [prefix + _prompt(s) for prefix in ("", "Again. ") for s in FIXED]
     params = [_constrained(s, max_tokens=60) for _ in range(2) for s in FIXED]
     want = [r.outputs[0].token_ids for r in llm.generate(prompts, params)]
-    # 200 tokens of KV for four requests of 110 to 180: some are preempted and recomputed.
-    small = LLM(smollm2, block_size=4, num_kv_blocks=50, max_num_batched_tokens=64)
-    results = small.generate(prompts, params)
-    assert small.scheduler.num_preemptions > 0
+    replays.clear()
+    results = tight.generate(prompts, params)
+    assert max(replays) > 0, "no request was preempted after its first tokens"
     assert [r.outputs[0].token_ids for r in results] == want
 
 
-def test_speculative_drafts_are_checked_against_the_grammar(smollm2, fixed_outputs):
-    spec = LLM(smollm2, num_speculative_tokens=4, prompt_lookup_min=1)
-    results = spec.generate([_prompt(s) for s in FIXED], [_constrained(s) for s in FIXED])
-    assert spec.scheduler.num_draft_tokens > 0
+def test_speculative_drafts_are_checked_against_the_grammar(tight, fixed_outputs):
+    before = tight.scheduler.num_draft_tokens
+    # Within the KV cache: each prompt plus 60 tokens (more than the outputs take).
+    results = tight.generate([_prompt(s) for s in FIXED], [_constrained(s, max_tokens=60) for s in FIXED])
+    assert tight.scheduler.num_draft_tokens > before
     assert [r.outputs[0].token_ids for r in results] == fixed_outputs
 
 

@@ -1,84 +1,26 @@
 """The serving path end to end: Ray on 127.0.0.1, a worker actor behind gRPC, uvicorn
-on a free port, the openai SDK as the client, the bundled SmolLM2."""
+on a free port (the server of conftest.py), the openai SDK as the client, the bundled SmolLM2."""
 
 from __future__ import annotations
 
 import asyncio
 import os
-import re
 import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
 
 import httpx
 import openai
 import pytest
 
 from tests import REPO_ROOT
+from tests.e2e.reference import reference_llm
+from tests.e2e.serving.server import MAX_MODEL_LEN, NUM_KV_BLOCKS
 
 pytestmark = pytest.mark.slow
 
-MAX_MODEL_LEN = 1024
-NUM_KV_BLOCKS = 256
 CHAT = [{"role": "user", "content": "What is the capital of France?"}]
-
-
-@dataclass
-class Server:
-    base_url: str
-    deployment: object
-    loop: asyncio.AbstractEventLoop
-
-    def call(self, fn, timeout: float = 30):
-        """Run fn() on the server's event loop (where all head state lives) and return its value."""
-
-        async def run():
-            return fn()
-
-        return asyncio.run_coroutine_threadsafe(run(), self.loop).result(timeout)
-
-    def metric(self, name: str, labels: str = "") -> float:
-        """A sample from /metrics; without labels, the first sample of that name."""
-        text = httpx.get(self.base_url + "/metrics").text
-        label_re = re.escape(labels) if labels else r"(?:\{[^}]*\})?"
-        m = re.search(rf"^{re.escape(name)}{label_re} (\S+)$", text, re.M)
-        assert m, f"{name} not in /metrics"
-        return float(m.group(1))
-
-
-@pytest.fixture(scope="module")
-def server():
-    import ray
-
-    from cluster.entrypoints.options import build_config
-    from cluster.entrypoints.serve import ServeConfig, serve_in_background
-
-    if not ray.is_initialized():
-        from cluster.placement import start_local_ray
-
-        start_local_ray()
-    cfg = build_config(
-        ServeConfig,
-        port=0,
-        max_model_len=MAX_MODEL_LEN,
-        num_kv_blocks=NUM_KV_BLOCKS,
-        max_num_seqs=64,
-        max_num_batched_tokens=512,
-    )
-    with serve_in_background(cfg) as bg:
-        yield Server(bg.base_url, bg.deployment, bg.loop)
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    return openai.OpenAI(base_url=server.base_url + "/v1", api_key="unused", max_retries=0)
-
-
-@pytest.fixture(scope="module")
-def model(client):
-    return client.models.list().data[0].id
 
 
 # ---------------------------------------------------------------- basics
@@ -211,12 +153,11 @@ def test_logprobs_and_echo(client, model, server):
 
 
 def test_greedy_matches_in_process_engine(client, model):
-    from cluster.entrypoints.llm import LLM
     from protos.messages import SamplingParams
 
     prompts = ["The capital of France is", "def fibonacci(n):", "List three colors:"]
-    llm = LLM(max_model_len=MAX_MODEL_LEN, num_kv_blocks=NUM_KV_BLOCKS)
-    expected = [r.outputs[0].text for r in llm.generate(prompts, SamplingParams(max_tokens=16, temperature=0))]
+    params = SamplingParams(max_tokens=16, temperature=0)
+    expected = [r.outputs[0].text for r in reference_llm().generate(prompts, params)]
     served = client.completions.create(model=model, prompt=prompts, max_tokens=16, temperature=0)
     assert [c.text for c in served.choices] == expected
 

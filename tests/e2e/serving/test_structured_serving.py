@@ -14,8 +14,6 @@ import openai
 import pydantic
 import pytest
 
-from tests.e2e.test_serving import client, model, server  # noqa: F401 - the serving fixtures
-
 pytestmark = pytest.mark.slow
 
 
@@ -25,7 +23,7 @@ class Pet(pydantic.BaseModel):
     age: int = pydantic.Field(ge=0, le=30)
 
 
-def test_sdk_parse_fills_a_pydantic_model(client, model):  # noqa: F811
+def test_sdk_parse_fills_a_pydantic_model(client, model):
     done = client.chat.completions.parse(
         model=model,
         messages=[{"role": "user", "content": "Describe a pet as JSON."}],
@@ -39,7 +37,7 @@ def test_sdk_parse_fills_a_pydantic_model(client, model):  # noqa: F811
     assert choice.message.parsed.kind in ("cat", "dog", "fish")
 
 
-def test_completions_take_vllm_guided_fields(client, model):  # noqa: F811
+def test_completions_take_vllm_guided_fields(client, model):
     def complete(**extra) -> str:
         r = client.completions.create(
             model=model, prompt="Answer:", max_tokens=16, temperature=0.8, seed=3, extra_body=extra
@@ -54,7 +52,7 @@ def test_completions_take_vllm_guided_fields(client, model):  # noqa: F811
     assert complete(response_format={"type": "json_schema", "json_schema": {"name": "f", "schema": flag}})
 
 
-def test_a_streamed_constrained_reply_joins_into_valid_json(client, model):  # noqa: F811
+def test_a_streamed_constrained_reply_joins_into_valid_json(client, model):
     stream = client.chat.completions.create(
         model=model,
         messages=[{"role": "user", "content": "A pet, as JSON."}],
@@ -122,7 +120,7 @@ BAD = [
 
 
 @pytest.mark.parametrize("body, param, message", BAD, ids=[f"{i}" for i in range(len(BAD))])
-def test_constraints_that_cannot_be_honoured_are_refused(client, model, body, param, message):  # noqa: F811
+def test_constraints_that_cannot_be_honoured_are_refused(client, model, body, param, message):
     with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(
             model=model, messages=[{"role": "user", "content": "hi"}], max_tokens=4, extra_body=body
@@ -175,7 +173,7 @@ def _check_call(call) -> None:
 
 
 @pytest.mark.parametrize("parallel", [None, False])
-def test_required_tool_choice_returns_valid_calls(client, model, parallel):  # noqa: F811
+def test_required_tool_choice_returns_valid_calls(client, model, parallel):
     extra = {} if parallel is None else {"parallel_tool_calls": parallel}
     r = client.chat.completions.create(
         model=model, messages=ASK, tools=TOOLS, tool_choice="required", max_tokens=80, temperature=0, **extra
@@ -189,7 +187,7 @@ def test_required_tool_choice_returns_valid_calls(client, model, parallel):  # n
         _check_call(call)
 
 
-def test_a_named_tool_is_called_and_its_result_goes_back(client, model):  # noqa: F811
+def test_a_named_tool_is_called_and_its_result_goes_back(client, model):
     r = client.chat.completions.create(
         model=model, messages=ASK, tools=TOOLS, tool_choice=NAMED, max_tokens=80, temperature=0
     )
@@ -206,7 +204,7 @@ def test_a_named_tool_is_called_and_its_result_goes_back(client, model):  # noqa
     assert answer.choices[0].message.content and not answer.choices[0].message.tool_calls
 
 
-def test_streamed_tool_calls_open_with_id_and_name_then_arguments(client, model):  # noqa: F811
+def test_streamed_tool_calls_open_with_id_and_name_then_arguments(client, model):
     whole = client.chat.completions.create(
         model=model, messages=ASK, tools=TOOLS, tool_choice=NAMED, max_tokens=80, temperature=0
     )
@@ -267,7 +265,7 @@ def _streamed_reply(chunks) -> tuple:
     ],
     ids=["weather", "no-tool", "tool-result"],
 )
-def test_auto_tool_choice_without_a_template_format_replies_in_the_generic_form(client, model, messages):  # noqa: F811
+def test_auto_tool_choice_without_a_template_format_replies_in_the_generic_form(client, model, messages):
     """SmolLM2's template shows its model no tool-call format: folio shows it the tools and
     constrains its reply to calls or an answer, streamed or not, the same either way."""
     ask = dict(model=model, messages=messages, tools=TOOLS, max_tokens=60, temperature=0)
@@ -293,14 +291,22 @@ def test_auto_tool_choice_without_a_template_format_replies_in_the_generic_form(
         jsonschema.validate(json.loads(content), capital)
 
 
-def test_auto_tool_choice_reads_the_models_own_calls(server, client, model):  # noqa: F811
+def test_auto_tool_choice_reads_the_models_own_calls(server, client, model):
     serving = server.deployment.serving
     before = serving.limits
     server.call(lambda: setattr(serving, "limits", replace(before, tool_call_parser="hermes")))
     try:
         # The regex makes SmolLM2 write a Hermes call, as a model trained on the format would.
         text = 'Adding. <tool_call>{"name": "add", "arguments": {"a": 1, "b": 2}}</tool_call>'
-        ask = dict(model=model, messages=ASK, tools=TOOLS, max_tokens=60, extra_body={"guided_regex": re.escape(text)})
+        # Room for the text a character a token, and the end of text: never cut short.
+        ask = dict(
+            model=model,
+            messages=ASK,
+            tools=TOOLS,
+            max_tokens=len(text) + 1,
+            temperature=0,  # the likeliest pieces of the text: few tokens
+            extra_body={"guided_regex": re.escape(text)},
+        )
         r = client.chat.completions.create(**ask)
         assert r.choices[0].finish_reason == "tool_calls"
         assert r.choices[0].message.content == "Adding."
@@ -316,7 +322,7 @@ def test_auto_tool_choice_reads_the_models_own_calls(server, client, model):  # 
         server.call(lambda: setattr(serving, "limits", before))
 
 
-def test_langchain_structured_output_and_bound_tools(server, model):  # noqa: F811
+def test_langchain_structured_output_and_bound_tools(server, model):
     from langchain_core.tools import tool
     from langchain_openai import ChatOpenAI
 

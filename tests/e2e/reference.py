@@ -1,0 +1,14 @@
+"""The bundled SmolLM2 in the test process: the engine whose outputs served ones must equal."""
+
+from __future__ import annotations
+
+import functools
+
+
+@functools.cache
+def reference_llm():
+    """Built on first use and kept for the session (a load takes seconds) by every test that
+    compares against it. Shared: only generate() with it, which leaves nothing queued."""
+    from cluster.entrypoints.llm import LLM
+
+    return LLM(max_model_len=1024, num_kv_blocks=256)
