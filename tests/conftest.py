@@ -20,10 +20,40 @@ def model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_model(model_dir):
-    """tiny_model(family) -> checkpoint dir; families: tests/model_fixtures.TINY_FAMILIES."""
-    return lambda family: make_tiny_model(family, model_dir)
+    """tiny_model(family, num_layers=None) -> checkpoint dir; families: tests/model_fixtures.TINY_FAMILIES."""
+    return lambda family, num_layers=None: make_tiny_model(family, model_dir, num_layers)
 
 
 @pytest.fixture(scope="session")
 def smollm2():
     return smollm2_path()
+
+
+@pytest.fixture(scope="module")
+def gguf_parsed_once():
+    """For the module's tests, gguf.GGUFReader parses each GGUF file once: every later
+    load of the file, folio's or transformers', gets the same parsed reader.
+
+    gguf-py parses every element of the metadata arrays in Python: SmolLM2's 49k-token
+    vocabulary takes ~3 s, Gemma 3's 262k-token one ~14 s, and transformers parses a
+    file twice per load. The reader maps the file read-only, so sharing it changes
+    nothing that is read; folio's own reading of it (gguf_config, gguf_tensors) still
+    runs at every load.
+    """
+    import gguf
+
+    parse = gguf.GGUFReader
+    readers = {}
+
+    def parsed_once(path, mode="r"):
+        if mode != "r":
+            return parse(path, mode)
+        stat = os.stat(path)
+        key = (os.path.realpath(path), stat.st_mtime_ns, stat.st_size)
+        if key not in readers:
+            readers[key] = parse(path)
+        return readers[key]
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(gguf, "GGUFReader", parsed_once)
+        yield

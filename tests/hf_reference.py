@@ -15,8 +15,26 @@ from dataclasses import dataclass
 import torch
 
 
-@functools.lru_cache(maxsize=4)
 def hf_model(path: str, dtype: torch.dtype = torch.float32, device: str = "cpu"):
+    """transformers' model of a checkpoint dir or .gguf file, loaded once: on the CPU for
+    the whole session (tiny models, and SmolLM2, which tests in several modules compare
+    against and which takes ~10 s to load from its GGUF), on a GPU the 4 latest."""
+    if device == "cpu":
+        return _session_model(path, dtype)
+    return _recent_model(path, dtype, device)
+
+
+@functools.lru_cache(maxsize=None)
+def _session_model(path: str, dtype: torch.dtype):
+    return _load(path, dtype, "cpu")
+
+
+@functools.lru_cache(maxsize=4)
+def _recent_model(path: str, dtype: torch.dtype, device: str):
+    return _load(path, dtype, device)
+
+
+def _load(path: str, dtype: torch.dtype, device: str):
     from transformers import AutoModelForCausalLM
 
     if path.endswith(".gguf"):
@@ -30,6 +48,7 @@ def hf_model(path: str, dtype: torch.dtype = torch.float32, device: str = "cpu")
 class Greedy:
     tokens: list[int]
     logprobs: list[float]  # of each chosen token
+    dists: list[torch.Tensor]  # [vocab] fp32 log-probabilities at each step
 
 
 @torch.inference_mode()
@@ -50,7 +69,7 @@ def hf_greedy(
     )
     tokens = out.sequences[0, len(prompt_ids) :].tolist()
     dists = [torch.log_softmax(step[0].float(), -1) for step in out.logits]
-    return Greedy(tokens, [d[t].item() for d, t in zip(dists, tokens)])
+    return Greedy(tokens, [d[t].item() for d, t in zip(dists, tokens)], dists)
 
 
 def run_staggered(llm, prompts: list[list[int]], params, per_step: int) -> list:
@@ -79,15 +98,31 @@ def drain_engine(llm) -> tuple[list, list]:
 
 
 def assert_greedy_parity(
-    path: str, prompts: list[list[int]], results: list, n: int, logprob_tol: float, **hf_kwargs
+    path: str,
+    prompts: list[list[int]],
+    results: list,
+    n: int,
+    logprob_tol: float,
+    *,
+    top_logprobs: bool = False,
+    **hf_kwargs,
 ) -> None:
-    """Each prompt got exactly transformers' greedy tokens, logprobs within tolerance."""
+    """Each prompt got exactly transformers' greedy tokens, logprobs within tolerance.
+
+    top_logprobs: the top alternatives' logprobs too (the results must carry them:
+    logprobs=k). Where one token takes nearly all the probability its logprob stays
+    near 0 whatever the model computed; the alternatives' still move with every logit.
+    """
     for p, res in zip(prompts, results):
         want = hf_greedy(path, p, n, **hf_kwargs)
         out = res.outputs[0]
         assert out.token_ids == want.tokens, f"prompt of {len(p)} tokens diverged"
         got = [lp.logprob for lp in out.logprobs]
         assert max(abs(a - b) for a, b in zip(got, want.logprobs)) < logprob_tol
+        if top_logprobs:
+            errors = [abs(v - dist[t].item()) for lp, dist in zip(out.logprobs, want.dists) for t, v in lp.top]
+            assert errors, "no top logprobs to compare: ask for logprobs=k"
+            assert max(errors) < logprob_tol, f"prompt of {len(p)} tokens: top logprobs off by {max(errors):.2e}"
 
 
 @torch.inference_mode()

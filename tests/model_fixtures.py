@@ -228,7 +228,7 @@ def _randomize(model: torch.nn.Module, seed: int) -> None:
                 p.copy_(torch.randn(p.shape, generator=gen) / fan_in**0.5)
 
 
-def make_tiny_model(family: str, path) -> str:
+def make_tiny_model(family: str, path, num_layers: int | None = None) -> str:
     """A tiny fp32 checkpoint in `path`/`family` (config.json + safetensors).
 
     Families: "llama" (untied), "llama3" (llama3 rope scaling, tied embeddings),
@@ -250,11 +250,21 @@ def make_tiny_model(family: str, path) -> str:
     query_pre_attn_scalar 24, tied). 3 layers, hidden 64, 4 query
     heads, 2 KV heads (4 for GPT-NeoX, which has no GQA), head_dim 16 unless
     said, vocab TINY_VOCAB.
+
+    num_layers: only the first num_layers layers (and their layer_types), in
+    `path`/`family`-`num_layers`l, for tests that pay for every layer (the Triton
+    interpreter's).
     """
+    config, name = _hf_config(family), family
+    if num_layers is not None:
+        config.num_hidden_layers = num_layers
+        if getattr(config, "layer_types", None):
+            config.layer_types = config.layer_types[:num_layers]
+        name = f"{family}-{num_layers}l"
     # Sharding one family keeps the index-file path of the loader tested.
     return save_random_model(
-        _hf_config(family),
-        os.path.join(str(path), family),
+        config,
+        os.path.join(str(path), name),
         seed=TINY_FAMILIES.index(family),
         max_shard_size="150KB" if family == "mistral" else "50GB",
     )

