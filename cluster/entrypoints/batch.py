@@ -255,7 +255,7 @@ def add_cli_args(b: argparse.ArgumentParser) -> None:
         help="the head's Python with folio installed, as the job's shell finds it (default: "
         "$FOLIO_PYTHON in the head's Ray environment, which the deploy configs set, else python)",
     )
-    s.add_argument("--job-id", default=None, help="submission id (default: Ray picks one)")
+    s.add_argument("--job-id", default=None, help="submission id (default: raysubmit_folio_ and 16 hex digits)")
     s.set_defaults(
         func=lambda a: _cli(
             lambda: print(

@@ -19,13 +19,19 @@ FOLIO_API_KEY environment, never as a value.
 from __future__ import annotations
 
 import os
+import secrets
 import shlex
 import sys
+import time
 from contextlib import contextmanager
 from typing import Iterator, Optional
 from urllib.parse import urlsplit
 
 TOKEN_PLACES = "RAY_AUTH_TOKEN, the file named by RAY_AUTH_TOKEN_PATH, or ~/.ray/auth_token"
+# Ray's job API answers 500 with this until the head's job agent is up, which on a
+# busy head is seconds after the dashboard itself answers: right after `ray up`.
+AGENT_NOT_READY = "No available agent to submit job"
+AGENT_WAIT_S = 120
 
 
 class JobApiError(RuntimeError):
@@ -127,9 +133,11 @@ def submit(
     api_key_file: Optional[str] = None,
     python: Optional[str] = None,
     submission_id: Optional[str] = None,
+    agent_wait_s: float = AGENT_WAIT_S,
 ) -> str:
     """Submit the batch as a Ray job; returns its id. Paths are as the head sees them:
-    the job checks the input itself (this machine may not hold the file)."""
+    the job checks the input itself (this machine may not hold the file). A head whose
+    job agent is not up yet is asked again, for up to agent_wait_s."""
     input_path, output_path = os.path.abspath(input_path), os.path.abspath(output_path)
     command = entrypoint(
         input_path,
@@ -140,12 +148,31 @@ def submit(
         api_key_file=api_key_file,
         python=python,
     )
+    # Our own id: a try whose answer was lost may still have been taken, and the next
+    # try then finds the job by it instead of submitting the batch twice.
+    submission_id = submission_id or f"raysubmit_folio_{secrets.token_hex(8)}"
+    metadata = {"folio": "batch", "input": input_path, "output": output_path, "endpoint": endpoint}
+    deadline, retried = time.monotonic() + agent_wait_s, False
     with job_client(address) as client:
-        return client.submit_job(
-            entrypoint=command,
-            submission_id=submission_id,
-            metadata={"folio": "batch", "input": input_path, "output": output_path, "endpoint": endpoint},
-        )
+        while True:
+            try:
+                return client.submit_job(entrypoint=command, submission_id=submission_id, metadata=metadata)
+            except RuntimeError as e:
+                if retried and "already exists" in str(e) and _is_ours(client, submission_id, command):
+                    return submission_id
+                if AGENT_NOT_READY not in str(e) or time.monotonic() > deadline:
+                    raise
+            print("folio batch submit: the head's job agent is not up yet; trying again", file=sys.stderr)
+            retried = True
+            time.sleep(1)
+
+
+def _is_ours(client, submission_id: str, command: str) -> bool:
+    """Whether the job of that id is this very submission (a retry after a lost answer)."""
+    try:
+        return client.get_job_info(submission_id).entrypoint == command
+    except Exception:  # noqa: BLE001 - not ours to judge: the caller raises the original error
+        return False
 
 
 def status(job_id: str, *, address: str) -> dict:

@@ -393,6 +393,92 @@ def test_crash_during_the_resume_rewrite_loses_no_finished_result(tmp_path, endp
 
 
 @pytest.mark.slow
+@dataclass
+class JobApi:
+    """A stand-in for Ray's job API (its HTTP contract as JobSubmissionClient speaks it)
+    whose job agent is not up for the first `not_ready` submissions, answering as Ray
+    does then. lose_answer: the first such answer comes after the job was taken (the
+    agent timed out mid-submission)."""
+
+    url: str = ""
+    not_ready: int = 0
+    lose_answer: bool = False
+    posts: int = 0
+    jobs: dict = field(default_factory=dict)  # submission id -> entrypoint
+
+
+@pytest.fixture
+def job_api():
+    import ray
+
+    app, api = FastAPI(), JobApi()
+
+    @app.get("/api/version")
+    async def version():
+        return {"version": "4", "ray_version": ray.__version__, "ray_commit": "stand-in"}
+
+    @app.post("/api/jobs/")
+    async def submit(request: Request):
+        body = await request.json()
+        api.posts += 1
+        sid = body["submission_id"]
+        if sid in api.jobs:
+            return PlainTextResponse(f"Job with submission_id {sid} already exists.", status_code=400)
+        if api.posts <= api.not_ready:
+            if api.lose_answer and api.posts == 1:
+                api.jobs[sid] = body["entrypoint"]
+            return PlainTextResponse("No available agent to submit job, please try again later.", status_code=500)
+        api.jobs[sid] = body["entrypoint"]
+        return {"job_id": None, "submission_id": sid}
+
+    @app.get("/api/jobs/{sid}")
+    async def info(sid: str):
+        return {"type": "SUBMISSION", "submission_id": sid, "status": "RUNNING", "entrypoint": api.jobs[sid]}
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.05)
+    api.url = f"http://127.0.0.1:{port}"
+    yield api
+    server.should_exit = True
+    thread.join(10)
+
+
+def _submit(job_api: JobApi, tmp_path, **kw) -> str:
+    from cluster.entrypoints import batch_job
+
+    args = dict(address=job_api.url, endpoint="http://127.0.0.1:1/v1", concurrency=1, max_line_attempts=1)
+    return batch_job.submit(str(tmp_path / "in.jsonl"), str(tmp_path / "out.jsonl"), **args, **kw)
+
+
+def test_submit_waits_for_the_heads_job_agent_and_submits_once(tmp_path, job_api):
+    """Right after `ray up` the dashboard answers before its job agent is up (500, "try
+    again later"): submit asks again until it is, and a try that was taken although
+    its answer said otherwise is not submitted a second time."""
+    job_api.not_ready = 3
+    job_id = _submit(job_api, tmp_path)
+    assert job_api.posts == 4 and list(job_api.jobs) == [job_id]
+
+    job_api.posts, job_api.jobs, job_api.lose_answer = 0, {}, True
+    job_id = _submit(job_api, tmp_path)
+    assert job_api.posts == 2 and list(job_api.jobs) == [job_id]
+
+    # A job of that id from before (the operator's --job-id) is not taken for this one.
+    job_api.posts, job_api.not_ready, job_api.lose_answer = 0, 0, False
+    with pytest.raises(RuntimeError, match="already exists"):
+        _submit(job_api, tmp_path, submission_id=job_id)
+
+    job_api.posts, job_api.jobs, job_api.not_ready = 0, {}, 100
+    with pytest.raises(RuntimeError, match="No available agent"):
+        _submit(job_api, tmp_path, agent_wait_s=2)
+    assert 2 <= job_api.posts <= 5 and not job_api.jobs
+
+
 def test_submit_and_status_present_rays_token_from_home(tmp_path, endpoint):
     """A head started with Ray's token authentication; `folio batch submit/status` find the
     token in ~/.ray/auth_token with RAY_AUTH_MODE unset, and fail clearly without one. The
