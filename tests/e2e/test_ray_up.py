@@ -21,6 +21,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 
 import pytest
 import yaml
@@ -31,7 +32,9 @@ from tests.e2e.test_autoscaling import MAX_TOKENS, _greedy_reference, _requests
 pytestmark = pytest.mark.slow
 ROOT = str(REPO_ROOT)
 SSHD = "/usr/sbin/sshd"
-PORTS = (22, 6379, 8265, 8000)  # sshd, and the config's own Ray and folio ports
+# sshd, the config's own Ray and folio ports, and the port a Ray node's dashboard agent
+# takes by default: without it the head has no job agent, and job submission fails.
+PORTS = (22, 6379, 8265, 8000, 52365)
 # PID 1 of the test's namespace: runs the command given and reaps every process that
 # ends, its own children and the orphans reparented to it.
 REAPER = """
@@ -96,12 +99,28 @@ def _sshd_config(work: str) -> str:
     return f"{work}/sshd_config"
 
 
+def _ports_free(timeout: float) -> None:
+    """The cluster's ports, free as on a machine of its own. Tests before this one leave
+    this process's own Ray up for the session (start_local_ray): it holds a node's ports,
+    so it is stopped first; the next test that wants it starts it again."""
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    deadline = time.monotonic() + timeout
+    for port in PORTS:
+        while True:
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", port)) != 0:
+                    break
+            if time.monotonic() > deadline:
+                pytest.fail(f"127.0.0.1:{port} is taken; the config's ports must be free for this test")
+            time.sleep(0.5)
+
+
 def test_ray_up_local_cluster():
     _sshd_or_skip()
-    for port in PORTS:
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                pytest.fail(f"127.0.0.1:{port} is taken; the config's ports must be free for this test")
+    _ports_free(timeout=30)
     work = tempfile.mkdtemp(prefix="folio-rayup-", dir="/var/tmp")  # /tmp is replaced in the namespace
     try:
         os.makedirs(f"{work}/home")
