@@ -18,8 +18,9 @@ import sys
 import tempfile
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Iterator, Optional
 
 import pytest
 import uvicorn
@@ -44,6 +45,24 @@ class StandIn:
     tries: dict = field(default_factory=dict)  # x-request-id -> requests seen
     request_ids: list = field(default_factory=list)  # every x-request-id, in arrival order
     api_key: Optional[str] = None  # when set, anything else gets a 401
+
+
+@contextmanager
+def _served(app: FastAPI) -> Iterator[str]:
+    """app served by uvicorn on a thread, at a free 127.0.0.1 port; yields its base URL."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
 
 
 @pytest.fixture(scope="module")
@@ -78,18 +97,9 @@ def endpoint():
     async def chat(request: Request):
         return await serve(request, "chat")
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.05)
-    state.url = f"http://127.0.0.1:{port}/v1"
-    yield state
-    server.should_exit = True
-    thread.join(10)
+    with _served(app) as base_url:
+        state.url = base_url + "/v1"
+        yield state
 
 
 def _write(path, rows) -> str:
@@ -435,18 +445,8 @@ def job_api():
     async def info(sid: str):
         return {"type": "SUBMISSION", "submission_id": sid, "status": "RUNNING", "entrypoint": api.jobs[sid]}
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.05)
-    api.url = f"http://127.0.0.1:{port}"
-    yield api
-    server.should_exit = True
-    thread.join(10)
+    with _served(app) as api.url:
+        yield api
 
 
 def _submit(job_api: JobApi, tmp_path, **kw) -> str:
