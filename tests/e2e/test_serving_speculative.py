@@ -13,13 +13,11 @@ import pytest
 
 from protos.messages import SamplingParams
 from tests.e2e.reference import reference_llm
+from tests.e2e.serving.server import MAX_MODEL_LEN, NUM_KV_BLOCKS, WORKER_THREADS
 from tests.worker_processes import WorkerProcesses, replica_outputs
 
 pytestmark = pytest.mark.slow
 
-# The head (this process) works while the worker computes: a worker on both cores of a
-# 2-core machine stalls whenever the head takes one (see tests/e2e/serving/server.py).
-WORKER_THREADS = 1
 COPY = (
     "Repeat the following text word for word, three times:\n\nThe river runs past the old mill, "
     "under the stone bridge, and out to the sea."
@@ -59,8 +57,8 @@ def spec_server(request, smollm2):
     cfg = build_config(
         ServeConfig,
         port=0,
-        max_model_len=1024,
-        num_kv_blocks=256,
+        max_model_len=MAX_MODEL_LEN,
+        num_kv_blocks=NUM_KV_BLOCKS,
         num_speculative_tokens=5,
         speculative_model=draft,
         cpus_per_worker=WORKER_THREADS,
