@@ -52,7 +52,11 @@ if compgen -G "$WHEELS/*.whl" > /dev/null; then
         --target /tmp/site "$WHEELS"/*.whl || status=1
     export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
-export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+# folio is not installed here: the folders import as folio.<name> through links in
+# /tmp/folio-src/folio (what pyproject.toml's package-dir maps); $PWD serves tests.*.
+mkdir -p /tmp/folio-src/folio
+for p in cluster worker kernels router protos; do ln -sfn "$PWD/$p" "/tmp/folio-src/folio/$p"; done
+export PYTHONPATH=/tmp/folio-src:$PWD${PYTHONPATH:+:$PYTHONPATH}
 
 {
     nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm,clocks.max.mem --format=csv
@@ -70,7 +74,7 @@ if wants tests; then
 fi
 
 if wants kernels; then
-    timeout 180 "$PY" -c "from cluster.entrypoints.bench.kernels import run_kernel_bench; run_kernel_bench('$OUT')" \
+    timeout 180 "$PY" -c "from folio.cluster.entrypoints.bench.kernels import run_kernel_bench; run_kernel_bench('$OUT')" \
         2>&1 | tee "$OUT/bench.log"
     [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 fi
@@ -79,7 +83,7 @@ if wants throughput; then
     {
         model=$(timeout 90 "$PY" -c 'from tests.model_fixtures import make_gpu_model
 print(make_gpu_model("llama3-gqa4", "/tmp/folio-models", num_layers=16))') &&
-        timeout 150 "$PY" -m cluster.entrypoints.cli bench throughput --model "$model" --device cuda \
+        timeout 150 "$PY" -m folio.cluster.entrypoints.cli bench throughput --model "$model" --device cuda \
             --dtype bfloat16 --kv-cache-memory 16GiB --max-num-seqs 128 --max-num-batched-tokens 2048 \
             --json "$OUT/throughput.json"
     } 2>&1 | grep -v ' INFO ' | tee "$OUT/throughput.log"

@@ -39,9 +39,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Optional
 
-from cluster.frontend import Frontend
-from cluster.metrics import RequestMetrics
-from cluster.placement import ReplicaHandle, ReplicaSpec, launch_replica, release_replica
+from folio.cluster.frontend import Frontend
+from folio.cluster.metrics import RequestMetrics
+from folio.cluster.placement import ReplicaHandle, ReplicaSpec, launch_replica, release_replica
 
 log = logging.getLogger(__name__)
 

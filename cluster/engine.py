@@ -10,8 +10,8 @@ from __future__ import annotations
 import logging
 from typing import Iterable, Protocol
 
-from cluster.scheduler import Scheduler
-from protos.messages import EngineRequest, RequestOutput, StepRequest, StepResult
+from folio.cluster.scheduler import Scheduler
+from folio.protos.messages import EngineRequest, RequestOutput, StepRequest, StepResult
 
 log = logging.getLogger(__name__)
 

@@ -38,10 +38,10 @@ from collections import deque
 from dataclasses import dataclass, field, replace
 from typing import Callable, Optional, Sequence, Union
 
-from cluster.metrics import RequestMetrics, render
-from cluster.replica import Replica
-from protos.messages import EngineRequest, RequestOutput
-from router.engine_client import NotReady, QueueFull, ReplicaState, RequestFailed
+from folio.cluster.metrics import RequestMetrics, render
+from folio.cluster.replica import Replica
+from folio.protos.messages import EngineRequest, RequestOutput
+from folio.router.engine_client import NotReady, QueueFull, ReplicaState, RequestFailed
 
 # Retry-After while no replica serves and none is known to be starting.
 NOT_READY_RETRY_S = 5

@@ -16,7 +16,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
-from cluster.scheduler import SchedulerStats
+from folio.cluster.scheduler import SchedulerStats
 
 _LATENCY_BUCKETS = (
     0.001,

@@ -16,12 +16,12 @@ import ray
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from cluster.metrics import RequestMetrics
-from cluster.replica import DEFAULT_STEP_TIMEOUT_S, Replica
-from protos import worker_pb2 as pb
-from protos.config import SchedulerConfig
-from protos.security import ClusterCredentials
-from worker.actor import WorkerActor
+from folio.cluster.metrics import RequestMetrics
+from folio.cluster.replica import DEFAULT_STEP_TIMEOUT_S, Replica
+from folio.protos import worker_pb2 as pb
+from folio.protos.config import SchedulerConfig
+from folio.protos.security import ClusterCredentials
+from folio.worker.actor import WorkerActor
 
 log = logging.getLogger(__name__)
 

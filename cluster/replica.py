@@ -34,16 +34,16 @@ from typing import Callable, Optional, Union
 
 import grpc
 
-from cluster.metrics import RequestMetrics
-from cluster.scheduler import Scheduler, SchedulerStats
-from protos import worker_pb2 as pb
-from protos import worker_pb2_grpc
-from protos.codec import decode_step_result, encode_step_request
-from protos.config import SchedulerConfig
-from protos.messages import EngineRequest, NewRequest, RequestOutput, StepRequest, StepResult
-from protos.security import ClusterCredentials, channel
-from protos.transport import CHANNEL_OPTIONS
-from router.engine_client import RequestFailed
+from folio.cluster.metrics import RequestMetrics
+from folio.cluster.scheduler import Scheduler, SchedulerStats
+from folio.protos import worker_pb2 as pb
+from folio.protos import worker_pb2_grpc
+from folio.protos.codec import decode_step_result, encode_step_request
+from folio.protos.config import SchedulerConfig
+from folio.protos.messages import EngineRequest, NewRequest, RequestOutput, StepRequest, StepResult
+from folio.protos.security import ClusterCredentials, channel
+from folio.protos.transport import CHANNEL_OPTIONS
+from folio.router.engine_client import RequestFailed
 
 log = logging.getLogger(__name__)
 

@@ -6,9 +6,9 @@ import enum
 from dataclasses import dataclass, field
 from typing import Optional
 
-from cluster.block_manager import BlockHash, hash_blocks, salt_root
-from cluster.ngram import NgramIndex
-from protos.messages import EngineRequest, SamplingParams, TokenLogprob
+from folio.cluster.block_manager import BlockHash, hash_blocks, salt_root
+from folio.cluster.ngram import NgramIndex
+from folio.protos.messages import EngineRequest, SamplingParams, TokenLogprob
 
 
 class Status(enum.Enum):

@@ -21,10 +21,10 @@ from __future__ import annotations
 import itertools
 from typing import Sequence
 
-from cluster.block_manager import hash_blocks, reusable_blocks, salt_root
-from cluster.frontend import RoutingPolicy, least_loaded
-from cluster.replica import Replica
-from protos.messages import EngineRequest
+from folio.cluster.block_manager import hash_blocks, reusable_blocks, salt_root
+from folio.cluster.frontend import RoutingPolicy, least_loaded
+from folio.cluster.replica import Replica
+from folio.protos.messages import EngineRequest
 
 
 def load_tokens(replica: Replica) -> int:
@@ -87,7 +87,7 @@ class RoundRobinRouter(_Counting):
 
 
 class LeastLoadedRouter(_Counting):
-    """cluster.frontend.least_loaded, counted."""
+    """folio.cluster.frontend.least_loaded, counted."""
 
     def __call__(self, replicas: Sequence[Replica], request: EngineRequest) -> Replica:
         return self._count(least_loaded(replicas, request), "load")

@@ -45,11 +45,11 @@ import time
 from dataclasses import dataclass
 from typing import Iterable, Optional, Sequence
 
-from cluster.block_manager import BlockHash, BlockManager, reusable_blocks
-from cluster.ngram import NgramIndex
-from cluster.request import Request, Status
-from protos.config import SchedulerConfig
-from protos.messages import (
+from folio.cluster.block_manager import BlockHash, BlockManager, reusable_blocks
+from folio.cluster.ngram import NgramIndex
+from folio.cluster.request import Request, Status
+from folio.protos.config import SchedulerConfig
+from folio.protos.messages import (
     CachedRequest,
     EngineRequest,
     NewRequest,

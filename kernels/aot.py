@@ -15,7 +15,7 @@ rms_norm_warps, ...) so that what is checked is what runs. Pointer and stride
 arguments carry the 16-divisibility hint that Triton's JIT would give them at
 these shapes, so the code compiled here is the code the JIT would build.
 
-    python -m kernels.aot [--arch 80 90] [--json FILE]   # one line per variant
+    python -m folio.kernels.aot [--arch 80 90] [--json FILE]   # one line per variant
 
 Run it in a process without TRITON_INTERPRET: under the interpreter
 @triton.jit yields functions that cannot be compiled.
@@ -38,7 +38,7 @@ from triton.backends.compiler import GPUTarget
 from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability
 from triton.compiler import ASTSource
 
-from kernels import fused_moe, kv_write, norm_rope_act, paged_decode, paged_prefill, quant_matmul
+from folio.kernels import fused_moe, kv_write, norm_rope_act, paged_decode, paged_prefill, quant_matmul
 
 HEAD_DIMS = (64, 128)
 BLOCK_SIZES = (16, 32)

@@ -42,7 +42,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.paged_decode import dot_precision
+from folio.kernels.paged_decode import dot_precision
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-from kernels import reference
+from folio.kernels import reference
 
 
 @dataclass(frozen=True)

@@ -15,8 +15,8 @@ import os
 
 import torch
 
-from kernels.interface import REFERENCE_OPS, KernelOps
-from protos.config import KERNELS
+from folio.kernels.interface import REFERENCE_OPS, KernelOps
+from folio.protos.config import KERNELS
 
 
 def select_ops(device: torch.device | str, kernels: str = "auto") -> KernelOps:
@@ -30,6 +30,6 @@ def select_ops(device: torch.device | str, kernels: str = "auto") -> KernelOps:
         raise ValueError(
             "Triton kernels off CUDA run only in Triton's interpreter: set TRITON_INTERPRET=1 before folio is imported"
         )
-    from kernels.triton_ops import TRITON_OPS  # imported lazily: needs a GPU build of triton
+    from folio.kernels.triton_ops import TRITON_OPS  # imported lazily: needs a GPU build of triton
 
     return TRITON_OPS

@@ -27,8 +27,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.metadata import AttentionMetadata
-from kernels.paged_tile import online_softmax_step, paged_kv_tile, softcap_scores
+from folio.kernels.metadata import AttentionMetadata
+from folio.kernels.paged_tile import online_softmax_step, paged_kv_tile, softcap_scores
 
 LOG2E = 1.4426950408889634
 NO_WINDOW = 1 << 30  # sliding window used when there is none: larger than any context

@@ -25,9 +25,9 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.metadata import AttentionMetadata
-from kernels.paged_decode import LOG2E, NO_WINDOW, dot_precision
-from kernels.paged_tile import online_softmax_step, paged_kv_tile, softcap_scores
+from folio.kernels.metadata import AttentionMetadata
+from folio.kernels.paged_decode import LOG2E, NO_WINDOW, dot_precision
+from folio.kernels.paged_tile import online_softmax_step, paged_kv_tile, softcap_scores
 
 
 @dataclass(frozen=True)

@@ -50,8 +50,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.paged_decode import dot_precision
-from kernels.quant import QuantizedWeight
+from folio.kernels.paged_decode import dot_precision
+from folio.kernels.quant import QuantizedWeight
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 

@@ -15,8 +15,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from kernels.metadata import AttentionMetadata
-from kernels.quant import QuantizedWeight, dequantized_linear
+from folio.kernels.metadata import AttentionMetadata
+from folio.kernels.quant import QuantizedWeight, dequantized_linear
 
 
 def write_kv(

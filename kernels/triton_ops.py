@@ -1,4 +1,4 @@
-"""TRITON_OPS: the KernelOps that kernels.ops.select_ops hands out on CUDA.
+"""TRITON_OPS: the KernelOps that folio.kernels.ops.select_ops hands out on CUDA.
 
 Each entry has the signature of its reference in kernels/reference.py. The
 kernel modules' wrappers check their own tensors; paged_attention checks the
@@ -25,15 +25,15 @@ from typing import Optional
 
 import torch
 
-from kernels import reference
-from kernels.fused_moe import fused_moe
-from kernels.interface import KernelOps
-from kernels.kv_write import write_kv
-from kernels.metadata import AttentionMetadata
-from kernels.norm_rope_act import rms_norm, rotary_embedding, silu_and_mul
-from kernels.paged_decode import paged_decode_attention
-from kernels.paged_prefill import paged_prefill_attention
-from kernels.quant_matmul import quantized_linear
+from folio.kernels import reference
+from folio.kernels.fused_moe import fused_moe
+from folio.kernels.interface import KernelOps
+from folio.kernels.kv_write import write_kv
+from folio.kernels.metadata import AttentionMetadata
+from folio.kernels.norm_rope_act import rms_norm, rotary_embedding, silu_and_mul
+from folio.kernels.paged_decode import paged_decode_attention
+from folio.kernels.paged_prefill import paged_prefill_attention
+from folio.kernels.quant_matmul import quantized_linear
 
 
 def _check_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata) -> None:

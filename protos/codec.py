@@ -9,10 +9,10 @@ the Python side.
 
 from __future__ import annotations
 
-from protos import worker_pb2 as pb
-from protos.config import SchedulerConfig, WorkerConfig
-from protos.grammar import Grammar
-from protos.messages import (
+from folio.protos import worker_pb2 as pb
+from folio.protos.config import SchedulerConfig, WorkerConfig
+from folio.protos.grammar import Grammar
+from folio.protos.messages import (
     CachedRequest,
     NewRequest,
     RequestError,

@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Optional
 
-from protos.grammar import Grammar
+from folio.protos.grammar import Grammar
 
 
 @dataclass

@@ -23,7 +23,7 @@ from typing import Optional, Sequence
 import grpc
 
 SECRET_METADATA_KEY = "folio-cluster-secret"  # gRPC metadata keys are lower case
-SECRET_ENV = "FOLIO_CLUSTER_SECRET"  # the standalone `python -m worker.server` reads it
+SECRET_ENV = "FOLIO_CLUSTER_SECRET"  # the standalone `python -m folio.worker.server` reads it
 
 
 @dataclass(frozen=True)

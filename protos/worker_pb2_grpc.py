@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from protos import worker_pb2 as protos_dot_worker__pb2
+from folio.protos import worker_pb2 as folio_dot_protos_dot_worker__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in protos/worker_pb2_grpc.py depends on'
+        + ' but the generated code in folio/protos/worker_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -36,23 +36,23 @@ class WorkerStub:
         """
         self.LoadModel = channel.unary_unary(
                 '/folio.worker.Worker/LoadModel',
-                request_serializer=protos_dot_worker__pb2.LoadModelRequest.SerializeToString,
-                response_deserializer=protos_dot_worker__pb2.LoadModelResponse.FromString,
+                request_serializer=folio_dot_protos_dot_worker__pb2.LoadModelRequest.SerializeToString,
+                response_deserializer=folio_dot_protos_dot_worker__pb2.LoadModelResponse.FromString,
                 _registered_method=True)
         self.ExecuteSteps = channel.stream_stream(
                 '/folio.worker.Worker/ExecuteSteps',
-                request_serializer=protos_dot_worker__pb2.StepRequest.SerializeToString,
-                response_deserializer=protos_dot_worker__pb2.StepResult.FromString,
+                request_serializer=folio_dot_protos_dot_worker__pb2.StepRequest.SerializeToString,
+                response_deserializer=folio_dot_protos_dot_worker__pb2.StepResult.FromString,
                 _registered_method=True)
         self.Health = channel.unary_unary(
                 '/folio.worker.Worker/Health',
-                request_serializer=protos_dot_worker__pb2.HealthRequest.SerializeToString,
-                response_deserializer=protos_dot_worker__pb2.HealthResponse.FromString,
+                request_serializer=folio_dot_protos_dot_worker__pb2.HealthRequest.SerializeToString,
+                response_deserializer=folio_dot_protos_dot_worker__pb2.HealthResponse.FromString,
                 _registered_method=True)
         self.Shutdown = channel.unary_unary(
                 '/folio.worker.Worker/Shutdown',
-                request_serializer=protos_dot_worker__pb2.ShutdownRequest.SerializeToString,
-                response_deserializer=protos_dot_worker__pb2.ShutdownResponse.FromString,
+                request_serializer=folio_dot_protos_dot_worker__pb2.ShutdownRequest.SerializeToString,
+                response_deserializer=folio_dot_protos_dot_worker__pb2.ShutdownResponse.FromString,
                 _registered_method=True)
 
 
@@ -92,23 +92,23 @@ def add_WorkerServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'LoadModel': grpc.unary_unary_rpc_method_handler(
                     servicer.LoadModel,
-                    request_deserializer=protos_dot_worker__pb2.LoadModelRequest.FromString,
-                    response_serializer=protos_dot_worker__pb2.LoadModelResponse.SerializeToString,
+                    request_deserializer=folio_dot_protos_dot_worker__pb2.LoadModelRequest.FromString,
+                    response_serializer=folio_dot_protos_dot_worker__pb2.LoadModelResponse.SerializeToString,
             ),
             'ExecuteSteps': grpc.stream_stream_rpc_method_handler(
                     servicer.ExecuteSteps,
-                    request_deserializer=protos_dot_worker__pb2.StepRequest.FromString,
-                    response_serializer=protos_dot_worker__pb2.StepResult.SerializeToString,
+                    request_deserializer=folio_dot_protos_dot_worker__pb2.StepRequest.FromString,
+                    response_serializer=folio_dot_protos_dot_worker__pb2.StepResult.SerializeToString,
             ),
             'Health': grpc.unary_unary_rpc_method_handler(
                     servicer.Health,
-                    request_deserializer=protos_dot_worker__pb2.HealthRequest.FromString,
-                    response_serializer=protos_dot_worker__pb2.HealthResponse.SerializeToString,
+                    request_deserializer=folio_dot_protos_dot_worker__pb2.HealthRequest.FromString,
+                    response_serializer=folio_dot_protos_dot_worker__pb2.HealthResponse.SerializeToString,
             ),
             'Shutdown': grpc.unary_unary_rpc_method_handler(
                     servicer.Shutdown,
-                    request_deserializer=protos_dot_worker__pb2.ShutdownRequest.FromString,
-                    response_serializer=protos_dot_worker__pb2.ShutdownResponse.SerializeToString,
+                    request_deserializer=folio_dot_protos_dot_worker__pb2.ShutdownRequest.FromString,
+                    response_serializer=folio_dot_protos_dot_worker__pb2.ShutdownResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -136,8 +136,8 @@ class Worker:
             request,
             target,
             '/folio.worker.Worker/LoadModel',
-            protos_dot_worker__pb2.LoadModelRequest.SerializeToString,
-            protos_dot_worker__pb2.LoadModelResponse.FromString,
+            folio_dot_protos_dot_worker__pb2.LoadModelRequest.SerializeToString,
+            folio_dot_protos_dot_worker__pb2.LoadModelResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -163,8 +163,8 @@ class Worker:
             request_iterator,
             target,
             '/folio.worker.Worker/ExecuteSteps',
-            protos_dot_worker__pb2.StepRequest.SerializeToString,
-            protos_dot_worker__pb2.StepResult.FromString,
+            folio_dot_protos_dot_worker__pb2.StepRequest.SerializeToString,
+            folio_dot_protos_dot_worker__pb2.StepResult.FromString,
             options,
             channel_credentials,
             insecure,
@@ -190,8 +190,8 @@ class Worker:
             request,
             target,
             '/folio.worker.Worker/Health',
-            protos_dot_worker__pb2.HealthRequest.SerializeToString,
-            protos_dot_worker__pb2.HealthResponse.FromString,
+            folio_dot_protos_dot_worker__pb2.HealthRequest.SerializeToString,
+            folio_dot_protos_dot_worker__pb2.HealthResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -217,8 +217,8 @@ class Worker:
             request,
             target,
             '/folio.worker.Worker/Shutdown',
-            protos_dot_worker__pb2.ShutdownRequest.SerializeToString,
-            protos_dot_worker__pb2.ShutdownResponse.FromString,
+            folio_dot_protos_dot_worker__pb2.ShutdownRequest.SerializeToString,
+            folio_dot_protos_dot_worker__pb2.ShutdownResponse.FromString,
             options,
             channel_credentials,
             insecure,

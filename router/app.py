@@ -27,10 +27,10 @@ from pydantic import BaseModel, ValidationError
 from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from router.edge import REQUEST_ID_HEADER, AccessPolicy, EdgeMiddleware, request_key
-from router.engine_client import EngineClient
-from router.errors import ApiError, ErrorResponse, invalid_body
-from router.openai.responses import (
+from folio.router.edge import REQUEST_ID_HEADER, AccessPolicy, EdgeMiddleware, request_key
+from folio.router.engine_client import EngineClient
+from folio.router.errors import ApiError, ErrorResponse, invalid_body
+from folio.router.openai.responses import (
     ChatCompletion,
     ChatCompletionChunk,
     Completion,
@@ -41,8 +41,8 @@ from router.openai.responses import (
     TokenizeResponse,
     TokenizerInfo,
 )
-from router.openai_serving import Caller, OpenAIServing, StreamingResult
-from router.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
+from folio.router.openai_serving import Caller, OpenAIServing, StreamingResult
+from folio.router.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
 
 log = logging.getLogger(__name__)
 M = TypeVar("M", bound=BaseModel)

@@ -13,8 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional, Sequence, Union
 
-from protos.messages import EngineRequest, RequestOutput, SamplingParams
-from router.detokenizer import Detokenizer
+from folio.protos.messages import EngineRequest, RequestOutput, SamplingParams
+from folio.router.detokenizer import Detokenizer
 
 
 def choice_id(request_id: str, index: int) -> str:

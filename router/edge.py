@@ -26,8 +26,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Optional
 
-from router.errors import ApiError
-from router.limits import MAX_REQUEST_ID_BYTES
+from folio.router.errors import ApiError
+from folio.router.limits import MAX_REQUEST_ID_BYTES
 
 REQUEST_ID_HEADER = b"x-request-id"
 SCOPE_KEY = "folio.api_key"

@@ -1,7 +1,7 @@
 """What the router needs of the engine behind it, and nothing more.
 
 The head's Frontend (cluster/frontend.py) implements EngineClient and the
-head hands it to router.app.build_app at startup: the router never imports
+head hands it to folio.router.app.build_app at startup: the router never imports
 the head, so the HTTP layer can be read, tested and changed on its own. The
 exceptions are the engine's answers the router turns into HTTP statuses.
 """
@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import AsyncIterator, Literal, Optional, Protocol
 
-from protos.messages import EngineRequest, RequestOutput
+from folio.protos.messages import EngineRequest, RequestOutput
 
 
 class QueueFull(RuntimeError):

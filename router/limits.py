@@ -20,7 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Iterable, Optional, Sequence
 
-from router.errors import ApiError
+from folio.router.errors import ApiError
 
 INT32_MAX = 2**31 - 1
 MAX_N = 128  # choices per prompt (OpenAI's bound)

@@ -5,15 +5,15 @@ from __future__ import annotations
 
 from typing import Optional
 
-from router.engine_client import EngineClient
-from router.limits import Limits
-from router.openai.chat import ChatCompletions
-from router.openai.completions import Completions
-from router.openai.generation import Caller, new_request_id
-from router.openai.models import Models
-from router.openai.served_model import ServedModel, longest_token_chars
-from router.openai.sse import StreamingResult
-from router.openai.tokenize import Tokenization
+from folio.router.engine_client import EngineClient
+from folio.router.limits import Limits
+from folio.router.openai.chat import ChatCompletions
+from folio.router.openai.completions import Completions
+from folio.router.openai.generation import Caller, new_request_id
+from folio.router.openai.models import Models
+from folio.router.openai.served_model import ServedModel, longest_token_chars
+from folio.router.openai.sse import StreamingResult
+from folio.router.openai.tokenize import Tokenization
 
 __all__ = ["Caller", "OpenAIServing", "StreamingResult", "longest_token_chars", "new_request_id"]
 

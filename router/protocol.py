@@ -19,8 +19,8 @@ from typing import Annotated, Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from protos.grammar import MAX_SPEC_CHARS
-from router import limits as L
+from folio.protos.grammar import MAX_SPEC_CHARS
+from folio.router import limits as L
 
 Name = Annotated[str, Field(max_length=L.MAX_NAME_CHARS)]
 StopString = Annotated[str, Field(max_length=L.MAX_STOP_CHARS)]

@@ -1,4 +1,4 @@
-"""Structured output as clients ask for it, read into one protos.grammar.Grammar.
+"""Structured output as clients ask for it, read into one folio.protos.grammar.Grammar.
 
 The fields, each honoured or refused, never ignored:
 - OpenAI's `response_format`: {"type": "text"} (no constraint), {"type": "json_object"}
@@ -24,10 +24,10 @@ from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from typing import Optional
 
-from protos.grammar import Grammar, GrammarCompiler
-from router.errors import ApiError
-from router.protocol import _Sampling
-from router.templating import run_with_deadline
+from folio.protos.grammar import Grammar, GrammarCompiler
+from folio.router.errors import ApiError
+from folio.router.protocol import _Sampling
+from folio.router.templating import run_with_deadline
 
 _REMEMBERED = 512  # grammars known to compile
 # The request fields that may carry an output constraint.

@@ -25,8 +25,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, TypeVar
 
-from router.errors import ApiError
-from router.limits import Limits, check_template_kwargs
+from folio.router.errors import ApiError
+from folio.router.limits import Limits, check_template_kwargs
 
 T = TypeVar("T")
 

@@ -30,9 +30,9 @@ import uuid
 from dataclasses import dataclass
 from typing import Optional
 
-from protos.grammar import Grammar
-from router.errors import ApiError
-from router.protocol import ChatCompletionRequest
+from folio.protos.grammar import Grammar
+from folio.router.errors import ApiError
+from folio.router.protocol import ChatCompletionRequest
 
 
 @dataclass(frozen=True)

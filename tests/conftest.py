@@ -10,7 +10,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from tests.model_fixtures import make_tiny_model, smollm2_path
+from tests.model_fixtures import make_tiny_model, smollm2_path  # noqa: E402
 
 
 @pytest.fixture(scope="session")

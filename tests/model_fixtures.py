@@ -447,7 +447,7 @@ def make_tiny_chat_model(path) -> str:
         return out
     from transformers import LlamaConfig
 
-    from worker.loader import load_tokenizer
+    from folio.worker.loader import load_tokenizer
 
     tokenizer = load_tokenizer(smollm2_path())
     config = LlamaConfig(
@@ -647,7 +647,7 @@ def early_exit_draft(target: str, num_layers: int, out: str) -> str:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from worker.loader import load_tokenizer, resolve_model_path
+    from folio.worker.loader import load_tokenizer, resolve_model_path
 
     if os.path.isfile(os.path.join(out, "config.json")):
         return out

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels.metadata import AttentionMetadata, attention_metadata
+from folio.kernels.metadata import AttentionMetadata, attention_metadata
 
 
 def metadata_for(

@@ -7,14 +7,14 @@ import os
 import subprocess
 import sys
 
-from protos.security import SECRET_ENV, ClusterCredentials
+from folio.protos.security import SECRET_ENV, ClusterCredentials
 
 # The secret every test worker process accepts: pass it to Replica(credentials=...).
 CREDENTIALS = ClusterCredentials.generate()
 
 
 class WorkerProcesses:
-    """`count` `python -m worker.server` processes on loopback; killed on exit.
+    """`count` `python -m folio.worker.server` processes on loopback; killed on exit.
 
     with WorkerProcesses(2) as addresses: ...   # ["127.0.0.1:PORT", ...]
 
@@ -26,7 +26,7 @@ class WorkerProcesses:
         self.credentials = credentials
         # One torch thread each: the test machine's cores are shared by every process.
         env = dict(os.environ, OMP_NUM_THREADS="1", **{SECRET_ENV: credentials.secret})
-        command = [sys.executable, "-m", "worker.server", "--address", "127.0.0.1:0"]
+        command = [sys.executable, "-m", "folio.worker.server", "--address", "127.0.0.1:0"]
         if credentials.tls:
             command += ["--tls-cert", credentials.tls_cert, "--tls-key", credentials.tls_key]
         self.procs = [subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env=env) for _ in range(count)]
@@ -47,8 +47,8 @@ async def replica_outputs(
     """Each prompt's output tokens from one Replica over the workers at `addresses` (one
     replica: its ranks are tensor-parallel), and the replica's scheduler stats.
     params: one SamplingParams for all, or a list with one per prompt."""
-    from protos.config import SchedulerConfig
-    from protos.messages import EngineRequest
+    from folio.protos.config import SchedulerConfig
+    from folio.protos.messages import EngineRequest
 
     config = SchedulerConfig(
         block_size=16, max_num_seqs=8, num_speculative_tokens=speculate, prompt_lookup_min=1, prompt_lookup_max=3
@@ -81,10 +81,10 @@ async def start_replica(
     """A started Replica (cluster/replica.py) over the workers at `addresses`, rank i at
     addresses[i]: fp32 on CPU, 64 blocks of 16 tokens. Close it when done."""
     # Imported here: only the tests that run a replica need the head's modules.
-    from cluster.metrics import RequestMetrics
-    from cluster.replica import Replica
-    from protos import worker_pb2 as pb
-    from worker.parallel import free_port
+    from folio.cluster.metrics import RequestMetrics
+    from folio.cluster.replica import Replica
+    from folio.protos import worker_pb2 as pb
+    from folio.worker.parallel import free_port
 
     replica = Replica(0, addresses, config, RequestMetrics(), credentials=CREDENTIALS)
     await replica.start(

@@ -14,9 +14,9 @@ from typing import Optional
 
 import ray
 
-from protos.security import ClusterCredentials
-from worker.parallel import free_port
-from worker.server import start_server
+from folio.protos.security import ClusterCredentials
+from folio.worker.parallel import free_port
+from folio.worker.server import start_server
 
 
 @ray.remote

@@ -32,10 +32,10 @@ from typing import Optional
 
 import torch
 
-from kernels.metadata import attention_metadata
-from worker.config import ModelConfig
-from worker.kv_pool import KVPool
-from worker.sampler import Sampler
+from folio.kernels.metadata import attention_metadata
+from folio.worker.config import ModelConfig
+from folio.worker.kv_pool import KVPool
+from folio.worker.sampler import Sampler
 
 
 @dataclass
@@ -182,7 +182,7 @@ def load_draft(path: str, target_path: str, dtype: torch.dtype, device: torch.de
     kernel pays (quantization "auto"), whatever the target does, and on CPU runs in
     bfloat16 even beside a float32 target, since torch's CPU kernels for quantized
     weights want bfloat16 activations."""
-    from worker.loader import load_model, load_model_config, quantization_scheme
+    from folio.worker.loader import load_model, load_model_config, quantization_scheme
 
     why = tokenizer_mismatch(target_path, path)
     if why:
@@ -198,7 +198,7 @@ def load_draft(path: str, target_path: str, dtype: torch.dtype, device: torch.de
 def tokenizer_mismatch(target_path: str, draft_path: str) -> Optional[str]:
     """Why the two models' token ids do not mean the same text, or None. Models without
     a tokenizer (token-id-only checkpoints) must agree on their vocabulary size."""
-    from worker.loader import load_model_config, load_tokenizer
+    from folio.worker.loader import load_model_config, load_tokenizer
 
     vocabs = []
     for path in (target_path, draft_path):

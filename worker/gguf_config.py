@@ -27,7 +27,7 @@ from typing import Optional
 
 import gguf
 
-from worker.config import ModelConfig
+from folio.worker.config import ModelConfig
 
 # GGUF general.architecture -> folio's (Hugging Face's) model_type; "llama" with
 # expert routers is Mixtral.

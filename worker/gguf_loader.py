@@ -29,10 +29,10 @@ import numpy as np
 import torch
 from gguf.quants import dequantize
 
-from kernels.quant import QuantizedTensor, map_rows
-from worker.config import ModelConfig
-from worker.gguf_config import gguf_config
-from worker.gguf_quant import KEPT_QUANTIZED, quantized_tensor
+from folio.kernels.quant import QuantizedTensor, map_rows
+from folio.worker.config import ModelConfig
+from folio.worker.gguf_config import gguf_config
+from folio.worker.gguf_quant import KEPT_QUANTIZED, quantized_tensor
 
 __all__ = ["gguf_config", "gguf_quantized", "gguf_reader", "gguf_tensors"]
 

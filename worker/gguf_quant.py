@@ -33,7 +33,7 @@ import torch
 from gguf import GGMLQuantizationType as Q
 from gguf.quants import Q4_K
 
-from kernels.quant import QuantizedTensor
+from folio.kernels.quant import QuantizedTensor
 
 
 def _f16(b: np.ndarray) -> np.ndarray:

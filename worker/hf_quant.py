@@ -94,8 +94,8 @@ from typing import Iterable, Iterator, Optional, Union
 
 import torch
 
-from kernels.quant import QuantizedTensor
-from worker.hf_quant_config import AWQ, CT_INT, CT_PACKED, GPTQ, GPTQ_V2, HFQuantization, LinearScheme
+from folio.kernels.quant import QuantizedTensor
+from folio.worker.hf_quant_config import AWQ, CT_INT, CT_PACKED, GPTQ, GPTQ_V2, HFQuantization, LinearScheme
 
 # AutoAWQ's GEMM interleave: nibble i of a word holds output feature 8c + AWQ_ORDER[i].
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)

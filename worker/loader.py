@@ -26,11 +26,11 @@ from typing import Iterable, Iterator, Optional
 import torch
 from safetensors import safe_open
 
-from kernels.interface import KernelOps
-from protos.config import QUANTIZATIONS
-from worker.config import ModelConfig
-from worker.models import MODEL_CLASSES, CausalLM
-from worker.parallel import TPGroup
+from folio.kernels.interface import KernelOps
+from folio.protos.config import QUANTIZATIONS
+from folio.worker.config import ModelConfig
+from folio.worker.models import MODEL_CLASSES, CausalLM
+from folio.worker.parallel import TPGroup
 
 log = logging.getLogger(__name__)
 
@@ -79,22 +79,22 @@ def load_model(
     """Build the model for `path` (see resolve_model_path) with all weights in place.
 
     With a tensor-parallel group, this rank's shard only. `quantization` (one of
-    protos.config.QUANTIZATIONS) says whether a quantized checkpoint's weights
+    folio.protos.config.QUANTIZATIONS) says whether a quantized checkpoint's weights
     stay quantized (keep_quantized); the returned config's `quantization` says
     what was decided.
     """
     directory, gguf_file = resolve_model_path(path)
     device = torch.device(device)
     if gguf_file is not None:
-        from worker.gguf_loader import gguf_config, gguf_quantized, gguf_reader, gguf_tensors
+        from folio.worker.gguf_loader import gguf_config, gguf_quantized, gguf_reader, gguf_tensors
 
         reader = gguf_reader(os.path.join(directory, gguf_file))
         config = gguf_config(reader)
         kept = keep_quantized(quantization, "gguf" if gguf_quantized(reader) else None, device, dtype)
         tensors = gguf_tensors(reader, config, keep_quantized=kept is not None)
     else:
-        from worker.hf_quant import decode_hf_tensors
-        from worker.hf_quant_config import hf_quantization
+        from folio.worker.hf_quant import decode_hf_tensors
+        from folio.worker.hf_quant_config import hf_quantization
 
         raw = _read_hf_json(directory)
         config = ModelConfig.from_hf_config(raw)
@@ -135,10 +135,10 @@ def quantization_scheme(path: str) -> Optional[str]:
     """The scheme of the checkpoint's quantized weights ("gguf", "gptq", ...), or None."""
     directory, gguf_file = resolve_model_path(path)
     if gguf_file is not None:
-        from worker.gguf_loader import gguf_quantized, gguf_reader
+        from folio.worker.gguf_loader import gguf_quantized, gguf_reader
 
         return "gguf" if gguf_quantized(gguf_reader(os.path.join(directory, gguf_file))) else None
-    from worker.hf_quant_config import hf_quantization
+    from folio.worker.hf_quant_config import hf_quantization
 
     hf_quant = hf_quantization(_read_hf_json(directory))
     return hf_quant.method if hf_quant else None
@@ -148,7 +148,7 @@ def load_model_config(path: str) -> ModelConfig:
     """The model's configuration alone, without building it."""
     directory, gguf_file = resolve_model_path(path)
     if gguf_file is not None:
-        from worker.gguf_loader import gguf_config, gguf_reader
+        from folio.worker.gguf_loader import gguf_config, gguf_reader
 
         return gguf_config(gguf_reader(os.path.join(directory, gguf_file)))
     return _read_hf_config(directory)

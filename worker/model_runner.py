@@ -48,9 +48,9 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels.metadata import attention_metadata
-from protos.config import MAX_SPECULATIVE_TOKENS
-from protos.messages import (
+from folio.kernels.metadata import attention_metadata
+from folio.protos.config import MAX_SPECULATIVE_TOKENS
+from folio.protos.messages import (
     CachedRequest,
     NewRequest,
     RequestError,
@@ -59,10 +59,10 @@ from protos.messages import (
     StepRequest,
     StepResult,
 )
-from worker.drafter import Drafter, DraftJob
-from worker.kv_pool import KVPool
-from worker.parallel import TPGroup
-from worker.sampler import Sampler
+from folio.worker.drafter import Drafter, DraftJob
+from folio.worker.kv_pool import KVPool
+from folio.worker.parallel import TPGroup
+from folio.worker.sampler import Sampler
 
 MAX_REQUEST_ID_CHARS = 1024
 # A step whose every request waits for its grammar may wait this long for it; a step

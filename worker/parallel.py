@@ -38,8 +38,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from kernels.interface import KernelOps
-from kernels.quant import QuantizedTensor, QuantizedWeight
+from folio.kernels.interface import KernelOps
+from folio.kernels.quant import QuantizedTensor, QuantizedWeight
 
 
 @dataclass(frozen=True)

@@ -52,8 +52,8 @@ from typing import Any, Callable, NamedTuple, Optional, Sequence
 import torch
 from torch import Tensor
 
-from protos.grammar import GrammarCompiler
-from protos.messages import SamplingParams, TokenLogprob
+from folio.protos.grammar import GrammarCompiler
+from folio.protos.messages import SamplingParams, TokenLogprob
 
 log = logging.getLogger(__name__)
 

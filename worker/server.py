@@ -13,7 +13,7 @@ ends, is refused (the head never reopens one: a replica whose stream breaks is
 replaced, so a later session could only be someone else's).
 
 Run standalone (tests, debugging) with:
-    FOLIO_CLUSTER_SECRET=... python -m worker.server --address 127.0.0.1:50051
+    FOLIO_CLUSTER_SECRET=... python -m folio.worker.server --address 127.0.0.1:50051
 """
 
 from __future__ import annotations
@@ -29,13 +29,13 @@ from typing import AsyncIterator, Optional
 import grpc
 import torch
 
-from protos import worker_pb2 as pb
-from protos import worker_pb2_grpc
-from protos.codec import decode_load_request, decode_sampling_params, decode_step_request, encode_step_result
-from protos.config import default_device
-from protos.messages import RequestError, StepRequest
-from protos.security import SECRET_ENV, ClusterCredentials, SecretCheck, server_credentials
-from protos.transport import SERVER_OPTIONS
+from folio.protos import worker_pb2 as pb
+from folio.protos import worker_pb2_grpc
+from folio.protos.codec import decode_load_request, decode_sampling_params, decode_step_request, encode_step_result
+from folio.protos.config import default_device
+from folio.protos.messages import RequestError, StepRequest
+from folio.protos.security import SECRET_ENV, ClusterCredentials, SecretCheck, server_credentials
+from folio.protos.transport import SERVER_OPTIONS
 
 log = logging.getLogger(__name__)
 
@@ -149,8 +149,8 @@ def _decode_step(m: pb.StepRequest) -> _DecodedStep:
 
 
 def _build_worker(request: pb.LoadModelRequest):
-    from worker.parallel import TPGroup
-    from worker.worker import Worker  # model code loads only when asked to
+    from folio.worker.parallel import TPGroup
+    from folio.worker.worker import Worker  # model code loads only when asked to
 
     config, scheduler = decode_load_request(request)
     device = config.device if config.device != "auto" else default_device(torch.cuda.is_available())

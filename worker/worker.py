@@ -17,16 +17,16 @@ from typing import Optional
 
 import torch
 
-from kernels.ops import select_ops
-from protos.config import SchedulerConfig, WorkerConfig, default_device, default_dtype
-from protos.grammar import GrammarCompiler
-from protos.messages import NewRequest, SamplingParams, StepRequest, StepResult
-from worker.drafter import load_draft
-from worker.kv_pool import GiB, KVPool, MemoryProfile, gpu_memory_budget
-from worker.loader import default_model_path, load_model, load_tokenizer
-from worker.model_runner import ModelRunner
-from worker.parallel import TPGroup
-from worker.sampler import Sampler
+from folio.kernels.ops import select_ops
+from folio.protos.config import SchedulerConfig, WorkerConfig, default_device, default_dtype
+from folio.protos.grammar import GrammarCompiler
+from folio.protos.messages import NewRequest, SamplingParams, StepRequest, StepResult
+from folio.worker.drafter import load_draft
+from folio.worker.kv_pool import GiB, KVPool, MemoryProfile, gpu_memory_budget
+from folio.worker.loader import default_model_path, load_model, load_tokenizer
+from folio.worker.model_runner import ModelRunner
+from folio.worker.parallel import TPGroup
+from folio.worker.sampler import Sampler
 
 log = logging.getLogger(__name__)
 

@@ -4,7 +4,7 @@
     folio batch status JOB_ID                                   # state and progress
 
 `submit` (batch_job.py) hands Ray's job API an entrypoint, `"${FOLIO_PYTHON:-python}" -m
-cluster.entrypoints.batch run ...`, which Ray runs on the head node in folio's own
+folio.cluster.entrypoints.batch run ...`, which Ray runs on the head node in folio's own
 interpreter (the deploy configs set FOLIO_PYTHON on `ray start`). That process, this
 module, checks the input (batch_input.py), resumes from the output
 (batch_output.py), sends every line still to do to the cluster's OpenAI
@@ -57,9 +57,9 @@ from typing import Optional
 
 import httpx
 
-from cluster.entrypoints import batch_job
-from cluster.entrypoints.batch_input import BadLine, BatchLine, read_input
-from cluster.entrypoints.batch_output import new_record, plan_resume, remove_stale_temporaries, rewrite_atomically
+from folio.cluster.entrypoints import batch_job
+from folio.cluster.entrypoints.batch_input import BadLine, BatchLine, read_input
+from folio.cluster.entrypoints.batch_output import new_record, plan_resume, remove_stale_temporaries, rewrite_atomically
 
 RETRYABLE_4XX = {408, 409, 429}  # and every 5xx: another try (or replica) may answer
 DEFAULT_MAX_LINE_ATTEMPTS = 3
@@ -296,10 +296,10 @@ def _read_api_key(path: Optional[str]) -> Optional[str]:
 
 
 def _main(argv: list[str]) -> None:
-    """The job's entrypoint: `python -m cluster.entrypoints.batch run INPUT --output OUTPUT --endpoint URL`.
+    """The job's entrypoint: `python -m folio.cluster.entrypoints.batch run INPUT --output OUTPUT --endpoint URL`.
     Exit status: 0 when every line has a response, 1 when some line ended in an error line,
     2 when the job could not run (unreadable input, unwritable output, a refused API key)."""
-    p = argparse.ArgumentParser(prog="python -m cluster.entrypoints.batch")
+    p = argparse.ArgumentParser(prog="python -m folio.cluster.entrypoints.batch")
     sub = p.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("run")
     r.add_argument("input")

@@ -103,7 +103,7 @@ def entrypoint(
     so the job runs in folio's environment whatever the job's PATH is), else `python`."""
     args = [
         "-m",
-        "cluster.entrypoints.batch",
+        "folio.cluster.entrypoints.batch",
         "run",
         input_path,
         "--output",

@@ -12,7 +12,7 @@ import logging
 import sys
 from typing import Optional, Sequence
 
-from cluster.entrypoints import optional_module
+from folio.cluster.entrypoints import optional_module
 
 COMMANDS = ("serve", "generate", "batch", "bench")
 
@@ -26,18 +26,18 @@ def build_parser(command: Optional[str] = None) -> argparse.ArgumentParser:
     for name in ("serve", "generate"):
         if command not in (None, name):
             continue
-        module = optional_module(f"cluster.entrypoints.{name}")
+        module = optional_module(f"folio.cluster.entrypoints.{name}")
         if module is None:
             continue
         p = sub.add_parser(name, help=module.HELP)
         module.add_cli_args(p)
         p.set_defaults(func=module.main)
     if command in (None, "batch"):
-        from cluster.entrypoints import batch
+        from folio.cluster.entrypoints import batch
 
         batch.add_cli_args(sub.add_parser("batch", help=batch.HELP))
     if command in (None, "bench"):
-        from cluster.entrypoints import bench
+        from folio.cluster.entrypoints import bench
 
         b = sub.add_parser("bench", help="benchmarks that print figures beside a baseline")
         bench.add_subcommands(b.add_subparsers(dest="bench", required=True))

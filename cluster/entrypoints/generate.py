@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
-from cluster.entrypoints.options import add_config_args, build_config, options_from_args
-from protos.config import EngineConfig
+from folio.cluster.entrypoints.options import add_config_args, build_config, options_from_args
+from folio.protos.config import EngineConfig
 
 HELP = "offline batch generation in one process"
 
@@ -26,8 +26,8 @@ def add_cli_args(g: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> None:
-    from cluster.entrypoints.llm import LLM
-    from protos.messages import SamplingParams
+    from folio.cluster.entrypoints.llm import LLM
+    from folio.protos.messages import SamplingParams
 
     options = options_from_args(EngineConfig, args)
     try:
@@ -76,9 +76,9 @@ def _grammar(row: dict, line: int):
     """The row's output constraint, read as the HTTP API reads it (router/structured.py)."""
     from pydantic import ValidationError
 
-    from router.errors import ApiError
-    from router.protocol import _Sampling
-    from router.structured import STRUCTURED_FIELDS, requested_grammar
+    from folio.router.errors import ApiError
+    from folio.router.protocol import _Sampling
+    from folio.router.structured import STRUCTURED_FIELDS, requested_grammar
 
     fields = {k: row[k] for k in STRUCTURED_FIELDS if k in row}
     if not fields:

@@ -15,16 +15,16 @@ import time
 from dataclasses import dataclass, field, replace
 from typing import Iterable, Optional, Sequence, Union
 
-from cluster.engine import EngineCore, InProcessExecutor
-from cluster.entrypoints.options import build_config
-from cluster.scheduler import Scheduler
-from protos.config import EngineConfig
-from protos.messages import RequestOutput, SamplingParams, TokenLogprob
-from router.choices import ChoiceOutput, choice_id, choice_requests
-from router.errors import ApiError
-from router.limits import check_token_ids
-from worker.loader import load_tokenizer
-from worker.worker import Worker
+from folio.cluster.engine import EngineCore, InProcessExecutor
+from folio.cluster.entrypoints.options import build_config
+from folio.cluster.scheduler import Scheduler
+from folio.protos.config import EngineConfig
+from folio.protos.messages import RequestOutput, SamplingParams, TokenLogprob
+from folio.router.choices import ChoiceOutput, choice_id, choice_requests
+from folio.router.errors import ApiError
+from folio.router.limits import check_token_ids
+from folio.worker.loader import load_tokenizer
+from folio.worker.worker import Worker
 
 Prompt = Union[str, Sequence[int]]
 

@@ -27,22 +27,22 @@ from typing import Callable, Optional
 import ray
 import uvicorn
 
-from cluster.autoscaler import AutoscalerConfig, ReplicaAutoscaler
-from cluster.entrypoints.options import add_config_args, config_from_args
-from cluster.frontend import AdmissionConfig, Frontend
-from cluster.metrics import RequestMetrics
-from cluster.placement import ReplicaHandle, ReplicaSpec, launch_replicas, release_replica, start_local_ray
-from cluster.ray_watch import DEFAULT_WATCH, ClusterWatch, WatchConfig
-from cluster.replica import DEFAULT_STEP_TIMEOUT_S, WorkerLoadError
-from cluster.routing import ROUTING_POLICIES, make_router
-from protos.codec import encode_load_request
-from protos.config import SchedulerConfig, WorkerConfig, check_speculation
-from protos.security import ClusterCredentials
-from router.app import build_app
-from router.edge import AccessConfig, access_policy
-from router.limits import Limits
-from router.openai_serving import OpenAIServing
-from worker.loader import default_model_path, load_tokenizer
+from folio.cluster.autoscaler import AutoscalerConfig, ReplicaAutoscaler
+from folio.cluster.entrypoints.options import add_config_args, config_from_args
+from folio.cluster.frontend import AdmissionConfig, Frontend
+from folio.cluster.metrics import RequestMetrics
+from folio.cluster.placement import ReplicaHandle, ReplicaSpec, launch_replicas, release_replica, start_local_ray
+from folio.cluster.ray_watch import DEFAULT_WATCH, ClusterWatch, WatchConfig
+from folio.cluster.replica import DEFAULT_STEP_TIMEOUT_S, WorkerLoadError
+from folio.cluster.routing import ROUTING_POLICIES, make_router
+from folio.protos.codec import encode_load_request
+from folio.protos.config import SchedulerConfig, WorkerConfig, check_speculation
+from folio.protos.security import ClusterCredentials
+from folio.router.app import build_app
+from folio.router.edge import AccessConfig, access_policy
+from folio.router.limits import Limits
+from folio.router.openai_serving import OpenAIServing
+from folio.worker.loader import default_model_path, load_tokenizer
 
 log = logging.getLogger(__name__)
 

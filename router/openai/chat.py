@@ -7,21 +7,21 @@ import json
 import time
 from typing import AsyncIterator, Optional, Sequence, Union
 
-from protos.grammar import Grammar
-from protos.messages import TokenLogprob
-from router.engine_client import RequestStream
-from router.errors import ApiError
-from router.limits import INT32_MAX, check_choices, check_token_ids
-from router.openai import chunks, generation
-from router.openai.generation import Caller, Choice
-from router.openai.prompts import Prompt, chat_token_ids
-from router.openai.responses import ChatCompletion, ChatCompletionChoice, ChatCompletionMessage
-from router.openai.served_model import ServedModel
-from router.openai.sse import DONE, StreamingResult, sse, streaming
-from router.protocol import ChatCompletionRequest
-from router.tool_parsers import StreamingToolParser
-from router.tool_parsers import parse as parse_tool_calls
-from router.tools import (
+from folio.protos.grammar import Grammar
+from folio.protos.messages import TokenLogprob
+from folio.router.engine_client import RequestStream
+from folio.router.errors import ApiError
+from folio.router.limits import INT32_MAX, check_choices, check_token_ids
+from folio.router.openai import chunks, generation
+from folio.router.openai.generation import Caller, Choice
+from folio.router.openai.prompts import Prompt, chat_token_ids
+from folio.router.openai.responses import ChatCompletion, ChatCompletionChoice, ChatCompletionMessage
+from folio.router.openai.served_model import ServedModel
+from folio.router.openai.sse import DONE, StreamingResult, sse, streaming
+from folio.router.protocol import ChatCompletionRequest
+from folio.router.tool_parsers import StreamingToolParser
+from folio.router.tool_parsers import parse as parse_tool_calls
+from folio.router.tools import (
     ForcedCall,
     GenericReply,
     forced_call,

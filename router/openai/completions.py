@@ -6,17 +6,17 @@ from __future__ import annotations
 import time
 from typing import AsyncIterator, Optional, Union
 
-from protos.messages import TokenLogprob
-from router.engine_client import RequestStream
-from router.errors import ApiError
-from router.limits import check_choices
-from router.openai import chunks, generation
-from router.openai.generation import Caller, Choice
-from router.openai.prompts import Prompt, completion_prompts, prompt_text
-from router.openai.responses import Completion, CompletionChoice
-from router.openai.served_model import ServedModel
-from router.openai.sse import DONE, StreamingResult, sse, streaming
-from router.protocol import CompletionRequest
+from folio.protos.messages import TokenLogprob
+from folio.router.engine_client import RequestStream
+from folio.router.errors import ApiError
+from folio.router.limits import check_choices
+from folio.router.openai import chunks, generation
+from folio.router.openai.generation import Caller, Choice
+from folio.router.openai.prompts import Prompt, completion_prompts, prompt_text
+from folio.router.openai.responses import Completion, CompletionChoice
+from folio.router.openai.served_model import ServedModel
+from folio.router.openai.sse import DONE, StreamingResult, sse, streaming
+from folio.router.protocol import CompletionRequest
 
 
 class Completions:

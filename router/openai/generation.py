@@ -17,14 +17,14 @@ import uuid
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Optional, Union
 
-from protos.messages import RequestOutput, SamplingParams, TokenLogprob
-from router.choices import ChoiceOutput, choice_requests
-from router.engine_client import NotReady, QueueFull, RequestFailed, RequestStream
-from router.errors import ApiError
-from router.openai import chunks
-from router.openai.prompts import Prompt
-from router.openai.served_model import ServedModel
-from router.protocol import _Sampling
+from folio.protos.messages import RequestOutput, SamplingParams, TokenLogprob
+from folio.router.choices import ChoiceOutput, choice_requests
+from folio.router.engine_client import NotReady, QueueFull, RequestFailed, RequestStream
+from folio.router.errors import ApiError
+from folio.router.openai import chunks
+from folio.router.openai.prompts import Prompt
+from folio.router.openai.served_model import ServedModel
+from folio.router.protocol import _Sampling
 
 log = logging.getLogger(__name__)
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import time
 
-from router.openai.responses import ModelCard, ModelList
-from router.openai.served_model import ServedModel
+from folio.router.openai.responses import ModelCard, ModelList
+from folio.router.openai.served_model import ServedModel
 
 
 class Models:

@@ -10,12 +10,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional, Union
 
-from router.errors import ApiError
-from router.limits import check_text_fits, check_token_ids
-from router.openai.served_model import ServedModel
-from router.protocol import ChatCompletionRequest, ChatMessage, CompletionRequest, TokenizeRequest
-from router.templating import ChatInput
-from router.tools import generic_history
+from folio.router.errors import ApiError
+from folio.router.limits import check_text_fits, check_token_ids
+from folio.router.openai.served_model import ServedModel
+from folio.router.protocol import ChatCompletionRequest, ChatMessage, CompletionRequest, TokenizeRequest
+from folio.router.templating import ChatInput
+from folio.router.tools import generic_history
 
 
 @dataclass

@@ -8,15 +8,15 @@ from __future__ import annotations
 
 from typing import Optional
 
-from protos.grammar import Grammar
-from protos.messages import SamplingParams
-from router.engine_client import EngineClient
-from router.errors import ApiError
-from router.limits import Limits, check_token_ids, check_top_k, logit_bias_ids
-from router.protocol import _Sampling
-from router.structured import GrammarCheck, requested_grammar
-from router.templating import Templater
-from router.tool_parsers import detect_parser
+from folio.protos.grammar import Grammar
+from folio.protos.messages import SamplingParams
+from folio.router.engine_client import EngineClient
+from folio.router.errors import ApiError
+from folio.router.limits import Limits, check_token_ids, check_top_k, logit_bias_ids
+from folio.router.protocol import _Sampling
+from folio.router.structured import GrammarCheck, requested_grammar
+from folio.router.templating import Templater
+from folio.router.tool_parsers import detect_parser
 
 
 class ServedModel:

@@ -8,8 +8,8 @@ import logging
 from dataclasses import dataclass
 from typing import AsyncIterator, Optional
 
-from router.engine_client import RequestStream
-from router.errors import ApiError
+from folio.router.engine_client import RequestStream
+from folio.router.errors import ApiError
 
 log = logging.getLogger(__name__)
 

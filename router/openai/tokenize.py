@@ -4,12 +4,12 @@ tokenizer (lm-eval's remote tokenizer, Captum) need to know of it."""
 
 from __future__ import annotations
 
-from router.errors import ApiError
-from router.limits import check_text_fits, check_token_ids
-from router.openai.prompts import chat_token_ids
-from router.openai.responses import DetokenizeResponse, TokenizeResponse, TokenizerInfo
-from router.openai.served_model import ServedModel
-from router.protocol import DetokenizeRequest, TokenizeRequest
+from folio.router.errors import ApiError
+from folio.router.limits import check_text_fits, check_token_ids
+from folio.router.openai.prompts import chat_token_ids
+from folio.router.openai.responses import DetokenizeResponse, TokenizeResponse, TokenizerInfo
+from folio.router.openai.served_model import ServedModel
+from folio.router.protocol import DetokenizeRequest, TokenizeRequest
 
 
 class Tokenization:

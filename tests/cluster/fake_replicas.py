@@ -5,10 +5,10 @@ from __future__ import annotations
 import asyncio
 from types import SimpleNamespace
 
-from cluster.frontend import AdmissionConfig, Frontend
-from cluster.metrics import RequestMetrics
-from protos.messages import EngineRequest, RequestOutput, SamplingParams
-from router.engine_client import RequestFailed
+from folio.cluster.frontend import AdmissionConfig, Frontend
+from folio.cluster.metrics import RequestMetrics
+from folio.protos.messages import EngineRequest, RequestOutput, SamplingParams
+from folio.router.engine_client import RequestFailed
 
 
 class FakeReplica:

@@ -9,8 +9,8 @@ import time
 
 import pytest
 
-from cluster.frontend import DrainRate
-from router.engine_client import QueueFull
+from folio.cluster.frontend import DrainRate
+from folio.router.engine_client import QueueFull
 from tests.cluster.fake_replicas import make, req
 
 

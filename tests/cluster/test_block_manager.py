@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from cluster.block_manager import BlockManager, hash_blocks
+from folio.cluster.block_manager import BlockManager, hash_blocks
 
 
 def test_hash_chain_names_whole_prefix():
@@ -25,7 +25,7 @@ def test_hash_keys_are_wide_and_the_same_in_every_process():
     ones (prefix-affinity routing compares keys computed apart)."""
     [a], [b] = hash_blocks([-1, 5], 2), hash_blocks([-2, 5], 2)
     assert a != b and len(a) == 16
-    code = "from cluster.block_manager import hash_blocks; print(hash_blocks(list(range(40)), 16)[1].hex())"
+    code = "from folio.cluster.block_manager import hash_blocks; print(hash_blocks(list(range(40)), 16)[1].hex())"
     other = subprocess.run(
         [sys.executable, "-c", code],
         capture_output=True,

@@ -11,10 +11,10 @@ import pathlib
 
 import pytest
 
-from cluster.entrypoints import cli
-from cluster.entrypoints.options import build_config, config_fields, config_from_args
-from cluster.entrypoints.serve import ServeConfig
-from protos.config import EngineConfig, SchedulerConfig, WorkerConfig
+from folio.cluster.entrypoints import cli
+from folio.cluster.entrypoints.options import build_config, config_fields, config_from_args
+from folio.cluster.entrypoints.serve import ServeConfig
+from folio.protos.config import EngineConfig, SchedulerConfig, WorkerConfig
 from tests import REPO_ROOT
 
 SERVE = config_fields(ServeConfig)
@@ -108,7 +108,7 @@ def test_the_worker_and_llm_resolve_dtype_by_device_as_the_cli_does():
     LLM(device="cuda") and `folio generate --device cuda` cannot drift apart."""
     import torch
 
-    from worker.worker import Worker
+    from folio.worker.worker import Worker
 
     assert WorkerConfig().dtype is None and _parse(["generate"]).dtype is None
     assert WorkerConfig(dtype=torch.bfloat16).dtype == "bfloat16"

@@ -6,8 +6,8 @@ import random
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cluster.entrypoints.llm import LLM
-from protos.messages import SamplingParams
+from folio.cluster.entrypoints.llm import LLM
+from folio.protos.messages import SamplingParams
 from tests.model_fixtures import TINY_VOCAB
 
 GREEDY = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)

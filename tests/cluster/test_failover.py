@@ -12,17 +12,17 @@ import time
 import jsonschema
 import pytest
 
-from cluster.frontend import Frontend
-from cluster.metrics import RequestMetrics
-from cluster.replica import Replica
-from protos import worker_pb2 as pb
-from protos.config import SchedulerConfig
-from protos.grammar import Grammar
-from protos.messages import EngineRequest, SamplingParams
-from router.engine_client import RequestFailed
+from folio.cluster.frontend import Frontend
+from folio.cluster.metrics import RequestMetrics
+from folio.cluster.replica import Replica
+from folio.protos import worker_pb2 as pb
+from folio.protos.config import SchedulerConfig
+from folio.protos.grammar import Grammar
+from folio.protos.messages import EngineRequest, SamplingParams
+from folio.router.engine_client import RequestFailed
+from folio.worker.loader import load_tokenizer
 from tests.model_fixtures import make_tiny_chat_model
 from tests.worker_processes import CREDENTIALS, WorkerProcesses
-from worker.loader import load_tokenizer
 
 pytestmark = pytest.mark.slow
 
@@ -188,7 +188,7 @@ def test_a_big_step_after_small_ones_is_not_overdue():
     """A burst of prompts after a quiet spell of single decodes makes one long step;
     judged by the decodes' step times alone it would be 'hung' and the frontend would
     turn the burst away (429). Its expected time scales with its tokens instead."""
-    from protos.messages import CachedRequest, StepRequest
+    from folio.protos.messages import CachedRequest, StepRequest
     from tests.worker_processes import CREDENTIALS
 
     replica = Replica(0, [], SchedulerConfig(), RequestMetrics(), credentials=CREDENTIALS)

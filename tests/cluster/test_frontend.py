@@ -7,10 +7,10 @@ import time
 
 import pytest
 
-from cluster.frontend import AdmissionConfig, Frontend
-from cluster.metrics import RequestMetrics
-from protos.messages import EngineRequest, SamplingParams
-from router.engine_client import NotReady, QueueFull, RequestFailed
+from folio.cluster.frontend import AdmissionConfig, Frontend
+from folio.cluster.metrics import RequestMetrics
+from folio.protos.messages import EngineRequest, SamplingParams
+from folio.router.engine_client import NotReady, QueueFull, RequestFailed
 from tests.cluster.fake_replicas import FakeReplica, drain, make, req
 from tests.prometheus import sample
 

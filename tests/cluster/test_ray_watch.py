@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from cluster.ray_watch import ClusterWatch, WatchConfig
+from folio.cluster.ray_watch import ClusterWatch, WatchConfig
 
 FAST = WatchConfig(interval_s=0.01, probe_timeout_s=0.01, grace_s=0.1)
 

@@ -10,11 +10,11 @@ from types import SimpleNamespace
 
 import pytest
 
-import cluster.autoscaler as autoscaler_mod
-from cluster.autoscaler import AutoscalerConfig, ReplicaAutoscaler
-from cluster.frontend import AdmissionConfig, Frontend
-from cluster.metrics import RequestMetrics
-from router.engine_client import NotReady
+import folio.cluster.autoscaler as autoscaler_mod
+from folio.cluster.autoscaler import AutoscalerConfig, ReplicaAutoscaler
+from folio.cluster.frontend import AdmissionConfig, Frontend
+from folio.cluster.metrics import RequestMetrics
+from folio.router.engine_client import NotReady
 from tests.cluster.fake_replicas import FakeReplica, drain, req
 
 

@@ -12,13 +12,13 @@ import random
 
 import pytest
 
-from cluster.frontend import Frontend
-from cluster.metrics import RequestMetrics
-from cluster.replica import Replica
-from cluster.routing import AffinityRouter, RoundRobinRouter, make_router
-from protos import worker_pb2 as pb
-from protos.config import SchedulerConfig
-from protos.messages import EngineRequest, SamplingParams
+from folio.cluster.frontend import Frontend
+from folio.cluster.metrics import RequestMetrics
+from folio.cluster.replica import Replica
+from folio.cluster.routing import AffinityRouter, RoundRobinRouter, make_router
+from folio.protos import worker_pb2 as pb
+from folio.protos.config import SchedulerConfig
+from folio.protos.messages import EngineRequest, SamplingParams
 from tests.prometheus import sample, samples
 from tests.worker_processes import CREDENTIALS, WorkerProcesses
 

@@ -14,10 +14,10 @@ from collections import deque
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cluster.scheduler import Scheduler
-from protos.config import SchedulerConfig
-from protos.grammar import Grammar
-from protos.messages import EngineRequest, SampledRequest, SamplingParams, StepRequest, StepResult
+from folio.cluster.scheduler import Scheduler
+from folio.protos.config import SchedulerConfig
+from folio.protos.grammar import Grammar
+from folio.protos.messages import EngineRequest, SampledRequest, SamplingParams, StepRequest, StepResult
 
 EOS = 2
 BLOCK = 4

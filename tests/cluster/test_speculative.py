@@ -13,9 +13,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cluster.entrypoints.llm import LLM
-from cluster.ngram import NgramIndex
-from protos.messages import SamplingParams
+from folio.cluster.entrypoints.llm import LLM
+from folio.cluster.ngram import NgramIndex
+from folio.protos.messages import SamplingParams
 from tests.hf_reference import assert_greedy_parity, run_staggered
 from tests.model_fixtures import repetitive_prompts
 
@@ -167,9 +167,9 @@ def test_draft_length_shrinks_after_misses_and_grows_back():
     """The scheduler alone, fed the worker's answers by hand: a miss shortens the
     next guess by one (never below one), a full hit lengthens it by two (up to
     num_speculative_tokens)."""
-    from cluster.scheduler import Scheduler
-    from protos.config import SchedulerConfig
-    from protos.messages import EngineRequest, SampledRequest, StepResult
+    from folio.cluster.scheduler import Scheduler
+    from folio.protos.config import SchedulerConfig
+    from folio.protos.messages import EngineRequest, SampledRequest, StepResult
 
     sched = Scheduler(
         SchedulerConfig(block_size=4, num_speculative_tokens=4, prompt_lookup_min=1, max_model_len=256), num_blocks=64

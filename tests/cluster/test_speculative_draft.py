@@ -14,9 +14,9 @@ import asyncio
 
 import pytest
 
-from cluster.entrypoints.llm import LLM
-from protos.config import SchedulerConfig
-from protos.messages import EngineRequest, SamplingParams
+from folio.cluster.entrypoints.llm import LLM
+from folio.protos.config import SchedulerConfig
+from folio.protos.messages import EngineRequest, SamplingParams
 from tests.hf_reference import assert_greedy_parity, hf_greedy, run_staggered
 from tests.model_fixtures import early_exit_draft, make_tiny_chat_model, repetitive_prompts
 from tests.worker_processes import WorkerProcesses, start_replica
@@ -180,8 +180,8 @@ def test_tp2_with_a_draft_on_rank_0_matches_tp1_without(target_and_draft):
 
 
 def test_a_worker_with_a_draft_bounds_what_a_step_asks(target_and_draft):
-    from protos.config import MAX_SPECULATIVE_TOKENS
-    from protos.messages import CachedRequest, NewRequest, StepRequest
+    from folio.protos.config import MAX_SPECULATIVE_TOKENS
+    from folio.protos.messages import CachedRequest, NewRequest, StepRequest
 
     target, draft = target_and_draft
     worker = LLM(target, speculative_model=draft, num_speculative_tokens=2, tokenizer=False).worker

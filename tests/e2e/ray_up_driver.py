@@ -58,7 +58,7 @@ def chat(key: str, timeout: float) -> float:
 def folio_batch(*args: str) -> str:
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}  # as an operator's shell
     out = subprocess.run(
-        [sys.executable, "-m", "cluster.entrypoints.cli", "batch", *args],
+        [sys.executable, "-m", "folio.cluster.entrypoints.cli", "batch", *args],
         cwd=ROOT,
         env=env,
         capture_output=True,

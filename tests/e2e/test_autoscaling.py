@@ -185,7 +185,7 @@ def cluster():
             [
                 sys.executable,
                 "-m",
-                "cluster.entrypoints.cli",
+                "folio.cluster.entrypoints.cli",
                 "serve",
                 "--ray-address",
                 address,
@@ -278,7 +278,7 @@ def _requests() -> list[dict]:
 
 def _greedy_reference() -> dict[str, str]:
     """Greedy text per custom_id from the in-process engine on the same model."""
-    from protos.messages import SamplingParams
+    from folio.protos.messages import SamplingParams
 
     llm = reference_llm()
     rows = _requests()
@@ -324,7 +324,7 @@ def _submit(cluster: Cluster, input_path: str, output_path: str) -> str:
         [
             sys.executable,
             "-m",
-            "cluster.entrypoints.cli",
+            "folio.cluster.entrypoints.cli",
             "batch",
             "submit",
             input_path,
@@ -349,7 +349,16 @@ def _submit(cluster: Cluster, input_path: str, output_path: str) -> str:
 
 def _status(cluster: Cluster, job_id: str) -> dict:
     out = subprocess.run(
-        [sys.executable, "-m", "cluster.entrypoints.cli", "batch", "status", job_id, "--address", cluster.dashboard],
+        [
+            sys.executable,
+            "-m",
+            "folio.cluster.entrypoints.cli",
+            "batch",
+            "status",
+            job_id,
+            "--address",
+            cluster.dashboard,
+        ],
         cwd=ROOT,
         env=_env(),
         capture_output=True,
@@ -450,7 +459,7 @@ def test_replica_killed_mid_batch_and_resumed_job_lose_no_line(expected, cluster
     # Only the killed worker was lost: idle replicas survive the head's keepalive pings.
     # (The replica logs each lost worker once; its requests' failures repeat the text.)
     with open(os.path.join(cluster.workdir, "serve.log")) as f:
-        assert len(re.findall(r"cluster.replica: replica \d+ lost worker ", f.read())) == 1
+        assert len(re.findall(r"folio.cluster.replica: replica \d+ lost worker ", f.read())) == 1
 
 
 def _worker_pids(cluster: Cluster) -> list[int]:

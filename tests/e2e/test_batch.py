@@ -27,8 +27,8 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 
-from cluster.entrypoints.batch import EndpointRefused, run_batch
-from cluster.entrypoints.batch_input import PLAIN_REQUEST_ID
+from folio.cluster.entrypoints.batch import EndpointRefused, run_batch
+from folio.cluster.entrypoints.batch_input import PLAIN_REQUEST_ID
 from tests import REPO_ROOT
 from tests.e2e.ray_head import RayHeadPorts, start_ray_head, stop_group
 
@@ -301,7 +301,18 @@ def test_api_key_is_sent_and_a_refused_key_stops_the_job_without_writing_lines(t
 
 def _runner(inp: str, out: str, url: str, env: dict, *args: str) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "-m", "cluster.entrypoints.batch", "run", inp, "--output", out, "--endpoint", url, *args],
+        [
+            sys.executable,
+            "-m",
+            "folio.cluster.entrypoints.batch",
+            "run",
+            inp,
+            "--output",
+            out,
+            "--endpoint",
+            url,
+            *args,
+        ],
         cwd=ROOT,
         env={**os.environ, "PYTHONPATH": ROOT, **env},
         stdout=subprocess.PIPE,
@@ -450,7 +461,7 @@ def job_api():
 
 
 def _submit(job_api: JobApi, tmp_path, **kw) -> str:
-    from cluster.entrypoints import batch_job
+    from folio.cluster.entrypoints import batch_job
 
     args = dict(address=job_api.url, endpoint="http://127.0.0.1:1/v1", concurrency=1, max_line_attempts=1)
     return batch_job.submit(str(tmp_path / "in.jsonl"), str(tmp_path / "out.jsonl"), **args, **kw)
@@ -527,7 +538,7 @@ def test_submit_and_status_present_rays_token_from_home(tmp_path, endpoint):
 
         def folio_batch(*args: str, home_dir) -> subprocess.CompletedProcess:
             return subprocess.run(
-                [sys.executable, "-m", "cluster.entrypoints.cli", "batch", *args, "--address", address],
+                [sys.executable, "-m", "folio.cluster.entrypoints.cli", "batch", *args, "--address", address],
                 cwd=ROOT,
                 env={**env, "HOME": str(home_dir)},
                 capture_output=True,

@@ -11,7 +11,7 @@ import torch
 
 def _folio(*args, timeout=600):
     return subprocess.run(
-        [sys.executable, "-m", "cluster.entrypoints.cli", *args],
+        [sys.executable, "-m", "folio.cluster.entrypoints.cli", *args],
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -109,7 +109,7 @@ def test_serve_refuses_to_listen_beyond_loopback_without_a_key():
     # Both at once: each spends its time importing serve's modules, one core each.
     no_key, no_file = procs = [
         subprocess.Popen(
-            [sys.executable, "-m", "cluster.entrypoints.cli", "serve", *args],
+            [sys.executable, "-m", "folio.cluster.entrypoints.cli", "serve", *args],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -137,8 +137,8 @@ class Missing(importlib.abc.MetaPathFinder):
         if name.split(".")[0] in ("ray", "fastapi", "uvicorn", "starlette"):
             raise ModuleNotFoundError(f"No module named {name!r}", name=name)
 sys.meta_path.insert(0, Missing())
-from cluster.entrypoints.cli import build_parser
-from cluster.entrypoints.bench.kernels import run_kernel_bench
+from folio.cluster.entrypoints.cli import build_parser
+from folio.cluster.entrypoints.bench.kernels import run_kernel_bench
 parser = build_parser()
 commands = parser._subparsers._group_actions[0].choices
 bench = commands["bench"]._subparsers._group_actions[0].choices
@@ -159,8 +159,8 @@ def test_offline_commands_load_without_ray_or_the_http_stack():
 def test_kernel_bench_without_a_gpu_times_cpu_decode_attention(tmp_path, monkeypatch):
     """Without CUDA, `folio bench kernels` times the CPU decode attention against
     bf16 SDPA on the same K/V and writes both, with how far apart they are."""
-    from cluster.entrypoints.bench import cpu_attention
-    from cluster.entrypoints.bench.kernels import run_kernel_bench
+    from folio.cluster.entrypoints.bench import cpu_attention
+    from folio.cluster.entrypoints.bench.kernels import run_kernel_bench
 
     monkeypatch.setattr(cpu_attention, "CASES", ((2, 40),))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)

@@ -174,7 +174,7 @@ def _folio_commands(docs) -> list[list[str]]:
 
 @pytest.mark.parametrize("path", RAY_UP_CONFIGS + ["deploy/kuberay-raycluster.yaml"])
 def test_folio_commands_in_deploy_files_parse(path):
-    from cluster.entrypoints.cli import build_parser
+    from folio.cluster.entrypoints.cli import build_parser
 
     commands = _folio_commands(_load(path))
     assert commands, f"{path} starts no folio command"

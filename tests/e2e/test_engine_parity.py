@@ -12,8 +12,8 @@ import random
 
 import pytest
 
-from cluster.entrypoints.llm import LLM
-from protos.messages import SamplingParams
+from folio.cluster.entrypoints.llm import LLM
+from folio.protos.messages import SamplingParams
 from tests.hf_reference import assert_greedy_parity, run_staggered
 from tests.model_fixtures import TINY_VOCAB, make_tiny_quantized_gguf
 

@@ -11,8 +11,8 @@ import os
 import pytest
 import torch
 
-from cluster.entrypoints.llm import LLM
-from protos.messages import SamplingParams
+from folio.cluster.entrypoints.llm import LLM
+from folio.protos.messages import SamplingParams
 
 pytestmark = pytest.mark.slow
 

@@ -2,9 +2,9 @@
 
 import pytest
 
-from cluster.entrypoints.llm import LLM
-from protos.messages import SamplingParams
-from router.detokenizer import Detokenizer
+from folio.cluster.entrypoints.llm import LLM
+from folio.protos.messages import SamplingParams
+from folio.router.detokenizer import Detokenizer
 from tests.hf_reference import drain_engine
 
 
@@ -91,7 +91,7 @@ def test_streamed_chunks_hold_back_a_forming_stop_string(smol):
 
 
 def test_offline_bad_token_ids_are_refused_and_a_worker_refusal_fails_alone(tiny_model):
-    from protos.messages import EngineRequest
+    from folio.protos.messages import EngineRequest
 
     llm = LLM(tiny_model("llama"), num_kv_blocks=32, tokenizer=False)
     for bad in (SamplingParams(logit_bias={384: 1.0}), SamplingParams(stop_token_ids=[-1])):

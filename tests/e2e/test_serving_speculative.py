@@ -11,7 +11,7 @@ import httpx
 import openai
 import pytest
 
-from protos.messages import SamplingParams
+from folio.protos.messages import SamplingParams
 from tests.e2e.reference import reference_llm
 from tests.e2e.serving.server import MAX_MODEL_LEN, NUM_KV_BLOCKS, WORKER_THREADS
 from tests.worker_processes import WorkerProcesses, replica_outputs
@@ -46,11 +46,11 @@ def test_two_rank_replica_verifies_drafts(tiny_model):
 def spec_server(request, smollm2):
     import ray
 
-    from cluster.entrypoints.options import build_config
-    from cluster.entrypoints.serve import ServeConfig, serve_in_background
+    from folio.cluster.entrypoints.options import build_config
+    from folio.cluster.entrypoints.serve import ServeConfig, serve_in_background
 
     if not ray.is_initialized():
-        from cluster.placement import start_local_ray
+        from folio.cluster.placement import start_local_ray
 
         start_local_ray()
     draft = smollm2 if request.param == "model" else None

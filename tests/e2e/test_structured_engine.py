@@ -16,11 +16,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cluster.entrypoints.llm import LLM
-from protos.grammar import Grammar
-from protos.messages import SamplingParams
+from folio.cluster.entrypoints.llm import LLM
+from folio.protos.grammar import Grammar
+from folio.protos.messages import SamplingParams
+from folio.worker.sampler import Sampler
 from tests.hf_reference import drain_engine
-from worker.sampler import Sampler
 
 pytestmark = pytest.mark.slow
 
@@ -253,7 +253,7 @@ def test_a_grammar_that_does_not_compile_fails_its_request_alone(llm):
 
 
 def test_past_the_offline_checks_the_worker_fails_a_bad_grammar_alone(llm):
-    from protos.messages import EngineRequest
+    from folio.protos.messages import EngineRequest
 
     good = SamplingParams(max_tokens=4, temperature=0.0)
     want = llm.generate(["y"], good)[0].outputs[0].token_ids

@@ -23,14 +23,14 @@ import time
 import httpx
 import pytest
 
-from cluster.frontend import Frontend
-from cluster.metrics import RequestMetrics
-from cluster.replica import Replica
-from cluster.scheduler import Scheduler
-from protos import worker_pb2 as pb
-from protos.config import SchedulerConfig
-from protos.messages import EngineRequest, SamplingParams, StepResult
-from router.engine_client import NotReady, RequestFailed
+from folio.cluster.frontend import Frontend
+from folio.cluster.metrics import RequestMetrics
+from folio.cluster.replica import Replica
+from folio.cluster.scheduler import Scheduler
+from folio.protos import worker_pb2 as pb
+from folio.protos.config import SchedulerConfig
+from folio.protos.messages import EngineRequest, SamplingParams, StepResult
+from folio.router.engine_client import NotReady, RequestFailed
 from tests.model_fixtures import make_tiny_model
 from tests.worker_processes import CREDENTIALS, WorkerProcesses
 
@@ -141,14 +141,14 @@ def local_ray():
     import ray
 
     if not ray.is_initialized():
-        from cluster.placement import start_local_ray
+        from folio.cluster.placement import start_local_ray
 
         start_local_ray()
 
 
 def _serve(model: str, **flags):
-    from cluster.entrypoints.options import build_config
-    from cluster.entrypoints.serve import ServeConfig, serve_in_background
+    from folio.cluster.entrypoints.options import build_config
+    from folio.cluster.entrypoints.serve import ServeConfig, serve_in_background
 
     return serve_in_background(
         build_config(

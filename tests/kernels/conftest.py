@@ -1,7 +1,7 @@
 """Kernel tests: without a GPU, Triton kernels run in the interpreter.
 
 TRITON_INTERPRET must be set before any @triton.jit decorator runs, i.e.
-before kernels.* is imported, so it is set here at collection time. On a
+before folio.kernels.* is imported, so it is set here at collection time. On a
 GPU machine it stays unset and test_gpu.py runs the compiled kernels.
 
 The `paged_case` fixture builds one attention step over a paged pool, shared
@@ -19,7 +19,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from kernels import reference  # noqa: E402  (after TRITON_INTERPRET on purpose)
+from folio.kernels import reference  # noqa: E402  (after TRITON_INTERPRET on purpose)
 from tests.paged import metadata_for  # noqa: E402
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from kernels.aot import ARCHS
+from folio.kernels.aot import ARCHS
 
 REPO = Path(__file__).resolve().parents[2]
 KINDS = (
@@ -42,7 +42,7 @@ def test_every_variant_compiles_without_spills(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     procs = {
         arch: subprocess.Popen(
-            [sys.executable, "-m", "kernels.aot", "--arch", str(arch), "--json", str(tmp_path / f"{arch}.json")],
+            [sys.executable, "-m", "folio.kernels.aot", "--arch", str(arch), "--json", str(tmp_path / f"{arch}.json")],
             cwd=REPO,
             env=env,
             stdout=subprocess.PIPE,

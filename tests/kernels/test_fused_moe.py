@@ -18,11 +18,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels import fused_moe as fm
-from kernels import reference
-from kernels.fused_moe import FusedMoEConfig, fused_moe, moe_align_block_size
-from kernels.interface import REFERENCE_OPS
-from worker.parallel import split_range
+from folio.kernels import fused_moe as fm
+from folio.kernels import reference
+from folio.kernels.fused_moe import FusedMoEConfig, fused_moe, moe_align_block_size
+from folio.kernels.interface import REFERENCE_OPS
+from folio.worker.parallel import split_range
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter tests; test_gpu.py covers CUDA")
 
@@ -195,7 +195,7 @@ def test_rejects_bad_inputs():
 
 
 def test_kernel_tables():
-    from kernels.triton_ops import TRITON_OPS
+    from folio.kernels.triton_ops import TRITON_OPS
 
     assert TRITON_OPS.fused_moe is fused_moe
     assert REFERENCE_OPS.fused_moe is reference.fused_moe

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels import reference
+from folio.kernels import reference
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
@@ -53,7 +53,7 @@ ATTENTION_CASES = [
 
 @pytest.mark.parametrize("dtype,block_size,head_dim,hq,hkv,window", ATTENTION_CASES)
 def test_decode_real_sizes(paged_case, dtype, block_size, head_dim, hq, hkv, window):
-    from kernels.triton_ops import TRITON_OPS
+    from folio.kernels.triton_ops import TRITON_OPS
 
     contexts = [0, 1, 15, 16, 17, 511, 1000, 2047, 4095, 5000, 7, 300, 64, 3333, 8191, 12000]
     case = paged_case(
@@ -73,7 +73,7 @@ def test_decode_real_sizes(paged_case, dtype, block_size, head_dim, hq, hkv, win
 @pytest.mark.parametrize("dtype", [BF16, F16])
 def test_decode_one_long_sequence_splits(paged_case, dtype):
     """Batch 1 at 32k: dozens of splits, merged by the reduce kernel."""
-    from kernels.triton_ops import TRITON_OPS
+    from folio.kernels.triton_ops import TRITON_OPS
 
     case = paged_case(
         [1], [32767], block_size=16, num_q_heads=32, num_kv_heads=8, head_dim=128, dtype=dtype, device="cuda"
@@ -84,7 +84,7 @@ def test_decode_one_long_sequence_splits(paged_case, dtype):
 
 @pytest.mark.parametrize("dtype,block_size,head_dim,hq,hkv,window", ATTENTION_CASES)
 def test_prefill_real_sizes(paged_case, dtype, block_size, head_dim, hq, hkv, window):
-    from kernels.triton_ops import TRITON_OPS
+    from folio.kernels.triton_ops import TRITON_OPS
 
     # fresh prompt, prefix-cache hit, chunk after a mid-block prefix, decode rows, idle, single token
     qlens = [1500, 700, 513, 1, 1, 0, 1, 129]
@@ -112,7 +112,7 @@ def test_prefill_real_sizes(paged_case, dtype, block_size, head_dim, hq, hkv, wi
 def test_softcap_real_sizes(paged_case, dtype, qlens, contexts):
     """Gemma 2's soft-capped scores at Gemma-2-27B's heads (32 of 128, 16 KV), with
     its 4096-token window; a cap of 1.5 bends scores of this size (Gemma 2's 50 would not)."""
-    from kernels.triton_ops import TRITON_OPS
+    from folio.kernels.triton_ops import TRITON_OPS
 
     case = paged_case(
         qlens, contexts, block_size=16, num_q_heads=32, num_kv_heads=16, head_dim=128, dtype=dtype, device="cuda"
@@ -123,7 +123,7 @@ def test_softcap_real_sizes(paged_case, dtype, qlens, contexts):
 
 @pytest.mark.parametrize("dtype", [BF16, F16])
 def test_write_kv_real_sizes(dtype):
-    from kernels.kv_write import write_kv
+    from folio.kernels.kv_write import write_kv
 
     T, hkv, d, bs, blocks = 3000, 8, 128, 16, 400
     kv = torch.randn(T, 2, hkv, d, device="cuda", dtype=dtype)
@@ -138,7 +138,7 @@ def test_write_kv_real_sizes(dtype):
 @pytest.mark.parametrize("dtype", [BF16, F16])
 @pytest.mark.parametrize("n,offset", [(4096, 0.0), (576, 0.0), (8192, 1.0)])
 def test_rms_norm_real_sizes(dtype, n, offset):
-    from kernels.norm_rope_act import rms_norm
+    from folio.kernels.norm_rope_act import rms_norm
 
     x = torch.randn(1000, n, device="cuda", dtype=dtype)
     res = torch.randn_like(x)
@@ -152,7 +152,7 @@ def test_rms_norm_real_sizes(dtype, n, offset):
 @pytest.mark.parametrize("dtype", [BF16, F16])
 @pytest.mark.parametrize("head_dim,rot_dim", [(128, 128), (64, 32)])
 def test_rotary_real_sizes(dtype, head_dim, rot_dim):
-    from kernels.norm_rope_act import rotary_embedding
+    from folio.kernels.norm_rope_act import rotary_embedding
 
     T, hq, hkv = 2048, 32, 8
     qkv = torch.randn(T, (hq + 2 * hkv) * head_dim, device="cuda", dtype=dtype)
@@ -168,7 +168,7 @@ def test_rotary_real_sizes(dtype, head_dim, rot_dim):
 
 @pytest.mark.parametrize("dtype", [BF16, F16])
 def test_silu_and_mul_real_sizes(dtype):
-    from kernels.norm_rope_act import silu_and_mul
+    from folio.kernels.norm_rope_act import silu_and_mul
 
     x = torch.randn(512, 2 * 14336, device="cuda", dtype=dtype)
     torch.testing.assert_close(silu_and_mul(x), reference.silu_and_mul(x), **TOL[dtype])
@@ -191,8 +191,8 @@ def test_quantized_linear_real_sizes(dtype, bits, group, n, k, perm):
     dtype-rounded weights."""
     import torch.nn.functional as F
 
-    from kernels.quant import QuantizedTensor, QuantizedWeight
-    from kernels.triton_ops import TRITON_OPS
+    from folio.kernels.quant import QuantizedTensor, QuantizedWeight
+    from folio.kernels.triton_ops import TRITON_OPS
 
     gen = torch.Generator().manual_seed(bits + group)
     unit = 1.0 / ((1 << (bits - 1)) * k**0.5)  # outputs of order 1
@@ -231,7 +231,7 @@ def test_fused_moe_real_sizes(dtype, hidden, inter, experts, top_k):
     """The fused MoE kernels at decode, small-batch and prefill token counts
     (their three configs) against the per-expert loop in the same dtype and
     against fp32 math on the same weights."""
-    from kernels.triton_ops import TRITON_OPS
+    from folio.kernels.triton_ops import TRITON_OPS
 
     gen = torch.Generator(device="cuda").manual_seed(hidden + experts)
     w13 = (torch.randn(experts, 2 * inter, hidden, device="cuda", generator=gen) * hidden**-0.5).to(dtype)

@@ -14,7 +14,7 @@ import logging
 import pytest
 import torch
 
-from protos.config import SchedulerConfig, WorkerConfig
+from folio.protos.config import SchedulerConfig, WorkerConfig
 from tests.model_fixtures import make_gpu_model
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
@@ -33,7 +33,7 @@ def _release():
 
 
 def test_a_share_below_what_is_in_use_is_refused(model):
-    from worker.worker import Worker
+    from folio.worker.worker import Worker
 
     _release()
     with pytest.raises(ValueError, match="no GPU memory left for the KV cache"):
@@ -42,11 +42,11 @@ def test_a_share_below_what_is_in_use_is_refused(model):
 
 
 def test_the_pool_fills_the_share_and_a_worst_case_step_stays_inside_it(model, caplog):
-    from worker.worker import Worker, profile_step
+    from folio.worker.worker import Worker, profile_step
 
     _release()
     utilization = 0.5
-    with caplog.at_level(logging.INFO, logger="worker.worker"):
+    with caplog.at_level(logging.INFO, logger="folio.worker.worker"):
         worker = Worker(
             WorkerConfig(model=model, dtype="bfloat16", device="cuda", gpu_memory_utilization=utilization),
             SchedulerConfig(block_size=16, max_num_batched_tokens=STEP_TOKENS),

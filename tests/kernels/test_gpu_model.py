@@ -48,8 +48,8 @@ def _prompts(seed: str) -> list[list[int]]:
 
 
 def _run(path: str, dtype: torch.dtype, prompts: list[list[int]], speculate: int = 0):
-    from cluster.entrypoints.llm import LLM
-    from protos.messages import SamplingParams
+    from folio.cluster.entrypoints.llm import LLM
+    from folio.protos.messages import SamplingParams
 
     llm = LLM(
         path,

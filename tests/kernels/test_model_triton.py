@@ -39,9 +39,9 @@ from collections import Counter
 import pytest
 import torch
 
-from cluster.entrypoints.llm import LLM
-from kernels.ops import select_ops
-from protos.messages import SamplingParams
+from folio.cluster.entrypoints.llm import LLM
+from folio.kernels.ops import select_ops
+from folio.protos.messages import SamplingParams
 from tests.hf_reference import assert_greedy_parity, run_staggered
 from tests.model_fixtures import TINY_VOCAB
 

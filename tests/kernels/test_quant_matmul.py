@@ -1,6 +1,6 @@
 """The quantized matmul kernel (kernels/quant_matmul.py) in the Triton interpreter.
 
-Every case is checked twice: against kernels.quant.dequantized_linear (same
+Every case is checked twice: against folio.kernels.quant.dequantized_linear (same
 rounding of the weights to the compute dtype, so tolerances are tight), and
 against an fp64 matmul of QuantizedTensor.dequantize() with an error bound
 derived from the magnitudes of x and w, so that a kernel agreeing with a
@@ -23,10 +23,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels import quant_matmul, reference
-from kernels.interface import REFERENCE_OPS
-from kernels.quant import QuantizedTensor, QuantizedWeight, dequantized_linear
-from kernels.quant_matmul import QuantMatmulConfig, quantized_linear
+from folio.kernels import quant_matmul, reference
+from folio.kernels.interface import REFERENCE_OPS
+from folio.kernels.quant import QuantizedTensor, QuantizedWeight, dequantized_linear
+from folio.kernels.quant_matmul import QuantMatmulConfig, quantized_linear
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter tests; test_gpu.py covers CUDA")
 
@@ -213,7 +213,7 @@ def test_rejects_bad_inputs():
 
 
 def test_kernel_tables():
-    from kernels.triton_ops import TRITON_OPS
+    from folio.kernels.triton_ops import TRITON_OPS
 
     assert TRITON_OPS.quantized_linear is quantized_linear
     assert REFERENCE_OPS.quantized_linear is reference.quantized_linear

@@ -12,7 +12,7 @@ import math
 import pytest
 import torch
 
-from kernels import reference
+from folio.kernels import reference
 
 F32, BF16 = torch.float32, torch.bfloat16
 TOL = {F32: dict(atol=1e-5, rtol=1e-5), BF16: dict(atol=2e-2, rtol=2e-2)}

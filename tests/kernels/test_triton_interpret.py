@@ -17,11 +17,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels import kv_write, paged_decode, paged_prefill, reference, triton_ops
-from kernels.norm_rope_act import rms_norm, rotary_embedding, silu_and_mul
-from kernels.ops import select_ops
-from kernels.paged_decode import DecodeConfig
-from kernels.paged_prefill import PrefillConfig
+from folio.kernels import kv_write, paged_decode, paged_prefill, reference, triton_ops
+from folio.kernels.norm_rope_act import rms_norm, rotary_embedding, silu_and_mul
+from folio.kernels.ops import select_ops
+from folio.kernels.paged_decode import DecodeConfig
+from folio.kernels.paged_prefill import PrefillConfig
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter tests; test_gpu.py covers CUDA")
 
@@ -30,7 +30,7 @@ F32, F16 = torch.float32, torch.float16
 
 def test_kernels_run_in_the_interpreter():
     assert type(paged_decode._decode_kernel).__name__ == "InterpretedFunction", (
-        "kernels.* was imported before tests/kernels/conftest.py set TRITON_INTERPRET=1; "
+        "folio.kernels.* was imported before tests/kernels/conftest.py set TRITON_INTERPRET=1; "
         "set TRITON_INTERPRET=1 in the environment of a CPU test run"
     )
 

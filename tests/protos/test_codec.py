@@ -8,9 +8,9 @@ from dataclasses import replace
 
 import pytest
 
-from protos import codec
-from protos.grammar import Grammar
-from protos.messages import (
+from folio.protos import codec
+from folio.protos.grammar import Grammar
+from folio.protos.messages import (
     CachedRequest,
     NewRequest,
     RequestError,
@@ -127,14 +127,14 @@ def test_generated_code_matches_proto(tmp_path):
             sys.executable,
             "-m",
             "grpc_tools.protoc",
-            f"-I{REPO}",
+            f"-Ifolio/protos={REPO / 'protos'}",
             f"--python_out={tmp_path}",
             f"--grpc_python_out={tmp_path}",
-            str(REPO / "protos" / "worker.proto"),
+            "folio/protos/worker.proto",
         ],
         check=True,
     )
     for name in ("worker_pb2.py", "worker_pb2_grpc.py"):
-        fresh = (tmp_path / "protos" / name).read_text()
+        fresh = (tmp_path / "folio" / "protos" / name).read_text()
         committed = (REPO / "protos" / name).read_text()
         assert fresh == committed, f"protos/{name} is stale; regenerate it (see the header of protos/worker.proto)"

@@ -15,8 +15,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from router.detokenizer import Detokenizer
-from worker.loader import load_tokenizer
+from folio.router.detokenizer import Detokenizer
+from folio.worker.loader import load_tokenizer
 
 SMOL_SPECIAL_IDS = list(range(17))  # <|endoftext|>, <|im_start|>, ... <empty_output>
 SP_BYTES = (3, 258)  # the sp tokenizer's <0x00> .. <0xFF>

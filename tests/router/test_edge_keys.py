@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from router.edge import AccessConfig, AccessPolicy, ApiKey, load_api_keys
+from folio.router.edge import AccessConfig, AccessPolicy, ApiKey, load_api_keys
 
 
 def test_keys_from_flags_environment_and_files(tmp_path, monkeypatch):

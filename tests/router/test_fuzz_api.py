@@ -27,12 +27,12 @@ EXAMPLES = 80  # per operation and generation mode
 def server(tmp_path_factory):
     import ray
 
-    from cluster.entrypoints.options import build_config
-    from cluster.entrypoints.serve import ServeConfig, serve_in_background
+    from folio.cluster.entrypoints.options import build_config
+    from folio.cluster.entrypoints.serve import ServeConfig, serve_in_background
 
     model = make_tiny_chat_model(tmp_path_factory.getbasetemp() / "models")
     if not ray.is_initialized():
-        from cluster.placement import start_local_ray
+        from folio.cluster.placement import start_local_ray
 
         start_local_ray()
     # A short context and a batch as wide as n may be keep every generated request cheap

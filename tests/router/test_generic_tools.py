@@ -12,10 +12,10 @@ import xgrammar
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from protos.grammar import GrammarCompiler
-from router.protocol import ChatCompletionRequest
-from router.tools import generic_history, generic_reply, tools_prompt
-from worker.loader import load_tokenizer
+from folio.protos.grammar import GrammarCompiler
+from folio.router.protocol import ChatCompletionRequest
+from folio.router.tools import generic_history, generic_reply, tools_prompt
+from folio.worker.loader import load_tokenizer
 
 TOOLS = [
     {

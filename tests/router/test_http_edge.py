@@ -32,8 +32,8 @@ CHAT = [{"role": "user", "content": "What is the capital of France?"}]
 def server(tmp_path_factory):
     import ray
 
-    from cluster.entrypoints.options import build_config
-    from cluster.entrypoints.serve import ServeConfig, serve_in_background
+    from folio.cluster.entrypoints.options import build_config
+    from folio.cluster.entrypoints.serve import ServeConfig, serve_in_background
 
     model = make_tiny_chat_model(tmp_path_factory.getbasetemp() / "models")
     keys = tmp_path_factory.mktemp("keys") / "keys.json"
@@ -46,7 +46,7 @@ def server(tmp_path_factory):
         )
     )
     if not ray.is_initialized():
-        from cluster.placement import start_local_ray
+        from folio.cluster.placement import start_local_ray
 
         start_local_ray()
     cfg = build_config(

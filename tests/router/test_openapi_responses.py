@@ -17,11 +17,11 @@ import jsonschema
 import pytest
 from starlette.testclient import TestClient
 
-from protos.messages import RequestOutput, TokenLogprob
-from router.app import build_app
-from router.openai import chunks, responses
-from router.openai.sse import sse
-from router.openai_serving import OpenAIServing
+from folio.protos.messages import RequestOutput, TokenLogprob
+from folio.router.app import build_app
+from folio.router.openai import chunks, responses
+from folio.router.openai.sse import sse
+from folio.router.openai_serving import OpenAIServing
 
 MAX_MODEL_LEN = 128
 EOS = 2

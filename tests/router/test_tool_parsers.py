@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from router.tool_parsers import ParsedCall, StreamingToolParser, detect_parser, parse
+from folio.router.tool_parsers import ParsedCall, StreamingToolParser, detect_parser, parse
 
 WEATHER = ParsedCall("get_weather", json.dumps({"city": "Paris", "unit": "c"}))
 ADD = ParsedCall("add", json.dumps({"a": 1, "b": 2}))

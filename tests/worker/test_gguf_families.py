@@ -31,12 +31,12 @@ import os
 import pytest
 import torch
 
+from folio.worker.config import ModelConfig
+from folio.worker.loader import load_model
+from folio.worker.parallel import PackedWeight
 from tests.gguf_convert import ARCHS, Q8_0_PARTS, gguf_source
 from tests.model_fixtures import make_tiny_gguf
 from tests.worker.test_models import TINY_ATOL, _check, _hf_logits, _Pool, _prompt, _Seq
-from worker.config import ModelConfig
-from worker.loader import load_model
-from worker.parallel import PackedWeight
 
 TRANSFORMERS_READS = ("gemma2", "phi3", "qwen2_moe", "qwen3_moe")
 NEW_TOKENS = 6
@@ -105,7 +105,7 @@ def test_kept_quantized_computes_the_dequantized_model(model_dir, family, caplog
     dense, cfg = load_model(path, quantization="none")
     tokens = _prompt(cfg.vocab_size, 24, seed=6)
     (want,) = _Pool(cfg).step(dense, [(_Seq(tokens), len(tokens))])
-    with caplog.at_level("INFO", logger="worker.gguf_loader"):
+    with caplog.at_level("INFO", logger="folio.worker.gguf_loader"):
         exact, qcfg = load_model(path, quantization="gguf")
     assert qcfg.quantization == "gguf"
     assert ("expert weights dequantized" in caplog.text) == (family == "qwen3_moe")
@@ -149,7 +149,7 @@ def _header_only(path: str, arch: str, meta: dict, tensor_names: list[str]) -> s
     ],
 )
 def test_what_llama_cpp_computes_otherwise_is_refused(tmp_path, arch, extra, tensors, reason):
-    from worker.gguf_loader import gguf_config, gguf_reader
+    from folio.worker.gguf_loader import gguf_config, gguf_reader
 
     meta = {"embedding_length": 64, "attention.head_count": 4, "block_count": 1, "feed_forward_length": 128}
     path = _header_only(str(tmp_path / "f.gguf"), arch, meta | extra, ["token_embd.weight", *tensors])

@@ -24,11 +24,11 @@ import random
 import pytest
 import torch
 
-from kernels.quant import QuantizedTensor, QuantizedWeight, dequantized_linear
+from folio.kernels.quant import QuantizedTensor, QuantizedWeight, dequantized_linear
+from folio.worker import hf_quant
+from folio.worker.hf_quant import decode_hf_tensors
+from folio.worker.hf_quant_config import AWQ, CT_INT, CT_PACKED, GPTQ, GPTQ_V2, LinearScheme, hf_quantization
 from tests import quant_formats as qf
-from worker import hf_quant
-from worker.hf_quant import decode_hf_tensors
-from worker.hf_quant_config import AWQ, CT_INT, CT_PACKED, GPTQ, GPTQ_V2, LinearScheme, hf_quantization
 
 N, K = 64, 256  # K = 2 groups of 128, 8 of 32
 LAYER = "model.layers.0.self_attn.q_proj"
@@ -298,7 +298,7 @@ def test_transformers_dequantizes_compressed_tensors_the_same(tiny_llama, tmp_pa
     transformers with dequantize=True on CPU: every weight matches the decoded one."""
     from transformers import AutoModelForCausalLM, CompressedTensorsConfig
 
-    from worker.loader import _safetensors_tensors
+    from folio.worker.loader import _safetensors_tensors
 
     args, fmt, acts = CT_CASES[case]
     out = qf.make_ct_checkpoint(

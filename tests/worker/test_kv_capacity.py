@@ -11,19 +11,19 @@ import logging
 import pytest
 import torch
 
-from cluster.entrypoints.serve import ServeConfig, add_cli_args
-from cluster.entrypoints.serve import main as serve_main
-from cluster.frontend import Frontend
-from cluster.metrics import RequestMetrics
-from cluster.replica import Replica, WorkerLoadError
-from protos import worker_pb2 as pb
-from protos.config import SchedulerConfig, WorkerConfig
-from protos.messages import EngineRequest, SamplingParams
+from folio.cluster.entrypoints.serve import ServeConfig, add_cli_args
+from folio.cluster.entrypoints.serve import main as serve_main
+from folio.cluster.frontend import Frontend
+from folio.cluster.metrics import RequestMetrics
+from folio.cluster.replica import Replica, WorkerLoadError
+from folio.protos import worker_pb2 as pb
+from folio.protos.config import SchedulerConfig, WorkerConfig
+from folio.protos.messages import EngineRequest, SamplingParams
+from folio.worker.kv_pool import GiB, KVPool, MemoryProfile, gpu_memory_budget
+from folio.worker.model_runner import ModelRunner
+from folio.worker.sampler import Sampler
+from folio.worker.worker import Worker, profile_step
 from tests.worker_processes import CREDENTIALS, WorkerProcesses
-from worker.kv_pool import GiB, KVPool, MemoryProfile, gpu_memory_budget
-from worker.model_runner import ModelRunner
-from worker.sampler import Sampler
-from worker.worker import Worker, profile_step
 
 MiB = 1 << 20
 
@@ -154,7 +154,7 @@ async def _capacity_scenarios(addresses: list[str], model: str) -> dict:
 def test_max_model_len_is_lowered_to_the_pool_or_refused_when_set(tiny_model, caplog):
     """A pool of 128 tokens under a 256-position model: the model's limit becomes 128 (with a
     warning) and a request really stops there; --max-model-len 200 refuses to start, 120 is kept."""
-    with caplog.at_level(logging.WARNING, logger="cluster.replica"), WorkerProcesses(3) as addresses:
+    with caplog.at_level(logging.WARNING, logger="folio.cluster.replica"), WorkerProcesses(3) as addresses:
         out = asyncio.run(_capacity_scenarios(addresses, tiny_model("llama")))
     assert out["lowered"] == POOL_BLOCKS * 16
     assert out["generated"] == POOL_BLOCKS * 16 - 20 and out["finish"] == "length"

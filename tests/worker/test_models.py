@@ -25,6 +25,9 @@ import shutil
 import pytest
 import torch
 
+from folio.worker.config import ModelConfig
+from folio.worker.loader import default_model_path, load_model, load_tokenizer, resolve_model_path
+from folio.worker.models.rope import inverse_frequencies
 from tests import hf_reference
 from tests.model_fixtures import (
     GEMMA2_ATTN_SOFTCAP,
@@ -36,9 +39,6 @@ from tests.model_fixtures import (
     smollm2_path,
 )
 from tests.paged import metadata_for
-from worker.config import ModelConfig
-from worker.loader import default_model_path, load_model, load_tokenizer, resolve_model_path
-from worker.models.rope import inverse_frequencies
 
 TINY_ATOL = 1e-4
 SMOLLM2_ATOL = 1e-3

@@ -16,13 +16,13 @@ import pytest
 import torch
 from gguf.quants import dequantize
 
-from kernels.quant import QuantizedTensor, QuantizedWeight, dequantized_linear
-from kernels.reference import quantized_linear
+from folio.kernels.quant import QuantizedTensor, QuantizedWeight, dequantized_linear
+from folio.kernels.reference import quantized_linear
+from folio.worker.gguf_quant import KEPT_QUANTIZED, quantized_tensor
+from folio.worker.loader import keep_quantized, load_model
+from folio.worker.parallel import PackedWeight, TPGroup
 from tests.model_fixtures import make_tiny_quantized_gguf, random_gguf_blocks, smollm2_path
 from tests.worker.test_models import _Pool, _Seq
-from worker.gguf_quant import KEPT_QUANTIZED, quantized_tensor
-from worker.loader import keep_quantized, load_model
-from worker.parallel import PackedWeight, TPGroup
 
 # ------------------------------------------------------------------ GGUF blocks
 
@@ -116,7 +116,7 @@ def test_act_order_columns_follow_their_permutation():
 
 def test_parts_of_different_layouts_get_their_own_matmuls():
     """A fused q/k/v whose v is 6-bit in groups of 16 beside 4-bit q/k: two runs."""
-    from kernels.interface import REFERENCE_OPS
+    from folio.kernels.interface import REFERENCE_OPS
 
     parts = [_random(4, 32, n=32, seed=1), _random(4, 32, n=16, seed=2), _random(6, 16, n=16, seed=3)]
     packed = PackedWeight(3, REFERENCE_OPS, torch.float32, "cpu")
@@ -183,7 +183,7 @@ def test_smollm2_kept_quantized_in_bf16_is_as_close_to_fp32_as_dense_bf16(smollm
     next-token logprobs stray from the fp32 model's no more than 1.5x as far as
     the dense bf16 model's do, and it keeps more than 3x less memory."""
     dense, cfg = smollm2_dense
-    from worker.loader import load_tokenizer
+    from folio.worker.loader import load_tokenizer
 
     text = (
         "The history of the city begins with a small settlement by the river, where traders met "

@@ -11,8 +11,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from protos.messages import SamplingParams
-from worker.sampler import Sampler
+from folio.protos.messages import SamplingParams
+from folio.worker.sampler import Sampler
 
 V = 16
 EOS = 15

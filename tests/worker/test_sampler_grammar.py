@@ -9,10 +9,10 @@ import threading
 import pytest
 import torch
 
-from protos.grammar import Grammar, GrammarCompiler
-from protos.messages import SamplingParams
-from worker.loader import load_tokenizer
-from worker.sampler import Sampler
+from folio.protos.grammar import Grammar, GrammarCompiler
+from folio.protos.messages import SamplingParams
+from folio.worker.loader import load_tokenizer
+from folio.worker.sampler import Sampler
 
 VOCAB = 49152
 EOS = 2  # SmolLM2-Instruct's <|im_end|>

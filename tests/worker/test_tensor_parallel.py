@@ -13,19 +13,19 @@ import asyncio
 import pytest
 import torch
 
-from cluster.metrics import RequestMetrics
-from cluster.replica import Replica, WorkerLoadError
-from protos import worker_pb2 as pb
-from protos.config import SchedulerConfig
-from protos.messages import EngineRequest, SamplingParams
+from folio.cluster.metrics import RequestMetrics
+from folio.cluster.replica import Replica, WorkerLoadError
+from folio.protos import worker_pb2 as pb
+from folio.protos.config import SchedulerConfig
+from folio.protos.messages import EngineRequest, SamplingParams
+from folio.worker.config import ModelConfig
+from folio.worker.loader import load_model_config
+from folio.worker.models import MODEL_CLASSES
+from folio.worker.models.common import RowParallelLinearWithBias
+from folio.worker.models.llama import LlamaForCausalLM
+from folio.worker.parallel import TPGroup, head_partition
 from tests.model_fixtures import make_tiny_quantized_gguf
 from tests.worker_processes import WorkerProcesses, start_replica
-from worker.config import ModelConfig
-from worker.loader import load_model_config
-from worker.models import MODEL_CLASSES
-from worker.models.common import RowParallelLinearWithBias
-from worker.models.llama import LlamaForCausalLM
-from worker.parallel import TPGroup, head_partition
 
 PROMPTS = [[1, 17, 42, 99, 5, 250, 31, 8, 77, 120, 64, 3, 200, 11, 9, 150, 44, 302, 18, 6], [1, 300, 12, 12, 87, 45]]
 MAX_TOKENS = 8
@@ -138,7 +138,7 @@ def _replicated_bytes(model: torch.nn.Module) -> int:
 )
 def test_each_rank_holds_only_its_shard(family, embedding, tiny_model):
     """Build each rank's shard (construction and loading need no collectives) and weigh it."""
-    from worker.loader import _fill, _safetensors_tensors
+    from folio.worker.loader import _fill, _safetensors_tensors
 
     path = tiny_model(family)
     cfg = load_model_config(path)
@@ -202,12 +202,12 @@ def test_ray_replica_with_two_ranks(tiny_model):
     """launch_replica: one placement group of two bundles, two WorkerActors, rendezvous on rank 0."""
     import ray
 
-    from cluster.placement import ReplicaSpec, launch_replica, release_replica
+    from folio.cluster.placement import ReplicaSpec, launch_replica, release_replica
 
     path = tiny_model("qwen2")
     ref_tokens, ref_lps, _ = _run(path, 1)
     if not ray.is_initialized():
-        from cluster.placement import start_local_ray
+        from folio.cluster.placement import start_local_ray
 
         start_local_ray()
     spec = ReplicaSpec(

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from worker import loader
+from folio.worker import loader
 
 pytestmark = pytest.mark.slow
 

@@ -26,18 +26,18 @@ from dataclasses import replace
 import grpc
 import pytest
 
-from cluster.frontend import Frontend
-from cluster.metrics import RequestMetrics
-from cluster.replica import Replica
-from protos import worker_pb2 as pb
-from protos.codec import decode_step_result, encode_step_request
-from protos.config import SchedulerConfig, WorkerConfig
-from protos.messages import CachedRequest, EngineRequest, NewRequest, SamplingParams, StepRequest, StepResult
-from protos.security import SECRET_ENV, ClusterCredentials, channel
-from protos.worker_pb2_grpc import WorkerStub
+from folio.cluster.frontend import Frontend
+from folio.cluster.metrics import RequestMetrics
+from folio.cluster.replica import Replica
+from folio.protos import worker_pb2 as pb
+from folio.protos.codec import decode_step_result, encode_step_request
+from folio.protos.config import SchedulerConfig, WorkerConfig
+from folio.protos.messages import CachedRequest, EngineRequest, NewRequest, SamplingParams, StepRequest, StepResult
+from folio.protos.security import SECRET_ENV, ClusterCredentials, channel
+from folio.protos.worker_pb2_grpc import WorkerStub
+from folio.worker.parallel import free_port
 from tests.model_fixtures import TINY_VOCAB
 from tests.worker_processes import CREDENTIALS, WorkerProcesses
-from worker.parallel import free_port
 
 BS, NUM_BLOCKS, MAX_POSITIONS = 16, 32, 256  # the tiny model has 256 positions
 GREEDY = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
@@ -169,7 +169,7 @@ def llama(tiny_model):
 
 
 def _worker(path):
-    from worker.worker import Worker
+    from folio.worker.worker import Worker
 
     return Worker(WorkerConfig(model=path, num_kv_blocks=NUM_BLOCKS), SchedulerConfig(block_size=BS))
 
@@ -377,7 +377,7 @@ def test_bad_requests_fail_alone_over_grpc(world_size, llama, reference):
 def test_the_standalone_worker_needs_a_secret():
     env = {k: v for k, v in os.environ.items() if k != SECRET_ENV}
     done = subprocess.run(
-        [sys.executable, "-m", "worker.server", "--address", "127.0.0.1:0"],
+        [sys.executable, "-m", "folio.worker.server", "--address", "127.0.0.1:0"],
         env=env,
         capture_output=True,
         text=True,

@@ -10,14 +10,14 @@ from typing import Protocol
 
 import torch
 
-from kernels.metadata import AttentionMetadata
-from worker.models.falcon import FalconForCausalLM
-from worker.models.gemma import GemmaForCausalLM
-from worker.models.gemma2 import Gemma2ForCausalLM
-from worker.models.gemma3 import Gemma3ForCausalLM
-from worker.models.gpt_neox import GPTNeoXForCausalLM
-from worker.models.llama import LlamaForCausalLM, MoeForCausalLM
-from worker.models.phi3 import Phi3ForCausalLM
+from folio.kernels.metadata import AttentionMetadata
+from folio.worker.models.falcon import FalconForCausalLM
+from folio.worker.models.gemma import GemmaForCausalLM
+from folio.worker.models.gemma2 import Gemma2ForCausalLM
+from folio.worker.models.gemma3 import Gemma3ForCausalLM
+from folio.worker.models.gpt_neox import GPTNeoXForCausalLM
+from folio.worker.models.llama import LlamaForCausalLM, MoeForCausalLM
+from folio.worker.models.phi3 import Phi3ForCausalLM
 
 
 class CausalLM(Protocol):

@@ -16,13 +16,13 @@ from typing import Optional
 import torch
 from torch import nn
 
-from kernels.interface import KernelOps
-from kernels.metadata import AttentionMetadata
-from kernels.ops import select_ops
-from kernels.quant import QuantizedTensor
-from worker.config import ModelConfig
-from worker.models.rope import build_cos_sin_cache
-from worker.parallel import (
+from folio.kernels.interface import KernelOps
+from folio.kernels.metadata import AttentionMetadata
+from folio.kernels.ops import select_ops
+from folio.kernels.quant import QuantizedTensor
+from folio.worker.config import ModelConfig
+from folio.worker.models.rope import build_cos_sin_cache
+from folio.worker.parallel import (
     ColumnParallelLinear,
     PackedWeight,
     RowParallelLinear,

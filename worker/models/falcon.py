@@ -20,13 +20,13 @@ from typing import Optional
 import torch
 from torch import nn
 
-from kernels.interface import KernelOps
-from kernels.metadata import AttentionMetadata
-from kernels.quant import map_rows
-from worker.config import ModelConfig
-from worker.models.common import Attention, PagedCausalLM, quant_ops_for, split_hf_name
-from worker.models.gpt_neox import GeluMLP, LayerNorm
-from worker.parallel import TPGroup, VocabParallelEmbedding
+from folio.kernels.interface import KernelOps
+from folio.kernels.metadata import AttentionMetadata
+from folio.kernels.quant import map_rows
+from folio.worker.config import ModelConfig
+from folio.worker.models.common import Attention, PagedCausalLM, quant_ops_for, split_hf_name
+from folio.worker.models.gpt_neox import GeluMLP, LayerNorm
+from folio.worker.parallel import TPGroup, VocabParallelEmbedding
 
 
 class _Layer(nn.Module):

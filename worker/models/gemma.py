@@ -16,7 +16,7 @@ refuses their features in a Gemma (1) config.
 
 from __future__ import annotations
 
-from worker.models.llama import LlamaForCausalLM
+from folio.worker.models.llama import LlamaForCausalLM
 
 
 class GemmaForCausalLM(LlamaForCausalLM):

@@ -16,7 +16,7 @@ which released ones do not; so that code lives in Gemma 3's.)
 
 from __future__ import annotations
 
-from worker.models.gemma3 import Gemma3ForCausalLM
+from folio.worker.models.gemma3 import Gemma3ForCausalLM
 
 
 class Gemma2ForCausalLM(Gemma3ForCausalLM):

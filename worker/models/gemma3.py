@@ -22,13 +22,13 @@ from typing import Optional
 import torch
 from torch import nn
 
-from kernels.interface import KernelOps
-from kernels.metadata import AttentionMetadata
-from worker.config import ModelConfig
-from worker.models.common import Attention, GatedMLP, PagedCausalLM, RMSNormWeight, quant_ops_for
-from worker.models.llama import LlamaForCausalLM
-from worker.models.rope import build_cos_sin_cache
-from worker.parallel import TPGroup, VocabParallelEmbedding
+from folio.kernels.interface import KernelOps
+from folio.kernels.metadata import AttentionMetadata
+from folio.worker.config import ModelConfig
+from folio.worker.models.common import Attention, GatedMLP, PagedCausalLM, RMSNormWeight, quant_ops_for
+from folio.worker.models.llama import LlamaForCausalLM
+from folio.worker.models.rope import build_cos_sin_cache
+from folio.worker.parallel import TPGroup, VocabParallelEmbedding
 
 
 class _Layer(nn.Module):

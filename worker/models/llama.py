@@ -24,12 +24,12 @@ from typing import Optional
 import torch
 from torch import nn
 
-from kernels.interface import KernelOps
-from kernels.metadata import AttentionMetadata
-from worker.config import ModelConfig
-from worker.models.common import Attention, GatedMLP, PagedCausalLM, RMSNormWeight, quant_ops_for
-from worker.models.moe import EXPERT_PROJECTIONS, SparseMoE
-from worker.parallel import TPGroup, VocabParallelEmbedding
+from folio.kernels.interface import KernelOps
+from folio.kernels.metadata import AttentionMetadata
+from folio.worker.config import ModelConfig
+from folio.worker.models.common import Attention, GatedMLP, PagedCausalLM, RMSNormWeight, quant_ops_for
+from folio.worker.models.moe import EXPERT_PROJECTIONS, SparseMoE
+from folio.worker.parallel import TPGroup, VocabParallelEmbedding
 
 # Hugging Face projection -> (folio's fused projection, index of its row block).
 _FUSED = {

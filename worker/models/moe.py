@@ -30,11 +30,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels.interface import KernelOps
-from kernels.quant import QuantizedTensor
-from worker.config import ModelConfig
-from worker.models.common import GatedMLP
-from worker.parallel import TPGroup, empty_parameter, split_range
+from folio.kernels.interface import KernelOps
+from folio.kernels.quant import QuantizedTensor
+from folio.worker.config import ModelConfig
+from folio.worker.models.common import GatedMLP
+from folio.worker.parallel import TPGroup, empty_parameter, split_range
 
 # A checkpoint expert tensor's projection -> (stacked parameter, row block of w13 or None).
 EXPERT_PROJECTIONS = {

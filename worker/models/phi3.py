@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import torch
 
-from kernels.quant import QuantizedTensor
-from worker.models.common import split_hf_name
-from worker.models.llama import LlamaForCausalLM
+from folio.kernels.quant import QuantizedTensor
+from folio.worker.models.common import split_hf_name
+from folio.worker.models.llama import LlamaForCausalLM
 
 
 class Phi3ForCausalLM(LlamaForCausalLM):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 
-from cluster.entrypoints import optional_module
+from folio.cluster.entrypoints import optional_module
 
 BENCHMARKS = ("throughput", "serve", "spec", "structured", "replicas", "kernels", "llamacpp")
 

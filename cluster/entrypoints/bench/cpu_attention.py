@@ -19,8 +19,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from kernels import reference
-from kernels.metadata import attention_metadata
+from folio.kernels import reference
+from folio.kernels.metadata import attention_metadata
 
 HQ, HKV, HEAD_DIM, BLOCK = 9, 3, 64, 16
 DTYPE = torch.bfloat16

@@ -36,12 +36,12 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from cluster.entrypoints.bench.moe_kernels import format_moe, moe_rows
-from kernels.metadata import AttentionMetadata
-from kernels.paged_decode import DecodeConfig, decode_config, num_splits_for, paged_decode_attention
-from kernels.paged_prefill import paged_prefill_attention
-from kernels.quant import QuantizedTensor, QuantizedWeight, dequantized_linear
-from kernels.quant_matmul import quantized_linear
+from folio.cluster.entrypoints.bench.moe_kernels import format_moe, moe_rows
+from folio.kernels.metadata import AttentionMetadata
+from folio.kernels.paged_decode import DecodeConfig, decode_config, num_splits_for, paged_decode_attention
+from folio.kernels.paged_prefill import paged_prefill_attention
+from folio.kernels.quant import QuantizedTensor, QuantizedWeight, dequantized_linear
+from folio.kernels.quant_matmul import quantized_linear
 
 PEAK_TBPS = (("H200", 4.8), ("H100 PCIe", 2.0), ("H100", 3.35))  # first match in the device name wins
 HQ, HKV, HEAD_DIM, BLOCK = 32, 8, 128, 16
@@ -321,7 +321,7 @@ def run_kernel_bench(out_dir: Optional[str] = None, peak_tbps: Optional[float] =
     """Run every section on the current CUDA device, print one line per
     measurement, and write kernel_bench.json and kernel_bench.txt to out_dir."""
     if not torch.cuda.is_available():
-        from cluster.entrypoints.bench.cpu_attention import run_cpu_attention_bench
+        from folio.cluster.entrypoints.bench.cpu_attention import run_cpu_attention_bench
 
         return _write(run_cpu_attention_bench(), out_dir, json.dumps)
     device = torch.device("cuda")

@@ -38,12 +38,12 @@ from typing import Optional
 
 import httpx
 
-from cluster.entrypoints.bench.serve import run_load, summarize
-from cluster.entrypoints.bench.workload import chat_like
-from cluster.entrypoints.options import add_config_args, build_config
-from cluster.entrypoints.serve import ServeConfig, serve_in_background  # needs Ray: no command without it
-from cluster.placement import start_local_ray
-from protos.config import SchedulerConfig, WorkerConfig
+from folio.cluster.entrypoints.bench.serve import run_load, summarize
+from folio.cluster.entrypoints.bench.workload import chat_like
+from folio.cluster.entrypoints.options import add_config_args, build_config
+from folio.cluster.entrypoints.serve import ServeConfig, serve_in_background  # needs Ray: no command without it
+from folio.cluster.placement import start_local_ray
+from folio.protos.config import SchedulerConfig, WorkerConfig
 
 LLAMA_CPP_PYTHON = "llama-cpp-python==0.3.36"  # its sdist carries llama.cpp's source (vendor/llama.cpp)
 
@@ -112,7 +112,7 @@ def _instruction_set_flags() -> list[str]:
 def llama_server(binary: str, model: str, slots: int, threads: int, context: int, start_timeout: float = 300):
     """llama-server on a free loopback port, with `slots` sequences batched continuously;
     yields its /v1 base URL once /health answers."""
-    from worker.parallel import free_port
+    from folio.worker.parallel import free_port
 
     port = free_port("127.0.0.1")
     cmd = [binary, "-m", model, "-np", str(slots), "-t", str(threads), "-c", str(context)]
@@ -259,7 +259,7 @@ def add_cli_args(p: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> dict:
     import ray
 
-    from worker.loader import default_model_path, load_tokenizer
+    from folio.worker.loader import default_model_path, load_tokenizer
 
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request otherwise
     model = args.model or default_model_path()

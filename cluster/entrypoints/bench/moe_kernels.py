@@ -19,8 +19,8 @@ import functools
 
 import torch
 
-from kernels import reference
-from kernels.fused_moe import fused_moe
+from folio.kernels import reference
+from folio.kernels.fused_moe import fused_moe
 
 DTYPE = torch.bfloat16
 MOE_SHAPES = (("mixtral-8x7b", 4096, 14336, 8, 2), ("qwen3-30b-a3b", 2048, 768, 128, 8))

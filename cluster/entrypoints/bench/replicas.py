@@ -27,12 +27,12 @@ import logging
 import os
 import random
 
-from cluster.entrypoints.bench.serve import run_load, summarize
-from cluster.entrypoints.bench.workload import SyntheticRequest, chat_like
-from cluster.entrypoints.options import build_config
-from cluster.entrypoints.serve import ServeConfig, serve_in_background
-from cluster.placement import start_local_ray
-from protos.config import SchedulerConfig
+from folio.cluster.entrypoints.bench.serve import run_load, summarize
+from folio.cluster.entrypoints.bench.workload import SyntheticRequest, chat_like
+from folio.cluster.entrypoints.options import build_config
+from folio.cluster.entrypoints.serve import ServeConfig, serve_in_background
+from folio.cluster.placement import start_local_ray
+from folio.protos.config import SchedulerConfig
 
 
 def shared_prefix(
@@ -109,7 +109,7 @@ def add_cli_args(p: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> dict:
     import ray
 
-    from worker.loader import default_model_path, load_tokenizer
+    from folio.worker.loader import default_model_path, load_tokenizer
 
     logging.getLogger("httpx").setLevel(logging.WARNING)
     if not ray.is_initialized():

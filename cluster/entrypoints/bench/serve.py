@@ -39,9 +39,9 @@ from typing import Optional
 
 import httpx
 
-from cluster.entrypoints.bench.workload import SyntheticRequest, chat_like
-from cluster.entrypoints.options import add_config_args, options_from_args
-from protos.config import EngineConfig
+from folio.cluster.entrypoints.bench.workload import SyntheticRequest, chat_like
+from folio.cluster.entrypoints.options import add_config_args, options_from_args
+from folio.protos.config import EngineConfig
 
 
 @dataclass
@@ -242,8 +242,8 @@ def _compare(args: argparse.Namespace, reqs: list[SyntheticRequest]) -> dict:
 
 
 def main(args: argparse.Namespace) -> dict:
-    from cluster.entrypoints.bench.throughput import Placement, _in_subprocess, run_folio
-    from worker.loader import default_model_path, load_tokenizer
+    from folio.cluster.entrypoints.bench.throughput import Placement, _in_subprocess, run_folio
+    from folio.worker.loader import default_model_path, load_tokenizer
 
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request otherwise
     model_path = args.model or default_model_path()

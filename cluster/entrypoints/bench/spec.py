@@ -31,8 +31,8 @@ import io
 import json
 import time
 
-from cluster.entrypoints.options import add_config_args, options_from_args
-from protos.config import EngineConfig
+from folio.cluster.entrypoints.options import add_config_args, options_from_args
+from folio.protos.config import EngineConfig
 
 OPEN = [
     "Write a short story about a lighthouse keeper.",
@@ -58,7 +58,7 @@ def workloads() -> dict[str, list[str]]:
 
 
 def _run(llm, prompts: list[list[int]], max_tokens: int, streams: int) -> tuple[float, int, list]:
-    from protos.messages import SamplingParams
+    from folio.protos.messages import SamplingParams
 
     params = SamplingParams(temperature=0, max_tokens=max_tokens)
     t0 = time.perf_counter()
@@ -68,8 +68,8 @@ def _run(llm, prompts: list[list[int]], max_tokens: int, streams: int) -> tuple[
 
 
 def main(args: argparse.Namespace) -> dict:
-    from cluster.entrypoints.llm import LLM
-    from worker.loader import default_model_path
+    from folio.cluster.entrypoints.llm import LLM
+    from folio.worker.loader import default_model_path
 
     options = options_from_args(EngineConfig, args)
     k = args.num_speculative_tokens

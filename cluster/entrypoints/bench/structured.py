@@ -15,8 +15,8 @@ import argparse
 import json
 import time
 
-from cluster.entrypoints.options import add_config_args, options_from_args
-from protos.config import EngineConfig
+from folio.cluster.entrypoints.options import add_config_args, options_from_args
+from folio.protos.config import EngineConfig
 
 FLAT = {
     "type": "object",
@@ -143,7 +143,7 @@ SCHEMAS = {"flat": FLAT, "nested": NESTED, "github issue": _github_issue()}
 def grammar_figures(tokenizer, vocab_size: int, eos: list[int]) -> list[dict]:
     import xgrammar
 
-    from protos.grammar import Grammar, GrammarCompiler
+    from folio.protos.grammar import Grammar, GrammarCompiler
 
     rows = []
     for name, schema in SCHEMAS.items():
@@ -183,9 +183,9 @@ def _timed(obj, name: str, totals: dict) -> None:
 
 
 def main(args: argparse.Namespace) -> dict:
-    from cluster.entrypoints.llm import LLM
-    from protos.grammar import Grammar
-    from protos.messages import SamplingParams
+    from folio.cluster.entrypoints.llm import LLM
+    from folio.protos.grammar import Grammar
+    from folio.protos.messages import SamplingParams
 
     llm = LLM(**options_from_args(EngineConfig, args))
     cfg = llm.worker.model_config

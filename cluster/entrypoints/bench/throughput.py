@@ -19,9 +19,9 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from multiprocessing import get_context
 
-from cluster.entrypoints.bench.workload import SyntheticRequest, chat_like
-from cluster.entrypoints.options import add_config_args, options_from_args
-from protos.config import EngineConfig, default_device, default_dtype
+from folio.cluster.entrypoints.bench.workload import SyntheticRequest, chat_like
+from folio.cluster.entrypoints.options import add_config_args, options_from_args
+from folio.protos.config import EngineConfig, default_device, default_dtype
 
 
 @dataclass(frozen=True)
@@ -47,8 +47,8 @@ def _peak_memory(device: str) -> dict:
 
 
 def run_folio(options: dict, reqs: list[SyntheticRequest], where: Placement) -> dict:
-    from cluster.entrypoints.llm import LLM
-    from protos.messages import SamplingParams
+    from folio.cluster.entrypoints.llm import LLM
+    from folio.protos.messages import SamplingParams
 
     llm = LLM(**options, tokenizer=False)
     llm.generate([reqs[0].prompt_token_ids[:8]], SamplingParams(max_tokens=4, temperature=0))  # warm-up
@@ -78,7 +78,7 @@ def run_hf(model: str | None, reqs: list[SyntheticRequest], where: Placement, ba
     import torch
     from transformers import AutoModelForCausalLM
 
-    from worker.loader import default_model_path, resolve_model_path
+    from folio.worker.loader import default_model_path, resolve_model_path
 
     directory, gguf = resolve_model_path(model or default_model_path())
     kw = {"gguf_file": gguf} if gguf else {}
@@ -152,7 +152,7 @@ def add_cli_args(p: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> dict:
     import torch
 
-    from worker.loader import default_model_path, load_model_config
+    from folio.worker.loader import default_model_path, load_model_config
 
     options = options_from_args(EngineConfig, args)
     device = options["device"] if options["device"] != "auto" else default_device(torch.cuda.is_available())

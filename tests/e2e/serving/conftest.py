@@ -14,11 +14,11 @@ from tests.e2e.serving.server import MAX_MODEL_LEN, NUM_KV_BLOCKS, WORKER_THREAD
 def server():
     import ray
 
-    from cluster.entrypoints.options import build_config
-    from cluster.entrypoints.serve import ServeConfig, serve_in_background
+    from folio.cluster.entrypoints.options import build_config
+    from folio.cluster.entrypoints.serve import ServeConfig, serve_in_background
 
     if not ray.is_initialized():
-        from cluster.placement import start_local_ray
+        from folio.cluster.placement import start_local_ray
 
         start_local_ray()
     cfg = build_config(

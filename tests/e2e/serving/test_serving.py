@@ -153,7 +153,7 @@ def test_logprobs_and_echo(client, model, server):
 
 
 def test_greedy_matches_in_process_engine(client, model):
-    from protos.messages import SamplingParams
+    from folio.protos.messages import SamplingParams
 
     prompts = ["The capital of France is", "def fibonacci(n):", "List three colors:"]
     params = SamplingParams(max_tokens=16, temperature=0)
@@ -203,8 +203,8 @@ def test_side_by_side_bench_counts_every_token_and_refuses_a_short_run(server):
     """`folio bench llamacpp`'s comparison (here folio against itself): each round's tokens
     are all the workload asked for, and a server that answers less fails the run instead
     of looking fast."""
-    from cluster.entrypoints.bench.llamacpp import compare
-    from cluster.entrypoints.bench.workload import SyntheticRequest
+    from folio.cluster.entrypoints.bench.llamacpp import compare
+    from folio.cluster.entrypoints.bench.workload import SyntheticRequest
 
     url = server.base_url + "/v1"
     reqs = [SyntheticRequest([100 + i, 200 + i, 300 + i], 4 + i) for i in range(4)]
@@ -219,7 +219,7 @@ def test_side_by_side_bench_counts_every_token_and_refuses_a_short_run(server):
 def test_greedy_agreement_compares_texts_token_by_token(server):
     """`folio bench llamacpp`'s greedy check (here folio against itself): every prompt's
     continuation is identical on both, all its tokens shared."""
-    from cluster.entrypoints.bench.llamacpp import GREEDY_PROMPTS, greedy_agreement, shared_prefix
+    from folio.cluster.entrypoints.bench.llamacpp import GREEDY_PROMPTS, greedy_agreement, shared_prefix
 
     url = server.base_url + "/v1"
     rows = greedy_agreement({"folio": url, "again": url}, server.deployment.serving.tokenizer, max_tokens=6)
@@ -360,19 +360,19 @@ def test_full_queue_is_429_with_retry_after(server, client, model):
 
 def test_replica_dies_with_its_worker():
     """A worker process that dies fails its requests at once and marks the replica dead."""
-    from cluster.frontend import Frontend
-    from cluster.metrics import RequestMetrics
-    from cluster.replica import Replica
-    from protos import worker_pb2 as pb
-    from protos.config import SchedulerConfig
-    from protos.messages import EngineRequest, SamplingParams
-    from protos.security import SECRET_ENV, channel
-    from protos.worker_pb2_grpc import WorkerStub
-    from router.engine_client import RequestFailed
+    from folio.cluster.frontend import Frontend
+    from folio.cluster.metrics import RequestMetrics
+    from folio.cluster.replica import Replica
+    from folio.protos import worker_pb2 as pb
+    from folio.protos.config import SchedulerConfig
+    from folio.protos.messages import EngineRequest, SamplingParams
+    from folio.protos.security import SECRET_ENV, channel
+    from folio.protos.worker_pb2_grpc import WorkerStub
+    from folio.router.engine_client import RequestFailed
     from tests.worker_processes import CREDENTIALS
 
     proc = subprocess.Popen(
-        [sys.executable, "-m", "worker.server", "--address", "127.0.0.1:0"],
+        [sys.executable, "-m", "folio.worker.server", "--address", "127.0.0.1:0"],
         stdout=subprocess.PIPE,
         text=True,
         env=dict(os.environ, **{SECRET_ENV: CREDENTIALS.secret}),
@@ -414,7 +414,7 @@ def test_models_retrieve_and_an_unknown_id(client, model):
 
 
 def test_tokenizer_info_names_the_special_tokens_and_template(server):
-    from worker.loader import default_model_path, load_tokenizer
+    from folio.worker.loader import default_model_path, load_tokenizer
 
     tok = load_tokenizer(default_model_path())
     info = httpx.get(server.base_url + "/tokenizer_info").json()
@@ -468,7 +468,7 @@ def test_echo_with_max_tokens_0_scores_the_prompt(client, model, stream):
 def test_worker_processes_run_at_the_niceness_folio_gives_them(server):
     """Ray would start them at 15, where any busy process on the node stalls the
     torch threads' barriers (cluster/placement.py, WORKER_NICENESS)."""
-    from cluster.placement import WORKER_NICENESS
+    from folio.cluster.placement import WORKER_NICENESS
 
     workers = []
     for pid in filter(str.isdigit, os.listdir("/proc")):

@@ -1,1 +1,0 @@
-"""Attention and hot-path kernels: Triton on CUDA, PyTorch references elsewhere."""
