@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 from dataclasses import dataclass, field
 
 import ray
@@ -54,6 +55,17 @@ class ReplicaSpec:
     # The deployment's secret (and worker TLS files): every worker is handed it through
     # Ray and accepts only calls that carry it. The default is a fresh random secret.
     credentials: ClusterCredentials = field(default_factory=ClusterCredentials.generate)
+    # Ray's placement-group names are global to the cluster's namespace: two deployments
+    # on one cluster (or a server started while an old one still shuts down) must not
+    # claim the same name, so each deployment's replicas carry its own random tag.
+    deployment: str = field(default_factory=lambda: f"folio-{secrets.token_hex(4)}")
+
+    def placement_group_name(self, index: int) -> str:
+        return f"{self.deployment}-replica-{index}"
+
+
+# How often launch_replica says what it still waits for while Ray cannot place a replica.
+PLACEMENT_REPORT_S = 30.0
 
 
 @dataclass
@@ -72,10 +84,11 @@ async def launch_replica(index: int, spec: ReplicaSpec, metrics: RequestMetrics)
     bundle = {"CPU": 1, "GPU": 1} if spec.use_gpu else {"CPU": spec.cpus_per_worker}
     bundle.update(spec.resources)
     tp = spec.tensor_parallel_size
-    pg = placement_group([bundle] * tp, strategy=_pack_strategy(bundle, tp), name=f"folio-replica-{index}")
+    name = spec.placement_group_name(index)
+    pg = placement_group([bundle] * tp, strategy=_pack_strategy(bundle, tp), name=name)
     handle = ReplicaHandle(replica=None, placement_group=pg)  # type: ignore[arg-type]
     try:
-        await pg.ready()
+        await _placed(pg, name, [bundle] * tp)
         handle.actors = [
             WorkerActor.options(
                 num_cpus=bundle["CPU"],
@@ -102,6 +115,28 @@ async def launch_replica(index: int, spec: ReplicaSpec, metrics: RequestMetrics)
         await release_replica(handle)
         raise
     return handle
+
+
+async def _placed(pg: PlacementGroup, name: str, bundles: list[dict]) -> None:
+    """Wait until Ray has placed pg, saying every PLACEMENT_REPORT_S what it waits for
+    (an autoscaler may be adding a node, or another server may hold the devices), so a
+    start that cannot proceed is visible in the log rather than silent."""
+    ready = asyncio.ensure_future(pg.ready())
+    try:
+        while True:
+            done, _ = await asyncio.wait({ready}, timeout=PLACEMENT_REPORT_S)
+            if done:
+                ready.result()
+                return
+            log.warning(
+                "replica placement group %s (bundles %s) is not placed yet; the cluster has %s available of %s",
+                name,
+                bundles,
+                ray.available_resources(),
+                ray.cluster_resources(),
+            )
+    finally:
+        ready.cancel()
 
 
 def _pack_strategy(bundle: dict[str, float], count: int) -> str:

@@ -23,7 +23,8 @@ import os
 import numpy as np
 import torch
 
-from tests.model_fixtures import _gguf_name, _hf_config, _interleave_rope_rows, make_tiny_model, save_random_model
+from tests.gguf_fixtures import _gguf_name, _interleave_rope_rows
+from tests.model_fixtures import _hf_config, make_tiny_model, save_random_model
 
 ARCHS = {
     "gemma": "gemma",

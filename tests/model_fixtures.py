@@ -1,5 +1,5 @@
-"""Models for tests: tiny random-weight Hugging Face checkpoints, tiny GGUF
-conversions of them, and the bundled SmolLM2 GGUF.
+"""Models for tests: tiny random-weight Hugging Face checkpoints and the bundled
+SmolLM2 GGUF (tiny GGUF files: tests/gguf_fixtures.py).
 
 Every builder takes a cache directory and returns the model's path; a second
 call with the same directory reuses what is there, so a session-scoped fixture
@@ -20,7 +20,6 @@ from __future__ import annotations
 import os
 import random
 
-import numpy as np
 import torch
 
 TINY_FAMILIES = (
@@ -363,81 +362,6 @@ def make_gpu_model(family: str, path, num_layers: int = 4) -> str:
     )
 
 
-def make_tiny_gguf(family: str, path) -> str:
-    """make_tiny_model(family) converted to an F32 GGUF file, as llama.cpp would:
-    q/k rows of Llama interleaved per head, llama3 scaling as a rope_freqs tensor.
-    Families: "llama", "llama3", "qwen2", "qwen3", and those of tests/gguf_convert.py
-    (gemma, gemma2, phi3, falcon, falcon_new, mixtral, qwen2_moe, qwen3_moe).
-    Returns the .gguf file path."""
-    from safetensors.torch import load_file
-    from transformers import AutoConfig
-
-    from tests import gguf_convert
-
-    if family in gguf_convert.ARCHS:
-        return gguf_convert.convert(family, path)
-    out = os.path.join(str(path), f"{family}-gguf", f"tiny-{family}.F32.gguf")
-    if os.path.isfile(out):
-        return out
-    src = make_tiny_model(family, path)
-    config = AutoConfig.from_pretrained(src)
-    arch = family if family in ("qwen2", "qwen3") else "llama"
-    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
-
-    def tensors():
-        if family == "llama3":
-            yield "rope_freqs.weight", _llama3_freq_factors(config), None
-        for name, t in load_file(os.path.join(src, "model.safetensors")).items():
-            if arch == "llama" and (".q_proj." in name or ".k_proj." in name):
-                t = _interleave_rope_rows(t, heads if ".q_proj." in name else kv_heads)
-            yield _gguf_name(name), t.numpy(), None
-
-    hparams = dict(
-        layers=config.num_hidden_layers,
-        context=config.max_position_embeddings,
-        hidden=config.hidden_size,
-        inter=config.intermediate_size,
-        heads=heads,
-        kv_heads=kv_heads,
-        head_dim=config.hidden_size // heads,
-        rope_theta=config.rope_parameters["rope_theta"],
-        eps=config.rms_norm_eps,
-        vocab=config.vocab_size,
-        bos=config.bos_token_id,
-        eos=config.eos_token_id,
-    )
-    _write_gguf(out, arch, hparams, tensors())
-    return out
-
-
-def _write_gguf(out: str, arch: str, hp: dict, tensors) -> None:
-    """A GGUF file at `out` (written beside it, then moved in place) with a Llama-style
-    model's hyperparameters hp and tensors: (GGUF name, array, raw ggml type or None)."""
-    import gguf
-
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    w = gguf.GGUFWriter(out + ".partial", arch)
-    w.add_block_count(hp["layers"])
-    w.add_context_length(hp["context"])
-    w.add_embedding_length(hp["hidden"])
-    w.add_feed_forward_length(hp["inter"])
-    w.add_head_count(hp["heads"])
-    w.add_head_count_kv(hp["kv_heads"])
-    w.add_rope_dimension_count(hp["head_dim"])
-    w.add_rope_freq_base(hp["rope_theta"])
-    w.add_layer_norm_rms_eps(hp["eps"])
-    w.add_vocab_size(hp["vocab"])
-    w.add_bos_token_id(hp["bos"])
-    w.add_eos_token_id(hp["eos"])
-    for name, array, raw_dtype in tensors:
-        w.add_tensor(name, array, raw_dtype=raw_dtype)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    os.replace(out + ".partial", out)
-
-
 def make_tiny_chat_model(path) -> str:
     """A tiny random-weight Llama that speaks SmolLM2's vocabulary: SmolLM2's tokenizer
     and chat template beside two narrow layers. For tests of the HTTP edge, where every
@@ -481,46 +405,6 @@ def smollm2_path() -> str:
     return os.path.join(folder, "SmolLM2-135M-Instruct.Q4_1.gguf")
 
 
-def _interleave_rope_rows(w: torch.Tensor, heads: int) -> torch.Tensor:
-    """llama.cpp's converter order: per head, rows (0, D/2, 1, D/2+1, ...)."""
-    d = w.shape[0] // heads
-    return w.reshape(heads, 2, d // 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
-
-
-def _llama3_freq_factors(config) -> np.ndarray:
-    """Per-frequency divisors, derived from transformers' own rope functions."""
-    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
-
-    scaled, _ = ROPE_INIT_FUNCTIONS["llama3"](config, "cpu")
-    head_dim = config.hidden_size // config.num_attention_heads
-    base = 1.0 / config.rope_parameters["rope_theta"] ** (torch.arange(0, head_dim, 2).float() / head_dim)
-    return (base / scaled).numpy().astype(np.float32)
-
-
-def _gguf_name(hf: str) -> str:
-    table = {
-        "model.embed_tokens": "token_embd",
-        "model.norm": "output_norm",
-        "lm_head": "output",
-        "input_layernorm": "attn_norm",
-        "self_attn.q_proj": "attn_q",
-        "self_attn.k_proj": "attn_k",
-        "self_attn.v_proj": "attn_v",
-        "self_attn.o_proj": "attn_output",
-        "post_attention_layernorm": "ffn_norm",
-        "mlp.gate_proj": "ffn_gate",
-        "mlp.up_proj": "ffn_up",
-        "mlp.down_proj": "ffn_down",
-        "self_attn.q_norm": "attn_q_norm",
-        "self_attn.k_norm": "attn_k_norm",
-    }
-    base, _, kind = hf.rpartition(".")
-    if base.startswith("model.layers."):
-        _, _, layer, part = base.split(".", 3)
-        return f"blk.{layer}.{table[part]}.{kind}"
-    return f"{table[base]}.{kind}"
-
-
 def repetitive_prompts(seed: str, count: int) -> list[list[int]]:
     """Prompts that repeat a phrase, so the n-gram index has plenty to propose."""
     rng = random.Random(seed)
@@ -534,109 +418,6 @@ def repetitive_prompts(seed: str, count: int) -> list[list[int]]:
 # GGUF block types of make_tiny_quantized_gguf's tensors: every type folio keeps
 # quantized, and inside one fused projection types that cannot share a matmul
 # (Q4_K_M files store v_proj as Q6_K beside Q4_K q/k).
-QUANTIZED_GGUF_TYPES = {
-    "token_embd": "Q8_0",
-    "output": "Q6_K",
-    "blk.0.attn_q": "Q4_K",
-    "blk.0.attn_k": "Q4_K",
-    "blk.0.attn_v": "Q6_K",
-    "blk.0.attn_output": "Q5_K",
-    "blk.0.ffn_gate": "Q4_1",
-    "blk.0.ffn_up": "Q4_1",
-    "blk.0.ffn_down": "Q8_0",
-    "blk.1.attn_q": "Q5_0",
-    "blk.1.attn_k": "Q5_1",
-    "blk.1.attn_v": "Q4_0",
-    "blk.1.attn_output": "Q4_0",
-    "blk.1.ffn_gate": "Q5_K",
-    "blk.1.ffn_up": "Q6_K",
-    "blk.1.ffn_down": "Q4_K",
-}
-
-
-def make_tiny_quantized_gguf(path) -> str:
-    """A tiny random Llama stored as a llama.cpp GGUF in QUANTIZED_GGUF_TYPES.
-
-    The blocks are random bytes with their fp16 scales set so that weights have
-    a standard deviation near 0.05 (any bytes are a valid block), so every block
-    type is exercised without a quantizer for it. K-quants need 256-wide rows:
-    hidden 256, MLP 512, 4 query heads of 64, 2 KV heads, vocab 512.
-    """
-    import gguf
-
-    out = os.path.join(str(path), "tiny-quantized-gguf", "tiny-llama.mixed.gguf")
-    if os.path.isfile(out):
-        return out
-    hidden, inter, heads, kv_heads, vocab, layers = 256, 512, 4, 2, 512, 2
-    head_dim = hidden // heads
-    rng = np.random.default_rng(7)
-    shapes = {"token_embd": (vocab, hidden), "output": (vocab, hidden)}
-    for i in range(layers):
-        shapes |= {
-            f"blk.{i}.attn_q": (hidden, hidden),
-            f"blk.{i}.attn_k": (kv_heads * head_dim, hidden),
-            f"blk.{i}.attn_v": (kv_heads * head_dim, hidden),
-            f"blk.{i}.attn_output": (hidden, hidden),
-            f"blk.{i}.ffn_gate": (inter, hidden),
-            f"blk.{i}.ffn_up": (inter, hidden),
-            f"blk.{i}.ffn_down": (hidden, inter),
-        }
-
-    def tensors():
-        for name, (rows, cols) in shapes.items():
-            qtype = gguf.GGMLQuantizationType[QUANTIZED_GGUF_TYPES[name]]
-            yield f"{name}.weight", random_gguf_blocks(qtype, rows, cols, rng), qtype
-        for name in ["output_norm"] + [f"blk.{i}.{n}" for i in range(layers) for n in ("attn_norm", "ffn_norm")]:
-            yield f"{name}.weight", (1.0 + 0.2 * rng.standard_normal(hidden)).astype(np.float32), None
-
-    hparams = dict(
-        layers=layers,
-        context=256,
-        hidden=hidden,
-        inter=inter,
-        heads=heads,
-        kv_heads=kv_heads,
-        head_dim=head_dim,
-        rope_theta=10000.0,
-        eps=1e-5,
-        vocab=vocab,
-        bos=1,
-        eos=2,
-    )
-    _write_gguf(out, "llama", hparams, tensors())
-    return out
-
-
-def random_gguf_blocks(qtype, rows: int, cols: int, rng: np.random.Generator) -> np.ndarray:
-    """uint8 [rows, bytes per row] of random `qtype` blocks whose weights have std
-    near 0.05: random codes and sub-scales, fp16 super-scales chosen per type."""
-    import gguf
-
-    block, nbytes = gguf.GGML_QUANT_SIZES[qtype]
-    b = rng.integers(0, 256, size=(rows * cols // block, nbytes), dtype=np.uint8)
-
-    def put(offset: int, values) -> None:
-        b[:, offset : offset + 2] = np.asarray(values, dtype=np.float16).reshape(-1, 1).view(np.uint8)
-
-    d = rng.uniform(0.5, 1.5, size=b.shape[0]) * rng.choice([-1.0, 1.0], size=b.shape[0])
-    name = qtype.name
-    if name in ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"):
-        spread = {"Q4_0": 4.6, "Q4_1": 4.6, "Q5_0": 9.2, "Q5_1": 9.2, "Q8_0": 74.0}[name]
-        put(0, 0.05 / spread * d)
-        if name in ("Q4_1", "Q5_1"):  # min m: centre the codes (w = d q + m)
-            put(2, -(8 if name == "Q4_1" else 16) * 0.05 / spread * d)
-    elif name in ("Q4_K", "Q5_K"):
-        half = 7.5 if name == "Q4_K" else 15.5  # dmin = half * d centres w = d sc q - dmin m
-        scale = 0.05 / (255 if name == "Q4_K" else 510) * np.abs(d)
-        put(0, scale)
-        put(2, half * scale)
-    elif name == "Q6_K":
-        put(208, 0.05 / 1370 * d)
-    else:
-        raise ValueError(f"no random blocks for {name}")
-    return b.reshape(rows, -1)
-
-
 def early_exit_draft(target: str, num_layers: int, out: str) -> str:
     """A draft model cut from the target: its first num_layers layers under its own final
     norm and LM head (a self-speculative, LayerSkip-style draft), saved as a transformers

@@ -290,17 +290,26 @@ class BackgroundServer:
 
 
 @contextlib.contextmanager
-def serve_in_background(cfg: ServeConfig, start_timeout: float = 300):
-    """Serve cfg on a thread until the block ends; yields once the API answers."""
+def serve_in_background(cfg: ServeConfig, start_timeout: float = 300, stop_timeout: float = 120):
+    """Serve cfg on a thread until the block ends; yields once the API answers.
+
+    A start that times out is cancelled, so its replicas (and their placement groups)
+    are released before the error is raised; a server that does not stop within
+    stop_timeout is an error too, so nothing it holds outlives the block unseen.
+    """
     ready, box = threading.Event(), {}
 
     def on_ready(dep: Deployment) -> None:
         box["server"] = BackgroundServer(dep, asyncio.get_running_loop())
         ready.set()
 
+    async def main() -> None:
+        box["loop"], box["task"] = asyncio.get_running_loop(), asyncio.current_task()
+        await serve(cfg, on_ready)
+
     def run() -> None:
         try:
-            asyncio.run(serve(cfg, on_ready))
+            asyncio.run(main())
         except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
             box["error"] = e
             ready.set()
@@ -308,7 +317,9 @@ def serve_in_background(cfg: ServeConfig, start_timeout: float = 300):
     thread = threading.Thread(target=run, name="folio-serve", daemon=True)
     thread.start()
     if not ready.wait(start_timeout):
-        raise TimeoutError(f"folio serve did not start within {start_timeout:.0f} s")
+        box["loop"].call_soon_threadsafe(box["task"].cancel)
+        thread.join(stop_timeout)
+        raise TimeoutError(f"folio serve did not start within {start_timeout:.0f} s (see its log for why)")
     if "error" in box:
         raise box["error"]
     server = box["server"]
@@ -316,7 +327,9 @@ def serve_in_background(cfg: ServeConfig, start_timeout: float = 300):
         yield server
     finally:
         server.loop.call_soon_threadsafe(setattr, server.deployment.server, "should_exit", True)
-        thread.join(120)
+        thread.join(stop_timeout)
+        if thread.is_alive():
+            raise RuntimeError(f"folio serve did not stop within {stop_timeout:.0f} s; its replicas may still be held")
 
 
 class _Server(uvicorn.Server):

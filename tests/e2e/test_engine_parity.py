@@ -14,8 +14,9 @@ import pytest
 
 from folio.cluster.entrypoints.llm import LLM
 from folio.protos.messages import SamplingParams
+from tests.gguf_fixtures import make_tiny_quantized_gguf
 from tests.hf_reference import assert_greedy_parity, run_staggered
-from tests.model_fixtures import TINY_VOCAB, make_tiny_quantized_gguf
+from tests.model_fixtures import TINY_VOCAB
 
 NEW_TOKENS = 8
 PARAMS = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True, logprobs=0)

@@ -207,7 +207,7 @@ def _placement_groups() -> int:
     return sum(
         1
         for pg in placement_group_table().values()
-        if pg["name"].startswith("folio-replica-") and pg["state"] == "CREATED"
+        if pg["name"].startswith("folio-") and "-replica-" in pg["name"] and pg["state"] == "CREATED"
     )
 
 
@@ -352,3 +352,37 @@ def test_killed_workers_are_replaced_and_the_head_recovers_by_itself(served_mode
         _wait_for(lambda: bg.call(_async(lambda: fe.ready)), 120, "the head to recover")
         assert not set(_live_indices(bg)) & set(pids)
         assert bg.call(_tokens(fe.generate(EngineRequest("after", PROMPT, params))), 60) == want
+
+
+def test_a_start_ray_cannot_place_says_so_and_a_timed_out_start_releases_its_devices(
+    served_model, local_ray, monkeypatch, caplog
+):
+    """A replica that needs more than the cluster has: the start logs what it waits for,
+    and when serve_in_background gives up, the placement group is gone (a later server
+    on this Ray would otherwise wait forever behind it). Two deployments never share a
+    placement-group name."""
+    import ray
+
+    from folio.cluster import placement
+    from folio.cluster.placement import ReplicaSpec
+
+    monkeypatch.setattr(placement, "PLACEMENT_REPORT_S", 0.5)
+
+    def held() -> int:  # folio replicas' placement groups, placed or waiting
+        table = ray.util.placement_group_table().values()
+        return sum(1 for pg in table if "-replica-" in pg["name"] and pg["state"] != "REMOVED")
+
+    before = held()
+    too_many = int(ray.cluster_resources()["CPU"]) + 1
+    with caplog.at_level("WARNING", logger="folio.cluster.placement"):
+        with pytest.raises(TimeoutError, match="did not start within 3 s"):
+            from folio.cluster.entrypoints.options import build_config
+            from folio.cluster.entrypoints.serve import ServeConfig, serve_in_background
+
+            cfg = build_config(ServeConfig, model=served_model, port=0, device="cpu", cpus_per_worker=too_many)
+            with serve_in_background(cfg, start_timeout=3):
+                pass
+    assert any("is not placed yet" in r.getMessage() and "'CPU'" in r.getMessage() for r in caplog.records)
+    _wait_for(lambda: held() == before, 10, "the timed-out start's placement group to be removed")
+    names = {ReplicaSpec(None, None, False, 1, None).placement_group_name(0) for _ in range(2)}
+    assert len(names) == 2 and all(n.startswith("folio-") and n.endswith("-replica-0") for n in names)

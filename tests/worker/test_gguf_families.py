@@ -35,7 +35,7 @@ from folio.worker.config import ModelConfig
 from folio.worker.loader import load_model
 from folio.worker.parallel import PackedWeight
 from tests.gguf_convert import ARCHS, Q8_0_PARTS, gguf_source
-from tests.model_fixtures import make_tiny_gguf
+from tests.gguf_fixtures import make_tiny_gguf
 from tests.worker.test_models import TINY_ATOL, _check, _hf_logits, _Pool, _prompt, _Seq
 
 TRANSFORMERS_READS = ("gemma2", "phi3", "qwen2_moe", "qwen3_moe")

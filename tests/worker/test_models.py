@@ -29,12 +29,12 @@ from folio.worker.config import ModelConfig
 from folio.worker.loader import default_model_path, load_model, load_tokenizer, resolve_model_path
 from folio.worker.models.rope import inverse_frequencies
 from tests import hf_reference
+from tests.gguf_fixtures import make_tiny_gguf
 from tests.model_fixtures import (
     GEMMA2_ATTN_SOFTCAP,
     MISTRAL_WINDOW,
     TINY_FAMILIES,
     TINY_VOCAB,
-    make_tiny_gguf,
     make_tiny_model,
     smollm2_path,
 )

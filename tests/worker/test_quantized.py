@@ -21,7 +21,8 @@ from folio.kernels.reference import quantized_linear
 from folio.worker.gguf_quant import KEPT_QUANTIZED, quantized_tensor
 from folio.worker.loader import keep_quantized, load_model
 from folio.worker.parallel import PackedWeight, TPGroup
-from tests.model_fixtures import make_tiny_quantized_gguf, random_gguf_blocks, smollm2_path
+from tests.gguf_fixtures import make_tiny_quantized_gguf, random_gguf_blocks
+from tests.model_fixtures import smollm2_path
 from tests.worker.test_models import _Pool, _Seq
 
 # ------------------------------------------------------------------ GGUF blocks

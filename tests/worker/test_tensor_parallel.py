@@ -24,7 +24,7 @@ from folio.worker.models import MODEL_CLASSES
 from folio.worker.models.common import RowParallelLinearWithBias
 from folio.worker.models.llama import LlamaForCausalLM
 from folio.worker.parallel import TPGroup, head_partition
-from tests.model_fixtures import make_tiny_quantized_gguf
+from tests.gguf_fixtures import make_tiny_quantized_gguf
 from tests.worker_processes import WorkerProcesses, start_replica
 
 PROMPTS = [[1, 17, 42, 99, 5, 250, 31, 8, 77, 120, 64, 3, 200, 11, 9, 150, 44, 302, 18, 6], [1, 300, 12, 12, 87, 45]]
