@@ -25,6 +25,7 @@ Two forms:
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Optional
 
@@ -227,6 +228,40 @@ class QuantizedWeight(nn.Module):
             x = torch.cat([x] * self.int4pack_terms, dim=-1)
         return torch.ops.aten._weight_int4pack_mm_for_cpu(x.contiguous(), self.int4pack, self.group, self.int4pack_sz)
 
+    def int4pack_dense_matmul(self, x: torch.Tensor) -> Optional[torch.Tensor]:
+        """x [T, K] -> [T, N] like int4pack_matmul, but through fp32 GEMMs over the
+        weight dequantized from its packed form a slice of rows at a time; None when
+        this CPU's packed layout is not the one folio unpacks.
+
+        torch's int4 kernel decodes the weight again for every 4 rows of x, so its
+        cost grows with the rows; decoding once and multiplying densely wins from
+        WIDE_ROWS rows on (prefill chunks). Each slice is decoded right before its
+        GEMM, while it is in cache, and the transient stays small."""
+        block = int4pack_block_n()
+        if block is None or self.out_features % block:
+            return None
+        if self.int4pack_terms > 1:
+            x = torch.cat([x] * self.int4pack_terms, dim=-1)
+        x = x.float()
+        k = x.shape[-1]
+        packed = self.int4pack.view(self.out_features // block, k, block // 2)
+        scale, zero = (t.contiguous() for t in self.int4pack_sz.float().unbind(-1))  # [K'/group, N] each
+        offset = zero - 8.0 * scale  # (q - 8) s + z as q s + offset: one pass fewer
+        step = max(1, DEQUANTIZE_CHUNK // (k * block)) * block
+        scratch = torch.empty(k * min(step, self.out_features))  # one buffer: fresh pages per slice cost more
+        parts = []
+        for r in range(0, self.out_features, step):
+            p = packed[r // block : (r + step) // block].transpose(0, 1)  # [K', blocks, block/2]
+            n = p.shape[1] * block
+            w = scratch[: k * n].view(k, n)
+            # byte j of a block's row k holds output rows j (low nibble) and j + block/2
+            w.view(k, -1, block)[..., : block // 2].copy_(p & 15)
+            w.view(k, -1, block)[..., block // 2 :].copy_(p >> 4)
+            groups = w.view(k // self.group, self.group, n)
+            groups.mul_(scale[:, None, r : r + n]).add_(offset[:, None, r : r + n])
+            parts.append(x @ w)
+        return torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0]
+
     def extra_repr(self) -> str:
         kernel = "int4pack" if self.int4pack is not None else "dequantize"
         return f"{self.out_features}x{self.in_features}, {self.bits} bits, group {self.group}, {kernel}"
@@ -238,11 +273,36 @@ def _int4pack_fits(t: QuantizedTensor, dtype: torch.dtype, device: torch.device)
     return device.type == "cpu" and dtype == torch.bfloat16 and t.group in INT4PACK_GROUPS and t.shape[0] % 16 == 0
 
 
+@functools.cache
+def int4pack_block_n() -> Optional[int]:
+    """The row-block width of torch's packed int4 layout on this CPU, or None.
+
+    torch packs the codes of each block of `block` output rows K-major, two rows a
+    byte: byte j of a block's row k holds rows j (low nibble) and j + block/2. The
+    width depends on the instruction set it was built for (32 with AVX2, 64 with
+    AVX-512), so it is found by packing a probe and checking each candidate."""
+    codes = torch.randint(0, 16, (128, 64), generator=torch.Generator().manual_seed(0), dtype=torch.int32)
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
+    for block in (32, 64):
+        if packed.numel() != codes.numel() // 2:
+            break
+        p = packed.view(128 // block, 64, block // 2)
+        unpacked = torch.cat((p & 15, p >> 4), dim=-1).permute(0, 2, 1).reshape(128, 64)
+        if torch.equal(unpacked.int(), codes):
+            return block
+    return None
+
+
 def _select_rows(t: torch.Tensor, rows: Optional[torch.Tensor | slice]) -> torch.Tensor:
     if rows is None:
         return t
     return t[rows] if isinstance(rows, slice) else t.index_select(0, rows)
 
+
+# Rows of x from which a bfloat16 matmul on CPU dequantizes its int4-packed weight
+# and multiplies in fp32 instead of calling torch's int4 kernel (int4pack_dense_matmul).
+# `folio bench kernels` on a machine without a GPU measures both paths by rows.
+WIDE_ROWS = 160
 
 # Weight elements dequantized at a time: the slice stays in a core's L2 cache
 # while it is multiplied, and the transient stays small (an LM head of 49152 x

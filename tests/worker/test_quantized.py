@@ -16,7 +16,7 @@ import pytest
 import torch
 from gguf.quants import dequantize
 
-from folio.kernels.quant import QuantizedTensor, QuantizedWeight, dequantized_linear
+from folio.kernels.quant import WIDE_ROWS, QuantizedTensor, QuantizedWeight, dequantized_linear, int4pack_block_n
 from folio.kernels.reference import quantized_linear
 from folio.worker.gguf_quant import KEPT_QUANTIZED, quantized_tensor
 from folio.worker.loader import keep_quantized, load_model
@@ -70,7 +70,7 @@ def _random(bits: int, group: int, n: int = 64, k: int = 256, perm: bool = False
 
 @pytest.mark.parametrize("bits,group", [(4, 32), (4, 128), (8, 32), (6, 16), (5, 64), (3, 32), (2, 256)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("rows", [1, 7, 40])
+@pytest.mark.parametrize("rows", [1, 7, 40, WIDE_ROWS + 3])
 def test_quantized_linear_matches_fp64_of_the_dequantized_weight(bits, group, dtype, rows):
     t = _random(bits, group, perm=bits == 4 and group == 128)
     w = QuantizedWeight(t, dtype, "cpu")
@@ -84,6 +84,32 @@ def test_quantized_linear_matches_fp64_of_the_dequantized_weight(bits, group, dt
     got = quantized_linear(x.to(dtype), w, bias.to(dtype)).double()
     tol = 1e-6 if dtype == torch.float32 else 1e-2
     assert (got - want).abs().max() <= tol * want.abs().max()
+
+
+@pytest.mark.parametrize("bits,rows", [(4, 96), (4, 32), (8, 64), (6, 32)])
+def test_wide_batches_decode_torchs_packed_int4_weight(bits, rows):
+    """From WIDE_ROWS rows a bf16 CPU matmul decodes torch's packed int4 form and
+    runs fp32 GEMMs: every code must come back to its row and column, where a wrong
+    layout gives errors the size of the weights. 4-bit codes: against fp64 with the
+    same bf16 scales and zeros, exact to fp32 rounding. Wider codes (two 4-bit
+    terms): against the fp32 weight, to the bf16 rounding of their scales. Sizes
+    span several of the dequantized slices."""
+    assert int4pack_block_n() in (32, 64), "torch's packed int4 layout changed: wide batches fall back"
+    t = _random(bits, 32, n=rows * 32, k=512)
+    w = QuantizedWeight(t, torch.bfloat16, "cpu")
+    x = torch.randn(WIDE_ROWS, 512, generator=torch.Generator().manual_seed(1)).bfloat16()
+    got = w.int4pack_dense_matmul(x)
+    assert got.dtype == torch.float32 and got.shape == (WIDE_ROWS, rows * 32)
+    if bits == 4:
+        scale, zero = w.int4pack_sz.double().unbind(-1)  # [K/32, N]: what the packed form decodes with
+        dense = (t.codes.double().view(-1, 16, 32) - 8) * scale.T[..., None] + zero.T[..., None]
+        want, tol = x.double() @ dense.view(-1, 512).T, 1e-5
+    else:
+        want, tol = x.double() @ t.dequantize().double().T, 1e-2
+    assert (got.double() - want).abs().max() <= tol * want.abs().max()
+    # through quantized_linear: the wide path agrees with the kernel's rows
+    few = quantized_linear(x[:8], w).float()
+    torch.testing.assert_close(quantized_linear(x, w)[:8].float(), few, rtol=0, atol=0.02 * few.abs().max().item())
 
 
 def test_embedding_rows_dequantize_exactly():

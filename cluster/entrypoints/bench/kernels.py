@@ -1,6 +1,7 @@
 """The body of `folio bench kernels`: paged attention against contiguous SDPA,
 and the quantized matmul against dequantize + F.linear. Without a GPU it runs
-the CPU decode attention section instead (cpu_attention.py).
+the CPU sections instead: decode attention (cpu_attention.py) and the int4
+matmul's two paths (cpu_quant.py).
 
 Decode: batch 1..256 x context 512..32k on a Llama-3-8B attention layer
 (32 query heads, 8 KV heads, head dim 128, bf16, KV blocks of 16 in shuffled
@@ -322,8 +323,9 @@ def run_kernel_bench(out_dir: Optional[str] = None, peak_tbps: Optional[float] =
     measurement, and write kernel_bench.json and kernel_bench.txt to out_dir."""
     if not torch.cuda.is_available():
         from folio.cluster.entrypoints.bench.cpu_attention import run_cpu_attention_bench
+        from folio.cluster.entrypoints.bench.cpu_quant import run_cpu_quant_bench
 
-        return _write(run_cpu_attention_bench(), out_dir, json.dumps)
+        return _write(run_cpu_attention_bench() + run_cpu_quant_bench(), out_dir, json.dumps)
     device = torch.device("cuda")
     props = torch.cuda.get_device_properties(device)
     peak = peak_bandwidth_tbps(props.name, peak_tbps)
@@ -359,7 +361,7 @@ def _write(rows: list[dict], out_dir: Optional[str], fmt: Callable[[dict], str])
 HELP = (
     "Triton paged attention against SDPA, quantized matmul against dequantize+linear, "
     "fused MoE against the per-expert loop (GPU); "
-    "without a GPU, the CPU decode attention against bf16 SDPA"
+    "without a GPU, the CPU decode attention against bf16 SDPA and the int4 kernel against the wide-batch path"
 )
 
 
