@@ -8,9 +8,12 @@ import copy
 import os
 import re
 import shlex
+import shutil
+import tempfile
 
 import jsonschema
 import pytest
+import tomllib
 import yaml
 
 from tests import REPO_ROOT
@@ -56,6 +59,38 @@ def test_setup_installs_only_from_the_package_registry(path):
         assert not re.search(r"\b(curl|wget)\b|\|\s*(ba)?sh\b|https?://|\buv\b", cmd), cmd
         if "install" in cmd:
             assert re.search(r"-m pip install (-e |--no-deps )", cmd), cmd
+
+
+@pytest.mark.parametrize("path", RAY_UP_CONFIGS)
+def test_file_mounts_carry_what_a_node_installs_and_no_ignored_file_counts(path, tmp_path):
+    """A node gets what `pip install -e` reads (pyproject, its readme, every package
+    folder) and deploy/, each at its place under one folio folder. Ray hashes every file
+    under a mount, ignored ones included, and a new hash redeploys the nodes: a file
+    appearing in an ignored top-level folder (a local .venv, a cache) must not change it."""
+    from ray.autoscaler._private.util import hash_runtime_conf
+
+    [config] = _load(path)
+    mounts = config["file_mounts"]
+    pyproject = tomllib.loads(open(os.path.join(ROOT, "pyproject.toml")).read())
+    needed = {"pyproject.toml", pyproject["project"]["readme"], "deploy"}
+    needed |= set(pyproject["tool"]["setuptools"]["package-dir"].values())
+    sources = {os.path.normpath(src) for src in mounts.values()}
+    assert sources == needed, sources ^ needed
+    [home] = {remote[: -len(os.path.normpath(src)) - 1] for remote, src in mounts.items()}
+    assert all(remote == f"{home}/{os.path.normpath(src)}" for remote, src in mounts.items())
+    assert f"{home}/deploy/serve-ctl.sh" in " ".join(config["head_start_ray_commands"])
+
+    local = {remote: os.path.join(ROOT, src) for remote, src in mounts.items()}
+    _, before = hash_runtime_conf(local, [], {}, generate_file_mounts_contents_hash=True)
+    os.makedirs(os.path.join(ROOT, ".pytest_cache"), exist_ok=True)
+    ignored = tempfile.mkdtemp(dir=os.path.join(ROOT, ".pytest_cache"))  # .gitignore'd, as .venv is
+    try:
+        with open(os.path.join(ignored, "wheel.bin"), "wb") as f:
+            f.write(os.urandom(64))
+        _, after = hash_runtime_conf(local, [], {}, generate_file_mounts_contents_hash=True)
+    finally:
+        shutil.rmtree(ignored)
+    assert after == before
 
 
 @pytest.mark.parametrize("path", RAY_UP_CONFIGS)
