@@ -32,13 +32,13 @@ def smollm2():
 @pytest.fixture(scope="module")
 def gguf_parsed_once():
     """For the module's tests, gguf.GGUFReader parses each GGUF file once: every later
-    load of the file, folio's or transformers', gets the same parsed reader.
+    load of the file by transformers (the tests' reference) gets the same parsed reader.
 
     gguf-py parses every element of the metadata arrays in Python: SmolLM2's 49k-token
-    vocabulary takes ~3 s, Gemma 3's 262k-token one ~14 s, and transformers parses a
+    vocabulary takes ~4 s, Gemma 3's 262k-token one ~18 s, and transformers parses a
     file twice per load. The reader maps the file read-only, so sharing it changes
-    nothing that is read; folio's own reading of it (gguf_config, gguf_tensors) still
-    runs at every load.
+    nothing that is read. folio reads GGUF files with its own reader
+    (worker/gguf_file.py), which this leaves alone.
     """
     import gguf
 

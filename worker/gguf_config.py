@@ -28,6 +28,7 @@ from typing import Optional
 import gguf
 
 from folio.worker.config import ModelConfig
+from folio.worker.gguf_file import GGUFFile
 
 # GGUF general.architecture -> folio's (Hugging Face's) model_type; "llama" with
 # expert routers is Mixtral.
@@ -48,14 +49,14 @@ _MOE_ARCHS = ("qwen2moe", "qwen3moe")
 _RENORMALIZE = {"llama": True, "qwen2moe": False, "qwen3moe": True}
 
 
-def gguf_config(reader: gguf.GGUFReader) -> ModelConfig:
+def gguf_config(reader: GGUFFile) -> ModelConfig:
     """ModelConfig from GGUF metadata; a feature folio does not compute exactly is refused."""
-    arch = field(reader, "general.architecture")
+    arch = reader.field("general.architecture")
     if arch not in ARCHITECTURES:
         raise ValueError(f"unsupported GGUF architecture {arch!r} (folio reads {', '.join(ARCHITECTURES)})")
 
     def meta(key: str, default=None):
-        return field(reader, f"{arch}.{key}", default)
+        return reader.field(f"{arch}.{key}", default)
 
     tensors = {t.name: t for t in reader.tensors}
     hidden = meta("embedding_length")
@@ -64,7 +65,7 @@ def gguf_config(reader: gguf.GGUFReader) -> ModelConfig:
     rot_dim = meta("rope.dimension_count", head_dim)
     if rot_dim != head_dim and arch != "phi3":
         raise ValueError(f"partial rotary (rope dims {rot_dim} of head_dim {head_dim}) is not supported")
-    eos = [field(reader, f"tokenizer.ggml.{k}_token_id") for k in ("eos", "eot", "eom")]
+    eos = [reader.field(f"tokenizer.ggml.{k}_token_id") for k in ("eos", "eot", "eom")]
     fields = dict(
         architecture=ARCHITECTURES[arch],
         vocab_size=int(tensors["token_embd.weight"].shape[1]),  # GGUF shapes are [cols, rows]
@@ -82,7 +83,7 @@ def gguf_config(reader: gguf.GGUFReader) -> ModelConfig:
         tie_word_embeddings="output.weight" not in tensors,
         qkv_bias="blk.0.attn_q.bias" in tensors,
         o_bias="blk.0.attn_output.bias" in tensors,
-        bos_token_id=field(reader, "tokenizer.ggml.bos_token_id"),
+        bos_token_id=reader.field("tokenizer.ggml.bos_token_id"),
         eos_token_ids=tuple(dict.fromkeys(e for e in eos if e is not None)),
     )
     if arch in ("qwen3", "qwen3moe"):
@@ -98,7 +99,7 @@ def gguf_config(reader: gguf.GGUFReader) -> ModelConfig:
     return ModelConfig(**fields)
 
 
-def _gemma_fields(reader: gguf.GGUFReader, arch: str, hidden: int, num_q: int, head_dim: int) -> dict:
+def _gemma_fields(reader: GGUFFile, arch: str, hidden: int, num_q: int, head_dim: int) -> dict:
     """What Gemma 1, 2 and 3 files leave to llama.cpp's defaults (see the module docstring)."""
     out = dict(
         hidden_act="gelu_pytorch_tanh",
@@ -107,14 +108,14 @@ def _gemma_fields(reader: gguf.GGUFReader, arch: str, hidden: int, num_q: int, h
     )
     if arch == "gemma":
         return out
-    layers = field(reader, f"{arch}.block_count")
+    layers = reader.field(f"{arch}.block_count")
     big = 46 if arch == "gemma2" else 62  # the 27B, whose queries are scaled by hidden / heads
     out["attn_scale"] = (hidden / num_q if layers == big else head_dim) ** -0.5
-    out["sliding_window"] = int(field(reader, f"{arch}.attention.sliding_window", 4096))
+    out["sliding_window"] = int(reader.field(f"{arch}.attention.sliding_window", 4096))
     if arch == "gemma2":
         out["layer_types"] = tuple("sliding_attention" if i % 2 == 0 else "full_attention" for i in range(layers))
-        out["attn_logit_softcapping"] = float(field(reader, "gemma2.attn_logit_softcapping", 50.0))
-        out["final_logit_softcapping"] = float(field(reader, "gemma2.final_logit_softcapping", 30.0))
+        out["attn_logit_softcapping"] = float(reader.field("gemma2.attn_logit_softcapping", 50.0))
+        out["final_logit_softcapping"] = float(reader.field("gemma2.final_logit_softcapping", 30.0))
     else:
         out["qk_norm"] = True
         out["layer_types"] = tuple("full_attention" if (i + 1) % 6 == 0 else "sliding_attention" for i in range(layers))
@@ -122,30 +123,30 @@ def _gemma_fields(reader: gguf.GGUFReader, arch: str, hidden: int, num_q: int, h
     return out
 
 
-def _phi3_fields(reader: gguf.GGUFReader, tensors: dict, head_dim: int, rot_dim: int, context: int) -> dict:
+def _phi3_fields(reader: GGUFFile, tensors: dict, head_dim: int, rot_dim: int, context: int) -> dict:
     if rot_dim % 2:
         raise ValueError(f"Phi-3 rope dims {rot_dim}: folio needs an even number")
-    window = field(reader, "phi3.attention.sliding_window")
+    window = reader.field("phi3.attention.sliding_window")
     out = dict(rotary_dim=None if rot_dim == head_dim else rot_dim, sliding_window=int(window) if window else None)
     if "rope_factors_short.weight" in tensors:
-        original = field(reader, "phi3.rope.scaling.original_context_length")
+        original = reader.field("phi3.rope.scaling.original_context_length")
         if not original:
             raise ValueError("Phi-3 rope factors without rope.scaling.original_context_length")
         short = [float(x) for x in tensors["rope_factors_short.weight"].data]
         if len(short) != rot_dim // 2:
             raise ValueError(f"rope_factors_short has {len(short)} entries, expected {rot_dim // 2}")
-        attention_factor = float(field(reader, "phi3.rope.scaling.attn_factor", 1.0))
+        attention_factor = float(reader.field("phi3.rope.scaling.attn_factor", 1.0))
         out["rope_scaling"] = {"rope_type": "longrope", "short_factor": short, "attention_factor": attention_factor}
         out["max_position_embeddings"] = min(context, int(original))
     return out
 
 
-def _falcon_fields(reader: gguf.GGUFReader, tensors: dict) -> dict:
+def _falcon_fields(reader: GGUFFile, tensors: dict) -> dict:
     biases = [n for n in tensors if n.startswith("blk.") and n.endswith(".bias") and "norm" not in n]
     if biases:  # llama.cpp's Falcon graph has none, so such a file means something else there
         raise ValueError(f"Falcon GGUF with linear biases ({biases[0]}, ...) is not supported")
     return dict(
-        rms_norm_eps=float(field(reader, "falcon.attention.layer_norm_epsilon")),
+        rms_norm_eps=float(reader.field("falcon.attention.layer_norm_epsilon")),
         hidden_act="gelu",
         norm_kind="layer",
         parallel_residual=True,  # llama.cpp's falcon graph is always parallel (7B, 40B)
@@ -156,12 +157,12 @@ def _falcon_fields(reader: gguf.GGUFReader, tensors: dict) -> dict:
     )
 
 
-def _moe_fields(reader: gguf.GGUFReader, arch: str, tensors: dict, layers: int) -> dict:
-    experts = field(reader, f"{arch}.expert_count")
-    top_k = field(reader, f"{arch}.expert_used_count")
+def _moe_fields(reader: GGUFFile, arch: str, tensors: dict, layers: int) -> dict:
+    experts = reader.field(f"{arch}.expert_count")
+    top_k = reader.field(f"{arch}.expert_used_count")
     if not experts or not top_k or top_k > experts:
         raise ValueError(f"GGUF expert_count {experts} / expert_used_count {top_k} are not a mixture of experts")
-    gating = field(reader, f"{arch}.expert_gating_func")
+    gating = reader.field(f"{arch}.expert_gating_func")
     if gating not in (None, gguf.ExpertGatingFuncType.SOFTMAX):  # folio's routers are softmax top-k
         raise ValueError(f"GGUF expert gating function {gating} is not supported (folio routes by softmax)")
     up = tensors.get("blk.0.ffn_up_exps.weight")
@@ -173,25 +174,19 @@ def _moe_fields(reader: gguf.GGUFReader, arch: str, tensors: dict, layers: int) 
         num_experts=int(experts),
         num_experts_per_tok=int(top_k),
         moe_intermediate_size=int(up.shape[1]),  # [hidden, I, experts]
-        norm_topk_prob=bool(field(reader, f"{arch}.expert_weights_norm", _RENORMALIZE[arch])),
+        norm_topk_prob=bool(reader.field(f"{arch}.expert_weights_norm", _RENORMALIZE[arch])),
         shared_expert_intermediate_size=0 if shared is None else int(shared.shape[1]),
         dense_layers=tuple(i for i in range(layers) if f"blk.{i}.ffn_gate_inp.weight" not in tensors),
     )
 
 
-def _rope_scaling(reader: gguf.GGUFReader, arch: str, tensors: dict) -> Optional[dict]:
+def _rope_scaling(reader: GGUFFile, arch: str, tensors: dict) -> Optional[dict]:
     if "rope_freqs.weight" in tensors:
         # Llama-3.1-style scaling, stored by llama.cpp as one divisor per frequency.
         factors = tensors["rope_freqs.weight"].data
         return {"rope_type": "freq_factors", "factors": [float(x) for x in factors]}
-    kind = field(reader, f"{arch}.rope.scaling.type", "none")
+    kind = reader.field(f"{arch}.rope.scaling.type", "none")
     if kind == "none":
         return None
     # Anything but linear is refused by worker/models/rope.py with a clear error.
-    return {"rope_type": kind, "factor": float(field(reader, f"{arch}.rope.scaling.factor", 1.0))}
-
-
-def field(reader: gguf.GGUFReader, key: str, default=None):
-    """A metadata value, or default when the file lacks the key."""
-    f = reader.get_field(key)
-    return default if f is None else f.contents()
+    return {"rope_type": kind, "factor": float(reader.field(f"{arch}.rope.scaling.factor", 1.0))}

@@ -24,7 +24,6 @@ from __future__ import annotations
 import logging
 from typing import Iterator
 
-import gguf
 import numpy as np
 import torch
 from gguf.quants import dequantize
@@ -32,15 +31,12 @@ from gguf.quants import dequantize
 from folio.kernels.quant import QuantizedTensor, map_rows
 from folio.worker.config import ModelConfig
 from folio.worker.gguf_config import gguf_config
+from folio.worker.gguf_file import GGUFFile, read_gguf
 from folio.worker.gguf_quant import KEPT_QUANTIZED, quantized_tensor
 
-__all__ = ["gguf_config", "gguf_quantized", "gguf_reader", "gguf_tensors"]
+__all__ = ["gguf_config", "gguf_quantized", "gguf_tensors", "read_gguf"]
 
 log = logging.getLogger(__name__)
-
-
-def gguf_reader(path: str) -> gguf.GGUFReader:
-    return gguf.GGUFReader(path)
 
 
 # GGUF tensor name inside blk.N -> Hugging Face name inside model.layers.N
@@ -100,13 +96,13 @@ _GEMMA_ARCHS = ("gemma", "gemma2", "gemma3_text")
 _CONFIG_TENSORS = ("rope_freqs.weight", "rope_factors_long.weight", "rope_factors_short.weight")
 
 
-def gguf_quantized(reader: gguf.GGUFReader) -> bool:
+def gguf_quantized(reader: GGUFFile) -> bool:
     """Whether any weight is stored in a block type folio can keep quantized."""
     return any(t.tensor_type.name in KEPT_QUANTIZED for t in reader.tensors)
 
 
 def gguf_tensors(
-    reader: gguf.GGUFReader, config: ModelConfig, keep_quantized: bool = False
+    reader: GGUFFile, config: ModelConfig, keep_quantized: bool = False
 ) -> Iterator[tuple[str, torch.Tensor | QuantizedTensor]]:
     """(Hugging Face name, tensor) for every weight, one at a time: fp32, or with
     keep_quantized a QuantizedTensor for each 2-D weight in a block type folio keeps."""

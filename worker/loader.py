@@ -86,9 +86,9 @@ def load_model(
     directory, gguf_file = resolve_model_path(path)
     device = torch.device(device)
     if gguf_file is not None:
-        from folio.worker.gguf_loader import gguf_config, gguf_quantized, gguf_reader, gguf_tensors
+        from folio.worker.gguf_loader import gguf_config, gguf_quantized, gguf_tensors, read_gguf
 
-        reader = gguf_reader(os.path.join(directory, gguf_file))
+        reader = read_gguf(os.path.join(directory, gguf_file))
         config = gguf_config(reader)
         kept = keep_quantized(quantization, "gguf" if gguf_quantized(reader) else None, device, dtype)
         tensors = gguf_tensors(reader, config, keep_quantized=kept is not None)
@@ -135,9 +135,9 @@ def quantization_scheme(path: str) -> Optional[str]:
     """The scheme of the checkpoint's quantized weights ("gguf", "gptq", ...), or None."""
     directory, gguf_file = resolve_model_path(path)
     if gguf_file is not None:
-        from folio.worker.gguf_loader import gguf_quantized, gguf_reader
+        from folio.worker.gguf_loader import gguf_quantized, read_gguf
 
-        return "gguf" if gguf_quantized(gguf_reader(os.path.join(directory, gguf_file))) else None
+        return "gguf" if gguf_quantized(read_gguf(os.path.join(directory, gguf_file))) else None
     from folio.worker.hf_quant_config import hf_quantization
 
     hf_quant = hf_quantization(_read_hf_json(directory))
@@ -148,9 +148,9 @@ def load_model_config(path: str) -> ModelConfig:
     """The model's configuration alone, without building it."""
     directory, gguf_file = resolve_model_path(path)
     if gguf_file is not None:
-        from folio.worker.gguf_loader import gguf_config, gguf_reader
+        from folio.worker.gguf_loader import gguf_config, read_gguf
 
-        return gguf_config(gguf_reader(os.path.join(directory, gguf_file)))
+        return gguf_config(read_gguf(os.path.join(directory, gguf_file)))
     return _read_hf_config(directory)
 
 

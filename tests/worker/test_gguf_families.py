@@ -149,9 +149,9 @@ def _header_only(path: str, arch: str, meta: dict, tensor_names: list[str]) -> s
     ],
 )
 def test_what_llama_cpp_computes_otherwise_is_refused(tmp_path, arch, extra, tensors, reason):
-    from folio.worker.gguf_loader import gguf_config, gguf_reader
+    from folio.worker.gguf_loader import gguf_config, read_gguf
 
     meta = {"embedding_length": 64, "attention.head_count": 4, "block_count": 1, "feed_forward_length": 128}
     path = _header_only(str(tmp_path / "f.gguf"), arch, meta | extra, ["token_embd.weight", *tensors])
     with pytest.raises(ValueError, match=reason):
-        gguf_config(gguf_reader(path))
+        gguf_config(read_gguf(path))
