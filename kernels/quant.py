@@ -223,10 +223,12 @@ class QuantizedWeight(nn.Module):
 
     def int4pack_matmul(self, x: torch.Tensor) -> torch.Tensor:
         """x [T, K] (columns already in stored order) -> [T, N] through torch's CPU kernel."""
-        x = x.to(self.dtype)
-        if self.int4pack_terms > 1:
-            x = torch.cat([x] * self.int4pack_terms, dim=-1)
+        x = self._per_term(x.to(self.dtype))
         return torch.ops.aten._weight_int4pack_mm_for_cpu(x.contiguous(), self.int4pack, self.group, self.int4pack_sz)
+
+    def _per_term(self, x: torch.Tensor) -> torch.Tensor:
+        """x repeated once per 4-bit term: the packed codes stack the terms along K."""
+        return torch.cat([x] * self.int4pack_terms, dim=-1) if self.int4pack_terms > 1 else x
 
     def int4pack_dense_matmul(self, x: torch.Tensor) -> Optional[torch.Tensor]:
         """x [T, K] -> [T, N] like int4pack_matmul, but through fp32 GEMMs over the
@@ -240,9 +242,7 @@ class QuantizedWeight(nn.Module):
         block = int4pack_block_n()
         if block is None or self.out_features % block:
             return None
-        if self.int4pack_terms > 1:
-            x = torch.cat([x] * self.int4pack_terms, dim=-1)
-        x = x.float()
+        x = self._per_term(x).float()
         k = x.shape[-1]
         packed = self.int4pack.view(self.out_features // block, k, block // 2)
         scale, zero = (t.contiguous() for t in self.int4pack_sz.float().unbind(-1))  # [K'/group, N] each

@@ -2,4 +2,7 @@
 
 from pathlib import Path
 
+import tomllib
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
+PYPROJECT = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())

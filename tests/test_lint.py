@@ -10,14 +10,11 @@ import subprocess
 import sys
 
 import pytest
-import tomllib
 
-from tests import REPO_ROOT
+from tests import PYPROJECT, REPO_ROOT
 
 # The folders that import as folio.<name>, as pyproject.toml maps them.
-PACKAGES = tuple(
-    tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-dir"].values()
-)
+PACKAGES = tuple(PYPROJECT["tool"]["setuptools"]["package-dir"].values())
 
 
 def _contracts_command(stage) -> tuple[list[str], str, dict]:

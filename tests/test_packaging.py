@@ -10,17 +10,15 @@ import subprocess
 import sys
 import zipfile
 
-import tomllib
+from tests import PYPROJECT, REPO_ROOT
 
-from tests import REPO_ROOT
-
-PYPROJECT = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+SETUPTOOLS = PYPROJECT["tool"]["setuptools"]
 
 
 def _package_folders() -> set[str]:
     """Every folder with Python in it under the mapped top-level folders, as its import name."""
     names = set()
-    for package, folder in PYPROJECT["package-dir"].items():
+    for package, folder in SETUPTOOLS["package-dir"].items():
         for path in (REPO_ROOT / folder).rglob("*.py"):
             relative = path.parent.relative_to(REPO_ROOT / folder).parts
             names.add(".".join((package, *relative)))
@@ -28,8 +26,8 @@ def _package_folders() -> set[str]:
 
 
 def test_every_package_folder_is_installed():
-    assert set(PYPROJECT["packages"]) == _package_folders()
-    assert set(PYPROJECT["package-dir"]) == {
+    assert set(SETUPTOOLS["packages"]) == _package_folders()
+    assert set(SETUPTOOLS["package-dir"]) == {
         f"folio.{name}" for name in ("cluster", "worker", "kernels", "router", "protos")
     }
 
@@ -38,7 +36,7 @@ def test_the_wheel_holds_folio_alone(tmp_path):
     """A real wheel, built from a copy of the checkout (a build in the checkout would
     leave build/ there): nothing in it outside folio/ and its metadata."""
     source = tmp_path / "source"
-    for folder in (*PYPROJECT["package-dir"].values(), "pyproject.toml", "README.md"):
+    for folder in (*SETUPTOOLS["package-dir"].values(), "pyproject.toml", "README.md"):
         copy = shutil.copy if folder.endswith((".toml", ".md")) else shutil.copytree
         copy(REPO_ROOT / folder, source / folder)
     subprocess.run(

@@ -13,10 +13,9 @@ import tempfile
 
 import jsonschema
 import pytest
-import tomllib
 import yaml
 
-from tests import REPO_ROOT
+from tests import PYPROJECT, REPO_ROOT
 
 ROOT = str(REPO_ROOT)
 RAY_UP_CONFIGS = ["deploy/aws-gpu.yaml", "deploy/local-cluster.yaml"]
@@ -71,9 +70,8 @@ def test_file_mounts_carry_what_a_node_installs_and_no_ignored_file_counts(path,
 
     [config] = _load(path)
     mounts = config["file_mounts"]
-    pyproject = tomllib.loads(open(os.path.join(ROOT, "pyproject.toml")).read())
-    needed = {"pyproject.toml", pyproject["project"]["readme"], "deploy"}
-    needed |= set(pyproject["tool"]["setuptools"]["package-dir"].values())
+    needed = {"pyproject.toml", PYPROJECT["project"]["readme"], "deploy"}
+    needed |= set(PYPROJECT["tool"]["setuptools"]["package-dir"].values())
     sources = {os.path.normpath(src) for src in mounts.values()}
     assert sources == needed, sources ^ needed
     [home] = {remote[: -len(os.path.normpath(src)) - 1] for remote, src in mounts.items()}
