@@ -25,24 +25,24 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, quant_shape_to_byte_shape
+from gguf import GGML_QUANT_SIZES, GGUF_DEFAULT_ALIGNMENT, GGMLQuantizationType, quant_shape_to_byte_shape
+from gguf import GGUFValueType as V
 
 VERSIONS = (2, 3)
 MAX_DIMS = 4  # GGML_MAX_DIMS
-STRING, ARRAY, BOOL = 8, 9, 7
 # Fixed-size value types -> numpy dtype (little-endian)
 _NUMBERS = {
-    0: np.dtype("<u1"),
-    1: np.dtype("<i1"),
-    2: np.dtype("<u2"),
-    3: np.dtype("<i2"),
-    4: np.dtype("<u4"),
-    5: np.dtype("<i4"),
-    6: np.dtype("<f4"),
-    BOOL: np.dtype("?"),
-    10: np.dtype("<u8"),
-    11: np.dtype("<i8"),
-    12: np.dtype("<f8"),
+    V.UINT8: np.dtype("<u1"),
+    V.INT8: np.dtype("<i1"),
+    V.UINT16: np.dtype("<u2"),
+    V.INT16: np.dtype("<i2"),
+    V.UINT32: np.dtype("<u4"),
+    V.INT32: np.dtype("<i4"),
+    V.FLOAT32: np.dtype("<f4"),
+    V.BOOL: np.dtype("?"),
+    V.UINT64: np.dtype("<u8"),
+    V.INT64: np.dtype("<i8"),
+    V.FLOAT64: np.dtype("<f8"),
 }
 # ggml types whose data gguf-py presents as numbers, not as block bytes
 _PLAIN = {
@@ -91,9 +91,9 @@ class _Cursor:
         return bytes(self.take(self.unpack("<Q"))).decode("utf-8", errors="replace")
 
     def value(self, kind: int):
-        if kind == STRING:
+        if kind == V.STRING:
             return self.string()
-        if kind == ARRAY:
+        if kind == V.ARRAY:
             return self.array()
         if kind not in _NUMBERS:
             raise ValueError(f"unknown GGUF value type {kind} at offset {self.pos}")
@@ -102,9 +102,9 @@ class _Cursor:
     def array(self) -> list:
         kind, count = self.unpack("<I"), self.unpack("<Q")
         # A count a damaged file inflates ends at the first element past the end.
-        if kind == STRING:
+        if kind == V.STRING:
             return [self.string() for _ in range(count)]
-        if kind == ARRAY:
+        if kind == V.ARRAY:
             return [self.array() for _ in range(count)]
         if kind not in _NUMBERS:
             raise ValueError(f"unknown GGUF array element type {kind} at offset {self.pos}")
@@ -138,7 +138,7 @@ def read_gguf(path: str) -> GGUFFile:
             raise ValueError(f"{path}: tensor {name!r} has {n_dims} dimensions")
         dims = struct.unpack(f"<{n_dims}Q", cur.take(8 * n_dims))
         infos.append((name, dims, cur.unpack("<I"), cur.unpack("<Q")))
-    alignment = fields.get("general.alignment", 32)
+    alignment = fields.get("general.alignment", GGUF_DEFAULT_ALIGNMENT)
     if not isinstance(alignment, int) or alignment <= 0:
         raise ValueError(f"{path}: bad general.alignment {alignment!r}")
     start = -(-cur.pos // alignment) * alignment
