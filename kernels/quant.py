@@ -165,12 +165,20 @@ class QuantizedWeight(nn.Module):
     """One quantized weight [N, K] on its device, ready for quantized_linear.
 
     Buffers: codes (uint8, [N, K/2] for 4 bits and [N, K] otherwise), scale and
-    zero ([N, K/group], compute dtype), perm (act-order, else None). On CPU in
-    bfloat16, int4pack/int4pack_sz hold torch's packed form instead of codes
-    (kept too when `gather` rows is needed: an embedding table).
+    zero ([N, K/group], compute dtype), perm (act-order, else None). On CPU in a
+    compute dtype of `int4pack_dtypes` (KernelOps.int4pack_dtypes), int4pack and
+    int4pack_sz hold torch's packed form instead of codes (kept too when `gather`
+    rows is needed: an embedding table).
     """
 
-    def __init__(self, t: QuantizedTensor, dtype: torch.dtype, device, gather: bool = False):
+    def __init__(
+        self,
+        t: QuantizedTensor,
+        dtype: torch.dtype,
+        device,
+        gather: bool = False,
+        int4pack_dtypes: tuple[torch.dtype, ...] = (torch.bfloat16,),
+    ):
         super().__init__()
         self.out_features, self.in_features = t.shape
         self.bits, self.group, self.dtype = t.bits, t.group, dtype
@@ -178,7 +186,7 @@ class QuantizedWeight(nn.Module):
         self.register_buffer("int4pack", None)
         self.register_buffer("int4pack_sz", None)
         self.int4pack_terms = 0
-        if _int4pack_fits(t, dtype, torch.device(device)):
+        if torch.device(device).type == "cpu" and dtype in int4pack_dtypes and int4pack_fits(t):
             self._pack_int4(t)
         codes = t.codes
         if t.bits == 4:
@@ -218,13 +226,16 @@ class QuantizedWeight(nn.Module):
         codes = torch.cat([c for c, _, _ in terms], dim=1).to(torch.int32)
         sz = torch.stack([torch.cat([s for _, s, _ in terms], 1), torch.cat([z for _, _, z in terms], 1)], dim=-1)
         self.int4pack = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.contiguous(), 1)
-        self.int4pack_sz = sz.transpose(0, 1).contiguous().to(self.dtype)  # [K'/group, N, 2]
+        self.int4pack_sz = sz.transpose(0, 1).contiguous().to(torch.bfloat16)  # [K'/group, N, 2]
         self.int4pack_terms = len(terms)
 
     def int4pack_matmul(self, x: torch.Tensor) -> torch.Tensor:
-        """x [T, K] (columns already in stored order) -> [T, N] through torch's CPU kernel."""
-        x = self._per_term(x.to(self.dtype))
-        return torch.ops.aten._weight_int4pack_mm_for_cpu(x.contiguous(), self.int4pack, self.group, self.int4pack_sz)
+        """x [T, K] (columns already in stored order) -> [T, N] through torch's CPU
+        kernel, which multiplies bfloat16 only: in float32 compute x is rounded to
+        bfloat16 here and the result widened back."""
+        x = self._per_term(x.to(torch.bfloat16))
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.contiguous(), self.int4pack, self.group, self.int4pack_sz)
+        return y if y.dtype == self.dtype else y.to(self.dtype)
 
     def _per_term(self, x: torch.Tensor) -> torch.Tensor:
         """x repeated once per 4-bit term: the packed codes stack the terms along K."""
@@ -242,7 +253,7 @@ class QuantizedWeight(nn.Module):
         block = int4pack_block_n()
         if block is None or self.out_features % block:
             return None
-        x = self._per_term(x).float()
+        x = self._per_term(x.to(torch.bfloat16)).float()  # the kernel's inputs: bf16
         k = x.shape[-1]
         packed = self.int4pack.view(self.out_features // block, k, block // 2)
         scale, zero = (t.contiguous() for t in self.int4pack_sz.float().unbind(-1))  # [K'/group, N] each
@@ -267,10 +278,11 @@ class QuantizedWeight(nn.Module):
         return f"{self.out_features}x{self.in_features}, {self.bits} bits, group {self.group}, {kernel}"
 
 
-def _int4pack_fits(t: QuantizedTensor, dtype: torch.dtype, device: torch.device) -> bool:
-    """torch's CPU int4 kernel is vectorised for bfloat16 only (fp32 and fp16 take a
-    scalar loop 15-100x slower than a dense matmul), and wants 16-row multiples."""
-    return device.type == "cpu" and dtype == torch.bfloat16 and t.group in INT4PACK_GROUPS and t.shape[0] % 16 == 0
+def int4pack_fits(t: QuantizedTensor) -> bool:
+    """Whether torch's CPU int4 kernel takes this weight: its groups and 16-row multiples.
+    (The kernel is vectorised for bfloat16 activations only, fp32 and fp16 taking a
+    scalar loop 15-100x slower than a dense matmul: int4pack_matmul rounds x to bf16.)"""
+    return t.group in INT4PACK_GROUPS and t.shape[0] % 16 == 0
 
 
 @functools.cache

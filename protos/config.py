@@ -49,13 +49,19 @@ class WorkerConfig:
     )
     kernels: str = field(
         default="auto",
-        metadata={"help": "attention kernels: Triton on CUDA, PyTorch references elsewhere", "choices": KERNELS},
+        metadata={
+            "help": "auto: Triton kernels on CUDA; elsewhere the PyTorch references, with torch's int4 kernel "
+            "for weights kept quantized (its inputs in bfloat16); reference: the references alone (a float32 "
+            "model computes exactly what its dequantized weights do)",
+            "choices": KERNELS,
+        },
     )
     quantization: str = field(
         default="auto",
         metadata={
             "help": "keep a quantized checkpoint's weights quantized (its scheme, or auto: "
-            "yes unless on CPU in float32, where torch has no fast exact kernel) or none: dequantize at load",
+            "yes unless on CPU in float32 with --kernels reference, or where torch's int4 kernel cannot take "
+            "every quantized weight) or none: dequantize at load",
             "choices": QUANTIZATIONS,
         },
     )

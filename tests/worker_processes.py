@@ -76,7 +76,12 @@ async def replica_outputs(
 
 
 async def start_replica(
-    addresses: list[str], model_path: str, config, quantization: str = "auto", speculative_model: str = ""
+    addresses: list[str],
+    model_path: str,
+    config,
+    quantization: str = "auto",
+    speculative_model: str = "",
+    kernels: str = "auto",
 ):
     """A started Replica (cluster/replica.py) over the workers at `addresses`, rank i at
     addresses[i]: fp32 on CPU, 64 blocks of 16 tokens. Close it when done."""
@@ -95,6 +100,7 @@ async def start_replica(
             dtype="float32",
             device="cpu",
             quantization=quantization,
+            kernels=kernels,
             speculative_model=speculative_model,
             rendezvous=f"tcp://127.0.0.1:{free_port('127.0.0.1')}",
         )

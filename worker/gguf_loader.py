@@ -26,13 +26,14 @@ from typing import Iterator
 
 import numpy as np
 import torch
+from gguf import GGMLQuantizationType
 from gguf.quants import dequantize
 
-from folio.kernels.quant import QuantizedTensor, map_rows
+from folio.kernels.quant import INT4PACK_GROUPS, QuantizedTensor, map_rows
 from folio.worker.config import ModelConfig
 from folio.worker.gguf_config import gguf_config
 from folio.worker.gguf_file import GGUFFile, read_gguf
-from folio.worker.gguf_quant import KEPT_QUANTIZED, quantized_tensor
+from folio.worker.gguf_quant import KEPT_QUANTIZED, block_group, quantized_tensor
 
 __all__ = ["gguf_config", "gguf_quantized", "gguf_tensors", "read_gguf"]
 
@@ -99,6 +100,18 @@ _CONFIG_TENSORS = ("rope_freqs.weight", "rope_factors_long.weight", "rope_factor
 def gguf_quantized(reader: GGUFFile) -> bool:
     """Whether any weight is stored in a block type folio can keep quantized."""
     return any(t.tensor_type.name in KEPT_QUANTIZED for t in reader.tensors)
+
+
+def gguf_fits_int4pack(reader: GGUFFile) -> bool:
+    """Whether torch's CPU int4 kernel takes every quantized weight of the file kept
+    quantized (kernels/quant.py INT4PACK_GROUPS, rows in 16s). A Q4_K_M file's Q6_K
+    tensors (16 inputs per scale) do not: kept in bfloat16 they would be dequantized
+    at every call."""
+    plain = (GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16)
+    quantized = [t for t in reader.tensors if t.tensor_type not in plain]
+    return bool(quantized) and all(
+        block_group(t.tensor_type) in INT4PACK_GROUPS and len(t.shape) == 2 and t.shape[1] % 16 == 0 for t in quantized
+    )
 
 
 def gguf_tensors(

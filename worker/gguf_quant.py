@@ -124,6 +124,12 @@ _BLOCKS = {
 KEPT_QUANTIZED = tuple(t.name for t in _BLOCKS)
 
 
+def block_group(qtype) -> Optional[int]:
+    """Input features per scale of a block type folio keeps quantized, else None."""
+    block = _BLOCKS.get(qtype)
+    return None if block is None else block[2]
+
+
 def quantized_tensor(data: np.ndarray, qtype, rows: int, cols: int) -> Optional[QuantizedTensor]:
     """The [rows, cols] tensor stored as `qtype` blocks in `data`, kept quantized;
     None for a type folio does not keep quantized (the caller dequantizes it)."""

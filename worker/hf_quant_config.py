@@ -67,6 +67,13 @@ class HFQuantization:
     ignore: tuple[str, ...] = ()
     dynamic_activations: bool = False
 
+    def fits_int4pack(self) -> bool:
+        """Whether torch's CPU int4 kernel takes every scheme's groups (per-channel and
+        per-tensor scales it does not)."""
+        from folio.kernels.quant import INT4PACK_GROUPS
+
+        return all(s.group in INT4PACK_GROUPS and not s.tensor_scale for _, s in self.groups)
+
     @property
     def piece_suffixes(self) -> frozenset[str]:
         """Every tensor suffix the method stores quantized layers under: one that the

@@ -27,6 +27,7 @@ import torch
 from safetensors import safe_open
 
 from folio.kernels.interface import KernelOps
+from folio.kernels.ops import select_ops
 from folio.protos.config import QUANTIZATIONS
 from folio.worker.config import ModelConfig
 from folio.worker.models import MODEL_CLASSES, CausalLM
@@ -85,12 +86,15 @@ def load_model(
     """
     directory, gguf_file = resolve_model_path(path)
     device = torch.device(device)
+    ops = ops or select_ops(device)
+    int4pack = device.type == "cpu" and dtype in ops.int4pack_dtypes
     if gguf_file is not None:
-        from folio.worker.gguf_loader import gguf_config, gguf_quantized, gguf_tensors, read_gguf
+        from folio.worker.gguf_loader import gguf_config, gguf_fits_int4pack, gguf_quantized, gguf_tensors, read_gguf
 
         reader = read_gguf(os.path.join(directory, gguf_file))
         config = gguf_config(reader)
-        kept = keep_quantized(quantization, "gguf" if gguf_quantized(reader) else None, device, dtype)
+        scheme = "gguf" if gguf_quantized(reader) else None
+        kept = keep_quantized(quantization, scheme, device, dtype, int4pack and gguf_fits_int4pack(reader))
         tensors = gguf_tensors(reader, config, keep_quantized=kept is not None)
     else:
         from folio.worker.hf_quant import decode_hf_tensors
@@ -99,7 +103,8 @@ def load_model(
         raw = _read_hf_json(directory)
         config = ModelConfig.from_hf_config(raw)
         hf_quant = hf_quantization(raw)
-        kept = keep_quantized(quantization, hf_quant.method if hf_quant else None, device, dtype)
+        fits = hf_quant is not None and hf_quant.fits_int4pack()
+        kept = keep_quantized(quantization, hf_quant.method if hf_quant else None, device, dtype, int4pack and fits)
         tensors = _safetensors_tensors(directory)
         if hf_quant is not None:
             tensors = decode_hf_tensors(tensors, hf_quant)
@@ -109,13 +114,16 @@ def load_model(
     return model.eval(), config
 
 
-def keep_quantized(requested: str, scheme: Optional[str], device: torch.device, dtype: torch.dtype) -> Optional[str]:
+def keep_quantized(
+    requested: str, scheme: Optional[str], device: torch.device, dtype: torch.dtype, int4pack: bool = False
+) -> Optional[str]:
     """The scheme to keep the weights in, or None to dequantize them at load.
 
     requested: "auto", "none" or a scheme, which must be the checkpoint's. auto
-    keeps them except on CPU in float32: there torch has no fast kernel that is
-    exact in fp32 (its int4 kernel takes a scalar loop, 15-100x slower than a dense
-    matmul), so dense fp32 weights serve faster; bfloat16 keeps them quantized.
+    keeps them except on CPU in float32 where torch's int4 kernel cannot take them
+    all (`int4pack`: the kernels multiply fp32 models through it, CPU_OPS, and
+    every weight's groups fit it): each weight it cannot take would be dequantized
+    at every step, so dense fp32 weights serve faster. bfloat16 keeps them quantized.
     """
     if requested not in QUANTIZATIONS:
         raise ValueError(f"quantization must be one of {', '.join(QUANTIZATIONS)}, got {requested!r}")
@@ -123,9 +131,12 @@ def keep_quantized(requested: str, scheme: Optional[str], device: torch.device, 
         raise ValueError(f"quantization {requested!r} asked for, but the checkpoint is {scheme or 'not quantized'}")
     if scheme is None or requested == "none":
         return None
-    if requested == "auto" and device.type == "cpu" and dtype == torch.float32:
+    if requested == "auto" and device.type == "cpu" and dtype == torch.float32 and not int4pack:
         log.info(
-            "%s weights dequantized to float32 at load (CPU float32; --dtype bfloat16 keeps them quantized)", scheme
+            "%s weights dequantized to float32 at load (CPU float32, and torch's int4 kernel does not take "
+            "them all; --quantization %s keeps them quantized)",
+            scheme,
+            scheme,
         )
         return None
     return scheme

@@ -294,7 +294,8 @@ class PackedWeight(nn.Module):
                 groups.append([p])
         for g in groups:
             if isinstance(g[0], QuantizedTensor):
-                self.runs.append(QuantizedWeight(QuantizedTensor.cat_rows(g), self.dtype, self.device, self.gather))
+                t = QuantizedTensor.cat_rows(g)
+                self.runs.append(QuantizedWeight(t, self.dtype, self.device, self.gather, self.ops.int4pack_dtypes))
             else:
                 self.runs.append(_DenseWeight(torch.cat(g).to(self.dtype), self.device))
         self.pending = []

@@ -92,12 +92,14 @@ def _message_dict(m: ChatMessage) -> dict:
     if isinstance(content, list):
         texts = []
         for part in content:
-            if part.type != "text" or part.text is None:
+            if part.type != "text":
                 raise ApiError(
                     400,
                     f"content parts of type {part.type[:32]!r} are not supported; folio serves text models",
                     param="messages",
                 )
+            if part.text is None:
+                raise ApiError(400, "a content part of type 'text' needs its 'text' string", param="messages")
             texts.append(part.text)
         content = "\n".join(texts)
     d["content"] = content or ""

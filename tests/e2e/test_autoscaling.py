@@ -215,6 +215,12 @@ def cluster():
                 "512",
                 "--num-kv-blocks",
                 "128",
+                # Exact fp32 (SmolLM2 dequantized at load): with the default kernels a step of
+                # 160 rows or more multiplies through fp32 GEMMs and a narrower one through
+                # torch's int4 kernel, which differ in the last bf16 bit of a few outputs, and
+                # the reference batches these requests unlike the servers.
+                "--kernels",
+                "reference",
             ],
             cwd=ROOT,
             env=_env(),
@@ -280,7 +286,7 @@ def _greedy_reference() -> dict[str, str]:
     """Greedy text per custom_id from the in-process engine on the same model."""
     from folio.protos.messages import SamplingParams
 
-    llm = reference_llm()
+    llm = reference_llm(kernels="reference")
     rows = _requests()
     prompts = [
         llm.chat_token_ids(r["body"]["messages"]) if "messages" in r["body"] else r["body"]["prompt"] for r in rows

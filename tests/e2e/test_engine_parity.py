@@ -61,9 +61,17 @@ def test_tiny_models_match_transformers(family, tiny_model):
 def _assert_parity_under_preemption(path: str, prompts: list[list[int]], reference: str, **options) -> LLM:
     """prompts through LLM(path, **options), staggered and chunked in a pool too small
     for them (14 blocks of 8 tokens hold fewer than half: preemption must happen),
-    against transformers' greedy tokens on `reference`. -> the LLM."""
+    against transformers' greedy tokens on `reference`, with the exact fp32 kernels
+    (the default CPU ones round a kept-quantized matmul's input to bf16). -> the LLM."""
     llm = LLM(
-        path, block_size=8, num_kv_blocks=14, max_num_seqs=8, max_num_batched_tokens=24, tokenizer=False, **options
+        path,
+        block_size=8,
+        num_kv_blocks=14,
+        max_num_seqs=8,
+        max_num_batched_tokens=24,
+        tokenizer=False,
+        kernels="reference",
+        **options,
     )
     results = run_staggered(llm, prompts, PARAMS, per_step=3)
     assert llm.scheduler.num_preemptions > 0, "the pool was meant to force preemption"
@@ -127,8 +135,9 @@ def test_hf_quantized_checkpoints_match_transformers(case, tiny_model, model_dir
 
 @pytest.mark.slow
 def test_smollm2_matches_transformers(smollm2, gguf_parsed_once):
-    # Kept quantized, its logits equal these (tests/worker/test_quantized.py).
-    llm = LLM(smollm2, block_size=16, num_kv_blocks=8, max_num_seqs=8, max_num_batched_tokens=64)
+    # Exact fp32: dequantized at load. Kept quantized, its logits equal these too
+    # (tests/worker/test_quantized.py).
+    llm = LLM(smollm2, block_size=16, num_kv_blocks=8, max_num_seqs=8, max_num_batched_tokens=64, kernels="reference")
     text = (
         "The history of the city begins with a small settlement by the river, where traders "
         "met to exchange grain, salt and cloth. Over the centuries the market grew into a town, "

@@ -103,7 +103,8 @@ def test_tiny_model_on_triton_kernels_matches_transformers(family, tiny_model):
 
 
 def test_kernel_choice():
-    assert select_ops("cpu").name == "reference"
+    assert select_ops("cpu").name == "cpu"  # the references, with torch's int4 kernel in fp32 too
+    assert select_ops("cpu", "reference").name == "reference"
     assert select_ops("cpu", "triton").name == "triton"  # TRITON_INTERPRET=1 here (conftest)
     assert select_ops("cuda", "reference").name == "reference"
     with pytest.raises(ValueError, match="kernels must be one of"):

@@ -31,6 +31,7 @@ import os
 import pytest
 import torch
 
+from folio.kernels.interface import REFERENCE_OPS
 from folio.worker.config import ModelConfig
 from folio.worker.loader import load_model
 from folio.worker.parallel import PackedWeight
@@ -74,7 +75,7 @@ def _greedy(model, cfg: ModelConfig, prompt: torch.Tensor) -> list[int]:
 @pytest.mark.parametrize("family", list(ARCHS))
 def test_gguf_file_matches_transformers(model_dir, family):
     path = make_tiny_gguf(family, model_dir)
-    model, cfg = load_model(path)  # fp32 on CPU: Q8_0 blocks are dequantized at load
+    model, cfg = load_model(path, ops=REFERENCE_OPS)  # exact fp32: Q8_0 blocks are dequantized at load
     hf = _reference(family, model_dir, path)
     expected = ModelConfig.from_hf_config(hf.config.to_dict())
     # GGUF stores floats as float32; Falcon files a context of 2048 (FalconModel's) and
@@ -106,7 +107,7 @@ def test_kept_quantized_computes_the_dequantized_model(model_dir, family, caplog
     tokens = _prompt(cfg.vocab_size, 24, seed=6)
     (want,) = _Pool(cfg).step(dense, [(_Seq(tokens), len(tokens))])
     with caplog.at_level("INFO", logger="folio.worker.gguf_loader"):
-        exact, qcfg = load_model(path, quantization="gguf")
+        exact, qcfg = load_model(path, quantization="gguf", ops=REFERENCE_OPS)
     assert qcfg.quantization == "gguf"
     assert ("expert weights dequantized" in caplog.text) == (family == "qwen3_moe")
     o_proj = exact.model.layers[0].self_attn.o_proj.weight

@@ -503,3 +503,19 @@ def test_configs_read():
     w8a8 = hf_quantization(_ct_case("W8A8-int-channel")[3])
     assert w8a8.groups[0][1] == LinearScheme(CT_INT, 8, -1) and w8a8.dynamic_activations
     assert w8a8.ignore == ("lm_head",)
+
+
+@pytest.mark.parametrize(
+    "config,fits",
+    [
+        (qf.gptq_config(4, 32, desc_act=True, sym=False), True),
+        (qf.gptq_config(8, 128, desc_act=False, sym=True), True),
+        (qf.gptq_config(8, -1, desc_act=False, sym=True), False),  # per channel
+        (qf.awq_config(64), True),
+        *((_ct_case(name)[3], name.split("-")[1].startswith("group")) for name in sorted(CT_CASES)),
+    ],
+)
+def test_torchs_int4_kernel_takes_group_scales_only(config, fits):
+    """What decides whether a float32 model on CPU keeps the weights quantized by
+    default (worker/loader.py keep_quantized): every scheme's groups fit the kernel."""
+    assert hf_quantization(config).fits_int4pack() == fits

@@ -24,6 +24,7 @@ import shutil
 import pytest
 import torch
 
+from folio.kernels.interface import REFERENCE_OPS
 from folio.worker.config import ModelConfig
 from folio.worker.loader import default_model_path, load_model, load_tokenizer, resolve_model_path
 from folio.worker.models.rope import inverse_frequencies
@@ -125,7 +126,7 @@ def loaded(model_dir, gguf_parsed_once):
                 path = make_tiny_model(family, model_dir)
                 hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager")
                 atol = TINY_ATOL
-            model, cfg = load_model(path)
+            model, cfg = load_model(path, ops=REFERENCE_OPS)  # exact fp32: SmolLM2 dequantized at load
             cache[family] = (model, cfg, hf.eval(), cfg.vocab_size, atol)
         return cache[family]
 

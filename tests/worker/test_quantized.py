@@ -16,6 +16,7 @@ import pytest
 import torch
 from gguf.quants import dequantize
 
+from folio.kernels.interface import CPU_OPS, REFERENCE_OPS
 from folio.kernels.quant import WIDE_ROWS, QuantizedTensor, QuantizedWeight, dequantized_linear, int4pack_block_n
 from folio.kernels.reference import quantized_linear
 from folio.worker.gguf_quant import KEPT_QUANTIZED, quantized_tensor
@@ -71,19 +72,23 @@ def _random(bits: int, group: int, n: int = 64, k: int = 256, perm: bool = False
 @pytest.mark.parametrize("bits,group", [(4, 32), (4, 128), (8, 32), (6, 16), (5, 64), (3, 32), (2, 256)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rows", [1, 7, 40, WIDE_ROWS + 3])
-def test_quantized_linear_matches_fp64_of_the_dequantized_weight(bits, group, dtype, rows):
+@pytest.mark.parametrize("ops", [REFERENCE_OPS, CPU_OPS], ids=lambda ops: ops.name)
+def test_quantized_linear_matches_fp64_of_the_dequantized_weight(bits, group, dtype, rows, ops):
     t = _random(bits, group, perm=bits == 4 and group == 128)
-    w = QuantizedWeight(t, dtype, "cpu")
-    # bf16 on CPU goes through torch's int4 kernel wherever the group fits it;
-    # wider codes as two 4-bit terms, which must still centre each term.
-    assert (w.int4pack is not None) == (dtype == torch.bfloat16 and group >= 32)
+    w = QuantizedWeight(t, dtype, "cpu", int4pack_dtypes=ops.int4pack_dtypes)
+    # torch's int4 kernel takes every group that fits it, in bf16 and (CPU_OPS) in fp32
+    # compute too; wider codes as two 4-bit terms, which must still centre each term.
+    int4 = dtype in ops.int4pack_dtypes and group >= 32
+    assert (w.int4pack is not None) == int4
     g = torch.Generator().manual_seed(rows)  # fixed inputs: the bf16 bound holds for these, not for every draw
     x = torch.randn(rows, 256, generator=g)
     bias = torch.randn(64, generator=g)
     want = x.double() @ t.dequantize().double().T + bias.double()
-    got = quantized_linear(x.to(dtype), w, bias.to(dtype)).double()
-    tol = 1e-6 if dtype == torch.float32 else 1e-2
-    assert (got - want).abs().max() <= tol * want.abs().max()
+    got = quantized_linear(x.to(dtype), w, bias.to(dtype))
+    assert got.dtype == dtype
+    # exact to fp32 rounding unless something rounds to bf16: the kernel's inputs, or bf16 compute
+    tol = 1e-6 if dtype == torch.float32 and not int4 else 1e-2
+    assert (got.double() - want).abs().max() <= tol * want.abs().max()
 
 
 @pytest.mark.parametrize("bits,rows", [(4, 96), (4, 32), (8, 64), (6, 32)])
@@ -143,8 +148,6 @@ def test_act_order_columns_follow_their_permutation():
 
 def test_parts_of_different_layouts_get_their_own_matmuls():
     """A fused q/k/v whose v is 6-bit in groups of 16 beside 4-bit q/k: two runs."""
-    from folio.kernels.interface import REFERENCE_OPS
-
     parts = [_random(4, 32, n=32, seed=1), _random(4, 32, n=16, seed=2), _random(6, 16, n=16, seed=3)]
     packed = PackedWeight(3, REFERENCE_OPS, torch.float32, "cpu")
     for i, p in enumerate(parts):
@@ -161,6 +164,7 @@ def test_parts_of_different_layouts_get_their_own_matmuls():
 def test_keep_quantized_decides_by_device_dtype_and_request():
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert keep_quantized("auto", "gguf", cpu, torch.float32) is None  # no fast exact fp32 kernel
+    assert keep_quantized("auto", "gguf", cpu, torch.float32, int4pack=True) == "gguf"  # CPU_OPS: torch's int4
     assert keep_quantized("auto", "gguf", cpu, torch.bfloat16) == "gguf"
     assert keep_quantized("auto", "gptq", cuda, torch.float16) == "gptq"
     assert keep_quantized("gguf", "gguf", cpu, torch.float32) == "gguf"  # asked for: low memory, exact
@@ -172,6 +176,24 @@ def test_keep_quantized_decides_by_device_dtype_and_request():
         keep_quantized("awq", None, cpu, torch.float32)
     with pytest.raises(ValueError, match="quantization must be one of"):
         keep_quantized("int3", "gguf", cpu, torch.float32)
+
+
+def test_cpu_default_keeps_a_gguf_quantized_where_torchs_int4_kernel_takes_every_weight(model_dir):
+    """float32 on CPU: the bundled SmolLM2 (Q4_1, Q8_0) stays quantized, every weight
+    packed for torch's int4 kernel (CPU_OPS); with the exact kernels it is dequantized
+    at load. A file with Q6_K tensors (16 inputs per scale) is dequantized at load
+    unless its scheme is asked for."""
+    from folio.worker.gguf_loader import gguf_fits_int4pack, read_gguf
+
+    mixed = make_tiny_quantized_gguf(model_dir)
+    assert gguf_fits_int4pack(read_gguf(smollm2_path())) and not gguf_fits_int4pack(read_gguf(mixed))
+    model, cfg = load_model(smollm2_path())
+    weights = [m for m in model.modules() if isinstance(m, QuantizedWeight)]
+    assert cfg.quantization == "gguf" and len(weights) == 30 * 4 + 1  # qkv, o, gate_up, down; the embedding
+    assert all(w.int4pack is not None and w.dtype == torch.float32 for w in weights)
+    assert load_model(smollm2_path(), ops=REFERENCE_OPS)[1].quantization is None
+    assert load_model(mixed)[1].quantization is None
+    assert load_model(mixed, quantization="gguf")[1].quantization == "gguf"
 
 
 # ------------------------------------------------------------------ whole models
@@ -193,7 +215,7 @@ def test_smollm2_kept_quantized_in_fp32_computes_the_dense_model(smollm2_dense):
     dequantizing each layer as it runs: the dense model's logits (the weights are
     bit-identical), in under a quarter of its memory."""
     dense, cfg = smollm2_dense
-    model, qcfg = load_model(smollm2_path(), dtype=torch.float32, quantization="gguf")
+    model, qcfg = load_model(smollm2_path(), dtype=torch.float32, quantization="gguf", ops=REFERENCE_OPS)
     assert qcfg.quantization == "gguf" and cfg.quantization is None
     assert _bytes(dense) / _bytes(model) > 4.0
     tokens = torch.randint(3, cfg.vocab_size, (21,), generator=torch.Generator().manual_seed(0))
@@ -205,12 +227,15 @@ def test_smollm2_kept_quantized_in_fp32_computes_the_dense_model(smollm2_dense):
 
 
 @pytest.mark.slow
-def test_smollm2_kept_quantized_in_bf16_is_as_close_to_fp32_as_dense_bf16(smollm2_dense):
-    """torch's int4 kernel on bf16 activations, bf16 scales: on real text its
-    next-token logprobs stray from the fp32 model's no more than 1.5x as far as
-    the dense bf16 model's do, and it keeps more than 3x less memory."""
+def test_smollm2_kept_quantized_is_as_close_to_fp32_as_dense_bf16(smollm2_dense):
+    """torch's int4 kernel on bf16 activations, bf16 scales, in a bf16 model and
+    (CPU_OPS, folio's CPU default) in an fp32 one: on real text the next-token
+    logprobs of each stray from the fp32 model's no more than 1.5x as far as the
+    dense bf16 model's do, and each keeps more than 3x less memory."""
     dense, cfg = smollm2_dense
     from folio.worker.loader import load_tokenizer
+
+    bf16, fp32 = torch.bfloat16, torch.float32
 
     text = (
         "The history of the city begins with a small settlement by the river, where traders met "
@@ -220,16 +245,17 @@ def test_smollm2_kept_quantized_in_bf16_is_as_close_to_fp32_as_dense_bf16(smollm
     (truth,) = _Pool(cfg).step(dense, [(_Seq(tokens), len(tokens))])
     truth = truth.log_softmax(-1)
     errors = {}
-    for q in ("gguf", "none"):
-        model, _ = load_model(smollm2_path(), dtype=torch.bfloat16, quantization=q)
-        (out,) = _Pool(cfg, dtype=torch.bfloat16).step(model, [(_Seq(tokens), len(tokens))])
+    for name, dtype, q in [("dense bf16", bf16, "none"), ("kept bf16", bf16, "gguf"), ("kept fp32", fp32, "gguf")]:
+        model, qcfg = load_model(smollm2_path(), dtype=dtype, quantization=q, ops=CPU_OPS)
+        (out,) = _Pool(cfg, dtype=dtype).step(model, [(_Seq(tokens), len(tokens))])
         out = out.float().log_softmax(-1)
         top = truth.argmax(-1, keepdim=True)
-        errors[q] = (out.gather(1, top) - truth.gather(1, top)).abs().mean().item()
+        errors[name] = (out.gather(1, top) - truth.gather(1, top)).abs().mean().item()
         assert (out.argmax(-1) == truth.argmax(-1)).float().mean() > 0.9
         if q == "gguf":
-            assert _bytes(dense) / _bytes(model) > 3.0
-    assert errors["gguf"] < 1.5 * errors["none"], errors
+            assert qcfg.quantization == "gguf" and _bytes(dense) / _bytes(model) > 3.0
+    assert errors["kept bf16"] < 1.5 * errors["dense bf16"], errors
+    assert errors["kept fp32"] < 1.5 * errors["dense bf16"], errors
 
 
 def test_mixed_block_types_match_transformers_gguf_loader(model_dir):
@@ -243,7 +269,7 @@ def test_mixed_block_types_match_transformers_gguf_loader(model_dir):
     hf = AutoModelForCausalLM.from_pretrained(
         os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32, attn_implementation="eager"
     ).eval()
-    model, cfg = load_model(path, dtype=torch.float32, quantization="gguf")
+    model, cfg = load_model(path, dtype=torch.float32, quantization="gguf", ops=REFERENCE_OPS)
     qkv = model.model.layers[0].self_attn.qkv_proj.weight
     assert [r.bits for r in qkv.runs] == [4, 6]  # Q4_K q/k, Q6_K v
     tokens = torch.randint(3, cfg.vocab_size, (30,), generator=torch.Generator().manual_seed(3))

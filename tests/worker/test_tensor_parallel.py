@@ -32,9 +32,11 @@ MAX_TOKENS = 8
 
 
 async def _generate(addresses: list[str], model_path: str, quantization: str = "auto") -> tuple[list, list, list]:
-    """Greedy outputs for PROMPTS on a replica of these workers (rank i at addresses[i])."""
+    """Greedy outputs for PROMPTS on a replica of these workers (rank i at addresses[i]),
+    exact fp32 kernels: a row-parallel layer through torch's int4 kernel would round each
+    rank's partial sum to bf16 (CPU_OPS), which TP=1 rounds once."""
     config = SchedulerConfig(block_size=16, max_num_seqs=4, max_model_len=0)  # 0: what fits the pool
-    replica = await start_replica(addresses, model_path, config, quantization)
+    replica = await start_replica(addresses, model_path, config, quantization, kernels="reference")
     try:
         return await _outputs(replica)
     finally:

@@ -318,6 +318,20 @@ def test_bad_requests_get_openai_errors(server, model, path, body, status):
     assert isinstance(err["message"], str) and err["message"] and "type" in err
 
 
+@pytest.mark.parametrize(
+    "part,says",
+    [
+        ({"type": "image_url", "image_url": {"url": "http://127.0.0.1/x.png"}}, "type 'image_url' are not supported"),
+        ({"type": "text"}, "needs its 'text' string"),
+    ],
+)
+def test_a_content_part_folio_cannot_serve_is_named(server, model, part, says):
+    body = {"model": model, "messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}, part]}]}
+    r = httpx.post(server.base_url + "/v1/chat/completions", timeout=60, json=body)
+    assert r.status_code == 400, r.text
+    assert says in r.json()["error"]["message"]
+
+
 def test_serves_after_bad_requests_and_ignores_unknown_fields(server, model):
     r = httpx.post(
         server.base_url + "/v1/completions",
