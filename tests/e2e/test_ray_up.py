@@ -65,7 +65,10 @@ def _derive_config(path: str, key: str) -> dict:
     config["auth"] = {"ssh_user": "root", "ssh_private_key": key}
 
     def cpu(cmd: str) -> str:
-        cmd = cmd.replace("--device cuda", "--device cpu").replace("--max-replicas 3", "--max-replicas 1")
+        cmd = cmd.replace("--max-replicas 3", "--max-replicas 1")
+        # Exact kernels, as the reference answers are computed: the default CPU kernels'
+        # wide-batch path rounds differently, so a near-tie can follow how prompts batched.
+        cmd = cmd.replace("--device cuda", "--device cpu --kernels reference")
         if "pip install -e" in cmd:  # the CPU build of torch, as .ci/setup installs it
             cmd = cmd.replace("pip install -e ~/folio", "pip install -c ~/folio/.ci/constraints-cpu.txt -e ~/folio")
         return cmd
