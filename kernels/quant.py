@@ -196,6 +196,11 @@ class QuantizedWeight(nn.Module):
         self.register_buffer("scale", t.scale.to(device=device, dtype=dtype).contiguous())
         self.register_buffer("zero", t.zero.to(device=device, dtype=dtype).contiguous())
 
+    @property
+    def rounds_to_bf16(self) -> bool:
+        """torch's int4 kernel returns bfloat16: in a wider compute dtype its output is rounded."""
+        return self.int4pack is not None and self.dtype != torch.bfloat16
+
     def unpacked_codes(self, rows: Optional[torch.Tensor | slice] = None) -> torch.Tensor:
         """uint8 [n, K], one code per byte (all rows, or those rows selects)."""
         codes = _select_rows(self.codes, rows)

@@ -180,8 +180,8 @@ def load_draft(path: str, target_path: str, dtype: torch.dtype, device: torch.de
     A draft is there to be cheap, and its precision cannot change the output (every
     draft is verified exactly): a quantized draft keeps its weights quantized wherever a
     kernel pays (quantization "auto"), whatever the target does, and on CPU runs in
-    bfloat16 even beside a float32 target, since torch's CPU kernels for quantized
-    weights want bfloat16 activations."""
+    bfloat16 even beside a float32 target: torch's CPU int4 kernel multiplies bfloat16
+    anyway, and its attention and KV pool cost half the bytes."""
     from folio.worker.loader import load_model, load_model_config, quantization_scheme
 
     why = tokenizer_mismatch(target_path, path)

@@ -254,6 +254,8 @@ class VocabParallelEmbedding(nn.Module):
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[N, hidden] -> [N, vocab] fp32 on every rank."""
         local = _linear(hidden, self.weight).float()
+        if isinstance(self.weight, PackedWeight) and self.weight.rounds_to_bf16():
+            _exact_top_logits(self.weight, hidden, local)
         return self.tp.all_gather_last(local)[:, : self.vocab_size]
 
     def load(self, part: int, kind: str, tensor: torch.Tensor | QuantizedTensor) -> None:
@@ -264,6 +266,29 @@ class VocabParallelEmbedding(nn.Module):
         if self.num_real_rows < self.rows:
             self.weight.data[self.num_real_rows :].zero_()
         _copy_slice(self.weight.data[: self.num_real_rows], tensor, 0, self.vocab_size, self.start, self.num_real_rows)
+
+
+# Logits recomputed in float32 per row where the int4 kernel rounded them to bfloat16:
+# more than any request's top logprobs (router/limits.py MAX_LOGPROBS).
+EXACT_TOP_LOGITS = 32
+EXACT_TOP_CHUNK_ROWS = 64  # rows of logits refined at once: dequantized rows are rows x 32 x hidden
+
+
+def _exact_top_logits(weight: "PackedWeight", hidden: torch.Tensor, logits: torch.Tensor) -> None:
+    """The EXACT_TOP_LOGITS largest logits of each row, recomputed in float32 from the
+    dequantized weight rows (in place). In a float32 model torch's int4 kernel still
+    rounds its output to bfloat16: a logit of 20 lands on a grid of 0.125, the top
+    two tie exactly at about one token in thirty, and a difference of 1e-7 elsewhere
+    in the step decides the tie. Recomputed, greedy picks and reported logprobs are
+    those of the float32 hidden state; the rest of the distribution keeps the
+    kernel's rounding, which moves a probability by well under 1%."""
+    k = min(EXACT_TOP_LOGITS, logits.shape[-1])
+    for start in range(0, logits.shape[0], EXACT_TOP_CHUNK_ROWS):
+        part = logits[start : start + EXACT_TOP_CHUNK_ROWS]
+        top = part.topk(k, dim=-1).indices  # [n, k]
+        rows = weight.rows(top.reshape(-1)).float().view(*top.shape, -1)  # [n, k, hidden]
+        h = hidden[start : start + EXACT_TOP_CHUNK_ROWS].float().unsqueeze(-1)  # [n, hidden, 1]
+        part.scatter_(1, top, torch.bmm(rows, h).squeeze(-1))
 
 
 class PackedWeight(nn.Module):
@@ -315,6 +340,10 @@ class PackedWeight(nn.Module):
         """Embedding rows [len(ids), K] (a one-part weight built with gather=True)."""
         (run,) = self.runs
         return run.dequantize(ids) if isinstance(run, QuantizedWeight) else F.embedding(ids, run.weight)
+
+    def rounds_to_bf16(self) -> bool:
+        """Whether a matmul rounds its output to bfloat16 below the compute dtype."""
+        return any(isinstance(r, QuantizedWeight) and r.rounds_to_bf16 for r in self.runs)
 
 
 def _stackable(a: torch.Tensor | QuantizedTensor, b: torch.Tensor | QuantizedTensor) -> bool:

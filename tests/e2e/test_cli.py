@@ -98,6 +98,7 @@ def test_bench_spec_compares_plain_and_speculative_decoding(tmp_path):
     rows = json.loads(report.read_text())["rows"]
     assert [(r["workload"], r["concurrency"]) for r in rows] == [("copy", 1), ("copy", 2)]
     assert all(r["plain_tok_s"] > 0 and r["spec_tok_s"] > 0 for r in rows)
+    assert all(0 <= r["same_outputs"] <= r["outputs"] == r["concurrency"] for r in rows)
     copy = rows[0]
     assert copy["acceptance"] > 0.5 and copy["tokens_per_step"] > 1.5, "copying should accept drafts"
     assert "ratio" in res.stdout

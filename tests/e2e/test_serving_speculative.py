@@ -41,7 +41,9 @@ def test_two_rank_replica_verifies_drafts(tiny_model):
 
 
 # ngram: prompt lookup. model: the bundled SmolLM2 GGUF drafting for itself, the
-# target dense float32, the draft its 4-bit weights in bfloat16 on the first worker.
+# draft its 4-bit weights in bfloat16 on the first worker. The target runs on exact
+# kernels, as the plain engine does: the default CPU kernels round matmul inputs to
+# bf16, where a verification's attention, 1e-7 off a decode's, can flip a near-tie.
 @pytest.fixture(scope="module", params=["ngram", "model"])
 def spec_server(request, smollm2):
     import ray
@@ -62,6 +64,7 @@ def spec_server(request, smollm2):
         num_speculative_tokens=5,
         speculative_model=draft,
         cpus_per_worker=WORKER_THREADS,
+        kernels="reference",
     )
     with serve_in_background(cfg) as bg:
         yield bg
@@ -74,7 +77,7 @@ SEEDED = SamplingParams(temperature=0.8, seed=5, max_tokens=30, logprobs=1)
 @pytest.fixture(scope="module")
 def plain():
     """The texts of the engine that does not speculate, in this process: once for both kinds of drafts."""
-    llm = reference_llm()
+    llm = reference_llm(kernels="reference")
     prompt = llm.chat_token_ids([{"role": "user", "content": COPY}])
     return [llm.generate([prompt], params)[0].outputs[0].text for params in (GREEDY, SEEDED)]
 

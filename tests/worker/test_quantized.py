@@ -124,6 +124,28 @@ def test_embedding_rows_dequantize_exactly():
     assert torch.equal(w.dequantize(ids), t.dequantize()[ids])
 
 
+@pytest.mark.parametrize("bits", [4, 8])
+def test_a_float32_models_top_logits_are_float32_where_the_int4_kernel_rounds(bits):
+    """In a float32 model torch's int4 kernel still returns bf16 logits (a grid of
+    0.125 at 20, where the top two often tie); each row's top EXACT_TOP_LOGITS are
+    recomputed from the dequantized rows, the rest keep the kernel's rounding."""
+    from folio.worker.parallel import EXACT_TOP_LOGITS, VocabParallelEmbedding
+
+    vocab, hidden, rows = 512, 256, 70  # 70 rows: more than one refined chunk
+    t = _random(bits, 32, n=vocab, k=hidden)
+    head = VocabParallelEmbedding(vocab, hidden, TPGroup(), torch.float32, "cpu", CPU_OPS)
+    head.load(0, "weight", t)
+    assert head.weight.rounds_to_bf16()
+    h = torch.randn(rows, hidden, generator=torch.Generator().manual_seed(1)) * 40
+    got = head.logits(h)
+    want = h.double() @ t.dequantize().double().T
+    top = head.weight(h).float().topk(EXACT_TOP_LOGITS, dim=-1).indices  # the kernel's top
+    torch.testing.assert_close(got.gather(1, top).double(), want.gather(1, top), rtol=1e-5, atol=1e-4)
+    assert torch.equal(got.argmax(-1), want.argmax(-1))
+    rest = torch.ones_like(got, dtype=torch.bool).scatter_(1, top, False)
+    assert torch.equal(got[rest], head.weight(h).float()[rest])  # elsewhere the kernel's bf16
+
+
 def test_tensor_parallel_column_cuts_keep_whole_groups():
     t = _random(4, 32)
     right = t.columns(128, 128)

@@ -2,10 +2,10 @@
 
 Drafts come from n-gram prompt lookup (`--drafts ngram`, the default) or from a
 draft model (`--drafts model`): `--speculative-model PATH`, by default the
-target's own file. For the bundled GGUF on CPU that is a quantized self-draft:
-the target serves dense float32 weights (the CPU default) while the draft keeps
-the 4-bit ones and runs in bfloat16 (worker/drafter.py load_draft): cheaper per
-token and nearly always right.
+target's own file. For the bundled GGUF on CPU that is a quantized self-draft
+in bfloat16 (worker/drafter.py load_draft): nearly always right, but no cheaper
+per token than the target since the CPU default keeps the target's 4-bit weights
+too; it shows what a draft of the target's own size costs.
 
 Two workloads on the same model, greedy, each run with speculation off (the
 baseline) and on, in this process:
@@ -18,8 +18,12 @@ Each workload runs at each `--concurrency` (requests generated together; 1 is
 single-stream latency). Speculation is not paused in large batches here
 (--speculative-max-batch defaults high), so the table shows where it stops
 paying, which is what --speculative-max-batch should be set below.
-Greedy outputs are identical with and without speculation (tests/cluster/test_speculative*.py);
-the benchmark checks that too.
+Greedy outputs are identical with and without speculation in exact arithmetic
+(tests/cluster/test_speculative*.py). The benchmark counts the outputs that are,
+and with `--kernels reference` requires all of them to be. The default CPU
+kernels round each matmul's input to bfloat16, so a verification's attention,
+which torch's SDPA rounds differently from a single-row decode's (by about 1e-7),
+can flip a near-tie, after which a greedy continuation differs.
 """
 
 from __future__ import annotations
@@ -84,7 +88,7 @@ def main(args: argparse.Namespace) -> dict:
     rows = []
     print(
         f"{'workload':10s} {'streams':>7s} {'plain tok/s':>12s} {'spec tok/s':>11s} {'ratio':>6s} "
-        f"{'accepted':>9s} {'tokens/step':>12s}"
+        f"{'accepted':>9s} {'tokens/step':>12s} {'same outputs':>13s}"
     )
     for name, texts in workloads().items():
         if args.workload not in ("all", name):
@@ -106,13 +110,17 @@ def main(args: argparse.Namespace) -> dict:
                     accepted=after.num_accepted_tokens - before.num_accepted_tokens,
                 )
             baseline, spec = figures[0], figures[k]
-            assert baseline["outputs"] == spec["outputs"], "speculation changed greedy outputs"
+            same = sum(a == b for a, b in zip(baseline["outputs"], spec["outputs"], strict=True))
+            if options.get("kernels") == "reference":
+                assert same == len(prompts), "speculation changed greedy outputs on exact kernels"
             row = {
                 "workload": name,
                 "concurrency": streams,
                 "plain_tok_s": baseline["tokens"] / baseline["seconds"],
                 "spec_tok_s": spec["tokens"] / spec["seconds"],
                 "acceptance": spec["accepted"] / spec["drafts"] if spec["drafts"] else 0.0,
+                "same_outputs": same,
+                "outputs": len(prompts),
             }
             row["ratio"] = row["spec_tok_s"] / row["plain_tok_s"]
             # Each sampling of a request yields one token plus the drafts it accepted.
@@ -120,7 +128,8 @@ def main(args: argparse.Namespace) -> dict:
             rows.append(row)
             print(
                 f"{name:10s} {streams:7d} {row['plain_tok_s']:12.1f} {row['spec_tok_s']:11.1f} "
-                f"{row['ratio']:5.2f}x {row['acceptance']:9.2f} {row['tokens_per_step']:12.2f}",
+                f"{row['ratio']:5.2f}x {row['acceptance']:9.2f} {row['tokens_per_step']:12.2f} "
+                f"{f'{same}/{len(prompts)}':>13s}",
                 flush=True,
             )
     if args.json:
