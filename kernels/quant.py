@@ -186,7 +186,7 @@ class QuantizedWeight(nn.Module):
         self.register_buffer("int4pack", None)
         self.register_buffer("int4pack_sz", None)
         self.int4pack_terms = 0
-        if torch.device(device).type == "cpu" and dtype in int4pack_dtypes and int4pack_fits(t):
+        if torch.device(device).type == "cpu" and dtype in int4pack_dtypes and int4pack_fits(t.group, t.shape[0]):
             self._pack_int4(t)
         codes = t.codes
         if t.bits == 4:
@@ -283,11 +283,11 @@ class QuantizedWeight(nn.Module):
         return f"{self.out_features}x{self.in_features}, {self.bits} bits, group {self.group}, {kernel}"
 
 
-def int4pack_fits(t: QuantizedTensor) -> bool:
-    """Whether torch's CPU int4 kernel takes this weight: its groups and 16-row multiples.
+def int4pack_fits(group: int, rows: int) -> bool:
+    """Whether torch's CPU int4 kernel takes a weight of these groups and rows: its group sizes, 16-row multiples.
     (The kernel is vectorised for bfloat16 activations only, fp32 and fp16 taking a
     scalar loop 15-100x slower than a dense matmul: int4pack_matmul rounds x to bf16.)"""
-    return t.group in INT4PACK_GROUPS and t.shape[0] % 16 == 0
+    return group in INT4PACK_GROUPS and rows % 16 == 0
 
 
 @functools.cache

@@ -29,7 +29,7 @@ import torch
 from gguf import GGMLQuantizationType
 from gguf.quants import dequantize
 
-from folio.kernels.quant import INT4PACK_GROUPS, QuantizedTensor, map_rows
+from folio.kernels.quant import QuantizedTensor, int4pack_fits, map_rows
 from folio.worker.config import ModelConfig
 from folio.worker.gguf_config import gguf_config
 from folio.worker.gguf_file import GGUFFile, read_gguf
@@ -104,13 +104,14 @@ def gguf_quantized(reader: GGUFFile) -> bool:
 
 def gguf_fits_int4pack(reader: GGUFFile) -> bool:
     """Whether torch's CPU int4 kernel takes every quantized weight of the file kept
-    quantized (kernels/quant.py INT4PACK_GROUPS, rows in 16s). A Q4_K_M file's Q6_K
+    quantized (kernels/quant.py int4pack_fits). A Q4_K_M file's Q6_K
     tensors (16 inputs per scale) do not: kept in bfloat16 they would be dequantized
     at every call."""
     plain = (GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16)
     quantized = [t for t in reader.tensors if t.tensor_type not in plain]
+    # gguf-py's shapes list the input features first.
     return bool(quantized) and all(
-        block_group(t.tensor_type) in INT4PACK_GROUPS and len(t.shape) == 2 and t.shape[1] % 16 == 0 for t in quantized
+        len(t.shape) == 2 and int4pack_fits(block_group(t.tensor_type), t.shape[1]) for t in quantized
     )
 
 

@@ -278,7 +278,7 @@ def _exact_top_logits(weight: "PackedWeight", hidden: torch.Tensor, logits: torc
     """The EXACT_TOP_LOGITS largest logits of each row, recomputed in float32 from the
     dequantized weight rows (in place). In a float32 model torch's int4 kernel still
     rounds its output to bfloat16: a logit of 20 lands on a grid of 0.125, the top
-    two tie exactly at about one token in thirty, and a difference of 1e-7 elsewhere
+    two tie exactly at about one position in twenty, and a difference of 1e-7 elsewhere
     in the step decides the tie. Recomputed, greedy picks and reported logprobs are
     those of the float32 hidden state; the rest of the distribution keeps the
     kernel's rounding, which moves a probability by well under 1%."""
