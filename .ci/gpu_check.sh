@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
-# The whole GPU check of folio, in one call on a GPU machine (never timed on one yet):
+# The whole GPU check of folio, in one call on a GPU machine (about 8 minutes on an H200):
 #   install  the wheels carried in $WHEELS (default .whl; absent is fine);
 #   tests    tests/kernels/test_gpu.py (each kernel in bf16/fp16 at serving sizes against
 #            its reference) and tests/kernels/test_gpu_model.py (whole models on the
 #            Triton kernels against transformers on the same GPU);
 #   kernels  the kernel benchmark (cluster/entrypoints/bench/kernels.py: decode vs SDPA, prefill TFLOP/s,
 #            quantized matmul vs dequantize+linear and dense, fused MoE vs the per-expert loop,
-#            decode config sweep);
+#            launch-config sweeps of decode, prefill and quantized matmul);
 #   throughput  `folio bench throughput` on a Llama-3.2-1B-shaped random-weight model,
 #            bf16: folio against transformers generate() on the same GPU.
 # Results under $OUT: env.txt, gpu_tests.log, gpu_tests.xml, bench.log, kernel_bench.json,
@@ -20,8 +20,12 @@
 # (Python 3.12, x86-64; pass NAME==VERSION for each, dependencies included):
 #   bash .ci/gpu_check.sh fetch NAME==VERSION ...
 #
-# Everything here needs only torch, triton, transformers, safetensors, numpy, tqdm and
-# pytest, which the GPU image has (gguf, ray and the HTTP stack are not imported).
+# Everything here needs torch, triton, transformers, safetensors, numpy, tqdm and pytest,
+# which the GPU image has, and pydantic (folio.router.errors, which the LLM entry point
+# raises), which it lacks: before the call, fetch it into .whl and carry .whl:
+#   bash .ci/gpu_check.sh fetch pydantic==2.14.4 pydantic_core==2.50.5 annotated-types==0.8.0 \
+#       typing-inspection==0.4.5 typing_extensions==4.16.0
+# (gguf, ray and the HTTP server are not imported.)
 set -u
 cd "$(dirname "$0")/.."
 WHEELS=${WHEELS:-.whl}
@@ -65,27 +69,42 @@ export PYTHONPATH=/tmp/folio-src:$PWD${PYTHONPATH:+:$PYTHONPATH}
 cat "$OUT/env.txt"
 
 
+if wants throughput; then
+    # Built on the CPU while the tests run: writing ~2.5 GB of random weights takes a while.
+    (timeout 150 "$PY" -c 'from tests.model_fixtures import make_gpu_model
+print(make_gpu_model("llama3-gqa4", "/tmp/folio-models", num_layers=16))' > /tmp/throughput-model 2> /tmp/throughput-model.err) &
+    model_pid=$!
+fi
+
 if wants tests; then
     # --confcutdir keeps conftests outside tests/kernels (and their imports) out of this run.
-    timeout 270 "$PY" -m pytest tests/kernels/test_gpu.py tests/kernels/test_gpu_model.py tests/kernels/test_gpu_kv_pool.py \
+    # Kernel and model tests in 4 processes (compiles dominate); the KV-pool tests size the
+    # pool from the device's free memory, so they run alone afterwards.
+    par=$("$PY" -c "import xdist" 2>/dev/null && echo "-n 4")
+    timeout 180 "$PY" -m pytest tests/kernels/test_gpu.py tests/kernels/test_gpu_model.py $par \
         --confcutdir=tests/kernels -p no:cacheprovider -q -rfE --durations=10 \
         --junitxml="$OUT/gpu_tests.xml" 2>&1 | tee "$OUT/gpu_tests.log"
+    [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+    timeout 50 "$PY" -m pytest tests/kernels/test_gpu_kv_pool.py \
+        --confcutdir=tests/kernels -p no:cacheprovider -q -rfE 2>&1 | tee -a "$OUT/gpu_tests.log"
     [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 fi
 
 if wants kernels; then
-    timeout 180 "$PY" -c "from folio.cluster.entrypoints.bench.kernels import run_kernel_bench; run_kernel_bench('$OUT')" \
+    # KERNEL_SECTIONS picks sections (default all: decode prefill quant moe sweep).
+    timeout "${KERNEL_TIMEOUT:-120}" "$PY" -m folio.cluster.entrypoints.cli bench kernels --out "$OUT" \
+        ${KERNEL_SECTIONS:+--sections $KERNEL_SECTIONS} \
         2>&1 | tee "$OUT/bench.log"
     [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 fi
 
 if wants throughput; then
+    wait "$model_pid"; made=$?          # here, not in the pipeline's subshell, whose child it is not
     {
-        model=$(timeout 90 "$PY" -c 'from tests.model_fixtures import make_gpu_model
-print(make_gpu_model("llama3-gqa4", "/tmp/folio-models", num_layers=16))') &&
-        timeout 150 "$PY" -m folio.cluster.entrypoints.cli bench throughput --model "$model" --device cuda \
+        { [ $made -eq 0 ] || { cat /tmp/throughput-model.err; false; }; } && model=$(cat /tmp/throughput-model) &&
+        timeout 140 "$PY" -m folio.cluster.entrypoints.cli bench throughput --model "$model" --device cuda \
             --dtype bfloat16 --kv-cache-memory 16GiB --max-num-seqs 128 --max-num-batched-tokens 2048 \
-            --json "$OUT/throughput.json"
+            --num-requests 128 --json "$OUT/throughput.json"
     } 2>&1 | grep -v ' INFO ' | tee "$OUT/throughput.log"
     [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 fi

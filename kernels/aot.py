@@ -179,7 +179,7 @@ def variants(head_dims=HEAD_DIMS, block_sizes=BLOCK_SIZES, dtypes=DTYPES, norm_s
             Variant(f"silu_and_mul {dt}", norm_rope_act._silu_and_mul_kernel, dt, dict(BLOCK=norm_rope_act.SILU_BLOCK))
         )
         for bits, group, tokens in QUANT_CASES + (QUANT_EXTRA_CASES if i == 0 else ()):
-            cfg = quant_matmul.quant_matmul_config(tokens, tdt)
+            cfg = quant_matmul.quant_matmul_config(tokens, tdt, bits)
             # bias on the 8-bit variants, so that the epilogue with bias compiles too
             constexprs = quant_matmul.kernel_constexprs(bits, group, QUANT_IN_FEATURES, tdt, cfg, has_bias=bits == 8)
             out.append(

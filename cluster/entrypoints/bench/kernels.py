@@ -16,14 +16,15 @@ a prefill chunk, against the reference path (dequantize the weight, then
 F.linear) and against a dense F.linear of the same shape; reported with the
 weight bytes read per second (the bound at decode) and TFLOP/s. Fused MoE
 (moe_kernels.py): kernels/fused_moe.py against the per-expert loop on Mixtral
-and Qwen3-MoE layers. A short sweep of decode configs closes the run, for
-tuning decode_config on the GPU at hand.
+and Qwen3-MoE layers. A sweep of decode, prefill and quantized-matmul launch
+configs closes the run (kernel_sweep.py), for tuning the heuristics on the GPU
+at hand.
 
-Times are device times of CUDA-graph replays (triton.testing.do_bench_cudagraph),
-which is how the model runner launches decode: launch overhead is excluded
-(except in the MoE section, whose docstring says why).
+Times are device times of CUDA-graph replays (triton.testing.do_bench_cudagraph):
+the kernels' own cost, launch overhead excluded (the MoE section times both, its
+docstring says why). The model runner still launches each op from Python.
 
-    folio bench kernels [--out DIR] [--peak-tbps 3.35]
+    folio bench kernels [--out DIR] [--peak-tbps 3.35] [--sections decode prefill quant moe sweep]
 """
 
 from __future__ import annotations
@@ -37,33 +38,34 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
+from folio.cluster.entrypoints.bench.gpu_layer import (
+    BLOCK,
+    DTYPE,
+    HEAD_DIM,
+    HKV,
+    HQ,
+    QUANT_SHAPES,
+    paged_pool,
+    random_quantized_weight,
+    step_metadata,
+    time_ms,
+)
+from folio.cluster.entrypoints.bench.kernel_sweep import format_sweep, sweep_rows
 from folio.cluster.entrypoints.bench.moe_kernels import format_moe, moe_rows
-from folio.kernels.metadata import AttentionMetadata
-from folio.kernels.paged_decode import DecodeConfig, decode_config, num_splits_for, paged_decode_attention
+from folio.kernels.paged_decode import decode_config, num_splits_for, paged_decode_attention
 from folio.kernels.paged_prefill import paged_prefill_attention
-from folio.kernels.quant import QuantizedTensor, QuantizedWeight, dequantized_linear
+from folio.kernels.quant import dequantized_linear
 from folio.kernels.quant_matmul import quantized_linear
 
 PEAK_TBPS = (("H200", 4.8), ("H100 PCIe", 2.0), ("H100", 3.35))  # first match in the device name wins
-HQ, HKV, HEAD_DIM, BLOCK = 32, 8, 128, 16
-DTYPE = torch.bfloat16
 DECODE_BATCHES = (1, 4, 16, 64, 256)
 DECODE_CONTEXTS = (512, 2048, 8192, 32768)
 MAX_DECODE_TOKENS = 1 << 21  # batch x context cap: pool + contiguous copy stay under ~25 GB
 PREFILL_CASES = ((1, 2048), (1, 8192), (4, 4096), (1, 16384))  # (batch, prompt length)
 CHUNK_CASE = (2048, 14336)  # (chunk length, cached prefix)
-QUANT_SHAPES = ((28672, 4096), (4096, 14336))  # (N, K): gate_up (wide), down (long K, few N tiles)
 QUANT_TOKENS = (1, 16, 2048)
 QUANT_BITS = (4, 8)
-QUANT_GROUP = 128
-SWEEP_SHAPES = ((1, 32768), (64, 8192))  # (batch, context) of the decode config sweep
-SWEEP = (
-    DecodeConfig(64, 4, 3),
-    DecodeConfig(64, 4, 4),
-    DecodeConfig(128, 4, 2),
-    DecodeConfig(128, 8, 3),
-    DecodeConfig(32, 4, 4),
-)
+SECTIONS = ("decode", "prefill", "quant", "moe", "sweep")
 
 
 def peak_bandwidth_tbps(device_name: str, override: Optional[float] = None) -> Optional[float]:
@@ -73,15 +75,6 @@ def peak_bandwidth_tbps(device_name: str, override: Optional[float] = None) -> O
     if os.environ.get("FOLIO_PEAK_TBPS"):
         return float(os.environ["FOLIO_PEAK_TBPS"])
     return next((tbps for key, tbps in PEAK_TBPS if key in device_name), None)
-
-
-def _time_ms(fn: Callable[[], object]) -> float:
-    """Median device time of one call, replayed from a CUDA graph."""
-    import triton.testing
-
-    fn()  # compile and cache outside the capture
-    torch.cuda.synchronize()
-    return triton.testing.do_bench_cudagraph(fn, rep=50, return_mode="median")
 
 
 def _sdpa(q, k, v, causal: bool) -> tuple[Callable[[], object], str]:
@@ -104,47 +97,10 @@ def _sdpa(q, k, v, causal: bool) -> tuple[Callable[[], object], str]:
         return (lambda: F.scaled_dot_product_attention(q, ke, ve, is_causal=causal)), "expanded"
 
 
-def _paged_pool(batch: int, seq_len: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """A pool holding batch sequences of seq_len tokens in shuffled blocks;
-    returns (k_cache, v_cache, block_tables [batch, blocks per seq] int32)."""
-    per_seq = -(-seq_len // BLOCK)
-    num_blocks = batch * per_seq + 1
-    k_cache = torch.randn(num_blocks, BLOCK, HKV, HEAD_DIM, device=device, dtype=DTYPE)
-    v_cache = torch.randn_like(k_cache)
-    tables = (torch.randperm(num_blocks - 1, device=device) + 1).view(batch, per_seq).int()
-    return k_cache, v_cache, tables
-
-
 def _contiguous(cache: torch.Tensor, tables: torch.Tensor, seq_len: int) -> torch.Tensor:
     """[B, HKV, seq_len, D]: the same K or V rows, laid out for SDPA."""
     rows = cache[tables.long()].flatten(1, 2)[:, :seq_len]  # [B, S, HKV, D]
     return rows.transpose(1, 2).contiguous()
-
-
-def _meta(query_lens: list[int], context_lens: list[int], tables: torch.Tensor) -> AttentionMetadata:
-    dev = tables.device
-    q = torch.tensor(query_lens, dtype=torch.int32, device=dev)
-    ctx = torch.tensor(context_lens, dtype=torch.int32, device=dev)
-    seq_lens = q + ctx
-    starts = torch.zeros(len(query_lens) + 1, dtype=torch.int32, device=dev)
-    starts[1:] = torch.cumsum(q, 0)
-    slots = torch.cat(
-        [
-            tables[i].long().repeat_interleave(BLOCK)[c : c + n] * BLOCK + torch.arange(c, c + n, device=dev) % BLOCK
-            for i, (n, c) in enumerate(zip(query_lens, context_lens))
-        ]
-    )
-    return AttentionMetadata(
-        query_start_loc=starts,
-        seq_lens=seq_lens,
-        context_lens=ctx,
-        block_tables=tables,
-        slot_mapping=slots,
-        max_query_len=max(query_lens),
-        max_seq_len=int(seq_lens.max()),
-        query_lens_list=tuple(query_lens),
-        seq_lens_list=tuple(int(a + b) for a, b in zip(query_lens, context_lens)),
-    )
 
 
 def _time_against_sdpa(attend: Callable, batch: int, n_new: int, seq_len: int, device) -> tuple[float, float, str]:
@@ -152,14 +108,14 @@ def _time_against_sdpa(attend: Callable, batch: int, n_new: int, seq_len: int, d
     to reach seq_len: `attend` (a paged attention function) on the paged pool,
     then SDPA on the same K/V laid out contiguously. n_new is 1 (decode) or
     seq_len (fresh prompts, causal)."""
-    k_cache, v_cache, tables = _paged_pool(batch, seq_len, device)
-    meta = _meta([n_new] * batch, [seq_len - n_new] * batch, tables)
+    k_cache, v_cache, tables = paged_pool(batch, seq_len, device)
+    meta = step_metadata([n_new] * batch, [seq_len - n_new] * batch, tables)
     q = torch.randn(batch * n_new, HQ, HEAD_DIM, device=device, dtype=DTYPE)
-    ms = _time_ms(lambda: attend(q, k_cache, v_cache, meta, HEAD_DIM**-0.5))
+    ms = time_ms(lambda: attend(q, k_cache, v_cache, meta, HEAD_DIM**-0.5))
     k, v = _contiguous(k_cache, tables, seq_len), _contiguous(v_cache, tables, seq_len)
     k_cache = v_cache = None  # free the pool: only one layout needs to fit at a time
     sdpa, layout = _sdpa(q.view(batch, n_new, HQ, HEAD_DIM).transpose(1, 2), k, v, causal=n_new > 1)
-    return ms, _time_ms(sdpa), layout
+    return ms, time_ms(sdpa), layout
 
 
 def _decode_rows(device, peak: Optional[float], sms: int) -> list[dict]:
@@ -211,22 +167,14 @@ def _prefill_rows(device) -> list[dict]:
         )
         print(_format(rows[-1]), flush=True)
     chunk, prefix = CHUNK_CASE
-    k_cache, v_cache, tables = _paged_pool(1, prefix + chunk, device)
-    meta = _meta([chunk], [prefix], tables)
+    k_cache, v_cache, tables = paged_pool(1, prefix + chunk, device)
+    meta = step_metadata([chunk], [prefix], tables)
     q = torch.randn(chunk, HQ, HEAD_DIM, device=device, dtype=DTYPE)
-    ms = _time_ms(lambda: paged_prefill_attention(q, k_cache, v_cache, meta, HEAD_DIM**-0.5))
+    ms = time_ms(lambda: paged_prefill_attention(q, k_cache, v_cache, meta, HEAD_DIM**-0.5))
     flops = 4 * HQ * HEAD_DIM * chunk * (prefix + (chunk + 1) / 2)
     rows.append(dict(kind="chunked-prefill", batch=1, context=prefix + chunk, ms=ms, tflops=flops / ms / 1e9))
     print(_format(rows[-1]), flush=True)
     return rows
-
-
-def _quant_weight(n: int, k: int, bits: int, device) -> QuantizedWeight:
-    codes = torch.randint(0, 1 << bits, (n, k), dtype=torch.uint8, device=device)
-    unit = 1.0 / ((1 << (bits - 1)) * k**0.5)  # outputs of order 1, as in a model
-    scale = (torch.rand(n, k // QUANT_GROUP, device=device) + 0.5) * unit
-    zero = torch.randn(n, k // QUANT_GROUP, device=device) * unit
-    return QuantizedWeight(QuantizedTensor(codes, scale, zero, bits, QUANT_GROUP), DTYPE, device)
 
 
 def _quant_rows(device, peak: Optional[float]) -> list[dict]:
@@ -234,15 +182,15 @@ def _quant_rows(device, peak: Optional[float]) -> list[dict]:
     for n, k in QUANT_SHAPES:
         dense = torch.randn(n, k, device=device, dtype=DTYPE)
         xs = {t: torch.randn(t, k, device=device, dtype=DTYPE) for t in QUANT_TOKENS}
-        dense_ms = {t: _time_ms(functools.partial(F.linear, xs[t], dense)) for t in QUANT_TOKENS}
+        dense_ms = {t: time_ms(functools.partial(F.linear, xs[t], dense)) for t in QUANT_TOKENS}
         dense = None
         for bits in QUANT_BITS:
-            w = _quant_weight(n, k, bits, device)
+            w = random_quantized_weight(n, k, bits, device)
             weight_bytes = sum(b.numel() * b.element_size() for b in (w.codes, w.scale, w.zero))
             for t in QUANT_TOKENS:
-                ms = _time_ms(functools.partial(quantized_linear, xs[t], w))
+                ms = time_ms(functools.partial(quantized_linear, xs[t], w))
                 gbps = weight_bytes / ms / 1e6
-                deq_ms = _time_ms(functools.partial(dequantized_linear, xs[t], w))
+                deq_ms = time_ms(functools.partial(dequantized_linear, xs[t], w))
                 rows.append(
                     dict(
                         kind=f"quant-w{bits}",
@@ -263,32 +211,6 @@ def _quant_rows(device, peak: Optional[float]) -> list[dict]:
     return rows
 
 
-def _sweep_rows(device, peak: Optional[float]) -> list[dict]:
-    rows = []
-    scale = HEAD_DIM**-0.5
-    for batch, ctx in SWEEP_SHAPES:
-        k_cache, v_cache, tables = _paged_pool(batch, ctx, device)
-        meta = _meta([1] * batch, [ctx - 1] * batch, tables)
-        q = torch.randn(batch, HQ, HEAD_DIM, device=device, dtype=DTYPE)
-        kv_bytes = 2 * batch * ctx * HKV * HEAD_DIM * DTYPE.itemsize
-        for cfg in SWEEP:
-            ms = _time_ms(functools.partial(paged_decode_attention, q, k_cache, v_cache, meta, scale, config=cfg))
-            gbps = kv_bytes / ms / 1e6
-            rows.append(
-                dict(
-                    kind="decode-config",
-                    batch=batch,
-                    context=ctx,
-                    ms=ms,
-                    gbps=gbps,
-                    peak_frac=gbps / (peak * 1e3) if peak else None,
-                    config=f"block_n={cfg.block_n} warps={cfg.num_warps} stages={cfg.num_stages}",
-                )
-            )
-            print(_format(rows[-1]), flush=True)
-    return rows
-
-
 def _format_quant(r: dict) -> str:
     head = f"{r['kind']:<15} tokens {r['tokens']:>4} {r['shape']:>10}  {r['ms'] * 1e3:9.1f} us"
     head += f"  {r['gbps']:7.0f} GB/s"
@@ -303,6 +225,8 @@ def _format(r: dict) -> str:
         return _format_quant(r)
     if r["kind"] == "fused-moe":
         return format_moe(r)
+    if r["kind"].startswith("sweep"):
+        return format_sweep(r)
     head = f"{r['kind']:<15} batch {r['batch']:>3} ctx {r['context']:>6}  {r['ms'] * 1e3:9.1f} us"
     if "gbps" in r:
         head += f"  {r['gbps']:7.0f} GB/s"
@@ -318,8 +242,10 @@ def _format(r: dict) -> str:
     return head
 
 
-def run_kernel_bench(out_dir: Optional[str] = None, peak_tbps: Optional[float] = None) -> list[dict]:
-    """Run every section on the current CUDA device, print one line per
+def run_kernel_bench(
+    out_dir: Optional[str] = None, peak_tbps: Optional[float] = None, sections: tuple[str, ...] = SECTIONS
+) -> list[dict]:
+    """Run the sections on the current CUDA device, print one line per
     measurement, and write kernel_bench.json and kernel_bench.txt to out_dir."""
     if not torch.cuda.is_available():
         from folio.cluster.entrypoints.bench.cpu_attention import run_cpu_attention_bench
@@ -335,14 +261,17 @@ def run_kernel_bench(out_dir: Optional[str] = None, peak_tbps: Optional[float] =
         f"attention {HQ}q/{HKV}kv heads x {HEAD_DIM}, {DTYPE}, blocks of {BLOCK}",
         flush=True,
     )
+    run = {
+        "decode": lambda: _decode_rows(device, peak, props.multi_processor_count),
+        "prefill": lambda: _prefill_rows(device),
+        "quant": lambda: _quant_rows(device, peak),
+        "moe": lambda: moe_rows(device),
+        "sweep": lambda: sweep_rows(device),
+    }
+    rows = []
     with torch.inference_mode():
-        rows = (
-            _decode_rows(device, peak, props.multi_processor_count)
-            + _prefill_rows(device)
-            + _quant_rows(device, peak)
-            + moe_rows(device)
-            + _sweep_rows(device, peak)
-        )
+        for name in sections:
+            rows += run[name]()
     for r in rows:
         r.update(device=props.name, peak_tbps=peak)
     return _write(rows, out_dir, _format)
@@ -368,7 +297,8 @@ HELP = (
 def add_cli_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", help="folder for kernel_bench.json and kernel_bench.txt")
     p.add_argument("--peak-tbps", type=float, help="peak memory bandwidth, TB/s (default: by device name)")
+    p.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS), help="GPU sections to run")
 
 
 def main(args: argparse.Namespace) -> list[dict]:
-    return run_kernel_bench(args.out, args.peak_tbps)
+    return run_kernel_bench(args.out, args.peak_tbps, tuple(args.sections))
