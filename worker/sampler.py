@@ -24,14 +24,11 @@ Per-step cost: Python work is a few list comprehensions over the batch; each sta
 tensor ops over only the rows that need it, so a greedy batch without bias or penalties is one
 argmax (plus a log_softmax over the rows that ask for logprobs).
 
-Grammars: each constrained request owns an xgrammar matcher, advanced by every token recorded
-for it. A preempted request rebuilt with its outputs replays them into a new matcher, and
-verify() samples drafts one position at a time through sample(), so a draft the grammar forbids
-is never accepted and the matcher has only ever seen accepted tokens: there is nothing to roll
-back. Every child of n > 1 is its own request, with its own matcher. A grammar still compiling
-when its request would sample makes ready() report the request as not ready; the model runner
-then leaves it out of that step's sampling (see worker/model_runner.py), so one slow compile
-delays only its own request.
+Grammars (worker/grammar_state.py): each constrained request owns a GrammarState, whose
+matcher masks its logits (step 3b) and accepts every token recorded for it. A grammar still
+compiling when its request would sample makes ready() report the request as not ready; the
+model runner then leaves it out of that step's sampling (see worker/model_runner.py), so one
+slow compile delays only its own request.
 
 Invariants, for every request id held:
   - _Request.num_outputs is the number of output tokens the request has: those passed to
@@ -43,33 +40,20 @@ Invariants, for every request id held:
 
 from __future__ import annotations
 
-import logging
 import time
-from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Any, Callable, NamedTuple, Optional, Sequence
+from typing import Callable, NamedTuple, Optional, Sequence
 
 import torch
 from torch import Tensor
 
 from folio.protos.grammar import GrammarCompiler
 from folio.protos.messages import SamplingParams, TokenLogprob
-
-log = logging.getLogger(__name__)
+from folio.worker.grammar_state import GrammarState, mask_by_grammar
 
 _MASK64 = (1 << 64) - 1
 # prompt_logprobs works through this many positions at a time to bound its [rows, V] temporaries.
 _PROMPT_LOGPROBS_CHUNK = 512
-
-
-class _Ended:
-    """The matcher of a request whose grammar engine failed: it may only end (EOS)."""
-
-    def is_terminated(self) -> bool:
-        return True
-
-
-_ENDED = _Ended()
 
 
 @dataclass
@@ -80,8 +64,7 @@ class _Request:
     min_tokens_ids: list[int]  # banned while num_outputs < params.min_tokens
     bias_ids: list[int]
     bias_values: list[float]
-    matcher: Any = None  # xgrammar.GrammarMatcher of a request with a grammar, once compiled
-    pending: Optional[tuple[Future, tuple[int, ...]]] = None  # its compile, and the outputs to replay
+    grammar: Optional[GrammarState] = None  # a structured-output request's grammar
 
 
 class Proposal(NamedTuple):
@@ -149,11 +132,11 @@ class Sampler:
             if not params.ignore_eos:
                 stops.update(self.eos_token_ids)
             min_tokens_ids = sorted(t for t in stops if 0 <= t < self.vocab_size)
-        pending = None
+        grammar = None
         if params.grammar is not None:
             if self.grammars is None:
                 raise ValueError("this worker has no grammar engine: structured output is not served here")
-            pending = (self.grammars.compile_async(params.grammar), tuple(output_token_ids))
+            grammar = GrammarState(self.grammars.compile_async(params.grammar), output_token_ids)
             self._pending.add(request_id)
         slot = -1
         if params.needs_penalties:
@@ -169,7 +152,7 @@ class Sampler:
             min_tokens_ids=min_tokens_ids,
             bias_ids=[int(t) for t in params.logit_bias],
             bias_values=[float(b) for b in params.logit_bias.values()],
-            pending=pending,
+            grammar=grammar,
         )
 
     def ready(self, request_ids: Sequence[str], wait_s: float = 0.0) -> tuple[set[str], dict[str, str]]:
@@ -189,35 +172,16 @@ class Sampler:
         for rid in request_ids:
             if rid not in self._pending:
                 continue
-            r = self._requests[rid]
-            future, outputs = r.pending
             try:
-                compiled = future.result(timeout=max(0.0, deadline - time.monotonic()))
-            except TimeoutError:
-                compiling.add(rid)
-                continue
+                if not self._requests[rid].grammar.finish_compile(deadline - time.monotonic()):
+                    compiling.add(rid)
+                    continue
             except ValueError as e:
                 failed[rid] = str(e)
                 self.remove_request(rid)
                 continue
             self._pending.discard(rid)
-            try:
-                r.matcher = self._matcher(compiled, outputs)
-                r.pending = None
-            except ValueError as e:
-                failed[rid] = str(e)
-                self.remove_request(rid)
         return compiling, failed
-
-    @staticmethod
-    def _matcher(compiled, output_token_ids: Sequence[int]):
-        import xgrammar
-
-        matcher = xgrammar.GrammarMatcher(compiled)
-        for t in output_token_ids:
-            if not matcher.accept_token(int(t)):
-                raise ValueError("the tokens already generated do not fit the request's grammar")
-        return matcher
 
     def remove_request(self, request_id: str) -> None:
         """Forget a request (finished, aborted, or preempted). Unknown ids are ignored."""
@@ -366,38 +330,10 @@ class Sampler:
         if penalty_rows:
             penalized = [requests[i] for i in penalty_rows]
             x = _map_rows(x, penalty_rows, lambda rows: self._penalize(rows, penalized))
-        grammar_rows = [i for i, r in enumerate(requests) if r.matcher is not None]
+        grammar_rows = [i for i, r in enumerate(requests) if r.grammar is not None]
         if grammar_rows:
-            x = self._mask_by_grammar(x.clone() if x is logits else x, grammar_rows, requests)
-        return x
-
-    def _mask_by_grammar(self, x: Tensor, rows: list[int], requests: list[_Request]) -> Tensor:
-        """Step 3b, in place on x [N, V] (a copy of the logits): -inf where a row's grammar
-        forbids the token."""
-        import xgrammar
-
-        bitmask = xgrammar.allocate_token_bitmask(x.shape[0], self.vocab_size)
-        masked, ended = [], []
-        for i in rows:
-            m = requests[i].matcher
-            try:
-                if not m.is_terminated():
-                    m.fill_next_token_bitmask(bitmask, i)
-                    masked.append(i)
-                    continue
-            except RuntimeError:  # the engine's own failure fails this request alone, below
-                log.exception("grammar mask failed; the request ends")
-                requests[i].matcher = _ENDED
-            ended.append(i)
-        if masked:
-            xgrammar.apply_token_bitmask_inplace(x, bitmask.to(x.device), indices=masked)
-        if ended:
-            # A complete grammar allows only EOS. The head may have scheduled one more
-            # step before it saw the EOS that completed it; that step's token is dropped.
-            ended_rows = self._long(ended)
-            x[ended_rows] = float("-inf")
-            if self.eos_token_ids:
-                x[ended_rows[:, None], self._long(self.eos_token_ids[:1])] = 0.0
+            states = [requests[i].grammar for i in grammar_rows]
+            x = mask_by_grammar(x.clone() if x is logits else x, grammar_rows, states, self.eos_token_ids)
         return x
 
     def _penalize(self, x: Tensor, requests: list[_Request]) -> Tensor:
@@ -549,16 +485,11 @@ class Sampler:
             self._seen[slots, sampled] = True
         for r in requests:
             r.num_outputs += 1
-        if not any(r.matcher is not None for r in requests):
+        if not any(r.grammar is not None for r in requests):
             return
         for r, token in zip(requests, tokens.tolist()):
-            # The mask allowed only tokens the grammar accepts, so this fails only for a row
-            # the mask left empty (a grammar with a dead end): the request then goes on
-            # with its matcher where it was, and its output no longer fits the grammar.
-            if r.matcher is None or r.matcher.is_terminated():
-                continue
-            if not r.matcher.accept_token(token):
-                log.warning("a sampled token does not fit its request's grammar: %d", token)
+            if r.grammar is not None:
+                r.grammar.accept(token)
 
     # ------------------------------------------------------------------ small tensor helpers
 

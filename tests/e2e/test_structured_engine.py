@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from folio.cluster.entrypoints.llm import LLM
 from folio.protos.grammar import Grammar
 from folio.protos.messages import SamplingParams
-from folio.worker.sampler import Sampler
+from folio.worker import grammar_state
 from tests.hf_reference import drain_engine
 
 pytestmark = pytest.mark.slow
@@ -186,13 +186,13 @@ def tight(smollm2):
 @pytest.fixture
 def replays(monkeypatch) -> list[int]:
     """How many output tokens each grammar matcher built from now on replayed (the real ones are built)."""
-    seen, build = [], Sampler._matcher
+    seen, build = [], grammar_state.build_matcher
 
     def spy(compiled, output_token_ids):
         seen.append(len(output_token_ids))
         return build(compiled, output_token_ids)
 
-    monkeypatch.setattr(Sampler, "_matcher", staticmethod(spy))
+    monkeypatch.setattr(grammar_state, "build_matcher", spy)
     return seen
 
 

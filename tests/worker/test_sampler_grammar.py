@@ -135,3 +135,20 @@ def test_params_that_would_forbid_the_grammars_end_are_refused():
         SamplingParams(grammar=CHOICE, min_tokens=2)
     with pytest.raises(ValueError, match="grammar kind"):
         Grammar("yaml", "")
+
+
+def test_a_grammar_engine_failure_ends_that_request_alone(sampler, tok, monkeypatch):
+    _add(sampler, "broken", SamplingParams(temperature=0.0, grammar=CHOICE))
+    _add(sampler, "fine", SamplingParams(temperature=0.0, grammar=CHOICE))
+    matcher = sampler._requests["broken"].grammar.matcher
+
+    def fail(*args):
+        raise RuntimeError("engine failure")
+
+    monkeypatch.setattr(matcher, "fill_next_token_bitmask", fail)
+    maybe = _ids(tok, "maybe")[0]
+    (broken, _), (fine, _) = sampler.sample(_favouring(maybe, maybe, rows=2), ["broken", "fine"])
+    assert broken == EOS  # the failed request may only end
+    assert tok.decode([fine]) in ("yes", "no", "y", "n")  # the other still follows its grammar
+    ((again, _),) = sampler.sample(_favouring(maybe), ["broken"])
+    assert again == EOS
