@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The whole GPU check of folio, in one call on a GPU machine (about 8 minutes on an H200):
+# The whole GPU check of folio, in one call on a GPU machine (about 5 minutes on an H200):
 #   install  the wheels carried in $WHEELS (default .whl; absent is fine);
 #   tests    tests/kernels/test_gpu.py (each kernel in bf16/fp16 at serving sizes against
 #            its reference) and tests/kernels/test_gpu_model.py (whole models on the

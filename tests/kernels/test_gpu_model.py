@@ -6,7 +6,8 @@ dims 64 and 128, GQA 4 to 7, a sliding window shorter than the prompts,
 llama3 rope scaling, q/k/v biases), prompts up to 2.5k tokens with a shared
 prefix, chunked prefill and long decode rows that take the split-K kernel.
 
-- fp32: transformers' exact greedy tokens, logprobs within 2e-3.
+- fp32: transformers' exact greedy tokens, logprobs within 2e-3; also for a GPTQ
+  checkpoint kept quantized (the Triton matmul), against the dense weights it represents.
 - bf16 and fp16: two correct implementations break near-ties differently and
   then diverge, so transformers is teacher-forced on folio's output instead
   (tests/hf_reference.half_precision_errors): every folio token must be in
@@ -47,7 +48,7 @@ def _prompts(seed: str) -> list[list[int]]:
     return prompts
 
 
-def _run(path: str, dtype: torch.dtype, prompts: list[list[int]], speculate: int = 0):
+def _run(path: str, dtype: torch.dtype, prompts: list[list[int]], speculate: int = 0, quantization: str = "auto"):
     from folio.cluster.entrypoints.llm import LLM
     from folio.protos.messages import SamplingParams
 
@@ -61,6 +62,7 @@ def _run(path: str, dtype: torch.dtype, prompts: list[list[int]], speculate: int
         device="cuda",
         num_speculative_tokens=speculate,
         prompt_lookup_min=1,
+        quantization=quantization,
         tokenizer=False,
     )
     assert llm.worker.model.ops.name == "triton"
@@ -90,6 +92,20 @@ def test_fp32_greedy_parity_with_speculative_drafts(gpu_models):
     assert_greedy_parity(
         gpu_models[family], prompts, results, NEW_TOKENS, logprob_tol=2e-3, dtype=torch.float32, device="cuda"
     )
+
+
+def test_fp32_greedy_parity_of_a_gptq_checkpoint(gpu_models, tmp_path_factory):
+    """A GPTQ checkpoint (4-bit, groups of 128, act-order) of a serving-sized model, kept
+    quantized on the Triton matmul: transformers' greedy tokens on the dense weights it
+    represents (tests/quant_formats.py packs both)."""
+    from tests import quant_formats as qf
+
+    out = str(tmp_path_factory.mktemp("gptq") / "llama3-gqa4-gptq")
+    options = dict(bits=4, group=128, desc_act=True, sym=False)
+    path, dense = qf.make_packed_checkpoint(gpu_models["llama3-gqa4"], out, "gptq", **options)
+    prompts = _prompts("gptq")
+    results = _run(path, torch.float32, prompts, quantization="gptq")
+    assert_greedy_parity(dense, prompts, results, NEW_TOKENS, logprob_tol=2e-3, dtype=torch.float32, device="cuda")
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])

@@ -33,6 +33,7 @@ biases) add no kernel feature to these.
 
 from __future__ import annotations
 
+import os
 import random
 from collections import Counter
 
@@ -41,7 +42,9 @@ import torch
 
 from folio.cluster.entrypoints.llm import LLM
 from folio.kernels.ops import select_ops
+from folio.kernels.quant import QuantizedWeight
 from folio.protos.messages import SamplingParams
+from folio.worker.parallel import PackedWeight
 from tests.hf_reference import assert_greedy_parity, run_staggered
 from tests.model_fixtures import TINY_VOCAB
 
@@ -100,6 +103,36 @@ def test_tiny_model_on_triton_kernels_matches_transformers(family, tiny_model):
     assert sum(r.num_cached_tokens for r in results) > 0, "the shared prefix was meant to hit the cache"
     assert min(steps["decode-only"], steps["mixed"], steps["prefill after context"]) > 0, steps
     assert_greedy_parity(path, prompts, results, NEW_TOKENS, logprob_tol=1e-4, top_logprobs=True)
+
+
+@pytest.mark.slow
+def test_a_gptq_checkpoint_on_triton_kernels_matches_transformers(tiny_model, model_dir):
+    """Kept-quantized weights through the Triton matmul in the model runner's own
+    launches, the path a GPU serves GPTQ/AWQ/compressed-tensors by: 4-bit groups of 32
+    with act-order, against transformers on the dense weights the checkpoint represents."""
+    from tests import quant_formats as qf
+
+    src = tiny_model("llama", num_layers=2)
+    options = dict(bits=4, group=32, desc_act=True, sym=False)
+    path, dense = qf.make_packed_checkpoint(src, os.path.join(str(model_dir), "gptq-triton"), "gptq", **options)
+    rng = random.Random("triton-gptq")
+    prompts = [[rng.randrange(3, TINY_VOCAB) for _ in range(n)] for n in (5, 34, 3)]
+    llm = LLM(
+        path,
+        block_size=8,
+        num_kv_blocks=16,
+        max_num_seqs=4,
+        max_num_batched_tokens=16,
+        kernels="triton",
+        quantization="gptq",
+        tokenizer=False,
+    )
+    assert llm.worker.model.ops.name == "triton"
+    runs = [r for m in llm.worker.model.modules() if isinstance(m, PackedWeight) for r in m.runs]
+    kept = [r for r in runs if isinstance(r, QuantizedWeight)]
+    assert len(kept) >= 8 and all(r.codes is not None for r in kept), runs  # the Triton kernel reads codes
+    results = run_staggered(llm, prompts, PARAMS, per_step=2)
+    assert_greedy_parity(dense, prompts, results, NEW_TOKENS, logprob_tol=1e-4, top_logprobs=True)
 
 
 def test_kernel_choice():
