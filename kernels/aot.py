@@ -40,7 +40,7 @@ from triton.compiler import ASTSource
 
 from folio.kernels import fused_moe, kv_write, norm_rope_act, paged_decode, paged_prefill, quant_matmul
 
-HEAD_DIMS = (64, 128)
+HEAD_DIMS = (64, 128, 256)  # 256: Gemma
 BLOCK_SIZES = (16, 32)
 DTYPES = ("bf16", "fp16")
 NORM_SIZES = (1024, 4096, 8192)  # hidden sizes, rounded up to the power of two the norm tiles

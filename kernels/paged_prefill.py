@@ -44,10 +44,13 @@ def prefill_config(head_dim: int, dtype: torch.dtype) -> PrefillConfig:
         return PrefillConfig(block_m=64, block_n=32, num_warps=4, num_stages=1)
     if head_dim <= 64:
         return PrefillConfig(block_m=128, block_n=64, num_warps=8, num_stages=3)
-    # d128: 64 rows of 4 warps, 32 keys a step: 263 TFLOP/s on an H200 against 218
-    # for 128 rows of 8 warps (folio bench kernels --sections sweep, bf16, one
-    # 8k prompt). 64 keys a step ran as fast on sm_90 but spills on sm_80 (aot.py checks).
-    return PrefillConfig(block_m=64, block_n=32, num_warps=4, num_stages=2)
+    if head_dim <= 128:
+        # 64 rows of 4 warps, 32 keys a step: 263 TFLOP/s on an H200 against 218 for
+        # 128 rows of 8 warps (folio bench kernels --sections sweep, bf16, one 8k
+        # prompt). 64 keys a step ran as fast on sm_90 but spills on sm_80 (aot.py checks).
+        return PrefillConfig(block_m=64, block_n=32, num_warps=4, num_stages=2)
+    # d256 (Gemma): the same tile needs 8 warps to hold its accumulator without spilling.
+    return PrefillConfig(block_m=64, block_n=32, num_warps=8, num_stages=2)
 
 
 @triton.jit
