@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 from concurrent.futures import Future
-from typing import Any, Optional, Sequence
+from typing import Any, Sequence
 
 import torch
 from torch import Tensor
@@ -27,7 +27,7 @@ class GrammarState:
     """One request's grammar: compiling until finish_compile() builds its matcher."""
 
     def __init__(self, compiling: Future, output_token_ids: Sequence[int]):
-        self._compiling: Optional[Future] = compiling
+        self._compiling = compiling
         self._replay = tuple(output_token_ids)
         self.matcher: Any = None  # xgrammar.GrammarMatcher once compiled
         self.ended = False  # the grammar engine failed on this request: it may only end (EOS)
@@ -35,15 +35,13 @@ class GrammarState:
     def finish_compile(self, timeout: float) -> bool:
         """Build the matcher if the compile is done within timeout; False while it is still
         compiling. Raises ValueError for a grammar that failed to compile or outputs that
-        do not fit it."""
-        if self._compiling is None:
-            return True
+        do not fit it. Called until it returns True, not after."""
         try:
             compiled = self._compiling.result(timeout=max(0.0, timeout))
         except TimeoutError:
             return False
         self.matcher = build_matcher(compiled, self._replay)
-        self._compiling, self._replay = None, ()
+        self._replay = ()
         return True
 
     @property

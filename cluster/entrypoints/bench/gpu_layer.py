@@ -70,3 +70,8 @@ def random_quantized_weight(n: int, k: int, bits: int, device) -> QuantizedWeigh
     scale = (torch.rand(n, k // QUANT_GROUP, device=device) + 0.5) * unit
     zero = torch.randn(n, k // QUANT_GROUP, device=device) * unit
     return QuantizedWeight(QuantizedTensor(codes, scale, zero, bits, QUANT_GROUP), DTYPE, device)
+
+
+def stored_bytes(w: QuantizedWeight) -> int:
+    """Bytes a matmul reads of a kept-quantized weight: codes, scales and zeros."""
+    return sum(b.numel() * b.element_size() for b in (w.codes, w.scale, w.zero))

@@ -23,6 +23,7 @@ from folio.cluster.entrypoints.bench.gpu_layer import (
     paged_pool,
     random_quantized_weight,
     step_metadata,
+    stored_bytes,
     time_ms,
 )
 from folio.kernels.paged_decode import DecodeConfig, decode_config, paged_decode_attention
@@ -125,7 +126,7 @@ def sweep_rows(device) -> list[dict]:
     k_cache = v_cache = None
     for n_out, k_in in QUANT_SHAPES:
         w = random_quantized_weight(n_out, k_in, 4, device)
-        weight_bytes = sum(b.numel() * b.element_size() for b in (w.codes, w.scale, w.zero))
+        weight_bytes = stored_bytes(w)
         for tokens, configs in QUANT_SWEEP.items():
             x = torch.randn(tokens, k_in, device=device, dtype=DTYPE)
             for cfg in configs:

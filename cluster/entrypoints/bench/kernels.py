@@ -48,6 +48,7 @@ from folio.cluster.entrypoints.bench.gpu_layer import (
     paged_pool,
     random_quantized_weight,
     step_metadata,
+    stored_bytes,
     time_ms,
 )
 from folio.cluster.entrypoints.bench.kernel_sweep import format_sweep, sweep_rows
@@ -186,7 +187,7 @@ def _quant_rows(device, peak: Optional[float]) -> list[dict]:
         dense = None
         for bits in QUANT_BITS:
             w = random_quantized_weight(n, k, bits, device)
-            weight_bytes = sum(b.numel() * b.element_size() for b in (w.codes, w.scale, w.zero))
+            weight_bytes = stored_bytes(w)
             for t in QUANT_TOKENS:
                 ms = time_ms(functools.partial(quantized_linear, xs[t], w))
                 gbps = weight_bytes / ms / 1e6

@@ -30,7 +30,8 @@ MOE_SHAPES = (("mixtral-8x7b", 4096, 14336, 8, 2), ("qwen3-30b-a3b", 2048, 768, 
 MOE_TOKENS = (1, 16, 256, 2048)
 
 
-def _time_ms(fn) -> float:
+def _launched_ms(fn) -> float:
+    """Median time of one call launched from Python, launches and host syncs included."""
     import triton.testing
 
     fn()  # compile outside the timing
@@ -49,9 +50,9 @@ def moe_rows(device) -> list[dict]:
             probs = torch.softmax(torch.randn(t, experts, device=device), dim=-1)
             weights, ids = torch.topk(probs, top_k, dim=-1)  # [T, k] each
             args = (x, w13, w2, weights, ids)
-            ms = _time_ms(functools.partial(fused_moe, *args))
+            ms = _launched_ms(functools.partial(fused_moe, *args))
             graph_ms = time_ms(functools.partial(fused_moe, *args))
-            loop_ms = _time_ms(functools.partial(reference.fused_moe, *args))
+            loop_ms = _launched_ms(functools.partial(reference.fused_moe, *args))
             used = int(torch.unique(ids).numel())
             weight_bytes = used * 3 * hidden * inter * DTYPE.itemsize
             rows.append(
