@@ -246,25 +246,30 @@ class QuantizedWeight(nn.Module):
         """x repeated once per 4-bit term: the packed codes stack the terms along K."""
         return torch.cat([x] * self.int4pack_terms, dim=-1) if self.int4pack_terms > 1 else x
 
-    def int4pack_dense_matmul(self, x: torch.Tensor) -> Optional[torch.Tensor]:
-        """x [T, K] -> [T, N] like int4pack_matmul, but through fp32 GEMMs over the
-        weight dequantized from its packed form a slice of rows at a time; None when
-        this CPU's packed layout is not the one folio unpacks.
+    def int4pack_dense_matmul(self, x: torch.Tensor, dtype: torch.dtype = torch.float32) -> Optional[torch.Tensor]:
+        """x [T, K] -> [T, N] like int4pack_matmul, but through GEMMs in `dtype` over the
+        weight decoded from its packed form a slice of rows at a time; None when this
+        CPU's packed layout is not the one folio unpacks.
 
         torch's int4 kernel decodes the weight again for every 4 rows of x, so its
         cost grows with the rows; decoding once and multiplying densely wins from
-        WIDE_ROWS rows on (prefill chunks). Each slice is decoded right before its
-        GEMM, while it is in cache, and the transient stays small."""
+        wide_path().rows rows on (prefill chunks). Each slice is decoded in fp32 right
+        before its GEMM, while it is in cache, and the transient stays small. In
+        float32 the result is the kernel's to fp32 rounding; in bfloat16 (where AMX
+        multiplies bf16 tiles) the decoded weight is rounded to bf16 too, an error of
+        2^-9 of each weight, small beside its 4-bit step."""
         block = int4pack_block_n()
         if block is None or self.out_features % block:
             return None
-        x = self._per_term(x.to(torch.bfloat16)).float()  # the kernel's inputs: bf16
+        x = self._per_term(x.to(torch.bfloat16)).to(dtype)  # the kernel's inputs: bf16
         k = x.shape[-1]
         packed = self.int4pack.view(self.out_features // block, k, block // 2)
         scale, zero = (t.contiguous() for t in self.int4pack_sz.float().unbind(-1))  # [K'/group, N] each
         offset = zero - 8.0 * scale  # (q - 8) s + z as q s + offset: one pass fewer
-        step = max(1, DEQUANTIZE_CHUNK // (k * block)) * block
+        chunk = DEQUANTIZE_CHUNK if dtype == torch.float32 else BF16_DEQUANTIZE_CHUNK
+        step = max(1, chunk // (k * block)) * block
         scratch = torch.empty(k * min(step, self.out_features))  # one buffer: fresh pages per slice cost more
+        narrow = None if dtype == torch.float32 else torch.empty(scratch.shape, dtype=dtype)
         parts = []
         for r in range(0, self.out_features, step):
             p = packed[r // block : (r + step) // block].transpose(0, 1)  # [K', blocks, block/2]
@@ -275,6 +280,8 @@ class QuantizedWeight(nn.Module):
             w.view(k, -1, block)[..., block // 2 :].copy_(p >> 4)
             groups = w.view(k // self.group, self.group, n)
             groups.mul_(scale[:, None, r : r + n]).add_(offset[:, None, r : r + n])
+            if narrow is not None:
+                w = narrow[: k * n].view(k, n).copy_(w)
             parts.append(x @ w)
         return torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0]
 
@@ -316,15 +323,35 @@ def _select_rows(t: torch.Tensor, rows: Optional[torch.Tensor | slice]) -> torch
     return t[rows] if isinstance(rows, slice) else t.index_select(0, rows)
 
 
-# Rows of x from which a bfloat16 matmul on CPU dequantizes its int4-packed weight
-# and multiplies in fp32 instead of calling torch's int4 kernel (int4pack_dense_matmul).
-# `folio bench kernels` on a machine without a GPU measures both paths by rows.
-WIDE_ROWS = 160
+@dataclass(frozen=True)
+class WidePath:
+    """From `rows` rows of x on, a CPU matmul through torch's packed int4 form decodes
+    the weight and multiplies densely in `dtype` (int4pack_dense_matmul) instead of
+    calling torch's int4 kernel. `folio bench kernels` on a machine without a GPU
+    measures the kernel and both GEMM dtypes by rows: that is what places these."""
+
+    rows: int
+    dtype: torch.dtype
+
+
+@functools.cache
+def wide_path() -> WidePath:
+    """This CPU's wide path. Where Linux lets torch's oneDNN use AMX (its bf16 GEMM ran
+    at 2.2 TFLOP/s on two Sapphire Rapids cores, 12x its fp32 rate) the GEMM is all but
+    free beside decoding the weight, and the dense path wins from 64 rows; elsewhere
+    (AVX2, AVX-512) fp32 GEMMs win from 160 rows."""
+    amx = getattr(torch.cpu, "_init_amx", None)  # requests the tile state from Linux; False where refused
+    if amx is not None and amx():
+        return WidePath(64, torch.bfloat16)
+    return WidePath(160, torch.float32)
+
 
 # Weight elements dequantized at a time: the slice stays in a core's L2 cache
 # while it is multiplied, and the transient stays small (an LM head of 49152 x
-# 576 would be 113 MB in fp32 at once).
+# 576 would be 113 MB in fp32 at once). AMX's bf16 GEMMs run faster on wider
+# slices (at 512 rows, 5.1 against 10.4 ms for one SmolLM2 layer with 4x the slice).
 DEQUANTIZE_CHUNK = 1 << 18
+BF16_DEQUANTIZE_CHUNK = 1 << 20
 
 
 def dequantized_linear(x: torch.Tensor, w: QuantizedWeight, bias: Optional[torch.Tensor] = None) -> torch.Tensor:

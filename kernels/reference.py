@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from folio.kernels.metadata import AttentionMetadata
-from folio.kernels.quant import WIDE_ROWS, QuantizedWeight, dequantized_linear
+from folio.kernels.quant import QuantizedWeight, dequantized_linear, wide_path
 
 
 def write_kv(
@@ -325,14 +325,15 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: f
 def quantized_linear(x: torch.Tensor, w: QuantizedWeight, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """x [T, K] -> [T, N] through a group-quantized weight (kernels/quant.py), in
     the weight's compute dtype: torch's CPU int4 kernel where the weight was
-    packed for it (KernelOps.int4pack_dtypes), from WIDE_ROWS rows on fp32 GEMMs
+    packed for it (KernelOps.int4pack_dtypes), from wide_path().rows rows on GEMMs
     over the weight decoded from that packed form, else dequantize and multiply."""
     if w.int4pack is None:
         return dequantized_linear(x, w, bias)
     if w.perm is not None:
         x = x.index_select(-1, w.perm)
-    y = w.int4pack_dense_matmul(x) if x.shape[0] >= WIDE_ROWS else None
-    # Rounded to bf16 as the kernel rounds its output, so that a row computes the same
-    # whichever path its step's width picks (in a float32 model too).
+    wide = wide_path()
+    y = w.int4pack_dense_matmul(x, wide.dtype) if x.shape[0] >= wide.rows else None
+    # Rounded to bf16 as the kernel rounds its output, so that a row computes (nearly)
+    # the same whichever path its step's width picks (in a float32 model too).
     y = w.int4pack_matmul(x) if y is None else y.to(torch.bfloat16).to(w.dtype)
     return y if bias is None else y + bias

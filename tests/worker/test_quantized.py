@@ -17,7 +17,7 @@ import torch
 from gguf.quants import dequantize
 
 from folio.kernels.interface import CPU_OPS, REFERENCE_OPS
-from folio.kernels.quant import WIDE_ROWS, QuantizedTensor, QuantizedWeight, dequantized_linear, int4pack_block_n
+from folio.kernels.quant import QuantizedTensor, QuantizedWeight, dequantized_linear, int4pack_block_n, wide_path
 from folio.kernels.reference import quantized_linear
 from folio.worker.gguf_quant import KEPT_QUANTIZED, quantized_tensor
 from folio.worker.loader import keep_quantized, load_model
@@ -71,7 +71,7 @@ def _random(bits: int, group: int, n: int = 64, k: int = 256, perm: bool = False
 
 @pytest.mark.parametrize("bits,group", [(4, 32), (4, 128), (8, 32), (6, 16), (5, 64), (3, 32), (2, 256)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("rows", [1, 7, 40, WIDE_ROWS + 3])
+@pytest.mark.parametrize("rows", [1, 7, 40, 163])  # 163: past every CPU's wide_path().rows
 @pytest.mark.parametrize("ops", [REFERENCE_OPS, CPU_OPS], ids=lambda ops: ops.name)
 def test_quantized_linear_matches_fp64_of_the_dequantized_weight(bits, group, dtype, rows, ops):
     t = _random(bits, group, perm=bits == 4 and group == 128)
@@ -80,6 +80,7 @@ def test_quantized_linear_matches_fp64_of_the_dequantized_weight(bits, group, dt
     # compute too; wider codes as two 4-bit terms, which must still centre each term.
     int4 = dtype in ops.int4pack_dtypes and group >= 32
     assert (w.int4pack is not None) == int4
+    assert rows < 163 or rows >= wide_path().rows
     g = torch.Generator().manual_seed(rows)  # fixed inputs: the bf16 bound holds for these, not for every draw
     x = torch.randn(rows, 256, generator=g)
     bias = torch.randn(64, generator=g)
@@ -91,24 +92,27 @@ def test_quantized_linear_matches_fp64_of_the_dequantized_weight(bits, group, dt
     assert (got.double() - want).abs().max() <= tol * want.abs().max()
 
 
+@pytest.mark.parametrize("gemm", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("bits,rows", [(4, 96), (4, 32), (8, 64), (6, 32)])
-def test_wide_batches_decode_torchs_packed_int4_weight(bits, rows):
-    """From WIDE_ROWS rows a bf16 CPU matmul decodes torch's packed int4 form and
-    runs fp32 GEMMs: every code must come back to its row and column, where a wrong
-    layout gives errors the size of the weights. 4-bit codes: against fp64 with the
-    same bf16 scales and zeros, exact to fp32 rounding. Wider codes (two 4-bit
-    terms): against the fp32 weight, to the bf16 rounding of their scales. Sizes
-    span several of the dequantized slices."""
+def test_wide_batches_decode_torchs_packed_int4_weight(bits, rows, gemm):
+    """From wide_path().rows rows a bf16 CPU matmul decodes torch's packed int4 form
+    and runs fp32 GEMMs, or bf16 ones where AMX runs them: every code must come back
+    to its row and column, where a wrong layout gives errors the size of the weights.
+    4-bit codes: against fp64 with the same bf16 scales and zeros (in bf16: of the
+    decoded weight rounded to bf16), exact to the GEMM's rounding. Wider codes (two
+    4-bit terms): against the fp32 weight, to the bf16 rounding of their scales.
+    Sizes span several of the dequantized slices."""
     assert int4pack_block_n() in (32, 64), "torch's packed int4 layout changed: wide batches fall back"
     t = _random(bits, 32, n=rows * 32, k=512)
     w = QuantizedWeight(t, torch.bfloat16, "cpu")
-    x = torch.randn(WIDE_ROWS, 512, generator=torch.Generator().manual_seed(1)).bfloat16()
-    got = w.int4pack_dense_matmul(x)
-    assert got.dtype == torch.float32 and got.shape == (WIDE_ROWS, rows * 32)
+    x = torch.randn(163, 512, generator=torch.Generator().manual_seed(1)).bfloat16()
+    got = w.int4pack_dense_matmul(x, gemm)
+    assert got.dtype == gemm and got.shape == (163, rows * 32)
     if bits == 4:
         scale, zero = w.int4pack_sz.double().unbind(-1)  # [K/32, N]: what the packed form decodes with
-        dense = (t.codes.double().view(-1, 16, 32) - 8) * scale.T[..., None] + zero.T[..., None]
-        want, tol = x.double() @ dense.view(-1, 512).T, 1e-5
+        dense = ((t.codes.double().view(-1, 16, 32) - 8) * scale.T[..., None] + zero.T[..., None]).view(-1, 512)
+        # bf16: the weight's and the output's bf16 rounding, 2^-9 each
+        want, tol = x.double() @ dense.to(gemm).double().T, 1e-5 if gemm == torch.float32 else 4e-3
     else:
         want, tol = x.double() @ t.dequantize().double().T, 1e-2
     assert (got.double() - want).abs().max() <= tol * want.abs().max()
@@ -253,7 +257,9 @@ def test_smollm2_kept_quantized_is_as_close_to_fp32_as_dense_bf16(smollm2_dense)
     """torch's int4 kernel on bf16 activations, bf16 scales, in a bf16 model and
     (CPU_OPS, folio's CPU default) in an fp32 one: on real text the next-token
     logprobs of each stray from the fp32 model's no more than 1.5x as far as the
-    dense bf16 model's do, and each keeps more than 3x less memory."""
+    dense bf16 model's do, and each keeps more than 3x less memory. The text is one
+    prefill of more than wide_path().rows tokens: the wide path's GEMMs (bf16 ones
+    where AMX runs them) compute it."""
     dense, cfg = smollm2_dense
     from folio.worker.loader import load_tokenizer
 
@@ -262,8 +268,16 @@ def test_smollm2_kept_quantized_is_as_close_to_fp32_as_dense_bf16(smollm2_dense)
     text = (
         "The history of the city begins with a small settlement by the river, where traders met "
         "to exchange grain, salt and cloth. Over the centuries the market grew into a town"
+        " with stone walls, a bridge and a cathedral whose bells could be heard across the valley. "
+        "Merchants from distant ports brought spices, silk and news of the world, and the town's "
+        "guilds of weavers, smiths and masons built halls around the square. When the railway "
+        "arrived, the old quarter was joined by factories and rows of brick houses for the workers, "
+        "and the population doubled within a generation. Today the river is crossed by six bridges, "
+        "the market still opens every Saturday, and visitors climb the cathedral tower to look out "
+        "over the roofs, the fields and the hills that the first traders saw when they came by boat."
     )
     tokens = torch.tensor(load_tokenizer(smollm2_path()).encode(text))
+    assert len(tokens) >= wide_path().rows
     (truth,) = _Pool(cfg).step(dense, [(_Seq(tokens), len(tokens))])
     truth = truth.log_softmax(-1)
     errors = {}

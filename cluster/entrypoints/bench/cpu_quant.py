@@ -1,12 +1,13 @@
 """The CPU quantized-matmul section of `folio bench kernels`: one SmolLM2 layer's
 four projections kept as 4-bit groups of 32 (the bundled Q4_1 GGUF) in bfloat16,
 through torch's int4 kernel and through the wide-batch path (the weight decoded
-from torch's packed form, then fp32 GEMMs: QuantizedWeight.int4pack_dense_matmul),
-at each row count. kernels/reference.quantized_linear switches from the first to
-the second at WIDE_ROWS rows; this is the measurement that places it.
+from torch's packed form, then fp32 or bf16 GEMMs: QuantizedWeight.int4pack_dense_matmul),
+at each row count. kernels/reference.quantized_linear switches from the kernel to
+the wide path at wide_path().rows rows, in wide_path().dtype; this is the
+measurement that places both (bf16 GEMMs pay where AMX runs them).
 
-Times are the best of seven rounds over the four projections, wall clock; the two
-paths alternate within each round, so a change in the machine's speed hits both.
+Times are the best of seven rounds over the four projections, wall clock; the
+paths alternate within each round, so a change in the machine's speed hits all.
 
     folio bench kernels          # on a machine without a GPU
 """
@@ -17,10 +18,10 @@ import time
 
 import torch
 
-from folio.kernels.quant import WIDE_ROWS, QuantizedTensor, QuantizedWeight, int4pack_block_n
+from folio.kernels.quant import QuantizedTensor, QuantizedWeight, int4pack_block_n, wide_path
 
 SHAPES = ((960, 576), (576, 576), (3072, 576), (576, 1536))  # qkv, o, gate_up, down: (out, in)
-ROWS = (1, 16, 64, 128, 192, 256, 512)
+ROWS = (1, 16, 64, 96, 128, 192, 256, 512)
 
 
 def _layer() -> list[QuantizedWeight]:
@@ -45,20 +46,28 @@ def run_cpu_quant_bench() -> list[dict]:
         print("torch's packed int4 layout is not one folio unpacks here: the wide path is off")
         return []
     layer = _layer()
-    print(f"{'rows':>5} {'int4 kernel':>12} {'wide path':>10} {'int4 / wide':>11}   (wide from {WIDE_ROWS} rows)")
+    wide = wide_path()
+    chosen = f"(wide from {wide.rows} rows, {str(wide.dtype).removeprefix('torch.')} GEMMs)"
+    print(f"{'rows':>5} {'int4 kernel':>12} {'wide fp32':>10} {'wide bf16':>10} {'int4 / wide':>11}   {chosen}")
+    paths = {
+        "int4": lambda w, x: w.int4pack_matmul(x),
+        "fp32": lambda w, x: w.int4pack_dense_matmul(x, torch.float32),
+        "bf16": lambda w, x: w.int4pack_dense_matmul(x, torch.bfloat16),
+    }
     rows = []
     with torch.inference_mode():
         for m in ROWS:
             xs = [torch.randn(m, k).bfloat16() for _, k in SHAPES]
-            int4 = wide = float("inf")
+            best = dict.fromkeys(paths, float("inf"))
             for _ in range(7):
-                start = time.perf_counter()
-                for w, x in zip(layer, xs):
-                    w.int4pack_matmul(x)
-                middle = time.perf_counter()
-                for w, x in zip(layer, xs):
-                    w.int4pack_dense_matmul(x).bfloat16()
-                int4, wide = min(int4, middle - start), min(wide, time.perf_counter() - middle)
-            rows.append(dict(kind="cpu-int4", rows=m, int4_ms=int4 * 1e3, wide_ms=wide * 1e3))
-            print(f"{m:>5} {int4 * 1e3:>9.2f} ms {wide * 1e3:>7.2f} ms {int4 / wide:>10.2f}x", flush=True)
+                for name, path in paths.items():
+                    start = time.perf_counter()
+                    for w, x in zip(layer, xs):
+                        path(w, x)
+                    best[name] = min(best[name], time.perf_counter() - start)
+            ms = {name: t * 1e3 for name, t in best.items()}
+            chosen_ms = ms["fp32" if wide.dtype == torch.float32 else "bf16"]
+            rows.append(dict(kind="cpu-int4", rows=m, int4_ms=ms["int4"], wide_ms=ms["fp32"], wide_bf16_ms=ms["bf16"]))
+            times = " ".join(f"{ms[name]:>7.2f} ms" for name in ("fp32", "bf16"))
+            print(f"{m:>5} {ms['int4']:>9.2f} ms {times} {ms['int4'] / chosen_ms:>10.2f}x", flush=True)
     return rows

@@ -88,10 +88,11 @@ def build_llama_server(build_dir: str) -> str:
 def _instruction_set_flags() -> list[str]:
     """The vector extensions this CPU reports, named to cmake, in place of -march=native.
 
-    Native builds also compile llama.cpp's AMX kernels where CPUID lists AMX, and a VM
-    can list it without the kernel granting the tile state: llama-server then dies of
-    SIGILL in its first forward (seen on this project's machines). So: every AVX level
-    the CPU has, never AMX.
+    Native builds also compile llama.cpp's AMX kernels where CPUID lists AMX, and there
+    llama-server dies of SIGILL in its first forward (seen on this project's machines,
+    also on one where Linux grants this process the AMX tile state and oneDNN's AMX
+    matmuls run: the trap is a `tilezero` in libggml-cpu, before any tile config is
+    loaded). So: every AVX level the CPU has, never AMX.
     """
     try:
         with open("/proc/cpuinfo") as f:
