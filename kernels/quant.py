@@ -337,7 +337,7 @@ class WidePath:
 @functools.cache
 def wide_path() -> WidePath:
     """This CPU's wide path. Where Linux lets torch's oneDNN use AMX (its bf16 GEMM ran
-    at 2.2 TFLOP/s on two Sapphire Rapids cores, 12x its fp32 rate) the GEMM is all but
+    at 2.2 TFLOP/s on two Xeon cores with AMX, 12x its fp32 rate) the GEMM is all but
     free beside decoding the weight, and the dense path wins from 64 rows; elsewhere
     (AVX2, AVX-512) fp32 GEMMs win from 160 rows."""
     amx = getattr(torch.cpu, "_init_amx", None)  # requests the tile state from Linux; False where refused
