@@ -55,4 +55,10 @@ REFERENCE_OPS = KernelOps(
 # Not exact against the dense model, as REFERENCE_OPS are; on the bundled SmolLM2
 # GGUF 2.2x faster at one stream than its dense float32 weights, and closer to them
 # than computing in bfloat16 throughout (README, "Quantized weights").
-CPU_OPS = replace(REFERENCE_OPS, name="cpu", int4pack_dtypes=(torch.bfloat16, torch.float32))
+# A bf16 KV pool is attended to in bf16 where the CPU has AMX (reference.cpu_paged_attention).
+CPU_OPS = replace(
+    REFERENCE_OPS,
+    name="cpu",
+    paged_attention=reference.cpu_paged_attention,
+    int4pack_dtypes=(torch.bfloat16, torch.float32),
+)

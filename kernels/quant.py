@@ -228,9 +228,15 @@ class QuantizedWeight(nn.Module):
         else:
             high = (t.codes >> 4) + (8 - (1 << (t.bits - 5)))
             terms = [(high, 16.0 * scale, torch.zeros_like(zero)), (t.codes & 15, scale, 8.0 * scale + zero)]
-        codes = torch.cat([c for c, _, _ in terms], dim=1).to(torch.int32)
         sz = torch.stack([torch.cat([s for _, s, _ in terms], 1), torch.cat([z for _, _, z in terms], 1)], dim=-1)
-        self.int4pack = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.contiguous(), 1)
+        # torch's packing op takes int32 codes, four bytes per code: SmolLM2's 8-bit
+        # embedding table would pass through 226 MB at once (a third of the worker's
+        # peak memory). A slice of whole row blocks at a time packs to the same bytes.
+        packed = []
+        for i in range(0, self.out_features, INT4PACK_ROWS):
+            codes = torch.cat([c[i : i + INT4PACK_ROWS] for c, _, _ in terms], dim=1).to(torch.int32)
+            packed.append(torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1))
+        self.int4pack = torch.cat(packed) if len(packed) > 1 else packed[0]
         self.int4pack_sz = sz.transpose(0, 1).contiguous().to(torch.bfloat16)  # [K'/group, N, 2]
         self.int4pack_terms = len(terms)
 
@@ -290,6 +296,9 @@ class QuantizedWeight(nn.Module):
         return f"{self.out_features}x{self.in_features}, {self.bits} bits, group {self.group}, {kernel}"
 
 
+INT4PACK_ROWS = 1024  # rows packed at a time: whole row blocks of every width (int4pack_block_n)
+
+
 def int4pack_fits(group: int, rows: int) -> bool:
     """Whether torch's CPU int4 kernel takes a weight of these groups and rows: its group sizes, 16-row multiples.
     (The kernel is vectorised for bfloat16 activations only, fp32 and fp16 taking a
@@ -335,15 +344,20 @@ class WidePath:
 
 
 @functools.cache
-def wide_path() -> WidePath:
-    """This CPU's wide path. Where Linux lets torch's oneDNN use AMX (its bf16 GEMM ran
-    at 2.2 TFLOP/s on two Xeon cores with AMX, 12x its fp32 rate) the GEMM is all but
-    free beside decoding the weight, and the dense path wins from 64 rows; elsewhere
-    (AVX2, AVX-512) fp32 GEMMs win from 160 rows."""
+def amx_granted() -> bool:
+    """Whether this CPU has AMX and Linux lets torch use it: then oneDNN's bf16 GEMMs and
+    torch's bf16 attention run on AMX tiles (a bf16 GEMM ran at 2.2 TFLOP/s on two Xeon
+    cores, 12x the fp32 rate)."""
     amx = getattr(torch.cpu, "_init_amx", None)  # requests the tile state from Linux; False where refused
-    if amx is not None and amx():
-        return WidePath(64, torch.bfloat16)
-    return WidePath(160, torch.float32)
+    return bool(amx is not None and amx())
+
+
+@functools.cache
+def wide_path() -> WidePath:
+    """This CPU's wide path. With AMX the GEMM is all but free beside decoding the
+    weight, and the dense path wins from 64 rows; elsewhere (AVX2, AVX-512) fp32
+    GEMMs win from 160 rows."""
+    return WidePath(64, torch.bfloat16) if amx_granted() else WidePath(160, torch.float32)
 
 
 # Weight elements dequantized at a time: the slice stays in a core's L2 cache

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from folio.kernels.metadata import AttentionMetadata
-from folio.kernels.quant import QuantizedWeight, dequantized_linear, wide_path
+from folio.kernels.quant import QuantizedWeight, amx_granted, dequantized_linear, wide_path
 
 
 def write_kv(
@@ -55,6 +55,7 @@ def paged_attention(
     scale: float,
     sliding_window: Optional[int] = None,
     softcap: Optional[float] = None,
+    compute_dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """Causal attention of every new token over its sequence's paged context.
 
@@ -63,22 +64,41 @@ def paged_attention(
     softcap * tanh(scores / softcap) before the causal and window masks, as
     transformers computes them; None: uncapped.
     Returns [T, num_q_heads, head_dim] in q's dtype. Every row computes in
-    fp32, a 16-bit pool's K/V widened after the gather: torch's CPU SDPA at one
-    query row is 2-4x slower in bf16 than the gather, the widening and an fp32
-    SDPA together (`folio bench kernels` on a machine without a GPU measures
-    both), and the result is rounded once, at the end.
+    compute_dtype (fp32: a 16-bit pool's K/V widened after the gather), the
+    result rounded once, at the end; capped scores always in fp32.
     """
     check_softcap(softcap)
+    dt = torch.float32 if softcap is not None else compute_dtype
     gqa = q.shape[1] != k_cache.shape[2]
-    groups = _decode_plan(meta, k_cache.shape[1], sliding_window)
+    groups = _decode_plan(meta, k_cache.shape[1], sliding_window, dt)
     if groups and groups[0].tokens is None:  # a pure-decode step, rows in order
-        return _decode_group(q, k_cache, v_cache, groups[0], scale, softcap, gqa).to(q.dtype)
+        return _decode_group(q, k_cache, v_cache, groups[0], scale, softcap, gqa, dt).to(q.dtype)
     out = torch.empty_like(q)
     for g in groups:
-        o = _decode_group(q.index_select(0, g.tokens), k_cache, v_cache, g, scale, softcap, gqa)
+        o = _decode_group(q.index_select(0, g.tokens), k_cache, v_cache, g, scale, softcap, gqa, dt)
         out.index_copy_(0, g.tokens, o.to(out.dtype))
-    _prefill(q, k_cache, v_cache, meta, scale, sliding_window, softcap, out)
+    _prefill(q, k_cache, v_cache, meta, scale, sliding_window, softcap, out, dt)
     return out
+
+
+def cpu_paged_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+    sliding_window: Optional[int] = None,
+    softcap: Optional[float] = None,
+) -> torch.Tensor:
+    """paged_attention in the dtype this CPU runs it fastest in (folio's CPU kernels).
+
+    Over a bf16 pool where torch's attention runs on AMX tiles, in bf16: 0.41-0.66x
+    the time of the fp32 path, and the pool's bf16 K/V are read as they are. Without
+    AMX, torch's CPU SDPA at one query row is 2-4x slower in bf16 than the gather,
+    the widening and an fp32 SDPA together, so every other pool computes in fp32
+    (`folio bench kernels` on a machine without a GPU measures both)."""
+    dt = torch.bfloat16 if k_cache.dtype == torch.bfloat16 and amx_granted() else torch.float32
+    return paged_attention(q, k_cache, v_cache, meta, scale, sliding_window, softcap, dt)
 
 
 def check_softcap(softcap: Optional[float]) -> None:
@@ -89,7 +109,8 @@ def check_softcap(softcap: Optional[float]) -> None:
 
 def _attend(q, k, v, mask, scale: float, softcap: Optional[float], gqa: bool) -> torch.Tensor:
     """q [B, hq, n, d], k and v [B, hkv, S, d], mask (bool, True where visible, or
-    additive) broadcastable to [B, hq, n, S] or None -> [B, hq, n, d], all fp32."""
+    additive in q's dtype) broadcastable to [B, hq, n, S] or None -> [B, hq, n, d],
+    all in one dtype."""
     if softcap is None:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
     # SDPA cannot cap scores: spelled out, in transformers' eager order (scale, cap,
@@ -105,8 +126,8 @@ def _attend(q, k, v, mask, scale: float, softcap: Optional[float], gqa: bool) ->
     return torch.matmul(p, v.unsqueeze(2)).view(B, hq, n, d)
 
 
-def _prefill(q, k_cache, v_cache, meta, scale, sliding_window, softcap, out) -> None:
-    """Every sequence with more than one new token, one masked attention each, in fp32."""
+def _prefill(q, k_cache, v_cache, meta, scale, sliding_window, softcap, out, dt) -> None:
+    """Every sequence with more than one new token, one masked attention each, in dt."""
     hq, hkv, bs = q.shape[1], k_cache.shape[2], k_cache.shape[1]
     starts = meta.query_start_loc.tolist()
     for i, n in enumerate(meta.query_lens_list):
@@ -114,9 +135,9 @@ def _prefill(q, k_cache, v_cache, meta, scale, sliding_window, softcap, out) -> 
             continue
         s = meta.seq_lens_list[i]
         blocks = meta.block_tables[i, : (s + bs - 1) // bs].long()
-        k = _gather(k_cache, blocks, s).float().transpose(0, 1)  # [hkv, s, d]
-        v = _gather(v_cache, blocks, s).float().transpose(0, 1)
-        qi = q[starts[i] : starts[i] + n].float().transpose(0, 1)  # [hq, n, d]
+        k = _as(_gather(k_cache, blocks, s), dt).transpose(0, 1)  # [hkv, s, d]
+        v = _as(_gather(v_cache, blocks, s), dt).transpose(0, 1)
+        qi = _as(q[starts[i] : starts[i] + n], dt).transpose(0, 1)  # [hq, n, d]
         q_pos = torch.arange(s - n, s).unsqueeze(1)
         k_pos = torch.arange(s).unsqueeze(0)
         mask = _allowed(q_pos, k_pos, torch.tensor(s), sliding_window)
@@ -134,9 +155,10 @@ class _DecodeGroup:
     mask: Optional[torch.Tensor]  # [B, 1, 1, padded_len] additive, None when every key is visible
 
 
-def _decode_plan(meta: AttentionMetadata, block_size: int, sliding_window) -> list[_DecodeGroup]:
-    """The step's decode groups, built once and reused by every layer (meta.derived)."""
-    key = ("reference-decode", block_size, sliding_window)
+def _decode_plan(meta: AttentionMetadata, block_size: int, sliding_window, dt) -> list[_DecodeGroup]:
+    """The step's decode groups, built once and reused by every layer (meta.derived);
+    their masks in dt, SDPA's compute dtype."""
+    key = ("reference-decode", block_size, sliding_window, dt)
     plan = meta.derived.get(key)
     if plan is None:
         qlens, slens = meta.query_lens_list, meta.seq_lens_list
@@ -145,12 +167,12 @@ def _decode_plan(meta: AttentionMetadata, block_size: int, sliding_window) -> li
         if len(groups) == 1:
             groups = [rows]  # one group needs no sorting; in order, a pure-decode step needs no scatter
         in_order = len(groups) == 1 and len(rows) == len(qlens) == meta.num_tokens
-        plan = [_decode_group_plan(meta, g, block_size, sliding_window, in_order) for g in groups]
+        plan = [_decode_group_plan(meta, g, block_size, sliding_window, in_order, dt) for g in groups]
         meta.derived[key] = plan
     return plan
 
 
-def _decode_group_plan(meta, rows, block_size, sliding_window, in_order) -> _DecodeGroup:
+def _decode_group_plan(meta, rows, block_size, sliding_window, in_order, dt) -> _DecodeGroup:
     idx = torch.tensor(rows, dtype=torch.long)
     lens = [meta.seq_lens_list[i] for i in rows]
     nb = (max(lens) + block_size - 1) // block_size
@@ -160,13 +182,13 @@ def _decode_group_plan(meta, rows, block_size, sliding_window, in_order) -> _Dec
     if min(lens) < S or (sliding_window is not None and max(lens) > sliding_window):
         seq_lens = torch.tensor(lens).unsqueeze(1)  # [B, 1]
         allowed = _allowed(seq_lens - 1, torch.arange(S).unsqueeze(0), seq_lens, sliding_window)
-        mask = torch.zeros(len(rows), 1, 1, S).masked_fill_(~allowed[:, None, None, :], float("-inf"))
+        mask = torch.zeros(len(rows), 1, 1, S, dtype=dt).masked_fill_(~allowed[:, None, None, :], float("-inf"))
     tokens = None if in_order else meta.query_start_loc[idx].long()
     return _DecodeGroup(tokens, blocks, S, mask)
 
 
-def _decode_group(q, k_cache, v_cache, g: _DecodeGroup, scale: float, softcap, gqa: bool) -> torch.Tensor:
-    """q [B, hq, d] -> [B, hq, d] fp32: one gather per cache, one fp32 attention.
+def _decode_group(q, k_cache, v_cache, g: _DecodeGroup, scale: float, softcap, gqa: bool, dt) -> torch.Tensor:
+    """q [B, hq, d] -> [B, hq, d] in dt: one gather per cache, one attention in dt.
 
     index_select of whole blocks is a row copy (3-10x faster than advanced
     indexing here); SDPA reads the gathered K/V through a transposed view, where
@@ -174,14 +196,14 @@ def _decode_group(q, k_cache, v_cache, g: _DecodeGroup, scale: float, softcap, g
     """
     B, hq, d = q.shape
     hkv = k_cache.shape[2]
-    k = _as_fp32(k_cache.index_select(0, g.blocks)).view(B, g.padded_len, hkv, d).transpose(1, 2)  # [B, hkv, S, d]
-    v = _as_fp32(v_cache.index_select(0, g.blocks)).view(B, g.padded_len, hkv, d).transpose(1, 2)
-    o = _attend(_as_fp32(q).view(B, hq, 1, d), k, v, g.mask, scale, softcap, gqa)
+    k = _as(k_cache.index_select(0, g.blocks), dt).view(B, g.padded_len, hkv, d).transpose(1, 2)  # [B, hkv, S, d]
+    v = _as(v_cache.index_select(0, g.blocks), dt).view(B, g.padded_len, hkv, d).transpose(1, 2)
+    o = _attend(_as(q, dt).view(B, hq, 1, d), k, v, g.mask, scale, softcap, gqa)
     return o.view(B, hq, d)
 
 
-def _as_fp32(x: torch.Tensor) -> torch.Tensor:
-    return x if x.dtype == torch.float32 else x.float()
+def _as(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return x if x.dtype == dtype else x.to(dtype)
 
 
 def _length_groups(rows: list[int], seq_lens, block_size: int) -> list[list[int]]:

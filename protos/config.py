@@ -21,6 +21,7 @@ from typing import Optional
 
 MAX_SPECULATIVE_TOKENS = 16  # drafts per request per step; workers refuse more
 DTYPES = ("float32", "bfloat16", "float16")
+KV_CACHE_DTYPES = ("auto", *DTYPES)  # auto: the model's dtype
 DEVICES = ("auto", "cpu", "cuda")
 KERNELS = ("auto", "triton", "reference")  # kernels/ops.py select_ops
 # Weight formats a checkpoint may be quantized in (worker/loader.py detects which);
@@ -73,6 +74,15 @@ class WorkerConfig:
             "first worker of each replica (default: n-gram drafts)"
         },
     )
+    kv_cache_dtype: str = field(
+        default="auto",
+        metadata={
+            "help": "the KV pool's element type (auto: the model's dtype). bfloat16 beside a float32 model "
+            "halves the pool, as llama.cpp's default f16 cache does; attention then computes in bfloat16 "
+            "where the CPU has AMX, else in float32 over the widened K/V",
+            "choices": KV_CACHE_DTYPES,
+        },
+    )
     kv_cache_memory: Optional[int] = field(
         default=None,
         metadata={
@@ -92,17 +102,18 @@ class WorkerConfig:
     )
 
     def __post_init__(self) -> None:
-        if isinstance(self.dtype, str) or self.dtype is None:
-            dtype = self.dtype
-        else:  # a torch.dtype, from Python callers
-            dtype = str(self.dtype).removeprefix("torch.")
-            object.__setattr__(self, "dtype", dtype)
-        if dtype is not None and dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+        for name in ("dtype", "kv_cache_dtype"):  # a torch.dtype, from Python callers, by its name
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, str):
+                object.__setattr__(self, name, str(value).removeprefix("torch."))
+        if self.dtype is not None and self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.device not in DEVICES and not self.device.startswith("cuda:"):
             raise ValueError(f"device must be one of {', '.join(DEVICES)}, got {self.device!r}")
         if self.kernels not in KERNELS:
             raise ValueError(f"kernels must be one of {', '.join(KERNELS)}, got {self.kernels!r}")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, got {self.kv_cache_dtype!r}")
         if self.quantization not in QUANTIZATIONS:
             raise ValueError(f"quantization must be one of {', '.join(QUANTIZATIONS)}, got {self.quantization!r}")
         if not 0 < self.gpu_memory_utilization <= 1:

@@ -13,6 +13,8 @@ import pytest
 import torch
 
 from folio.kernels import reference
+from folio.kernels.interface import CPU_OPS
+from folio.kernels.quant import amx_granted
 
 F32, BF16 = torch.float32, torch.bfloat16
 TOL = {F32: dict(atol=1e-5, rtol=1e-5), BF16: dict(atol=2e-2, rtol=2e-2)}
@@ -89,6 +91,50 @@ def test_bf16_decode_rounds_once(paged_case):
     got = reference.paged_attention(case.q, case.ref_k_cache, case.ref_v_cache, case.meta, case.scale)
     exact = _attention_per_token(case, None).to(BF16)
     assert (got == exact).float().mean() > 0.99
+
+
+@pytest.mark.parametrize("compute_dtype", [F32, BF16])
+@pytest.mark.parametrize(
+    "query_lens,context_lens,window",
+    [
+        pytest.param([1, 1, 1, 1], [5, 16, 17, 40], None, id="pure-decode"),
+        pytest.param([1, 1, 1], [3, 90, 20], None, id="decode-length-groups"),
+        pytest.param([1, 7, 1, 3], [30, 0, 2, 12], None, id="decode-and-prefill"),
+        pytest.param([1, 1, 5], [50, 9, 20], 12, id="sliding-window"),
+    ],
+)
+def test_a_float32_model_over_a_bf16_pool(paged_case, compute_dtype, query_lens, context_lens, window):
+    """--kv-cache-dtype bfloat16 beside a float32 model: fp32 queries over bf16 K/V, the
+    attention in either dtype (bf16 where the CPU has AMX), the output in fp32 and
+    within bf16's rounding of the exact answer over the pool's (rounded) K/V."""
+    case = paged_case(query_lens, context_lens, block_size=8, num_q_heads=6, num_kv_heads=2, head_dim=16, dtype=F32)
+    case.ref_k_cache, case.ref_v_cache = case.ref_k_cache.to(BF16), case.ref_v_cache.to(BF16)
+    got = reference.paged_attention(
+        case.q, case.ref_k_cache, case.ref_v_cache, case.meta, case.scale, window, compute_dtype=compute_dtype
+    )
+    assert got.dtype == F32 and got.shape == case.q.shape
+    expected = _attention_per_token(case, window)
+    torch.testing.assert_close(got.double(), expected, **TOL[compute_dtype])
+    # Softcapped scores are computed in fp32 whatever the compute dtype.
+    capped = reference.paged_attention(
+        case.q, case.ref_k_cache, case.ref_v_cache, case.meta, case.scale, window, SOFTCAP, compute_dtype=compute_dtype
+    )
+    torch.testing.assert_close(capped.double(), _attention_per_token(case, window, SOFTCAP), **TOL[F32])
+
+
+@pytest.mark.parametrize("pool_dtype", [F32, BF16])
+def test_cpu_attention_computes_a_bf16_pool_in_bf16_only_where_the_cpu_has_amx(paged_case, pool_dtype):
+    """folio's CPU kernels (CPU_OPS) attend over a bf16 pool in bf16 where torch runs it on
+    AMX, and in fp32 otherwise: exactly the reference in the dtype so chosen."""
+    case = paged_case([1, 1, 4], [20, 33, 9], block_size=8, num_q_heads=4, num_kv_heads=2, head_dim=16, dtype=F32)
+    k, v = case.ref_k_cache.to(pool_dtype), case.ref_v_cache.to(pool_dtype)
+    got = reference.cpu_paged_attention(case.q, k, v, case.meta, case.scale)
+    chosen = BF16 if pool_dtype == BF16 and amx_granted() else F32
+    attend = lambda dt: reference.paged_attention(case.q, k, v, case.meta, case.scale, compute_dtype=dt)  # noqa: E731
+    torch.testing.assert_close(got, attend(chosen), rtol=0, atol=0)
+    if pool_dtype == BF16:  # the two dtypes differ, so the equality above says which one ran
+        assert not torch.equal(attend(BF16), attend(F32))
+    assert CPU_OPS.paged_attention is reference.cpu_paged_attention
 
 
 def test_decode_plan_is_built_once_per_step_and_per_window(paged_case):

@@ -9,6 +9,8 @@ from dataclasses import replace
 import pytest
 
 from folio.protos import codec
+from folio.protos import worker_pb2 as pb
+from folio.protos.config import SchedulerConfig, WorkerConfig
 from folio.protos.grammar import Grammar
 from folio.protos.messages import (
     CachedRequest,
@@ -117,6 +119,29 @@ def test_step_result_round_trip():
         errors=[RequestError("f", "logit_bias token id 99999 is outside the vocabulary")],
     )
     assert codec.decode_step_result(_wire(codec.encode_step_result(result))) == result
+
+
+def test_load_request_round_trip_and_a_bad_value_refused():
+    """The worker's settings cross to the worker whole; a value out of range (a hostile
+    head's or a typo) is refused there before anything loads."""
+    worker = WorkerConfig(
+        model="/m.gguf",
+        device="cpu",
+        dtype="float32",
+        kernels="reference",
+        quantization="none",
+        kv_cache_dtype="bfloat16",
+        kv_cache_memory=1 << 28,
+        num_kv_blocks=100,
+        gpu_memory_utilization=0.5,
+    )
+    scheduler = SchedulerConfig(block_size=32, max_num_batched_tokens=256)
+    got_worker, got_scheduler = codec.decode_load_request(_wire(codec.encode_load_request(worker, scheduler)))
+    assert got_worker == worker
+    assert (got_scheduler.block_size, got_scheduler.max_num_batched_tokens) == (32, 256)
+    assert codec.decode_load_request(pb.LoadModelRequest())[0] == WorkerConfig()  # unset fields: the defaults
+    with pytest.raises(ValueError, match="kv_cache_dtype must be one of"):
+        codec.decode_load_request(pb.LoadModelRequest(kv_cache_dtype="float64"))
 
 
 def test_generated_code_matches_proto(tmp_path):

@@ -18,11 +18,11 @@ from folio.cluster.metrics import RequestMetrics
 from folio.cluster.replica import Replica, WorkerLoadError
 from folio.protos import worker_pb2 as pb
 from folio.protos.config import SchedulerConfig, WorkerConfig
-from folio.protos.messages import EngineRequest, SamplingParams
+from folio.protos.messages import EngineRequest, NewRequest, SamplingParams, StepRequest
 from folio.worker.kv_pool import GiB, KVPool, MemoryProfile, gpu_memory_budget
 from folio.worker.model_runner import ModelRunner
 from folio.worker.sampler import Sampler
-from folio.worker.worker import Worker, profile_step
+from folio.worker.worker import Worker, kv_cache_dtype, profile_step
 from tests.worker_processes import CREDENTIALS, WorkerProcesses
 
 MiB = 1 << 20
@@ -105,6 +105,50 @@ def test_serve_takes_a_gpu_memory_utilization():
     for bad in ("0", "1.5", "nan"):  # refused with a clear line before anything starts
         with pytest.raises(SystemExit, match="gpu_memory_utilization must be above 0 and at most 1"):
             serve_main(parser.parse_args(["serve", "--gpu-memory-utilization", bad]))
+
+
+# ------------------------------------------------------------------ the pool's dtype
+
+BF16, F32 = torch.bfloat16, torch.float32
+
+
+def test_kv_cache_dtype_auto_is_the_models_but_bf16_beside_quantized_weights_on_cpu():
+    assert kv_cache_dtype("auto", F32, "cpu", kept_quantized=True) == BF16
+    assert kv_cache_dtype("auto", F32, "cpu", kept_quantized=False) == F32
+    assert kv_cache_dtype("auto", F32, "reference", kept_quantized=True) == F32  # the references stay exact
+    assert kv_cache_dtype("auto", torch.float16, "cpu", kept_quantized=True) == torch.float16
+    assert kv_cache_dtype("auto", BF16, "triton", kept_quantized=True) == BF16
+    assert kv_cache_dtype("float32", F32, "cpu", kept_quantized=True) == F32
+    assert kv_cache_dtype("bfloat16", F32, "cpu", kept_quantized=False) == BF16
+    assert kv_cache_dtype("bfloat16", BF16, "triton", kept_quantized=False) == BF16
+    with pytest.raises(ValueError, match="--kv-cache-dtype float32 differs from the model's dtype .bfloat16."):
+        kv_cache_dtype("float32", BF16, "triton", kept_quantized=False)
+    with pytest.raises(ValueError, match="kv_cache_dtype must be one of auto, float32, bfloat16, float16"):
+        WorkerConfig(kv_cache_dtype="int8")
+    assert WorkerConfig(kv_cache_dtype=BF16).kv_cache_dtype == "bfloat16"  # a torch.dtype, by its name
+
+
+def test_the_bundled_gguf_gets_a_bf16_pool_of_twice_the_tokens():
+    """The default model (weights kept quantized, float32 on CPU) gets a bf16 pool by
+    default: twice the blocks of a float32 pool in the same bytes. Both serve."""
+    pools = {}
+    for option in ("auto", "float32"):
+        worker = Worker(WorkerConfig(device="cpu", kv_cache_dtype=option, kv_cache_memory=32 * MiB))
+        k, v = worker.pool.caches[0]
+        assert k.dtype == v.dtype == (BF16 if option == "auto" else F32)
+        assert worker.pool.nbytes <= 32 * MiB
+        pools[option] = worker.num_blocks
+        step = StepRequest(
+            step_id=1,
+            new_requests=[
+                NewRequest(
+                    "r", list(range(100, 140)), 40, SamplingParams(max_tokens=1, temperature=0), [0, 1, 2], 0, 40
+                )
+            ],
+        )
+        result = worker.execute_step(step)
+        assert not result.errors and len(result.outputs[0].token_ids) == 1
+    assert pools["auto"] // 2 == pools["float32"]  # whole blocks of half the bytes
 
 
 # ------------------------------------------------------------------ max_model_len against the pool

@@ -16,6 +16,7 @@ import pytest
 import torch
 from gguf.quants import dequantize
 
+from folio.kernels import quant
 from folio.kernels.interface import CPU_OPS, REFERENCE_OPS
 from folio.kernels.quant import QuantizedTensor, QuantizedWeight, dequantized_linear, int4pack_block_n, wide_path
 from folio.kernels.reference import quantized_linear
@@ -119,6 +120,22 @@ def test_wide_batches_decode_torchs_packed_int4_weight(bits, rows, gemm):
     # through quantized_linear: the wide path agrees with the kernel's rows
     few = quantized_linear(x[:8], w).float()
     torch.testing.assert_close(quantized_linear(x, w)[:8].float(), few, rtol=0, atol=0.02 * few.abs().max().item())
+
+
+@pytest.mark.parametrize("bits,rows", [(4, 208), (8, 1040)])  # each ends in a part of a row block
+def test_packing_a_slice_of_rows_at_a_time_gives_the_whole_weights_bytes(bits, rows, monkeypatch):
+    """torch's packing op widens codes to int32: folio packs INT4PACK_ROWS rows at a time
+    (SmolLM2's 8-bit embedding table would take 226 MB at once), which must give the bytes
+    one call on the whole weight gives."""
+    t = _random(bits, 32, n=rows)
+    whole = torch.ops.aten._convert_weight_to_int4pack_for_cpu
+    monkeypatch.setattr(quant, "INT4PACK_ROWS", 64)
+    w = QuantizedWeight(t, torch.bfloat16, "cpu")
+    if bits == 4:
+        want = whole(t.codes.to(torch.int32), 1)
+    else:  # two 4-bit terms, high codes re-centred (QuantizedWeight._pack_int4)
+        want = whole(torch.cat((t.codes >> 4, t.codes & 15), dim=1).to(torch.int32), 1)
+    assert w.int4pack_terms == (1 if bits == 4 else 2) and torch.equal(w.int4pack, want)
 
 
 def test_embedding_rows_dequantize_exactly():
@@ -259,7 +276,9 @@ def test_smollm2_kept_quantized_is_as_close_to_fp32_as_dense_bf16(smollm2_dense)
     logprobs of each stray from the fp32 model's no more than 1.5x as far as the
     dense bf16 model's do, and each keeps more than 3x less memory. The text is one
     prefill of more than wide_path().rows tokens: the wide path's GEMMs (bf16 ones
-    where AMX runs them) compute it."""
+    where AMX runs them) compute it. The fp32 model over a bf16 KV pool (what
+    --kv-cache-dtype auto gives it) decodes the text's last 16 tokens one step at a
+    time, so decode attention over bf16 K/V (in bf16 where AMX runs it) counts too."""
     dense, cfg = smollm2_dense
     from folio.worker.loader import load_tokenizer
 
@@ -281,9 +300,16 @@ def test_smollm2_kept_quantized_is_as_close_to_fp32_as_dense_bf16(smollm2_dense)
     (truth,) = _Pool(cfg).step(dense, [(_Seq(tokens), len(tokens))])
     truth = truth.log_softmax(-1)
     errors = {}
-    for name, dtype, q in [("dense bf16", bf16, "none"), ("kept bf16", bf16, "gguf"), ("kept fp32", fp32, "gguf")]:
+    one_prefill, then_decode = [len(tokens)], [len(tokens) - 16] + [1] * 16
+    for name, dtype, q, pool_dtype, steps in [
+        ("dense bf16", bf16, "none", bf16, one_prefill),
+        ("kept bf16", bf16, "gguf", bf16, one_prefill),
+        ("kept fp32", fp32, "gguf", fp32, one_prefill),
+        ("kept fp32, bf16 pool", fp32, "gguf", bf16, then_decode),
+    ]:
         model, qcfg = load_model(smollm2_path(), dtype=dtype, quantization=q, ops=CPU_OPS)
-        (out,) = _Pool(cfg, dtype=dtype).step(model, [(_Seq(tokens), len(tokens))])
+        seq, pool = _Seq(tokens), _Pool(cfg, dtype=pool_dtype)
+        out = torch.cat([pool.step(model, [(seq, n)])[0] for n in steps])
         out = out.float().log_softmax(-1)
         top = truth.argmax(-1, keepdim=True)
         errors[name] = (out.gather(1, top) - truth.gather(1, top)).abs().mean().item()
@@ -292,6 +318,7 @@ def test_smollm2_kept_quantized_is_as_close_to_fp32_as_dense_bf16(smollm2_dense)
             assert qcfg.quantization == "gguf" and _bytes(dense) / _bytes(model) > 3.0
     assert errors["kept bf16"] < 1.5 * errors["dense bf16"], errors
     assert errors["kept fp32"] < 1.5 * errors["dense bf16"], errors
+    assert errors["kept fp32, bf16 pool"] < 1.5 * errors["dense bf16"], errors
 
 
 def test_mixed_block_types_match_transformers_gguf_loader(model_dir):

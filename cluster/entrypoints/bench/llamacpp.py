@@ -252,8 +252,8 @@ def add_cli_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=os.cpu_count() or 2, help="llama-server's threads")
     p.add_argument("--json", default=None, help="also write the results here")
-    # How folio holds the weights: dense fp32 by default, or kept quantized in bf16 (as llama-server keeps them).
-    add_config_args(p, WorkerConfig, names=("dtype", "quantization", "speculative_model"))
+    # How folio holds the weights and its KV pool (its defaults, as `folio serve` has them).
+    add_config_args(p, WorkerConfig, names=("dtype", "quantization", "kv_cache_dtype", "speculative_model"))
     add_config_args(p, SchedulerConfig, names=("num_speculative_tokens", "speculative_max_batch"))
 
 
@@ -287,6 +287,7 @@ def main(args: argparse.Namespace) -> dict:
             max_num_seqs=max(slots, 1),
             dtype=args.dtype,
             quantization=args.quantization,
+            kv_cache_dtype=args.kv_cache_dtype,
             speculative_model=args.speculative_model,
             num_speculative_tokens=args.num_speculative_tokens,
             speculative_max_batch=args.speculative_max_batch,
@@ -309,6 +310,7 @@ def main(args: argparse.Namespace) -> dict:
         c, ours, theirs = row["concurrency"], row["folio_tok_s"], row["llama_server_tok_s"]
         print(f"{c:11d} {ours:12.1f} {theirs:13.1f} {row['ratio']:20.2f}x")
     result = {"model": model, "dtype": args.dtype, "quantization": args.quantization, "llama_server": binary}
+    result["kv_cache_dtype"] = args.kv_cache_dtype
     result["speculative_model"], result["num_speculative_tokens"] = args.speculative_model, args.num_speculative_tokens
     result["rows"], result["greedy_agreement"] = rows, agreement
     if args.json:
