@@ -97,8 +97,14 @@ def cpu_paged_attention(
     AMX, torch's CPU SDPA at one query row is 2-4x slower in bf16 than the gather,
     the widening and an fp32 SDPA together, so every other pool computes in fp32
     (`folio bench kernels` on a machine without a GPU measures both)."""
-    dt = torch.bfloat16 if k_cache.dtype == torch.bfloat16 and amx_granted() else torch.float32
-    return paged_attention(q, k_cache, v_cache, meta, scale, sliding_window, softcap, dt)
+    return paged_attention(
+        q, k_cache, v_cache, meta, scale, sliding_window, softcap, cpu_attention_dtype(k_cache.dtype)
+    )
+
+
+def cpu_attention_dtype(cache_dtype: torch.dtype) -> torch.dtype:
+    """What cpu_paged_attention computes in over a pool of cache_dtype on this CPU."""
+    return torch.bfloat16 if cache_dtype == torch.bfloat16 and amx_granted() else torch.float32
 
 
 def check_softcap(softcap: Optional[float]) -> None:

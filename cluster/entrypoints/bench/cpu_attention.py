@@ -58,7 +58,7 @@ def _case(batch: int, context: int) -> dict:
 
 
 def run_cpu_attention_bench() -> list[dict]:
-    picked = "bf16" if amx_granted() else "fp32"
+    picked = str(reference.cpu_attention_dtype(DTYPE)).removeprefix("torch.")
     print(
         f"CPU decode attention, {HQ}q/{HKV}kv heads x {HEAD_DIM}, {DTYPE} pool, blocks of {BLOCK}, one layer "
         f"(folio's CPU kernels compute it in {picked} here: AMX {'granted' if amx_granted() else 'absent'})"
