@@ -168,7 +168,9 @@ class QuantizedWeight(nn.Module):
     zero ([N, K/group], compute dtype), perm (act-order, else None). On CPU in a
     compute dtype of `int4pack_dtypes` (KernelOps.int4pack_dtypes), int4pack and
     int4pack_sz hold torch's packed form instead of codes (kept too when `gather`
-    rows is needed: an embedding table).
+    rows is needed: an embedding table). An embedding table of codes wider than 4
+    bits holds, where AMX runs bf16 GEMMs, a bf16 copy (bf16_copy) instead of both
+    (_exact_bf16_copy).
     """
 
     def __init__(
@@ -186,23 +188,69 @@ class QuantizedWeight(nn.Module):
         self.register_buffer("int4pack", None)
         self.register_buffer("int4pack_sz", None)
         self.int4pack_terms = 0
-        if torch.device(device).type == "cpu" and dtype in int4pack_dtypes and int4pack_fits(t.group, t.shape[0]):
+        self.register_buffer("bf16_copy", None)
+        self.register_buffer("scale", t.scale.to(device=device, dtype=dtype).contiguous())
+        self.register_buffer("zero", t.zero.to(device=device, dtype=dtype).contiguous())
+        cpu_int4 = (
+            torch.device(device).type == "cpu" and dtype in int4pack_dtypes and int4pack_fits(t.group, t.shape[0])
+        )
+        if cpu_int4 and gather and t.bits > 4 and amx_granted():
+            self.bf16_copy = self._exact_bf16_copy(t)
+        if cpu_int4 and self.bf16_copy is None:
             self._pack_int4(t)
         codes = t.codes
         if t.bits == 4:
             codes = codes[:, 0::2] | (codes[:, 1::2] << 4)
-        keep_codes = gather or self.int4pack is None
+        keep_codes = self.bf16_copy is None and (gather or self.int4pack is None)
         self.register_buffer("codes", codes.to(device).contiguous() if keep_codes else None)
-        self.register_buffer("scale", t.scale.to(device=device, dtype=dtype).contiguous())
-        self.register_buffer("zero", t.zero.to(device=device, dtype=dtype).contiguous())
 
     @property
     def rounds_to_bf16(self) -> bool:
-        """torch's int4 kernel returns bfloat16: in a wider compute dtype its output is rounded."""
-        return self.int4pack is not None and self.dtype != torch.bfloat16
+        """torch's int4 kernel returns bfloat16, as does a GEMM over the bf16 copy: in a
+        wider compute dtype their output is rounded."""
+        return (self.int4pack is not None or self.bf16_copy is not None) and self.dtype != torch.bfloat16
+
+    def _exact_bf16_copy(self, t: QuantizedTensor) -> Optional[torch.Tensor]:
+        """The dequantized weight rounded to bf16, in place of the codes and torch's
+        packed form, where the codes can be read back from it exactly; else None.
+
+        An embedding table that doubles as the LM head (SmolLM2 ties its head to
+        the Q8_0 table, as most GGUFs do) keeps its codes for gathers and for the
+        exact top logits, and for the matmul torch's int4 kernel multiplies 8-bit
+        codes as two 4-bit terms: 2 bytes a weight in all, and the kernel's cost
+        grows with every 4 rows (12.1 ms at 16 rows for SmolLM2's 49152 x 576 head,
+        55 ms at 64 through the wide path). A bf16 copy is the same 2 bytes, and
+        AMX's bf16 GEMM over it takes 3.0 and 5.3 ms (2.1 ms at one row, against
+        the kernel's 1.6). The codes come back from it: bf16 keeps 8 significant
+        bits, so |copy - w| <= |w| 2^-9, which for w = (q - mid) s (zero 0, as
+        Q8_0 and symmetric schemes have) is at most mid s 2^-9 < s / 2 below 9
+        bits. Whether it holds for this tensor's zeros is checked (the weights the
+        codes read back decode to), not assumed."""
+        copy = torch.empty(t.shape, dtype=torch.bfloat16)
+        step = max(1, BF16_COPY_CHUNK // self.in_features)  # fp32 a slice at a time: the transient stays small
+        for r in range(0, self.out_features, step):
+            rows = slice(r, r + step)
+            scale, zero = self.scale[rows], self.zero[rows]
+            w = _dequantize(t.codes[rows], scale, zero, t.bits, None, self.dtype)
+            copy[rows] = w
+            if not torch.equal(self._from_copy(copy[rows], scale, zero), w):
+                return None
+        return copy
+
+    def _from_copy(self, copy: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+        """Rows of the weight in the compute dtype, read back from the bf16 copy (see
+        _exact_bf16_copy): q - mid = round((copy - zero) / scale), then decoded as
+        _dequantize decodes codes, to the same bits. A row of scale 0 (vocabulary
+        padding) is its zero whatever its codes."""
+        n, k = copy.shape
+        s, z = scale.float().unsqueeze(-1), zero.float().unsqueeze(-1)
+        centred = torch.round((copy.float().view(n, -1, self.group) - z) / torch.where(s == 0, 1.0, s))
+        return (centred * s + z).view(n, k).to(self.dtype)
 
     def unpacked_codes(self, rows: Optional[torch.Tensor | slice] = None) -> torch.Tensor:
         """uint8 [n, K], one code per byte (all rows, or those rows selects)."""
+        if self.codes is None and self.bf16_copy is not None:
+            raise ValueError("this weight keeps a bf16 copy in place of its codes: dequantize() reads it")
         codes = _select_rows(self.codes, rows)
         if self.bits != 4:
             return codes
@@ -212,6 +260,8 @@ class QuantizedWeight(nn.Module):
         """[N, K] (or the rows an index tensor or slice selects) in the compute dtype,
         columns in stored order (apply perm to x, not to this)."""
         scale, zero = _select_rows(self.scale, rows), _select_rows(self.zero, rows)
+        if self.codes is None and self.bf16_copy is not None:
+            return self._from_copy(_select_rows(self.bf16_copy, rows), scale, zero)
         return _dequantize(self.unpacked_codes(rows), scale, zero, self.bits, None, self.dtype)
 
     def _pack_int4(self, t: QuantizedTensor) -> None:
@@ -292,11 +342,14 @@ class QuantizedWeight(nn.Module):
         return torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0]
 
     def extra_repr(self) -> str:
-        kernel = "int4pack" if self.int4pack is not None else "dequantize"
+        kernel = (
+            "int4pack" if self.int4pack is not None else "bf16 copy" if self.bf16_copy is not None else "dequantize"
+        )
         return f"{self.out_features}x{self.in_features}, {self.bits} bits, group {self.group}, {kernel}"
 
 
 INT4PACK_ROWS = 1024  # rows packed at a time: whole row blocks of every width (int4pack_block_n)
+BF16_COPY_CHUNK = 1 << 22  # weights dequantized at a time while a bf16 copy is made
 
 
 def int4pack_fits(group: int, rows: int) -> bool:

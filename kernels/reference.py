@@ -354,11 +354,18 @@ def quantized_linear(x: torch.Tensor, w: QuantizedWeight, bias: Optional[torch.T
     """x [T, K] -> [T, N] through a group-quantized weight (kernels/quant.py), in
     the weight's compute dtype: torch's CPU int4 kernel where the weight was
     packed for it (KernelOps.int4pack_dtypes), from wide_path().rows rows on GEMMs
-    over the weight decoded from that packed form, else dequantize and multiply."""
-    if w.int4pack is None:
+    over the weight decoded from that packed form, or a GEMM over its bf16 copy where
+    it has one (QuantizedWeight._exact_bf16_copy), else dequantize and multiply."""
+    if w.int4pack is None and w.bf16_copy is None:
         return dequantized_linear(x, w, bias)
     if w.perm is not None:
         x = x.index_select(-1, w.perm)
+    if w.bf16_copy is not None:
+        x = x.to(torch.bfloat16)
+        # At one row torch.mv reads the copy 1.7x faster than oneDNN's GEMM, to the same sums.
+        y = torch.mv(w.bf16_copy, x[0]).unsqueeze(0) if x.shape[0] == 1 else F.linear(x, w.bf16_copy)
+        y = y.to(w.dtype)
+        return y if bias is None else y + bias
     wide = wide_path()
     y = w.int4pack_dense_matmul(x, wide.dtype) if x.shape[0] >= wide.rows else None
     # Rounded to bf16 as the kernel rounds its output, so that a row computes (nearly)

@@ -14,6 +14,7 @@ import gguf
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from gguf.quants import dequantize
 
 from folio.kernels import quant
@@ -58,12 +59,14 @@ def test_gguf_blocks_of_the_wrong_size_are_refused():
 # ------------------------------------------------------------------ the form and its matmul
 
 
-def _random(bits: int, group: int, n: int = 64, k: int = 256, perm: bool = False, seed: int = 0) -> QuantizedTensor:
+def _random(
+    bits: int, group: int, n: int = 64, k: int = 256, perm: bool = False, seed: int = 0, symmetric: bool = False
+) -> QuantizedTensor:
     g = torch.Generator().manual_seed(seed)
     return QuantizedTensor(
         torch.randint(0, 1 << bits, (n, k), generator=g).to(torch.uint8),
         torch.rand(n, k // group, generator=g) * 0.02,
-        torch.randn(n, k // group, generator=g) * 0.02,
+        torch.randn(n, k // group, generator=g) * (0 if symmetric else 0.02),
         bits,
         group,
         torch.randperm(k, generator=g) if perm else None,
@@ -145,18 +148,22 @@ def test_embedding_rows_dequantize_exactly():
     assert torch.equal(w.dequantize(ids), t.dequantize()[ids])
 
 
+@pytest.mark.parametrize("amx", [True, False])
 @pytest.mark.parametrize("bits", [4, 8])
-def test_a_float32_models_top_logits_are_float32_where_the_int4_kernel_rounds(bits):
+def test_a_float32_models_top_logits_are_float32_where_the_int4_kernel_rounds(bits, amx, monkeypatch):
     """In a float32 model torch's int4 kernel still returns bf16 logits (a grid of
-    0.125 at 20, where the top two often tie); each row's top EXACT_TOP_LOGITS are
-    recomputed from the dequantized rows, the rest keep the kernel's rounding."""
+    0.125 at 20, where the top two often tie), as does the GEMM over an 8-bit head's
+    bf16 copy (with AMX); each row's top EXACT_TOP_LOGITS are recomputed from the
+    dequantized rows, the rest keep the kernel's rounding."""
     from folio.worker.parallel import EXACT_TOP_LOGITS, VocabParallelEmbedding
 
+    monkeypatch.setattr(quant, "amx_granted", lambda: amx)  # without AMX the copy's GEMM is only slower
     vocab, hidden, rows = 512, 256, 70  # 70 rows: more than one refined chunk
-    t = _random(bits, 32, n=vocab, k=hidden)
+    t = _random(bits, 32, n=vocab, k=hidden, symmetric=True)  # as Q8_0
     head = VocabParallelEmbedding(vocab, hidden, TPGroup(), torch.float32, "cpu", CPU_OPS)
     head.load(0, "weight", t)
     assert head.weight.rounds_to_bf16()
+    assert (head.weight.runs[0].bf16_copy is not None) == (bits == 8 and amx)
     h = torch.randn(rows, hidden, generator=torch.Generator().manual_seed(1)) * 40
     got = head.logits(h)
     want = h.double() @ t.dequantize().double().T
@@ -165,6 +172,55 @@ def test_a_float32_models_top_logits_are_float32_where_the_int4_kernel_rounds(bi
     assert torch.equal(got.argmax(-1), want.argmax(-1))
     rest = torch.ones_like(got, dtype=torch.bool).scatter_(1, top, False)
     assert torch.equal(got[rest], head.weight(h).float()[rest])  # elsewhere the kernel's bf16
+
+
+@pytest.mark.parametrize("amx", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bits,group", [(4, 32), (8, 32), (6, 64)])
+def test_an_embedding_table_of_wide_codes_keeps_an_exact_bf16_copy_where_amx_runs_it(
+    bits, group, dtype, amx, monkeypatch
+):
+    """Codes wider than 4 bits cost torch's int4 kernel two terms. Where AMX runs bf16
+    GEMMs, an embedding table (kept codes for gathers, the packed form for the tied LM
+    head's matmul) holds one bf16 copy instead of both, in no more bytes, and reads its
+    rows back from it to the bit; elsewhere, and for 4-bit codes, nothing changes."""
+    monkeypatch.setattr(quant, "amx_granted", lambda: amx)
+    monkeypatch.setattr(quant, "BF16_COPY_CHUNK", 3 * 256)  # made (and checked) a slice of rows at a time
+    t = _random(bits, group, n=512, symmetric=True)  # as Q8_0, Q6_K and symmetric GPTQ
+    t.scale[-3:] = 0  # vocabulary padding: zero rows whatever their codes
+    t.zero[-3:] = 0
+    want = quant._dequantize(t.codes, t.scale.to(dtype), t.zero.to(dtype), bits, None, dtype)
+
+    w = QuantizedWeight(t, dtype, "cpu", gather=True, int4pack_dtypes=CPU_OPS.int4pack_dtypes)
+    copied = bits > 4 and amx
+    assert (w.bf16_copy is not None) == copied
+    ids = torch.tensor([7, 0, 511, 7, 300])
+    assert torch.equal(w.dequantize(ids), want[ids]) and torch.equal(w.dequantize(), want)
+    x = torch.randn(5, 256, generator=torch.Generator().manual_seed(4))
+    exact = x.double() @ want.double().T
+    for rows in (1, 5):  # one row through torch.mv, more through the GEMM
+        got = quantized_linear(x[:rows], w)
+        assert got.dtype == dtype
+        torch.testing.assert_close(got.double(), exact[:rows], rtol=0, atol=0.01 * exact.abs().max().item())
+    if not copied:
+        return
+    assert w.codes is None and w.int4pack is None and torch.equal(w.bf16_copy, want.bfloat16())
+    assert torch.equal(quantized_linear(x, w).float(), F.linear(x.bfloat16(), w.bf16_copy).to(dtype).float())
+    monkeypatch.setattr(quant, "amx_granted", lambda: False)
+    plain = QuantizedWeight(t, dtype, "cpu", gather=True, int4pack_dtypes=CPU_OPS.int4pack_dtypes)
+    assert _bytes(w) <= _bytes(plain)
+    assert QuantizedWeight(t, dtype, "cpu", int4pack_dtypes=CPU_OPS.int4pack_dtypes).bf16_copy is None  # not a table
+
+
+def test_a_bf16_copy_whose_codes_do_not_read_back_is_not_kept(monkeypatch):
+    """Far from zero (an asymmetric 8-bit scheme's large zero point), bf16's 8 significant
+    bits no longer pin the code: the table keeps its codes and packed form."""
+    monkeypatch.setattr(quant, "amx_granted", lambda: True)
+    t = _random(8, 32, n=64, symmetric=True)
+    t.zero.fill_(1000.0 * t.scale.max().item())
+    w = QuantizedWeight(t, torch.float32, "cpu", gather=True, int4pack_dtypes=CPU_OPS.int4pack_dtypes)
+    assert w.bf16_copy is None and w.codes is not None and w.int4pack is not None
+    assert torch.equal(w.dequantize(), t.dequantize())
 
 
 def test_tensor_parallel_column_cuts_keep_whole_groups():
@@ -233,7 +289,10 @@ def test_cpu_default_keeps_a_gguf_quantized_where_torchs_int4_kernel_takes_every
     model, cfg = load_model(smollm2_path())
     weights = [m for m in model.modules() if isinstance(m, QuantizedWeight)]
     assert cfg.quantization == "gguf" and len(weights) == 30 * 4 + 1  # qkv, o, gate_up, down; the embedding
-    assert all(w.int4pack is not None and w.dtype == torch.float32 for w in weights)
+    assert all(w.dtype == torch.float32 for w in weights)
+    assert all(w.int4pack is not None for w in weights[1:])
+    # the Q8_0 embedding (the tied head): a bf16 copy where AMX runs bf16 GEMMs, else packed
+    assert (weights[0].bf16_copy is not None, weights[0].int4pack is None) == (quant.amx_granted(),) * 2
     assert load_model(smollm2_path(), ops=REFERENCE_OPS)[1].quantization is None
     assert load_model(mixed)[1].quantization is None
     assert load_model(mixed, quantization="gguf")[1].quantization == "gguf"
