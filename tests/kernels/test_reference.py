@@ -153,6 +153,23 @@ def test_decode_plan_is_built_once_per_step_and_per_window(paged_case):
     assert len(case.meta.derived) == 2
 
 
+def test_layers_sharing_a_plan_gather_into_its_buffers_and_each_sees_its_own_cache(paged_case):
+    """The plan's gather buffers are reused by every layer of the step: a second layer
+    (another cache, same metadata) must read its own K/V, not what the first left there,
+    and the first layer's output must not change when the buffers are overwritten."""
+    case = paged_case([1, 1, 1], [4, 20, 33], block_size=8, num_q_heads=4, num_kv_heads=2, head_dim=8, dtype=F32)
+    other_k, other_v = torch.randn_like(case.ref_k_cache), torch.randn_like(case.ref_v_cache)
+    first = reference.paged_attention(case.q, case.ref_k_cache, case.ref_v_cache, case.meta, case.scale)
+    kept = first.clone()
+    second = reference.paged_attention(case.q, other_k, other_v, case.meta, case.scale)
+    (plan,) = case.meta.derived.values()
+    assert all(g.scratch is not None for g in plan)
+    torch.testing.assert_close(first, kept, rtol=0, atol=0)
+    torch.testing.assert_close(first, _attention_per_token(case, None).float(), **TOL[F32])
+    case.ref_k_cache, case.ref_v_cache = other_k, other_v
+    torch.testing.assert_close(second, _attention_per_token(case, None).float(), **TOL[F32])
+
+
 def _rope_per_element(positions, x, cos_sin_cache):
     """Hugging Face's rotate-half formula, spelled out per feature pair in fp64."""
     half = cos_sin_cache.shape[-1] // 2
