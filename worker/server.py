@@ -52,6 +52,11 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         self._load_called = False  # one LoadModel per worker, even when calls overlap
         self._session_opened = False  # one step session per loaded model, ever
         self.stopped = asyncio.Event()  # set by Shutdown; the server's owner stops it
+        # Loading and every step run on this one thread. Beyond keeping steps in order, on
+        # CPU it keeps torch's OpenMP pool to one team: once a parallel region has run on a
+        # second thread, libgomp counts more threads than cores and stops spinning between
+        # regions, and every later step (a thousand regions) waits on futex wake-ups. One
+        # parallel op on another thread made the bundled model's one-stream step 1.9x slower.
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="folio-step")
 
     async def LoadModel(self, request: pb.LoadModelRequest, context) -> pb.LoadModelResponse:
