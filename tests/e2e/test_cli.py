@@ -160,17 +160,22 @@ def test_offline_commands_load_without_ray_or_the_http_stack():
 def test_kernel_bench_without_a_gpu_times_cpu_decode_attention_and_int4_matmul(tmp_path, monkeypatch):
     """Without CUDA, `folio bench kernels` times the CPU decode attention over a bf16
     pool in fp32 and in bf16 and writes both, with how far apart they are, and
-    the int4 kernel against the wide-batch path's fp32 and bf16 GEMMs by rows."""
+    the int4 kernel against the wide-batch path's fp32 and bf16 GEMMs by rows, and an
+    8-bit LM head as two int4 terms against its bf16 copy's products."""
     from folio.cluster.entrypoints.bench import cpu_attention, cpu_quant
     from folio.cluster.entrypoints.bench.kernels import run_kernel_bench
 
     monkeypatch.setattr(cpu_attention, "CASES", ((2, 40),))
     monkeypatch.setattr(cpu_quant, "ROWS", (1, 8))
+    monkeypatch.setattr(cpu_quant, "HEAD_SHAPE", (4096, 576))
+    monkeypatch.setattr(cpu_quant, "HEAD_ROWS", (1, 8))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    row, *quant = run_kernel_bench(str(tmp_path))
-    assert json.loads((tmp_path / "kernel_bench.json").read_text()) == [row, *quant]
+    row, *quant, head1, head8 = run_kernel_bench(str(tmp_path))
+    assert json.loads((tmp_path / "kernel_bench.json").read_text()) == [row, *quant, head1, head8]
     assert (row["batch"], row["context"]) == (2, 40)
     assert row["fp32_us"] > 0 and row["bf16_us"] > 0
     assert 0 < row["max_abs_diff"] < 2e-2  # the two differ by bf16 rounding only
     assert [(r["kind"], r["rows"]) for r in quant] == [("cpu-int4", 1), ("cpu-int4", 8)]
     assert all(r["int4_ms"] > 0 and r["wide_ms"] > 0 and r["wide_bf16_ms"] > 0 for r in quant)
+    assert [(r["kind"], r["rows"]) for r in (head1, head8)] == [("cpu-lm-head", 1), ("cpu-lm-head", 8)]
+    assert all(r["terms_ms"] > 0 and r["copy_ms"] > 0 and r["onednn_ms"] > 0 for r in (head1, head8))

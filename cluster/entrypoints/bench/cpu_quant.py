@@ -6,6 +6,13 @@ at each row count. kernels/reference.quantized_linear switches from the kernel t
 the wide path at wide_path().rows rows, in wide_path().dtype; this is the
 measurement that places both (bf16 GEMMs pay where AMX runs them).
 
+Then the LM head: SmolLM2's 49152 x 576 tied embedding, 8-bit codes in groups of 32
+(the GGUF's Q8_0), through torch's int4 kernel as two 4-bit terms and through a
+dense bf16 copy (what an embedding table of wider codes keeps where AMX runs bf16
+GEMMs: QuantizedWeight._exact_bf16_copy), in folio's form (reference._bf16_copy_matmul:
+torch.mv at one row, copy @ x^T up to BF16_COPY_TRANSPOSED_ROWS) and as oneDNN's
+x @ copy^T.
+
 Times are the best of seven rounds over the four projections, wall clock; the
 paths alternate within each round, so a change in the machine's speed hits all.
 
@@ -18,10 +25,13 @@ import time
 
 import torch
 
-from folio.kernels.quant import QuantizedTensor, QuantizedWeight, int4pack_block_n, wide_path
+from folio.kernels import reference
+from folio.kernels.quant import QuantizedTensor, QuantizedWeight, amx_granted, int4pack_block_n, wide_path
 
 SHAPES = ((960, 576), (576, 576), (3072, 576), (576, 1536))  # qkv, o, gate_up, down: (out, in)
 ROWS = (1, 16, 64, 96, 128, 192, 256, 512)
+HEAD_SHAPE = (49152, 576)
+HEAD_ROWS = (1, 4, 16, 32, 64)
 
 
 def _layer() -> list[QuantizedWeight]:
@@ -70,4 +80,42 @@ def run_cpu_quant_bench() -> list[dict]:
             rows.append(dict(kind="cpu-int4", rows=m, int4_ms=ms["int4"], wide_ms=ms["fp32"], wide_bf16_ms=ms["bf16"]))
             times = " ".join(f"{ms[name]:>7.2f} ms" for name in ("fp32", "bf16"))
             print(f"{m:>5} {ms['int4']:>9.2f} ms {times} {ms['int4'] / chosen_ms:>10.2f}x", flush=True)
+    return rows
+
+
+def run_cpu_head_bench() -> list[dict]:
+    n, k = HEAD_SHAPE
+    g = torch.Generator().manual_seed(0)
+    t = QuantizedTensor(
+        torch.randint(0, 256, (n, k), generator=g).to(torch.uint8),
+        torch.rand(n, k // 32, generator=g) * 0.002,
+        torch.zeros(n, k // 32),
+        8,
+        32,
+    )
+    terms = QuantizedWeight(t, torch.float32, "cpu", int4pack_dtypes=(torch.float32,))
+    copy = t.dequantize().bfloat16()
+    used = "the bf16 copy (AMX)" if amx_granted() else "two int4 terms (no AMX)"
+    print(f"CPU LM head {n}x{k}, 8-bit codes in groups of 32, float32 model; folio uses {used} here")
+    print(f"{'rows':>5} {'two int4 terms':>15} {'bf16 copy':>10} {'oneDNN x @ copy^T':>18}")
+    paths = {
+        "terms": lambda x: terms.int4pack_matmul(x),
+        "copy": lambda x: reference._bf16_copy_matmul(x.bfloat16(), copy, torch.float32),
+        "onednn": lambda x: torch.nn.functional.linear(x.bfloat16(), copy).float(),
+    }
+    rows = []
+    with torch.inference_mode():
+        for m in HEAD_ROWS:
+            x = torch.randn(m, k)
+            best = dict.fromkeys(paths, float("inf"))
+            for _ in range(7):
+                for name, path in paths.items():
+                    start = time.perf_counter()
+                    path(x)
+                    best[name] = min(best[name], time.perf_counter() - start)
+            ms = {name: v * 1e3 for name, v in best.items()}
+            rows.append(
+                dict(kind="cpu-lm-head", rows=m, terms_ms=ms["terms"], copy_ms=ms["copy"], onednn_ms=ms["onednn"])
+            )
+            print(f"{m:>5} {ms['terms']:>12.2f} ms {ms['copy']:>7.2f} ms {ms['onednn']:>15.2f} ms", flush=True)
     return rows

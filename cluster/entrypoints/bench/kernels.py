@@ -250,9 +250,10 @@ def run_kernel_bench(
     measurement, and write kernel_bench.json and kernel_bench.txt to out_dir."""
     if not torch.cuda.is_available():
         from folio.cluster.entrypoints.bench.cpu_attention import run_cpu_attention_bench
-        from folio.cluster.entrypoints.bench.cpu_quant import run_cpu_quant_bench
+        from folio.cluster.entrypoints.bench.cpu_quant import run_cpu_head_bench, run_cpu_quant_bench
 
-        return _write(run_cpu_attention_bench() + run_cpu_quant_bench(), out_dir, json.dumps)
+        rows = run_cpu_attention_bench() + run_cpu_quant_bench() + run_cpu_head_bench()
+        return _write(rows, out_dir, json.dumps)
     device = torch.device("cuda")
     props = torch.cuda.get_device_properties(device)
     peak = peak_bandwidth_tbps(props.name, peak_tbps)
