@@ -250,7 +250,7 @@ class QuantizedWeight(nn.Module):
 
     def unpacked_codes(self, rows: Optional[torch.Tensor | slice] = None) -> torch.Tensor:
         """uint8 [n, K], one code per byte (all rows, or those rows selects)."""
-        if self.codes is None and self.bf16_copy is not None:
+        if self.bf16_copy is not None:  # it holds no codes
             raise ValueError("this weight keeps a bf16 copy in place of its codes: dequantize() reads it")
         codes = _select_rows(self.codes, rows)
         if self.bits != 4:
@@ -261,7 +261,7 @@ class QuantizedWeight(nn.Module):
         """[N, K] (or the rows an index tensor or slice selects) in the compute dtype,
         columns in stored order (apply perm to x, not to this)."""
         scale, zero = _select_rows(self.scale, rows), _select_rows(self.zero, rows)
-        if self.codes is None and self.bf16_copy is not None:
+        if self.bf16_copy is not None:  # it holds no codes
             return self._from_copy(_select_rows(self.bf16_copy, rows), scale, zero)
         return _dequantize(self.unpacked_codes(rows), scale, zero, self.bits, None, self.dtype)
 

@@ -22,6 +22,7 @@ paths alternate within each round, so a change in the machine's speed hits all.
 from __future__ import annotations
 
 import time
+from typing import Callable
 
 import torch
 
@@ -59,23 +60,16 @@ def run_cpu_quant_bench() -> list[dict]:
     wide = wide_path()
     chosen = f"(wide from {wide.rows} rows, {str(wide.dtype).removeprefix('torch.')} GEMMs)"
     print(f"{'rows':>5} {'int4 kernel':>12} {'wide fp32':>10} {'wide bf16':>10} {'int4 / wide':>11}   {chosen}")
-    paths = {
-        "int4": lambda w, x: w.int4pack_matmul(x),
-        "fp32": lambda w, x: w.int4pack_dense_matmul(x, torch.float32),
-        "bf16": lambda w, x: w.int4pack_dense_matmul(x, torch.bfloat16),
+    paths = {  # each over the layer's four projections
+        "int4": lambda xs: [w.int4pack_matmul(x) for w, x in zip(layer, xs)],
+        "fp32": lambda xs: [w.int4pack_dense_matmul(x, torch.float32) for w, x in zip(layer, xs)],
+        "bf16": lambda xs: [w.int4pack_dense_matmul(x, torch.bfloat16) for w, x in zip(layer, xs)],
     }
     rows = []
     with torch.inference_mode():
         for m in ROWS:
             xs = [torch.randn(m, k).bfloat16() for _, k in SHAPES]
-            best = dict.fromkeys(paths, float("inf"))
-            for _ in range(7):
-                for name, path in paths.items():
-                    start = time.perf_counter()
-                    for w, x in zip(layer, xs):
-                        path(w, x)
-                    best[name] = min(best[name], time.perf_counter() - start)
-            ms = {name: t * 1e3 for name, t in best.items()}
+            ms = _best_ms(paths, xs)
             chosen_ms = ms["fp32" if wide.dtype == torch.float32 else "bf16"]
             rows.append(dict(kind="cpu-int4", rows=m, int4_ms=ms["int4"], wide_ms=ms["fp32"], wide_bf16_ms=ms["bf16"]))
             times = " ".join(f"{ms[name]:>7.2f} ms" for name in ("fp32", "bf16"))
@@ -107,15 +101,21 @@ def run_cpu_head_bench() -> list[dict]:
     with torch.inference_mode():
         for m in HEAD_ROWS:
             x = torch.randn(m, k)
-            best = dict.fromkeys(paths, float("inf"))
-            for _ in range(7):
-                for name, path in paths.items():
-                    start = time.perf_counter()
-                    path(x)
-                    best[name] = min(best[name], time.perf_counter() - start)
-            ms = {name: v * 1e3 for name, v in best.items()}
+            ms = _best_ms(paths, x)
             rows.append(
                 dict(kind="cpu-lm-head", rows=m, terms_ms=ms["terms"], copy_ms=ms["copy"], onednn_ms=ms["onednn"])
             )
             print(f"{m:>5} {ms['terms']:>12.2f} ms {ms['copy']:>7.2f} ms {ms['onednn']:>15.2f} ms", flush=True)
     return rows
+
+
+def _best_ms(paths: dict[str, Callable], arg, rounds: int = 7) -> dict[str, float]:
+    """Each path's best wall time in ms on arg over `rounds` rounds; the paths alternate
+    within a round, so a change in the machine's speed hits all of them."""
+    best = dict.fromkeys(paths, float("inf"))
+    for _ in range(rounds):
+        for name, path in paths.items():
+            start = time.perf_counter()
+            path(arg)
+            best[name] = min(best[name], time.perf_counter() - start)
+    return {name: t * 1e3 for name, t in best.items()}
