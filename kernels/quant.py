@@ -318,7 +318,8 @@ class QuantizedWeight(nn.Module):
         block = int4pack_block_n()
         if block is None or self.out_features % block:
             return None
-        x = self._per_term(x.to(torch.bfloat16)).to(dtype)  # the kernel's inputs: bf16
+        rows = x.shape[0]
+        x = gemm_rows(self._per_term(x.to(torch.bfloat16)).to(dtype))  # the kernel's inputs: bf16
         k = x.shape[-1]
         packed = self.int4pack.view(self.out_features // block, k, block // 2)
         scale, zero = (t.contiguous() for t in self.int4pack_sz.float().unbind(-1))  # [K'/group, N] each
@@ -340,7 +341,8 @@ class QuantizedWeight(nn.Module):
             if narrow is not None:
                 w = narrow[: k * n].view(k, n).copy_(w)
             parts.append(x @ w)
-        return torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0]
+        y = torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0]
+        return y[:rows]
 
     def extra_repr(self) -> str:
         kernel = (
@@ -414,6 +416,41 @@ def wide_path() -> WidePath:
     return WidePath(64, torch.bfloat16) if amx_granted() else WidePath(160, torch.float32)
 
 
+# oneDNN, which runs torch's bfloat16 and float16 GEMMs on CPU, JIT-builds a kernel for
+# every shape it meets and caches it. A step's row count is the tokens it carries, so a
+# step with a prompt in it nearly always met a new one: on the AMX VM a 148 x 576 x 3072
+# bf16 product took 4.3 ms at a row count not seen before against 0.4 ms at one seen
+# (float32 GEMMs go through MKL and build nothing). Rows are padded up to a multiple of
+# this; AMX multiplies tiles of 16 rows, so the padding adds next to no arithmetic.
+GEMM_ROW_BUCKET = 16
+
+
+def gemm_rows(x: torch.Tensor) -> torch.Tensor:
+    """x [T, K], zero-padded below to a multiple of GEMM_ROW_BUCKET rows where a CPU GEMM
+    in a 16-bit dtype would otherwise meet a row count it may not have a kernel for; the
+    caller keeps the first T rows of the product. Up to GEMM_ROW_BUCKET rows (decode
+    steps) there are few row counts, and x is returned as it is."""
+    rows = x.shape[0]
+    if (
+        x.dim() != 2
+        or x.device.type != "cpu"
+        or x.dtype not in (torch.bfloat16, torch.float16)
+        or rows <= GEMM_ROW_BUCKET
+        or rows % GEMM_ROW_BUCKET == 0
+    ):
+        return x
+    padded = x.new_zeros(-(-rows // GEMM_ROW_BUCKET) * GEMM_ROW_BUCKET, x.shape[1])
+    padded[:rows] = x
+    return padded
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """F.linear, its rows padded as gemm_rows says."""
+    padded = gemm_rows(x)
+    y = F.linear(padded, weight, bias)
+    return y if padded is x else y[: x.shape[0]]
+
+
 # Weight elements dequantized at a time: the slice stays in a core's L2 cache
 # while it is multiplied, and the transient stays small (an LM head of 49152 x
 # 576 would be 113 MB in fp32 at once). AMX's bf16 GEMMs run faster on wider
@@ -430,9 +467,10 @@ def dequantized_linear(x: torch.Tensor, w: QuantizedWeight, bias: Optional[torch
     x = x.to(w.dtype)
     step = max(16, DEQUANTIZE_CHUNK // w.in_features)
     if step >= w.out_features:
-        return F.linear(x, w.dequantize(), bias)
+        return linear(x, w.dequantize(), bias)
+    padded = gemm_rows(x)
     parts = []
     for r in range(0, w.out_features, step):
         rows = slice(r, r + step)
-        parts.append(F.linear(x, w.dequantize(rows), None if bias is None else bias[rows]))
-    return torch.cat(parts, dim=-1)
+        parts.append(F.linear(padded, w.dequantize(rows), None if bias is None else bias[rows]))
+    return torch.cat(parts, dim=-1)[: x.shape[0]]

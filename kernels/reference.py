@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from folio.kernels.metadata import AttentionMetadata
-from folio.kernels.quant import QuantizedWeight, amx_granted, dequantized_linear, wide_path
+from folio.kernels.quant import QuantizedWeight, amx_granted, dequantized_linear, linear, wide_path
 
 
 def write_kv(
@@ -345,8 +345,8 @@ def fused_moe(
     out = torch.zeros_like(x)
     for e in torch.unique(topk_ids).tolist():
         tokens, slot = torch.where(topk_ids == e)  # [n] each: the (token, slot) pairs routed to e
-        y = silu_and_mul(F.linear(x[tokens], w13[e]))  # [n, I]
-        y = F.linear(y, w2[e]) * topk_weights[tokens, slot, None]  # [n, H]
+        y = silu_and_mul(linear(x[tokens], w13[e]))  # [n, I]
+        y = linear(y, w2[e]) * topk_weights[tokens, slot, None]  # [n, H]
         out.index_add_(0, tokens, y.to(out.dtype))
     return out
 
@@ -409,4 +409,4 @@ def _bf16_copy_matmul(x: torch.Tensor, copy: torch.Tensor, dtype: torch.dtype) -
         return torch.mv(copy, x[0]).unsqueeze(0).to(dtype)
     if rows <= BF16_COPY_TRANSPOSED_ROWS:
         return torch.empty(rows, copy.shape[0], dtype=dtype).copy_(torch.mm(copy, x.T).T)
-    return F.linear(x, copy).to(dtype)
+    return linear(x, copy).to(dtype)

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from folio.kernels.interface import KernelOps
-from folio.kernels.quant import QuantizedTensor, QuantizedWeight
+from folio.kernels.quant import QuantizedTensor, QuantizedWeight, linear
 
 
 @dataclass(frozen=True)
@@ -334,7 +334,7 @@ class PackedWeight(nn.Module):
     def _matmul(self, run: nn.Module, x: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
         if isinstance(run, QuantizedWeight):
             return self.ops.quantized_linear(x, run, bias)
-        return F.linear(x, run.weight, bias)
+        return linear(x, run.weight, bias)
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
         """Embedding rows [len(ids), K] (a one-part weight built with gather=True)."""
@@ -362,7 +362,7 @@ def _linear(x: torch.Tensor, weight, bias: Optional[torch.Tensor] = None) -> tor
     """x @ weight^T (+ bias) for a dense parameter or a PackedWeight."""
     if isinstance(weight, PackedWeight):
         return weight(x, bias)
-    return F.linear(x, weight, bias)
+    return linear(x, weight, bias)
 
 
 def _weight(rows: int, cols: int, parts: int, quant_ops, dtype, device, gather: bool = False):

@@ -125,6 +125,25 @@ def test_wide_batches_decode_torchs_packed_int4_weight(bits, rows, gemm):
     torch.testing.assert_close(quantized_linear(x, w)[:8].float(), few, rtol=0, atol=0.02 * few.abs().max().item())
 
 
+def test_16_bit_cpu_gemms_see_rows_in_multiples_of_a_bucket():
+    """oneDNN builds a kernel for each row count it meets (4 ms where the product takes
+    0.4): past GEMM_ROW_BUCKET rows a 16-bit CPU GEMM gets its rows zero-padded to a
+    multiple of it, and the product's first rows are the unpadded product's."""
+    b = quant.GEMM_ROW_BUCKET
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2 * b + 5, 64, generator=g).bfloat16()
+    padded = quant.gemm_rows(x)
+    assert padded.shape == (3 * b, 64)
+    assert torch.equal(padded[: x.shape[0]], x) and not padded[x.shape[0] :].any()
+    for same in (x[:b], x[: 2 * b], x.float(), x.view(1, *x.shape)):  # few row counts, fp32 (MKL), not [T, K]
+        assert quant.gemm_rows(same) is same
+    w, bias = torch.randn(96, 64, generator=g).bfloat16(), torch.randn(96, generator=g).bfloat16()
+    got = quant.linear(x, w, bias)
+    assert got.shape == (x.shape[0], 96)
+    want = x.double() @ w.double().T + bias.double()
+    assert (got.double() - want).abs().max() <= 1e-2 * want.abs().max()  # bf16 output rounding
+
+
 @pytest.mark.parametrize("bits,rows", [(4, 208), (8, 1040)])  # each ends in a part of a row block
 def test_packing_a_slice_of_rows_at_a_time_gives_the_whole_weights_bytes(bits, rows, monkeypatch):
     """torch's packing op widens codes to int32: folio packs INT4PACK_ROWS rows at a time

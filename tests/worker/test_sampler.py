@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from folio.protos.messages import SamplingParams
-from folio.worker.sampler import Sampler
+from folio.worker.sampler import Sampler, _argmax
 
 V = 16
 EOS = 15
@@ -394,3 +394,16 @@ def test_seeded_drafts_share_the_targets_noise():
     out = sampler.verify(logits, ["s", "g"], [drafts["s"], drafts["g"]])
     assert [t for t, _ in out[0][:3]] == drafts["s"] and len(out[0]) == 4
     assert [t for t, _ in out[1][:3]] == drafts["g"] and len(out[1]) == 4
+
+
+def test_argmax_by_max_picks_what_argmax_picks():
+    """The sampler's argmax is torch.max's index (faster on CPU): the first of tied
+    maxima, a NaN where a row has one, the first of several infinities, and the same as
+    argmax over real vocabulary-wide rows in fp32 and bf16."""
+    nan, inf = float("nan"), float("inf")
+    rows = torch.tensor([[1.0, 3.0, 3.0], [1.0, nan, 3.0], [inf, 2.0, inf], [-inf, -inf, -inf], [0.0, 0.0, 0.0]])
+    assert _argmax(rows).tolist() == rows.argmax(-1).tolist() == [1, 1, 0, 0, 0]
+    wide = torch.randn(16, 49152, generator=torch.Generator().manual_seed(0))
+    wide[3, 100] = wide[3, 200] = wide[3].max() + 1  # a tie at the top
+    for x in (wide, wide.bfloat16()):
+        assert torch.equal(_argmax(x), x.argmax(-1))

@@ -27,11 +27,10 @@ from __future__ import annotations
 import dataclasses
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from folio.kernels.interface import KernelOps
-from folio.kernels.quant import QuantizedTensor
+from folio.kernels.quant import QuantizedTensor, linear
 from folio.worker.config import ModelConfig
 from folio.worker.models.common import GatedMLP
 from folio.worker.parallel import TPGroup, empty_parameter, split_range
@@ -71,7 +70,7 @@ class SparseMoE(nn.Module):
             self.shared_expert_gate = _Weight(1, H, dtype=dtype, device=device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, hidden] -> [T, hidden]
-        probs = torch.softmax(F.linear(x, self.gate.weight).float(), dim=-1)  # [T, E]
+        probs = torch.softmax(linear(x, self.gate.weight).float(), dim=-1)  # [T, E]
         weights, experts = torch.topk(probs, self.top_k, dim=-1)  # [T, k]
         if self.renormalize:
             weights /= weights.sum(dim=-1, keepdim=True)
@@ -79,7 +78,7 @@ class SparseMoE(nn.Module):
             weights = weights.to(x.dtype)
         out = self.tp.all_reduce(self.ops.fused_moe(x, self.w13, self.w2, weights, experts))  # [T, hidden]
         if hasattr(self, "shared_expert"):
-            out = out + torch.sigmoid(F.linear(x, self.shared_expert_gate.weight)) * self.shared_expert(x)
+            out = out + torch.sigmoid(linear(x, self.shared_expert_gate.weight)) * self.shared_expert(x)
         return out
 
     def load_expert(self, expert: int, proj: str, tensor: torch.Tensor) -> None:
