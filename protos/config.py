@@ -77,9 +77,11 @@ class WorkerConfig:
     kv_cache_dtype: str = field(
         default="auto",
         metadata={
-            "help": "the KV pool's element type (auto: the model's dtype). bfloat16 beside a float32 model "
-            "halves the pool, as llama.cpp's default f16 cache does; attention then computes in bfloat16 "
-            "where the CPU has AMX, else in float32 over the widened K/V",
+            "help": "the KV pool's element type (auto: the model's dtype, but 16 bits beside a float32 model "
+            "whose weights stay quantized on CPU: bfloat16 where the CPU has AMX, else float16). A 16-bit "
+            "pool beside a float32 model halves the pool, as llama.cpp's default f16 cache does; attention "
+            "then computes in bfloat16 over a bfloat16 pool where the CPU has AMX, else in float32 over "
+            "the widened K/V",
             "choices": KV_CACHE_DTYPES,
         },
     )

@@ -16,7 +16,7 @@ from folio.kernels import reference
 from folio.kernels.interface import CPU_OPS
 from folio.kernels.quant import amx_granted
 
-F32, BF16 = torch.float32, torch.bfloat16
+F32, BF16, F16 = torch.float32, torch.bfloat16, torch.float16
 TOL = {F32: dict(atol=1e-5, rtol=1e-5), BF16: dict(atol=2e-2, rtol=2e-2)}
 
 
@@ -93,7 +93,7 @@ def test_bf16_decode_rounds_once(paged_case):
     assert (got == exact).float().mean() > 0.99
 
 
-@pytest.mark.parametrize("compute_dtype", [F32, BF16])
+@pytest.mark.parametrize("pool_dtype,compute_dtype", [(BF16, F32), (BF16, BF16), (F16, F32)])
 @pytest.mark.parametrize(
     "query_lens,context_lens,window",
     [
@@ -103,12 +103,13 @@ def test_bf16_decode_rounds_once(paged_case):
         pytest.param([1, 1, 5], [50, 9, 20], 12, id="sliding-window"),
     ],
 )
-def test_a_float32_model_over_a_bf16_pool(paged_case, compute_dtype, query_lens, context_lens, window):
-    """--kv-cache-dtype bfloat16 beside a float32 model: fp32 queries over bf16 K/V, the
-    attention in either dtype (bf16 where the CPU has AMX), the output in fp32 and
-    within bf16's rounding of the exact answer over the pool's (rounded) K/V."""
+def test_a_float32_model_over_a_16_bit_pool(paged_case, pool_dtype, compute_dtype, query_lens, context_lens, window):
+    """A 16-bit pool beside a float32 model: fp32 queries over bf16 or fp16 K/V, the
+    attention in fp32, or over bf16 K/V in bf16 (where the CPU has AMX), the output in
+    fp32 and within the compute dtype's rounding of the exact answer over the pool's
+    (rounded) K/V."""
     case = paged_case(query_lens, context_lens, block_size=8, num_q_heads=6, num_kv_heads=2, head_dim=16, dtype=F32)
-    case.ref_k_cache, case.ref_v_cache = case.ref_k_cache.to(BF16), case.ref_v_cache.to(BF16)
+    case.ref_k_cache, case.ref_v_cache = case.ref_k_cache.to(pool_dtype), case.ref_v_cache.to(pool_dtype)
     got = reference.paged_attention(
         case.q, case.ref_k_cache, case.ref_v_cache, case.meta, case.scale, window, compute_dtype=compute_dtype
     )
@@ -122,10 +123,25 @@ def test_a_float32_model_over_a_bf16_pool(paged_case, compute_dtype, query_lens,
     torch.testing.assert_close(capped.double(), _attention_per_token(case, window, SOFTCAP), **TOL[F32])
 
 
-@pytest.mark.parametrize("pool_dtype", [F32, BF16])
+def test_an_fp16_pool_strays_less_from_the_unrounded_kv_than_a_bf16_pool(paged_case):
+    """Why a kept-quantized float32 model's CPU pool is fp16 where attention computes in
+    fp32 (worker.kv_cache_dtype): bf16's bytes, three more mantissa bits, so attention
+    over it strays several times less from attention over the unrounded K/V."""
+    case = paged_case([1, 1, 5], [40, 90, 20], block_size=8, num_q_heads=6, num_kv_heads=2, head_dim=16, dtype=F32)
+    exact = _attention_per_token(case, None)
+    errors = {}
+    for pool_dtype in (BF16, F16):
+        k, v = case.ref_k_cache.to(pool_dtype), case.ref_v_cache.to(pool_dtype)
+        got = reference.paged_attention(case.q, k, v, case.meta, case.scale, compute_dtype=F32)
+        errors[pool_dtype] = (got.double() - exact).abs().mean().item()
+    assert errors[F16] < errors[BF16] / 4, errors
+
+
+@pytest.mark.parametrize("pool_dtype", [F32, BF16, F16])
 def test_cpu_attention_computes_a_bf16_pool_in_bf16_only_where_the_cpu_has_amx(paged_case, pool_dtype):
     """folio's CPU kernels (CPU_OPS) attend over a bf16 pool in bf16 where torch runs it on
-    AMX, and in fp32 otherwise: exactly the reference in the dtype so chosen."""
+    AMX, and over every other pool (fp16 included) in fp32: exactly the reference in the
+    dtype so chosen."""
     case = paged_case([1, 1, 4], [20, 33, 9], block_size=8, num_q_heads=4, num_kv_heads=2, head_dim=16, dtype=F32)
     k, v = case.ref_k_cache.to(pool_dtype), case.ref_v_cache.to(pool_dtype)
     got = reference.cpu_paged_attention(case.q, k, v, case.meta, case.scale)

@@ -16,6 +16,7 @@ from folio.cluster.entrypoints.serve import main as serve_main
 from folio.cluster.frontend import Frontend
 from folio.cluster.metrics import RequestMetrics
 from folio.cluster.replica import Replica, WorkerLoadError
+from folio.kernels.quant import amx_granted
 from folio.protos import worker_pb2 as pb
 from folio.protos.config import SchedulerConfig, WorkerConfig
 from folio.protos.messages import EngineRequest, NewRequest, SamplingParams, StepRequest
@@ -109,11 +110,12 @@ def test_serve_takes_a_gpu_memory_utilization():
 
 # ------------------------------------------------------------------ the pool's dtype
 
-BF16, F32 = torch.bfloat16, torch.float32
+BF16, F16, F32 = torch.bfloat16, torch.float16, torch.float32
 
 
-def test_kv_cache_dtype_auto_is_the_models_but_bf16_beside_quantized_weights_on_cpu():
-    assert kv_cache_dtype("auto", F32, "cpu", kept_quantized=True) == BF16
+def test_kv_cache_dtype_auto_is_the_models_but_16_bit_beside_quantized_weights_on_cpu():
+    # bf16 where AMX attends to it in bf16; fp16 where attention widens K/V to fp32
+    assert kv_cache_dtype("auto", F32, "cpu", kept_quantized=True) == (BF16 if amx_granted() else F16)
     assert kv_cache_dtype("auto", F32, "cpu", kept_quantized=False) == F32
     assert kv_cache_dtype("auto", F32, "reference", kept_quantized=True) == F32  # the references stay exact
     assert kv_cache_dtype("auto", torch.float16, "cpu", kept_quantized=True) == torch.float16
@@ -128,14 +130,16 @@ def test_kv_cache_dtype_auto_is_the_models_but_bf16_beside_quantized_weights_on_
     assert WorkerConfig(kv_cache_dtype=BF16).kv_cache_dtype == "bfloat16"  # a torch.dtype, by its name
 
 
-def test_the_bundled_gguf_gets_a_bf16_pool_of_twice_the_tokens():
-    """The default model (weights kept quantized, float32 on CPU) gets a bf16 pool by
-    default: twice the blocks of a float32 pool in the same bytes. Both serve."""
+def test_the_bundled_gguf_gets_a_16_bit_pool_of_twice_the_tokens():
+    """The default model (weights kept quantized, float32 on CPU) gets a 16-bit pool by
+    default (bf16 where AMX attends to it, else fp16): twice the blocks of a float32
+    pool in the same bytes. Both serve."""
     pools = {}
     for option in ("auto", "float32"):
         worker = Worker(WorkerConfig(device="cpu", kv_cache_dtype=option, kv_cache_memory=32 * MiB))
         k, v = worker.pool.caches[0]
-        assert k.dtype == v.dtype == (BF16 if option == "auto" else F32)
+        assert k.dtype == v.dtype == (kv_cache_dtype("auto", F32, "cpu", True) if option == "auto" else F32)
+        assert k.element_size() == (2 if option == "auto" else 4)
         assert worker.pool.nbytes <= 32 * MiB
         pools[option] = worker.num_blocks
         step = StepRequest(
