@@ -169,8 +169,9 @@ class QuantizedWeight(nn.Module):
     compute dtype of `int4pack_dtypes` (KernelOps.int4pack_dtypes), int4pack and
     int4pack_sz hold torch's packed form instead of codes (kept too when `gather`
     rows is needed: an embedding table). An embedding table of codes wider than 4
-    bits holds, where AMX runs bf16 GEMMs, a bf16 copy (bf16_copy) instead of both
-    (_exact_bf16_copy).
+    bits holds, where the CPU multiplies bf16 natively (bf16_dot_products), a bf16
+    copy (bf16_copy) in place of the codes (_exact_bf16_copy), and without AMX keeps
+    the packed form beside it for steps of up to INT4_TERMS_MAX_ROWS rows.
     """
 
     def __init__(
@@ -194,9 +195,9 @@ class QuantizedWeight(nn.Module):
         cpu_int4 = (
             torch.device(device).type == "cpu" and dtype in int4pack_dtypes and int4pack_fits(t.group, t.shape[0])
         )
-        if cpu_int4 and gather and t.bits > 4 and amx_granted():
+        if cpu_int4 and gather and t.bits > 4 and bf16_dot_products():
             self.bf16_copy = self._exact_bf16_copy(t)
-        if cpu_int4 and self.bf16_copy is None:
+        if cpu_int4 and (self.bf16_copy is None or not amx_granted()):
             self._pack_int4(t)
         codes = t.codes
         if t.bits == 4:
@@ -222,7 +223,8 @@ class QuantizedWeight(nn.Module):
         55 ms at 64 through the wide path). A bf16 copy is the same 2 bytes, and
         AMX's bf16 GEMM over it takes 1.8 and 5.3 ms (reference._bf16_copy_matmul);
         at one row, in the model, 2.7 ms against the kernel's 2.3, the copy being
-        twice the bytes the matmul reads. The codes come back from it: bf16 keeps 8 significant
+        twice the bytes the matmul reads (without AMX the packed form stays beside
+        it for the few-row steps: INT4_TERMS_MAX_ROWS). The codes come back from it: bf16 keeps 8 significant
         bits, so |copy - w| <= |w| 2^-9, which for w = (q - mid) s (zero 0, as
         Q8_0 and symmetric schemes have) is at most mid s 2^-9 < s / 2 below 9
         bits. Whether it holds for this tensor's zeros is checked (the weights the
@@ -353,6 +355,12 @@ class QuantizedWeight(nn.Module):
 
 INT4PACK_ROWS = 1024  # rows packed at a time: whole row blocks of every width (int4pack_block_n)
 BF16_COPY_CHUNK = 1 << 22  # weights dequantized at a time while a bf16 copy is made
+# Without AMX an embedding table with a bf16 copy keeps torch's packed form too (28 MB
+# more for SmolLM2's head), and steps of up to this many rows multiply through it: on a
+# Zen 5 EPYC (AVX512-BF16) the head took 1.1 / 1.7 / 5.7 ms at 1 / 4 / 16 rows as two
+# int4 terms against 1.8 / 1.9 / 2.6 through the copy, and a one-stream token 10-15%
+# longer with the copy alone, a 16-stream workload 2-5% shorter than with the terms alone.
+INT4_TERMS_MAX_ROWS = 4
 
 
 def int4pack_fits(group: int, rows: int) -> bool:
@@ -408,12 +416,26 @@ def amx_granted() -> bool:
     return bool(amx is not None and amx())
 
 
+def bf16_dot_products() -> bool:
+    """Whether this CPU multiplies bf16 natively: AVX512-BF16's dot products (Cooper
+    Lake, AMD Zen 4 and later) or AMX tiles. oneDNN's bf16 GEMMs then run at several
+    times the fp32 rate (`folio bench kernels`: 3.9 against 11.4 ms for one SmolLM2
+    layer's projections at 256 rows, weight decoding included, on a Zen 5 EPYC);
+    elsewhere they are emulated, slower than fp32."""
+    return amx_granted() or torch.cpu._is_avx512_bf16_supported()
+
+
 @functools.cache
 def wide_path() -> WidePath:
     """This CPU's wide path. With AMX the GEMM is all but free beside decoding the
-    weight, and the dense path wins from 64 rows; elsewhere (AVX2, AVX-512) fp32
-    GEMMs win from 160 rows."""
-    return WidePath(64, torch.bfloat16) if amx_granted() else WidePath(160, torch.float32)
+    weight, and the dense path wins from 64 rows; with AVX512-BF16 alone, bf16 GEMMs
+    win from about 192 rows (on a Zen 5 EPYC, one layer: 3.4-3.6 against 3.7 ms for
+    the kernel at 192 rows, 5.8 against 9.8 at 512; fp32 GEMMs slower than the kernel
+    at every row count; in process, 16 streams ran 5% faster with the switch at 192
+    than at 96); elsewhere (AVX2, AVX-512 without BF16) fp32 GEMMs win from 160 rows."""
+    if amx_granted():
+        return WidePath(64, torch.bfloat16)
+    return WidePath(192, torch.bfloat16) if bf16_dot_products() else WidePath(160, torch.float32)
 
 
 # oneDNN, which runs torch's bfloat16 and float16 GEMMs on CPU, JIT-builds a kernel for

@@ -17,9 +17,16 @@ import torch
 import torch.nn.functional as F
 from gguf.quants import dequantize
 
-from folio.kernels import quant
+from folio.kernels import quant, reference
 from folio.kernels.interface import CPU_OPS, REFERENCE_OPS
-from folio.kernels.quant import QuantizedTensor, QuantizedWeight, dequantized_linear, int4pack_block_n, wide_path
+from folio.kernels.quant import (
+    INT4_TERMS_MAX_ROWS,
+    QuantizedTensor,
+    QuantizedWeight,
+    dequantized_linear,
+    int4pack_block_n,
+    wide_path,
+)
 from folio.kernels.reference import quantized_linear
 from folio.worker.gguf_quant import KEPT_QUANTIZED, quantized_tensor
 from folio.worker.loader import keep_quantized, load_model
@@ -76,7 +83,7 @@ def _random(
 
 @pytest.mark.parametrize("bits,group", [(4, 32), (4, 128), (8, 32), (6, 16), (5, 64), (3, 32), (2, 256)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("rows", [1, 7, 40, 163])  # 163: past every CPU's wide_path().rows
+@pytest.mark.parametrize("rows", [1, 7, 40, 200])  # 200: past every CPU's wide_path().rows
 @pytest.mark.parametrize("ops", [REFERENCE_OPS, CPU_OPS], ids=lambda ops: ops.name)
 def test_quantized_linear_matches_fp64_of_the_dequantized_weight(bits, group, dtype, rows, ops):
     t = _random(bits, group, perm=bits == 4 and group == 128)
@@ -85,7 +92,7 @@ def test_quantized_linear_matches_fp64_of_the_dequantized_weight(bits, group, dt
     # compute too; wider codes as two 4-bit terms, which must still centre each term.
     int4 = dtype in ops.int4pack_dtypes and group >= 32
     assert (w.int4pack is not None) == int4
-    assert rows < 163 or rows >= wide_path().rows
+    assert rows < 200 or rows >= wide_path().rows
     g = torch.Generator().manual_seed(rows)  # fixed inputs: the bf16 bound holds for these, not for every draw
     x = torch.randn(rows, 256, generator=g)
     bias = torch.randn(64, generator=g)
@@ -168,22 +175,24 @@ def test_embedding_rows_dequantize_exactly():
     assert torch.equal(w.dequantize(ids), t.dequantize()[ids])
 
 
-@pytest.mark.parametrize("amx", [True, False])
+@pytest.mark.parametrize("cpu", ["amx", "avx512_bf16", "neither"])
 @pytest.mark.parametrize("bits", [4, 8])
-def test_a_float32_models_top_logits_are_float32_where_the_int4_kernel_rounds(bits, amx, monkeypatch):
+def test_a_float32_models_top_logits_are_float32_where_the_int4_kernel_rounds(bits, cpu, monkeypatch):
     """In a float32 model torch's int4 kernel still returns bf16 logits (a grid of
     0.125 at 20, where the top two often tie), as does the GEMM over an 8-bit head's
-    bf16 copy (with AMX); each row's top EXACT_TOP_LOGITS are recomputed from the
-    dequantized rows, the rest keep the kernel's rounding."""
+    bf16 copy (where bf16 is native); each row's top EXACT_TOP_LOGITS are recomputed
+    from the dequantized rows, the rest keep the kernel's rounding."""
     from folio.worker.parallel import EXACT_TOP_LOGITS, VocabParallelEmbedding
 
-    monkeypatch.setattr(quant, "amx_granted", lambda: amx)  # without AMX the copy's GEMM is only slower
+    monkeypatch.setattr(quant, "amx_granted", lambda: cpu == "amx")
+    monkeypatch.setattr(reference, "amx_granted", lambda: cpu == "amx")
+    monkeypatch.setattr(quant, "bf16_dot_products", lambda: cpu != "neither")
     vocab, hidden, rows = 512, 256, 70  # 70 rows: more than one refined chunk
     t = _random(bits, 32, n=vocab, k=hidden, symmetric=True)  # as Q8_0
     head = VocabParallelEmbedding(vocab, hidden, TPGroup(), torch.float32, "cpu", CPU_OPS)
     head.load(0, "weight", t)
     assert head.weight.rounds_to_bf16()
-    assert (head.weight.runs[0].bf16_copy is not None) == (bits == 8 and amx)
+    assert (head.weight.runs[0].bf16_copy is not None) == (bits == 8 and cpu != "neither")
     h = torch.randn(rows, hidden, generator=torch.Generator().manual_seed(1)) * 40
     got = head.logits(h)
     want = h.double() @ t.dequantize().double().T
@@ -194,17 +203,22 @@ def test_a_float32_models_top_logits_are_float32_where_the_int4_kernel_rounds(bi
     assert torch.equal(got[rest], head.weight(h).float()[rest])  # elsewhere the kernel's bf16
 
 
-@pytest.mark.parametrize("amx", [True, False])
+@pytest.mark.parametrize("cpu", ["amx", "avx512_bf16", "neither"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("bits,group", [(4, 32), (8, 32), (6, 64)])
-def test_an_embedding_table_of_wide_codes_keeps_an_exact_bf16_copy_where_amx_runs_it(
-    bits, group, dtype, amx, monkeypatch
+def test_an_embedding_table_of_wide_codes_keeps_an_exact_bf16_copy_where_bf16_is_native(
+    bits, group, dtype, cpu, monkeypatch
 ):
-    """Codes wider than 4 bits cost torch's int4 kernel two terms. Where AMX runs bf16
-    GEMMs, an embedding table (kept codes for gathers, the packed form for the tied LM
-    head's matmul) holds one bf16 copy instead of both, in no more bytes, and reads its
-    rows back from it to the bit; elsewhere, and for 4-bit codes, nothing changes."""
+    """Codes wider than 4 bits cost torch's int4 kernel two terms. Where the CPU
+    multiplies bf16 natively, an embedding table (kept codes for gathers, the packed
+    form for the tied LM head's matmul) holds a bf16 copy in place of the codes and
+    reads its rows back from it to the bit; with AMX the copy replaces the packed form
+    too (no more bytes), with AVX512-BF16 alone the packed form stays for steps of up
+    to INT4_TERMS_MAX_ROWS rows. Elsewhere, and for 4-bit codes, nothing changes."""
+    amx, native = cpu == "amx", cpu != "neither"
     monkeypatch.setattr(quant, "amx_granted", lambda: amx)
+    monkeypatch.setattr(reference, "amx_granted", lambda: amx)
+    monkeypatch.setattr(quant, "bf16_dot_products", lambda: native)
     monkeypatch.setattr(quant, "BF16_COPY_CHUNK", 3 * 256)  # made (and checked) a slice of rows at a time
     t = _random(bits, group, n=512, symmetric=True)  # as Q8_0, Q6_K and symmetric GPTQ
     t.scale[-3:] = 0  # vocabulary padding: zero rows whatever their codes
@@ -212,7 +226,7 @@ def test_an_embedding_table_of_wide_codes_keeps_an_exact_bf16_copy_where_amx_run
     want = quant._dequantize(t.codes, t.scale.to(dtype), t.zero.to(dtype), bits, None, dtype)
 
     w = QuantizedWeight(t, dtype, "cpu", gather=True, int4pack_dtypes=CPU_OPS.int4pack_dtypes)
-    copied = bits > 4 and amx
+    copied = bits > 4 and native
     assert (w.bf16_copy is not None) == copied
     ids = torch.tensor([7, 0, 511, 7, 300])
     assert torch.equal(w.dequantize(ids), want[ids]) and torch.equal(w.dequantize(), want)
@@ -224,13 +238,22 @@ def test_an_embedding_table_of_wide_codes_keeps_an_exact_bf16_copy_where_amx_run
         torch.testing.assert_close(got.double(), exact[:rows], rtol=0, atol=0.01 * exact.abs().max().item())
     if not copied:
         return
-    assert w.codes is None and w.int4pack is None and torch.equal(w.bf16_copy, want.bfloat16())
+    assert w.codes is None and torch.equal(w.bf16_copy, want.bfloat16())
+    assert (w.int4pack is None) == amx
     gemm = F.linear(x.bfloat16(), w.bf16_copy).to(dtype)  # each form's sums, rounded to bf16 once
-    for rows in (1, 5, 40):
-        torch.testing.assert_close(quantized_linear(x[:rows], w), gemm[:rows], rtol=2**-7, atol=1e-6)
-    monkeypatch.setattr(quant, "amx_granted", lambda: False)
+    for rows in (1, 4, 5, 40):
+        got = quantized_linear(x[:rows], w)
+        if w.int4pack is not None and rows <= INT4_TERMS_MAX_ROWS:
+            assert torch.equal(got, w.int4pack_matmul(x[:rows]))  # the packed form's terms
+        else:
+            torch.testing.assert_close(got, gemm[:rows], rtol=2**-7, atol=1e-6)
+    monkeypatch.setattr(quant, "bf16_dot_products", lambda: False)
     plain = QuantizedWeight(t, dtype, "cpu", gather=True, int4pack_dtypes=CPU_OPS.int4pack_dtypes)
-    assert _bytes(w) <= _bytes(plain)
+    assert plain.bf16_copy is None and plain.codes is not None
+    if amx:  # the copy in place of the codes and the packed form, in no more bytes
+        assert _bytes(w) <= _bytes(plain)
+    else:  # the copy (two bytes a weight) in place of the codes (one)
+        assert _bytes(w) - _bytes(plain) == w.bf16_copy.numel()
     assert QuantizedWeight(t, dtype, "cpu", int4pack_dtypes=CPU_OPS.int4pack_dtypes).bf16_copy is None  # not a table
 
 
@@ -313,8 +336,9 @@ def test_cpu_default_keeps_a_gguf_quantized_where_torchs_int4_kernel_takes_every
     assert cfg.quantization == "gguf" and len(weights) == 30 * 4 + 1  # qkv, o, gate_up, down; the embedding
     assert all(w.dtype == torch.float32 for w in weights)
     assert all(w.int4pack is not None for w in weights[1:])
-    # the Q8_0 embedding (the tied head): a bf16 copy where AMX runs bf16 GEMMs, else packed
-    assert (weights[0].bf16_copy is not None, weights[0].int4pack is None) == (quant.amx_granted(),) * 2
+    # the Q8_0 embedding (the tied head): a bf16 copy where bf16 is native, packed unless AMX
+    assert weights[0].bf16_copy is not None if quant.bf16_dot_products() else weights[0].codes is not None
+    assert (weights[0].int4pack is None) == quant.amx_granted()
     assert load_model(smollm2_path(), ops=REFERENCE_OPS)[1].quantization is None
     assert load_model(mixed)[1].quantization is None
     assert load_model(mixed, quantization="gguf")[1].quantization == "gguf"
@@ -324,8 +348,11 @@ def test_cpu_default_keeps_a_gguf_quantized_where_torchs_int4_kernel_takes_every
 
 
 def _bytes(model: torch.nn.Module) -> int:
-    tensors = list(model.parameters()) + [b for b in model.buffers() if b is not None]
-    return sum(t.numel() * t.element_size() for t in tensors)
+    return _bytes_of(*model.parameters(), *model.buffers())
+
+
+def _bytes_of(*tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 
 @pytest.fixture(scope="module")
@@ -375,7 +402,11 @@ def test_smollm2_kept_quantized_is_as_close_to_fp32_as_dense_bf16(smollm2_dense)
         "arrived, the old quarter was joined by factories and rows of brick houses for the workers, "
         "and the population doubled within a generation. Today the river is crossed by six bridges, "
         "the market still opens every Saturday, and visitors climb the cathedral tower to look out "
-        "over the roofs, the fields and the hills that the first traders saw when they came by boat."
+        "over the roofs, the fields and the hills that the first traders saw when they came by boat. "
+        "In the archives of the town hall the old charters are kept in oak chests, and every spring "
+        "the schools send their pupils to read them, so that each generation learns how the river, "
+        "the road and the market made the place what it is, and why the bridges carry the names of "
+        "the guilds that paid for them."
     )
     tokens = torch.tensor(load_tokenizer(smollm2_path()).encode(text))
     assert len(tokens) >= wide_path().rows
@@ -397,7 +428,14 @@ def test_smollm2_kept_quantized_is_as_close_to_fp32_as_dense_bf16(smollm2_dense)
         errors[name] = (out.gather(1, top) - truth.gather(1, top)).abs().mean().item()
         assert (out.argmax(-1) == truth.argmax(-1)).float().mean() > 0.9
         if q == "gguf":
-            assert qcfg.quantization == "gguf" and _bytes(dense) / _bytes(model) > 3.0
+            # Without AMX the 8-bit head keeps its packed form (28 MB) beside its bf16 copy
+            # for one-stream speed (INT4_TERMS_MAX_ROWS): a trade made on purpose, left out.
+            beside = sum(
+                _bytes_of(w.int4pack, w.int4pack_sz)
+                for w in model.modules()
+                if isinstance(w, QuantizedWeight) and w.bf16_copy is not None
+            )
+            assert qcfg.quantization == "gguf" and _bytes(dense) / (_bytes(model) - beside) > 3.0
     assert errors["kept bf16"] < 1.5 * errors["dense bf16"], errors
     assert errors["kept fp32"] < 1.5 * errors["dense bf16"], errors
     assert errors["kept fp32, 16-bit pool"] < 1.5 * errors["dense bf16"], errors

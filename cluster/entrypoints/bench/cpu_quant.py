@@ -8,8 +8,8 @@ measurement that places both (bf16 GEMMs pay where AMX runs them).
 
 Then the LM head: SmolLM2's 49152 x 576 tied embedding, 8-bit codes in groups of 32
 (the GGUF's Q8_0), through torch's int4 kernel as two 4-bit terms and through a
-dense bf16 copy (what an embedding table of wider codes keeps where AMX runs bf16
-GEMMs: QuantizedWeight._exact_bf16_copy), in folio's form (reference._bf16_copy_matmul:
+dense bf16 copy (what an embedding table of wider codes keeps where the CPU multiplies
+bf16 natively: QuantizedWeight._exact_bf16_copy), in folio's form (reference._bf16_copy_matmul:
 torch.mv at one row, copy @ x^T up to BF16_COPY_TRANSPOSED_ROWS) and as oneDNN's
 x @ copy^T.
 
@@ -27,7 +27,15 @@ from typing import Callable
 import torch
 
 from folio.kernels import reference
-from folio.kernels.quant import QuantizedTensor, QuantizedWeight, amx_granted, int4pack_block_n, wide_path
+from folio.kernels.quant import (
+    INT4_TERMS_MAX_ROWS,
+    QuantizedTensor,
+    QuantizedWeight,
+    amx_granted,
+    bf16_dot_products,
+    int4pack_block_n,
+    wide_path,
+)
 
 SHAPES = ((960, 576), (576, 576), (3072, 576), (576, 1536))  # qkv, o, gate_up, down: (out, in)
 ROWS = (1, 16, 64, 96, 128, 192, 256, 512)
@@ -89,7 +97,12 @@ def run_cpu_head_bench() -> list[dict]:
     )
     terms = QuantizedWeight(t, torch.float32, "cpu", int4pack_dtypes=(torch.float32,))
     copy = t.dequantize().bfloat16()
-    used = "the bf16 copy (AMX)" if amx_granted() else "two int4 terms (no AMX)"
+    if amx_granted():
+        used = "the bf16 copy (AMX)"
+    elif bf16_dot_products():
+        used = f"two int4 terms up to {INT4_TERMS_MAX_ROWS} rows, then the bf16 copy (AVX512-BF16)"
+    else:
+        used = "two int4 terms (no native bf16)"
     print(f"CPU LM head {n}x{k}, 8-bit codes in groups of 32, float32 model; folio uses {used} here")
     print(f"{'rows':>5} {'two int4 terms':>15} {'bf16 copy':>10} {'oneDNN x @ copy^T':>18}")
     paths = {
