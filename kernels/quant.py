@@ -422,7 +422,8 @@ def bf16_dot_products() -> bool:
     times the fp32 rate (`folio bench kernels`: 3.9 against 11.4 ms for one SmolLM2
     layer's projections at 256 rows, weight decoding included, on a Zen 5 EPYC);
     elsewhere they are emulated, slower than fp32."""
-    return amx_granted() or torch.cpu._is_avx512_bf16_supported()
+    avx512_bf16 = getattr(torch.cpu, "_is_avx512_bf16_supported", None)  # private: absent means unknown
+    return amx_granted() or bool(avx512_bf16 is not None and avx512_bf16())
 
 
 @functools.cache
