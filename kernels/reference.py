@@ -415,10 +415,8 @@ def _bf16_copy_matmul(x: torch.Tensor, copy: torch.Tensor, dtype: torch.dtype) -
     on a Zen 5 EPYC oneDNN's x @ copy^T took 1.8 / 2.6 ms at 1 / 16 rows, torch.mv and
     copy @ x^T 4.0 / 4.4 ms."""
     rows = x.shape[0]
-    if not amx_granted():
-        return linear(x, copy).to(dtype)
-    if rows == 1:
+    if amx_granted() and rows == 1:
         return torch.mv(copy, x[0]).unsqueeze(0).to(dtype)
-    if rows <= BF16_COPY_TRANSPOSED_ROWS:
+    if amx_granted() and rows <= BF16_COPY_TRANSPOSED_ROWS:
         return torch.empty(rows, copy.shape[0], dtype=dtype).copy_(torch.mm(copy, x.T).T)
     return linear(x, copy).to(dtype)

@@ -18,7 +18,7 @@ from typing import Optional
 import torch
 
 from folio.kernels.ops import select_ops
-from folio.kernels.quant import amx_granted
+from folio.kernels.reference import cpu_attention_dtype
 from folio.protos.config import SchedulerConfig, WorkerConfig, default_device, default_dtype
 from folio.protos.grammar import GrammarCompiler
 from folio.protos.messages import NewRequest, SamplingParams, StepRequest, StepResult
@@ -187,7 +187,8 @@ def kv_cache_dtype(option: str, model_dtype: torch.dtype, kernels: str, kept_qua
     cache is f16 for every model)."""
     if option == "auto":
         if kept_quantized and kernels == "cpu" and model_dtype == torch.float32:
-            return torch.bfloat16 if amx_granted() else torch.float16
+            bf16_attended_in_bf16 = cpu_attention_dtype(torch.bfloat16) == torch.bfloat16
+            return torch.bfloat16 if bf16_attended_in_bf16 else torch.float16
         return model_dtype
     dtype = getattr(torch, option)
     if dtype != model_dtype and kernels == "triton":
