@@ -13,7 +13,7 @@ from typing import Callable
 
 import torch
 
-from folio.kernels import reference
+from folio.kernels import graph_ops, reference
 
 
 @dataclass(frozen=True)
@@ -55,10 +55,11 @@ REFERENCE_OPS = KernelOps(
 # Not exact against the dense model, as REFERENCE_OPS are; on the bundled SmolLM2
 # GGUF 2.2x faster at one stream than its dense float32 weights, and closer to them
 # than computing in bfloat16 throughout (README, "Quantized weights").
-# A bf16 KV pool is attended to in bf16 where the CPU has AMX (reference.cpu_paged_attention).
+# A bf16 KV pool is attended to in bf16 where the CPU has AMX (reference.cpu_paged_attention);
+# inside a torch.compile graph of a decode step, through one opaque op (kernels/graph_ops.py).
 CPU_OPS = replace(
     REFERENCE_OPS,
     name="cpu",
-    paged_attention=reference.cpu_paged_attention,
+    paged_attention=graph_ops.cpu_paged_attention,
     int4pack_dtypes=(torch.bfloat16, torch.float32),
 )

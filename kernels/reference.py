@@ -310,7 +310,9 @@ def rotary_embedding(
             y = y.to(x.dtype)
         return y if rot_dim == d else torch.cat((y, x[..., rot_dim:]), dim=-1)
 
-    qk = _adjacent_heads(q, k)
+    # Inside a torch.compile graph inductor fuses the two rotations anyway, and the
+    # storage pointers _adjacent_heads compares cannot be traced.
+    qk = None if torch.compiler.is_compiling() else _adjacent_heads(q, k)
     if qk is None:
         return rot(q), rot(k)
     return rot(qk).split((q.shape[1], k.shape[1]), dim=1)  # one pass for both

@@ -24,6 +24,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 KV_CACHE_DTYPES = ("auto", *DTYPES)  # auto: the model's dtype
 DEVICES = ("auto", "cpu", "cuda")
 KERNELS = ("auto", "triton", "reference")  # kernels/ops.py select_ops
+COMPILE = ("auto", "off")  # worker/decode_graph.py
 # Weight formats a checkpoint may be quantized in (worker/loader.py detects which);
 # "none" dequantizes at load, "auto" keeps the checkpoint's where a kernel pays.
 QUANTIZATION_SCHEMES = ("gguf", "gptq", "awq", "compressed-tensors")
@@ -85,6 +86,15 @@ class WorkerConfig:
             "choices": KV_CACHE_DTYPES,
         },
     )
+    compile: str = field(
+        default="auto",
+        metadata={
+            "help": "auto: on CPU with --kernels auto and one worker a replica, decode steps run as one "
+            "torch.compile graph, compiled at start (about a minute on two cores the first time, cached "
+            "on disk after; TORCH_COMPILE_DISABLE=1 turns it off too); off: every step eager",
+            "choices": COMPILE,
+        },
+    )
     kv_cache_memory: Optional[int] = field(
         default=None,
         metadata={
@@ -116,6 +126,8 @@ class WorkerConfig:
             raise ValueError(f"kernels must be one of {', '.join(KERNELS)}, got {self.kernels!r}")
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
             raise ValueError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, got {self.kv_cache_dtype!r}")
+        if self.compile not in COMPILE:
+            raise ValueError(f"compile must be one of {', '.join(COMPILE)}, got {self.compile!r}")
         if self.quantization not in QUANTIZATIONS:
             raise ValueError(f"quantization must be one of {', '.join(QUANTIZATIONS)}, got {self.quantization!r}")
         if not 0 < self.gpu_memory_utilization <= 1:

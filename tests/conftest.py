@@ -2,8 +2,13 @@
 
 import os
 
-import pytest
-import torch
+# The suite's workers, in process or spawned from it, run their steps eagerly: compiling
+# the decode step (worker/decode_graph.py) takes 30-80 s on two cores per process. The
+# tests of the compiled step turn it back on for themselves.
+os.environ.setdefault("TORCH_COMPILE_DISABLE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 # Without a GPU, Triton kernels run in the interpreter. The switch must be set
 # before any @triton.jit decorator runs, so here, before any test imports kernels.

@@ -59,6 +59,7 @@ from folio.protos.messages import (
     StepRequest,
     StepResult,
 )
+from folio.worker.decode_graph import DecodeGraph
 from folio.worker.drafter import Drafter, DraftJob
 from folio.worker.kv_pool import KVPool
 from folio.worker.parallel import TPGroup
@@ -105,11 +106,14 @@ class ModelRunner:
         max_positions: int | None = None,
         drafter: Drafter | None = None,
         draft_model: bool = False,
+        decode_graph: DecodeGraph | None = None,
     ):
         """max_positions: positions the model can encode (default: its config's
         max_position_embeddings); no request may compute past it.
-        draft_model: steps may ask for model drafts; rank 0 then has the drafter."""
+        draft_model: steps may ask for model drafts; rank 0 then has the drafter.
+        decode_graph: the compiled forward of the steps it takes (worker/decode_graph.py)."""
         self.model = model
+        self.decode_graph = decode_graph
         self.tp = tp or TPGroup()
         self.pool = pool
         self.sampler = sampler
@@ -273,7 +277,10 @@ class ModelRunner:
         if self.draft_model and any(self.states[rid].num_model_drafts for rid, _ in order):
             order = self._propose_drafts(order)
         input_ids, positions, meta = self._prepare(order)
-        hidden = self.model(input_ids, positions, meta, self.pool.caches)  # [T, H]
+        if self.decode_graph is not None and self.decode_graph.takes(meta):
+            hidden = self.decode_graph(input_ids, positions, meta)  # [T, H]
+        else:
+            hidden = self.model(input_ids, positions, meta, self.pool.caches)
 
         # Rows whose logits we need: the last token of each request that samples (and
         # the positions of its drafts before it), and every prompt-predicting position

@@ -22,6 +22,7 @@ from folio.kernels.reference import cpu_attention_dtype
 from folio.protos.config import SchedulerConfig, WorkerConfig, default_device, default_dtype
 from folio.protos.grammar import GrammarCompiler
 from folio.protos.messages import NewRequest, SamplingParams, StepRequest, StepResult
+from folio.worker.decode_graph import DecodeGraph
 from folio.worker.drafter import load_draft
 from folio.worker.kv_pool import GiB, KVPool, MemoryProfile, gpu_memory_budget
 from folio.worker.loader import default_model_path, load_model, load_tokenizer
@@ -91,7 +92,14 @@ class Worker:
         self.sampler = Sampler(cfg.vocab_size, cfg.eos_token_ids, device=self.device, grammars=grammars)
         drafter = self.draft.drafter(num_blocks, block_size, scheduler.max_num_batched_tokens) if self.draft else None
         self.runner = ModelRunner(
-            self.model, self.pool, self.sampler, self.device, tp=self.tp, drafter=drafter, draft_model=bool(self.draft)
+            self.model,
+            self.pool,
+            self.sampler,
+            self.device,
+            tp=self.tp,
+            drafter=drafter,
+            draft_model=bool(self.draft),
+            decode_graph=self._decode_graph(config.compile, ops.name, block_size),
         )
         log.info(
             "worker ready: %s (%s weights), %d KV blocks of %d tokens in %s (%.1f MiB)",
@@ -102,6 +110,23 @@ class Worker:
             str(kv_dtype).removeprefix("torch."),
             self.pool.nbytes / 2**20,
         )
+
+    def _decode_graph(self, option: str, kernels: str, block_size: int) -> Optional[DecodeGraph]:
+        """The compiled forward of decode steps (worker/decode_graph.py) where it applies:
+        on CPU with folio's CPU kernels (the references are kept exact) and one rank (a
+        graph around the collectives of tensor parallelism is not built)."""
+        if option == "off" or self.device.type != "cpu" or kernels != "cpu" or self.tp.world_size > 1:
+            return None
+        if torch._dynamo.config.disable:  # TORCH_COMPILE_DISABLE=1, torch's own switch
+            log.info("decode steps stay eager: torch.compile is disabled (TORCH_COMPILE_DISABLE)")
+            return None
+        graph = DecodeGraph(self.model, self.pool.caches, block_size)
+        log.info("compiling decode steps (about a minute on two cores the first time, cached after)")
+        why_not = graph.warm_up()
+        if why_not is not None:
+            log.warning("decode steps stay eager: %s", why_not)
+            return None
+        return graph
 
     def _kv_bytes_from_gpu_memory(
         self, utilization: float, step_tokens: int, block_size: int, dtype: torch.dtype, per_block: int

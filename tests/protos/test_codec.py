@@ -131,6 +131,7 @@ def test_load_request_round_trip_and_a_bad_value_refused():
         kernels="reference",
         quantization="none",
         kv_cache_dtype="bfloat16",
+        compile="off",
         kv_cache_memory=1 << 28,
         num_kv_blocks=100,
         gpu_memory_utilization=0.5,
@@ -142,6 +143,8 @@ def test_load_request_round_trip_and_a_bad_value_refused():
     assert codec.decode_load_request(pb.LoadModelRequest())[0] == WorkerConfig()  # unset fields: the defaults
     with pytest.raises(ValueError, match="kv_cache_dtype must be one of"):
         codec.decode_load_request(pb.LoadModelRequest(kv_cache_dtype="float64"))
+    with pytest.raises(ValueError, match="compile must be one of"):
+        codec.decode_load_request(pb.LoadModelRequest(compile="max-autotune"))
 
 
 def test_generated_code_matches_proto(tmp_path):

@@ -253,7 +253,7 @@ def add_cli_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=os.cpu_count() or 2, help="llama-server's threads")
     p.add_argument("--json", default=None, help="also write the results here")
     # How folio holds the weights and its KV pool (its defaults, as `folio serve` has them).
-    add_config_args(p, WorkerConfig, names=("dtype", "quantization", "kv_cache_dtype", "speculative_model"))
+    add_config_args(p, WorkerConfig, names=("dtype", "quantization", "kv_cache_dtype", "compile", "speculative_model"))
     add_config_args(p, SchedulerConfig, names=("num_speculative_tokens", "speculative_max_batch"))
 
 
@@ -288,6 +288,7 @@ def main(args: argparse.Namespace) -> dict:
             dtype=args.dtype,
             quantization=args.quantization,
             kv_cache_dtype=args.kv_cache_dtype,
+            compile=args.compile,
             speculative_model=args.speculative_model,
             num_speculative_tokens=args.num_speculative_tokens,
             speculative_max_batch=args.speculative_max_batch,
@@ -310,7 +311,7 @@ def main(args: argparse.Namespace) -> dict:
         c, ours, theirs = row["concurrency"], row["folio_tok_s"], row["llama_server_tok_s"]
         print(f"{c:11d} {ours:12.1f} {theirs:13.1f} {row['ratio']:20.2f}x")
     result = {"model": model, "dtype": args.dtype, "quantization": args.quantization, "llama_server": binary}
-    result["kv_cache_dtype"] = args.kv_cache_dtype
+    result["kv_cache_dtype"], result["compile"] = args.kv_cache_dtype, args.compile
     result["speculative_model"], result["num_speculative_tokens"] = args.speculative_model, args.num_speculative_tokens
     result["rows"], result["greedy_agreement"] = rows, agreement
     if args.json:

@@ -1,0 +1,96 @@
+"""folio's CPU attention as one opaque op, so that torch.compile can take a decode
+step's whole forward as one graph (worker/decode_graph.py).
+
+Everything else a layer does on CPU (norms, rope, the int4 kernel's casts, the KV
+write, the gated MLP) traces into inductor's fused C++; the paged attention cannot:
+its plan (kernels/reference.py _decode_plan) groups sequences by length from host
+lists, and a graph that branched on them would recompile at every step. So, inside
+a graph, the attention is the op folio::cpu_paged_attention over the step's
+metadata tensors, and runs reference.cpu_paged_attention as it runs outside one.
+Outside a graph, cpu_paged_attention calls it directly.
+
+The op cannot take the step's AttentionMetadata (an op's arguments are tensors and
+numbers), so it rebuilds one from the tensors; every layer of a step passes the
+same tensors, so it is rebuilt once a step and each layer reuses it and the
+decode plan it carries (keyed on the tensors' contents, never on their identity:
+a later step's tensors may reuse a freed one's memory).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from folio.kernels import reference
+from folio.kernels.metadata import AttentionMetadata
+
+_LIB = torch.library.Library("folio", "DEF")
+# Registered as a plain CPU kernel rather than through torch.library.custom_op, whose
+# Python wrapper cost about 30 us a call (60 a step) where this costs a few.
+_LIB.define(
+    "cpu_paged_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor query_start_loc, Tensor seq_lens, "
+    "Tensor block_tables, float scale, int? sliding_window, float? softcap) -> Tensor"
+)
+
+
+class _StepMetadata:
+    """The last step's metadata, rebuilt from its tensors (see the module docstring)."""
+
+    key: Optional[tuple] = None
+    meta: Optional[AttentionMetadata] = None
+
+    @classmethod
+    def of(cls, query_start_loc: torch.Tensor, seq_lens: torch.Tensor, block_tables: torch.Tensor):
+        key = (
+            query_start_loc.numpy().tobytes(),
+            seq_lens.numpy().tobytes(),
+            tuple(block_tables.shape),
+            block_tables.numpy().tobytes(),
+        )
+        if key != cls.key:
+            qsl, lens = query_start_loc.tolist(), seq_lens.tolist()
+            query_lens = [b - a for a, b in zip(qsl, qsl[1:])]
+            cls.meta = AttentionMetadata(
+                query_start_loc=query_start_loc,
+                seq_lens=seq_lens,
+                context_lens=torch.tensor([s - n for s, n in zip(lens, query_lens)], dtype=torch.int32),
+                block_tables=block_tables,
+                slot_mapping=torch.empty(
+                    qsl[-1], dtype=torch.long
+                ),  # its length alone is read: the write is in the graph
+                max_query_len=max(query_lens),
+                max_seq_len=max(lens),
+                query_lens_list=tuple(query_lens),
+                seq_lens_list=tuple(lens),
+            )
+            cls.key = key
+        return cls.meta
+
+
+def _cpu_kernel(q, k_cache, v_cache, query_start_loc, seq_lens, block_tables, scale, sliding_window, softcap):
+    meta = _StepMetadata.of(query_start_loc, seq_lens, block_tables)
+    return reference.cpu_paged_attention(q, k_cache, v_cache, meta, scale, sliding_window, softcap)
+
+
+_LIB.impl("cpu_paged_attention", _cpu_kernel, "CPU")
+torch.library.register_fake(
+    "folio::cpu_paged_attention", lambda q, *args: torch.empty_like(q), lib=_LIB
+)  # the output's shape and dtype are q's
+
+
+def cpu_paged_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+    sliding_window: Optional[int] = None,
+    softcap: Optional[float] = None,
+) -> torch.Tensor:
+    """reference.cpu_paged_attention; inside a torch.compile graph, through the op."""
+    if not torch.compiler.is_compiling():
+        return reference.cpu_paged_attention(q, k_cache, v_cache, meta, scale, sliding_window, softcap)
+    return torch.ops.folio.cpu_paged_attention(
+        q, k_cache, v_cache, meta.query_start_loc, meta.seq_lens, meta.block_tables, scale, sliding_window, softcap
+    )

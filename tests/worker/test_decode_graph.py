@@ -1,0 +1,81 @@
+"""The compiled decode step (worker/decode_graph.py) on the bundled model: the same
+greedy tokens as the eager step, through both graphs, and no step left needing a
+graph that warm-up did not build.
+
+The suite runs with TORCH_COMPILE_DISABLE=1 (tests/conftest.py); this module turns
+torch.compile back on for its own engine. Compiling takes 30-80 s on two cores.
+"""
+
+import pytest
+import torch
+
+from folio.cluster.entrypoints.llm import LLM
+from folio.kernels.metadata import attention_metadata
+from folio.protos.messages import SamplingParams
+
+pytestmark = pytest.mark.slow
+
+SMALL_POOL = dict(kv_cache_memory=64 << 20, enable_prefix_caching=False, max_num_seqs=8)
+GREEDY = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def compiled():
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torch._dynamo.config, "disable", False)
+        llm = LLM(compile="auto", **SMALL_POOL)
+        yield llm
+
+
+@pytest.fixture(scope="module")
+def eager():
+    return LLM(compile="off", **SMALL_POOL)
+
+
+def _prompts(llm) -> list[list[int]]:
+    questions = ["What is the capital of France?", "Name three colours of the rainbow.", "Write a haiku about rain."]
+    return [llm.chat_token_ids([{"role": "user", "content": q}]) for q in questions]
+
+
+def test_compiled_decode_steps_give_the_eager_greedy_tokens(compiled, eager):
+    graph = compiled.worker.runner.decode_graph
+    assert graph is not None and graph.ready
+    prompts = _prompts(eager)
+    want = [o.outputs[0].token_ids for o in eager.generate(prompts, GREEDY)]
+    before = graph.steps
+    together = [o.outputs[0].token_ids for o in compiled.generate(prompts, GREEDY)]  # the graph of 2+ rows
+    alone = [compiled.generate([p], GREEDY)[0].outputs[0].token_ids for p in prompts]  # the graph of one row
+    assert together == want
+    assert alone == want
+    # every decode step went through a graph: 39 of each request's 40 tokens come from
+    # decode steps (the first from its prefill), 3 requests at once and then one at a time
+    assert graph.steps - before == 39 + 3 * 39
+    assert graph.eager_steps == 0
+    assert compiled.tokenizer.decode(alone[0]).startswith("The capital of France is Paris")
+
+
+def test_only_pure_decode_steps_below_the_wide_path_take_the_graph(compiled):
+    graph = compiled.worker.runner.decode_graph
+    tables = torch.arange(8, dtype=torch.int32).view(2, 4)
+
+    def meta(query_lens, context_lens):
+        positions = torch.cat([torch.arange(c, c + n) for n, c in zip(query_lens, context_lens)])
+        return attention_metadata(positions, query_lens, context_lens, tables, 16, "cpu")
+
+    assert graph.takes(meta([1, 1], [20, 40]))
+    assert not graph.takes(meta([1, 5], [20, 40]))  # a prompt chunk in the step
+    graph_rows = graph.max_rows
+    graph.max_rows = 1
+    try:
+        assert not graph.takes(meta([1, 1], [20, 40]))
+    finally:
+        graph.max_rows = graph_rows
+
+
+def test_torch_compile_disable_keeps_every_step_eager(monkeypatch):
+    """TORCH_COMPILE_DISABLE=1 (torch's switch, which this suite sets) is honoured: no
+    compile, no graph."""
+    monkeypatch.setattr(torch._dynamo.config, "disable", True)
+    llm = LLM(compile="auto", **SMALL_POOL)
+    assert llm.worker.runner.decode_graph is None
+    assert llm.generate(_prompts(llm)[:1], GREEDY)[0].outputs[0].token_ids

@@ -1,0 +1,122 @@
+"""A decode step's forward as one torch.compile graph, on CPU (--compile auto).
+
+At decode sizes a CPU step is mostly dispatch: each of the model's ~1,500 torch
+calls a step (norms, rope, the int4 kernel's casts, the KV write, the MLP's
+activation) costs a few microseconds whatever it computes. Inductor fuses those
+into a few C++ loops around torch's int4 kernel and the attention op
+(kernels/graph_ops.py). On the bundled model (Zen 5 EPYC, 2 cores) a one-stream
+step took 7.3 ms against 10.1 eager, four streams 11.0 against 14.4.
+
+Only steps whose every request decodes one token, at fewer rows than the CPU wide
+path (quant.wide_path: wider steps multiply differently), run through it; a step
+with a prompt in it is dominated by its matmuls and stays eager, as does a model
+whose forward does not trace as one graph (warm_up says why). Two graphs serve
+every such step: torch specializes a dimension of size 1, so one step of one row
+and one of two compile them both at start (about a minute on two cores the first
+time; inductor caches what it built on disk, and later starts take about half).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import warnings
+from dataclasses import replace
+from typing import Optional
+
+import torch
+
+from folio.kernels.metadata import AttentionMetadata, attention_metadata
+from folio.kernels.quant import wide_path
+
+log = logging.getLogger(__name__)
+
+COMPILE = ("auto", "off")  # WorkerConfig.compile
+
+# The warm-up step through the graph must match the eager forward to within this
+# share of the hidden state's norm: a guard against a miscompiled graph, not a
+# tolerance of accuracy (tests/worker/test_decode_graph.py compares greedy tokens).
+WARM_UP_TOLERANCE = 1e-2
+
+
+class DecodeGraph:
+    """The model's forward for pure-decode steps, compiled (see the module docstring)."""
+
+    def __init__(self, model: torch.nn.Module, caches: list[tuple[torch.Tensor, torch.Tensor]], block_size: int):
+        self.model = model
+        self.caches = caches
+        self.block_size = block_size
+        self.max_rows = wide_path().rows - 1
+        self.ready = False  # warm_up compiled both graphs
+        self.steps = 0  # steps the graphs ran
+        self.eager_steps = 0  # steps they were meant to run that needed a graph warm_up did not build
+        self._forward = torch.compile(model.forward, dynamic=True, fullgraph=True)
+
+    def takes(self, meta: AttentionMetadata) -> bool:
+        """Whether this step runs through the graph."""
+        return self.ready and meta.is_pure_decode and meta.num_tokens <= self.max_rows
+
+    def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        graph_meta = _graph_metadata(meta)
+        try:
+            with torch.compiler.set_stance("fail_on_recompile"):
+                hidden = self._forward(input_ids, positions, graph_meta, self.caches)
+        except torch._dynamo.exc.RecompileError as e:
+            # A step no graph fits (a guard warm_up did not foresee) runs eagerly rather
+            # than stall every request for a compile; raised before the graph runs anything.
+            if not self.eager_steps:
+                log.warning("a decode step ran eagerly: %s", str(e).splitlines()[0])
+            self.eager_steps += 1
+            return self.model(input_ids, positions, meta, self.caches)
+        self.steps += 1
+        return hidden
+
+    @torch.inference_mode()
+    def warm_up(self) -> Optional[str]:
+        """Compile the graphs of one and of two rows, each checked against the eager
+        forward on the same step; None when both are ready, else why not (the steps
+        then stay eager). Writes the K/V of three tokens into the pool's first blocks,
+        which no request holds yet."""
+        started = time.monotonic()
+        for rows in (1, 2):
+            ids, positions, meta = self._dummy_step(rows)
+            try:
+                with warnings.catch_warnings():
+                    # assume_constant_result probes under functools.cache (kernels/quant.py):
+                    # dynamo's notice that it reads through the cache is expected.
+                    warnings.filterwarnings("ignore", message=".*functools.lru_cache.*")
+                    # inductor's notice that the KV write casts to the pool's fp16 in a bf16 loop
+                    warnings.filterwarnings("ignore", message="bf16 and fp16 are mixed")
+                    compiled = self._forward(ids, positions, _graph_metadata(meta), self.caches)
+            except Exception as e:  # a graph break, an op inductor cannot lower: stay eager
+                return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            eager = self.model(ids, positions, meta, self.caches)
+            error = ((compiled.float() - eager.float()).norm() / eager.float().norm()).item()
+            if not error <= WARM_UP_TOLERANCE:
+                return f"the compiled step of {rows} rows strays {error:.2g} from the eager one"
+        self.ready = True
+        log.info("decode steps compiled in %.0f s", time.monotonic() - started)
+        return None
+
+    def _dummy_step(self, rows: int) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+        """rows sequences of 3 * block_size + 1 tokens taking one token. Their sizes differ
+        from one another (4 blocks, rows + 1 query starts), since torch.compile gives
+        sizes that meet in its first trace one symbol, and guards that they stay equal."""
+        num_blocks = self.caches[0][0].shape[0]
+        tables = (torch.arange(4 * rows, dtype=torch.int32) % num_blocks).view(rows, 4)
+        ctx = [3 * self.block_size] * rows
+        positions = torch.tensor(ctx, dtype=torch.long)
+        meta = attention_metadata(positions, [1] * rows, ctx, tables, self.block_size, positions.device)
+        return torch.full((rows,), 1, dtype=torch.long), positions, meta
+
+
+def _graph_metadata(meta: AttentionMetadata) -> AttentionMetadata:
+    """meta with block tables of their own, densely strided (the runner's are a slice of
+    a wider table, and a graph guards on strides) and at least two columns wide, padded
+    with block 0 (never read: attention reads a sequence's blocks up to its length),
+    since torch.compile specializes a dimension of size 1."""
+    tables = meta.block_tables
+    if tables.shape[1] == 1:
+        tables = torch.cat((tables, torch.zeros_like(tables)), dim=1)
+    dense = torch.empty(tables.shape, dtype=tables.dtype)  # strides of its own shape, even for one row
+    return replace(meta, block_tables=dense.copy_(tables))
