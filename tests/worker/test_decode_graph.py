@@ -19,12 +19,11 @@ SMALL_POOL = dict(kv_cache_memory=64 << 20, enable_prefix_caching=False, max_num
 GREEDY = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
 
 
+# torch's own config patch: pytest's monkeypatch, undoing, deletes a torch config entry.
 @pytest.fixture(scope="module")
 def compiled():
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(torch._dynamo.config, "disable", False)
-        llm = LLM(compile="auto", **SMALL_POOL)
-        yield llm
+    with torch._dynamo.config.patch(disable=False):
+        yield LLM(compile="auto", **SMALL_POOL)
 
 
 @pytest.fixture(scope="module")
@@ -72,10 +71,10 @@ def test_only_pure_decode_steps_below_the_wide_path_take_the_graph(compiled):
         graph.max_rows = graph_rows
 
 
-def test_torch_compile_disable_keeps_every_step_eager(monkeypatch):
+def test_torch_compile_disable_keeps_every_step_eager():
     """TORCH_COMPILE_DISABLE=1 (torch's switch, which this suite sets) is honoured: no
     compile, no graph."""
-    monkeypatch.setattr(torch._dynamo.config, "disable", True)
-    llm = LLM(compile="auto", **SMALL_POOL)
+    with torch._dynamo.config.patch(disable=True):
+        llm = LLM(compile="auto", **SMALL_POOL)
     assert llm.worker.runner.decode_graph is None
     assert llm.generate(_prompts(llm)[:1], GREEDY)[0].outputs[0].token_ids
