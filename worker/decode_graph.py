@@ -61,9 +61,12 @@ class DecodeGraph:
         try:
             with torch.compiler.set_stance("fail_on_recompile"):
                 hidden = self._forward(input_ids, positions, graph_meta, self.caches)
-        except torch._dynamo.exc.RecompileError as e:
+        except RuntimeError as e:
             # A step no graph fits (a guard warm_up did not foresee) runs eagerly rather
-            # than stall every request for a compile; raised before the graph runs anything.
+            # than stall every request for a compile. torch raises a plain RuntimeError for
+            # the stance, before the graph runs anything; any other error is the step's own.
+            if "fail_on_recompile" not in str(e):
+                raise
             if not self.eager_steps:
                 log.warning("a decode step ran eagerly: %s", str(e).splitlines()[0])
             self.eager_steps += 1

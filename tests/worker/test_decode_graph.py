@@ -53,6 +53,19 @@ def test_compiled_decode_steps_give_the_eager_greedy_tokens(compiled, eager):
     assert compiled.tokenizer.decode(alone[0]).startswith("The capital of France is Paris")
 
 
+@torch.inference_mode()
+def test_a_step_no_graph_fits_runs_eagerly_and_is_counted(compiled):
+    """A step whose inputs fail the graphs' guards (int32 positions here) is not
+    compiled for in the middle of serving: it runs eagerly, to the eager step's bits."""
+    graph = compiled.worker.runner.decode_graph
+    ids, positions, meta = graph._dummy_step(3)
+    want = graph.model(ids, positions, meta, graph.caches)
+    eager_steps, steps = graph.eager_steps, graph.steps
+    got = graph(ids, positions.int(), meta)
+    assert (graph.eager_steps, graph.steps) == (eager_steps + 1, steps)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
 def test_only_pure_decode_steps_below_the_wide_path_take_the_graph(compiled):
     graph = compiled.worker.runner.decode_graph
     tables = torch.arange(8, dtype=torch.int32).view(2, 4)
