@@ -7,7 +7,11 @@ its plan (kernels/reference.py _decode_plan) groups sequences by length from hos
 lists, and a graph that branched on them would recompile at every step. So, inside
 a graph, the attention is the op folio::cpu_paged_attention over the step's
 metadata tensors, and runs reference.cpu_paged_attention as it runs outside one.
-Outside a graph, cpu_paged_attention calls it directly.
+Outside a graph, cpu_paged_attention calls it directly. A graph of one row (one
+sequence decoding) has no plan to make: there the attention traces inline
+(reference.one_sequence_decode, over the sequence's whole blocks with the padding
+masked), and inductor fuses its gathers and casts, where the op cost about 50 us a
+layer beyond its SDPA.
 
 The op cannot take the step's AttentionMetadata (an op's arguments are tensors and
 numbers), so it rebuilds one from the tensors; every layer of a step passes the
@@ -87,9 +91,14 @@ def cpu_paged_attention(
     sliding_window: Optional[int] = None,
     softcap: Optional[float] = None,
 ) -> torch.Tensor:
-    """reference.cpu_paged_attention; inside a torch.compile graph, through the op."""
+    """reference.cpu_paged_attention; inside a torch.compile graph, through the op, or
+    inline where the graph is one row's."""
     if not torch.compiler.is_compiling():
         return reference.cpu_paged_attention(q, k_cache, v_cache, meta, scale, sliding_window, softcap)
+    if q.shape[0] == 1:  # a graph of one row (its size specialized): one sequence decoding, traced inline
+        return reference.one_sequence_decode(
+            q, k_cache, v_cache, meta.seq_lens, meta.block_tables[0], scale, sliding_window, softcap
+        )
     return torch.ops.folio.cpu_paged_attention(
         q, k_cache, v_cache, meta.query_start_loc, meta.seq_lens, meta.block_tables, scale, sliding_window, softcap
     )

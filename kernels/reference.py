@@ -210,9 +210,40 @@ def _decode_group(q, k_cache, v_cache, g: _DecodeGroup, scale: float, softcap, g
     indexing here); SDPA reads the gathered K/V through a transposed view, where
     an einsum would copy them once more.
     """
-    B, hq, d = q.shape
-    hkv = k_cache.shape[2]
     k, v = _gather_into(g, k_cache, v_cache)
+    return _attend_blocks(q, k, v, g, scale, softcap, gqa, dt)
+
+
+def one_sequence_decode(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    seq_len: torch.Tensor,
+    blocks: torch.Tensor,
+    scale: float,
+    sliding_window: Optional[int] = None,
+    softcap: Optional[float] = None,
+) -> torch.Tensor:
+    """cpu_paged_attention of a step whose one row decodes one sequence, from tensors
+    alone: q [1, hq, d], seq_len [1] (its length with the new token), blocks [nb] (its
+    blocks; any beyond seq_len are masked, never read into the result). Host lists and
+    a plan cost more than this attention at one row, and no graph can branch on them;
+    inside a compiled decode step (kernels/graph_ops.py) this traces into the graph."""
+    dt = torch.float32 if softcap is not None else cpu_attention_dtype(k_cache.dtype)
+    k, v = k_cache.index_select(0, blocks), v_cache.index_select(0, blocks)
+    padded_len = k.shape[0] * k.shape[1]
+    last = seq_len - 1
+    allowed = _allowed(last, torch.arange(padded_len), seq_len, sliding_window)
+    mask = torch.zeros(padded_len, dtype=dt).masked_fill_(~allowed, float("-inf")).view(1, 1, 1, -1)
+    g = _DecodeGroup(None, blocks, padded_len, mask)
+    gqa = q.shape[1] != k_cache.shape[2]
+    return _attend_blocks(q, k, v, g, scale, softcap, gqa, dt).to(q.dtype)
+
+
+def _attend_blocks(q, k, v, g: _DecodeGroup, scale: float, softcap, gqa: bool, dt) -> torch.Tensor:
+    """q [B, hq, d] over g's gathered blocks k, v [B * nb, block_size, hkv, d] -> [B, hq, d] in dt."""
+    B, hq, d = q.shape
+    hkv = k.shape[2]
     k = _as(k, dt).view(B, g.padded_len, hkv, d).transpose(1, 2)  # [B, hkv, S, d]
     v = _as(v, dt).view(B, g.padded_len, hkv, d).transpose(1, 2)
     if gqa and softcap is None and dt == torch.float32:

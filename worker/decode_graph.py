@@ -4,10 +4,11 @@ At decode sizes a CPU step is mostly dispatch: each of the model's ~1,500 torch
 calls a step (norms, rope, the int4 kernel's casts, the KV write, the MLP's
 activation) costs a few microseconds whatever it computes. Inductor fuses those
 into a few C++ loops around torch's int4 kernel and the attention op
-(kernels/graph_ops.py). On the bundled model (Zen 5 EPYC, 2 cores, in process) one
-stream took 7.72 ms a token against 9.85 eager, 16 streams ran 332.7 tok/s against
-307.6; served, 1.71x llama-server's throughput at 16 streams against 1.37x (README,
-"A decode step as one compiled graph").
+(kernels/graph_ops.py; a step of one row attends inline). On the bundled model (Zen 5
+EPYC, 2 cores, in process) one stream took 7.72 ms a token against 9.85 eager, 16
+streams ran 332.7 tok/s against 307.6; served, 1.71x llama-server's throughput at 16
+streams against 1.37x (README, "A decode step as one compiled graph"). Checking the
+model's guards cost 1.4 ms more a step, so only the step's own are kept (below).
 
 Only steps whose every request decodes one token, at fewer rows than the CPU wide
 path (quant.wide_path: wider steps multiply differently), run through it; a step
@@ -50,7 +51,15 @@ class DecodeGraph:
         self.ready = False  # warm_up compiled both graphs
         self.steps = 0  # steps the graphs ran
         self.eager_steps = 0  # steps they were meant to run that needed a graph warm_up did not build
-        self._forward = torch.compile(model.forward, dynamic=True, fullgraph=True)
+        # Guards on the model's modules and their attributes (every weight's dtype, shape and
+        # strides) cost about 1 ms a step to check; a loaded model never changes them, so
+        # only the guards on the step's own tensors are kept.
+        self._forward = torch.compile(
+            model.forward,
+            dynamic=True,
+            fullgraph=True,
+            options={"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe},
+        )
 
     def takes(self, meta: AttentionMetadata) -> bool:
         """Whether this step runs through the graph."""
@@ -84,7 +93,10 @@ class DecodeGraph:
         for rows in (1, 2):
             ids, positions, meta = self._dummy_step(rows)
             try:
-                with warnings.catch_warnings():
+                # Without duck sizing, which gives sizes equal in the warm-up step one symbol:
+                # two rows' three query starts met the pool's three KV heads, and the model's
+                # reshape to three heads then fixed the graph to two rows.
+                with warnings.catch_warnings(), torch.fx.experimental._config.patch(use_duck_shape=False):
                     # assume_constant_result probes under functools.cache (kernels/quant.py):
                     # dynamo's notice that it reads through the cache is expected.
                     warnings.filterwarnings("ignore", message=".*functools.lru_cache.*")
@@ -102,9 +114,7 @@ class DecodeGraph:
         return None
 
     def _dummy_step(self, rows: int) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
-        """rows sequences of 3 * block_size + 1 tokens taking one token. Their sizes differ
-        from one another (4 blocks, rows + 1 query starts), since torch.compile gives
-        sizes that meet in its first trace one symbol, and guards that they stay equal."""
+        """rows sequences of 3 * block_size + 1 tokens taking one token, in 4 blocks each."""
         num_blocks = self.caches[0][0].shape[0]
         tables = (torch.arange(4 * rows, dtype=torch.int32) % num_blocks).view(rows, 4)
         ctx = [3 * self.block_size] * rows

@@ -91,3 +91,22 @@ def test_torch_compile_disable_keeps_every_step_eager():
         llm = LLM(compile="auto", **SMALL_POOL)
     assert llm.worker.runner.decode_graph is None
     assert llm.generate(_prompts(llm)[:1], GREEDY)[0].outputs[0].token_ids
+
+
+@torch.inference_mode()
+def test_a_step_of_one_row_attends_inside_its_graph(compiled):
+    """The graph of one row traces its attention inline (reference.one_sequence_decode);
+    wider steps call the op folio::cpu_paged_attention, once a layer."""
+    graph = compiled.worker.runner.decode_graph
+    layers = compiled.worker.model_config.num_layers
+
+    def op_calls(rows: int) -> int:
+        ids, positions, meta = graph._dummy_step(rows)
+        steps = graph.steps
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            graph(ids, positions, meta)
+        assert graph.steps == steps + 1  # through a graph
+        return sum(e.count for e in prof.key_averages() if e.key == "folio::cpu_paged_attention")
+
+    assert op_calls(1) == 0
+    assert op_calls(3) == layers
