@@ -201,19 +201,27 @@ def test_64_concurrent_streams(server, model):
 
 def test_side_by_side_bench_counts_every_token_and_refuses_a_short_run(server):
     """`folio bench llamacpp`'s comparison (here folio against itself): each round's tokens
-    are all the workload asked for, and a server that answers less fails the run instead
-    of looking fast."""
+    are all the workload asked for, every round and warm-up draws a workload of its own
+    (no server answers a prompt it saw in an earlier round), and a server that answers
+    less fails the run instead of looking fast."""
     from folio.cluster.entrypoints.bench.llamacpp import compare
     from folio.cluster.entrypoints.bench.workload import SyntheticRequest
 
     url = server.base_url + "/v1"
-    reqs = [SyntheticRequest([100 + i, 200 + i, 300 + i], 4 + i) for i in range(4)]
-    [row] = compare({"a": url, "b": url}, reqs, [2], rounds=2, seed=0)
-    assert row["concurrency"] == 2 and len(row["rounds"]["a"]) == len(row["rounds"]["b"]) == 2
-    assert row["a_tok_s"] > 0 and row["b_tok_s"] > 0
-    too_long = reqs + [SyntheticRequest([7] * 8, MAX_MODEL_LEN)]  # refused: cannot fit the context
+    drawn: list[int] = []
+
+    def workload(k: int) -> list:
+        drawn.append(k)
+        return [SyntheticRequest([100 + i + 10 * k, 200 + i, 300 + i], 4 + i) for i in range(4)]
+
+    rows = compare({"a": url, "b": url}, workload, [2, 1], rounds=2, seed=0)
+    assert [r["concurrency"] for r in rows] == [2, 1]
+    assert all(len(r["rounds"]["a"]) == len(r["rounds"]["b"]) == 2 for r in rows)
+    assert all(r["a_tok_s"] > 0 and r["b_tok_s"] > 0 for r in rows)
+    assert sorted(drawn) == list(range(6))  # a warm-up and two rounds at each concurrency, none repeated
+    too_long = workload(0) + [SyntheticRequest([7] * 8, MAX_MODEL_LEN)]  # refused: cannot fit the context
     with pytest.raises(RuntimeError, match="1 failed"):
-        compare({"a": url}, too_long, [2], rounds=1, seed=0)
+        compare({"a": url}, lambda k: too_long, [2], rounds=1, seed=0)
 
 
 def test_greedy_agreement_compares_texts_token_by_token(server):
