@@ -164,8 +164,7 @@ class _DecodeGroup:
 
     tokens: Optional[torch.Tensor]  # [B] their query rows; None for the one group of an in-order pure-decode step
     blocks: torch.Tensor  # [B * nb] pool blocks, each sequence's first nb blocks in turn
-    padded_len: int  # nb * block_size keys per sequence
-    mask: Optional[torch.Tensor]  # [B, 1, 1, padded_len] additive, None when every key is visible
+    mask: Optional[torch.Tensor]  # [B, 1, 1, nb * block_size] additive, None when every key is visible
     # Where every layer gathers its K and V blocks, the step's plan lives as long as the
     # step: fresh buffers for each of 60 gathers cost more than the copies (see _gather_into).
     scratch: Optional[tuple[torch.Tensor, torch.Tensor]] = None
@@ -196,11 +195,9 @@ def _decode_group_plan(meta, rows, block_size, sliding_window, in_order, dt) -> 
     S = nb * block_size
     mask = None
     if min(lens) < S or (sliding_window is not None and max(lens) > sliding_window):
-        seq_lens = torch.tensor(lens).unsqueeze(1)  # [B, 1]
-        allowed = _allowed(seq_lens - 1, torch.arange(S).unsqueeze(0), seq_lens, sliding_window)
-        mask = torch.zeros(len(rows), 1, 1, S, dtype=dt).masked_fill_(~allowed[:, None, None, :], float("-inf"))
+        mask = _decode_mask(torch.tensor(lens), S, sliding_window, dt)
     tokens = None if in_order else meta.query_start_loc[idx].long()
-    return _DecodeGroup(tokens, blocks, S, mask)
+    return _DecodeGroup(tokens, blocks, mask)
 
 
 def _decode_group(q, k_cache, v_cache, g: _DecodeGroup, scale: float, softcap, gqa: bool, dt) -> torch.Tensor:
@@ -211,7 +208,16 @@ def _decode_group(q, k_cache, v_cache, g: _DecodeGroup, scale: float, softcap, g
     an einsum would copy them once more.
     """
     k, v = _gather_into(g, k_cache, v_cache)
-    return _attend_blocks(q, k, v, g, scale, softcap, gqa, dt)
+    return _attend_blocks(q, k, v, g.mask, scale, softcap, gqa, dt)
+
+
+def _decode_mask(seq_lens: torch.Tensor, padded_len: int, sliding_window, dt) -> torch.Tensor:
+    """[B, 1, 1, padded_len] additive mask in dt: what each of B decoding sequences of
+    seq_lens [B] tokens (the new one last) sees of its padded keys."""
+    lens = seq_lens.unsqueeze(1)  # [B, 1]
+    allowed = _allowed(lens - 1, torch.arange(padded_len).unsqueeze(0), lens, sliding_window)
+    mask = torch.zeros(seq_lens.shape[0], 1, 1, padded_len, dtype=dt)
+    return mask.masked_fill_(~allowed[:, None, None, :], float("-inf"))
 
 
 def one_sequence_decode(
@@ -231,28 +237,25 @@ def one_sequence_decode(
     inside a compiled decode step (kernels/graph_ops.py) this traces into the graph."""
     dt = torch.float32 if softcap is not None else cpu_attention_dtype(k_cache.dtype)
     k, v = k_cache.index_select(0, blocks), v_cache.index_select(0, blocks)
-    padded_len = k.shape[0] * k.shape[1]
-    last = seq_len - 1
-    allowed = _allowed(last, torch.arange(padded_len), seq_len, sliding_window)
-    mask = torch.zeros(padded_len, dtype=dt).masked_fill_(~allowed, float("-inf")).view(1, 1, 1, -1)
-    g = _DecodeGroup(None, blocks, padded_len, mask)
+    mask = _decode_mask(seq_len, k.shape[0] * k.shape[1], sliding_window, dt)
     gqa = q.shape[1] != k_cache.shape[2]
-    return _attend_blocks(q, k, v, g, scale, softcap, gqa, dt).to(q.dtype)
+    return _attend_blocks(q, k, v, mask, scale, softcap, gqa, dt).to(q.dtype)
 
 
-def _attend_blocks(q, k, v, g: _DecodeGroup, scale: float, softcap, gqa: bool, dt) -> torch.Tensor:
-    """q [B, hq, d] over g's gathered blocks k, v [B * nb, block_size, hkv, d] -> [B, hq, d] in dt."""
+def _attend_blocks(q, k, v, mask, scale: float, softcap, gqa: bool, dt) -> torch.Tensor:
+    """q [B, hq, d] over its sequences' gathered blocks k, v [B * nb, block_size, hkv, d],
+    with mask (_decode_mask, or None) -> [B, hq, d] in dt."""
     B, hq, d = q.shape
     hkv = k.shape[2]
-    k = _as(k, dt).view(B, g.padded_len, hkv, d).transpose(1, 2)  # [B, hkv, S, d]
-    v = _as(v, dt).view(B, g.padded_len, hkv, d).transpose(1, 2)
+    k = _as(k, dt).view(B, -1, hkv, d).transpose(1, 2)  # [B, hkv, S, d]
+    v = _as(v, dt).view(B, -1, hkv, d).transpose(1, 2)
     if gqa and softcap is None and dt == torch.float32:
         # Each KV head's query group as the rows of one query: torch's fp32 CPU attention
         # then reads each K/V block once for the group, not once per query head (1.4-1.6x
         # faster at 16 and 64 sequences). In bf16 (AMX tiles) the GQA form is 7-10% faster.
-        o = F.scaled_dot_product_attention(_as(q, dt).view(B, hkv, hq // hkv, d), k, v, attn_mask=g.mask, scale=scale)
+        o = F.scaled_dot_product_attention(_as(q, dt).view(B, hkv, hq // hkv, d), k, v, attn_mask=mask, scale=scale)
         return o.view(B, hq, d)
-    o = _attend(_as(q, dt).view(B, hq, 1, d), k, v, g.mask, scale, softcap, gqa)
+    o = _attend(_as(q, dt).view(B, hq, 1, d), k, v, mask, scale, softcap, gqa)
     return o.view(B, hq, d)
 
 

@@ -8,7 +8,7 @@ into a few C++ loops around torch's int4 kernel and the attention op
 EPYC, 2 cores, in process) one stream took 7.72 ms a token against 9.85 eager, 16
 streams ran 332.7 tok/s against 307.6; served, 1.71x llama-server's throughput at 16
 streams against 1.37x (README, "A decode step as one compiled graph"). Checking the
-model's guards cost 1.4 ms more a step, so only the step's own are kept (below).
+model's guards cost about 1 ms more a step, so only the step's own are kept (below).
 
 Only steps whose every request decodes one token, at fewer rows than the CPU wide
 path (quant.wide_path: wider steps multiply differently), run through it; a step

@@ -290,13 +290,14 @@ def main(args: argparse.Namespace) -> dict:
         chat_like(args.num_requests, len(tokenizer), args.seed + k, args.prompt_median, args.output_median)
         for k in range(len(args.concurrency) * (args.rounds + 1))
     ]
-    reqs = workloads[1]  # the first recorded round's, for the summary line
     longest = max(len(r.prompt_token_ids) + r.output_len for w in workloads for r in w)
     slots = max(args.concurrency)
+    prompt = statistics.mean(sum(len(r.prompt_token_ids) for r in w) for w in workloads)
+    output = statistics.mean(sum(r.output_len for r in w) for w in workloads)
     print(
-        f"workload: {len(reqs)} requests a round, each round its own (the first: prompt tokens "
-        f"{sum(len(r.prompt_token_ids) for r in reqs)}, output tokens {sum(r.output_len for r in reqs)}; "
-        f"longest request of all {longest} tokens); llama-server: {slots} slots, {args.threads} threads"
+        f"workload: {args.num_requests} requests a round, each round its own (prompt tokens {prompt:.0f}, "
+        f"output tokens {output:.0f} a round on average; longest request {longest} tokens); "
+        f"llama-server: {slots} slots, {args.threads} threads"
     )
     if not ray.is_initialized():
         start_local_ray()
