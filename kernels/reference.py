@@ -195,7 +195,7 @@ def _decode_group_plan(meta, rows, block_size, sliding_window, in_order, dt) -> 
     S = nb * block_size
     mask = None
     if min(lens) < S or (sliding_window is not None and max(lens) > sliding_window):
-        mask = _decode_mask(torch.tensor(lens), S, sliding_window, dt)
+        mask = decode_mask(torch.tensor(lens), S, sliding_window, dt)
     tokens = None if in_order else meta.query_start_loc[idx].long()
     return _DecodeGroup(tokens, blocks, mask)
 
@@ -207,56 +207,28 @@ def _decode_group(q, k_cache, v_cache, g: _DecodeGroup, scale: float, softcap, g
     indexing here); SDPA reads the gathered K/V through a transposed view, where
     an einsum would copy them once more.
     """
-    k, v = _gather_into(g, k_cache, v_cache)
-    return _attend_blocks(q, k, v, g.mask, scale, softcap, gqa, dt)
-
-
-def _decode_mask(seq_lens: torch.Tensor, padded_len: int, sliding_window, dt) -> torch.Tensor:
-    """[B, 1, 1, padded_len] additive mask in dt: what each of B decoding sequences of
-    seq_lens [B] tokens (the new one last) sees of its padded keys."""
-    lens = seq_lens.unsqueeze(1)  # [B, 1]
-    allowed = _allowed(lens - 1, torch.arange(padded_len).unsqueeze(0), lens, sliding_window)
-    mask = torch.zeros(seq_lens.shape[0], 1, 1, padded_len, dtype=dt)
-    return mask.masked_fill_(~allowed[:, None, None, :], float("-inf"))
-
-
-def one_sequence_decode(
-    q: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    seq_len: torch.Tensor,
-    blocks: torch.Tensor,
-    scale: float,
-    sliding_window: Optional[int] = None,
-    softcap: Optional[float] = None,
-) -> torch.Tensor:
-    """cpu_paged_attention of a step whose one row decodes one sequence, from tensors
-    alone: q [1, hq, d], seq_len [1] (its length with the new token), blocks [nb] (its
-    blocks; any beyond seq_len are masked, never read into the result). Host lists and
-    a plan cost more than this attention at one row, and no graph can branch on them;
-    inside a compiled decode step (kernels/graph_ops.py) this traces into the graph."""
-    dt = torch.float32 if softcap is not None else cpu_attention_dtype(k_cache.dtype)
-    k, v = k_cache.index_select(0, blocks), v_cache.index_select(0, blocks)
-    mask = _decode_mask(seq_len, k.shape[0] * k.shape[1], sliding_window, dt)
-    gqa = q.shape[1] != k_cache.shape[2]
-    return _attend_blocks(q, k, v, mask, scale, softcap, gqa, dt).to(q.dtype)
-
-
-def _attend_blocks(q, k, v, mask, scale: float, softcap, gqa: bool, dt) -> torch.Tensor:
-    """q [B, hq, d] over its sequences' gathered blocks k, v [B * nb, block_size, hkv, d],
-    with mask (_decode_mask, or None) -> [B, hq, d] in dt."""
     B, hq, d = q.shape
-    hkv = k.shape[2]
+    hkv = k_cache.shape[2]
+    k, v = _gather_into(g, k_cache, v_cache)
     k = _as(k, dt).view(B, -1, hkv, d).transpose(1, 2)  # [B, hkv, S, d]
     v = _as(v, dt).view(B, -1, hkv, d).transpose(1, 2)
     if gqa and softcap is None and dt == torch.float32:
         # Each KV head's query group as the rows of one query: torch's fp32 CPU attention
         # then reads each K/V block once for the group, not once per query head (1.4-1.6x
         # faster at 16 and 64 sequences). In bf16 (AMX tiles) the GQA form is 7-10% faster.
-        o = F.scaled_dot_product_attention(_as(q, dt).view(B, hkv, hq // hkv, d), k, v, attn_mask=mask, scale=scale)
+        o = F.scaled_dot_product_attention(_as(q, dt).view(B, hkv, hq // hkv, d), k, v, attn_mask=g.mask, scale=scale)
         return o.view(B, hq, d)
-    o = _attend(_as(q, dt).view(B, hq, 1, d), k, v, mask, scale, softcap, gqa)
+    o = _attend(_as(q, dt).view(B, hq, 1, d), k, v, g.mask, scale, softcap, gqa)
     return o.view(B, hq, d)
+
+
+def decode_mask(seq_lens: torch.Tensor, padded_len: int, sliding_window, dt) -> torch.Tensor:
+    """[B, 1, 1, padded_len] additive mask in dt: what each of B decoding sequences of
+    seq_lens [B] tokens (the new one last) sees of its padded keys."""
+    lens = seq_lens.unsqueeze(1)  # [B, 1]
+    allowed = _allowed(lens - 1, torch.arange(padded_len).unsqueeze(0), lens, sliding_window)
+    mask = torch.zeros(seq_lens.shape[0], 1, 1, padded_len, dtype=dt)
+    return mask.masked_fill_(~allowed[:, None, None, :], float("-inf"))
 
 
 def _gather_into(g: _DecodeGroup, k_cache: torch.Tensor, v_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

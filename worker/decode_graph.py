@@ -46,6 +46,10 @@ class DecodeGraph:
     def __init__(self, model: torch.nn.Module, caches: list[tuple[torch.Tensor, torch.Tensor]], block_size: int):
         self.model = model
         self.caches = caches
+        # The pool's shape never changes: static, the loops that index it divide by a known
+        # block size rather than a symbol (an integer division per key read).
+        for cache in (t for pair in caches for t in pair):
+            torch._dynamo.mark_static(cache)
         self.block_size = block_size
         self.max_rows = wide_path().rows - 1
         self.ready = False  # warm_up compiled both graphs

@@ -54,7 +54,7 @@ def test_one_sequence_decode_is_the_reference_from_tensors_alone(paged_case, win
     """What a compiled step of one row traces in place of the op (graph_ops.cpu_paged_attention):
     one sequence's decode over its whole blocks, the padding masked; lengths on and off a
     block's end, and a context of one token."""
-    compiled = torch.compile(reference.one_sequence_decode, dynamic=True, fullgraph=True)
+    compiled = torch.compile(graph_ops.one_sequence_decode, dynamic=True, fullgraph=True)
     for context in (0, 7, 8, 20, 40):
         case = paged_case([1], [context], block_size=8, num_q_heads=4, num_kv_heads=2, head_dim=16, dtype=F32)
         k, v = case.ref_k_cache.to(pool_dtype), case.ref_v_cache.to(pool_dtype)
@@ -62,7 +62,7 @@ def test_one_sequence_decode_is_the_reference_from_tensors_alone(paged_case, win
         want = reference.cpu_paged_attention(case.q, k, v, m, case.scale, window, softcap)
         # a padded table, as the decode graph passes one (block 0 is no sequence's)
         blocks = torch.cat((m.block_tables[0], torch.zeros(1, dtype=m.block_tables.dtype)))
-        got = reference.one_sequence_decode(case.q, k, v, m.seq_lens, blocks, case.scale, window, softcap)
+        got = graph_ops.one_sequence_decode(case.q, k, v, m.seq_lens, blocks, case.scale, window, softcap)
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
         with torch._dynamo.config.patch(disable=False):  # the suite runs with TORCH_COMPILE_DISABLE=1
             got = compiled(case.q, k, v, m.seq_lens, blocks, case.scale, window, softcap)
