@@ -167,8 +167,8 @@ class QuantizedWeight(nn.Module):
     Buffers: codes (uint8, [N, K/2] for 4 bits and [N, K] otherwise), scale and
     zero ([N, K/group], compute dtype), perm (act-order, else None). On CPU in a
     compute dtype of `int4pack_dtypes` (KernelOps.int4pack_dtypes), int4pack and
-    int4pack_sz hold torch's packed form instead of codes (kept too when `gather`
-    rows is needed: an embedding table). An embedding table of codes wider than 4
+    int4pack_sz hold torch's packed form instead of codes, scale and zero (kept
+    too when `gather` rows is needed: an embedding table). An embedding table of codes wider than 4
     bits holds, where the CPU multiplies bf16 natively (bf16_dot_products), a bf16
     copy (bf16_copy) in place of the codes (_exact_bf16_copy), and without AMX keeps
     the packed form beside it for steps of up to INT4_TERMS_MAX_ROWS rows.
@@ -204,6 +204,10 @@ class QuantizedWeight(nn.Module):
             codes = codes[:, 0::2] | (codes[:, 1::2] << 4)
         keep_codes = self.bf16_copy is None and (gather or self.int4pack is None)
         self.register_buffer("codes", codes.to(device).contiguous() if keep_codes else None)
+        if self.codes is None and self.bf16_copy is None:
+            # torch's packed form carries its own scales and zeros (int4pack_sz): nothing
+            # reads these (25 MiB of SmolLM2's 185 in float32).
+            self.scale = self.zero = None
 
     @property
     def rounds_to_bf16(self) -> bool:
@@ -262,6 +266,8 @@ class QuantizedWeight(nn.Module):
     def dequantize(self, rows: Optional[torch.Tensor | slice] = None) -> torch.Tensor:
         """[N, K] (or the rows an index tensor or slice selects) in the compute dtype,
         columns in stored order (apply perm to x, not to this)."""
+        if self.scale is None:
+            raise ValueError("this weight keeps torch's packed form alone: int4pack_dense_matmul decodes it")
         scale, zero = _select_rows(self.scale, rows), _select_rows(self.zero, rows)
         if self.bf16_copy is not None:  # it holds no codes
             return self._from_copy(_select_rows(self.bf16_copy, rows), scale, zero)

@@ -114,3 +114,17 @@ def test_a_step_of_one_row_attends_inside_its_graph(compiled):
     assert calls(1) == (0, 0)
     op, sdpa = calls(3)
     assert op == layers and sdpa >= layers
+
+
+@torch.inference_mode()
+def test_a_graph_step_builds_no_tensor_from_the_models_floats(compiled):
+    """The modules' floats (each norm's eps) are compiled in as constants: were they graph
+    inputs, dynamo would build a tensor of each at every call (torch._as_tensor_fullprec,
+    a lift_fresh each), about 0.2 ms of a one-stream step on this model."""
+    graph = compiled.worker.runner.decode_graph
+    for rows in (1, 3):
+        ids, positions, meta = graph._dummy_step(rows)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            graph(ids, positions, meta)
+        counts = {e.key: e.count for e in prof.key_averages()}
+        assert counts.get("aten::lift_fresh", 0) == 0, counts

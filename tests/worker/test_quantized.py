@@ -92,6 +92,8 @@ def test_quantized_linear_matches_fp64_of_the_dequantized_weight(bits, group, dt
     # compute too; wider codes as two 4-bit terms, which must still centre each term.
     int4 = dtype in ops.int4pack_dtypes and group >= 32
     assert (w.int4pack is not None) == int4
+    # torch's packed form carries the scales and zeros: nothing else of the weight is kept
+    assert not int4 or (w.codes, w.scale, w.zero) == (None, None, None)
     assert rows < 200 or rows >= wide_path().rows
     g = torch.Generator().manual_seed(rows)  # fixed inputs: the bf16 bound holds for these, not for every draw
     x = torch.randn(rows, 256, generator=g)
