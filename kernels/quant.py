@@ -414,9 +414,11 @@ class WidePath:
 
 
 # These probes are constants of the process: torch.compile takes their value at trace
-# time (assume_constant_result) rather than tracing into the probe (a graph break).
+# time rather than tracing into the probe (a graph break). worker/decode_graph.py marks
+# them so (torch.compiler.assume_constant_result) when it compiles: marked here, at
+# import, they would load dynamo, inductor, sympy and triton into every CPU worker,
+# compiling or not (140 MiB, a second of start).
 @functools.cache
-@torch.compiler.assume_constant_result
 def amx_granted() -> bool:
     """Whether this CPU has AMX and Linux lets torch use it: then oneDNN's bf16 GEMMs and
     torch's bf16 attention run on AMX tiles (a bf16 GEMM ran at 2.2 TFLOP/s on two Xeon
@@ -436,7 +438,6 @@ def bf16_dot_products() -> bool:
 
 
 @functools.cache
-@torch.compiler.assume_constant_result
 def wide_path() -> WidePath:
     """This CPU's wide path. With AMX the GEMM is all but free beside decoding the
     weight, and the dense path wins from 64 rows; with AVX512-BF16 alone, bf16 GEMMs

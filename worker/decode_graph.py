@@ -29,8 +29,8 @@ from typing import Optional
 
 import torch
 
+from folio.kernels import quant
 from folio.kernels.metadata import AttentionMetadata, attention_metadata
-from folio.kernels.quant import wide_path
 
 log = logging.getLogger(__name__)
 
@@ -46,12 +46,16 @@ class DecodeGraph:
     def __init__(self, model: torch.nn.Module, caches: list[tuple[torch.Tensor, torch.Tensor]], block_size: int):
         self.model = model
         self.caches = caches
+        # The CPU probes the forward reads (kernels/quant.py) are constants of the process:
+        # the graph takes their values rather than tracing into them (a graph break).
+        for probe in (quant.amx_granted, quant.wide_path):
+            torch.compiler.assume_constant_result(probe.__wrapped__)  # under functools.cache
         # The pool's shape never changes: static, the loops that index it divide by a known
         # block size rather than a symbol (an integer division per key read).
         for cache in (t for pair in caches for t in pair):
             torch._dynamo.mark_static(cache)
         self.block_size = block_size
-        self.max_rows = wide_path().rows - 1
+        self.max_rows = quant.wide_path().rows - 1
         self.ready = False  # warm_up compiled both graphs
         self.steps = 0  # steps the graphs ran
         self.eager_steps = 0  # steps they were meant to run that needed a graph warm_up did not build

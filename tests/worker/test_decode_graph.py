@@ -6,6 +6,10 @@ The suite runs with TORCH_COMPILE_DISABLE=1 (tests/conftest.py); this module tur
 torch.compile back on for its own engine. Compiling takes 30-80 s on two cores.
 """
 
+import json
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -128,3 +132,23 @@ def test_a_graph_step_builds_no_tensor_from_the_models_floats(compiled):
             graph(ids, positions, meta)
         counts = {e.key: e.count for e in prof.key_averages()}
         assert counts.get("aten::lift_fresh", 0) == 0, counts
+
+
+# Run in a fresh interpreter: this one has loaded the compiler already.
+_NEVER_COMPILING = """
+import json, sys
+from folio.cluster.entrypoints.llm import LLM
+from folio.protos.messages import SamplingParams
+llm = LLM(compile="off", kv_cache_memory=16 << 20)
+assert llm.generate([[500, 501, 502]], SamplingParams(max_tokens=4, temperature=0))[0].outputs[0].token_ids
+print(json.dumps([m for m in ("torch._dynamo", "torch._inductor", "sympy", "triton") if m in sys.modules]))
+"""
+
+
+def test_an_engine_that_does_not_compile_never_loads_the_compiler():
+    """With --compile off (and in any worker that does not compile: tensor-parallel ranks,
+    the reference kernels) torch's compiler stays out of the process: dynamo, inductor,
+    sympy and triton are 140 MiB of a CPU worker's memory and a second of its start."""
+    run = subprocess.run([sys.executable, "-c", _NEVER_COMPILING], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert json.loads(run.stdout.splitlines()[-1]) == []
