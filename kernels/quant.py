@@ -283,21 +283,25 @@ class QuantizedWeight(nn.Module):
         mid = float(1 << (t.bits - 1))
         scale, zero = t.scale.float(), t.zero.float()
         if t.bits <= 4:
-            terms = [(t.codes, scale, (8.0 - mid) * scale + zero)]
+            sz = [(scale, (8.0 - mid) * scale + zero)]
         else:
-            high = (t.codes >> 4) + (8 - (1 << (t.bits - 5)))
-            terms = [(high, 16.0 * scale, torch.zeros_like(zero)), (t.codes & 15, scale, 8.0 * scale + zero)]
-        sz = torch.stack([torch.cat([s for _, s, _ in terms], 1), torch.cat([z for _, _, z in terms], 1)], dim=-1)
+            sz = [(16.0 * scale, torch.zeros_like(zero)), (scale, 8.0 * scale + zero)]
+
+        def terms(codes: torch.Tensor) -> list[torch.Tensor]:
+            return [codes] if t.bits <= 4 else [(codes >> 4) + (8 - (1 << (t.bits - 5))), codes & 15]
+
         # torch's packing op takes int32 codes, four bytes per code: SmolLM2's 8-bit
         # embedding table would pass through 226 MB at once (a third of the worker's
-        # peak memory). A slice of whole row blocks at a time packs to the same bytes.
+        # peak memory). A slice of whole row blocks at a time packs to the same bytes,
+        # its terms split from the codes there too.
         packed = []
         for i in range(0, self.out_features, INT4PACK_ROWS):
-            codes = torch.cat([c[i : i + INT4PACK_ROWS] for c, _, _ in terms], dim=1).to(torch.int32)
+            codes = torch.cat(terms(t.codes[i : i + INT4PACK_ROWS]), dim=1).to(torch.int32)
             packed.append(torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1))
         self.int4pack = torch.cat(packed) if len(packed) > 1 else packed[0]
+        sz = torch.stack([torch.cat([s for s, _ in sz], 1), torch.cat([z for _, z in sz], 1)], dim=-1)
         self.int4pack_sz = sz.transpose(0, 1).contiguous().to(torch.bfloat16)  # [K'/group, N, 2]
-        self.int4pack_terms = len(terms)
+        self.int4pack_terms = len(terms(t.codes[:1]))
 
     def int4pack_matmul(self, x: torch.Tensor) -> torch.Tensor:
         """x [T, K] (columns already in stored order) -> [T, N] through torch's CPU

@@ -19,10 +19,11 @@ is a u64 length and UTF-8 bytes; an array a u32 element type, u64 count, element
 
 from __future__ import annotations
 
+import dataclasses
 import mmap
 import struct
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGUF_DEFAULT_ALIGNMENT, GGMLQuantizationType, quant_shape_to_byte_shape
@@ -62,6 +63,7 @@ class GGUFTensor:
     tensor_type: GGMLQuantizationType
     shape: tuple[int, ...]  # GGUF order: [cols, rows, ...]
     data: np.ndarray  # read-only view: numbers for plain types, else bytes [..., rows, row bytes]
+    offset: int = 0  # of its data in the file
 
 
 @dataclass(frozen=True)
@@ -69,9 +71,25 @@ class GGUFFile:
     version: int
     fields: dict[str, Any]  # key -> int, float, bool, str, or a list of those
     tensors: list[GGUFTensor]
+    mapped: Optional[mmap.mmap] = dataclasses.field(default=None, repr=False, compare=False)
 
     def field(self, key: str, default=None):
         return self.fields.get(key, default)
+
+    def release(self, tensor: GGUFTensor) -> None:
+        """Drop the pages of a tensor read already from this process's memory.
+
+        Every page of the map that a load touches stays counted in the process's
+        memory until the map goes, so a load held the whole file on top of the
+        weights it built from it: a 1.1B-parameter Q4_1 file (681 MiB) took a kept-quantized
+        load's peak from 1,314 to 2,083 MiB. The pages stay in the page cache, and a later
+        read of the tensor maps them again with the same bytes."""
+        if self.mapped is None or not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        start = tensor.offset - tensor.offset % mmap.PAGESIZE
+        end = min(len(self.mapped), tensor.offset + tensor.data.nbytes)
+        if end > start:
+            self.mapped.madvise(mmap.MADV_DONTNEED, start, end - start)
 
 
 class _Cursor:
@@ -148,7 +166,7 @@ def read_gguf(path: str) -> GGUFFile:
             raise ValueError(f"{path}: tensor {name!r} appears twice")
         seen.add(name)
         tensors.append(_tensor(buf, path, name, dims, kind, start + offset))
-    return GGUFFile(version, fields, tensors)
+    return GGUFFile(version, fields, tensors, mapped)
 
 
 def _tensor(buf: memoryview, path: str, name: str, dims: tuple, kind: int, offset: int) -> GGUFTensor:
@@ -169,4 +187,4 @@ def _tensor(buf: memoryview, path: str, name: str, dims: tuple, kind: int, offse
     if offset + count * dtype.itemsize > len(buf):
         raise ValueError(f"{path}: tensor {name!r} runs past the end of the file")
     data = np.frombuffer(buf, dtype, count, offset).reshape(np_dims)
-    return GGUFTensor(name, ggml_type, tuple(int(d) for d in dims), data)
+    return GGUFTensor(name, ggml_type, tuple(int(d) for d in dims), data, offset)

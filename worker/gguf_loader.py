@@ -130,6 +130,7 @@ def gguf_tensors(
         if part in _EXPERTS:
             dequantized_experts |= t.tensor_type.name in KEPT_QUANTIZED
             yield from _experts(t, config)
+            reader.release(t)
             continue
         name = _hf_name(t.name, config)
         tensor = None
@@ -148,6 +149,7 @@ def gguf_tensors(
             if heads is not None:
                 tensor = map_rows(tensor, lambda w, h=heads: _unpermute_rope_rows(w, h))
         yield name, tensor
+        reader.release(t)  # the model holds what it needs of it by now
     if dequantized_experts and keep_quantized:
         log.info("quantized expert weights dequantized at load (folio's expert kernels take dense weights)")
 

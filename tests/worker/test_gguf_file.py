@@ -105,3 +105,31 @@ def test_damaged_files_are_refused_without_reading_past_the_end(tmp_path):
     for at in (key - 8, key + len("test.strings") + 8):  # the key's length, the array's count
         with pytest.raises(ValueError, match="truncated"):
             read(good[:at] + huge + good[at + 8 :])
+
+
+def _mapped_kib(path: str) -> int:
+    """KiB of `path` mapped into this process and resident (every mapping of it)."""
+    total, inside = 0, False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            first = line.split()[0]
+            if "-" in first and not first.endswith(":"):  # a mapping's header line
+                inside = line.rstrip().endswith(path)
+            elif inside and first == "Rss:":
+                total += int(line.split()[1])
+    return total
+
+
+def test_a_released_tensor_leaves_the_process_memory_and_reads_the_same():
+    """A load drops each tensor's pages once the model holds what it needs of it
+    (gguf_loader.gguf_tensors), so that the file is not counted on top of the weights."""
+    path = smollm2_path()
+    reader = read_gguf(path)
+    table = next(t for t in reader.tensors if t.name == "token_embd.weight")  # 29 MB of Q8_0
+    before = _mapped_kib(path)
+    checksum = int(table.data.sum(dtype=np.uint64))  # reads every page
+    read = _mapped_kib(path)
+    assert read - before > 0.9 * table.data.nbytes / 1024
+    reader.release(table)
+    assert _mapped_kib(path) < read - 0.9 * table.data.nbytes / 1024
+    assert int(table.data.sum(dtype=np.uint64)) == checksum  # mapped again, the same bytes
