@@ -231,3 +231,70 @@ def random_gguf_blocks(qtype, rows: int, cols: int, rng: np.random.Generator) ->
     else:
         raise ValueError(f"no random blocks for {name}")
     return b.reshape(rows, -1)
+
+
+def write_random_llama_gguf(out: str, hidden: int, inter: int, layers: int, heads: int, kv_heads: int) -> str:
+    """A Llama of random weights at any size, as the bundled SmolLM2 GGUF stores one
+    (Q4_1 layers, a tied Q8_0 embedding, fp32 norms) and with its tokenizer and chat
+    template, so that `folio serve --model out` serves it: a model to measure memory on
+    where the weights, not the runtime, are most of a worker (README, "Quantized
+    weights"). TinyLlama's shape, 1.1B parameters and 682 MiB: hidden 2048, inter 5632,
+    layers 22, heads 32, kv_heads 4. Random blocks, so the text it writes is noise."""
+    import gguf
+
+    from tests.model_fixtures import smollm2_path
+
+    src = gguf.GGUFReader(smollm2_path())
+    field = lambda key: src.fields[key].contents()  # noqa: E731
+    vocab = len(src.fields["tokenizer.ggml.tokens"].data)
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    w = gguf.GGUFWriter(out + ".partial", "llama")
+    w.add_block_count(layers)
+    w.add_context_length(2048)
+    w.add_embedding_length(hidden)
+    w.add_feed_forward_length(inter)
+    w.add_head_count(heads)
+    w.add_head_count_kv(kv_heads)
+    w.add_rope_dimension_count(hidden // heads)
+    w.add_rope_freq_base(10000.0)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_vocab_size(vocab)
+    w.add_tokenizer_model(field("tokenizer.ggml.model"))
+    w.add_tokenizer_pre(field("tokenizer.ggml.pre"))
+    w.add_token_list(field("tokenizer.ggml.tokens"))
+    w.add_token_types(field("tokenizer.ggml.token_type"))
+    w.add_token_merges(field("tokenizer.ggml.merges"))
+    for key, add in [
+        ("tokenizer.ggml.bos_token_id", w.add_bos_token_id),
+        ("tokenizer.ggml.eos_token_id", w.add_eos_token_id),
+        ("tokenizer.ggml.unknown_token_id", w.add_unk_token_id),
+        ("tokenizer.ggml.padding_token_id", w.add_pad_token_id),
+        ("tokenizer.ggml.add_bos_token", w.add_add_bos_token),
+        ("tokenizer.ggml.add_space_prefix", w.add_add_space_prefix),
+        ("tokenizer.chat_template", w.add_chat_template),
+    ]:
+        add(field(key))
+    rng = np.random.default_rng(0)
+    q4_1, q8_0 = gguf.GGMLQuantizationType.Q4_1, gguf.GGMLQuantizationType.Q8_0
+    w.add_tensor("token_embd.weight", random_gguf_blocks(q8_0, vocab, hidden, rng), raw_dtype=q8_0)
+    w.add_tensor("output_norm.weight", np.ones(hidden, np.float32))
+    kv = kv_heads * (hidden // heads)
+    for i in range(layers):
+        w.add_tensor(f"blk.{i}.attn_norm.weight", np.ones(hidden, np.float32))
+        w.add_tensor(f"blk.{i}.ffn_norm.weight", np.ones(hidden, np.float32))
+        for name, rows, cols in [
+            ("attn_q", hidden, hidden),
+            ("attn_k", kv, hidden),
+            ("attn_v", kv, hidden),
+            ("attn_output", hidden, hidden),
+            ("ffn_gate", inter, hidden),
+            ("ffn_up", inter, hidden),
+            ("ffn_down", hidden, inter),
+        ]:
+            w.add_tensor(f"blk.{i}.{name}.weight", random_gguf_blocks(q4_1, rows, cols, rng), raw_dtype=q4_1)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    os.replace(out + ".partial", out)
+    return out

@@ -81,7 +81,7 @@ class GGUFFile:
 
         Every page of the map that a load touches stays counted in the process's
         memory until the map goes, so a load held the whole file on top of the
-        weights it built from it: a 1.1B-parameter Q4_1 file (681 MiB) took a kept-quantized
+        weights it built from it: a 1.1B-parameter Q4_1 file (682 MiB) took a kept-quantized
         load's peak from 1,314 to 2,083 MiB. The pages stay in the page cache, and a later
         read of the tensor maps them again with the same bytes."""
         if self.mapped is None or not hasattr(mmap, "MADV_DONTNEED"):

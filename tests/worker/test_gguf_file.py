@@ -133,3 +133,20 @@ def test_a_released_tensor_leaves_the_process_memory_and_reads_the_same():
     reader.release(table)
     assert _mapped_kib(path) < read - 0.9 * table.data.nbytes / 1024
     assert int(table.data.sum(dtype=np.uint64)) == checksum  # mapped again, the same bytes
+
+
+def test_a_random_llama_of_any_size_serves_with_smollm2s_tokenizer(tmp_path):
+    """The model the README measures memory on, at a test's size: it loads kept
+    quantized, and its chat template and tokenizer are SmolLM2's."""
+    from folio.cluster.entrypoints.llm import LLM
+    from folio.protos.messages import SamplingParams
+    from tests.gguf_fixtures import write_random_llama_gguf
+
+    path = write_random_llama_gguf(str(tmp_path / "random.gguf"), hidden=256, inter=512, layers=2, heads=4, kv_heads=2)
+    llm = LLM(path, kv_cache_memory=16 << 20, compile="off")
+    assert (llm.worker.model_config.hidden_size, llm.worker.model_config.quantization) == (256, "gguf")
+    chat = [{"role": "user", "content": "What is the capital of France?"}]
+    prompt = llm.chat_token_ids(chat)
+    assert prompt == LLM(kv_cache_memory=16 << 20, compile="off").chat_token_ids(chat)
+    out = llm.generate([prompt], SamplingParams(max_tokens=5, temperature=0, ignore_eos=True))
+    assert len(out[0].outputs[0].token_ids) == 5
