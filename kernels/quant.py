@@ -283,9 +283,9 @@ class QuantizedWeight(nn.Module):
         mid = float(1 << (t.bits - 1))
         scale, zero = t.scale.float(), t.zero.float()
         if t.bits <= 4:
-            sz = [(scale, (8.0 - mid) * scale + zero)]
+            term_sz = [(scale, (8.0 - mid) * scale + zero)]
         else:
-            sz = [(16.0 * scale, torch.zeros_like(zero)), (scale, 8.0 * scale + zero)]
+            term_sz = [(16.0 * scale, torch.zeros_like(zero)), (scale, 8.0 * scale + zero)]
 
         def terms(codes: torch.Tensor) -> list[torch.Tensor]:
             return [codes] if t.bits <= 4 else [(codes >> 4) + (8 - (1 << (t.bits - 5))), codes & 15]
@@ -299,9 +299,9 @@ class QuantizedWeight(nn.Module):
             codes = torch.cat(terms(t.codes[i : i + INT4PACK_ROWS]), dim=1).to(torch.int32)
             packed.append(torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1))
         self.int4pack = torch.cat(packed) if len(packed) > 1 else packed[0]
-        sz = torch.stack([torch.cat([s for s, _ in sz], 1), torch.cat([z for _, z in sz], 1)], dim=-1)
+        sz = torch.stack([torch.cat([s for s, _ in term_sz], 1), torch.cat([z for _, z in term_sz], 1)], dim=-1)
         self.int4pack_sz = sz.transpose(0, 1).contiguous().to(torch.bfloat16)  # [K'/group, N, 2]
-        self.int4pack_terms = len(terms(t.codes[:1]))
+        self.int4pack_terms = len(term_sz)
 
     def int4pack_matmul(self, x: torch.Tensor) -> torch.Tensor:
         """x [T, K] (columns already in stored order) -> [T, N] through torch's CPU
