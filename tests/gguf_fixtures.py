@@ -62,9 +62,10 @@ def make_tiny_gguf(family: str, path) -> str:
     return out
 
 
-def _write_gguf(out: str, arch: str, hp: dict, tensors) -> None:
+def _write_gguf(out: str, arch: str, hp: dict, tensors, more=None) -> None:
     """A GGUF file at `out` (written beside it, then moved in place) with a Llama-style
-    model's hyperparameters hp and tensors: (GGUF name, array, raw ggml type or None)."""
+    model's hyperparameters hp and tensors: (GGUF name, array, raw ggml type or None);
+    more(writer), when given, adds metadata of its own."""
     import gguf
 
     os.makedirs(os.path.dirname(out), exist_ok=True)
@@ -81,6 +82,8 @@ def _write_gguf(out: str, arch: str, hp: dict, tensors) -> None:
     w.add_vocab_size(hp["vocab"])
     w.add_bos_token_id(hp["bos"])
     w.add_eos_token_id(hp["eos"])
+    if more is not None:
+        more(w)
     for name, array, raw_dtype in tensors:
         w.add_tensor(name, array, raw_dtype=raw_dtype)
     w.write_header_to_file()
@@ -166,17 +169,9 @@ def make_tiny_quantized_gguf(path) -> str:
     hidden, inter, heads, kv_heads, vocab, layers = 256, 512, 4, 2, 512, 2
     head_dim = hidden // heads
     rng = np.random.default_rng(7)
-    shapes = {"token_embd": (vocab, hidden), "output": (vocab, hidden)}
-    for i in range(layers):
-        shapes |= {
-            f"blk.{i}.attn_q": (hidden, hidden),
-            f"blk.{i}.attn_k": (kv_heads * head_dim, hidden),
-            f"blk.{i}.attn_v": (kv_heads * head_dim, hidden),
-            f"blk.{i}.attn_output": (hidden, hidden),
-            f"blk.{i}.ffn_gate": (inter, hidden),
-            f"blk.{i}.ffn_up": (inter, hidden),
-            f"blk.{i}.ffn_down": (hidden, inter),
-        }
+    shapes = {"token_embd": (vocab, hidden), "output": (vocab, hidden)} | _llama_matrices(
+        hidden, inter, kv_heads * head_dim, layers
+    )
 
     def tensors():
         for name, (rows, cols) in shapes.items():
@@ -233,6 +228,22 @@ def random_gguf_blocks(qtype, rows: int, cols: int, rng: np.random.Generator) ->
     return b.reshape(rows, -1)
 
 
+def _llama_matrices(hidden: int, inter: int, kv: int, layers: int) -> dict[str, tuple[int, int]]:
+    """GGUF name -> (rows, cols) of a Llama's per-layer matrices, in the file's order."""
+    shapes = {}
+    for i in range(layers):
+        shapes |= {
+            f"blk.{i}.attn_q": (hidden, hidden),
+            f"blk.{i}.attn_k": (kv, hidden),
+            f"blk.{i}.attn_v": (kv, hidden),
+            f"blk.{i}.attn_output": (hidden, hidden),
+            f"blk.{i}.ffn_gate": (inter, hidden),
+            f"blk.{i}.ffn_up": (inter, hidden),
+            f"blk.{i}.ffn_down": (hidden, inter),
+        }
+    return shapes
+
+
 def write_random_llama_gguf(out: str, hidden: int, inter: int, layers: int, heads: int, kv_heads: int) -> str:
     """A Llama of random weights at any size, as the bundled SmolLM2 GGUF stores one
     (Q4_1 layers, a tied Q8_0 embedding, fp32 norms) and with its tokenizer and chat
@@ -247,54 +258,41 @@ def write_random_llama_gguf(out: str, hidden: int, inter: int, layers: int, head
     src = gguf.GGUFReader(smollm2_path())
     field = lambda key: src.fields[key].contents()  # noqa: E731
     vocab = len(src.fields["tokenizer.ggml.tokens"].data)
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    w = gguf.GGUFWriter(out + ".partial", "llama")
-    w.add_block_count(layers)
-    w.add_context_length(2048)
-    w.add_embedding_length(hidden)
-    w.add_feed_forward_length(inter)
-    w.add_head_count(heads)
-    w.add_head_count_kv(kv_heads)
-    w.add_rope_dimension_count(hidden // heads)
-    w.add_rope_freq_base(10000.0)
-    w.add_layer_norm_rms_eps(1e-5)
-    w.add_vocab_size(vocab)
-    w.add_tokenizer_model(field("tokenizer.ggml.model"))
-    w.add_tokenizer_pre(field("tokenizer.ggml.pre"))
-    w.add_token_list(field("tokenizer.ggml.tokens"))
-    w.add_token_types(field("tokenizer.ggml.token_type"))
-    w.add_token_merges(field("tokenizer.ggml.merges"))
-    for key, add in [
-        ("tokenizer.ggml.bos_token_id", w.add_bos_token_id),
-        ("tokenizer.ggml.eos_token_id", w.add_eos_token_id),
-        ("tokenizer.ggml.unknown_token_id", w.add_unk_token_id),
-        ("tokenizer.ggml.padding_token_id", w.add_pad_token_id),
-        ("tokenizer.ggml.add_bos_token", w.add_add_bos_token),
-        ("tokenizer.ggml.add_space_prefix", w.add_add_space_prefix),
-        ("tokenizer.chat_template", w.add_chat_template),
-    ]:
-        add(field(key))
-    rng = np.random.default_rng(0)
-    q4_1, q8_0 = gguf.GGMLQuantizationType.Q4_1, gguf.GGMLQuantizationType.Q8_0
-    w.add_tensor("token_embd.weight", random_gguf_blocks(q8_0, vocab, hidden, rng), raw_dtype=q8_0)
-    w.add_tensor("output_norm.weight", np.ones(hidden, np.float32))
-    kv = kv_heads * (hidden // heads)
-    for i in range(layers):
-        w.add_tensor(f"blk.{i}.attn_norm.weight", np.ones(hidden, np.float32))
-        w.add_tensor(f"blk.{i}.ffn_norm.weight", np.ones(hidden, np.float32))
-        for name, rows, cols in [
-            ("attn_q", hidden, hidden),
-            ("attn_k", kv, hidden),
-            ("attn_v", kv, hidden),
-            ("attn_output", hidden, hidden),
-            ("ffn_gate", inter, hidden),
-            ("ffn_up", inter, hidden),
-            ("ffn_down", hidden, inter),
-        ]:
-            w.add_tensor(f"blk.{i}.{name}.weight", random_gguf_blocks(q4_1, rows, cols, rng), raw_dtype=q4_1)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    os.replace(out + ".partial", out)
+
+    def tokenizer(w) -> None:
+        w.add_tokenizer_model(field("tokenizer.ggml.model"))
+        w.add_tokenizer_pre(field("tokenizer.ggml.pre"))
+        w.add_token_list(field("tokenizer.ggml.tokens"))
+        w.add_token_types(field("tokenizer.ggml.token_type"))
+        w.add_token_merges(field("tokenizer.ggml.merges"))
+        w.add_unk_token_id(field("tokenizer.ggml.unknown_token_id"))
+        w.add_pad_token_id(field("tokenizer.ggml.padding_token_id"))
+        w.add_add_bos_token(field("tokenizer.ggml.add_bos_token"))
+        w.add_add_space_prefix(field("tokenizer.ggml.add_space_prefix"))
+        w.add_chat_template(field("tokenizer.chat_template"))
+
+    def tensors():
+        rng = np.random.default_rng(0)
+        q4_1, q8_0 = gguf.GGMLQuantizationType.Q4_1, gguf.GGMLQuantizationType.Q8_0
+        yield "token_embd.weight", random_gguf_blocks(q8_0, vocab, hidden, rng), q8_0
+        for name in ["output_norm"] + [f"blk.{i}.{n}" for i in range(layers) for n in ("attn_norm", "ffn_norm")]:
+            yield f"{name}.weight", np.ones(hidden, np.float32), None
+        for name, (rows, cols) in _llama_matrices(hidden, inter, kv_heads * (hidden // heads), layers).items():
+            yield f"{name}.weight", random_gguf_blocks(q4_1, rows, cols, rng), q4_1
+
+    hparams = dict(
+        layers=layers,
+        context=2048,
+        hidden=hidden,
+        inter=inter,
+        heads=heads,
+        kv_heads=kv_heads,
+        head_dim=hidden // heads,
+        rope_theta=10000.0,
+        eps=1e-5,
+        vocab=vocab,
+        bos=field("tokenizer.ggml.bos_token_id"),
+        eos=field("tokenizer.ggml.eos_token_id"),
+    )
+    _write_gguf(os.path.abspath(out), "llama", hparams, tensors(), more=tokenizer)
     return out

@@ -106,12 +106,9 @@ def test_a_step_of_one_row_attends_inside_its_graph(compiled):
     layers = compiled.worker.model_config.num_layers
 
     def calls(rows: int) -> tuple[int, int]:
-        ids, positions, meta = graph._dummy_step(rows)
         steps = graph.steps
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-            graph(ids, positions, meta)
+        counts = _op_counts(graph, rows)
         assert graph.steps == steps + 1  # through a graph
-        counts = {e.key: e.count for e in prof.key_averages()}
         sdpa = sum(n for key, n in counts.items() if "scaled_dot_product" in key)
         return counts.get("folio::cpu_paged_attention", 0), sdpa
 
@@ -127,11 +124,16 @@ def test_a_graph_step_builds_no_tensor_from_the_models_floats(compiled):
     a lift_fresh each), about 0.2 ms of a one-stream step on this model."""
     graph = compiled.worker.runner.decode_graph
     for rows in (1, 3):
-        ids, positions, meta = graph._dummy_step(rows)
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-            graph(ids, positions, meta)
-        counts = {e.key: e.count for e in prof.key_averages()}
+        counts = _op_counts(graph, rows)
         assert counts.get("aten::lift_fresh", 0) == 0, counts
+
+
+def _op_counts(graph, rows: int) -> dict[str, int]:
+    """Calls of each op, by torch.profiler, in one dummy step of `rows` rows through graph."""
+    ids, positions, meta = graph._dummy_step(rows)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        graph(ids, positions, meta)
+    return {e.key: e.count for e in prof.key_averages()}
 
 
 # Run in a fresh interpreter: this one has loaded the compiler already.
