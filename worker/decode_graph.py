@@ -64,6 +64,10 @@ class DecodeGraph:
         # only the guards on the step's own tensors are kept. For the same reason the
         # graph does not assert its ~400 inputs' sizes and alignment again at every call
         # (the guards have checked the step's own): 0.1-0.2 ms a step.
+        # The vector width inductor writes its C++ for is named in the options, which key
+        # its on-disk cache: left implicit, a graph written for AVX2 (ATEN_CPU_CAPABILITY=avx2,
+        # or a cache directory shared with another CPU) was loaded on AVX-512, its kernels
+        # rebuilt for twice the lanes its loops step by, and they wrote past their buffers.
         self._forward = torch.compile(
             model.forward,
             dynamic=True,
@@ -73,6 +77,7 @@ class DecodeGraph:
                 "size_asserts": False,
                 "alignment_asserts": False,
                 "scalar_asserts": False,
+                "cpp.simdlen": _vector_bits(),
             },
         )
 
@@ -143,6 +148,13 @@ class DecodeGraph:
         positions = torch.tensor(ctx, dtype=torch.long)
         meta = attention_metadata(positions, [1] * rows, ctx, tables, self.block_size, positions.device)
         return torch.full((rows,), 1, dtype=torch.long), positions, meta
+
+
+def _vector_bits() -> int:
+    """The vector width inductor picks for this process's CPU (0: it does not vectorize)."""
+    from torch._inductor.cpu_vec_isa import pick_vec_isa
+
+    return pick_vec_isa().bit_width()
 
 
 def _graph_metadata(meta: AttentionMetadata) -> AttentionMetadata:

@@ -154,3 +154,53 @@ def test_an_engine_that_does_not_compile_never_loads_the_compiler():
     run = subprocess.run([sys.executable, "-c", _NEVER_COMPILING], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
     assert json.loads(run.stdout.splitlines()[-1]) == []
+
+
+# One engine on a tiny model in a fresh interpreter, compiling into the cache its
+# environment names; prints whether its graphs were built, how many inductor took
+# from that cache, and its greedy tokens.
+_COMPILE_ONCE = """
+import json, sys
+from torch._dynamo.utils import counters
+from folio.cluster.entrypoints.llm import LLM
+from folio.protos.messages import SamplingParams
+llm = LLM(sys.argv[1], compile="auto", kv_cache_memory=4 << 20, tokenizer=False)
+graph = llm.worker.runner.decode_graph
+out = llm.generate([[5, 6, 7], [8, 9]], SamplingParams(max_tokens=6, temperature=0, ignore_eos=True))
+print(json.dumps({
+    "ready": graph is not None and graph.ready,
+    "hits": counters["inductor"]["fxgraph_cache_hit"],
+    "tokens": [o.outputs[0].token_ids for o in out],
+}))
+"""
+
+
+def test_a_graph_compiled_for_one_vector_width_is_never_loaded_for_another(tmp_path):
+    """inductor's on-disk cache did not key its C++ on the vector width it wrote it for:
+    the bundled model's graphs compiled under ATEN_CPU_CAPABILITY=avx2 were loaded on the
+    AVX-512 CPU beside them, rebuilt for 16 lanes where their loops stepped by 8, and the
+    worker died of heap corruption on its first step. The width is now in the options."""
+    import os
+
+    from tests.model_fixtures import make_tiny_model
+
+    if torch.backends.cpu.get_cpu_capability() != "AVX512":
+        pytest.skip("needs an AVX-512 CPU: two vector widths to compile for")
+    model = make_tiny_model("llama", tmp_path / "model")
+    env = {k: v for k, v in os.environ.items() if k != "TORCH_COMPILE_DISABLE"}
+    env["TORCHINDUCTOR_CACHE_DIR"] = str(tmp_path / "inductor")
+
+    def engine(**more: str) -> dict:
+        run = subprocess.run(
+            [sys.executable, "-c", _COMPILE_ONCE, model], env=env | more, capture_output=True, text=True, timeout=600
+        )
+        assert run.returncode == 0, run.stderr[-3000:]
+        return json.loads(run.stdout.splitlines()[-1])
+
+    avx2 = engine(ATEN_CPU_CAPABILITY="avx2")
+    native = engine()
+    again = engine()
+    assert avx2["ready"] and native["ready"] and again["ready"]
+    assert native["hits"] == 0  # the AVX2 graphs are not this CPU's
+    assert again["hits"] > 0  # its own are taken from the cache
+    assert avx2["tokens"] == native["tokens"] == again["tokens"]
