@@ -152,8 +152,8 @@ def _dequantize(codes, scale, zero, bits: int, perm: Optional[torch.Tensor], dty
     """[n, K] weights from one-per-byte codes; fp32 math, cast to dtype at the end."""
     n, k = codes.shape
     g = k // scale.shape[1]
-    q = codes.view(n, -1, g).float() - float(1 << (bits - 1))
-    w = (q * scale.float().unsqueeze(-1) + zero.float().unsqueeze(-1)).view(n, k).to(dtype)
+    q = codes.view(n, -1, g).float().sub_(float(1 << (bits - 1)))
+    w = q.mul_(scale.float().unsqueeze(-1)).add_(zero.float().unsqueeze(-1)).view(n, k).to(dtype)
     if perm is None:
         return w
     out = torch.empty_like(w)
@@ -169,9 +169,9 @@ class QuantizedWeight(nn.Module):
     compute dtype of `int4pack_dtypes` (KernelOps.int4pack_dtypes), int4pack and
     int4pack_sz hold torch's packed form instead of codes, scale and zero (kept
     too when `gather` rows is needed: an embedding table). An embedding table of codes wider than 4
-    bits holds, where the CPU multiplies bf16 natively (bf16_dot_products), a bf16
-    copy (bf16_copy) in place of the codes (_exact_bf16_copy), and without AMX keeps
-    the packed form beside it for steps of up to INT4_TERMS_MAX_ROWS rows.
+    bits holds, where some steps multiply faster through it (table_path), a bf16
+    copy (bf16_copy) in place of the codes (_exact_bf16_copy), and the packed form
+    beside it where the other steps multiply faster through that.
     """
 
     def __init__(
@@ -195,15 +195,15 @@ class QuantizedWeight(nn.Module):
         cpu_int4 = (
             torch.device(device).type == "cpu" and dtype in int4pack_dtypes and int4pack_fits(t.group, t.shape[0])
         )
-        if cpu_int4 and gather and t.bits > 4 and bf16_dot_products():
+        table = table_path()
+        if cpu_int4 and gather and t.bits > 4 and table.copy:
             self.bf16_copy = self._exact_bf16_copy(t)
-        if cpu_int4 and (self.bf16_copy is None or not amx_granted()):
+        if cpu_int4 and (self.bf16_copy is None or table.terms):
             self._pack_int4(t)
-        codes = t.codes
-        if t.bits == 4:
-            codes = codes[:, 0::2] | (codes[:, 1::2] << 4)
-        keep_codes = self.bf16_copy is None and (gather or self.int4pack is None)
-        self.register_buffer("codes", codes.to(device).contiguous() if keep_codes else None)
+        self.register_buffer("codes", None)
+        if self.bf16_copy is None and (gather or self.int4pack is None):
+            codes = t.codes if t.bits != 4 else t.codes[:, 0::2] | (t.codes[:, 1::2] << 4)
+            self.codes = codes.to(device).contiguous()
         if self.codes is None and self.bf16_copy is None:
             # torch's packed form carries its own scales and zeros (int4pack_sz): nothing
             # reads these (25 MiB of SmolLM2's 185 in float32).
@@ -227,8 +227,8 @@ class QuantizedWeight(nn.Module):
         55 ms at 64 through the wide path). A bf16 copy is the same 2 bytes, and
         AMX's bf16 GEMM over it takes 1.8 and 5.3 ms (reference._bf16_copy_matmul);
         at one row, in the model, 2.7 ms against the kernel's 2.3, the copy being
-        twice the bytes the matmul reads (without AMX the packed form stays beside
-        it for the few-row steps: INT4_TERMS_MAX_ROWS). The codes come back from it: bf16 keeps 8 significant
+        twice the bytes the matmul reads (elsewhere the packed form stays beside it
+        for the steps it serves faster: table_path). The codes come back from it: bf16 keeps 8 significant
         bits, so |copy - w| <= |w| 2^-9, which for w = (q - mid) s (zero 0, as
         Q8_0 and symmetric schemes have) is at most mid s 2^-9 < s / 2 below 9
         bits. Whether it holds for this tensor's zeros is checked (the weights the
@@ -251,8 +251,8 @@ class QuantizedWeight(nn.Module):
         padding) is its zero whatever its codes."""
         n, k = copy.shape
         s, z = scale.float().unsqueeze(-1), zero.float().unsqueeze(-1)
-        centred = torch.round((copy.float().view(n, -1, self.group) - z) / torch.where(s == 0, 1.0, s))
-        return (centred * s + z).view(n, k).to(self.dtype)
+        centred = copy.float().view(n, -1, self.group).sub_(z).div_(torch.where(s == 0, 1.0, s)).round_()
+        return centred.mul_(s).add_(z).view(n, k).to(self.dtype)
 
     def unpacked_codes(self, rows: Optional[torch.Tensor | slice] = None) -> torch.Tensor:
         """uint8 [n, K], one code per byte (all rows, or those rows selects)."""
@@ -294,11 +294,11 @@ class QuantizedWeight(nn.Module):
         # embedding table would pass through 226 MB at once (a third of the worker's
         # peak memory). A slice of whole row blocks at a time packs to the same bytes,
         # its terms split from the codes there too.
-        packed = []
+        self.int4pack = torch.empty(self.out_features, self.in_features * len(term_sz) // 2, dtype=torch.uint8)
         for i in range(0, self.out_features, INT4PACK_ROWS):
-            codes = torch.cat(terms(t.codes[i : i + INT4PACK_ROWS]), dim=1).to(torch.int32)
-            packed.append(torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1))
-        self.int4pack = torch.cat(packed) if len(packed) > 1 else packed[0]
+            codes = terms(t.codes[i : i + INT4PACK_ROWS])
+            codes = (torch.cat(codes, dim=1) if len(codes) > 1 else codes[0]).to(torch.int32)
+            self.int4pack[i : i + INT4PACK_ROWS] = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
         sz = torch.stack([torch.cat([s for s, _ in term_sz], 1), torch.cat([z for _, z in term_sz], 1)], dim=-1)
         self.int4pack_sz = sz.transpose(0, 1).contiguous().to(torch.bfloat16)  # [K'/group, N, 2]
         self.int4pack_terms = len(term_sz)
@@ -365,12 +365,6 @@ class QuantizedWeight(nn.Module):
 
 INT4PACK_ROWS = 1024  # rows packed at a time: whole row blocks of every width (int4pack_block_n)
 BF16_COPY_CHUNK = 1 << 22  # weights dequantized at a time while a bf16 copy is made
-# Without AMX an embedding table with a bf16 copy keeps torch's packed form too (28 MB
-# more for SmolLM2's head), and steps of up to this many rows multiply through it: on a
-# Zen 5 EPYC (AVX512-BF16) the head took 1.1 / 1.7 / 5.7 ms at 1 / 4 / 16 rows as two
-# int4 terms against 1.8 / 1.9 / 2.6 through the copy, and a one-stream token 10-15%
-# longer with the copy alone, a 16-stream workload 2-5% shorter than with the terms alone.
-INT4_TERMS_MAX_ROWS = 4
 
 
 def int4pack_fits(group: int, rows: int) -> bool:
@@ -439,6 +433,54 @@ def bf16_dot_products() -> bool:
     elsewhere they are emulated, slower than fp32."""
     avx512_bf16 = getattr(torch.cpu, "_is_avx512_bf16_supported", None)  # private: absent means unknown
     return amx_granted() or bool(avx512_bf16 is not None and avx512_bf16())
+
+
+@dataclass(frozen=True)
+class TablePath:
+    """Which steps multiply an embedding table of codes wider than 4 bits (an LM head
+    tied to a Q8_0 table, as SmolLM2's) through a bf16 copy of it (_exact_bf16_copy):
+    those of up to `copy_rows_up_to` rows, and those of `copy_rows_from` rows and more;
+    the others through torch's packed int4 form, as two 4-bit terms. The table keeps
+    the forms some step uses."""
+
+    copy_rows_up_to: int = 0
+    copy_rows_from: Optional[int] = None
+
+    def copy_for(self, rows: int) -> bool:
+        return rows <= self.copy_rows_up_to or (self.copy_rows_from is not None and rows >= self.copy_rows_from)
+
+    @property
+    def copy(self) -> bool:
+        return self.copy_rows_up_to > 0 or self.copy_rows_from is not None
+
+    @property
+    def terms(self) -> bool:
+        return self.copy_rows_from is None or self.copy_rows_from > self.copy_rows_up_to + 1
+
+
+# Where the copy serves steps of few rows and the terms the rest, or the reverse. SmolLM2's
+# head (49152 x 576), ms at 1 / 2 / 4 / 16 rows, two int4 terms against the copy:
+# - AVX512-BF16 without AMX (a Zen 5 EPYC): 0.7 / 0.9 / 1.3 / 5.3 against 2.0 / 2.2 / 2.6 /
+#   2.9 (oneDNN's bf16 GEMM); a one-stream token 10-15% longer with the copy alone, a
+#   16-stream workload 2-5% shorter than with the terms alone.
+# - AVX2 (the same VM held to AVX2): 2.6 / 2.8 / 2.9 / 11.5 against 1.1 / 2.2 / 4.3 / 18.3,
+#   torch's own bf16 matrix-vector product widening the copy to fp32 as it reads it.
+# - AVX-512 without BF16 (held so): 1.0 / 1.1 / 1.5 / 5.6 against 1.1 / 2.2 / 5.0 / 8.8.
+INT4_TERMS_MAX_ROWS = 4
+BF16_GEMV_MAX_ROWS = 2
+
+
+@functools.cache
+def table_path() -> TablePath:
+    """This CPU's table path: with AMX the copy alone (its bf16 GEMM wins at every row
+    count, in no more bytes than the codes and the terms), else as measured above."""
+    if amx_granted():
+        return TablePath(copy_rows_from=1)
+    if bf16_dot_products():
+        return TablePath(copy_rows_from=INT4_TERMS_MAX_ROWS + 1)
+    if torch.backends.cpu.get_cpu_capability() == "AVX2":
+        return TablePath(copy_rows_up_to=BF16_GEMV_MAX_ROWS)
+    return TablePath()
 
 
 @functools.cache

@@ -17,11 +17,11 @@ import torch.nn.functional as F
 
 from folio.kernels.metadata import AttentionMetadata
 from folio.kernels.quant import (
-    INT4_TERMS_MAX_ROWS,
     QuantizedWeight,
     amx_granted,
     dequantized_linear,
     linear,
+    table_path,
     wide_path,
 )
 
@@ -392,13 +392,13 @@ def quantized_linear(x: torch.Tensor, w: QuantizedWeight, bias: Optional[torch.T
     the weight's compute dtype: torch's CPU int4 kernel where the weight was
     packed for it (KernelOps.int4pack_dtypes), from wide_path().rows rows on GEMMs
     over the weight decoded from that packed form, or a GEMM over its bf16 copy where
-    it has one (QuantizedWeight._exact_bf16_copy; past INT4_TERMS_MAX_ROWS rows where
-    it has both), else dequantize and multiply."""
+    it has one (QuantizedWeight._exact_bf16_copy; for the rows table_path gives it
+    where it has both), else dequantize and multiply."""
     if w.int4pack is None and w.bf16_copy is None:
         return dequantized_linear(x, w, bias)
     if w.perm is not None:
         x = x.index_select(-1, w.perm)
-    if w.bf16_copy is not None and (w.int4pack is None or x.shape[0] > INT4_TERMS_MAX_ROWS):
+    if w.bf16_copy is not None and (w.int4pack is None or table_path().copy_for(x.shape[0])):
         y = _bf16_copy_matmul(x.to(torch.bfloat16), w.bf16_copy, w.dtype)
         return y if bias is None else y + bias
     wide = wide_path()
@@ -421,7 +421,8 @@ def _bf16_copy_matmul(x: torch.Tensor, copy: torch.Tensor, dtype: torch.dtype) -
     into a fresh [T, N] 0.1-0.4 ms more, to the same sums; at one row torch.mv reads
     the copy 1.7x faster than either. Without AMX (AVX512-BF16 alone) the order turns:
     on a Zen 5 EPYC oneDNN's x @ copy^T took 1.8 / 2.6 ms at 1 / 16 rows, torch.mv and
-    copy @ x^T 4.0 / 4.4 ms."""
+    copy @ x^T 4.0 / 4.4 ms. With AVX2 alone torch itself takes x @ copy^T of one or two
+    rows (1.1 ms a row), widening the copy to fp32 as it reads it."""
     rows = x.shape[0]
     if amx_granted() and rows == 1:
         return torch.mv(copy, x[0]).unsqueeze(0).to(dtype)

@@ -48,7 +48,7 @@ class DecodeGraph:
         self.caches = caches
         # The CPU probes the forward reads (kernels/quant.py) are constants of the process:
         # the graph takes their values rather than tracing into them (a graph break).
-        for probe in (quant.amx_granted, quant.wide_path):
+        for probe in (quant.amx_granted, quant.wide_path, quant.table_path):
             torch.compiler.assume_constant_result(probe.__wrapped__)  # under functools.cache
         # The pool's shape never changes: static, the loops that index it divide by a known
         # block size rather than a symbol (an integer division per key read).

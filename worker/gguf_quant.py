@@ -73,7 +73,7 @@ def _q5_1(b):
 
 def _q8_0(b):
     d = _f16(b[:, :2])
-    codes = (b[:, 2:].view(np.int8).astype(np.int16) + 128).astype(np.uint8)
+    codes = b[:, 2:] ^ np.uint8(0x80)  # int8 q + 128 as uint8: its sign bit flipped
     return codes, d, np.zeros_like(d)
 
 

@@ -24,6 +24,7 @@ from folio.protos.grammar import GrammarCompiler
 from folio.protos.messages import NewRequest, SamplingParams, StepRequest, StepResult
 from folio.worker.decode_graph import DecodeGraph
 from folio.worker.drafter import load_draft
+from folio.worker.heap import loading_heap
 from folio.worker.kv_pool import GiB, KVPool, MemoryProfile, gpu_memory_budget
 from folio.worker.loader import default_model_path, load_model, load_tokenizer
 from folio.worker.model_runner import ModelRunner
@@ -59,21 +60,24 @@ class Worker:
         dtype = getattr(torch, config.dtype or default_dtype(device))
         self.tp = tp or TPGroup()
         ops = select_ops(self.device, config.kernels)
-        self.model, self.model_config = load_model(
-            self.model_path,
-            dtype=dtype,
-            device=self.device,
-            ops=ops,
-            tp=self.tp,
-            quantization=config.quantization,
-        )
+        self.draft = None
+        with loading_heap():
+            self.model, self.model_config = load_model(
+                self.model_path,
+                dtype=dtype,
+                device=self.device,
+                ops=ops,
+                tp=self.tp,
+                quantization=config.quantization,
+            )
+            if config.speculative_model:
+                self.draft = load_draft(
+                    config.speculative_model, self.model_path, dtype, self.device, ops, self.tp.rank
+                )
         cfg = self.model_config
         kv_dtype = kv_cache_dtype(config.kv_cache_dtype, dtype, ops.name, kept_quantized=bool(cfg.quantization))
         kv_heads = self.model.num_kv_heads  # this rank's share
         block_size, num_blocks, kv_cache_bytes = scheduler.block_size, config.num_kv_blocks, config.kv_cache_memory
-        self.draft = None
-        if config.speculative_model:
-            self.draft = load_draft(config.speculative_model, self.model_path, dtype, self.device, ops, self.tp.rank)
         # A draft's pool has as many blocks as the target's, so a block costs both.
         per_block = KVPool.bytes_per_block(cfg.num_layers, kv_heads, cfg.head_dim, block_size, kv_dtype)
         per_block += self.draft.bytes_per_block(block_size) if self.draft else 0

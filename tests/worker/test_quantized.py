@@ -20,7 +20,6 @@ from gguf.quants import dequantize
 from folio.kernels import quant, reference
 from folio.kernels.interface import CPU_OPS, REFERENCE_OPS
 from folio.kernels.quant import (
-    INT4_TERMS_MAX_ROWS,
     QuantizedTensor,
     QuantizedWeight,
     dequantized_linear,
@@ -177,7 +176,26 @@ def test_embedding_rows_dequantize_exactly():
     assert torch.equal(w.dequantize(ids), t.dequantize()[ids])
 
 
-@pytest.mark.parametrize("cpu", ["amx", "avx512_bf16", "neither"])
+_table_path = quant.table_path.__wrapped__  # under functools.cache; _as_cpu replaces it
+
+
+def _as_cpu(monkeypatch, cpu: str) -> quant.TablePath:
+    """Make folio's CPU probes answer as on `cpu` (amx, avx512_bf16, avx2 or avx512:
+    AVX-512 without BF16) and return that CPU's table path."""
+    monkeypatch.setattr(quant, "amx_granted", lambda: cpu == "amx")
+    monkeypatch.setattr(reference, "amx_granted", lambda: cpu == "amx")
+    monkeypatch.setattr(quant, "bf16_dot_products", lambda: cpu in ("amx", "avx512_bf16"))
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2" if cpu == "avx2" else "AVX512")
+    path = _table_path()
+    monkeypatch.setattr(quant, "table_path", lambda: path)
+    monkeypatch.setattr(reference, "table_path", lambda: path)
+    return path
+
+
+CPUS = ["amx", "avx512_bf16", "avx2", "avx512"]
+
+
+@pytest.mark.parametrize("cpu", CPUS)
 @pytest.mark.parametrize("bits", [4, 8])
 def test_a_float32_models_top_logits_are_float32_where_the_int4_kernel_rounds(bits, cpu, monkeypatch):
     """In a float32 model torch's int4 kernel still returns bf16 logits (a grid of
@@ -186,15 +204,13 @@ def test_a_float32_models_top_logits_are_float32_where_the_int4_kernel_rounds(bi
     from the dequantized rows, the rest keep the kernel's rounding."""
     from folio.worker.parallel import EXACT_TOP_LOGITS, VocabParallelEmbedding
 
-    monkeypatch.setattr(quant, "amx_granted", lambda: cpu == "amx")
-    monkeypatch.setattr(reference, "amx_granted", lambda: cpu == "amx")
-    monkeypatch.setattr(quant, "bf16_dot_products", lambda: cpu != "neither")
+    path = _as_cpu(monkeypatch, cpu)
     vocab, hidden, rows = 512, 256, 70  # 70 rows: more than one refined chunk
     t = _random(bits, 32, n=vocab, k=hidden, symmetric=True)  # as Q8_0
     head = VocabParallelEmbedding(vocab, hidden, TPGroup(), torch.float32, "cpu", CPU_OPS)
     head.load(0, "weight", t)
     assert head.weight.rounds_to_bf16()
-    assert (head.weight.runs[0].bf16_copy is not None) == (bits == 8 and cpu != "neither")
+    assert (head.weight.runs[0].bf16_copy is not None) == (bits == 8 and path.copy)
     h = torch.randn(rows, hidden, generator=torch.Generator().manual_seed(1)) * 40
     got = head.logits(h)
     want = h.double() @ t.dequantize().double().T
@@ -205,22 +221,20 @@ def test_a_float32_models_top_logits_are_float32_where_the_int4_kernel_rounds(bi
     assert torch.equal(got[rest], head.weight(h).float()[rest])  # elsewhere the kernel's bf16
 
 
-@pytest.mark.parametrize("cpu", ["amx", "avx512_bf16", "neither"])
+@pytest.mark.parametrize("cpu", CPUS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("bits,group", [(4, 32), (8, 32), (6, 64)])
-def test_an_embedding_table_of_wide_codes_keeps_an_exact_bf16_copy_where_bf16_is_native(
+def test_an_embedding_table_of_wide_codes_keeps_an_exact_bf16_copy_where_steps_multiply_faster_through_it(
     bits, group, dtype, cpu, monkeypatch
 ):
-    """Codes wider than 4 bits cost torch's int4 kernel two terms. Where the CPU
-    multiplies bf16 natively, an embedding table (kept codes for gathers, the packed
-    form for the tied LM head's matmul) holds a bf16 copy in place of the codes and
-    reads its rows back from it to the bit; with AMX the copy replaces the packed form
-    too (no more bytes), with AVX512-BF16 alone the packed form stays for steps of up
-    to INT4_TERMS_MAX_ROWS rows. Elsewhere, and for 4-bit codes, nothing changes."""
-    amx, native = cpu == "amx", cpu != "neither"
-    monkeypatch.setattr(quant, "amx_granted", lambda: amx)
-    monkeypatch.setattr(reference, "amx_granted", lambda: amx)
-    monkeypatch.setattr(quant, "bf16_dot_products", lambda: native)
+    """Codes wider than 4 bits cost torch's int4 kernel two terms. Where a bf16 GEMM is
+    faster for some steps (table_path), an embedding table (kept codes for gathers, the
+    packed form for the tied LM head's matmul) holds a bf16 copy in place of the codes
+    and reads its rows back from it to the bit: with AMX the copy replaces the packed
+    form too (no more bytes), with AVX512-BF16 alone the packed form stays for steps of
+    up to INT4_TERMS_MAX_ROWS rows, with AVX2 the copy serves steps of up to
+    BF16_GEMV_MAX_ROWS. Elsewhere, and for 4-bit codes, nothing changes."""
+    path = _as_cpu(monkeypatch, cpu)
     monkeypatch.setattr(quant, "BF16_COPY_CHUNK", 3 * 256)  # made (and checked) a slice of rows at a time
     t = _random(bits, group, n=512, symmetric=True)  # as Q8_0, Q6_K and symmetric GPTQ
     t.scale[-3:] = 0  # vocabulary padding: zero rows whatever their codes
@@ -228,7 +242,7 @@ def test_an_embedding_table_of_wide_codes_keeps_an_exact_bf16_copy_where_bf16_is
     want = quant._dequantize(t.codes, t.scale.to(dtype), t.zero.to(dtype), bits, None, dtype)
 
     w = QuantizedWeight(t, dtype, "cpu", gather=True, int4pack_dtypes=CPU_OPS.int4pack_dtypes)
-    copied = bits > 4 and native
+    copied = bits > 4 and path.copy
     assert (w.bf16_copy is not None) == copied
     ids = torch.tensor([7, 0, 511, 7, 300])
     assert torch.equal(w.dequantize(ids), want[ids]) and torch.equal(w.dequantize(), want)
@@ -241,18 +255,18 @@ def test_an_embedding_table_of_wide_codes_keeps_an_exact_bf16_copy_where_bf16_is
     if not copied:
         return
     assert w.codes is None and torch.equal(w.bf16_copy, want.bfloat16())
-    assert (w.int4pack is None) == amx
+    assert (w.int4pack is None) == (cpu == "amx")
     gemm = F.linear(x.bfloat16(), w.bf16_copy).to(dtype)  # each form's sums, rounded to bf16 once
-    for rows in (1, 4, 5, 40):
+    for rows in (1, 2, 3, 4, 5, 40):
         got = quantized_linear(x[:rows], w)
-        if w.int4pack is not None and rows <= INT4_TERMS_MAX_ROWS:
+        if w.int4pack is not None and not path.copy_for(rows):
             assert torch.equal(got, w.int4pack_matmul(x[:rows]))  # the packed form's terms
         else:
             torch.testing.assert_close(got, gemm[:rows], rtol=2**-7, atol=1e-6)
-    monkeypatch.setattr(quant, "bf16_dot_products", lambda: False)
+    _as_cpu(monkeypatch, "avx512")
     plain = QuantizedWeight(t, dtype, "cpu", gather=True, int4pack_dtypes=CPU_OPS.int4pack_dtypes)
     assert plain.bf16_copy is None and plain.codes is not None
-    if amx:  # the copy in place of the codes and the packed form, in no more bytes
+    if cpu == "amx":  # the copy in place of the codes and the packed form, in no more bytes
         assert _bytes(w) <= _bytes(plain)
     else:  # the copy (two bytes a weight) in place of the codes (one)
         assert _bytes(w) - _bytes(plain) == w.bf16_copy.numel()
@@ -338,9 +352,10 @@ def test_cpu_default_keeps_a_gguf_quantized_where_torchs_int4_kernel_takes_every
     assert cfg.quantization == "gguf" and len(weights) == 30 * 4 + 1  # qkv, o, gate_up, down; the embedding
     assert all(w.dtype == torch.float32 for w in weights)
     assert all(w.int4pack is not None for w in weights[1:])
-    # the Q8_0 embedding (the tied head): a bf16 copy where bf16 is native, packed unless AMX
-    assert weights[0].bf16_copy is not None if quant.bf16_dot_products() else weights[0].codes is not None
-    assert (weights[0].int4pack is None) == quant.amx_granted()
+    # the Q8_0 embedding (the tied head): a bf16 copy and packed terms as this CPU's table path says
+    path = quant.table_path()
+    assert weights[0].bf16_copy is not None if path.copy else weights[0].codes is not None
+    assert (weights[0].int4pack is None) == (not path.terms)
     assert load_model(smollm2_path(), ops=REFERENCE_OPS)[1].quantization is None
     assert load_model(mixed)[1].quantization is None
     assert load_model(mixed, quantization="gguf")[1].quantization == "gguf"
@@ -431,7 +446,7 @@ def test_smollm2_kept_quantized_is_as_close_to_fp32_as_dense_bf16(smollm2_dense)
         assert (out.argmax(-1) == truth.argmax(-1)).float().mean() > 0.9
         if q == "gguf":
             # Without AMX the 8-bit head keeps its packed form (28 MB) beside its bf16 copy
-            # for one-stream speed (INT4_TERMS_MAX_ROWS): a trade made on purpose, left out.
+            # for the steps the terms serve faster (table_path): a trade made on purpose, left out.
             beside = sum(
                 _bytes_of(w.int4pack, w.int4pack_sz)
                 for w in model.modules()

@@ -28,19 +28,17 @@ import torch
 
 from folio.kernels import reference
 from folio.kernels.quant import (
-    INT4_TERMS_MAX_ROWS,
     QuantizedTensor,
     QuantizedWeight,
-    amx_granted,
-    bf16_dot_products,
     int4pack_block_n,
+    table_path,
     wide_path,
 )
 
 SHAPES = ((960, 576), (576, 576), (3072, 576), (576, 1536))  # qkv, o, gate_up, down: (out, in)
 ROWS = (1, 16, 64, 96, 128, 192, 256, 512)
 HEAD_SHAPE = (49152, 576)
-HEAD_ROWS = (1, 4, 16, 32, 64)
+HEAD_ROWS = (1, 2, 4, 16, 32, 64)
 
 
 def _layer() -> list[QuantizedWeight]:
@@ -97,13 +95,12 @@ def run_cpu_head_bench() -> list[dict]:
     )
     terms = QuantizedWeight(t, torch.float32, "cpu", int4pack_dtypes=(torch.float32,))
     copy = t.dequantize().bfloat16()
-    if amx_granted():
-        used = "the bf16 copy (AMX)"
-    elif bf16_dot_products():
-        used = f"two int4 terms up to {INT4_TERMS_MAX_ROWS} rows, then the bf16 copy (AVX512-BF16)"
-    else:
-        used = "two int4 terms (no native bf16)"
-    print(f"CPU LM head {n}x{k}, 8-bit codes in groups of 32, float32 model; folio uses {used} here")
+    path = table_path()
+    used = ", ".join(
+        ("the bf16 copy" if copy else "two int4 terms") + f" at {rows}"
+        for rows, copy in ((rows, path.copy_for(rows)) for rows in HEAD_ROWS)
+    )
+    print(f"CPU LM head {n}x{k}, 8-bit codes in groups of 32, float32 model; folio uses, by rows, {used}")
     print(f"{'rows':>5} {'two int4 terms':>15} {'bf16 copy':>10} {'oneDNN x @ copy^T':>18}")
     paths = {
         "terms": lambda x: terms.int4pack_matmul(x),
