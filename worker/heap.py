@@ -11,8 +11,8 @@ freed transients. Those holes are never returned: a 1.1B-parameter Q4_1 model
 1,670 MiB after loading, where the same load with blocks of 1 MiB and up
 mmapped (and so unmapped whole when freed) peaked at 1,280 MiB.
 
-Mapping every large block costs its page faults each time (a 1.1B load took
-1.7x as long, the transients being 17 GB of 1 MiB-and-up blocks), and steps
+Mapping every large block costs its page faults each time (the 1.1B load took
+1.7-1.9x as long, its transients being 17 GB of 1 MiB-and-up blocks), and steps
 want the opposite: their activations reused from the heap without faults. So
 the threshold is low only while loading, and after it is pinned where glibc's
 own adjustment would have taken it (measured: steps as fast as before).
