@@ -287,8 +287,11 @@ class QuantizedWeight(nn.Module):
         else:
             term_sz = [(16.0 * scale, torch.zeros_like(zero)), (scale, 8.0 * scale + zero)]
 
-        def terms(codes: torch.Tensor) -> list[torch.Tensor]:
-            return [codes] if t.bits <= 4 else [(codes >> 4) + (8 - (1 << (t.bits - 5))), codes & 15]
+        def packing_input(codes: torch.Tensor) -> torch.Tensor:
+            """The rows' terms side by side, as the int32 codes torch's packing op takes."""
+            if t.bits <= 4:
+                return codes.to(torch.int32)
+            return torch.cat([(codes >> 4) + (8 - (1 << (t.bits - 5))), codes & 15], dim=1).to(torch.int32)
 
         # torch's packing op takes int32 codes, four bytes per code: SmolLM2's 8-bit
         # embedding table would pass through 226 MB at once (a third of the worker's
@@ -296,8 +299,7 @@ class QuantizedWeight(nn.Module):
         # its terms split from the codes there too.
         self.int4pack = torch.empty(self.out_features, self.in_features * len(term_sz) // 2, dtype=torch.uint8)
         for i in range(0, self.out_features, INT4PACK_ROWS):
-            codes = terms(t.codes[i : i + INT4PACK_ROWS])
-            codes = (torch.cat(codes, dim=1) if len(codes) > 1 else codes[0]).to(torch.int32)
+            codes = packing_input(t.codes[i : i + INT4PACK_ROWS])
             self.int4pack[i : i + INT4PACK_ROWS] = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
         sz = torch.stack([torch.cat([s for s, _ in term_sz], 1), torch.cat([z for _, z in term_sz], 1)], dim=-1)
         self.int4pack_sz = sz.transpose(0, 1).contiguous().to(torch.bfloat16)  # [K'/group, N, 2]

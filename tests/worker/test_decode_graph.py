@@ -7,6 +7,7 @@ torch.compile back on for its own engine. Compiling takes 30-80 s on two cores.
 """
 
 import json
+import os
 import subprocess
 import sys
 
@@ -185,8 +186,6 @@ def test_a_graph_compiled_for_one_vector_width_is_never_loaded_for_another(tmp_p
     worker died of heap corruption on its first step. The width is now in the options.
     On an AVX2 CPU the other width is none (ATEN_CPU_CAPABILITY=default): no crash to
     provoke there, but a shared cache entry still shows as a hit."""
-    import os
-
     from tests.model_fixtures import make_tiny_model
 
     # another width this CPU runs: AVX2's 8 lanes on AVX-512 (the crash), or none on AVX2

@@ -96,10 +96,7 @@ def run_cpu_head_bench() -> list[dict]:
     terms = QuantizedWeight(t, torch.float32, "cpu", int4pack_dtypes=(torch.float32,))
     copy = t.dequantize().bfloat16()
     path = table_path()
-    used = ", ".join(
-        ("the bf16 copy" if copy else "two int4 terms") + f" at {rows}"
-        for rows, copy in ((rows, path.copy_for(rows)) for rows in HEAD_ROWS)
-    )
+    used = ", ".join(f"{'the bf16 copy' if path.copy_for(m) else 'two int4 terms'} at {m}" for m in HEAD_ROWS)
     print(f"CPU LM head {n}x{k}, 8-bit codes in groups of 32, float32 model; folio uses, by rows, {used}")
     print(f"{'rows':>5} {'two int4 terms':>15} {'bf16 copy':>10} {'oneDNN x @ copy^T':>18}")
     paths = {
