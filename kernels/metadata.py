@@ -33,6 +33,10 @@ class AttentionMetadata:
     # Host-side copies, so CPU code never has to sync on a device tensor.
     query_lens_list: tuple[int, ...] = ()
     seq_lens_list: tuple[int, ...] = ()
+    # A compiled CPU decode step (worker/decode_graph.py) attends to its sequences as one
+    # padded batch (kernels/graph_ops.py padded_batch_decode) rather than through the op;
+    # the step decides, a graph variant each way.
+    decode_as_one_batch: bool = False
     # What a kernel set derives from the above once per step and reuses in every
     # layer (the CPU path's gather indices and masks), keyed by its own names.
     # Every layer sees the same metadata, so deriving it per layer is wasted work.

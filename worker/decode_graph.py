@@ -13,10 +13,12 @@ model's guards cost about 1 ms more a step, so only the step's own are kept (bel
 Only steps whose every request decodes one token, at fewer rows than the CPU wide
 path (quant.wide_path: wider steps multiply differently), run through it; a step
 with a prompt in it is dominated by its matmuls and stays eager, as does a model
-whose forward does not trace as one graph (warm_up says why). Two graphs serve
+whose forward does not trace as one graph (warm_up says why). Three graphs serve
 every such step: torch specializes a dimension of size 1, so one step of one row
-and one of two compile them both at start (about a minute on two cores the first
-time; inductor caches what it built on disk, and later starts take about half).
+and one of two compile them at start, the step of two twice: once attending as one
+padded batch, once through the attention op (ONE_BATCH_PADDING says which a step
+takes). About 80 s on two cores the first time; inductor caches what it built on
+disk, and later starts take a fraction of that.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from typing import Optional
 
 import torch
 
-from folio.kernels import quant
+from folio.kernels import quant, reference
 from folio.kernels.metadata import AttentionMetadata, attention_metadata
 
 log = logging.getLogger(__name__)
@@ -38,6 +40,13 @@ log = logging.getLogger(__name__)
 # share of the hidden state's norm: a guard against a miscompiled graph, not a
 # tolerance of accuracy (tests/worker/test_decode_graph.py compares greedy tokens).
 WARM_UP_TOLERANCE = 1e-2
+
+# A step of several rows attends as one batch padded to its longest sequence
+# (graph_ops.padded_batch_decode) when the padded keys are at most this many times the
+# real ones; otherwise through the op, which groups its sequences by length. One
+# sequence of 1,000 tokens among fifteen of 100 took 990 us a layer as one batch against
+# 473 through the op.
+ONE_BATCH_PADDING = 1.5
 
 
 class DecodeGraph:
@@ -55,6 +64,9 @@ class DecodeGraph:
         for cache in (t for pair in caches for t in pair):
             torch._dynamo.mark_static(cache)
         self.block_size = block_size
+        # Where torch's attention runs on AMX tiles in bf16 (reference.cpu_attention_dtype),
+        # the op keeps every step: the one-batch loops compute in fp32.
+        self.one_batch = reference.cpu_attention_dtype(caches[0][0].dtype) == torch.float32
         self.max_rows = quant.wide_path().rows - 1
         self.ready = False  # warm_up compiled both graphs
         self.steps = 0  # steps the graphs ran
@@ -86,7 +98,7 @@ class DecodeGraph:
         return self.ready and meta.is_pure_decode and meta.num_tokens <= self.max_rows
 
     def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        graph_meta = _graph_metadata(meta)
+        graph_meta = _graph_metadata(meta, self.block_size, self.one_batch)
         try:
             with torch.compiler.set_stance("fail_on_recompile"):
                 hidden = self._forward(input_ids, positions, graph_meta, self.caches)
@@ -105,13 +117,15 @@ class DecodeGraph:
 
     @torch.inference_mode()
     def warm_up(self) -> Optional[str]:
-        """Compile the graphs of one and of two rows, each checked against the eager
-        forward on the same step; None when both are ready, else why not (the steps
-        then stay eager). Writes the K/V of three tokens into the pool's first blocks,
-        which no request holds yet."""
+        """Compile the graphs of one and of two rows (two of those: attending as one batch
+        and through the op), each checked against the eager forward on the same step;
+        None when all are ready, else why not (the steps then stay eager). Writes the K/V
+        of three tokens into the pool's first blocks, which no request holds yet."""
         started = time.monotonic()
-        for rows in (1, 2):
+        variants = [(1, False), (2, False)] + ([(2, True)] if self.one_batch else [])
+        for rows, one_batch in variants:
             ids, positions, meta = self._dummy_step(rows)
+            graph_meta = replace(_graph_metadata(meta, self.block_size, self.one_batch), decode_as_one_batch=one_batch)
             try:
                 # Without duck sizing, which gives sizes equal in the warm-up step one symbol:
                 # two rows' three query starts met the pool's three KV heads, and the model's
@@ -129,13 +143,14 @@ class DecodeGraph:
                     warnings.filterwarnings("ignore", message=".*functools.lru_cache.*")
                     # inductor's notice that the KV write casts to the pool's fp16 in a bf16 loop
                     warnings.filterwarnings("ignore", message="bf16 and fp16 are mixed")
-                    compiled = self._forward(ids, positions, _graph_metadata(meta), self.caches)
+                    compiled = self._forward(ids, positions, graph_meta, self.caches)
             except Exception as e:  # a graph break, an op inductor cannot lower: stay eager
                 return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
             eager = self.model(ids, positions, meta, self.caches)
             error = ((compiled.float() - eager.float()).norm() / eager.float().norm()).item()
             if not error <= WARM_UP_TOLERANCE:
-                return f"the compiled step of {rows} rows strays {error:.2g} from the eager one"
+                how = " attending as one batch" if one_batch else ""
+                return f"the compiled step of {rows} rows{how} strays {error:.2g} from the eager one"
         self.ready = True
         log.info("decode steps compiled in %.0f s", time.monotonic() - started)
         return None
@@ -157,13 +172,16 @@ def _vector_bits() -> int:
     return pick_vec_isa().bit_width()
 
 
-def _graph_metadata(meta: AttentionMetadata) -> AttentionMetadata:
+def _graph_metadata(meta: AttentionMetadata, block_size: int, one_batch: bool) -> AttentionMetadata:
     """meta with block tables of their own, densely strided (the runner's are a slice of
     a wider table, and a graph guards on strides) and at least two columns wide, padded
-    with block 0 (never read: attention reads a sequence's blocks up to its length),
-    since torch.compile specializes a dimension of size 1."""
+    with block 0 (never read: attention masks keys past a sequence's length), since
+    torch.compile specializes a dimension of size 1; and whether the step attends as one
+    padded batch (one_batch allowing, see ONE_BATCH_PADDING)."""
     tables = meta.block_tables
     if tables.shape[1] == 1:
         tables = torch.cat((tables, torch.zeros_like(tables)), dim=1)
     dense = torch.empty(tables.shape, dtype=tables.dtype)  # strides of its own shape, even for one row
-    return replace(meta, block_tables=dense.copy_(tables))
+    padded_keys = tables.shape[0] * tables.shape[1] * block_size
+    as_one_batch = one_batch and meta.num_seqs > 1 and padded_keys <= ONE_BATCH_PADDING * sum(meta.seq_lens_list)
+    return replace(meta, block_tables=dense.copy_(tables), decode_as_one_batch=as_one_batch)

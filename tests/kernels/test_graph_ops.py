@@ -67,3 +67,26 @@ def test_one_sequence_decode_is_the_reference_from_tensors_alone(paged_case, win
         with torch._dynamo.config.patch(disable=False):  # the suite runs with TORCH_COMPILE_DISABLE=1
             got = compiled(case.q, k, v, m.seq_lens, blocks, case.scale, window, softcap)
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("window, softcap", [(None, None), (7, None), (None, 30.0)])
+@pytest.mark.parametrize("pool_dtype", [F32, F16])
+def test_padded_batch_decode_is_the_reference_from_tensors_alone(paged_case, window, softcap, pool_dtype):
+    """What a compiled step of several rows traces where its sequences are about as long
+    as each other (DecodeGraph's choice): every row's blocks up to the longest gathered,
+    keys past a row's length masked; lengths on and off a block's end, a context of one
+    token beside longer ones, and a table padded with block 0 as the decode graph pads it."""
+    compiled = torch.compile(graph_ops.padded_batch_decode, dynamic=True, fullgraph=True)
+    for contexts in ([0, 7, 8], [20, 40, 33, 15], [16, 16]):
+        case = paged_case(
+            [1] * len(contexts), contexts, block_size=8, num_q_heads=4, num_kv_heads=2, head_dim=16, dtype=F32
+        )
+        k, v = case.ref_k_cache.to(pool_dtype), case.ref_v_cache.to(pool_dtype)
+        m = case.meta
+        want = reference.cpu_paged_attention(case.q, k, v, m, case.scale, window, softcap)
+        tables = torch.cat((m.block_tables, torch.zeros_like(m.block_tables[:, :1])), dim=1)
+        got = graph_ops.padded_batch_decode(case.q, k, v, m.seq_lens, tables, case.scale, window, softcap)
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+        with torch._dynamo.config.patch(disable=False):  # the suite runs with TORCH_COMPILE_DISABLE=1
+            got = compiled(case.q, k, v, m.seq_lens, tables, case.scale, window, softcap)
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)

@@ -99,23 +99,40 @@ def test_torch_compile_disable_keeps_every_step_eager():
 
 
 @torch.inference_mode()
-def test_a_step_of_one_row_attends_inside_its_graph(compiled):
+def test_each_graph_attends_as_its_step_needs(compiled):
     """The graph of one row traces its attention inline (graph_ops.one_sequence_decode),
-    fused by inductor: neither the op nor SDPA runs; wider steps call the op
-    folio::cpu_paged_attention once a layer, and it calls SDPA."""
+    fused by inductor: neither the op nor SDPA runs. A step of several rows about as long
+    as each other attends as one padded batch (graph_ops.padded_batch_decode): two gathers
+    a layer, no op, no SDPA. One whose rows differ too much in length calls the op
+    folio::cpu_paged_attention once a layer, which groups them and calls SDPA. (What the
+    one batch computes: tests/kernels/test_graph_ops.py; the greedy tokens through it:
+    the first test here.)"""
     graph = compiled.worker.runner.decode_graph
     layers = compiled.worker.model_config.num_layers
 
-    def calls(rows: int) -> tuple[int, int]:
+    def calls(ids, positions, meta) -> tuple[int, int, int]:
         steps = graph.steps
-        counts = _op_counts(graph, rows)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            graph(ids, positions, meta)
         assert graph.steps == steps + 1  # through a graph
+        counts = {e.key: e.count for e in prof.key_averages()}
         sdpa = sum(n for key, n in counts.items() if "scaled_dot_product" in key)
-        return counts.get("folio::cpu_paged_attention", 0), sdpa
+        return counts.get("folio::cpu_paged_attention", 0), sdpa, counts.get("folio::gather_blocks", 0)
 
-    assert calls(1) == (0, 0)
-    op, sdpa = calls(3)
-    assert op == layers and sdpa >= layers
+    assert calls(*graph._dummy_step(1)) == (0, 0, 0)
+    if graph.one_batch:
+        assert calls(*graph._dummy_step(3)) == (0, 0, 2 * layers)
+    else:  # AMX granted and a bf16 pool: torch's bf16 attention on its tiles serves every step
+        op, sdpa, gathers = calls(*graph._dummy_step(3))
+        assert op == layers and sdpa >= layers and gathers == 0
+    # three rows, one 20 blocks long beside two of 3: padded, 63 blocks of keys for 26 real
+    bs = graph.block_size
+    context = [3 * bs, 3 * bs, 20 * bs]
+    tables = torch.arange(3 * 21, dtype=torch.int32).view(3, 21)
+    positions = torch.tensor(context, dtype=torch.long)
+    meta = attention_metadata(positions, [1, 1, 1], context, tables, bs, "cpu")
+    op, sdpa, gathers = calls(torch.full((3,), 1, dtype=torch.long), positions, meta)
+    assert op == layers and sdpa >= layers and gathers == 0
 
 
 @torch.inference_mode()
