@@ -90,7 +90,7 @@ class WorkerConfig:
         default="auto",
         metadata={
             "help": "auto: on CPU with --kernels auto and one worker a replica, decode steps run as one "
-            "torch.compile graph, compiled at start (about a minute on two cores the first time, cached "
+            "torch.compile graph, compiled at start (about two minutes on two cores the first time, cached "
             "on disk after; TORCH_COMPILE_DISABLE=1 turns it off too); off: every step eager",
             "choices": COMPILE,
         },

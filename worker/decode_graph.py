@@ -17,7 +17,7 @@ whose forward does not trace as one graph (warm_up says why). Three graphs serve
 every such step: torch specializes a dimension of size 1, so one step of one row
 and one of two compile them at start, the step of two twice: once attending as one
 padded batch, once through the attention op (ONE_BATCH_PADDING says which a step
-takes). About 80 s on two cores the first time; inductor caches what it built on
+takes). About two minutes on two cores the first time; inductor caches what it built on
 disk, and later starts take a fraction of that.
 """
 

@@ -125,7 +125,7 @@ class Worker:
             log.info("decode steps stay eager: torch.compile is disabled (TORCH_COMPILE_DISABLE)")
             return None
         graph = DecodeGraph(self.model, self.pool.caches, block_size)
-        log.info("compiling decode steps (about a minute on two cores the first time, cached after)")
+        log.info("compiling decode steps (about two minutes on two cores the first time, cached after)")
         why_not = graph.warm_up()
         if why_not is not None:
             log.warning("decode steps stay eager: %s", why_not)
