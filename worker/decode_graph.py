@@ -68,7 +68,7 @@ class DecodeGraph:
         # the op keeps every step: the one-batch loops compute in fp32.
         self.one_batch = reference.cpu_attention_dtype(caches[0][0].dtype) == torch.float32
         self.max_rows = quant.wide_path().rows - 1
-        self.ready = False  # warm_up compiled both graphs
+        self.ready = False  # warm_up compiled every graph
         self.steps = 0  # steps the graphs ran
         self.eager_steps = 0  # steps they were meant to run that needed a graph warm_up did not build
         # Guards on the model's modules and their attributes (every weight's dtype, shape and

@@ -1,5 +1,5 @@
 """The compiled decode step (worker/decode_graph.py) on the bundled model: the same
-greedy tokens as the eager step, through both graphs, and no step left needing a
+greedy tokens as the eager step, through its graphs, and no step left needing a
 graph that warm-up did not build.
 
 The suite runs with TORCH_COMPILE_DISABLE=1 (tests/conftest.py); this module turns
@@ -112,10 +112,8 @@ def test_each_graph_attends_as_its_step_needs(compiled):
 
     def calls(ids, positions, meta) -> tuple[int, int, int]:
         steps = graph.steps
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-            graph(ids, positions, meta)
+        counts = _op_counts(graph, ids, positions, meta)
         assert graph.steps == steps + 1  # through a graph
-        counts = {e.key: e.count for e in prof.key_averages()}
         sdpa = sum(n for key, n in counts.items() if "scaled_dot_product" in key)
         return counts.get("folio::cpu_paged_attention", 0), sdpa, counts.get("folio::gather_blocks", 0)
 
@@ -142,13 +140,12 @@ def test_a_graph_step_builds_no_tensor_from_the_models_floats(compiled):
     a lift_fresh each), about 0.2 ms of a one-stream step on this model."""
     graph = compiled.worker.runner.decode_graph
     for rows in (1, 3):
-        counts = _op_counts(graph, rows)
+        counts = _op_counts(graph, *graph._dummy_step(rows))
         assert counts.get("aten::lift_fresh", 0) == 0, counts
 
 
-def _op_counts(graph, rows: int) -> dict[str, int]:
-    """Calls of each op, by torch.profiler, in one dummy step of `rows` rows through graph."""
-    ids, positions, meta = graph._dummy_step(rows)
+def _op_counts(graph, ids, positions, meta) -> dict[str, int]:
+    """Calls of each op, by torch.profiler, in one step through graph."""
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         graph(ids, positions, meta)
     return {e.key: e.count for e in prof.key_averages()}
